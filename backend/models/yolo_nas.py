@@ -39,6 +39,12 @@ class YoloNAS(nn.Module):
         return self.config.strides
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        height, width = images.shape[-2:]
+        if images.ndim != 4 or images.shape[1] != 3 or height % 32 or width % 32:
+            raise ValueError(
+                f"expected images of shape (B, 3, H, W) with H and W multiples of 32, got {tuple(images.shape)}: "
+                "letterbox them with backend.processing first"
+            )
         return self.heads(self.neck(self.backbone(images)))
 
     def predict_boxes(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
