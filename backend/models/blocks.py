@@ -185,11 +185,12 @@ class CSPLayer(nn.Module):
     ):
         super().__init__()
         self.concat_intermediates = concat_intermediates
+        concat_channels = hidden_channels * (2 + num_blocks * int(concat_intermediates))
+        # Registration order follows the official model, so state-dict keys come out in the same order.
         self.conv1 = ConvBNReLU(in_channels, hidden_channels, 1)
         self.conv2 = ConvBNReLU(in_channels, hidden_channels, 1)
-        self.bottlenecks = nn.Sequential(*[YoloNASBottleneck(hidden_channels, use_qarepvgg) for _ in range(num_blocks)])
-        concat_channels = hidden_channels * (2 + num_blocks * int(concat_intermediates))
         self.conv3 = ConvBNReLU(concat_channels, out_channels, 1)
+        self.bottlenecks = nn.Sequential(*[YoloNASBottleneck(hidden_channels, use_qarepvgg) for _ in range(num_blocks)])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, in, H, W) → (B, out, H, W)
         y = self.conv1(x)

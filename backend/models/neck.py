@@ -25,9 +25,9 @@ class UpStage(nn.Module):
         super().__init__()
         self.reduce_skip1 = ConvBNReLU(skip1_channels, out_channels, 1)
         self.reduce_skip2 = ConvBNReLU(skip2_channels, out_channels, 1)
-        self.downsample = ConvBNReLU(out_channels, out_channels, 3, stride=2)
         self.conv = ConvBNReLU(in_channels, out_channels, 1)
         self.upsample = nn.ConvTranspose2d(out_channels, out_channels, kernel_size=2, stride=2, bias=True)
+        self.downsample = ConvBNReLU(out_channels, out_channels, 3, stride=2)
         self.reduce_after_concat = ConvBNReLU(out_channels * 3, out_channels, 1)
         self.blocks = CSPLayer(out_channels, out_channels, config.num_blocks, config.hidden_channels,
                                use_qarepvgg=True)  # fmt: skip
