@@ -1,0 +1,89 @@
+# yolodex developer commands. `make run` starts the app, `make test` is what CI runs (.ci/run).
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+# Python used only to create the venv; everything else runs from the venv.
+PYTHON ?= $(shell command -v python3.11 2>/dev/null || command -v python3)
+VENV := .venv
+VENV_BIN := $(VENV)/bin
+VENV_PYTHON := $(VENV_BIN)/python
+# Holds a hash of the files below: install again only when their content changes (not their mtimes,
+# which are "now" in every fresh clone).
+INSTALL_STAMP := $(VENV)/.yolodex-installed
+INSTALL_INPUTS := requirements.txt pyproject.toml
+PIP_INSTALL := $(VENV_PYTHON) -m pip install --quiet --progress-bar off
+
+# Label Studio gets its own venv (it pins many packages of its own); the Label Studio issue wires it
+# into `setup` the same way as above, from requirements-labelstudio.txt:
+# LS_VENV := .venv-labelstudio
+# LS_INSTALL_INPUTS := requirements-labelstudio.txt
+
+# The same variables as backend/settings.py; environment variables override these defaults.
+YOLODEX_HOST ?= 127.0.0.1
+YOLODEX_APP_PORT ?= 8501
+PYTEST_ARGS ?=
+
+.PHONY: help setup run test lint format bench clean
+
+help:
+	@echo "make setup   create .venv and install requirements.txt + yolodex (only when they changed)"
+	@echo "make run     start the app on http://$(YOLODEX_HOST):$(YOLODEX_APP_PORT)"
+	@echo "make test    ruff check, ruff format --check, pytest (PYTEST_ARGS=... passes through)"
+	@echo "make bench   run every bench/*.py"
+	@echo "make lint    ruff check + ruff format --check"
+	@echo "make format  ruff format + ruff check --fix"
+	@echo "make clean   remove .venv and caches (never storage/)"
+
+setup:
+	@set -euo pipefail; \
+	if ! "$(VENV_PYTHON)" -c "import sys" >/dev/null 2>&1; then \
+		if [ -z "$(PYTHON)" ]; then echo "setup: neither python3.11 nor python3 is on PATH" >&2; exit 1; fi; \
+		echo "setup: creating $(VENV) with $(PYTHON) ($$("$(PYTHON)" --version 2>&1))"; \
+		rm -rf "$(VENV)"; \
+		"$(PYTHON)" -m venv "$(VENV)"; \
+	fi; \
+	wanted=$$(sha256sum $(INSTALL_INPUTS) | sha256sum | cut -d' ' -f1); \
+	if [ "$$(cat "$(INSTALL_STAMP)" 2>/dev/null)" = "$$wanted" ]; then \
+		echo "setup: $(VENV) is up to date with $(INSTALL_INPUTS)"; \
+		exit 0; \
+	fi; \
+	echo "setup: installing requirements.txt and yolodex into $(VENV)"; \
+	$(PIP_INSTALL) -r requirements.txt; \
+	$(PIP_INSTALL) --no-deps -e .; \
+	echo "$$wanted" > "$(INSTALL_STAMP)"; \
+	echo "setup: done"
+
+run: setup
+	@echo "yolodex: open http://$(YOLODEX_HOST):$(YOLODEX_APP_PORT) (Ctrl-C stops it)"
+	$(VENV_BIN)/streamlit run app/Home.py --server.address $(YOLODEX_HOST) --server.port $(YOLODEX_APP_PORT) \
+		--server.headless true --browser.gatherUsageStats false
+
+# Runs all three steps even when an early one fails, so one CI log shows every problem.
+test: setup
+	@failed=""; \
+	$(VENV_BIN)/ruff check . || failed="$$failed ruff-check"; \
+	$(VENV_BIN)/ruff format --check . || failed="$$failed ruff-format"; \
+	$(VENV_BIN)/pytest $(PYTEST_ARGS) || failed="$$failed pytest"; \
+	if [ -n "$$failed" ]; then echo "make test: failed:$$failed" >&2; exit 1; fi
+
+lint: setup
+	$(VENV_BIN)/ruff check .
+	$(VENV_BIN)/ruff format --check .
+
+format: setup
+	$(VENV_BIN)/ruff format .
+	$(VENV_BIN)/ruff check --fix .
+
+bench: setup
+	@shopt -s nullglob; scripts=(bench/*.py); failed=""; \
+	if [ $${#scripts[@]} -eq 0 ]; then echo "bench: no bench/*.py scripts yet"; exit 0; fi; \
+	for script in "$${scripts[@]}"; do \
+		echo "== $$script"; \
+		$(VENV_PYTHON) "$$script" || failed="$$failed $$script"; \
+	done; \
+	if [ -n "$$failed" ]; then echo "make bench: failed:$$failed" >&2; exit 1; fi
+
+# storage/ holds the user's images, labels and models: clean never touches it.
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache build dist *.egg-info
+	find . -path ./storage -prune -o -name __pycache__ -type d -prune -exec rm -rf {} +

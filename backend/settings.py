@@ -1,0 +1,166 @@
+"""Every yolodex setting, read from environment variables with working defaults.
+
+| variable               | default                                        |
+|------------------------|------------------------------------------------|
+| `YOLODEX_STORAGE`      | `./storage`, relative to the repository root   |
+| `YOLODEX_DATABASE_URL` | `sqlite:///<storage>/yolodex.db`               |
+| `YOLODEX_QUEUE_URL`    | `sqlite:///<storage>/queue.db` (`redis://…` switches the queue to Redis) |
+| `YOLODEX_HOST`         | `127.0.0.1`                                    |
+| `YOLODEX_APP_PORT`     | `8501`                                         |
+| `YOLODEX_LS_PORT`      | `8080`                                         |
+| `YOLODEX_DEVICE`       | `auto` (CUDA when torch sees a GPU, else CPU)  |
+
+A variable set to the empty string counts as unset. A relative `YOLODEX_STORAGE` is resolved against the
+repository root, never the current directory, so the app, the worker and the CLI agree wherever they start.
+Importing this module does not import torch: only `Settings.resolved_device()` does, and only for `auto`.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+
+DEFAULT_STORAGE = "storage"
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_APP_PORT = 8501
+DEFAULT_LS_PORT = 8080
+DEFAULT_DEVICE = "auto"
+
+_DEVICE_PATTERN = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
+_QUEUE_SCHEMES = ("sqlite://", "redis://", "rediss://")
+
+
+@cache
+def project_root() -> Path:
+    """The directory holding pyproject.toml (the checkout), found from this file's location.
+
+    When yolodex is installed as a wheel there is no checkout: the current directory stands in, so set
+    `YOLODEX_STORAGE` to an absolute path there (the Docker image does).
+    """
+    for folder in Path(__file__).resolve().parents:
+        if (folder / "pyproject.toml").is_file():
+            return folder
+    return Path.cwd()
+
+
+@dataclass(frozen=True)
+class Settings:
+    storage: Path
+    database_url: str
+    queue_url: str
+    host: str = DEFAULT_HOST
+    app_port: int = DEFAULT_APP_PORT
+    ls_port: int = DEFAULT_LS_PORT
+    device: str = DEFAULT_DEVICE
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
+        """Reads the `YOLODEX_*` variables (from `os.environ` unless `environ` is given).
+
+        Raises:
+            ValueError: a variable holds a value yolodex cannot use; the message names it and the fix.
+        """
+        env = os.environ if environ is None else environ
+
+        def get(name: str) -> str | None:
+            value = env.get(name, "").strip()
+            return value or None
+
+        storage = Path(get("YOLODEX_STORAGE") or DEFAULT_STORAGE).expanduser()
+        if not storage.is_absolute():
+            storage = project_root() / storage
+        storage = storage.resolve()
+
+        queue_url = get("YOLODEX_QUEUE_URL") or f"sqlite:///{storage / 'queue.db'}"
+        if not queue_url.startswith(_QUEUE_SCHEMES):
+            raise ValueError(
+                f"YOLODEX_QUEUE_URL={queue_url!r} is not supported: use sqlite:///<path> or redis://host:port/db, "
+                "or unset it to use a SQLite queue in the storage folder."
+            )
+        device = (get("YOLODEX_DEVICE") or DEFAULT_DEVICE).lower()
+        if not _DEVICE_PATTERN.fullmatch(device):
+            raise ValueError(
+                f"YOLODEX_DEVICE={device!r} is not a device: use auto, cpu, cuda, cuda:<index> or mps, "
+                "or unset it for auto."
+            )
+        return cls(
+            storage=storage,
+            database_url=get("YOLODEX_DATABASE_URL") or f"sqlite:///{storage / 'yolodex.db'}",
+            queue_url=queue_url,
+            host=get("YOLODEX_HOST") or DEFAULT_HOST,
+            app_port=_port(env, "YOLODEX_APP_PORT", DEFAULT_APP_PORT),
+            ls_port=_port(env, "YOLODEX_LS_PORT", DEFAULT_LS_PORT),
+            device=device,
+        )
+
+    @property
+    def images_dir(self) -> Path:
+        return self.storage / "images"
+
+    @property
+    def datasets_dir(self) -> Path:
+        return self.storage / "datasets"
+
+    @property
+    def runs_dir(self) -> Path:
+        return self.storage / "runs"
+
+    @property
+    def models_dir(self) -> Path:
+        return self.storage / "models"
+
+    @property
+    def weights_dir(self) -> Path:
+        """Downloaded pretrained weights (e.g. the official COCO checkpoints)."""
+        return self.storage / "weights"
+
+    @property
+    def logs_dir(self) -> Path:
+        return self.storage / "logs"
+
+    def ensure_dirs(self) -> None:
+        """Creates the storage folder and its sub-folders; existing ones are left as they are."""
+        folders = (self.images_dir, self.datasets_dir, self.runs_dir, self.models_dir, self.weights_dir, self.logs_dir)
+        for folder in folders:
+            folder.mkdir(parents=True, exist_ok=True)
+
+    def resolved_device(self) -> str:
+        """The torch device to use: `auto` becomes `cuda` when torch sees a GPU, else `cpu`.
+
+        Raises:
+            ValueError: `YOLODEX_DEVICE` asks for CUDA but torch sees no CUDA device.
+        """
+        if self.device == "cpu":
+            return "cpu"
+        import torch  # deferred: importing settings must stay cheap
+
+        cuda = torch.cuda.is_available()
+        if self.device == "auto":
+            return "cuda" if cuda else "cpu"
+        if self.device.startswith("cuda") and not cuda:
+            raise ValueError(
+                f"YOLODEX_DEVICE={self.device} but torch sees no CUDA device: set YOLODEX_DEVICE=cpu or auto."
+            )
+        return self.device
+
+
+def get_settings() -> Settings:
+    """The settings from the current environment, read on every call (cheap: no I/O beyond path resolution)."""
+    return Settings.from_env()
+
+
+def _port(env: Mapping[str, str], name: str, default: int) -> int:
+    raw = env.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        port = int(raw)
+    except ValueError:
+        raise ValueError(f"{name}={raw!r} is not a port number: set it to an integer from 1 to 65535.") from None
+    if not 1 <= port <= 65535:
+        raise ValueError(f"{name}={port} is out of range: set it to an integer from 1 to 65535.")
+    return port
