@@ -1,0 +1,1 @@
+"""Export of trained models: ONNX FP32 with decoding, optionally NMS, in the graph."""
