@@ -21,7 +21,7 @@ WORKFLOW = (
     ("Evaluate", "COCO mAP, PR curves, confusion matrix, the worst images"),
     ("Export", "ONNX FP32"),
     ("INT8", "quantize, and compare accuracy and speed against FP32"),
-    ("Pokédex", "point the camera at something and see what your detector says"),
+    ("Pokédex", "drop a photo and see what your detector finds in it"),
 )
 
 st.set_page_config(page_title="yolodex", page_icon=":material/search:", layout="wide")
