@@ -75,6 +75,12 @@ class LoadReport:
         return text
 
 
+def _first_line(error: BaseException) -> str:
+    # An empty file raises EOFError with no message: name the error type rather than fail on an empty string.
+    lines = str(error).strip().splitlines()
+    return lines[0][:200] if lines else type(error).__name__
+
+
 def read_checkpoint(path: str | Path) -> dict[str, Any]:
     """torch.load with tensors only (no arbitrary pickles) and errors that say what is wrong with the file."""
     path = Path(path)
@@ -84,7 +90,7 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, zipfile.BadZipFile, RuntimeError, EOFError, ValueError) as error:
         raise CheckpointError(
-            f"{path} is not a readable PyTorch checkpoint ({str(error).splitlines()[0][:200]}): "
+            f"{path} is not a readable PyTorch checkpoint ({_first_line(error)}): "
             "is the download complete? Delete it and download or copy it again."
         ) from error
     if not isinstance(checkpoint, dict):
