@@ -1,9 +1,9 @@
 """YOLO-NAS S/M/L: configs, the model, decoding, checkpoints and weight downloads.
 
-    from backend.models import build_model, load_model, save_checkpoint
-    model = build_model("s", num_classes=3)           # random init
-    model, report = load_model("yolo_nas_s_coco.pth") # official or our own checkpoint, strict
-    model.eval().fuse()                               # partial fusion (trainable, quantization start point)
+from backend.models import build_model, load_model, save_checkpoint
+model = build_model("s", num_classes=3)           # random init
+model, report = load_model("yolo_nas_s_coco.pth") # official or our own checkpoint, strict
+model.eval().fuse()                               # partial fusion (trainable, quantization start point)
 """
 
 from backend.models.checkpoints import (

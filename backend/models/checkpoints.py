@@ -142,9 +142,7 @@ def infer_architecture(state_dict: dict[str, torch.Tensor]) -> tuple[str, int]:
     raise CheckpointError(f"not a YOLO-NAS S/M/L state dict: stage 1 has {stage1_hidden} hidden channels")
 
 
-def _mismatches(
-    expected: dict[str, torch.Tensor], given: dict[str, torch.Tensor], skip: set[str]
-) -> list[str]:
+def _mismatches(expected: dict[str, torch.Tensor], given: dict[str, torch.Tensor], skip: set[str]) -> list[str]:
     # Shape mismatches first: they name the layer that differs, which says most about what went wrong.
     problems = [
         f"{key}: checkpoint {list(given[key].shape)} vs model {list(value.shape)}"
