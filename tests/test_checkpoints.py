@@ -430,3 +430,11 @@ def test_atomic_save_failure_keeps_the_previous_file(tmp_path: Path) -> None:
     assert path.read_bytes() == previous
     assert torch.load(path, weights_only=True)["epoch"] == 1
     assert os.listdir(tmp_path) == ["last.pt"]
+
+
+@pytest.mark.parametrize("net", [None, {"backbone.stem.conv.rbr_reparam.weight": "not a tensor"}])
+def test_official_entry_that_is_not_a_state_dict_is_refused(tmp_path, net) -> None:
+    path = tmp_path / "odd.pth"
+    torch.save({"net": net}, path)
+    with pytest.raises(CheckpointError, match="not a state dict of tensors"):
+        load_model(path)

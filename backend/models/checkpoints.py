@@ -116,6 +116,8 @@ def extract_state_dict(checkpoint: dict[str, Any]) -> tuple[dict[str, torch.Tens
         keys = ", ".join(list(checkpoint)[:8])
         raise CheckpointError(f"not a YOLO-NAS checkpoint: no 'model', 'ema_net' or 'net' entry (found: {keys})")
     raw = checkpoint[entry] if entry else checkpoint
+    if not isinstance(raw, dict) or not all(isinstance(value, torch.Tensor) for value in raw.values()):
+        raise CheckpointError(f"the checkpoint's {entry!r} entry is not a state dict of tensors")
     state_dict = {}
     for key, value in raw.items():
         key = key.removeprefix("module.")
