@@ -75,15 +75,13 @@ class Predictor:
         if not path.is_file():
             raise FileNotFoundError(f"ONNX model not found: {path}")
         metadata = read_onnx_metadata(path)
+        if "class_names" not in metadata or "imgsz" not in metadata:
+            raise ValueError(f"{path} has no yolodex metadata (class_names, imgsz): export it with `yolodex export`")
+        names, (height, width) = metadata["class_names"], metadata["imgsz"]
         options = ort.SessionOptions()
         if threads:
             options.intra_op_num_threads = threads
         session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-        input_shape = session.get_inputs()[0].shape  # ["batch", 3, H, W]
-        height, width = metadata.get("imgsz") or input_shape[2:]
-        names = metadata.get("class_names")
-        if names is None:
-            names = [f"class{i}" for i in range(session.get_outputs()[-1].shape[-1])]
         return cls(
             "onnxruntime", list(names), (int(height), int(width)), postprocess, session=session,
             onnx_has_nms=bool(metadata.get("with_nms", len(session.get_outputs()) == 4)),

@@ -129,10 +129,9 @@ def test_fp32_signature_has_dynamic_batch(fp32_export: dict) -> None:
     assert isinstance(images.shape[0], str) and images.shape[1:] == [3, IMGSZ, IMGSZ]
     outputs = {output.name: output for output in session.get_outputs()}
     assert list(outputs) == ["boxes", "scores"]
-    # The tracing exporter declares the anchor and class axes symbolic (they come out of shape arithmetic), so only
-    # the batch axis and the box axis are checked here; the run-time shapes are in the parity test below.
-    assert outputs["boxes"].shape[0] == outputs["scores"].shape[0] == images.shape[0]
-    assert len(outputs["boxes"].shape) == len(outputs["scores"].shape) == 3 and outputs["boxes"].shape[2] == 4
+    # Only the batch is dynamic: anchors and classes are declared as numbers, as the official export does.
+    assert outputs["boxes"].shape == [images.shape[0], NUM_ANCHORS, 4]
+    assert outputs["scores"].shape == [images.shape[0], NUM_ANCHORS, 3]
     assert {output.type for output in outputs.values()} == {"tensor(float)"}
 
 
@@ -203,6 +202,13 @@ def test_nms_signature(nms_exports: dict[str, Path], images: np.ndarray) -> None
     }
     num_detections, det_boxes, det_scores, det_classes = session.run(None, {"images": images[:2]})
     max_detections = NMS_CONFIGS["uncapped"].max_detections
+    declared = {output.name: output.shape[1:] for output in session.get_outputs()}
+    assert declared == {
+        "num_detections": [1],
+        "det_boxes": [max_detections, 4],
+        "det_scores": [max_detections],
+        "det_classes": [max_detections],
+    }
     assert num_detections.shape == (2, 1) and num_detections.dtype == np.int64
     assert det_boxes.shape == (2, max_detections, 4) and det_boxes.dtype == np.float32
     assert det_scores.shape == (2, max_detections) and det_scores.dtype == np.float32

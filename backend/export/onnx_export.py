@@ -21,7 +21,7 @@ import onnx
 import torch
 from torch import nn
 
-from backend.models.decoding import decode_predictions
+from backend.models.decoding import decode_predictions, feature_sizes
 from backend.models.yolo_nas import YoloNAS
 from backend.processing import PostprocessConfig, batched_nms_torch
 
@@ -155,6 +155,7 @@ def export_onnx(
         )
     onnx_model = onnx.load(str(temporary))
     config = wrapper.postprocess
+    _declare_static_output_sizes(onnx_model, model, (height, width), with_nms, config)
     metadata = {
         "class_names": json.dumps(class_names or [f"class{i}" for i in range(model.num_classes)]),
         "imgsz": json.dumps([height, width]),
@@ -170,6 +171,27 @@ def export_onnx(
     onnx.save(onnx_model, str(temporary))
     temporary.replace(path)
     return path
+
+
+def _declare_static_output_sizes(
+    onnx_model: onnx.ModelProto,
+    model: YoloNAS,
+    image_size: tuple[int, int],
+    with_nms: bool,
+    config: PostprocessConfig,
+) -> None:
+    """Writes the anchor, class and detection counts into the output shapes (the tracer leaves them symbolic)."""
+    num_anchors = sum(h * w for h, w in feature_sizes(image_size, model.strides))
+    num_classes = model.num_classes
+    max_detections = min(config.max_detections, num_classes * min(config.top_k, num_anchors))
+    sizes = {
+        "boxes": [num_anchors, 4], "scores": [num_anchors, num_classes], "num_detections": [1],
+        "det_boxes": [max_detections, 4], "det_scores": [max_detections], "det_classes": [max_detections],
+    }  # fmt: skip
+    for output in onnx_model.graph.output:
+        if output.name in sizes and (with_nms or output.name in ("boxes", "scores")):
+            for dim, value in zip(output.type.tensor_type.shape.dim[1:], sizes[output.name], strict=True):
+                dim.dim_value = value
 
 
 def read_onnx_metadata(path: str | Path) -> dict:
