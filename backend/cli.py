@@ -24,28 +24,19 @@ def _print(payload: dict | list, as_json: bool, text: str) -> None:
 
 
 def cmd_info(args: argparse.Namespace) -> None:
-    from backend.models import build_model, count_gflops, count_parameters, load_model
+    from backend.models import build_model, load_model
+    from backend.models.summary import summarise_model
 
     loaded = None
     if args.weights:
         model, report = load_model(args.weights, size=args.size, num_classes=args.num_classes)
         loaded = report.describe()
-        size, num_classes = report.size, report.num_classes
     else:
-        size, num_classes = args.size or "s", args.num_classes or 80
-        model = build_model(size, num_classes)
-    model.eval()
-    total = count_parameters(model)
-    model.fuse(full=True)
-    info = {
-        "size": size,
-        "num_classes": num_classes,
-        "imgsz": args.imgsz,
-        "params_total": total,
-        "params_fused": count_parameters(model),
-        "gflops_fused": round(count_gflops(model, (args.imgsz, args.imgsz)), 2),
-        "loaded": loaded,
-    }
+        model = build_model(args.size or "s", args.num_classes or 80)
+    summary = summarise_model(model, args.imgsz)
+    gflops = summary.pop("gflops")
+    info = {**summary, "gflops_fused": gflops, "loaded": loaded}
+    size, num_classes, total = info["size"], info["num_classes"], info["params_total"]
     text = (
         f"YOLO-NAS {size.upper()}, {num_classes} classes: {total:,} parameters ({info['params_fused']:,} fused), "
         f"{info['gflops_fused']} GFLOPs at {args.imgsz}x{args.imgsz}"

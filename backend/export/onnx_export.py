@@ -23,7 +23,7 @@ from torch import nn
 
 from backend.models.decoding import decode_predictions, feature_sizes
 from backend.models.yolo_nas import YoloNAS
-from backend.processing import PostprocessConfig, batched_nms_torch
+from backend.processing import PostprocessConfig, nms_torch
 
 DEFAULT_OPSET = 17
 
@@ -41,12 +41,8 @@ class _NonMaxSuppression(torch.autograd.Function):
             for class_index in range(scores.shape[1]):
                 class_scores = scores[batch_index, class_index]
                 candidates = torch.nonzero(class_scores > score_threshold).flatten()
-                keep = batched_nms_torch(
-                    boxes[batch_index, candidates],
-                    class_scores[candidates],
-                    torch.zeros_like(candidates),
-                    float(iou_threshold),
-                )[: int(max_output_per_class)]
+                keep = nms_torch(boxes[batch_index, candidates], class_scores[candidates], float(iou_threshold))
+                keep = keep[: int(max_output_per_class)]
                 for box_index in candidates[keep].tolist():
                     rows.append([batch_index, class_index, box_index])
         return torch.tensor(rows, dtype=torch.int64).reshape(-1, 3)

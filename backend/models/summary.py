@@ -6,7 +6,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from backend.models.yolo_nas import build_model
+from backend.models.yolo_nas import YoloNAS, build_model
 
 
 def count_parameters(model: nn.Module) -> int:
@@ -27,16 +27,24 @@ def count_gflops(model: nn.Module, image_size: tuple[int, int] = (640, 640)) -> 
     return counter.get_total_flops() / 1e9
 
 
-def model_summary(size: str, num_classes: int = 80, imgsz: int = 640) -> dict:
-    """Figures of one size: total (training form) and fully fused parameters, and fused GFLOPs at imgsz²."""
-    model = build_model(size, num_classes).eval()
+def summarise_model(model: YoloNAS, imgsz: int = 640) -> dict:
+    """Figures of a model: parameters as given and after full fusion, and fused GFLOPs at imgsz².
+
+    Fuses `model` in place (eval mode): pass a copy to keep the original.
+    """
+    model.eval()
     params_total = count_parameters(model)
     model.fuse(full=True)
     return {
-        "size": size.lower(),
-        "num_classes": num_classes,
+        "size": model.config.size,
+        "num_classes": model.num_classes,
         "imgsz": imgsz,
         "params_total": params_total,
         "params_fused": count_parameters(model),
         "gflops": round(count_gflops(model, (imgsz, imgsz)), 2),
     }
+
+
+def model_summary(size: str, num_classes: int = 80, imgsz: int = 640) -> dict:
+    """Figures of one size: total (training form) and fully fused parameters, and fused GFLOPs at imgsz²."""
+    return summarise_model(build_model(size, num_classes), imgsz)
