@@ -1,0 +1,1 @@
+"""Datasets: COCO and YOLO readers, the synthetic generator, albumentations pipelines and samplers."""
