@@ -10,11 +10,26 @@ import argparse
 import json
 import logging
 import sys
+import time
 from pathlib import Path
 
 from backend.models.checkpoints import CheckpointError
 from backend.models.download import WeightsDownloadError
 from backend.processing import ImageLoadError
+
+
+class _NotImported(Exception):
+    pass
+
+
+def _training_error() -> type[Exception]:
+    # The trainer imports torch and the data stack; `yolodex info --help` should not pay for that.
+    try:
+        from backend.training.engine import TrainingError
+    except ImportError:
+        return _NotImported
+    return TrainingError
+
 
 EXPECTED_ERRORS = (CheckpointError, WeightsDownloadError, ImageLoadError, FileNotFoundError, ValueError)
 
@@ -96,6 +111,125 @@ def cmd_download(args: argparse.Namespace) -> None:
     _print({"path": str(path), "licence": source.licence}, args.json, f"{path}\n{source.licence}")
 
 
+def cmd_train(args: argparse.Namespace) -> None:
+    from tqdm import tqdm
+
+    from backend.settings import get_settings
+    from backend.training.config import TrainConfig
+    from backend.training.trainer import fit, resume
+
+    bar = _TrainProgress(tqdm, quiet=args.quiet)
+    try:
+        if args.resume:
+            overrides = {
+                "epochs": args.epochs, "time_minutes": args.time, "patience": args.patience, "device": args.device,
+                "num_workers": args.workers, "amp": False if args.no_amp else None,
+            }  # fmt: skip
+            result = resume(args.resume, on_event=bar, **{k: v for k, v in overrides.items() if v is not None})
+        else:
+            if not args.data:
+                raise ValueError("--data is required (a dataset folder or COCO json), or --resume RUN_DIR")
+            config = TrainConfig(
+                data=str(args.data), size=args.size, imgsz=args.imgsz, epochs=args.epochs or 100,
+                batch_size=args.batch, time_minutes=args.time, weights=args.weights, lr=args.lr,
+                patience=args.patience if args.patience is not None else 30, device=args.device or "auto",
+                amp=False if args.no_amp else None, num_workers=args.workers, seed=args.seed,
+                min_samples=args.min_samples,
+            )  # fmt: skip
+            out = args.out or get_settings().runs_dir / time.strftime(f"{args.size}-%Y%m%d-%H%M%S")
+            result = fit(config, out, on_event=bar)
+    finally:
+        bar.close()
+    payload = result.to_dict()
+    text = (
+        f"{result.run_dir}: stopped ({result.stopped}) after {result.epochs_done} epochs in {result.elapsed_s:.0f} s; "
+        f"best mAP50-95 {result.best_map:.4f}"
+        + (f" at epoch {result.best_epoch + 1}" if result.best_epoch is not None else "")
+    )
+    _print(payload, args.json, text)
+
+
+class _TrainProgress:
+    """A terminal progress bar per epoch, fed by the trainer's events (on stderr, so --json stays clean)."""
+
+    def __init__(self, tqdm_class: type, quiet: bool = False):
+        self.tqdm_class = tqdm_class
+        self.quiet = quiet
+        self.bar = None
+
+    def __call__(self, name: str, **data: object) -> None:
+        if self.quiet:
+            return
+        if name == "train_start":
+            print(f"training on {data['device']} ({data['precision']}), {data['train_images']} train / "
+                  f"{data['val_images']} val images; start: {data['start']}", file=sys.stderr)  # fmt: skip
+            for note in data.get("notes") or []:
+                print(f"note: {note}", file=sys.stderr)
+        elif name == "step":
+            if self.bar is None:
+                self.bar = self.tqdm_class(
+                    total=data["steps_per_epoch"], initial=data["step"] - 1, desc=f"epoch {data['epoch'] + 1}",
+                    file=sys.stderr, leave=False, dynamic_ncols=True,
+                )  # fmt: skip
+            self.bar.update(1)
+            self.bar.set_postfix(
+                loss=f"{data['loss']:.3f}", cls=f"{data['loss_cls']:.3f}", iou=f"{data['loss_iou']:.3f}",
+                dfl=f"{data['loss_dfl']:.3f}", lr=f"{data['lr']:.2e}", img_s=f"{data['images_per_s']:.1f}",
+            )  # fmt: skip
+        elif name == "epoch":
+            self.close()
+            val = data.get("val") or {}
+            train = data.get("train") or {}
+            shown = f"mAP50-95 {val.get('mAP50-95')}, mAP50 {val.get('mAP50')}" if val else "not evaluated"
+            print(f"epoch {data['epoch'] + 1}: loss {train.get('loss', float('nan')):.4f}, {shown}, "
+                  f"best {data['best_map']:.4f}, {data['elapsed_s']:.0f} s", file=sys.stderr)  # fmt: skip
+        elif name == "early_stop":
+            print(f"early stop: no better mAP50-95 for {data['patience']} epochs", file=sys.stderr)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+def cmd_eval(args: argparse.Namespace) -> None:
+    from backend.data.folders import load_dataset
+    from backend.models import load_model
+    from backend.training.engine import EvalImages, evaluate, resolve_device
+
+    path = Path(args.model)
+    if path.is_dir():
+        path = next((path / name for name in ("best.pt", "last.pt") if (path / name).is_file()), path / "best.pt")
+    model, report = load_model(path)
+    imgsz = args.imgsz or report.imgsz or 640
+    splits = load_dataset(args.data)
+    if args.split not in splits:
+        raise ValueError(f"{args.data} has no {args.split!r} split (it has: {', '.join(splits)})")
+    dataset = splits[args.split]
+    if dataset.class_names != report.class_names:
+        raise ValueError(
+            f"the model's classes {report.class_names} differ from the dataset's {dataset.class_names}: "
+            "evaluate on the dataset it was trained for"
+        )
+    device = resolve_device(args.device)
+    result = evaluate(model.to(device), EvalImages(dataset, imgsz), device=device, batch_size=args.batch,
+                      score_threshold=args.conf)  # fmt: skip
+    if args.output:
+        result.save_json(args.output)
+    payload = result.to_dict()
+    lines = [f"{path} on {args.data} [{args.split}], {len(dataset)} images, imgsz {imgsz}"]
+    lines += [f"  {key}: {'-' if value is None else f'{value:.4f}'}" for key, value in result.metrics.items()]
+    lines += [
+        f"  {item['class_name']}: AP50-95 {_fmt(item['AP50-95'])}, AP50 {_fmt(item['AP50'])} ({item['gt_count']} boxes)"
+        for item in payload["per_class"]
+    ]
+    _print(payload, args.json, "\n".join(lines))
+
+
+def _fmt(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4f}"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="yolodex", description="Build your own object detector with YOLO-NAS.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -139,6 +273,39 @@ def build_parser() -> argparse.ArgumentParser:
     download.add_argument("--sha256")
     download.add_argument("--json", action="store_true")
     download.set_defaults(handler=cmd_download)
+
+    train = commands.add_parser("train", help="train YOLO-NAS on a dataset folder, or resume a run")
+    train.add_argument("--data", type=Path, help="COCO folder (images/, train.json, val.json), YOLO folder, or json")
+    train.add_argument("--size", choices=sizes, default="s")
+    train.add_argument("--imgsz", type=int, default=640)
+    train.add_argument("--epochs", type=int, help="default 100 (on --resume: the run's)")
+    train.add_argument("--time", type=float, help="wall-clock budget in minutes, counted from the first step")
+    train.add_argument("--batch", type=int, default=16)
+    train.add_argument("--weights", help="'coco' (official, non-commercial licence), or an earlier run/checkpoint")
+    train.add_argument("--lr", type=float, help="peak learning rate (default: 5e-4 for S, 4e-4 for M/L)")
+    train.add_argument("--patience", type=int, help="early stop after this many epochs without a better mAP (30)")
+    train.add_argument("--min-samples", type=int, default=512, help="samples per epoch at least (resampling)")
+    train.add_argument("--device", choices=["auto", "cpu", "cuda"], help="default auto")
+    train.add_argument("--workers", type=int, help="data-loading processes (default: from the core count)")
+    train.add_argument("--no-amp", action="store_true", help="train in float32 (no fp16/bf16 mixed precision)")
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--out", type=Path, help="run folder (default: storage/runs/<size>-<time>)")
+    train.add_argument("--resume", type=Path, metavar="RUN_DIR", help="continue this run where it stopped")
+    train.add_argument("--quiet", action="store_true", help="no progress output")
+    train.add_argument("--json", action="store_true")
+    train.set_defaults(handler=cmd_train)
+
+    evaluate = commands.add_parser("eval", help="COCO mAP of a run or checkpoint on a dataset split")
+    evaluate.add_argument("model", type=Path, help="a run folder (its best.pt) or a checkpoint")
+    evaluate.add_argument("--data", type=Path, required=True)
+    evaluate.add_argument("--split", default="val")
+    evaluate.add_argument("--imgsz", type=int, help="default: the checkpoint's")
+    evaluate.add_argument("--batch", type=int, default=16)
+    evaluate.add_argument("--conf", type=float, default=0.25, help="score threshold of the confusion matrix/errors")
+    evaluate.add_argument("--device", default="auto")
+    evaluate.add_argument("--output", type=Path, help="also write the evaluation JSON here")
+    evaluate.add_argument("--json", action="store_true")
+    evaluate.set_defaults(handler=cmd_eval)
     return parser
 
 
@@ -147,7 +314,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     try:
         args.handler(args)
-    except EXPECTED_ERRORS as error:
+    except (*EXPECTED_ERRORS, _training_error()) as error:
         print(f"yolodex: error: {error}", file=sys.stderr)
         return 1
     return 0

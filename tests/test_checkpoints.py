@@ -174,12 +174,18 @@ def test_our_checkpoint_round_trip(tmp_path: Path, images: torch.Tensor) -> None
     assert path == tmp_path / "run" / "last.pt"
     assert os.listdir(path.parent) == ["last.pt"]
 
+    # Inference takes the EMA weights (what training evaluated), like an official file's ema_net.
     loaded, report = load_model(path)
-    assert (report.layout, report.entry, report.size, report.num_classes) == ("yolodex", "model", "s", 3)
+    assert (report.layout, report.entry, report.size, report.num_classes) == ("yolodex", "ema", "s", 3)
     assert (report.class_names, report.imgsz, report.fusion, report.skipped) == (class_names, 320, "none", [])
     assert (loaded.config.size, loaded.num_classes) == ("s", 3)
-    assert_same_weights(loaded, model.state_dict())
-    torch.testing.assert_close(outputs(loaded, images), outputs(model, images), rtol=0, atol=0)
+    assert_same_weights(loaded, ema.state_dict())
+    torch.testing.assert_close(outputs(loaded, images), outputs(ema.eval(), images), rtol=0, atol=0)
+    # Without an EMA the training weights are the model.
+    save_checkpoint(tmp_path / "plain.pt", model, class_names=class_names, imgsz=320)
+    plain, plain_report = load_model(tmp_path / "plain.pt")
+    assert plain_report.entry == "model"
+    assert_same_weights(plain, model.state_dict())
 
     checkpoint = read_checkpoint(path)
     assert checkpoint["format"] == 1

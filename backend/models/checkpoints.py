@@ -105,7 +105,8 @@ def extract_state_dict(checkpoint: dict[str, Any]) -> tuple[dict[str, torch.Tens
         (state_dict, layout, entry): layout "yolodex", "official" or "state_dict"; entry the key used.
     """
     if "config" in checkpoint and "model" in checkpoint:
-        layout, entry = "yolodex", "model"
+        # The EMA weights are the ones training evaluated and chose best.pt by, as the official files' ema_net.
+        layout, entry = "yolodex", "ema" if checkpoint.get("ema") is not None else "model"
     elif "ema_net" in checkpoint and checkpoint["ema_net"] is not None:
         layout, entry = "official", "ema_net"  # the official recipes evaluate and publish the EMA weights
     elif "net" in checkpoint:

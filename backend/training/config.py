@@ -1,0 +1,102 @@
+"""The training configuration: one frozen dataclass, saved resolved as the run's config.json."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, fields, replace
+from pathlib import Path
+from typing import Any
+
+# The fine-tuning recipe's learning rates (../shared/yolo_nas_facts.md §5.2).
+DEFAULT_LR = {"s": 5e-4, "m": 4e-4, "l": 4e-4}
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything that decides a training run.
+
+    Attributes:
+        data: the dataset folder (COCO layout with train.json/val.json, or a YOLO layout) or a COCO json.
+        size: "s", "m" or "l".
+        imgsz: square input side, a multiple of 32.
+        epochs: upper bound on epochs; `time_minutes` and early stopping may end the run sooner.
+        batch_size: images per optimizer step.
+        time_minutes: wall-clock budget counted from the first step; the schedule anneals within it.
+        weights: None (random initialisation), "coco" (official COCO weights, transferred to our classes), or a
+            checkpoint / run folder of an earlier run.
+        lr: peak learning rate; None takes the recipe's for the size.
+        weight_decay: AdamW weight decay on weights (none on biases and BatchNorm).
+        warmup_epochs: linear warm-up length in epochs (capped at 1000 steps and at a fifth of the run).
+        final_lr_ratio: the cosine ends at this fraction of `lr`.
+        ema_decay: the EMA decay reached after its threshold warm-up.
+        grad_clip_norm: clip the global gradient norm to this; None disables clipping.
+        min_samples: an epoch holds at least this many samples (small datasets are resampled).
+        augment: mosaic/affine/HSV/flip on; off trains on letterboxed images only.
+        mosaic_prob: probability of a mosaic sample (the recipe: 1.0).
+        patience: stop after this many evaluated epochs without a better mAP50-95; None never stops early.
+        eval_every: evaluate every this many epochs (and always at the end).
+        device: "auto", "cpu", "cuda" or "cuda:N".
+        amp: mixed precision (fp16 on CUDA, bf16 on CPUs that have it); None means on where it helps.
+        num_workers: data-loading processes; None picks from the core count.
+        checkpoint_minutes: also write last.pt mid-epoch this often, so a killed run loses little.
+        seed: seeds initialisation, sampling and augmentation.
+    """
+
+    data: str = ""
+    size: str = "s"
+    imgsz: int = 640
+    epochs: int = 100
+    batch_size: int = 16
+    time_minutes: float | None = None
+    weights: str | None = None
+    lr: float | None = None
+    weight_decay: float = 1e-4
+    warmup_epochs: float = 3.0
+    final_lr_ratio: float = 0.1
+    ema_decay: float = 0.9
+    grad_clip_norm: float | None = 10.0
+    min_samples: int = 512
+    augment: bool = True
+    mosaic_prob: float = 1.0
+    patience: int | None = 30
+    eval_every: int = 1
+    device: str = "auto"
+    amp: bool | None = None
+    num_workers: int | None = None
+    checkpoint_minutes: float = 5.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.size not in DEFAULT_LR:
+            raise ValueError(f"size must be one of s, m, l; got {self.size!r}")
+        if self.imgsz <= 0 or self.imgsz % 32:
+            raise ValueError(f"imgsz must be a positive multiple of 32 (the model's largest stride), got {self.imgsz}")
+        if self.epochs < 1 or self.batch_size < 1:
+            raise ValueError(f"epochs and batch size must be at least 1, got {self.epochs} and {self.batch_size}")
+        if self.time_minutes is not None and self.time_minutes <= 0:
+            raise ValueError(f"time budget must be positive minutes, got {self.time_minutes}")
+        if self.eval_every < 1:
+            raise ValueError(f"eval_every must be at least 1, got {self.eval_every}")
+
+    @property
+    def peak_lr(self) -> float:
+        return self.lr if self.lr is not None else DEFAULT_LR[self.size]
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
+        """Ignores keys it does not know (a config.json written by a newer version still loads)."""
+        known = {field.name for field in fields(cls)}
+        return cls(**{key: value for key, value in values.items() if key in known})
+
+    def with_changes(self, **changes: Any) -> TrainConfig:
+        return replace(self, **changes)
+
+
+def write_json_atomic(payload: Any, path: Path) -> None:
+    """JSON to a temporary file beside `path`, then rename: readers never see half a file."""
+    temporary = path.with_name(f".{path.name}.tmp")
+    temporary.write_text(json.dumps(payload, indent=2, allow_nan=False) + "\n")
+    temporary.replace(path)

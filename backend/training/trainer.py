@@ -1,0 +1,396 @@
+"""`fit` and `resume`: a whole training run in a run folder, built from the engine's plain functions.
+
+Run folder: config.json (the resolved TrainConfig, classes and data report), metrics.jsonl (every event, one JSON
+object per line), last.pt (every epoch and every `checkpoint_minutes` mid-epoch), best.pt (the best validation
+mAP50-95, EMA weights), eval.json (the full evaluation of best.pt on the validation split).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from backend.data.augment import AugmentConfig
+from backend.data.folders import load_dataset
+from backend.data.loader import TrainDataset, make_train_loader, set_loader_epoch
+from backend.data.records import DatasetError, DetectionSet, LoadReport
+from backend.models.checkpoints import (
+    CheckpointError,
+    extract_state_dict,
+    infer_architecture,
+    load_weights,
+    read_checkpoint,
+    state_dict_fusion,
+)
+from backend.models.download import OFFICIAL_COCO_WEIGHTS, fetch_weights
+from backend.models.yolo_nas import YoloNAS, build_model
+from backend.settings import get_settings
+from backend.training.config import TrainConfig, write_json_atomic
+from backend.training.ema import ModelEMA
+from backend.training.engine import (
+    Clock,
+    EvalImages,
+    EventCallback,
+    StepContext,
+    TrainingError,
+    _ignore_event,
+    append_jsonl,
+    autocast_dtype,
+    evaluate,
+    headline_map,
+    resolve_device,
+    restore_rng_state,
+    train_one_epoch,
+    use_channels_last,
+    write_checkpoint,
+)
+from backend.training.loss import YoloNASLoss
+from backend.training.schedule import WarmupCosineSchedule, build_optimizer
+
+logger = logging.getLogger(__name__)
+
+VAL_HOLDOUT_FRACTION = 0.2
+MAX_WARMUP_STEPS = 1000  # the recipe's LinearBatchLRWarmup length
+
+
+@dataclass
+class FitResult:
+    """How a run ended.
+
+    Attributes:
+        stopped: "epochs" (all done), "time" (the budget ran out), "early_stop" (patience), or "cancelled".
+    """
+
+    run_dir: Path
+    stopped: str
+    epochs_done: int
+    best_map: float
+    best_epoch: int | None
+    elapsed_s: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**self.__dict__, "run_dir": str(self.run_dir)}
+
+
+def fit(
+    config: TrainConfig,
+    run_dir: str | Path,
+    *,
+    on_event: EventCallback | None = None,
+    stop_requested: Callable[[], bool] | None = None,
+) -> FitResult:
+    """Trains a new run in `run_dir` (created; refused if it already holds a run: resume that one instead)."""
+    run_dir = Path(run_dir)
+    if (run_dir / "last.pt").exists() or (run_dir / "config.json").exists():
+        raise TrainingError(
+            f"{run_dir} already holds a run: resume it (yolodex train --resume {run_dir}) or pick another --out"
+        )
+    return _run(config, run_dir, None, on_event or _ignore_event, stop_requested)
+
+
+def resume(
+    run_dir: str | Path,
+    *,
+    on_event: EventCallback | None = None,
+    stop_requested: Callable[[], bool] | None = None,
+    **overrides: Any,
+) -> FitResult:
+    """Continues a run from its last.pt, where it stopped (mid-epoch included).
+
+    `overrides` may change what does not alter the data order: epochs, time_minutes, patience, device, amp,
+    num_workers, checkpoint_minutes, eval_every.
+    """
+    run_dir = Path(run_dir)
+    config_path, last_path = run_dir / "config.json", run_dir / "last.pt"
+    if not config_path.is_file() or not last_path.is_file():
+        raise TrainingError(f"{run_dir} holds no run to resume (config.json and last.pt are needed)")
+    config = TrainConfig.from_dict(json.loads(config_path.read_text())["train"])
+    allowed = {"epochs", "time_minutes", "patience", "device", "amp", "num_workers", "checkpoint_minutes", "eval_every"}
+    unknown = set(overrides) - allowed
+    if unknown:
+        raise TrainingError(f"cannot change {', '.join(sorted(unknown))} when resuming; start a new run instead")
+    config = config.with_changes(**{key: value for key, value in overrides.items() if value is not None})
+    checkpoint = read_checkpoint(last_path)
+    return _run(config, run_dir, checkpoint, on_event or _ignore_event, stop_requested)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def load_splits(data: str | Path, seed: int) -> tuple[DetectionSet, DetectionSet, list[str]]:
+    """Train and validation sets of a dataset path; without a val split, a seeded fifth of train is held out."""
+    splits = load_dataset(data)
+    train_set = splits["train"]
+    notes = []
+    val_set = splits.get("val")
+    if val_set is None or len(val_set) == 0:
+        train_set, val_set = _holdout(train_set, seed)
+        notes.append(f"no validation split: {len(val_set)} training images held out for validation (seed {seed})")
+    if len(train_set) == 0:
+        raise DatasetError(f"{data}: the training split has no usable images")
+    return train_set, val_set, notes
+
+
+def _holdout(dataset: DetectionSet, seed: int) -> tuple[DetectionSet, DetectionSet]:
+    if len(dataset) < 2:
+        raise DatasetError(f"{dataset.source}: at least 2 images are needed to hold one out for validation")
+    order = np.random.default_rng(seed).permutation(len(dataset))
+    count = max(1, round(len(dataset) * VAL_HOLDOUT_FRACTION))
+    held = set(order[:count].tolist())
+
+    def subset(keep: bool) -> DetectionSet:
+        records = [record for index, record in enumerate(dataset.records) if (index in held) != keep]
+        return DetectionSet(records, dataset.class_names, dataset.category_ids, LoadReport(images=len(records)))
+
+    return subset(True), subset(False)
+
+
+def load_start_weights(model: YoloNAS, weights: str) -> str:
+    """Loads "coco" (official COCO weights, class predictors re-initialised for our classes) or an earlier run's
+    checkpoint (its EMA weights; a run folder means its best.pt) into the unfused `model`. Returns what was loaded."""
+    if weights == "coco":
+        path = fetch_weights(OFFICIAL_COCO_WEIGHTS[model.config.size], get_settings().weights_dir, progress=False)
+    else:
+        path = Path(weights)
+        if path.is_dir():
+            path = next((path / name for name in ("best.pt", "last.pt") if (path / name).is_file()), path / "best.pt")
+    state_dict, _, entry = extract_state_dict(read_checkpoint(path))
+    if state_dict_fusion(state_dict) != "none":
+        raise CheckpointError(f"{path} holds fused (deployment) weights: training needs an unfused checkpoint")
+    size, num_classes = infer_architecture(state_dict)
+    if size != model.config.size:
+        raise CheckpointError(f"{path} holds YOLO-NAS {size.upper()} weights; this run trains {model.config.size}")
+    skipped = load_weights(model, state_dict, allow_class_transfer=True)
+    transfer = f", class predictors re-initialised ({num_classes} → {model.num_classes} classes)" if skipped else ""
+    return f"{path} ({entry}){transfer}"
+
+
+def default_num_workers() -> int:
+    # One loader process on a 2-core machine: augmentation overlaps the step without starving the model's threads.
+    return min(4, max(0, (os.cpu_count() or 1) - 1))
+
+
+def _run(
+    config: TrainConfig,
+    run_dir: Path,
+    checkpoint: dict[str, Any] | None,
+    on_event: EventCallback,
+    stop_requested: Callable[[], bool] | None,
+) -> FitResult:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    log_path = run_dir / "metrics.jsonl"
+
+    def emit(name: str, **data: Any) -> None:
+        append_jsonl(log_path, {"event": name, "time": round(time.time(), 3), **data})
+        on_event(name, **data)
+
+    random.seed(config.seed)
+    np.random.seed(config.seed)
+    torch.manual_seed(config.seed)
+    train_set, val_set, notes = load_splits(config.data, config.seed)
+    class_names = train_set.class_names
+    device = resolve_device(config.device)
+    dtype = autocast_dtype(device, config.amp)
+
+    model = build_model(config.size, len(class_names))
+    start = "random initialisation"
+    if checkpoint is None and config.weights:
+        start = load_start_weights(model, config.weights)
+    model.to(device)
+    if use_channels_last(device, dtype):
+        model.to(memory_format=torch.channels_last)
+    loss_fn = YoloNASLoss(len(class_names), strides=model.strides)
+    optimizer = build_optimizer(model, config.peak_lr, config.weight_decay)
+    ema = ModelEMA(model, config.ema_decay) if config.ema_decay > 0 else None
+
+    augment = AugmentConfig(mosaic_prob=config.mosaic_prob) if config.augment else None
+    dataset = TrainDataset(train_set.records, config.imgsz, augment, seed=config.seed)
+    dataset.preload()
+    workers = default_num_workers() if config.num_workers is None else config.num_workers
+    loader = make_train_loader(
+        dataset, config.batch_size, min_samples=config.min_samples, num_workers=workers, seed=config.seed
+    )
+    steps_per_epoch = len(loader)
+    total_steps = config.epochs * steps_per_epoch
+    warmup_steps = min(round(config.warmup_epochs * steps_per_epoch), MAX_WARMUP_STEPS, total_steps // 5)
+    budget_s = config.time_minutes * 60 if config.time_minutes else None
+    scheduler = WarmupCosineSchedule(
+        optimizer, config.peak_lr, warmup_steps, total_steps, config.final_lr_ratio, time_budget_s=budget_s
+    )
+    scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
+    progress: dict[str, Any] = {"best_map": -1.0, "best_epoch": None, "bad_epochs": 0, "elapsed_s": 0.0}
+    start_epoch, first_step = 0, 0
+    if checkpoint is not None:
+        start_epoch, first_step = _restore(checkpoint, model, optimizer, scheduler, scaler, ema, progress)
+        scheduler.total_steps, scheduler.time_budget_s = total_steps, budget_s
+        start = f"resumed from last.pt at epoch {start_epoch + 1}, step {first_step}"
+    else:
+        write_json_atomic(
+            {"train": config.to_dict(), "class_names": class_names, "start": start, "notes": notes,
+             "data": {"train": train_set.report.to_dict(), "val": val_set.report.to_dict(),
+                      "train_images": len(train_set), "val_images": len(val_set)}},
+            run_dir / "config.json",
+        )  # fmt: skip
+
+    clock = Clock(progress["elapsed_s"], budget_s)
+    context = StepContext(
+        loss_fn=loss_fn, optimizer=optimizer, scheduler=scheduler, ema=ema, device=device, dtype=dtype,
+        scaler=scaler, grad_clip_norm=config.grad_clip_norm, clock=clock, on_event=emit, stop_requested=stop_requested,
+    )  # fmt: skip
+    eval_images = EvalImages(val_set, config.imgsz)
+
+    def save(name: str, epoch: int, step_in_epoch: int) -> None:
+        progress["elapsed_s"] = clock.elapsed_s
+        write_checkpoint(
+            run_dir / name, model, context, class_names=class_names, imgsz=config.imgsz, epoch=epoch,
+            step_in_epoch=step_in_epoch, progress=progress, train_config=config.to_dict(),
+        )  # fmt: skip
+
+    position = {"epoch": start_epoch, "saved_at": time.perf_counter()}
+
+    def checkpoint_mid_epoch(step_in_epoch: int) -> None:
+        if time.perf_counter() - position["saved_at"] >= config.checkpoint_minutes * 60:
+            save("last.pt", position["epoch"], step_in_epoch)
+            position["saved_at"] = time.perf_counter()
+            emit("checkpoint", path=str(run_dir / "last.pt"), epoch=position["epoch"], step_in_epoch=step_in_epoch)
+
+    context.after_step = checkpoint_mid_epoch
+    emit(
+        "train_start", run_dir=str(run_dir), start=start, device=str(device), precision=str(dtype or "float32"),
+        train_images=len(train_set), val_images=len(val_set), class_names=class_names, epochs=config.epochs,
+        steps_per_epoch=steps_per_epoch, total_steps=total_steps, warmup_steps=warmup_steps,
+        batch_size=config.batch_size, num_workers=workers, time_budget_s=budget_s, notes=notes,
+    )  # fmt: skip
+
+    stopped, epoch = "epochs", start_epoch
+    try:
+        for epoch in range(start_epoch, config.epochs):
+            position["epoch"] = epoch
+            set_loader_epoch(loader, epoch)
+            summary = train_one_epoch(model, loader, context, epoch=epoch, first_step=first_step)
+            first_step = 0
+            if summary["stopped"] == "cancelled":
+                save("last.pt", epoch, summary["steps"])
+                stopped = "cancelled"
+                break
+            last_epoch = epoch + 1 == config.epochs or summary["stopped"] == "time"
+            metrics = None
+            if (epoch + 1) % config.eval_every == 0 or last_epoch:
+                metrics = _evaluate_epoch(ema.module if ema else model, eval_images, device, dtype, config, progress,
+                                          epoch, run_dir, save)  # fmt: skip
+            finished = summary["stopped"] is None
+            save("last.pt", epoch + 1 if finished else epoch, 0 if finished else summary["steps"])
+            emit(
+                "epoch", epoch=epoch, train={key: value for key, value in summary.items() if key.startswith("loss")},
+                val=metrics, best_map=progress["best_map"], best_epoch=progress["best_epoch"],
+                lr=optimizer.param_groups[0]["lr"], elapsed_s=clock.elapsed_s,
+            )  # fmt: skip
+            if summary["stopped"] == "time":
+                stopped = "time"
+                break
+            if config.patience is not None and progress["bad_epochs"] >= config.patience:
+                stopped = "early_stop"
+                emit("early_stop", epoch=epoch, patience=config.patience, best_epoch=progress["best_epoch"])
+                break
+    except torch.OutOfMemoryError as error:
+        raise TrainingError(_out_of_memory_advice(config, model, loss_fn, device, dtype)) from error
+    finally:
+        if loader.num_workers and getattr(loader, "_iterator", None) is not None:
+            loader._iterator._shutdown_workers()  # persistent workers: stop them with the run
+    result = FitResult(
+        run_dir=run_dir, stopped=stopped, epochs_done=epoch + (stopped in ("epochs", "early_stop")),
+        best_map=max(0.0, progress["best_map"]), best_epoch=progress["best_epoch"], elapsed_s=clock.elapsed_s,
+    )  # fmt: skip
+    emit("train_end", **result.to_dict())
+    return result
+
+
+def _evaluate_epoch(
+    model: YoloNAS,
+    eval_images: EvalImages,
+    device: torch.device,
+    dtype: torch.dtype | None,
+    config: TrainConfig,
+    progress: dict[str, Any],
+    epoch: int,
+    run_dir: Path,
+    save: Callable[[str, int, int], None],
+) -> dict[str, Any]:
+    """Evaluates the (EMA) model; a better mAP50-95 writes best.pt and eval.json. Returns the headline metrics."""
+    result = evaluate(model, eval_images, device=device, batch_size=config.batch_size)
+    score = headline_map(result)
+    if score > progress["best_map"]:
+        progress.update(best_map=score, best_epoch=epoch, bad_epochs=0)
+        save("best.pt", epoch + 1, 0)
+        result.save_json(run_dir / "eval.json")
+    else:
+        progress["bad_epochs"] += 1
+    return dict(result.metrics)
+
+
+def _restore(
+    checkpoint: dict[str, Any],
+    model: YoloNAS,
+    optimizer: torch.optim.Optimizer,
+    scheduler: WarmupCosineSchedule,
+    scaler: torch.amp.GradScaler | None,
+    ema: ModelEMA | None,
+    progress: dict[str, Any],
+) -> tuple[int, int]:
+    model.load_state_dict(checkpoint["model"])
+    optimizer.load_state_dict(checkpoint["optimizer"])
+    scheduler.load_state_dict(checkpoint["scheduler"])
+    if scaler is not None and checkpoint.get("scaler"):
+        scaler.load_state_dict(checkpoint["scaler"])
+    if ema is not None and checkpoint.get("ema") is not None:
+        ema.module.load_state_dict(checkpoint["ema"])
+        ema.load_state_dict(checkpoint["ema_state"])
+    progress.update(checkpoint.get("metrics") or {})
+    restore_rng_state(checkpoint["rng"])
+    return int(checkpoint["epoch"]), int(checkpoint["step_in_epoch"])
+
+
+def _out_of_memory_advice(
+    config: TrainConfig, model: YoloNAS, loss_fn: YoloNASLoss, device: torch.device, dtype: torch.dtype | None
+) -> str:
+    """The error for a CUDA out-of-memory: names the largest halved batch size that runs one step here."""
+    fitting = fitting_batch_size(model, loss_fn, config.imgsz, config.batch_size // 2, device, dtype)
+    advice = f"rerun with --batch {fitting}" if fitting else "even batch 1 does not fit: try a smaller --imgsz/--size"
+    return (
+        f"the GPU ran out of memory at batch {config.batch_size}, imgsz {config.imgsz}, YOLO-NAS "
+        f"{config.size.upper()}: {advice}"
+    )
+
+
+def fitting_batch_size(
+    model: YoloNAS, loss_fn: YoloNASLoss, imgsz: int, start: int, device: torch.device, dtype: torch.dtype | None
+) -> int:
+    """The largest of start, start/2, ... , 1 for which one forward+backward step fits in memory (0 if none)."""
+    batch = start
+    while batch >= 1:
+        try:
+            images = torch.rand(batch, 3, imgsz, imgsz, device=device)
+            boxes = torch.tensor([[[0.0, 0.0, imgsz / 2, imgsz / 2]]], device=device).repeat(batch, 1, 1)
+            labels = torch.zeros(batch, 1, dtype=torch.long, device=device)
+            mask = torch.ones(batch, 1, dtype=torch.bool, device=device)
+            with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+                outputs = model(images)
+            loss_fn(*outputs, boxes, labels, mask, (imgsz, imgsz))["loss"].backward()
+            model.zero_grad(set_to_none=True)
+            return batch
+        except torch.OutOfMemoryError:
+            model.zero_grad(set_to_none=True)
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            batch //= 2
+    return 0
