@@ -41,13 +41,14 @@ def pairwise_iou(boxes1: torch.Tensor, boxes2: torch.Tensor, eps: float = 1e-9) 
     Returns:
         (B, M, A) IoU; degenerate boxes count as area 0.
     """
-    first = boxes1.unsqueeze(2)  # (B, M, 1, 4)
-    second = boxes2.unsqueeze(1)  # (B, 1, A, 4)
-    top_left = torch.maximum(first[..., :2], second[..., :2])
-    bottom_right = torch.minimum(first[..., 2:], second[..., 2:])
-    overlap = (bottom_right - top_left).clamp(min=0).prod(-1)
-    area1 = (first[..., 2:] - first[..., :2]).clamp(min=0).prod(-1)
-    area2 = (second[..., 2:] - second[..., :2]).clamp(min=0).prod(-1)
+    # Coordinate by coordinate rather than on stacked (B, M, A, 2) pairs: a third of the memory traffic at M ~ 100.
+    x1a, y1a, x2a, y2a = (boxes1[..., i : i + 1] for i in range(4))  # each (B, M, 1)
+    x1b, y1b, x2b, y2b = (boxes2[..., i].unsqueeze(1) for i in range(4))  # each (B, 1, A)
+    overlap_w = (torch.minimum(x2a, x2b) - torch.maximum(x1a, x1b)).clamp_(min=0)
+    overlap_h = (torch.minimum(y2a, y2b) - torch.maximum(y1a, y1b)).clamp_(min=0)
+    overlap = overlap_w.mul_(overlap_h)  # (B, M, A)
+    area1 = (x2a - x1a).clamp(min=0) * (y2a - y1a).clamp(min=0)
+    area2 = (x2b - x1b).clamp(min=0) * (y2b - y1b).clamp(min=0)
     return overlap / (area1 + area2 - overlap + eps)
 
 
@@ -63,8 +64,8 @@ def points_inside_boxes(points: torch.Tensor, boxes: torch.Tensor, eps: float = 
     """
     x, y = points[:, 0], points[:, 1]  # (A,)
     x1, y1, x2, y2 = (boxes[..., i : i + 1] for i in range(4))  # each (B, M, 1)
-    distances = torch.stack([x - x1, y - y1, x2 - x, y2 - y], dim=-1)  # (B, M, A, 4)
-    return distances.amin(dim=-1) > eps
+    # min(l, t, r, b) > eps, without materialising the (B, M, A, 4) distances.
+    return ((x - x1) > eps) & ((y - y1) > eps) & ((x2 - x) > eps) & ((y2 - y) > eps)
 
 
 class TaskAlignedAssigner:
@@ -137,9 +138,11 @@ class TaskAlignedAssigner:
         in_topk = torch.zeros_like(inside).scatter_(-1, topk_index, True)
         claimed = in_topk & inside  # (B, M, A)
 
-        # One gt per anchor: the claimant whose box best overlaps the anchor's predicted box.
+        # One gt per anchor: the claimant whose box best overlaps the anchor's predicted box. SG takes the argmax
+        # over all gts of the image, which can hand an anchor to a gt it is not inside; we only pick among claimants.
         foreground = claimed.any(dim=1)  # (B, A)
-        best_gt = torch.where(claimed, ious, torch.full_like(ious, -1.0)).argmax(dim=1)  # (B, A)
+        # max(...).indices, not argmax: on CPU argmax over a strided dim is ~15x slower. Ties → the first gt.
+        best_gt = torch.where(claimed, ious, torch.full_like(ious, -1.0)).max(dim=1).indices  # (B, A)
         positive = torch.zeros_like(claimed).scatter_(1, best_gt.unsqueeze(1), True) & foreground.unsqueeze(1)
 
         labels = safe_labels.gather(1, best_gt)
