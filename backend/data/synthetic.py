@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from numbers import Integral
 from pathlib import Path
 
 import cv2
@@ -114,7 +115,7 @@ def generate_synthetic_dataset(
 
 
 def _size_range(image_size: ImageSize) -> tuple[tuple[int, int], tuple[int, int]]:
-    if len(image_size) == 2 and all(isinstance(value, int) for value in image_size):
+    if len(image_size) == 2 and all(isinstance(value, Integral) for value in image_size):
         low = high = (int(image_size[0]), int(image_size[1]))
     else:
         low, high = (tuple(int(v) for v in pair) for pair in image_size)  # type: ignore[union-attr]
@@ -124,9 +125,10 @@ def _size_range(image_size: ImageSize) -> tuple[tuple[int, int], tuple[int, int]
 
 
 def _clear_previous(out_dir: Path, overwrite: bool) -> None:
-    previous = [out_dir / f"{split}.json" for split in ("train", "val", "test") if (out_dir / f"{split}.json").exists()]
-    if (out_dir / "images").is_dir():
-        previous += sorted((out_dir / "images").glob("*_[0-9][0-9][0-9][0-9].png"))
+    previous: list[Path] = []
+    for split in ("train", "val", "test"):  # only what this generator writes; other files are the user's
+        previous += [out_dir / f"{split}.json"] if (out_dir / f"{split}.json").exists() else []
+        previous += sorted((out_dir / "images").glob(f"{split}_[0-9][0-9][0-9][0-9].png"))
     if previous and not overwrite:
         raise FileExistsError(f"'{out_dir}' already holds a dataset (e.g. {previous[0].name}); pass overwrite=True")
     for path in previous:
