@@ -124,6 +124,7 @@ def cmd_train(args: argparse.Namespace) -> None:
             overrides = {
                 "epochs": args.epochs, "time_minutes": args.time, "patience": args.patience, "device": args.device,
                 "num_workers": args.workers, "amp": False if args.no_amp else None,
+                "checkpoint_minutes": args.checkpoint_minutes,
             }  # fmt: skip
             result = resume(args.resume, on_event=bar, **{k: v for k, v in overrides.items() if v is not None})
         else:
@@ -135,6 +136,7 @@ def cmd_train(args: argparse.Namespace) -> None:
                 patience=args.patience if args.patience is not None else 30, device=args.device or "auto",
                 amp=False if args.no_amp else None, num_workers=args.workers, seed=args.seed,
                 min_samples=args.min_samples,
+                checkpoint_minutes=args.checkpoint_minutes if args.checkpoint_minutes is not None else 5.0,
             )  # fmt: skip
             out = args.out or get_settings().runs_dir / time.strftime(f"{args.size}-%Y%m%d-%H%M%S")
             result = fit(config, out, on_event=bar)
@@ -289,6 +291,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--workers", type=int, help="data-loading processes (default: from the core count)")
     train.add_argument("--no-amp", action="store_true", help="train in float32 (no fp16/bf16 mixed precision)")
     train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--checkpoint-minutes", type=float, help="also save last.pt mid-epoch this often (5)")
     train.add_argument("--out", type=Path, help="run folder (default: storage/runs/<size>-<time>)")
     train.add_argument("--resume", type=Path, metavar="RUN_DIR", help="continue this run where it stopped")
     train.add_argument("--quiet", action="store_true", help="no progress output")

@@ -32,7 +32,6 @@ from backend.export.onnx_export import export_onnx
 from backend.inference import Predictor
 from backend.models import build_model, load_model
 from backend.models.summary import count_gflops
-from backend.processing import PostprocessConfig
 from backend.training.config import TrainConfig
 from backend.training.engine import EVAL_POSTPROCESS
 from backend.training.trainer import fit
@@ -100,7 +99,7 @@ def main() -> None:
     # The peer's figures come from its ONNX export, so ours do too: best.pt → ONNX FP32 → onnxruntime → pycocotools.
     model, _ = load_model(out / "best.pt")
     onnx_path = export_onnx(model, out / "model_fp32.onnx", imgsz=args.imgsz, class_names=model_class_names(out))
-    predictor = Predictor.from_path(onnx_path, postprocess=PostprocessConfig(**EVAL_POSTPROCESS.__dict__))
+    predictor = Predictor.from_path(onnx_path, postprocess=EVAL_POSTPROCESS)
     val_set = load_dataset(args.data)["val"]
     predictions = [predictor.predict([record.path])[0] for record in val_set.records]
     onnx_eval = evaluate_detections(val_set, predictions).metrics

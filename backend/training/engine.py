@@ -172,7 +172,7 @@ def train_one_epoch(
         images = images_to_input(batch["images"], context.device, channels_last)
         targets = [batch[key].to(context.device, non_blocking=True) for key in ("gt_boxes", "gt_labels", "gt_mask")]
         losses = _optimizer_step(model, images, targets, context)
-        values = {key: float(losses[key]) for key in LOSS_TERMS}
+        values = {key: float(losses[key].detach()) for key in LOSS_TERMS}
         if not math.isfinite(values["loss"]):
             raise TrainingError(
                 f"the loss became {values['loss']} at epoch {epoch + 1}, step {steps + 1} "
