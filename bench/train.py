@@ -14,12 +14,12 @@ Trains YOLO-NAS from scratch (or from `--weights`) on ../shared/data/raccoon (20
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import platform
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
@@ -60,76 +60,76 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--out", type=Path, help="run folder (default: a temporary one)")
     parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument("--report-only", action="store_true", help="measure the finished run in --out, no training")
     args = parser.parse_args()
     if not (args.data / "train.json").is_file():
         sys.exit(f"needs the raccoon set at {args.data} (../shared/data/raccoon beside the checkout)")
     torch.set_num_threads(args.threads)
 
     out = args.out or Path(tempfile.mkdtemp(prefix="yolodex-bench-train-")) / "run"
-    config = TrainConfig(
-        data=str(args.data), size=args.size, imgsz=args.imgsz, epochs=args.epochs, batch_size=args.batch,
-        time_minutes=args.minutes, weights=args.weights, lr=args.lr, ema_decay=args.ema_decay, patience=None,
-        min_samples=args.min_samples, mosaic_prob=args.mosaic, num_workers=args.workers,
-        amp=False if args.no_amp else None,
-    )  # fmt: skip
-    step_seconds, step_images, steps = [], 0, 0
-    last = {"time": None}
+    if args.report_only:
+        config = TrainConfig.from_dict(json.loads((out / "config.json").read_text())["train"])
+    else:
+        config = TrainConfig(
+            data=str(args.data), size=args.size, imgsz=args.imgsz, epochs=args.epochs, batch_size=args.batch,
+            time_minutes=args.minutes, weights=args.weights, lr=args.lr, ema_decay=args.ema_decay, patience=None,
+            min_samples=args.min_samples, mosaic_prob=args.mosaic, num_workers=args.workers,
+            amp=False if args.no_amp else None,
+        )  # fmt: skip
+        fit(config, out, on_event=print_epoch)
+    report = measure(out, config, Path(config.data))
+    print(json.dumps(report, indent=2))
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=2) + "\n")
 
-    def on_event(name: str, **data: object) -> None:
-        nonlocal step_images, steps
-        now = time.perf_counter()
-        if name == "step":
-            steps += 1
-            if last["time"] is not None:
-                step_seconds.append(now - last["time"])
-                step_images += config.batch_size
-            last["time"] = now
-        elif name == "epoch":
-            last["time"] = None  # evaluation time is not step time
-            val = data.get("val") or {}
-            loss = data["train"].get("loss", float("nan"))
-            print(f"epoch {data['epoch'] + 1}: loss {loss:.3f} mAP50-95 {val.get('mAP50-95')} "
-                  f"mAP50 {val.get('mAP50')} ({data['elapsed_s']:.0f} s)", flush=True)  # fmt: skip
 
-    started = time.perf_counter()
-    result = fit(config, out, on_event=on_event)
-    wall_s = time.perf_counter() - started
+def print_epoch(name: str, **data: object) -> None:
+    if name == "epoch":
+        val = data.get("val") or {}
+        loss = data["train"].get("loss", float("nan"))
+        print(f"epoch {data['epoch'] + 1}: loss {loss:.3f} mAP50-95 {val.get('mAP50-95')} "
+              f"mAP50 {val.get('mAP50')} ({data['elapsed_s']:.0f} s)", flush=True)  # fmt: skip
+
+
+def measure(out: Path, config: TrainConfig, data: Path) -> dict:
+    """Speed from the run's metrics.jsonl, accuracy of best.pt in PyTorch (eval.json) and through ONNX FP32."""
+    events = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    steps = [event for event in events if event["event"] == "step"]
+    # Step time = time between consecutive step events of one epoch (data loading included, evaluation not).
+    gaps = [b["time"] - a["time"] for a, b in itertools.pairwise(steps) if a["epoch"] == b["epoch"]]
+    step_rate = config.batch_size * len(gaps) / sum(gaps) if gaps else 0.0
+    end = next(event for event in reversed(events) if event["event"] == "train_end")
     torch_eval = json.loads((out / "eval.json").read_text())["metrics"]
 
     # The peer's figures come from its ONNX export, so ours do too: best.pt → ONNX FP32 → onnxruntime → pycocotools.
     model, _ = load_model(out / "best.pt")
-    onnx_path = export_onnx(model, out / "model_fp32.onnx", imgsz=args.imgsz, class_names=model_class_names(out))
+    onnx_path = export_onnx(model, out / "model_fp32.onnx", imgsz=config.imgsz, class_names=model_class_names(out))
     predictor = Predictor.from_path(onnx_path, postprocess=EVAL_POSTPROCESS)
-    val_set = load_dataset(args.data)["val"]
+    val_set = load_dataset(data)["val"]
     predictions = [predictor.predict([record.path])[0] for record in val_set.records]
     onnx_eval = evaluate_detections(val_set, predictions).metrics
 
-    gflops = count_gflops(build_model(args.size, 1).eval(), args.imgsz)
-    step_rate = step_images / sum(step_seconds) if step_seconds else 0.0
-    report = {
-        "machine": {"cpu": platform.processor() or platform.machine(), "threads": args.threads,
+    gflops = count_gflops(build_model(config.size, 1).eval(), (config.imgsz, config.imgsz))
+    peer_compute = PEER["gflops_320"] * PEER["images_per_s"]
+    return {
+        "machine": {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
                     "torch": torch.__version__},
         "config": config.to_dict(),
-        "stopped": result.stopped, "epochs": result.epochs_done, "train_seconds": round(result.elapsed_s, 1),
-        "wall_seconds": round(wall_s, 1),
+        "stopped": end["stopped"], "epochs": end["epochs_done"], "train_seconds": round(end["elapsed_s"], 1),
         "images_per_s_steps": round(step_rate, 2),
-        "images_per_s_overall": round(steps * config.batch_size / result.elapsed_s, 2) if result.elapsed_s else None,
+        "images_per_s_overall": round(len(steps) * config.batch_size / end["elapsed_s"], 2),
         "gflops_per_image": round(gflops, 2),
         "compute_gflops_per_s": round(gflops * step_rate, 1),
         "torch": {key: torch_eval.get(key) for key in ("mAP50-95", "mAP50")},
         "onnx": {key: onnx_eval.get(key) for key in ("mAP50-95", "mAP50")},
         "peer": PEER,
+        "ratios": {
+            "compute_vs_peer": round(gflops * step_rate / peer_compute, 2),
+            "images_per_s_vs_peer": round(step_rate / PEER["images_per_s"], 2),
+            "mAP50-95_vs_peer": round((onnx_eval.get("mAP50-95") or 0.0) / PEER["mAP50-95"], 2),
+            "mAP50_vs_peer": round((onnx_eval.get("mAP50") or 0.0) / PEER["mAP50"], 2),
+        },
     }  # fmt: skip
-    peer_compute = PEER["gflops_320"] * PEER["images_per_s"]
-    report["ratios"] = {
-        "compute_vs_peer": round(report["compute_gflops_per_s"] / peer_compute, 2),
-        "images_per_s_vs_peer": round(step_rate / PEER["images_per_s"], 2),
-        "mAP50-95_vs_peer": round((onnx_eval.get("mAP50-95") or 0.0) / PEER["mAP50-95"], 2),
-        "mAP50_vs_peer": round((onnx_eval.get("mAP50") or 0.0) / PEER["mAP50"], 2),
-    }
-    print(json.dumps(report, indent=2))
-    if args.json:
-        args.json.write_text(json.dumps(report, indent=2) + "\n")
 
 
 def model_class_names(run_dir: Path) -> list[str]:
