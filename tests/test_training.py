@@ -24,7 +24,7 @@ from backend.models import build_model, load_model, save_checkpoint
 from backend.models.checkpoints import read_checkpoint
 from backend.training.config import TrainConfig
 from backend.training.engine import TrainingError
-from backend.training.trainer import fit, load_splits, resume
+from backend.training.trainer import fit, load_splits, load_start_weights, resume
 from tests.conftest import REPO_ROOT
 
 
@@ -250,3 +250,21 @@ def test_cli_train_reports_bad_data_without_a_traceback(tmp_path: Path) -> None:
     first_line, *rest = completed.stderr.strip().splitlines()
     assert first_line.startswith("yolodex: error: dataset not found") and "nowhere" in first_line
     assert "Traceback" not in completed.stderr and any("COCO" in line for line in rest)  # the accepted layouts
+
+
+def test_start_from_official_coco_weights_in_storage(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`weights="coco"` takes storage/weights/yolo_nas_s_coco.pth (official {"net": ...} layout, 80 classes) when it
+    is there, without downloading, and transfers all but the class predictors."""
+    monkeypatch.setenv("YOLODEX_STORAGE", str(tmp_path / "storage"))
+    official = build_model("s", 80)
+    (tmp_path / "storage" / "weights").mkdir(parents=True)
+    torch.save({"net": official.state_dict()}, tmp_path / "storage" / "weights" / "yolo_nas_s_coco.pth")
+    model = build_model("s", 3)
+    described = load_start_weights(model, "coco")
+    assert "yolo_nas_s_coco.pth (net)" in described and "80 → 3 classes" in described
+    loaded, original = model.state_dict(), official.state_dict()
+    for key, value in loaded.items():
+        if ".cls_pred." in key:
+            assert value.shape[0] == 3, key
+        else:
+            assert torch.equal(value, original[key]), key
