@@ -284,7 +284,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--time", type=float, help="wall-clock budget in minutes, counted from the first step")
     train.add_argument("--batch", type=int, default=16)
     train.add_argument("--weights", help="'coco' (official, non-commercial licence), or an earlier run/checkpoint")
-    train.add_argument("--lr", type=float, help="peak learning rate (default: 5e-4 for S, 4e-4 for M/L)")
+    train.add_argument("--lr", type=float, help="peak lr (default: 5e-4 S, 4e-4 M/L; x2 from scratch)")
     train.add_argument("--patience", type=int, help="early stop after this many epochs without a better mAP (30)")
     train.add_argument("--min-samples", type=int, default=512, help="samples per epoch at least (resampling)")
     train.add_argument("--device", choices=["auto", "cpu", "cuda"], help="default auto")

@@ -86,3 +86,14 @@ def test_ema_threshold_decay_and_averaging() -> None:
     torch.testing.assert_close(ema.module[0].weight, torch.ones(1, 1, 1, 1))
     assert not any(parameter.requires_grad for parameter in ema.module.parameters())
     assert not ema.module.training
+
+
+def test_default_learning_rates() -> None:
+    from backend.training.config import TrainConfig
+
+    assert TrainConfig(size="s", weights="coco").peak_lr == 5e-4  # the fine-tuning recipe
+    assert TrainConfig(size="m", weights="runs/a").peak_lr == 4e-4
+    assert TrainConfig(size="s").peak_lr == 1e-3  # from random initialisation: twice the recipe's
+    assert TrainConfig(size="l", lr=3e-4).peak_lr == 3e-4
+    with pytest.raises(ValueError, match="multiple of 32"):
+        TrainConfig(imgsz=300)

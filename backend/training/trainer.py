@@ -180,20 +180,41 @@ def default_num_workers() -> int:
     return min(4, max(0, (os.cpu_count() or 1) - 1))
 
 
-def _run(
+@dataclass
+class _Session:
+    """Everything a run needs, built by `_prepare` (fresh or restored from last.pt)."""
+
+    config: TrainConfig
+    run_dir: Path
+    model: YoloNAS
+    context: StepContext
+    loader: torch.utils.data.DataLoader
+    eval_images: EvalImages
+    class_names: list[str]
+    progress: dict[str, Any]
+    start_epoch: int
+    first_step: int
+    emit: EventCallback
+
+    @property
+    def evaluated_model(self) -> YoloNAS:
+        return self.context.ema.module if self.context.ema is not None else self.model
+
+    def save(self, name: str, epoch: int, step_in_epoch: int) -> None:
+        self.progress["elapsed_s"] = self.context.clock.elapsed_s
+        write_checkpoint(
+            self.run_dir / name, self.model, self.context, class_names=self.class_names, imgsz=self.config.imgsz,
+            epoch=epoch, step_in_epoch=step_in_epoch, progress=self.progress, train_config=self.config.to_dict(),
+        )  # fmt: skip
+
+
+def _prepare(
     config: TrainConfig,
     run_dir: Path,
     checkpoint: dict[str, Any] | None,
-    on_event: EventCallback,
+    emit: EventCallback,
     stop_requested: Callable[[], bool] | None,
-) -> FitResult:
-    run_dir.mkdir(parents=True, exist_ok=True)
-    log_path = run_dir / "metrics.jsonl"
-
-    def emit(name: str, **data: Any) -> None:
-        append_jsonl(log_path, {"event": name, "time": round(time.time(), 3), **data})
-        on_event(name, **data)
-
+) -> _Session:
     random.seed(config.seed)
     np.random.seed(config.seed)
     torch.manual_seed(config.seed)
@@ -209,7 +230,6 @@ def _run(
     model.to(device)
     if use_channels_last(device, dtype):
         model.to(memory_format=torch.channels_last)
-    loss_fn = YoloNASLoss(len(class_names), strides=model.strides)
     optimizer = build_optimizer(model, config.peak_lr, config.weight_decay)
     ema = ModelEMA(model, config.ema_decay) if config.ema_decay > 0 else None
 
@@ -220,9 +240,8 @@ def _run(
     loader = make_train_loader(
         dataset, config.batch_size, min_samples=config.min_samples, num_workers=workers, seed=config.seed
     )
-    steps_per_epoch = len(loader)
-    total_steps = config.epochs * steps_per_epoch
-    warmup_steps = min(round(config.warmup_epochs * steps_per_epoch), MAX_WARMUP_STEPS, total_steps // 5)
+    total_steps = config.epochs * len(loader)
+    warmup_steps = min(round(config.warmup_epochs * len(loader)), MAX_WARMUP_STEPS, total_steps // 5)
     budget_s = config.time_minutes * 60 if config.time_minutes else None
     scheduler = WarmupCosineSchedule(
         optimizer, config.peak_lr, warmup_steps, total_steps, config.final_lr_ratio, time_budget_s=budget_s
@@ -241,59 +260,68 @@ def _run(
                       "train_images": len(train_set), "val_images": len(val_set)}},
             run_dir / "config.json",
         )  # fmt: skip
-
-    clock = Clock(progress["elapsed_s"], budget_s)
     context = StepContext(
-        loss_fn=loss_fn, optimizer=optimizer, scheduler=scheduler, ema=ema, device=device, dtype=dtype,
-        scaler=scaler, grad_clip_norm=config.grad_clip_norm, clock=clock, on_event=emit, stop_requested=stop_requested,
+        loss_fn=YoloNASLoss(len(class_names), strides=model.strides), optimizer=optimizer, scheduler=scheduler,
+        ema=ema, device=device, dtype=dtype, scaler=scaler, grad_clip_norm=config.grad_clip_norm,
+        clock=Clock(progress["elapsed_s"], budget_s), on_event=emit, stop_requested=stop_requested,
     )  # fmt: skip
-    eval_images = EvalImages(val_set, config.imgsz)
+    emit(
+        "train_start", run_dir=str(run_dir), start=start, device=str(device), precision=str(dtype or "float32"),
+        train_images=len(train_set), val_images=len(val_set), class_names=class_names, epochs=config.epochs,
+        steps_per_epoch=len(loader), total_steps=total_steps, warmup_steps=warmup_steps,
+        batch_size=config.batch_size, num_workers=workers, time_budget_s=budget_s, notes=notes,
+    )  # fmt: skip
+    return _Session(
+        config=config, run_dir=run_dir, model=model, context=context, loader=loader,
+        eval_images=EvalImages(val_set, config.imgsz), class_names=class_names, progress=progress,
+        start_epoch=start_epoch, first_step=first_step, emit=emit,
+    )  # fmt: skip
 
-    def save(name: str, epoch: int, step_in_epoch: int) -> None:
-        progress["elapsed_s"] = clock.elapsed_s
-        write_checkpoint(
-            run_dir / name, model, context, class_names=class_names, imgsz=config.imgsz, epoch=epoch,
-            step_in_epoch=step_in_epoch, progress=progress, train_config=config.to_dict(),
-        )  # fmt: skip
 
-    position = {"epoch": start_epoch, "saved_at": time.perf_counter()}
+def _run(
+    config: TrainConfig,
+    run_dir: Path,
+    checkpoint: dict[str, Any] | None,
+    on_event: EventCallback,
+    stop_requested: Callable[[], bool] | None,
+) -> FitResult:
+    run_dir.mkdir(parents=True, exist_ok=True)
+
+    def emit(name: str, **data: Any) -> None:
+        append_jsonl(run_dir / "metrics.jsonl", {"event": name, "time": round(time.time(), 3), **data})
+        on_event(name, **data)
+
+    session = _prepare(config, run_dir, checkpoint, emit, stop_requested)
+    context, progress, loader = session.context, session.progress, session.loader
+    position = {"epoch": session.start_epoch, "saved_at": time.perf_counter()}
 
     def checkpoint_mid_epoch(step_in_epoch: int) -> None:
         if time.perf_counter() - position["saved_at"] >= config.checkpoint_minutes * 60:
-            save("last.pt", position["epoch"], step_in_epoch)
+            session.save("last.pt", position["epoch"], step_in_epoch)
             position["saved_at"] = time.perf_counter()
             emit("checkpoint", path=str(run_dir / "last.pt"), epoch=position["epoch"], step_in_epoch=step_in_epoch)
 
     context.after_step = checkpoint_mid_epoch
-    emit(
-        "train_start", run_dir=str(run_dir), start=start, device=str(device), precision=str(dtype or "float32"),
-        train_images=len(train_set), val_images=len(val_set), class_names=class_names, epochs=config.epochs,
-        steps_per_epoch=steps_per_epoch, total_steps=total_steps, warmup_steps=warmup_steps,
-        batch_size=config.batch_size, num_workers=workers, time_budget_s=budget_s, notes=notes,
-    )  # fmt: skip
-
-    stopped, epoch = "epochs", start_epoch
+    stopped, epoch, first_step = "epochs", session.start_epoch, session.first_step
     try:
-        for epoch in range(start_epoch, config.epochs):
+        for epoch in range(session.start_epoch, config.epochs):
             position["epoch"] = epoch
             set_loader_epoch(loader, epoch)
-            summary = train_one_epoch(model, loader, context, epoch=epoch, first_step=first_step)
+            summary = train_one_epoch(session.model, loader, context, epoch=epoch, first_step=first_step)
             first_step = 0
             if summary["stopped"] == "cancelled":
-                save("last.pt", epoch, summary["steps"])
+                session.save("last.pt", epoch, summary["steps"])
                 stopped = "cancelled"
                 break
-            last_epoch = epoch + 1 == config.epochs or summary["stopped"] == "time"
             metrics = None
-            if (epoch + 1) % config.eval_every == 0 or last_epoch:
-                metrics = _evaluate_epoch(ema.module if ema else model, eval_images, device, dtype, config, progress,
-                                          epoch, run_dir, save)  # fmt: skip
+            if (epoch + 1) % config.eval_every == 0 or epoch + 1 == config.epochs or summary["stopped"] == "time":
+                metrics = _evaluate_epoch(session, epoch)
             finished = summary["stopped"] is None
-            save("last.pt", epoch + 1 if finished else epoch, 0 if finished else summary["steps"])
+            session.save("last.pt", epoch + 1 if finished else epoch, 0 if finished else summary["steps"])
             emit(
                 "epoch", epoch=epoch, train={key: value for key, value in summary.items() if key.startswith("loss")},
                 val=metrics, best_map=progress["best_map"], best_epoch=progress["best_epoch"],
-                lr=optimizer.param_groups[0]["lr"], elapsed_s=clock.elapsed_s,
+                lr=context.optimizer.param_groups[0]["lr"], elapsed_s=context.clock.elapsed_s,
             )  # fmt: skip
             if summary["stopped"] == "time":
                 stopped = "time"
@@ -303,36 +331,30 @@ def _run(
                 emit("early_stop", epoch=epoch, patience=config.patience, best_epoch=progress["best_epoch"])
                 break
     except torch.OutOfMemoryError as error:
-        raise TrainingError(_out_of_memory_advice(config, model, loss_fn, device, dtype)) from error
+        advice = _out_of_memory_advice(config, session.model, context.loss_fn, context.device, context.dtype)
+        raise TrainingError(advice) from error
     finally:
         if loader.num_workers and getattr(loader, "_iterator", None) is not None:
             loader._iterator._shutdown_workers()  # persistent workers: stop them with the run
     result = FitResult(
         run_dir=run_dir, stopped=stopped, epochs_done=epoch + (stopped in ("epochs", "early_stop")),
-        best_map=max(0.0, progress["best_map"]), best_epoch=progress["best_epoch"], elapsed_s=clock.elapsed_s,
+        best_map=max(0.0, progress["best_map"]), best_epoch=progress["best_epoch"],
+        elapsed_s=context.clock.elapsed_s,
     )  # fmt: skip
     emit("train_end", **result.to_dict())
     return result
 
 
-def _evaluate_epoch(
-    model: YoloNAS,
-    eval_images: EvalImages,
-    device: torch.device,
-    dtype: torch.dtype | None,
-    config: TrainConfig,
-    progress: dict[str, Any],
-    epoch: int,
-    run_dir: Path,
-    save: Callable[[str, int, int], None],
-) -> dict[str, Any]:
+def _evaluate_epoch(session: _Session, epoch: int) -> dict[str, Any]:
     """Evaluates the (EMA) model; a better mAP50-95 writes best.pt and eval.json. Returns the headline metrics."""
-    result = evaluate(model, eval_images, device=device, batch_size=config.batch_size)
+    context, progress = session.context, session.progress
+    result = evaluate(session.evaluated_model, session.eval_images, device=context.device,
+                      batch_size=session.config.batch_size)  # fmt: skip
     score = headline_map(result)
     if score > progress["best_map"]:
         progress.update(best_map=score, best_epoch=epoch, bad_epochs=0)
-        save("best.pt", epoch + 1, 0)
-        result.save_json(run_dir / "eval.json")
+        session.save("best.pt", epoch + 1, 0)
+        result.save_json(session.run_dir / "eval.json")
     else:
         progress["bad_epochs"] += 1
     return dict(result.metrics)
