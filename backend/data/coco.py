@@ -25,8 +25,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 from collections.abc import Sequence
 from numbers import Real
 from pathlib import Path
@@ -35,6 +33,7 @@ from typing import Any
 from PIL import Image, UnidentifiedImageError
 
 from backend.data.records import DatasetError, DetectionSet, ImageRecord, LoadReport
+from backend.files import atomic_write_text
 
 # File suffixes we treat as images when listing folders (YOLO layouts); Pillow reads all of them.
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif")
@@ -394,19 +393,5 @@ def write_coco(dataset: DetectionSet, path: str | Path, *, images_root: str | Pa
         "annotations": annotations,
         "categories": categories,
     }
-    _write_text_atomic(path, json.dumps(content, indent=1, ensure_ascii=False) + "\n")
+    atomic_write_text(path, json.dumps(content, indent=1, ensure_ascii=False) + "\n")
     return path
-
-
-def _write_text_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as file:
-            file.write(text)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temp_name, path)
-    except BaseException:
-        Path(temp_name).unlink(missing_ok=True)
-        raise

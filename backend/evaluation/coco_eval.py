@@ -17,8 +17,6 @@ import contextlib
 import io
 import json
 import math
-import os
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +28,7 @@ from pycocotools.cocoeval import COCOeval
 
 from backend.data.records import DatasetError, DetectionSet
 from backend.evaluation.errors import confusion_and_errors
+from backend.files import atomic_write_json
 from backend.processing import Detections
 
 MAX_DETECTIONS = 300
@@ -98,21 +97,7 @@ class EvaluationResult:
 
     def save_json(self, path: str | Path) -> Path:
         """Writes `to_dict()` atomically (temporary file in the same folder, then rename)."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        text = json.dumps(self.to_dict(), indent=1, allow_nan=False)
-        handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(handle, "w", encoding="utf-8") as file:
-                file.write(text)
-                file.flush()
-                os.fsync(file.fileno())
-            # Same folder, so the rename is atomic: a reader sees the old file or the new one, never half.
-            os.replace(temporary, path)
-        except BaseException:
-            Path(temporary).unlink(missing_ok=True)
-            raise
-        return path
+        return atomic_write_json(path, self.to_dict(), indent=1)
 
 
 def load_evaluation(path: str | Path) -> dict[str, Any]:

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass, fields, replace
-from pathlib import Path
 from typing import Any
 
 # The fine-tuning recipe's learning rates (../shared/yolo_nas_facts.md §5.2), for runs that start from weights.
@@ -98,10 +96,3 @@ class TrainConfig:
 
     def with_changes(self, **changes: Any) -> TrainConfig:
         return replace(self, **changes)
-
-
-def write_json_atomic(payload: Any, path: Path) -> None:
-    """JSON to a temporary file beside `path`, then rename: readers never see half a file."""
-    temporary = path.with_name(f".{path.name}.tmp")
-    temporary.write_text(json.dumps(payload, indent=2, allow_nan=False) + "\n")
-    temporary.replace(path)

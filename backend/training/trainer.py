@@ -24,6 +24,7 @@ from backend.data.augment import AugmentConfig
 from backend.data.folders import load_dataset
 from backend.data.loader import TrainDataset, make_train_loader, set_loader_epoch
 from backend.data.records import DatasetError, DetectionSet, LoadReport
+from backend.files import atomic_write_json
 from backend.models.checkpoints import (
     CheckpointError,
     extract_state_dict,
@@ -35,7 +36,7 @@ from backend.models.checkpoints import (
 from backend.models.download import OFFICIAL_COCO_WEIGHTS, fetch_weights
 from backend.models.yolo_nas import YoloNAS, build_model
 from backend.settings import get_settings
-from backend.training.config import TrainConfig, write_json_atomic
+from backend.training.config import TrainConfig
 from backend.training.ema import ModelEMA
 from backend.training.engine import (
     Clock,
@@ -254,11 +255,11 @@ def _prepare(
         scheduler.total_steps, scheduler.time_budget_s = total_steps, budget_s
         start = f"resumed from last.pt at epoch {start_epoch + 1}, step {first_step}"
     else:
-        write_json_atomic(
+        atomic_write_json(
+            run_dir / "config.json",
             {"train": config.to_dict(), "class_names": class_names, "start": start, "notes": notes,
              "data": {"train": train_set.report.to_dict(), "val": val_set.report.to_dict(),
                       "train_images": len(train_set), "val_images": len(val_set)}},
-            run_dir / "config.json",
         )  # fmt: skip
     context = StepContext(
         loss_fn=YoloNASLoss(len(class_names), strides=model.strides), optimizer=optimizer, scheduler=scheduler,
