@@ -1,1 +1,1 @@
-"""Datasets: COCO and YOLO readers, the synthetic generator, albumentations pipelines and samplers."""
+"""Datasets: COCO and YOLO readers, the synthetic generator, the training augmentations and samplers."""
