@@ -228,6 +228,25 @@ def cmd_eval(args: argparse.Namespace) -> None:
     _print(payload, args.json, "\n".join(lines))
 
 
+def cmd_quantize(args: argparse.Namespace) -> None:
+    from backend.quantization.pipeline import quantize_run
+
+    report = quantize_run(args.run, args.out, calibration=args.calibration, calib_images=args.calib,
+                          threads=args.threads)  # fmt: skip
+    fp32, int8, deltas = report["models"]["fp32"], report["models"]["int8"], report["deltas"]
+    text = "\n".join([
+        f"{report['run']}: PTQ ({args.calibration}, {report['calibration']['images']} calibration images), "
+        f"{len(report['float_nodes'])} nodes kept in float",
+        f"  FP32 mAP50-95 {_fmt(fp32['metrics'].get('mAP50-95'))}  p50 {fp32['latency_ms_p50']} ms  "
+        f"{fp32['bytes'] / 1e6:.1f} MB  {fp32['path']}",
+        f"  INT8 mAP50-95 {_fmt(int8['metrics'].get('mAP50-95'))}  p50 {int8['latency_ms_p50']} ms  "
+        f"{int8['bytes'] / 1e6:.1f} MB  {int8['path']}",
+        f"  delta mAP50-95 {_fmt(deltas['metrics'].get('mAP50-95'))}, latency x{deltas['latency_ratio_p50']}, "
+        f"size x{deltas['size_ratio']}",
+    ])  # fmt: skip
+    _print(report, args.json, text)
+
+
 def _fmt(value: float | None) -> str:
     return "-" if value is None else f"{value:.4f}"
 
@@ -309,6 +328,16 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--output", type=Path, help="also write the evaluation JSON here")
     evaluate.add_argument("--json", action="store_true")
     evaluate.set_defaults(handler=cmd_eval)
+
+    quantize = commands.add_parser("quantize", help="INT8 (onnxruntime PTQ) of a run, with a FP32-vs-INT8 report")
+    quantize.add_argument("run", type=Path, help="a training run folder")
+    quantize.add_argument("--method", choices=["ptq"], default="ptq", help="selective PTQ (QAT/auto: next issue slice)")
+    quantize.add_argument("--calib", type=int, default=64, help="calibration images from the training split")
+    quantize.add_argument("--calibration", choices=["percentile", "minmax", "entropy"], default="percentile")
+    quantize.add_argument("--threads", type=int, default=2, help="onnxruntime threads for evaluation and latency")
+    quantize.add_argument("--out", type=Path, help="output folder (default: the run folder)")
+    quantize.add_argument("--json", action="store_true")
+    quantize.set_defaults(handler=cmd_quantize)
     return parser
 
 
