@@ -16,22 +16,11 @@ from pathlib import Path
 from backend.models.checkpoints import CheckpointError
 from backend.models.download import WeightsDownloadError
 from backend.processing import ImageLoadError
+from backend.training.config import TrainingError
 
-
-class _NotImported(Exception):
-    pass
-
-
-def _training_error() -> type[Exception]:
-    # The trainer imports torch and the data stack; `yolodex info --help` should not pay for that.
-    try:
-        from backend.training.engine import TrainingError
-    except ImportError:
-        return _NotImported
-    return TrainingError
-
-
-EXPECTED_ERRORS = (CheckpointError, WeightsDownloadError, ImageLoadError, FileNotFoundError, ValueError)
+EXPECTED_ERRORS = (
+    CheckpointError, WeightsDownloadError, ImageLoadError, TrainingError, FileNotFoundError, ValueError,
+)  # fmt: skip
 
 
 def _print(payload: dict | list, as_json: bool, text: str) -> None:
@@ -198,10 +187,9 @@ def cmd_eval(args: argparse.Namespace) -> None:
     from backend.data.folders import load_dataset
     from backend.models import load_model
     from backend.training.engine import EvalImages, evaluate, resolve_device
+    from backend.training.trainer import run_checkpoint
 
-    path = Path(args.model)
-    if path.is_dir():
-        path = next((path / name for name in ("best.pt", "last.pt") if (path / name).is_file()), path / "best.pt")
+    path = run_checkpoint(args.model)
     model, report = load_model(path)
     imgsz = args.imgsz or report.imgsz or 640
     splits = load_dataset(args.data)
@@ -346,7 +334,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     try:
         args.handler(args)
-    except (*EXPECTED_ERRORS, _training_error()) as error:
+    except EXPECTED_ERRORS as error:
         print(f"yolodex: error: {error}", file=sys.stderr)
         return 1
     return 0

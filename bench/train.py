@@ -27,13 +27,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from backend.data.folders import load_dataset
-from backend.evaluation.coco_eval import evaluate_detections
 from backend.export.onnx_export import export_onnx
-from backend.inference import Predictor
 from backend.models import build_model, load_model
 from backend.models.summary import count_gflops
+from backend.quantization.pipeline import evaluate_onnx
 from backend.training.config import TrainConfig
-from backend.training.engine import EVAL_POSTPROCESS
 from backend.training.trainer import fit
 
 RACCOON = Path(__file__).resolve().parents[2] / "shared" / "data" / "raccoon"
@@ -104,10 +102,7 @@ def measure(out: Path, config: TrainConfig, data: Path) -> dict:
     # The peer's figures come from its ONNX export, so ours do too: best.pt → ONNX FP32 → onnxruntime → pycocotools.
     model, _ = load_model(out / "best.pt")
     onnx_path = export_onnx(model, out / "model_fp32.onnx", imgsz=config.imgsz, class_names=model_class_names(out))
-    predictor = Predictor.from_path(onnx_path, postprocess=EVAL_POSTPROCESS)
-    val_set = load_dataset(data)["val"]
-    predictions = [predictor.predict([record.path])[0] for record in val_set.records]
-    onnx_eval = evaluate_detections(val_set, predictions).metrics
+    onnx_eval = evaluate_onnx(onnx_path, load_dataset(data)["val"])["metrics"]
 
     gflops = count_gflops(build_model(config.size, 1).eval(), (config.imgsz, config.imgsz))
     peer_compute = PEER["gflops_320"] * PEER["images_per_s"]

@@ -20,14 +20,14 @@ import onnxruntime as ort
 
 from backend.data.records import DetectionSet
 from backend.evaluation.coco_eval import evaluate_detections
-from backend.export.onnx_export import export_onnx
+from backend.export.onnx_export import export_onnx, read_onnx_metadata
 from backend.files import atomic_write_json
 from backend.inference import Predictor
 from backend.models.checkpoints import CheckpointError, load_model
 from backend.quantization.calibration import CalibrationImages
 from backend.quantization.ptq import executed_op_types, quantize_onnx
 from backend.training.engine import EVAL_POSTPROCESS
-from backend.training.trainer import load_splits
+from backend.training.trainer import load_splits, run_checkpoint
 
 logger = logging.getLogger(__name__)
 
@@ -55,8 +55,8 @@ def quantize_run(
     """
     run_dir = Path(run_dir)
     out_dir = Path(out_dir) if out_dir else run_dir
-    checkpoint = next((run_dir / name for name in ("best.pt", "last.pt") if (run_dir / name).is_file()), None)
-    if checkpoint is None or not (run_dir / "config.json").is_file():
+    checkpoint = run_checkpoint(run_dir)
+    if not checkpoint.is_file() or not (run_dir / "config.json").is_file():
         raise CheckpointError(f"{run_dir} is not a training run folder (best.pt/last.pt and config.json expected)")
     train_config = json.loads((run_dir / "config.json").read_text())["train"]
     model, loaded = load_model(checkpoint)
@@ -73,10 +73,10 @@ def quantize_run(
     reader = CalibrationImages(train_set.records, imgsz, count=calib_images)
     int8_path = quantize_onnx(fp32_path, out_dir / "model_int8.onnx", reader, method=calibration)
     quantize_s = time.perf_counter() - started
-    settings = json.loads(_metadata(int8_path)["quantization"])
+    settings = json.loads(read_onnx_metadata(int8_path)["quantization"])
 
-    fp32_eval = _evaluate_onnx(fp32_path, val_set, threads)
-    int8_eval = _evaluate_onnx(int8_path, val_set, threads)
+    fp32_eval = evaluate_onnx(fp32_path, val_set, threads)
+    int8_eval = evaluate_onnx(int8_path, val_set, threads)
     latency = _latency_side_by_side({"fp32": fp32_path, "int8": int8_path}, imgsz, threads, latency_runs)
     report = {
         "run": str(run_dir), "checkpoint": str(checkpoint), "imgsz": imgsz, "method": "ptq",
@@ -95,13 +95,9 @@ def quantize_run(
     return report
 
 
-def _metadata(path: Path) -> dict[str, str]:
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    return dict(session.get_modelmeta().custom_metadata_map)
-
-
-def _evaluate_onnx(path: Path, dataset: DetectionSet, threads: int) -> dict[str, Any]:
-    """COCO metrics of an ONNX model on `dataset`, through the shared pre/post-processing (Predictor)."""
+def evaluate_onnx(path: Path, dataset: DetectionSet, threads: int | None = None) -> dict[str, Any]:
+    """COCO metrics and per-class AP50-95 of an ONNX model on `dataset`, through the shared pre/post-processing
+    (Predictor, the validation post-processing of training)."""
     predictor = Predictor.from_path(path, postprocess=EVAL_POSTPROCESS, threads=threads)
     predictions = [predictor.predict([record.path])[0] for record in dataset.records]
     result = evaluate_detections(dataset, predictions)

@@ -12,6 +12,10 @@ DEFAULT_LR = {"s": 5e-4, "m": 4e-4, "l": 4e-4}
 FROM_SCRATCH_LR_FACTOR = 2.0
 
 
+class TrainingError(RuntimeError):
+    """Training cannot go on; the message says what to try."""
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """Everything that decides a training run.

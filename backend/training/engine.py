@@ -38,6 +38,7 @@ from backend.processing import (
     load_image,
     postprocess_torch,
 )
+from backend.training.config import TrainingError
 from backend.training.ema import ModelEMA
 from backend.training.loss import YoloNASLoss
 from backend.training.schedule import WarmupCosineSchedule
@@ -50,10 +51,6 @@ LOSS_TERMS = ("loss", "loss_cls", "loss_iou", "loss_dfl")
 # the PR curve reaches high recall, class-aware NMS at 0.7, at most 300 boxes per image.
 EVAL_POSTPROCESS = PostprocessConfig(conf_threshold=0.01, iou_threshold=0.7, top_k=1000, max_detections=300)
 EVAL_CACHE_BYTES = 1 << 30
-
-
-class TrainingError(RuntimeError):
-    """Training cannot go on; the message says what to try."""
 
 
 def _ignore_event(name: str, **data: Any) -> None:

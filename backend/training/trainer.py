@@ -156,15 +156,22 @@ def _holdout(dataset: DetectionSet, seed: int) -> tuple[DetectionSet, DetectionS
     return subset(True), subset(False)
 
 
+def run_checkpoint(path: str | Path) -> Path:
+    """The checkpoint a path stands for: a file as given; a run folder's best.pt, else its last.pt (else best.pt,
+    so that a missing file is reported under its expected name)."""
+    path = Path(path)
+    if not path.is_dir():
+        return path
+    return next((path / name for name in ("best.pt", "last.pt") if (path / name).is_file()), path / "best.pt")
+
+
 def load_start_weights(model: YoloNAS, weights: str) -> str:
     """Loads "coco" (official COCO weights, class predictors re-initialised for our classes) or an earlier run's
     checkpoint (its EMA weights; a run folder means its best.pt) into the unfused `model`. Returns what was loaded."""
     if weights == "coco":
         path = fetch_weights(OFFICIAL_COCO_WEIGHTS[model.config.size], get_settings().weights_dir, progress=False)
     else:
-        path = Path(weights)
-        if path.is_dir():
-            path = next((path / name for name in ("best.pt", "last.pt") if (path / name).is_file()), path / "best.pt")
+        path = run_checkpoint(weights)
     state_dict, _, entry = extract_state_dict(read_checkpoint(path))
     if state_dict_fusion(state_dict) != "none":
         raise CheckpointError(f"{path} holds fused (deployment) weights: training needs an unfused checkpoint")
