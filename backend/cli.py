@@ -12,6 +12,7 @@ import logging
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 from backend.models.checkpoints import CheckpointError
 from backend.models.download import WeightsDownloadError
@@ -217,26 +218,53 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
 
 def cmd_quantize(args: argparse.Namespace) -> None:
-    from backend.quantization.pipeline import quantize_run
+    from backend.quantization.pipeline import QuantizeOptions, quantize_run
 
-    report = quantize_run(args.run, args.out, calibration=args.calibration, calib_images=args.calib,
-                          threads=args.threads)  # fmt: skip
-    fp32, int8, deltas = report["models"]["fp32"], report["models"]["int8"], report["deltas"]
-    text = "\n".join([
-        f"{report['run']}: PTQ ({args.calibration}, {report['calibration']['images']} calibration images), "
-        f"{len(report['float_nodes'])} nodes kept in float",
-        f"  FP32 mAP50-95 {_fmt(fp32['metrics'].get('mAP50-95'))}  p50 {fp32['latency_ms_p50']} ms  "
-        f"{fp32['bytes'] / 1e6:.1f} MB  {fp32['path']}",
-        f"  INT8 mAP50-95 {_fmt(int8['metrics'].get('mAP50-95'))}  p50 {int8['latency_ms_p50']} ms  "
-        f"{int8['bytes'] / 1e6:.1f} MB  {int8['path']}",
-        f"  delta mAP50-95 {_fmt(deltas['metrics'].get('mAP50-95'))}, latency x{deltas['latency_ratio_p50']}, "
-        f"size x{deltas['size_ratio']}",
-    ])  # fmt: skip
-    _print(report, args.json, text)
+    options = QuantizeOptions(
+        method=args.method, calibration=args.calibration, calib_images=args.calib, budget=args.budget,
+        compare_calibrations=not args.no_compare, scan_images=args.scan_images, qat_epochs=args.qat_epochs,
+        threads=args.threads, data=str(args.data) if args.data else None,
+    )  # fmt: skip
+
+    def progress(name: str, **data: Any) -> None:
+        if args.json or args.quiet:
+            return
+        if name == "stage":
+            print(f"[{data['stage']}] {data.get('calibration', '')}".rstrip(), file=sys.stderr, flush=True)
+        elif name == "scan" and (data["done"] % 10 == 0 or data["done"] == data["total"]):
+            print(f"  sensitivity scan {data['done']}/{data['total']}", file=sys.stderr, flush=True)
+        elif name == "policy":
+            print(f"  {data['float_layers']} layers in float: mAP50-95 {data['map']:.4f} (FP32 {data['fp32_map']:.4f})",
+                  file=sys.stderr, flush=True)  # fmt: skip
+        elif name == "epoch":
+            print(f"  QAT epoch {data['epoch'] + 1}: {data.get('val') or ''}", file=sys.stderr, flush=True)
+
+    report = quantize_run(args.run, args.out, options, on_event=progress)
+    lines = [
+        f"{report['run']}: method {report['method']}, chosen {report['chosen']} "
+        f"({'within' if report['within_budget'] else 'NOT within' if report['within_budget'] is False else 'no'} "
+        f"budget of {report['budget_points']} point), {report['threads']} threads",
+        f"  {'model':15s} {'mAP50-95':>8s} {'delta':>8s} {'p50 ms':>8s} {'p95 ms':>8s} {'b8 img/s':>9s} {'MB':>6s} "
+        f"{'agree':>6s}  float layers",
+    ]
+    for name, row in report["models"].items():
+        deltas = row.get("deltas", {})
+        agreement = row.get("agreement", {}).get("mean_agreement")
+        lines.append(
+            f"  {name:15s} {_fmt(row.get('metrics', {}).get('mAP50-95')):>8s} "
+            f"{_fmt(deltas.get('metrics', {}).get('mAP50-95')):>8s} {row['latency_ms_p50']:8.1f} "
+            f"{row['latency_ms_p95']:8.1f} {row['throughput_b8_images_per_s']:9.1f} {row['bytes'] / 1e6:6.1f} "
+            f"{_fmt(agreement, 2):>6s}  {len(row.get('float_layers', [])) if name != 'fp32' else '-'}"
+        )
+    for fallback in report["models"][report["chosen"]].get("float_fallbacks", []):
+        lines.append(f"  ran in float (no int8 kernel here): {fallback['node']} ({fallback['kernel']})")
+    lines += [f"  not measured: {item}" for item in report["not_measured"]]
+    lines.append(f"  INT8 model: {report['model_int8']}")
+    _print(report, args.json, "\n".join(lines))
 
 
-def _fmt(value: float | None) -> str:
-    return "-" if value is None else f"{value:.4f}"
+def _fmt(value: float | None, digits: int = 4) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -319,11 +347,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     quantize = commands.add_parser("quantize", help="INT8 (onnxruntime PTQ) of a run, with a FP32-vs-INT8 report")
     quantize.add_argument("run", type=Path, help="a training run folder")
-    quantize.add_argument("--method", choices=["ptq"], default="ptq", help="selective PTQ (QAT/auto: next issue slice)")
+    quantize.add_argument("--method", choices=["auto", "ptq", "qat"], default="auto",
+                          help="auto: selective PTQ, then QAT only if it misses the budget")  # fmt: skip
     quantize.add_argument("--calib", type=int, default=64, help="calibration images from the training split")
     quantize.add_argument("--calibration", choices=["percentile", "minmax", "entropy"], default="percentile")
+    quantize.add_argument("--budget", type=float, default=0.5, help="largest mAP50-95 drop, in points")
+    quantize.add_argument("--no-compare", action="store_true", help="calibrate with --calibration only")
+    quantize.add_argument("--scan-images", type=int, default=16, help="validation images of the sensitivity scan")
+    quantize.add_argument("--qat-epochs", type=int, help="QAT epochs (default: a tenth of the run's)")
+    quantize.add_argument("--data", type=Path, help="the run's dataset, if it moved")
     quantize.add_argument("--threads", type=int, default=2, help="onnxruntime threads for evaluation and latency")
     quantize.add_argument("--out", type=Path, help="output folder (default: the run folder)")
+    quantize.add_argument("--quiet", action="store_true")
     quantize.add_argument("--json", action="store_true")
     quantize.set_defaults(handler=cmd_quantize)
     return parser

@@ -8,9 +8,6 @@ from __future__ import annotations
 
 import json
 import logging
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import onnx
@@ -23,9 +20,6 @@ from backend.data.synthetic import generate_synthetic_dataset
 from backend.export.onnx_export import export_onnx, read_onnx_metadata
 from backend.models.yolo_nas import build_model
 from backend.quantization import CalibrationImages, default_float_nodes, executed_op_types, quantize_onnx
-from backend.training.config import TrainConfig
-from backend.training.trainer import fit
-from tests.conftest import REPO_ROOT
 
 IMGSZ = 64
 CLASS_NAMES = ["circle", "square", "triangle"]
@@ -182,28 +176,3 @@ def test_calibration_with_fewer_images_warns(train_records, caplog):
 def test_calibration_without_images_is_a_clear_error():
     with pytest.raises(ValueError, match="training split is empty"):
         CalibrationImages([], IMGSZ)
-
-
-# --- a run quantized end to end -------------------------------------------------------------------------------------
-
-
-def test_quantize_run_writes_int8_model_and_report(tmp_path: Path) -> None:
-    data = generate_synthetic_dataset(tmp_path / "shapes", num_train=6, num_val=3, image_size=(96, 96), seed=5)
-    fit(TrainConfig(data=str(data), imgsz=64, epochs=1, batch_size=2, min_samples=4, num_workers=0), tmp_path / "run")
-    completed = subprocess.run(
-        [sys.executable, "-m", "backend.cli", "quantize", tmp_path / "run", "--calib", "4", "--calibration", "minmax",
-         "--json"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
-    assert completed.returncode == 0, completed.stderr
-    report = json.loads(completed.stdout)
-    assert report == json.loads((tmp_path / "run" / "quant_report.json").read_text())
-    fp32, int8 = report["models"]["fp32"], report["models"]["int8"]
-    assert (tmp_path / "run" / "model_int8.onnx").is_file() and (tmp_path / "run" / "model_fp32.onnx").is_file()
-    assert report["calibration"] == {**report["calibration"], "method": "minmax", "images": 4, "asked": 4}
-    assert len(report["float_nodes"]) > 12 and report["validation_images"] == 3
-    assert int8["bytes"] < 0.45 * fp32["bytes"] and report["deltas"]["size_ratio"] < 0.45
-    assert int8["executed_op_types"].get("QLinearConv", 0) > 50
-    for model in (fp32, int8):
-        assert set(model["metrics"]) >= {"mAP50-95", "mAP50"} and model["latency_ms_p95"] >= model["latency_ms_p50"] > 0
-        assert set(model["per_class_ap"]) == {"circle", "square", "triangle"}
-    assert set(report["deltas"]["metrics"]) == set(int8["metrics"])

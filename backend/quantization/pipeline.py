@@ -1,58 +1,144 @@
-"""From a training run to a measured INT8 model: export FP32, quantize (PTQ), evaluate both, write the report.
+"""From a training run to an INT8 model you can trust: calibrate, choose what stays in float, fine-tune if needed,
+and measure every candidate against FP32.
 
-Run folder in, files out (architecture.md): `model_fp32.onnx`, `model_int8.onnx`, `quant_report.json`.
-The FP32 export is of the *partially* fused model (QARepVGG branches merged, post-BN kept), as the fact sheet's
-quantization pipeline does (§6); both files keep the ONNX I/O contract, so the Pokédex and `yolodex predict` run
-either unchanged. The report covers what this slice measures: mAP50-95/mAP50 and per-class AP with deltas to FP32,
-batch-1 latency p50/p95 side by side, file sizes, the op types onnxruntime executed and the nodes kept in float.
+Run folder in, files out (architecture.md): `model_fp32.onnx` (the partially fused export: QARepVGG branches merged,
+post-BN kept, as the fact sheet's quantization pipeline does, §6), `model_int8.onnx` (the chosen INT8 model),
+`int8_variants/*.onnx` (every other candidate) and `quant_report.json`. Every file keeps the ONNX I/O contract, so
+the Pokédex and `yolodex predict` run any of them unchanged.
+
+Candidates (report rows):
+- `ptq_<calibration>`: static PTQ with the default float policy (head branches and decoding), one row per
+  calibration method (minmax, percentile, entropy) when comparing;
+- `ptq_selective`: PTQ with the automatic policy: a sensitivity scan, then the fewest layers kept in float for the
+  mAP50-95 drop to stay within the budget (backend.quantization.sensitivity);
+- `qat`: quantization-aware fine-tuning (backend.quantization.qat), run by `method="qat"`, or by `method="auto"`
+  when selective PTQ misses the budget.
+For each: mAP50-95, mAP50, per-class AP and deltas to FP32; latency p50/p95 at batch 1 and throughput at batch 8
+side by side (threads stated); file size; the agreement of its detections with FP32's and the images that changed
+most; the kernels onnxruntime executed and the quantized layers that still ran in float.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import shutil
 import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 
-from backend.data.records import DetectionSet
+from backend.data.folders import load_dataset
+from backend.data.records import DetectionSet, LoadReport
 from backend.evaluation.coco_eval import evaluate_detections
-from backend.export.onnx_export import export_onnx, read_onnx_metadata
+from backend.export.onnx_export import export_onnx
 from backend.files import atomic_write_json
 from backend.inference import Predictor
 from backend.models.checkpoints import CheckpointError, load_model
+from backend.processing import Detections
+from backend.quantization.agreement import detection_agreement
 from backend.quantization.calibration import CalibrationImages
-from backend.quantization.ptq import executed_op_types, quantize_onnx
+from backend.quantization.ptq import (
+    CALIBRATION_METHODS,
+    Calibration,
+    calibrate,
+    decoding_nodes,
+    executed_kernels,
+    float_fallbacks,
+    preprocess_fp32,
+    quantize_calibrated,
+)
+from backend.quantization.sensitivity import choose_float_nodes, module_path, scan_sensitivity
 from backend.training.engine import EVAL_POSTPROCESS
 from backend.training.trainer import load_splits, run_checkpoint
 
 logger = logging.getLogger(__name__)
 
+METHODS = ("auto", "ptq", "qat")
 LATENCY_WARMUP = 3
+THROUGHPUT_BATCH = 8
+THROUGHPUT_RUNS = 5
+GALLERY_SIZE = 12
+
+EventCallback = Callable[..., None]
+
+
+@dataclass(frozen=True)
+class QuantizeOptions:
+    """What `quantize_run` does (the CLI's `yolodex quantize` flags).
+
+    Attributes:
+        method: "auto" (selective PTQ, then QAT only if it misses the budget), "ptq" (selective PTQ) or "qat".
+        calibration: the calibration method of the chosen model: "percentile" (99.99), "minmax" or "entropy".
+        calib_images: calibration images drawn from the training split (validation pre-processing).
+        budget: the largest acceptable mAP50-95 drop, in points (0.5 = 0.005 as a fraction).
+        compare_calibrations: also calibrate and measure the other methods (one report row each).
+        scan_images: validation images the sensitivity scan compares outputs on.
+        scan_layers: restrict the scan to these node names (default: every Conv/ConvTranspose).
+        qat_epochs: QAT epochs (default: the fact sheet's rule, a tenth of the run's, at least 1).
+        threads: onnxruntime intra-op threads for evaluation, latency and throughput.
+        latency_runs: timed batch-1 runs per model, models taking turns.
+        data: the dataset, when it moved since training (default: the run's config.json).
+    """
+
+    method: str = "auto"
+    calibration: str = "percentile"
+    calib_images: int = 64
+    budget: float = 0.5
+    compare_calibrations: bool = True
+    scan_images: int = 16
+    scan_layers: tuple[str, ...] | None = None
+    qat_epochs: int | None = None
+    threads: int = 2
+    latency_runs: int = 20
+    data: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"unknown method {self.method!r}; use one of {', '.join(METHODS)}")
+        if self.calibration not in CALIBRATION_METHODS:
+            raise ValueError(f"unknown calibration {self.calibration!r}; use one of {', '.join(CALIBRATION_METHODS)}")
+        if self.budget < 0:
+            raise ValueError(f"the budget is a drop in mAP points and cannot be negative (got {self.budget})")
+        if self.calib_images < 1:
+            raise ValueError(f"calibration needs at least 1 image (got --calib {self.calib_images})")
 
 
 def quantize_run(
     run_dir: str | Path,
     out_dir: str | Path | None = None,
+    options: QuantizeOptions | None = None,
     *,
-    calibration: str = "percentile",
-    calib_images: int = 64,
-    threads: int = 2,
-    latency_runs: int = 20,
+    on_event: EventCallback | None = None,
+    stop_requested: Callable[[], bool] | None = None,
 ) -> dict[str, Any]:
-    """PTQ of a run's best.pt with the default float policy; returns (and writes) the FP32-vs-INT8 report.
+    """Quantizes a run's best.pt to INT8 and returns (and writes) the FP32-vs-INT8 report (module docstring).
 
     Args:
         run_dir: a training run folder (best.pt or last.pt, and config.json naming its dataset).
         out_dir: where the ONNX files and quant_report.json go (default: the run folder).
-        calibration: "percentile" (99.99), "minmax" or "entropy".
-        calib_images: calibration images drawn from the training split (validation pre-processing).
-        threads: onnxruntime intra-op threads for evaluation and latency.
-        latency_runs: timed batch-1 runs per model, taking turns.
+        options: see QuantizeOptions.
+        on_event: progress, called as on_event(name, **data): "stage", "scan", "policy", QAT's training events.
+        stop_requested: checked between stages, scan layers and QAT steps; True ends the run with
+            QuantizeCancelled at the next stage (files written so far stay; no report is written).
+
+    Raises:
+        CheckpointError: not a run folder, or fully fused weights.
+        ValueError: bad options, or no calibration image.
+        QuantizeCancelled: stop_requested() became True.
     """
+    options = options or QuantizeOptions()
+    emit = on_event or (lambda name, **data: None)
+
+    def stage(name: str, **data: Any) -> None:
+        if stop_requested is not None and stop_requested():
+            raise QuantizeCancelled(f"quantization cancelled before the {name} stage")
+        emit("stage", stage=name, **data)
     run_dir = Path(run_dir)
     out_dir = Path(out_dir) if out_dir else run_dir
     checkpoint = run_checkpoint(run_dir)
@@ -65,48 +151,150 @@ def quantize_run(
     if model.fusion == "none":
         model.eval().fuse()  # partial fusion: the form the quantization pipeline works on
     imgsz = int(train_config["imgsz"])
-    train_set, val_set, notes = load_splits(train_config["data"], int(train_config.get("seed", 0)))
+    train_set, val_set, notes = _splits(options.data or train_config["data"], int(train_config.get("seed", 0)))
+    not_measured: list[str] = []
+    if len(val_set) == 0:
+        not_measured.append(
+            "no validation images: mAP, per-class AP, detection agreement, the sensitivity scan, the automatic "
+            "policy and QAT's model selection need labelled validation images (add a val split and run again); "
+            "the default float policy was used"
+        )
 
-    fp32_path = export_onnx(model, out_dir / "model_fp32.onnx", imgsz=imgsz, class_names=loaded.class_names,
-                            run_id=run_dir.name, fuse=False)  # fmt: skip
+    out_dir.mkdir(parents=True, exist_ok=True)
+    work = out_dir / ".quantize_work"
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir()
+    variants = out_dir / "int8_variants"
+    variants.mkdir(exist_ok=True)
     started = time.perf_counter()
-    reader = CalibrationImages(train_set.records, imgsz, count=calib_images)
-    int8_path = quantize_onnx(fp32_path, out_dir / "model_int8.onnx", reader, method=calibration)
-    quantize_s = time.perf_counter() - started
-    settings = json.loads(read_onnx_metadata(int8_path)["quantization"])
+    try:
+        stage("export")
+        fp32_path = export_onnx(model, out_dir / "model_fp32.onnx", imgsz=imgsz, class_names=loaded.class_names,
+                                run_id=run_dir.name, fuse=False)  # fmt: skip
+        prepared = preprocess_fp32(fp32_path, work / "fp32_pre.onnx")
+        evaluator = _Evaluator(val_set, options.threads)
+        rows: dict[str, dict[str, Any]] = {"fp32": {"kind": "fp32", "path": fp32_path}}
 
-    fp32_eval = evaluate_onnx(fp32_path, val_set, threads)
-    int8_eval = evaluate_onnx(int8_path, val_set, threads)
-    latency = _latency_side_by_side({"fp32": fp32_path, "int8": int8_path}, imgsz, threads, latency_runs)
+        methods = [options.calibration]
+        if options.compare_calibrations:
+            methods += [name for name in CALIBRATION_METHODS if name != options.calibration]
+        calibrations: dict[str, Calibration] = {}
+        for name in methods:
+            stage("calibrate", calibration=name)
+            reader = CalibrationImages(train_set.records, imgsz, count=options.calib_images)
+            calibrations[name] = calibrate(prepared, reader, work / f"ranges_{name}.json", method=name)
+            path = quantize_calibrated(calibrations[name], variants / f"ptq_{name}.onnx", metadata_from=fp32_path)
+            rows[f"ptq_{name}"] = {"kind": "ptq", "calibration": name, "policy": "default", "path": path,
+                                   "float_layers": _layers(path, prepared)}  # fmt: skip
+        calibration = calibrations[options.calibration]
+
+        fp32_map = evaluator.map(fp32_path) if evaluator.available else None
+        budget = options.budget / 100.0
+        sensitivity = None
+        if options.method in ("auto", "ptq") and evaluator.available:
+            stage("scan")
+            images = _stack(CalibrationImages(val_set.records, imgsz, count=options.scan_images, seed=1))
+            scan = scan_sensitivity(calibration, images, candidates=options.scan_layers, threads=options.threads,
+                                    on_progress=emit, stop_requested=stop_requested)  # fmt: skip
+            stage("policy")
+            choice = choose_float_nodes(calibration, scan, evaluator.map, fp32_map, budget,
+                                        variants / "ptq_selective.onnx", metadata_from=fp32_path,
+                                        on_progress=emit)  # fmt: skip
+            rows["ptq_selective"] = {
+                "kind": "ptq", "calibration": options.calibration, "policy": "selective", "path": choice.path,
+                "float_layers": [layer.module for layer in choice.float_layers], "within_budget": choice.within_budget,
+            }  # fmt: skip
+            sensitivity = {
+                **scan.to_dict(), "budget_points": options.budget, "fp32_map": round(fp32_map, 5),
+                "tried": choice.tried, "within_budget": choice.within_budget,
+                "float_layers": [{"module": layer.module, "node": layer.node, "parameters": layer.parameters,
+                                  "cost": float(f"{layer.cost:.4g}"), "float_bytes": 3 * layer.parameters}
+                                 for layer in choice.float_layers],
+            }  # fmt: skip
+
+        qat_summary = None
+        selective_ok = rows.get("ptq_selective", {}).get("within_budget")
+        if options.method == "qat" or (options.method == "auto" and selective_ok is False):
+            stage("qat")
+            float_modules = rows.get("ptq_selective", rows[f"ptq_{options.calibration}"])["float_layers"]
+            path, qat_summary = _quantization_aware(
+                model, loaded.class_names, run_dir.name, train_config, train_set, val_set, float_modules,
+                options, fp32_path, work, variants / "qat.onnx", emit, stop_requested,
+            )  # fmt: skip
+            rows["qat"] = {"kind": "qat", "calibration": options.calibration, "policy": "qat", "path": path,
+                           "float_layers": float_modules}  # fmt: skip
+
+        stage("measure")
+        for row in rows.values():
+            row.update(evaluator.evaluate(row["path"]) if evaluator.available else {})
+            row["bytes"] = Path(row["path"]).stat().st_size
+        chosen = _choose(rows, fp32_map, budget, options.calibration)
+        int8_path = out_dir / "model_int8.onnx"
+        staged = out_dir / ".model_int8.onnx.tmp"
+        shutil.copyfile(rows[chosen]["path"], staged)
+        staged.replace(int8_path)
+        speed = measure_speed({name: row["path"] for name, row in rows.items()}, imgsz, options.threads,
+                              options.latency_runs)  # fmt: skip
+        report_rows = {}
+        for name, row in rows.items():
+            entry = {key: value for key, value in row.items() if key != "predictions"}
+            entry["path"] = str(row["path"])
+            entry.update(speed[name])
+            if name != "fp32":
+                kernels = executed_kernels(row["path"], (1, 3, imgsz, imgsz), threads=options.threads)
+                entry["executed_op_types"] = dict(sorted(_count(kernels.values()).items()))
+                entry["float_fallbacks"] = float_fallbacks(row["path"], kernels)
+                entry["deltas"] = _deltas(report_rows["fp32"], entry)
+                if evaluator.available:
+                    entry["agreement"] = detection_agreement(
+                        rows["fp32"]["predictions"],
+                        row["predictions"],
+                        [str(r.path) for r in val_set.records],
+                        top_k=GALLERY_SIZE,
+                    )
+            report_rows[name] = entry
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
     report = {
-        "run": str(run_dir), "checkpoint": str(checkpoint), "imgsz": imgsz, "method": "ptq",
-        "calibration": {"method": calibration, "images": settings["calibration_images"], "asked": calib_images,
-                        "split": "train", "seconds": round(quantize_s, 1)},
-        "float_nodes": settings["float_nodes"], "notes": notes,
-        "validation_images": len(val_set), "threads": threads,
-        "models": {
-            "fp32": {"path": str(fp32_path), "bytes": fp32_path.stat().st_size, **fp32_eval, **latency["fp32"]},
-            "int8": {"path": str(int8_path), "bytes": int8_path.stat().st_size, **int8_eval, **latency["int8"],
-                     "executed_op_types": executed_op_types(int8_path, (1, 3, imgsz, imgsz), threads=threads)},
-        },
+        "run": str(run_dir), "checkpoint": str(checkpoint), "imgsz": imgsz, "method": options.method,
+        "options": json.loads(json.dumps(asdict(options))),
+        "budget_points": options.budget, "threads": options.threads, "validation_images": len(val_set),
+        "chosen": chosen, "model_int8": str(int8_path), "model_fp32": str(fp32_path),
+        "within_budget": _within(rows[chosen], fp32_map, budget),
+        "calibration": {"method": options.calibration, "asked": options.calib_images, "split": "train",
+                        "images": calibration.images,
+                        "seconds": {name: item.seconds for name, item in calibrations.items()}},
+        "float_nodes": _float_nodes(int8_path), "sensitivity": sensitivity, "qat": qat_summary,
+        "gallery": report_rows[chosen].get("agreement", {}).get("most_changed", []),
+        "models": report_rows, "notes": notes, "not_measured": not_measured,
+        "seconds": round(time.perf_counter() - started, 1),
     }  # fmt: skip
-    report["deltas"] = _deltas(report["models"]["fp32"], report["models"]["int8"])
     atomic_write_json(out_dir / "quant_report.json", report)
+    emit("stage", stage="done", chosen=chosen)
     return report
 
 
 def evaluate_onnx(path: Path, dataset: DetectionSet, threads: int | None = None) -> dict[str, Any]:
     """COCO metrics and per-class AP50-95 of an ONNX model on `dataset`, through the shared pre/post-processing
     (Predictor, the validation post-processing of training)."""
+    return _score(dataset, predict_onnx(path, dataset, threads))
+
+
+def predict_onnx(path: Path, dataset: DetectionSet, threads: int | None = None) -> list[Detections]:
+    """Detections of an ONNX model for every record, boxes (N, 4) xyxy in original-image pixels."""
     predictor = Predictor.from_path(path, postprocess=EVAL_POSTPROCESS, threads=threads)
-    predictions = [predictor.predict([record.path])[0] for record in dataset.records]
-    result = evaluate_detections(dataset, predictions)
-    per_class = {item["class_name"]: item["AP50-95"] for item in result.to_dict()["per_class"]}
-    return {"metrics": dict(result.metrics), "per_class_ap": per_class}
+    return [predictor.predict([record.path])[0] for record in dataset.records]
 
 
-def _latency_side_by_side(paths: dict[str, Path], imgsz: int, threads: int, runs: int) -> dict[str, dict[str, float]]:
-    """Batch-1 latency p50/p95 in ms; the models take turns run by run so machine load falls on both alike."""
+def measure_speed(
+    paths: dict[str, Path], imgsz: int, threads: int, runs: int = 20, throughput_runs: int = THROUGHPUT_RUNS
+) -> dict[str, dict[str, float]]:
+    """Batch-1 latency p50/p95 (ms) and batch-8 throughput (images/s) of each model, measured side by side.
+
+    The models take turns run by run, so machine load falls on all of them alike; ratios between them are what the
+    numbers mean.
+    """
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
@@ -114,30 +302,190 @@ def _latency_side_by_side(paths: dict[str, Path], imgsz: int, threads: int, runs
         name: ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         for name, path in paths.items()
     }
-    images = np.random.default_rng(0).random((1, 3, imgsz, imgsz), dtype=np.float32)
+    rng = np.random.default_rng(0)
+    single = rng.random((1, 3, imgsz, imgsz), dtype=np.float32)
+    batch = rng.random((THROUGHPUT_BATCH, 3, imgsz, imgsz), dtype=np.float32)
     timings: dict[str, list[float]] = {name: [] for name in sessions}
     for index in range(LATENCY_WARMUP + runs):
         for name, session in sessions.items():
             started = time.perf_counter()
-            session.run(None, {"images": images})
+            session.run(None, {"images": single})
             if index >= LATENCY_WARMUP:
                 timings[name].append((time.perf_counter() - started) * 1000)
+    batch_seconds: dict[str, list[float]] = {name: [] for name in sessions}
+    for index in range(1 + throughput_runs):
+        for name, session in sessions.items():
+            started = time.perf_counter()
+            session.run(None, {"images": batch})
+            if index:
+                batch_seconds[name].append(time.perf_counter() - started)
     return {
-        name: {"latency_ms_p50": round(float(np.percentile(values, 50)), 2),
-               "latency_ms_p95": round(float(np.percentile(values, 95)), 2)}
-        for name, values in timings.items()
+        name: {"latency_ms_p50": round(float(np.percentile(timings[name], 50)), 2),
+               "latency_ms_p95": round(float(np.percentile(timings[name], 95)), 2),
+               "throughput_b8_images_per_s": round(THROUGHPUT_BATCH / float(np.median(batch_seconds[name])), 1)}
+        for name in sessions
     }  # fmt: skip
 
 
+class QuantizeCancelled(Exception):
+    """The caller asked `quantize_run` to stop."""
+
+
+class _Evaluator:
+    """Evaluates ONNX files on the validation set once each (keyed by path and modification time)."""
+
+    def __init__(self, dataset: DetectionSet, threads: int):
+        self.dataset, self.threads = dataset, threads
+        self.available = len(dataset) > 0
+        self._cache: dict[tuple[str, int], dict[str, Any]] = {}
+
+    def evaluate(self, path: Path) -> dict[str, Any]:
+        key = (str(path), Path(path).stat().st_mtime_ns)
+        if key not in self._cache:
+            predictions = predict_onnx(Path(path), self.dataset, self.threads)
+            self._cache[key] = {**_score(self.dataset, predictions), "predictions": predictions}
+        return self._cache[key]
+
+    def map(self, path: Path) -> float:
+        return float(self.evaluate(path)["metrics"]["mAP50-95"])
+
+
+def _splits(data: str | Path, seed: int) -> tuple[DetectionSet, DetectionSet, list[str]]:
+    """The run's train/val splits as training made them (a seeded holdout when there is no val split); a dataset
+    too small to hold an image out gives an empty validation set instead of an error: calibration needs only
+    training images."""
+    splits = load_dataset(data)
+    train_set, val_set = splits["train"], splits.get("val")
+    if (val_set is None or len(val_set) == 0) and len(train_set) < 2:
+        empty = DetectionSet([], train_set.class_names, train_set.category_ids, LoadReport(images=0))
+        return train_set, empty, [f"{data}: no validation split, and too few training images to hold one out"]
+    return load_splits(data, seed)
+
+
+def _score(dataset: DetectionSet, predictions: list[Detections]) -> dict[str, Any]:
+    result = evaluate_detections(dataset, predictions)
+    per_class = {item["class_name"]: item["AP50-95"] for item in result.to_dict()["per_class"]}
+    return {"metrics": dict(result.metrics), "per_class_ap": per_class}
+
+
+def _quantization_aware(
+    model: Any,
+    class_names: list[str],
+    run_id: str,
+    train_config: dict[str, Any],
+    train_set: DetectionSet,
+    val_set: DetectionSet,
+    float_modules: list[str],
+    options: QuantizeOptions,
+    fp32_path: Path,
+    work: Path,
+    out_path: Path,
+    emit: EventCallback,
+    stop_requested: Callable[[], bool] | None,
+) -> tuple[Path, dict[str, Any]]:
+    """QAT from the partially fused model, then the same onnxruntime QDQ quantization as PTQ with the activation
+    ranges QAT trained with (so the INT8 file computes what the fine-tuning simulated) and the other tensors'
+    ranges calibrated on the fine-tuned model."""
+    import torch
+
+    from backend.quantization import qat
+
+    imgsz = int(train_config["imgsz"])
+    reader = CalibrationImages(train_set.records, imgsz, count=options.calib_images)
+    images = [torch.from_numpy(item["images"]) for item in iter(reader.get_next, None)]
+    convs = {name for name, module in model.named_modules() if isinstance(module, torch.nn.Conv2d)}
+    qat_model = qat.prepare_qat(model, images, float_modules=set(float_modules) & convs)
+    overrides = {} if options.qat_epochs is None else {"epochs": options.qat_epochs}
+    config = qat.qat_config(train_config, **overrides)
+    result = qat.qat_finetune(qat_model, train_set, val_set, config, on_event=emit, stop_requested=stop_requested)
+    ranges = qat.activation_ranges(qat_model)
+    float_model = qat.to_float_model(qat_model)
+    tuned = export_onnx(float_model, work / "qat_fp32.onnx", imgsz=imgsz, class_names=class_names, run_id=run_id,
+                        fuse=False)  # fmt: skip
+    prepared = preprocess_fp32(tuned, work / "qat_fp32_pre.onnx")
+    calibration = calibrate(prepared, CalibrationImages(train_set.records, imgsz, count=options.calib_images),
+                            work / "ranges_qat.json", method=options.calibration)  # fmt: skip
+    graph = onnx.load(str(prepared), load_external_data=False)
+    overrides = {}
+    float_nodes = list(decoding_nodes(graph))
+    for node in graph.graph.node:
+        if node.op_type not in ("Conv", "ConvTranspose"):
+            continue
+        module = module_path(node.name)
+        if module in float_modules:
+            float_nodes.append(node.name)
+        elif module in ranges:
+            overrides[node.input[0]] = ranges[module]
+    path = quantize_calibrated(calibration, out_path, nodes_to_exclude=float_nodes, metadata_from=fp32_path,
+                               range_overrides=overrides)  # fmt: skip
+    summary = {
+        "config": {key: value for key, value in asdict(config).items()},
+        "float_layers": float_modules, "ranges_from_qat": len(overrides), **result,
+    }  # fmt: skip
+    return path, json.loads(json.dumps(summary, default=str))
+
+
+def _choose(rows: dict[str, dict[str, Any]], fp32_map: float | None, budget: float, calibration: str) -> str:
+    """The INT8 model to ship: without validation, the default policy; otherwise the smallest model within the
+    budget (selective PTQ before QAT before the default policy when sizes tie), else the most accurate."""
+    default = f"ptq_{calibration}"
+    if fp32_map is None:
+        return default
+    preference = ["ptq_selective", "qat", default]
+    candidates = [name for name in preference if name in rows]
+    passing = [name for name in candidates if _within(rows[name], fp32_map, budget)]
+    if passing:
+        return min(passing, key=lambda name: (rows[name]["bytes"], preference.index(name)))
+    return max(candidates, key=lambda name: rows[name]["metrics"]["mAP50-95"])
+
+
+def _within(row: dict[str, Any], fp32_map: float | None, budget: float) -> bool | None:
+    if fp32_map is None or "metrics" not in row:
+        return None
+    return bool(row["metrics"]["mAP50-95"] >= fp32_map - budget - 1e-9)
+
+
+def _layers(int8_path: Path, prepared: Path) -> list[str]:
+    """Module paths of the Conv/ConvTranspose layers an INT8 file keeps in float."""
+    kept = set(_float_nodes(int8_path))
+    graph = onnx.load(str(prepared), load_external_data=False)
+    return [module_path(node.name) for node in graph.graph.node
+            if node.op_type in ("Conv", "ConvTranspose") and node.name in kept]  # fmt: skip
+
+
+def _float_nodes(int8_path: Path) -> list[str]:
+    model = onnx.load(str(int8_path), load_external_data=False)
+    for prop in model.metadata_props:
+        if prop.key == "quantization":
+            return list(json.loads(prop.value)["float_nodes"])
+    return []
+
+
+def _stack(reader: CalibrationImages) -> np.ndarray:
+    return np.concatenate([item["images"] for item in iter(reader.get_next, None)])
+
+
+def _count(values: Any) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for value in values:
+        counts[value] = counts.get(value, 0) + 1
+    return counts
+
+
 def _deltas(fp32: dict[str, Any], int8: dict[str, Any]) -> dict[str, Any]:
-    """INT8 minus FP32 for each metric and class AP (points of mAP as fractions), and the size/latency ratios."""
+    """INT8 minus FP32 for each metric and class AP (fractions; x100 for points), and the size/speed ratios."""
 
     def minus(a: float | None, b: float | None) -> float | None:
         return None if a is None or b is None else round(b - a, 4)
 
-    return {
-        "metrics": {key: minus(fp32["metrics"].get(key), value) for key, value in int8["metrics"].items()},
-        "per_class_ap": {name: minus(fp32["per_class_ap"].get(name), ap) for name, ap in int8["per_class_ap"].items()},
+    deltas: dict[str, Any] = {
         "size_ratio": round(int8["bytes"] / fp32["bytes"], 3),
         "latency_ratio_p50": round(int8["latency_ms_p50"] / fp32["latency_ms_p50"], 3),
+        "throughput_ratio_b8": round(int8["throughput_b8_images_per_s"] / fp32["throughput_b8_images_per_s"], 3),
     }
+    if "metrics" in int8 and "metrics" in fp32:
+        deltas["metrics"] = {key: minus(fp32["metrics"].get(key), value) for key, value in int8["metrics"].items()}
+        deltas["per_class_ap"] = {
+            name: minus(fp32["per_class_ap"].get(name), ap) for name, ap in int8["per_class_ap"].items()
+        }
+    return deltas

@@ -42,6 +42,7 @@ from backend.data.loader import TrainDataset, make_train_loader, set_loader_epoc
 from backend.data.records import DetectionSet
 from backend.models.blocks import ConvBNReLU, HeadConvBNReLU, QARepVGGBlock, batch_norm, fold_batch_norm
 from backend.models.yolo_nas import YoloNAS
+from backend.quantization.sensitivity import module_path
 from backend.training.config import TrainConfig
 from backend.training.engine import (
     Clock,
@@ -406,18 +407,11 @@ def onnx_conv_nodes(onnx_model: onnx.ModelProto | str | Path) -> dict[str, str]:
     """
     if not isinstance(onnx_model, onnx.ModelProto):
         onnx_model = onnx.load(str(onnx_model), load_external_data=False)
-    nodes = {}
-    for node in onnx_model.graph.node:
-        if node.op_type != "Conv" or not node.name.startswith("/model/") or not node.name.endswith("/Conv"):
-            continue
-        segments: list[str] = []
-        for segment in node.name[len("/model/") : -len("/Conv")].split("/"):
-            parts = segment.split(".")
-            if len(parts) > 1 and segments and segments[-1] == parts[0]:
-                segments.pop()
-            segments.extend(parts)
-        nodes[".".join(segments)] = node.name
-    return nodes
+    return {
+        module_path(node.name): node.name
+        for node in onnx_model.graph.node
+        if node.op_type == "Conv" and node.name.startswith("/model/") and node.name.endswith("/Conv")
+    }
 
 
 # ----------------------------------------------------------------------------------------------------------------

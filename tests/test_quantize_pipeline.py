@@ -1,0 +1,222 @@
+"""The whole INT8 pipeline: calibration methods, the sensitivity scan and the automatic policy, QAT, the report.
+
+Runs are tiny (YOLO-NAS S at 64 px, one epoch on a few synthetic images): what is checked is that every stage
+really runs on onnxruntime and that the report holds what it promises, not accuracy, which `bench/quantize.py`
+measures on real photos.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from backend.data.folders import load_dataset
+from backend.data.synthetic import generate_synthetic_dataset
+from backend.export.onnx_export import export_onnx
+from backend.models.yolo_nas import build_model
+from backend.quantization.calibration import CalibrationImages
+from backend.quantization.pipeline import QuantizeOptions, quantize_run
+from backend.quantization.ptq import calibrate, preprocess_fp32, weighted_nodes
+from backend.quantization.sensitivity import (
+    LayerSensitivity,
+    ScanResult,
+    choose_float_nodes,
+    module_path,
+    scan_sensitivity,
+)
+from backend.training.config import TrainConfig
+from backend.training.trainer import fit
+from tests.conftest import REPO_ROOT
+
+IMGSZ = 64
+CLASS_NAMES = ["circle", "square", "triangle"]
+# The fragile pair of the scan test: a bottleneck's first conv, whose output channel 0 is made huge, and the second
+# conv, which alone reads that output: quantizing either quantizes the tensor between them.
+FRAGILE = "backbone.stage2.blocks.bottlenecks.0.cv2.rbr_reparam"
+PRODUCER = "backbone.stage2.blocks.bottlenecks.0.cv1"
+OTHERS = [
+    "backbone.stage1.blocks.conv1.conv",
+    "backbone.stage3.blocks.conv2.conv",
+    "neck.neck1.blocks.conv1.conv",
+    "heads.head2.stem.seq.conv",
+]
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("quantize")
+    data = generate_synthetic_dataset(root / "shapes", num_train=6, num_val=3, image_size=(96, 96), seed=5)
+    fit(TrainConfig(data=str(data), imgsz=IMGSZ, epochs=1, batch_size=2, min_samples=4, num_workers=0), root / "run")
+    return root / "run"
+
+
+@pytest.fixture(scope="module")
+def scan_nodes(run_dir) -> list[str]:
+    export = export_onnx(build_model("s", 3).eval().fuse(), run_dir.parent / "names.onnx", imgsz=IMGSZ, fuse=False)
+    by_module = {module_path(name): name for name in weighted_nodes(export)}
+    return [by_module[module] for module in [FRAGILE, *OTHERS, f"{PRODUCER}.rbr_reparam"]]
+
+
+@pytest.fixture(scope="module")
+def ptq_report(run_dir, scan_nodes, tmp_path_factory) -> dict:
+    out = tmp_path_factory.mktemp("ptq")
+    options = QuantizeOptions(method="ptq", calib_images=4, scan_images=3, scan_layers=tuple(scan_nodes),
+                              latency_runs=3)  # fmt: skip
+    events = []
+    report = quantize_run(run_dir, out, options, on_event=lambda name, **data: events.append((name, data)))
+    report["_events"] = events
+    return report
+
+
+def test_report_holds_every_field(ptq_report):
+    report = ptq_report
+    assert (
+        json.loads(Path(report["model_int8"]).with_name("quant_report.json").read_text())["chosen"] == report["chosen"]
+    )
+    assert set(report["models"]) == {"fp32", "ptq_percentile", "ptq_minmax", "ptq_entropy", "ptq_selective"}
+    assert report["threads"] == 2 and report["validation_images"] == 3 and report["not_measured"] == []
+    assert report["calibration"]["images"] == 4 and set(report["calibration"]["seconds"]) == {
+        "percentile", "minmax", "entropy"}  # fmt: skip
+    fp32_bytes = report["models"]["fp32"]["bytes"]
+    for name, row in report["models"].items():
+        assert Path(row["path"]).is_file() and row["bytes"] == Path(row["path"]).stat().st_size
+        assert {"mAP50-95", "mAP50"} <= set(row["metrics"]) and set(row["per_class_ap"]) == set(CLASS_NAMES)
+        assert row["latency_ms_p95"] >= row["latency_ms_p50"] > 0 and row["throughput_b8_images_per_s"] > 0
+        if name == "fp32":
+            continue
+        assert row["bytes"] < 0.45 * fp32_bytes
+        assert row["deltas"]["size_ratio"] == round(row["bytes"] / fp32_bytes, 3)
+        assert set(row["deltas"]["metrics"]) == set(row["metrics"]) and set(row["deltas"]["per_class_ap"]) == set(
+            CLASS_NAMES)  # fmt: skip
+        assert row["executed_op_types"].get("QLinearConv", 0) > 50  # int8 kernels really ran
+        # onnxruntime's CPU build has no int8 ConvTranspose: the report names the two upsampling layers.
+        assert [item["kernel"] for item in row["float_fallbacks"]] == ["ConvTranspose", "ConvTranspose"]
+        agreement = row["agreement"]
+        assert len(agreement["per_image"]) == 3 and 0.0 <= agreement["mean_agreement"] <= 1.0
+        assert all(item["change"] > 0 for item in agreement["most_changed"])
+    assert report["gallery"] == report["models"][report["chosen"]]["agreement"]["most_changed"]
+
+
+def test_calibration_methods_give_different_ranges(ptq_report):
+    # Entropy used to equal minmax (onnxruntime's quantize_static did not pass its bin counts): now three methods,
+    # three different INT8 files.
+    files = {name: Path(ptq_report["models"][f"ptq_{name}"]["path"]).read_bytes()
+             for name in ("minmax", "percentile", "entropy")}  # fmt: skip
+    assert len(set(files.values())) == 3
+
+
+def test_selective_policy_is_within_budget_or_says_so(ptq_report):
+    report = ptq_report
+    sensitivity = report["sensitivity"]
+    assert len(sensitivity["layers"]) == 6 and sensitivity["images"] == 3
+    costs = [layer["cost"] for layer in sensitivity["layers"]]
+    assert costs == sorted(costs, reverse=True) and max(costs) > 0
+    fp32_map = report["models"]["fp32"]["metrics"]["mAP50-95"]
+    selective = report["models"]["ptq_selective"]
+    kept = [layer["module"] for layer in sensitivity["float_layers"]]
+    assert selective["float_layers"] == kept == [layer["module"] for layer in sensitivity["layers"][: len(kept)]]
+    assert selective["within_budget"] == (selective["metrics"]["mAP50-95"] >= fp32_map - 0.005 - 1e-9)
+    assert sensitivity["tried"][0]["float_layers"] == 0
+    assert [name for name, data in report["_events"] if name == "scan"] == ["scan"] * 6
+    if report["within_budget"]:
+        assert report["models"][report["chosen"]]["metrics"]["mAP50-95"] >= fp32_map - 0.005 - 1e-9
+
+
+def test_sensitivity_scan_ranks_a_fragile_layer_first(tmp_path, scan_nodes):
+    """A tensor made fragile on purpose (channel 0 of a conv's output set to 1000, and not read by the next conv:
+    the float model is unchanged apart from that channel, but its per-tensor int8 range now drowns every other
+    channel) puts the two layers that quantize it, its producer and its consumer, first by far."""
+    torch.manual_seed(0)
+    model = build_model("s", 3).eval().fuse()
+    producer, fragile = model.get_submodule(PRODUCER), model.get_submodule(FRAGILE)
+    with torch.no_grad():
+        for head in (model.heads.head1, model.heads.head2, model.heads.head3):
+            head.cls_pred.bias.zero_()  # scores near 0.5, where the sigmoid shows every change
+        producer.post_bn.bias[0] = 1000.0
+        fragile.weight[:, 0] = 0.0
+    fp32 = export_onnx(model, tmp_path / "fp32.onnx", imgsz=IMGSZ, fuse=False, class_names=CLASS_NAMES)
+    folder = generate_synthetic_dataset(tmp_path / "data", num_train=6, num_val=0, image_size=(96, 80))
+    records = load_dataset(folder)["train"].records
+    prepared = preprocess_fp32(fp32, tmp_path / "pre.onnx")
+    calibration = calibrate(prepared, CalibrationImages(records, IMGSZ, count=6), tmp_path / "r.json", method="minmax")
+    reader = CalibrationImages(records, IMGSZ, count=4, seed=1)
+    images = np.concatenate([reader.get_next()["images"] for _ in range(4)])
+    shuffled = [scan_nodes[index] for index in (2, 4, 0, 1, 5, 3)]
+    scan = scan_sensitivity(calibration, images, candidates=shuffled)
+    assert {layer.module for layer in scan.layers[:2]} == {FRAGILE, f"{PRODUCER}.rbr_reparam"}
+    assert min(layer.cost for layer in scan.layers[:2]) > 50 * max(layer.cost for layer in scan.layers[2:])
+
+
+def test_policy_search_keeps_the_shortest_prefix_within_budget(tmp_path, scan_nodes, run_dir):
+    """The search over prefix lengths, on a real quantization, scored by how many of the three most sensitive
+    layers a file keeps in float (read from its metadata): the budget then needs exactly three."""
+    export = Path(run_dir) / "model_fp32.onnx"
+    if not export.is_file():
+        export = export_onnx(build_model("s", 3).eval().fuse(), tmp_path / "fp32.onnx", imgsz=IMGSZ, fuse=False)
+    prepared = preprocess_fp32(export, tmp_path / "pre.onnx")
+    records = load_dataset(generate_synthetic_dataset(tmp_path / "d", num_train=2, num_val=0))["train"].records
+    calibration = calibrate(prepared, CalibrationImages(records, IMGSZ, count=2), tmp_path / "r.json", method="minmax")
+    layers = [LayerSensitivity(node=name, module=module_path(name), op_type="Conv", parameters=1,
+                               cost=1.0 - index / 10) for index, name in enumerate(scan_nodes)]  # fmt: skip
+    scan = ScanResult(layers=layers, base_error=1.0, images=1, decoding=[])
+    important = set(scan_nodes[:3])
+
+    def score(path: Path) -> float:
+        model = onnx.load(str(path))
+        meta = {prop.key: prop.value for prop in model.metadata_props}
+        kept = set(json.loads(meta["quantization"])["float_nodes"])
+        return 0.5 - 0.01 * len(important - kept)
+
+    choice = choose_float_nodes(calibration, scan, score, fp32_map=0.5, budget=0.005, out_path=tmp_path / "sel.onnx")
+    assert [layer.node for layer in choice.float_layers] == scan_nodes[:3] and choice.within_budget
+    assert [item["float_layers"] for item in choice.tried] == [0, 1, 2, 4, 3]  # doubling, then bisection
+    assert choice.path.is_file() and not list(tmp_path.glob(".sel.k*.onnx"))
+    strict = choose_float_nodes(calibration, scan, lambda path: 0.4, fp32_map=0.5, budget=0.005,
+                                out_path=tmp_path / "none.onnx")  # fmt: skip
+    assert not strict.within_budget and strict.float_layers == []  # nothing helps: the smallest model is kept
+
+
+def test_qat_through_the_cli(run_dir, tmp_path):
+    completed = subprocess.run(
+        [sys.executable, "-m", "backend.cli", "quantize", run_dir, "--method", "qat", "--calib", "4", "--no-compare",
+         "--qat-epochs", "1", "--calibration", "minmax", "--out", tmp_path, "--json"],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
+    assert completed.returncode == 0, completed.stderr
+    report = json.loads(completed.stdout)
+    assert set(report["models"]) == {"fp32", "ptq_minmax", "qat"} and report["sensitivity"] is None
+    qat = report["qat"]
+    assert qat["config"]["epochs"] == 1 and qat["epochs_done"] == 1 and qat["ranges_from_qat"] > 50
+    row = report["models"]["qat"]
+    assert (
+        row["executed_op_types"].get("QLinearConv", 0) > 50 and row["bytes"] < 0.45 * report["models"]["fp32"]["bytes"]
+    )
+    assert len(row["float_layers"]) == 12  # QAT keeps the default policy's head branches in float
+    assert report["chosen"] in report["models"] and (tmp_path / "model_int8.onnx").is_file()
+
+
+def test_run_without_validation_images_reports_what_it_can(run_dir, tmp_path):
+    lonely = generate_synthetic_dataset(tmp_path / "one", num_train=1, num_val=0, image_size=(96, 96), seed=2)
+    options = QuantizeOptions(method="auto", calib_images=8, compare_calibrations=False, data=str(lonely),
+                              latency_runs=2)  # fmt: skip
+    report = quantize_run(run_dir, tmp_path / "out", options)
+    assert report["validation_images"] == 0 and report["chosen"] == "ptq_percentile"
+    assert report["within_budget"] is None and report["sensitivity"] is None and report["qat"] is None
+    assert "no validation images" in report["not_measured"][0]
+    assert report["calibration"]["images"] == 1 and report["calibration"]["asked"] == 8  # fewer than asked: all there
+    int8 = report["models"]["ptq_percentile"]
+    assert "metrics" not in int8 and int8["latency_ms_p50"] > 0 and int8["deltas"]["size_ratio"] < 0.45
+
+
+def test_bad_options_are_refused():
+    with pytest.raises(ValueError, match="auto, ptq, qat"):
+        QuantizeOptions(method="fast")
+    with pytest.raises(ValueError, match="points"):
+        QuantizeOptions(budget=-1)
