@@ -139,6 +139,7 @@ def quantize_run(
         if stop_requested is not None and stop_requested():
             raise QuantizeCancelled(f"quantization cancelled before the {name} stage")
         emit("stage", stage=name, **data)
+
     run_dir = Path(run_dir)
     out_dir = Path(out_dir) if out_dir else run_dir
     checkpoint = run_checkpoint(run_dir)
