@@ -223,7 +223,7 @@ def cmd_quantize(args: argparse.Namespace) -> None:
     options = QuantizeOptions(
         method=args.method, calibration=args.calibration, calib_images=args.calib, budget=args.budget,
         compare_calibrations=not args.no_compare, scan_images=args.scan_images, qat_epochs=args.qat_epochs,
-        threads=args.threads, data=str(args.data) if args.data else None,
+        threads=args.threads, data=str(args.data) if args.data else None, imgsz=args.imgsz,
     )  # fmt: skip
 
     def progress(name: str, **data: Any) -> None:
@@ -356,6 +356,7 @@ def build_parser() -> argparse.ArgumentParser:
     quantize.add_argument("--scan-images", type=int, default=16, help="validation images of the sensitivity scan")
     quantize.add_argument("--qat-epochs", type=int, help="QAT epochs (default: a tenth of the run's)")
     quantize.add_argument("--data", type=Path, help="the run's dataset, if it moved")
+    quantize.add_argument("--imgsz", type=int, help="input size to quantize and measure at (default: the run's)")
     quantize.add_argument("--threads", type=int, default=2, help="onnxruntime threads for evaluation and latency")
     quantize.add_argument("--out", type=Path, help="output folder (default: the run folder)")
     quantize.add_argument("--quiet", action="store_true")
