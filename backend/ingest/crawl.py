@@ -1,0 +1,786 @@
+"""The web image crawler: image URLs, a page and its same-site pages, or a keyword search, with provenance.
+
+Safe by default (issue 5, §3). Every request, and every redirect hop, goes through the same path:
+1. the URL is normalised (http/https only, fragment dropped, path percent-encoded) and checked against the host's
+   robots.txt (fetched once per origin and cached; its Crawl-delay is honoured up to `max_crawl_delay_s`);
+2. the host name is resolved and every address it resolves to must be public (no loopback, private, link-local,
+   multicast, reserved or unspecified address, IPv4-mapped IPv6 included) unless `allow_private_addresses` is set
+   or the address is in `allowed_networks`. The connection then goes to the checked address itself, never to a
+   second lookup of the name, so a DNS answer that changes between check and connect (rebinding) cannot slip in;
+3. the per-host rate limit waits until `min_interval_s` has passed since the host's previous request;
+4. the response is read in chunks, and the size cap, the read time-out (per socket read) and a total deadline are
+   enforced while reading: an oversized body is cut and rejected, never held whole in memory;
+5. the declared content type and the first bytes (magic numbers) must both agree with what was asked for, and an
+   image is fully decoded (`backend.store.images.decode_checked`: pixel cap, Pillow verify, full load) before it is
+   handed to the sink.
+
+Nothing is stored here: images leave through `sink(CrawledImage)`, and every URL that was not kept appears in the
+`CrawlReport` with a reason from `REASONS`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import html.parser
+import importlib.metadata
+import ipaddress
+import socket
+import threading
+import time
+import urllib.robotparser
+from collections import deque
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass, field
+from pathlib import PurePosixPath
+from typing import Any
+from urllib.parse import quote, unquote, urljoin, urlsplit, urlunsplit
+
+import urllib3
+
+from backend.ingest.providers import SearchError, SearchHit, SearchProvider
+from backend.store.images import DEFAULT_MAX_PIXELS, ImageLimits, ImageRejected, decode_checked
+
+try:
+    _VERSION = importlib.metadata.version("yolodex")
+except importlib.metadata.PackageNotFoundError:  # a checkout that was never pip-installed
+    _VERSION = "0.1.0"
+
+MB = 1024 * 1024
+
+# Why a URL was not kept. Skipped: never downloaded by policy. Rejected: downloaded (or tried) and refused.
+SKIP_REASONS = ("bad_url", "duplicate_url", "robots", "ssrf", "limit")
+REJECT_REASONS = (
+    "http_error",
+    "connection_error",
+    "timeout",
+    "redirect_loop",
+    "too_many_redirects",
+    "too_big",
+    "not_an_image",
+    "not_a_page",
+    "decode_failed",
+    "sink_error",
+)
+REASONS = SKIP_REASONS + REJECT_REASONS
+
+# Formats the rest of yolodex ingests (issue 5 §2: jpg, png, webp, bmp, first frame of a gif).
+IMAGE_MIME = {"jpeg": "image/jpeg", "png": "image/png", "gif": "image/gif", "webp": "image/webp", "bmp": "image/bmp"}
+IMAGE_SUFFIXES = {
+    "jpeg": (".jpg", ".jpeg", ".jpe"),
+    "png": (".png",),
+    "gif": (".gif",),
+    "webp": (".webp",),
+    "bmp": (".bmp",),
+}
+IMAGE_LINK_SUFFIXES = tuple(suffix for suffixes in IMAGE_SUFFIXES.values() for suffix in suffixes)
+# Servers often label images generically; the magic bytes decide then. text/* and the rest are refused outright.
+GENERIC_BINARY_TYPES = ("application/octet-stream", "binary/octet-stream", "")
+PAGE_TYPES = ("text/html", "application/xhtml+xml")
+REDIRECT_STATUSES = (301, 302, 303, 307, 308)
+
+
+@dataclass(frozen=True)
+class CrawlSettings:
+    """How politely and how defensively the crawler fetches.
+
+    Attributes:
+        min_interval_s: minimum seconds between two requests to the same host (robots.txt included).
+        max_crawl_delay_s: a robots.txt Crawl-delay is honoured up to this many seconds.
+        connect_timeout_s: seconds to open a connection.
+        read_timeout_s: seconds to wait for the headers and for each chunk of the body.
+        total_timeout_s: seconds for one whole response, so that a server trickling bytes cannot hold us forever.
+        max_image_bytes: larger images are cut off while streaming and rejected.
+        max_page_bytes: same for HTML pages.
+        max_image_pixels: width * height above this is rejected before decoding (decompression bombs); at most
+            Pillow's PIL.Image.MAX_IMAGE_PIXELS (the store's ImageLimits says why).
+        max_redirects: redirect hops followed per request.
+        max_pages: pages visited per page crawl.
+        max_images: images kept per crawl; later ones are skipped with reason `limit`.
+        same_site_only: a page crawl follows links only to the start page's site (host without a leading `www.`).
+            Images themselves may come from any host (CDNs).
+        user_agent: sent with every request and matched against robots.txt.
+        allow_private_addresses: allow loopback/private/link-local/... addresses (SSRF protection off).
+        allowed_networks: CIDR blocks exempt from the SSRF rules, e.g. ("192.168.1.20/32",) for one NAS.
+    """
+
+    min_interval_s: float = 1.0
+    max_crawl_delay_s: float = 10.0
+    connect_timeout_s: float = 5.0
+    read_timeout_s: float = 15.0
+    total_timeout_s: float = 60.0
+    max_image_bytes: int = 20 * MB
+    max_page_bytes: int = 5 * MB
+    max_image_pixels: int = DEFAULT_MAX_PIXELS
+    max_redirects: int = 5
+    max_pages: int = 50
+    max_images: int = 1000
+    same_site_only: bool = True
+    user_agent: str = f"yolodex-crawler/{_VERSION} (+local)"
+    allow_private_addresses: bool = False
+    allowed_networks: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class CrawledImage:
+    """One decoded image and where it came from.
+
+    Attributes:
+        data: the file's bytes exactly as downloaded (not re-encoded).
+        source_url: the image URL as found (in the list, on the page, in the search hit).
+        final_url: the URL the bytes came from after redirects.
+        page_url: the page that showed the image, or None for a bare URL.
+        licence_hint: licence text or URL from the page (rel=license, licence meta tags) or from the provider.
+        content_type: the MIME type of the bytes as sniffed (not as the server claimed).
+        original_name: a file name from the URL path, with an extension that matches the content.
+        width: pixels after EXIF orientation (as the store records them).
+        height: pixels after EXIF orientation.
+    """
+
+    data: bytes
+    source_url: str
+    final_url: str
+    page_url: str | None
+    licence_hint: str | None
+    content_type: str
+    original_name: str
+    width: int
+    height: int
+
+
+@dataclass
+class CrawlReport:
+    """What a crawl did; `to_dict()` is JSON-serialisable.
+
+    Attributes:
+        fetched: image downloads attempted (URLs that passed the URL, duplicate, robots and SSRF checks).
+        kept: images handed to the sink.
+        kept_urls: their source URLs.
+        skipped: {url, reason, detail} for URLs not downloaded by policy (reasons in SKIP_REASONS).
+        rejected: {url, reason, detail} for downloads refused (reasons in REJECT_REASONS), pages included.
+        pages_visited: HTML pages fetched and parsed, in order.
+        search_hits: hits the search provider returned (keyword crawls only).
+        requests: HTTP requests sent, robots.txt and redirect hops included.
+        elapsed_s: wall-clock seconds.
+    """
+
+    fetched: int = 0
+    kept: int = 0
+    kept_urls: list[str] = field(default_factory=list)
+    skipped: list[dict[str, str]] = field(default_factory=list)
+    rejected: list[dict[str, str]] = field(default_factory=list)
+    pages_visited: list[str] = field(default_factory=list)
+    search_hits: int = 0
+    requests: int = 0
+    elapsed_s: float = 0.0
+
+    def add_refusal(self, url: str, reason: str, detail: str) -> None:
+        entry = {"url": url, "reason": reason, "detail": detail}
+        (self.skipped if reason in SKIP_REASONS else self.rejected).append(entry)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+Sink = Callable[[CrawledImage], None]
+
+
+class Refused(Exception):
+    """A URL is not fetched or not kept; `reason` is one of REASONS (an outcome to report: the crawl goes on)."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+
+# --------------------------------------------------------------------------------------------------------------
+# URLs and addresses
+
+
+def normalize_url(url: str, base: str | None = None) -> str:
+    """An absolute http(s) URL with a lower-case scheme and host, IDNA host, quoted path and query, no fragment.
+
+    Raises:
+        Refused: (`bad_url`) for other schemes, a missing host, user info or a bad port.
+    """
+    url = url.strip()
+    if base is not None:
+        url = urljoin(base, url)
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError as error:
+        raise Refused("bad_url", f"cannot parse the URL ({error})") from error
+    scheme = parts.scheme.lower()
+    if scheme not in ("http", "https"):
+        raise Refused("bad_url", f"only http and https URLs are crawled, not {scheme or 'a relative URL'}")
+    if not parts.hostname:
+        raise Refused("bad_url", "the URL has no host")
+    if parts.username or parts.password:
+        raise Refused("bad_url", "URLs with user names or passwords are not crawled")
+    try:
+        host = parts.hostname.encode("idna").decode("ascii") if not _is_ip_literal(parts.hostname) else parts.hostname
+    except UnicodeError as error:
+        raise Refused("bad_url", f"the host name {parts.hostname!r} is not valid ({error})") from error
+    host = host.lower()
+    netloc = f"[{host}]" if ":" in host else host
+    if port is not None and port != {"http": 80, "https": 443}[scheme]:
+        netloc = f"{netloc}:{port}"
+    # Quote what is not already quoted (`%` stays, so an already-encoded URL is unchanged).
+    path = quote(parts.path or "/", safe="/%:@!$&'()*+,;=-._~")
+    query = quote(parts.query, safe="/%:@!$&'()*+,;=-._~?")
+    return urlunsplit((scheme, netloc, path, query, ""))
+
+
+def _is_ip_literal(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
+def site_of(url: str) -> str:
+    """The site a URL belongs to: its host without a leading `www.` (no public-suffix list: sub-domains differ)."""
+    host = (urlsplit(url).hostname or "").lower()
+    return host.removeprefix("www.")
+
+
+def address_problem(address: str, settings: CrawlSettings) -> str | None:
+    """Why the crawler must not connect to this IP address (SSRF), or None when it may."""
+    ip = ipaddress.ip_address(address.split("%", 1)[0])  # drop an IPv6 zone index
+    if settings.allow_private_addresses:
+        return None
+    if any(ip in ipaddress.ip_network(network, strict=False) for network in settings.allowed_networks):
+        return None
+    if isinstance(ip, ipaddress.IPv6Address):
+        # An IPv4 address inside IPv6 reaches the IPv4 host: judge that one.
+        embedded = ip.ipv4_mapped or ip.sixtofour or (ip.teredo[1] if ip.teredo else None)
+        if embedded is not None:
+            return address_problem(str(embedded), settings)
+    for name in ("loopback", "private", "link_local", "multicast", "reserved", "unspecified"):
+        if getattr(ip, f"is_{name}"):
+            return f"{address} is a {name.replace('_', '-')} address"
+    if not ip.is_global:  # shared (carrier-grade NAT) space and the like
+        return f"{address} is not a public address"
+    return None
+
+
+def resolve_checked(host: str, port: int, settings: CrawlSettings) -> list[str]:
+    """Resolves `host` and returns its addresses, all checked against the SSRF rules.
+
+    Raises:
+        Refused: (`ssrf`) when any address is not allowed (a name that resolves to both a public and a private
+            address is refused: the attacker picks which one we would reach); (`connection_error`) when the name
+            does not resolve.
+    """
+    if _is_ip_literal(host):
+        addresses = [host]
+    else:
+        try:
+            infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        except (socket.gaierror, UnicodeError) as error:
+            raise Refused("connection_error", f"cannot resolve {host} ({error})") from error
+        addresses = list(dict.fromkeys(str(info[4][0]) for info in infos))
+    for address in addresses:
+        if (problem := address_problem(address, settings)) is not None:
+            raise Refused(
+                "ssrf",
+                f"{host} -> {problem}; internal addresses are refused (set allow_private_addresses or "
+                "allowed_networks to crawl your own network)",
+            )
+    return addresses
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Content sniffing and decoding
+
+
+def sniff_image(head: bytes) -> str | None:
+    """The image format from the first bytes (`jpeg`, `png`, `gif`, `webp`, `bmp`), or None."""
+    if head.startswith(b"\xff\xd8\xff"):
+        return "jpeg"
+    if head.startswith(b"\x89PNG\r\n\x1a\n"):
+        return "png"
+    if head[:6] in (b"GIF87a", b"GIF89a"):
+        return "gif"
+    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        return "webp"
+    if head[:2] == b"BM" and len(head) >= 26:
+        return "bmp"
+    return None
+
+
+def looks_like_html(head: bytes) -> bool:
+    text = head.lstrip(b"\xef\xbb\xbf \t\r\n").lower()
+    return text.startswith((b"<!doctype html", b"<html", b"<head", b"<body", b"<!--", b"<meta", b"<title"))
+
+
+def decode_image(data: bytes, settings: CrawlSettings) -> tuple[int, int]:
+    """Fully decodes an image with the store's own check; returns (width, height) after EXIF orientation.
+
+    Raises:
+        Refused: (`decode_failed`) for truncated or corrupt data, an unaccepted format or too many pixels.
+    """
+    try:
+        decoded = decode_checked(
+            data, ImageLimits(max_file_bytes=settings.max_image_bytes, max_pixels=settings.max_image_pixels)
+        )
+    except ImageRejected as error:
+        raise Refused("decode_failed", str(error)) from error
+    return decoded.width, decoded.height
+
+
+def original_name(url: str, image_format: str) -> str:
+    """A file name from the URL's last path segment, with an extension that matches the sniffed format."""
+    name = PurePosixPath(unquote(urlsplit(url).path)).name
+    name = "".join(character for character in name if character.isprintable() and character not in '\\/:*?"<>|')
+    stem, dot, suffix = name.rpartition(".")
+    if not dot:
+        stem, suffix = name, ""
+    stem = stem.strip(" .")[:150] or "image"
+    suffixes = IMAGE_SUFFIXES[image_format]
+    return f"{stem}.{suffix}" if f".{suffix.lower()}" in suffixes else f"{stem}{suffixes[0]}"
+
+
+# --------------------------------------------------------------------------------------------------------------
+# HTML
+
+
+def largest_srcset_candidate(srcset: str) -> str | None:
+    """The URL with the largest width (`640w`) or density (`2x`) descriptor of a srcset attribute."""
+    best_url, best_size = None, -1.0
+    for candidate in srcset.split(","):
+        fields = candidate.strip().split()
+        if not fields:
+            continue
+        size = 1.0
+        if len(fields) > 1 and fields[1][-1:] in ("w", "x"):
+            with contextlib.suppress(ValueError):
+                size = float(fields[1][:-1])
+        if size > best_size:
+            best_url, best_size = fields[0], size
+    return best_url
+
+
+LICENCE_META_NAMES = {"license", "licence", "dc.rights", "dcterms.rights", "dc.license", "dcterms.license"}
+IMAGE_META_NAMES = {"og:image", "og:image:url", "og:image:secure_url", "twitter:image", "twitter:image:src"}
+
+
+class _PageParser(html.parser.HTMLParser):
+    """Collects image URLs, links and licence hints of one page, in document order (URLs as written)."""
+
+    def __init__(self) -> None:
+        super().__init__(convert_charrefs=True)
+        self.base: str | None = None
+        self.images: list[str] = []
+        self.links: list[str] = []
+        self.licence_links: list[str] = []  # rel=license hrefs, as written
+        self.licence_texts: list[str] = []  # licence meta tags
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        values = {name: value or "" for name, value in attrs}
+        rel = values.get("rel", "").lower().split()
+        if tag == "base" and values.get("href") and self.base is None:
+            self.base = values["href"]
+        elif tag == "img":
+            source = largest_srcset_candidate(values.get("srcset", "")) or values.get("src") or values.get("data-src")
+            if source:
+                self.images.append(source)
+        elif tag == "meta":
+            key = (values.get("property") or values.get("name") or "").lower()
+            if key in IMAGE_META_NAMES and values.get("content"):
+                self.images.append(values["content"])
+            elif key in LICENCE_META_NAMES and values.get("content"):
+                self.licence_texts.append(values["content"].strip())
+        elif tag in ("a", "link", "area") and values.get("href"):
+            href = values["href"]
+            if "license" in rel or "licence" in rel:
+                self.licence_links.append(href)
+            elif tag != "link" and urlsplit(href).path.lower().endswith(IMAGE_LINK_SUFFIXES):
+                self.images.append(href)
+            elif tag != "link" and "nofollow" not in rel:
+                self.links.append(href)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Politeness: rate limit and robots.txt
+
+
+class _RateLimiter:
+    """Spaces requests to one host by at least its interval (thread-safe, so parallel callers stay polite)."""
+
+    def __init__(self, interval_s: float) -> None:
+        self.interval_s = interval_s
+        self.host_interval_s: dict[str, float] = {}
+        self.next_allowed: dict[str, float] = {}
+        self.lock = threading.Lock()
+
+    def wait(self, host: str) -> None:
+        with self.lock:
+            now = time.monotonic()
+            start = max(now, self.next_allowed.get(host, now))
+            self.next_allowed[host] = start + self.host_interval_s.get(host, self.interval_s)
+        if start > now:
+            time.sleep(start - now)
+
+
+@dataclass
+class _Response:
+    url: str  # after redirects
+    status: int
+    content_type: str  # MIME type only, lower case
+    charset: str | None
+    body: bytes
+
+
+class Crawler:
+    """One crawl's state: settings, rate limiter, robots.txt cache, URLs already seen, and the report."""
+
+    def __init__(self, settings: CrawlSettings, sink: Sink) -> None:
+        self.settings = settings
+        self.sink = sink
+        self.report = CrawlReport()
+        self.limiter = _RateLimiter(settings.min_interval_s)
+        self.robots: dict[str, urllib.robotparser.RobotFileParser | str] = {}  # origin -> parser or refusal
+        self.seen_images: set[str] = set()
+        self.started = time.monotonic()
+
+    # -- fetching ----------------------------------------------------------------------------------------------
+
+    def fetch(self, url: str, kind: str) -> _Response:
+        """GETs a normalised URL, following redirects with every check on every hop.
+
+        Args:
+            url: normalised absolute URL.
+            kind: `image`, `page` or `robots`; decides the size cap, the accepted content types and whether
+                robots.txt applies.
+
+        Raises:
+            Refused: for every reason the response is not usable.
+        """
+        settings = self.settings
+        max_bytes = {"image": settings.max_image_bytes, "page": settings.max_page_bytes, "robots": 512 * 1024}[kind]
+        hops = [url]
+        while True:
+            parts = urlsplit(url)
+            host, port = parts.hostname or "", parts.port or (443 if parts.scheme == "https" else 80)
+            addresses = resolve_checked(host, port, settings)  # first: robots.txt of an internal host is not read
+            if kind != "robots":
+                self.check_robots(url)
+            self.limiter.wait(host)
+            response = self._request_once(url, addresses, kind, max_bytes)
+            if isinstance(response, _Response):
+                return response
+            location = response
+            try:
+                next_url = normalize_url(location, base=url)
+            except Refused as refusal:
+                raise Refused("bad_url", f"redirect to an unusable URL {location!r} ({refusal.detail})") from None
+            if next_url in hops:
+                raise Refused("redirect_loop", " -> ".join([*hops, next_url]))
+            if len(hops) > settings.max_redirects:
+                raise Refused("too_many_redirects", f"more than {settings.max_redirects} redirects from {hops[0]}")
+            hops.append(next_url)
+            url = next_url
+
+    def _request_once(self, url: str, addresses: list[str], kind: str, max_bytes: int) -> _Response | str:
+        """One request to one checked address; returns the response, or the Location of a redirect."""
+        settings = self.settings
+        parts = urlsplit(url)
+        host = parts.hostname or ""
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+        path = parts.path + (f"?{parts.query}" if parts.query else "")
+        host_header = parts.netloc  # normalised: default ports already dropped
+        timeout = urllib3.Timeout(connect=settings.connect_timeout_s, read=settings.read_timeout_s)
+        headers = {
+            "Host": host_header,
+            "User-Agent": settings.user_agent,
+            "Accept": "text/html,application/xhtml+xml;q=0.9" if kind == "page" else "image/*;q=0.9,*/*;q=0.1",
+            "Accept-Encoding": "identity",  # the size cap counts what we hold; no compressed surprises
+        }
+        last_error: Exception | None = None
+        for address in addresses:
+            if parts.scheme == "https":
+                # Connect to the checked address; verify the certificate and send SNI for the host name.
+                pool: urllib3.HTTPConnectionPool = urllib3.HTTPSConnectionPool(
+                    address, port, timeout=timeout, retries=False, server_hostname=host, assert_hostname=host
+                )
+            else:
+                pool = urllib3.HTTPConnectionPool(address, port, timeout=timeout, retries=False)
+            try:
+                self.report.requests += 1
+                raw = pool.urlopen("GET", path, headers=headers, redirect=False, retries=False, preload_content=False)
+                try:
+                    return self._read(url, raw, kind, max_bytes)
+                finally:
+                    raw.release_conn()
+            except urllib3.exceptions.NewConnectionError as error:
+                last_error = error  # try the host's next address
+            except (urllib3.exceptions.ConnectTimeoutError, urllib3.exceptions.ReadTimeoutError, TimeoutError) as e:
+                raise Refused("timeout", f"{url}: no answer within the time limit ({e})") from e
+            except urllib3.exceptions.HTTPError as error:
+                raise Refused("connection_error", f"{url}: {type(error).__name__}: {error}") from error
+            finally:
+                pool.close()
+        raise Refused("connection_error", f"{url}: cannot connect ({last_error})")
+
+    def _read(self, url: str, raw: urllib3.BaseHTTPResponse, kind: str, max_bytes: int) -> _Response | str:
+        if raw.status in REDIRECT_STATUSES:
+            location = raw.headers.get("Location")
+            if not location:
+                raise Refused("http_error", f"HTTP {raw.status} redirect without a Location")
+            return location
+        mime, _, params = (raw.headers.get("Content-Type") or "").partition(";")
+        mime = mime.strip().lower()
+        charset = None
+        for param in params.split(";"):
+            name, _, value = param.partition("=")
+            if name.strip().lower() == "charset" and value.strip():
+                charset = value.strip().strip("\"'")
+        if kind == "robots":
+            if raw.status != 200:  # the caller decides what a missing robots.txt means
+                return _Response(url, raw.status, mime, charset, b"")
+        elif raw.status != 200:
+            raise Refused("http_error", f"HTTP {raw.status}")
+        if kind == "image" and not (mime.startswith("image/") or mime in GENERIC_BINARY_TYPES):
+            raise Refused("not_an_image", f"served as {mime}, not as an image")
+        if kind == "page" and mime not in PAGE_TYPES:
+            raise Refused("not_a_page", f"served as {mime or 'no content type'}, not as an HTML page")
+        declared = raw.headers.get("Content-Length")
+        if declared and declared.isdigit() and int(declared) > max_bytes:
+            raise Refused("too_big", f"Content-Length {int(declared)} bytes is over the cap of {max_bytes}")
+        deadline = time.monotonic() + self.settings.total_timeout_s
+        chunks: list[bytes] = []
+        size = 0
+        for chunk in raw.stream(64 * 1024):
+            size += len(chunk)
+            if size > max_bytes:
+                # Stop reading; the connection is closed with the pool, the rest is never received.
+                raise Refused("too_big", f"more than {max_bytes} bytes (cut while downloading)")
+            if time.monotonic() > deadline:
+                raise Refused("timeout", f"the download took longer than {self.settings.total_timeout_s} s")
+            chunks.append(chunk)
+        return _Response(url, raw.status, mime, charset, b"".join(chunks))
+
+    # -- robots.txt --------------------------------------------------------------------------------------------
+
+    def check_robots(self, url: str) -> None:
+        """Raises Refused(`robots`) when the origin's robots.txt disallows `url` for our user agent."""
+        parts = urlsplit(url)
+        origin = f"{parts.scheme}://{parts.netloc}"
+        if origin not in self.robots:
+            self.robots[origin] = self._load_robots(origin)
+        rules = self.robots[origin]
+        if isinstance(rules, str):
+            raise Refused("robots", rules)
+        if not rules.can_fetch(self.settings.user_agent, url):
+            raise Refused("robots", f"disallowed by {origin}/robots.txt")
+
+    def _load_robots(self, origin: str) -> urllib.robotparser.RobotFileParser | str:
+        """The parsed robots.txt, or the reason everything on the origin is refused (RFC 9309 §2.3.1)."""
+        rules = urllib.robotparser.RobotFileParser(f"{origin}/robots.txt")
+        try:
+            response = self.fetch(f"{origin}/robots.txt", "robots")
+        except Refused as refusal:
+            if refusal.reason == "ssrf":
+                return refusal.detail
+            # Unreachable robots.txt: assume complete disallow, as RFC 9309 asks for server errors.
+            return f"robots.txt of {origin} could not be read ({refusal.reason}: {refusal.detail})"
+        if response.status in (401, 403) or response.status >= 500:
+            return f"robots.txt of {origin} answered HTTP {response.status}: the whole site is treated as disallowed"
+        if response.status == 200:
+            rules.parse(response.body.decode("utf-8", errors="replace").splitlines())
+        else:  # 404 and other client errors: no rules
+            rules.allow_all = True
+        rules.modified()  # can_fetch() answers False until a parser says it has read the file
+        delay = rules.crawl_delay(self.settings.user_agent)
+        if delay is not None:
+            host = urlsplit(origin).hostname or ""
+            self.limiter.host_interval_s[host] = max(
+                self.settings.min_interval_s, min(float(delay), self.settings.max_crawl_delay_s)
+            )
+        return rules
+
+    # -- images and pages --------------------------------------------------------------------------------------
+
+    def crawl_image(self, url: str, page_url: str | None = None, licence_hint: str | None = None) -> bool:
+        """Downloads, checks and decodes one image and hands it to the sink; returns whether it was kept."""
+        try:
+            url = normalize_url(url, base=page_url)
+        except Refused as refusal:
+            self.report.add_refusal(url, refusal.reason, refusal.detail)
+            return False
+        if url in self.seen_images:
+            self.report.add_refusal(url, "duplicate_url", "already crawled in this crawl")
+            return False
+        self.seen_images.add(url)
+        if self.report.kept >= self.settings.max_images:
+            self.report.add_refusal(url, "limit", f"max_images={self.settings.max_images} already kept")
+            return False
+        try:
+            image = self._download_image(url, page_url, licence_hint)
+        except Refused as refusal:
+            self.report.add_refusal(url, refusal.reason, refusal.detail)
+            return False
+        try:
+            self.sink(image)
+        except Exception as error:  # one failed store must not end the crawl; the report says which and why
+            self.report.add_refusal(url, "sink_error", f"{type(error).__name__}: {error}")
+            return False
+        self.report.kept += 1
+        self.report.kept_urls.append(url)
+        return True
+
+    def _download_image(self, url: str, page_url: str | None, licence_hint: str | None) -> CrawledImage:
+        parts = urlsplit(url)
+        # Refused before counting a fetch (fetch() checks both again on every redirect hop).
+        resolve_checked(parts.hostname or "", parts.port or (443 if parts.scheme == "https" else 80), self.settings)
+        self.check_robots(url)
+        self.report.fetched += 1
+        response = self.fetch(url, "image")
+        image_format = sniff_image(response.body[:32])
+        if image_format is None:
+            what = "HTML" if looks_like_html(response.body[:512]) else f"bytes {response.body[:8]!r}"
+            raise Refused("not_an_image", f"served as {response.content_type or 'no type'} but the content is {what}")
+        width, height = decode_image(response.body, self.settings)
+        return CrawledImage(
+            data=response.body,
+            source_url=url,
+            final_url=response.url,
+            page_url=page_url,
+            licence_hint=licence_hint,
+            content_type=IMAGE_MIME[image_format],
+            original_name=original_name(response.url, image_format),
+            width=width,
+            height=height,
+        )
+
+    def visit_page(self, url: str) -> _PageParser | None:
+        """Fetches and parses one page, records it, and crawls its images; returns the parsed page or None."""
+        try:
+            response = self.fetch(url, "page")
+            if sniff_image(response.body[:32]) is not None:
+                raise Refused("not_a_page", f"served as {response.content_type} but the content is an image")
+        except Refused as refusal:
+            self.report.add_refusal(url, refusal.reason, refusal.detail)
+            return None
+        self.report.pages_visited.append(url)
+        page = _PageParser()
+        try:
+            page.feed(response.body.decode(response.charset or "utf-8", errors="replace"))
+            page.close()
+        except LookupError:  # an unknown charset name
+            page = _PageParser()
+            page.feed(response.body.decode("utf-8", errors="replace"))
+            page.close()
+        base = urljoin(response.url, page.base) if page.base else response.url
+        licences = [urljoin(base, link) for link in page.licence_links] + page.licence_texts
+        licence_hint = " ; ".join(dict.fromkeys(licences))
+        for image_url in dict.fromkeys(page.images):
+            self.crawl_image(urljoin(base, image_url), page_url=response.url, licence_hint=licence_hint or None)
+        page.base = base
+        return page
+
+    def finish(self) -> CrawlReport:
+        self.report.elapsed_s = round(time.monotonic() - self.started, 3)
+        return self.report
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The three sources
+
+
+def crawl_urls(urls: Iterable[str], settings: CrawlSettings, sink: Sink) -> CrawlReport:
+    """Downloads a list of image URLs; each kept image goes to `sink` with no page URL.
+
+    Returns:
+        The report: every URL is either kept or listed with its reason.
+    """
+    crawler = Crawler(settings, sink)
+    for url in urls:
+        if url.strip() and not url.lstrip().startswith("#"):
+            crawler.crawl_image(url)
+    return crawler.finish()
+
+
+def crawl_page(url: str, depth: int, settings: CrawlSettings, sink: Sink) -> CrawlReport:
+    """Takes a page's images (img src/srcset, og:image, links to image files) and those of linked pages.
+
+    Args:
+        url: the start page.
+        depth: link hops to follow from the start page (0: the start page only). With `same_site_only`, only
+            pages of the start page's site are followed; at most `settings.max_pages` pages are visited.
+
+    Returns:
+        The report; each kept image carries the URL of the page it was found on and the page's licence hint.
+    """
+    if depth < 0:
+        raise ValueError(f"depth must be 0 or more, got {depth}")
+    crawler = Crawler(settings, sink)
+    try:
+        start = normalize_url(url)
+    except Refused as refusal:
+        crawler.report.add_refusal(url, refusal.reason, refusal.detail)
+        return crawler.finish()
+    queued = {start}
+    queue = deque([(start, 0)])
+    while queue and len(crawler.report.pages_visited) < settings.max_pages:
+        page_url, level = queue.popleft()
+        page = crawler.visit_page(page_url)
+        if page is None or level >= depth:
+            continue
+        for link in page.links:
+            try:
+                link_url = normalize_url(link, base=page.base)
+            except Refused:
+                continue  # mailto:, javascript: and the like are not pages to crawl
+            if link_url in queued:
+                continue
+            if settings.same_site_only and site_of(link_url) != site_of(start):
+                continue
+            queued.add(link_url)
+            queue.append((link_url, level + 1))
+    for page_url, _ in queue:
+        crawler.report.add_refusal(page_url, "limit", f"max_pages={settings.max_pages} reached")
+    return crawler.finish()
+
+
+def crawl_search(query: str, limit: int, provider: SearchProvider, settings: CrawlSettings, sink: Sink) -> CrawlReport:
+    """Searches `provider` for `query` and keeps up to `limit` images that pass every check.
+
+    The provider is asked for twice as many hits as needed (at most 50 more), because some hits fail the
+    checks (dead links, robots.txt, non-images); downloading stops once `limit` images are kept.
+
+    Raises:
+        SearchError: when the search itself fails (the provider's message says what to do).
+    """
+    if limit <= 0:
+        raise ValueError(f"limit must be positive, got {limit}")
+    crawler = Crawler(settings, sink)
+    hits: list[SearchHit] = provider.search(query, min(2 * limit, limit + 50))
+    crawler.report.search_hits = len(hits)
+    for hit in hits:
+        if crawler.report.kept >= limit:
+            break
+        page_url = None
+        if hit.page_url:
+            with contextlib.suppress(Refused):
+                page_url = normalize_url(hit.page_url)
+        crawler.crawl_image(hit.image_url, page_url=page_url, licence_hint=hit.licence_hint)
+    return crawler.finish()
+
+
+__all__ = [
+    "REASONS",
+    "CrawlReport",
+    "CrawlSettings",
+    "CrawledImage",
+    "Refused",
+    "SearchError",
+    "SearchHit",
+    "SearchProvider",
+    "crawl_page",
+    "crawl_search",
+    "crawl_urls",
+]
