@@ -1,0 +1,525 @@
+"""Import of image files, folders, zip archives and labeled datasets (COCO or YOLO layout) into a project.
+
+Every file ends up in exactly one list of the `ImportReport`: accepted, duplicates (same bytes already in the
+project), near_duplicates (stored, marked), rejected (with the reason) or skipped (not ours to import: macOS
+resource forks, symbolic links in folders). One bad file never stops an import; a whole archive is refused only
+when its table of contents already breaks a limit (too many members, too large once unpacked).
+
+Archives are read member by member, never extracted as a whole: each member's name is checked first (no absolute
+paths, no `..` (zip slip), no symbolic links, no encrypted members), its declared size against the limits, and its
+actual bytes are read with a cap (declared sizes can lie; a zip bomb stops at the cap). A zip inside the zip is
+read (one level by default); deeper nesting is refused. An archive that holds a labeled dataset (train.json,
+data.yaml, classes.txt, *.json, a labels/ folder) has its safe members written to a temporary folder, which is
+then read like a labeled folder.
+
+Labeled datasets go through `backend.data.folders.load_dataset` (which validates and clips boxes); categories map
+to the project's classes by name, missing ones are appended. Boxes are stored as xyxy original-image pixels after
+EXIF orientation (the readers' convention, and `Annotation`'s).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import re
+import stat
+import tempfile
+import zipfile
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from backend.data.folders import load_dataset
+from backend.data.records import DatasetError, DetectionSet
+from backend.ingest.dedupe import DEFAULT_NEAR_THRESHOLD
+from backend.store.images import AddResult, ImageLimits, add_image_bytes
+from backend.store.models import GROUND_TRUTH_SOURCES, Annotation, Image, Project, ensure_class
+
+ARCHIVE_SUFFIXES = (".zip",)
+# Files a labeled dataset is recognised by (inside an archive or a folder).
+LABEL_MARKERS = ("train.json", "data.yaml", "data.yml", "classes.txt")
+# Operating-system clutter: reported as skipped, never as a rejected image.
+_JUNK_NAMES = (".ds_store", "thumbs.db", "desktop.ini")
+_CHUNK = 1 << 20
+
+
+@dataclass(frozen=True)
+class ImportLimits:
+    """Limits of one import.
+
+    Attributes:
+        image: per-image limits (file size, pixel count).
+        max_archive_members: entries in one archive (files and folders); more refuses the whole archive.
+        max_archive_bytes: total uncompressed bytes read from all archives of one import, nested ones included.
+        max_nested_archive_bytes: the largest zip inside a zip (it is read into memory).
+        max_nesting: how many levels of zip-inside-zip are read (1: a zip in the uploaded zip is read, a zip in
+            that one is refused).
+        near_threshold: pHash bits for a near duplicate (see `backend.ingest.dedupe`).
+    """
+
+    image: ImageLimits = field(default_factory=ImageLimits)
+    max_archive_members: int = 20_000
+    max_archive_bytes: int = 4 * 1024**3
+    max_nested_archive_bytes: int = 512 * 1024**2
+    max_nesting: int = 1
+    near_threshold: int = DEFAULT_NEAR_THRESHOLD
+
+
+@dataclass
+class ImportReport:
+    """The outcome of one import, JSON-serialisable through `to_dict`.
+
+    Attributes:
+        accepted: {name, image_id} of images added.
+        duplicates: {name, image_id} of images whose bytes the project already had (`image_id` is that image).
+        near_duplicates: {name, image_id, similar_to, distance, near_group} of images added and marked.
+        rejected: {name, reason} of files or archives not imported.
+        skipped: {name, reason} of entries deliberately left out (symbolic links, OS clutter).
+        annotations: boxes imported from labeled datasets.
+        classes_added: classes appended to the project.
+        warnings: anything else worth knowing (boxes a reader clipped or dropped, ...).
+    """
+
+    accepted: list[dict] = field(default_factory=list)
+    duplicates: list[dict] = field(default_factory=list)
+    near_duplicates: list[dict] = field(default_factory=list)
+    rejected: list[dict] = field(default_factory=list)
+    skipped: list[dict] = field(default_factory=list)
+    annotations: int = 0
+    classes_added: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+    def record(self, result: AddResult) -> None:
+        if result.status == "accepted":
+            self.accepted.append({"name": result.name, "image_id": result.image_id})
+        elif result.status == "duplicate":
+            self.duplicates.append({"name": result.name, "image_id": result.image_id})
+        elif result.status == "near_duplicate":
+            self.near_duplicates.append(result.to_dict() | {"status": "near_duplicate"})
+        else:
+            self.reject(result.name, result.reason or "rejected")
+
+    def reject(self, name: str, reason: str) -> None:
+        self.rejected.append({"name": name, "reason": reason})
+
+    def skip(self, name: str, reason: str) -> None:
+        self.skipped.append({"name": name, "reason": reason})
+
+    def counts(self) -> dict[str, int]:
+        return {
+            "accepted": len(self.accepted),
+            "duplicates": len(self.duplicates),
+            "near_duplicates": len(self.near_duplicates),
+            "rejected": len(self.rejected),
+            "skipped": len(self.skipped),
+            "annotations": self.annotations,
+            "classes_added": len(self.classes_added),
+        }
+
+    def to_dict(self) -> dict:
+        return {
+            "counts": self.counts(),
+            "accepted": list(self.accepted),
+            "duplicates": list(self.duplicates),
+            "near_duplicates": list(self.near_duplicates),
+            "rejected": list(self.rejected),
+            "skipped": list(self.skipped),
+            "annotations": self.annotations,
+            "classes_added": list(self.classes_added),
+            "warnings": list(self.warnings),
+        }
+
+
+@dataclass
+class _Import:
+    session: Session
+    storage: Path
+    project: Project
+    limits: ImportLimits
+    source: str
+    report: ImportReport
+    archive_bytes_left: int
+
+
+def import_paths(
+    session: Session,
+    storage: Path,
+    project: Project,
+    paths: list[str | Path],
+    limits: ImportLimits | None = None,
+    *,
+    source: str = "import",
+) -> ImportReport:
+    """Imports image files, folders (recursively), zip archives and labeled datasets into `project`.
+
+    Args:
+        session: the open session; the caller commits (each image is added in its own savepoint).
+        storage: the storage folder.
+        project: the project to add to.
+        paths: files, folders, .zip archives, or a labeled dataset (a folder, a COCO .json, a YOLO data.yaml).
+        limits: the import's limits (defaults: `ImportLimits()`).
+        source: recorded on each new image: "import" (CLI, folders) or "upload" (files a user uploaded).
+
+    Returns:
+        What happened to every file (see `ImportReport`).
+    """
+    limits = limits or ImportLimits()
+    context = _Import(session, storage, project, limits, source, ImportReport(), limits.max_archive_bytes)
+    for raw in paths:
+        path = Path(raw)
+        name = str(raw)
+        if path.is_dir():
+            _import_folder(context, path, path.name or name)
+        elif not path.is_file():
+            context.report.reject(name, "not found" if not path.exists() else "not a regular file")
+        elif path.suffix.lower() in ARCHIVE_SUFFIXES:
+            _import_zip_file(context, path, path.name)
+        elif path.suffix.lower() in (".json", ".yaml", ".yml"):
+            _import_labeled(context, path, path.parent, path.name)
+        else:
+            _import_file(context, path, path.name)
+    return context.report
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Files and folders
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _import_file(context: _Import, path: Path, name: str) -> AddResult:
+    cap = context.limits.image.max_file_bytes
+    try:
+        size = path.stat().st_size
+        data = path.read_bytes() if size <= cap else None
+    except OSError as error:  # only reading is guarded: a failing store (disk full) must stop the import
+        result = AddResult("rejected", name, reason=f"cannot read the file ({error.strerror or error})")
+    else:
+        if data is None:
+            result = AddResult(
+                "rejected", name, reason=f"the file is {_human(size)}, over the {_human(cap)} limit per image"
+            )
+        else:
+            result = _add(context, data, name)
+    context.report.record(result)
+    return result
+
+
+def _human(size: int) -> str:
+    """Bytes in words: "3.2 MB", "4.0 GB"."""
+    for unit, factor in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if size >= factor:
+            return f"{size / factor:.1f} {unit}"
+    return f"{size} bytes"
+
+
+def _add(context: _Import, data: bytes, name: str) -> AddResult:
+    return add_image_bytes(
+        context.session,
+        context.storage,
+        context.project,
+        data,
+        source=context.source,
+        original_name=name,
+        near_threshold=context.limits.near_threshold,
+        limits=context.limits.image,
+    )
+
+
+def _is_junk(name: str) -> bool:
+    parts = re.split(r"[/\\]", name)
+    base = parts[-1].lower()
+    return "__MACOSX" in parts or base in _JUNK_NAMES or base.startswith("._")
+
+
+def _import_folder(context: _Import, folder: Path, label: str) -> None:
+    target = _labeled_target(folder)
+    if target is not None:
+        _import_labeled(context, target, folder, label)
+        return
+    for directory, dirnames, filenames in os.walk(folder, followlinks=False):
+        dirnames.sort()
+        here = Path(directory)
+        for dirname in list(dirnames):
+            if (here / dirname).is_symlink():
+                context.report.skip(_join(label, here / dirname, folder), "symbolic link to a folder: not followed")
+                dirnames.remove(dirname)
+        for filename in sorted(filenames):
+            path = here / filename
+            name = _join(label, path, folder)
+            if path.is_symlink():
+                context.report.skip(name, "symbolic link: not followed (copy the file itself to import it)")
+            elif _is_junk(name):
+                context.report.skip(name, "operating-system clutter, not an image")
+            elif path.suffix.lower() in ARCHIVE_SUFFIXES:
+                _import_zip_file(context, path, name)
+            else:
+                _import_file(context, path, name)
+
+
+def _join(label: str, path: Path, root: Path) -> str:
+    return f"{label}/{path.relative_to(root).as_posix()}"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Zip archives
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _import_zip_file(context: _Import, path: Path, name: str) -> None:
+    try:
+        archive = zipfile.ZipFile(path)
+    except (zipfile.BadZipFile, OSError, ValueError) as error:
+        context.report.reject(name, f"not a readable zip archive ({error})")
+        return
+    with archive:
+        _import_zip(context, archive, name, depth=0)
+
+
+def _member_problem(info: zipfile.ZipInfo) -> str | None:
+    """Why an archive member must not be read, or None."""
+    name = info.filename
+    if name.startswith(("/", "\\")) or re.match(r"^[A-Za-z]:", name):
+        return "absolute path inside the archive: refused (it could point outside the import)"
+    if ".." in re.split(r"[/\\]", name):
+        return "'..' in the member path (zip slip): refused"
+    if stat.S_ISLNK(info.external_attr >> 16):
+        return "symbolic link inside the archive: refused"
+    if info.flag_bits & 0x1:
+        return "encrypted member: extract the archive yourself and import the files"
+    return None
+
+
+def _import_zip(context: _Import, archive: zipfile.ZipFile, label: str, depth: int) -> None:
+    report, limits = context.report, context.limits
+    entries = archive.infolist()
+    if len(entries) > limits.max_archive_members:
+        report.reject(
+            label, f"the archive holds {len(entries)} entries, over the limit of {limits.max_archive_members}"
+        )
+        return
+    files = [info for info in entries if not info.is_dir()]
+    if not files:
+        report.reject(label, "the archive is empty (no files inside)")
+        return
+    declared = sum(info.file_size for info in files)
+    if declared > context.archive_bytes_left:
+        report.reject(
+            label,
+            f"the archive unpacks to {_human(declared)}, over the {_human(context.archive_bytes_left)} left of the "
+            f"{_human(limits.max_archive_bytes)} limit per import; split it into smaller archives",
+        )
+        return
+
+    safe: list[zipfile.ZipInfo] = []
+    for info in files:
+        member = f"{label}/{info.filename}"
+        problem = _member_problem(info)
+        if problem is not None:
+            report.reject(member, problem)
+        elif _is_junk(info.filename):
+            report.skip(member, "operating-system clutter, not an image")
+        else:
+            safe.append(info)
+    if _names_look_labeled([info.filename for info in safe]):
+        _import_labeled_zip(context, archive, safe, label)
+        return
+    for info in safe:
+        member = f"{label}/{info.filename}"
+        if info.filename.lower().endswith(ARCHIVE_SUFFIXES):
+            _import_nested_zip(context, archive, info, member, depth)
+            continue
+        data = _read_member(context, archive, info, member, limits.image.max_file_bytes)
+        if data is not None:
+            report.record(_add(context, data, member))
+
+
+def _import_nested_zip(
+    context: _Import, archive: zipfile.ZipFile, info: zipfile.ZipInfo, member: str, depth: int
+) -> None:
+    if depth + 1 > context.limits.max_nesting:
+        context.report.reject(
+            member, f"archive nested more than {context.limits.max_nesting} level(s) deep: unpack it and import it"
+        )
+        return
+    data = _read_member(context, archive, info, member, context.limits.max_nested_archive_bytes)
+    if data is None:
+        return
+    try:
+        inner = zipfile.ZipFile(io.BytesIO(data))
+    except (zipfile.BadZipFile, ValueError) as error:
+        context.report.reject(member, f"not a readable zip archive ({error})")
+        return
+    with inner:
+        _import_zip(context, inner, member, depth + 1)
+
+
+def _read_member(
+    context: _Import, archive: zipfile.ZipFile, info: zipfile.ZipInfo, member: str, cap: int
+) -> bytes | None:
+    """The member's bytes, read with a cap (declared sizes can lie), or None after reporting why not."""
+    if info.file_size > cap:
+        context.report.reject(member, f"{_human(info.file_size)} unpacked, over the {_human(cap)} limit")
+        return None
+    limit = min(cap, context.archive_bytes_left)
+    chunks: list[bytes] = []
+    read = 0
+    try:
+        with archive.open(info) as stream:
+            while chunk := stream.read(min(_CHUNK, limit + 1 - read)):
+                chunks.append(chunk)
+                read += len(chunk)
+                if read > limit:
+                    break
+    except (zipfile.BadZipFile, zlib.error, NotImplementedError, RuntimeError, EOFError, OSError) as error:
+        context.report.reject(member, f"cannot read it from the archive ({error})")
+        return None
+    context.archive_bytes_left -= min(read, limit)
+    if read > limit:
+        if limit < cap:
+            reason = f"the import reached its {_human(context.limits.max_archive_bytes)} unpacked limit"
+        else:
+            reason = f"unpacks to more than its declared size and the {_human(cap)} limit (zip bomb?)"
+        context.report.reject(member, reason)
+        return None
+    return b"".join(chunks)
+
+
+def _names_look_labeled(names: list[str]) -> bool:
+    for name in names:
+        parts = [part.lower() for part in re.split(r"[/\\]", name)]
+        if parts[-1] in LABEL_MARKERS or parts[-1].endswith(".json") or "labels" in parts[:-1]:
+            return True
+    return False
+
+
+def _import_labeled_zip(context: _Import, archive: zipfile.ZipFile, safe: list[zipfile.ZipInfo], label: str) -> None:
+    """Writes the (already checked) members to a temporary folder, then imports it as a labeled folder."""
+    with tempfile.TemporaryDirectory(prefix="yolodex-import-") as temporary:
+        root = Path(temporary).resolve()
+        for info in safe:
+            member = f"{label}/{info.filename}"
+            if info.filename.lower().endswith(ARCHIVE_SUFFIXES):
+                context.report.reject(member, "archive inside a labeled dataset archive: not read")
+                continue
+            parts = [part for part in re.split(r"[/\\]", info.filename) if part not in ("", ".")]
+            target = root.joinpath(*parts).resolve()
+            if not target.is_relative_to(root):  # already refused by _member_problem; belt and braces
+                context.report.reject(member, "member path leaves the archive: refused")
+                continue
+            data = _read_member(context, archive, info, member, context.limits.image.max_file_bytes)
+            if data is None:
+                continue
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(data)
+        dataset_root = _single_child_folder(root)
+        target = _labeled_target(dataset_root)
+        if target is None:
+            context.report.warnings.append(f"{label}: no COCO or YOLO layout found; imported its images unlabeled")
+            _import_folder_plain(context, dataset_root, label)
+        else:
+            _import_labeled(context, target, dataset_root, label)
+
+
+def _single_child_folder(root: Path) -> Path:
+    """Archives often wrap everything in one folder: the dataset is that folder."""
+    children = [child for child in root.iterdir() if not _is_junk(child.name) and child.name != "__MACOSX"]
+    if len(children) == 1 and children[0].is_dir() and _labeled_target(root) is None:
+        return children[0]
+    return root
+
+
+def _import_folder_plain(context: _Import, folder: Path, label: str) -> None:
+    for path in sorted(folder.rglob("*")):
+        if path.is_file() and not path.is_symlink():
+            _import_file(context, path, _join(label, path, folder))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Labeled datasets
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _labeled_target(folder: Path) -> Path | None:
+    """What to hand `load_dataset` when `folder` holds a labeled dataset, else None."""
+    if any((folder / marker).is_file() for marker in LABEL_MARKERS):
+        return folder
+    if (folder / "images").is_dir() and (folder / "labels").is_dir():
+        return folder  # load_dataset says so if the class list is missing
+    for candidate in sorted(folder.glob("*.json")):
+        try:
+            content = json.loads(candidate.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        if isinstance(content, dict) and "annotations" in content and "images" in content:
+            return candidate
+    return None
+
+
+def _import_labeled(context: _Import, target: Path, root: Path, label: str) -> None:
+    """Imports a dataset `load_dataset(target)` reads; names in the report are `label/<path relative to root>`."""
+    report = context.report
+    try:
+        splits = load_dataset(target)
+    except (DatasetError, OSError) as error:
+        report.reject(label, f"labeled dataset not imported: {error}")
+        return
+    classes = _map_classes(context, splits["train"])
+    for split, dataset in splits.items():
+        for file_name, reason in dataset.report.images_skipped:
+            report.reject(f"{label}/{file_name}", reason)
+        for reason, count in dataset.report.boxes_dropped.items():
+            report.warnings.append(f"{label} ({split}): {count} boxes dropped ({reason})")
+        if dataset.report.boxes_clipped:
+            report.warnings.append(f"{label} ({split}): {dataset.report.boxes_clipped} boxes clipped to the image")
+        report.warnings.extend(f"{label} ({split}): {warning}" for warning in dataset.report.warnings)
+        for record in dataset.records:
+            try:
+                name = f"{label}/{record.path.relative_to(root).as_posix()}"
+            except ValueError:
+                name = f"{label}/{record.path.name}"
+            result = _import_file(context, record.path, name)
+            if result.image_id is None:
+                continue
+            image = context.session.get(Image, result.image_id)
+            if image is None:
+                continue
+            if (image.width, image.height) != (record.width, record.height):
+                report.warnings.append(f"{name}: size disagrees with the dataset reader; its boxes were not imported")
+                continue
+            if result.status == "duplicate" and _has_ground_truth(context.session, image.id):
+                report.warnings.append(f"{name}: already labeled in the project; its boxes were not imported again")
+                continue
+            for box, class_index in zip(record.boxes.tolist(), record.labels.tolist()):
+                x1, y1, x2, y2 = box
+                context.session.add(
+                    Annotation(
+                        image_id=image.id, class_id=classes[class_index], x1=x1, y1=y1, x2=x2, y2=y2, source="import"
+                    )
+                )
+                report.annotations += 1
+            image.labeled = True
+    context.session.flush()
+
+
+def _map_classes(context: _Import, dataset: DetectionSet) -> list[int]:
+    """ProjectClass ids for the dataset's class indices, adding classes the project lacks (by name)."""
+    ids = []
+    for name in dataset.class_names:
+        project_class, added = ensure_class(context.session, context.project, str(name))
+        if added:
+            context.report.classes_added.append(project_class.name)
+        ids.append(project_class.id)
+    return ids
+
+
+def _has_ground_truth(session: Session, image_id: int) -> bool:
+    count = session.scalar(
+        select(func.count())
+        .select_from(Annotation)
+        .where(Annotation.image_id == image_id, Annotation.source.in_(GROUND_TRUTH_SOURCES))
+    )
+    return bool(count)

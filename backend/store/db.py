@@ -1,0 +1,100 @@
+"""Engine, schema migration and sessions for the metadata database.
+
+SQLite is the default (one file in the storage folder, WAL journal so the app, the worker and the CLI can read
+while one of them writes); any SQLAlchemy URL works, e.g. `postgresql+psycopg://...`. The schema is created and
+upgraded only by the Alembic scripts in `backend/store/migrations/` (never `create_all`), so a database made by
+an older yolodex is upgraded in place. The scripts ship inside the package: no alembic.ini is needed at run time.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from alembic import command
+from alembic.config import Config
+from sqlalchemy import Engine, create_engine, event
+from sqlalchemy.engine import make_url
+from sqlalchemy.orm import Session
+
+MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
+# How long a SQLite writer waits for another process's write lock before failing ("database is locked").
+SQLITE_BUSY_TIMEOUT_MS = 10_000
+
+
+def make_engine(url: str) -> Engine:
+    """Creates an engine; for SQLite, creates the file's folder and sets WAL, foreign keys and a busy timeout.
+
+    Args:
+        url: a SQLAlchemy database URL (`sqlite:///<path>`, `postgresql+psycopg://...`).
+    """
+    parsed = make_url(url)
+    is_sqlite = parsed.get_backend_name() == "sqlite"
+    if is_sqlite and parsed.database and parsed.database != ":memory:":
+        Path(parsed.database).expanduser().parent.mkdir(parents=True, exist_ok=True)
+    engine = create_engine(url, future=True)
+    if is_sqlite:
+        event.listen(engine, "connect", _configure_sqlite_connection)
+        event.listen(engine, "begin", _begin_sqlite_transaction)
+    return engine
+
+
+def _configure_sqlite_connection(dbapi_connection, _connection_record) -> None:
+    cursor = dbapi_connection.cursor()
+    try:
+        # SQLite leaves foreign keys off unless asked, per connection; ON DELETE CASCADE depends on them.
+        cursor.execute("PRAGMA foreign_keys=ON")
+        cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
+        cursor.execute("PRAGMA journal_mode=WAL")  # persistent in the file; an in-memory database answers "memory"
+        cursor.execute("PRAGMA synchronous=NORMAL")  # safe with WAL: a crash loses at most the last commits
+    finally:
+        cursor.close()
+    # The sqlite3 module opens transactions only before INSERT/UPDATE/DELETE, so a SAVEPOINT issued first would
+    # run outside any transaction and its RELEASE would commit for good (a failed import would keep half its
+    # images). Take transaction control away from the driver and BEGIN ourselves (SQLAlchemy's documented recipe).
+    dbapi_connection.isolation_level = None
+
+
+def _begin_sqlite_transaction(connection) -> None:
+    connection.exec_driver_sql("BEGIN")
+
+
+def alembic_config() -> Config:
+    """An Alembic config pointing at the packaged migration scripts (for `command.upgrade`/`revision`)."""
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS_DIR))
+    return config
+
+
+def init_db(url: str | Engine) -> Engine:
+    """Brings the database at `url` to the newest schema (Alembic `upgrade head`); a no-op when it is there.
+
+    Args:
+        url: a database URL or an engine made by `make_engine`.
+
+    Returns:
+        The engine (made from `url` when a URL was given).
+    """
+    engine = make_engine(url) if isinstance(url, str) else url
+    config = alembic_config()
+    with engine.begin() as connection:
+        # env.py uses this connection rather than building its own engine from a URL (URLs with passwords
+        # would otherwise go through configparser interpolation).
+        config.attributes["connection"] = connection
+        command.upgrade(config, "head")
+    return engine
+
+
+@contextmanager
+def session_scope(engine: Engine) -> Iterator[Session]:
+    """A session that commits when the block ends and rolls back (then re-raises) when it raises."""
+    session = Session(engine, expire_on_commit=False)
+    try:
+        yield session
+        session.commit()
+    except BaseException:
+        session.rollback()
+        raise
+    finally:
+        session.close()

@@ -1,0 +1,368 @@
+"""The content-addressed image store and the one entry point for any new image: `add_image_bytes`.
+
+Files live at `storage/images/<sha256[:2]>/<sha256>.<ext>`, holding the bytes exactly as received (EXIF and all),
+so the sha256 of a file is its name and a file is never overwritten: an existing file already holds those bytes.
+Writes go to a temporary file in the same folder, then are renamed into place (a crash leaves no half image).
+
+Every image is decoded fully before it is kept (`decode_checked`): a truncated JPEG, a text file named .jpg or a
+decompression bomb is rejected with the reason, never stored. Widths and heights are recorded after EXIF
+orientation, the space annotations use (see `backend.store.models`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+import os
+import struct
+import tempfile
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from PIL import Image as PILImage
+from PIL import ImageOps, UnidentifiedImageError
+from sqlalchemy import select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from backend.ingest.dedupe import DEFAULT_NEAR_THRESHOLD, hamming_to_many, hashes_to_array, phash
+from backend.store.models import IMAGE_SOURCES, Image, Project
+
+logger = logging.getLogger(__name__)
+
+# Pillow format name → the extension we store under. Anything else is rejected.
+ACCEPTED_FORMATS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp", "BMP": "bmp", "GIF": "gif"}
+ACCEPTED_DESCRIPTION = "jpg, png, webp, bmp or gif"
+DEFAULT_MAX_FILE_BYTES = 50 * 1024 * 1024
+# 50 MP holds every common camera and phone photo (a 48 MP phone shot is 8064x6048) and stays under Pillow's own
+# bomb threshold (Image.MAX_IMAGE_PIXELS, ~89.5 MP). Decoding one 50 MP image takes ~150 MB of RGB memory.
+DEFAULT_MAX_PIXELS = 50_000_000
+_DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, IndexError, TypeError, ZeroDivisionError, struct.error)
+
+
+class ImageRejected(ValueError):
+    """Bytes that are not an image we keep; the message is the reason shown to the user."""
+
+
+@dataclass(frozen=True)
+class ImageLimits:
+    """What a single image may be.
+
+    Attributes:
+        max_file_bytes: the largest encoded file accepted.
+        max_pixels: the largest width x height accepted, checked from the header before any pixel is decoded.
+    """
+
+    max_file_bytes: int = DEFAULT_MAX_FILE_BYTES
+    max_pixels: int = DEFAULT_MAX_PIXELS
+
+    def __post_init__(self) -> None:
+        if self.max_file_bytes <= 0 or self.max_pixels <= 0:
+            raise ValueError(f"image limits must be positive, got {self}")
+        pil_limit = PILImage.MAX_IMAGE_PIXELS
+        if pil_limit is not None and self.max_pixels > pil_limit:
+            # Pillow's own check is kept as a second line of defence (its warning is a rejection here), so a
+            # larger limit of ours would be silently capped by it: say so instead.
+            raise ValueError(
+                f"max_pixels={self.max_pixels} is above Pillow's PIL.Image.MAX_IMAGE_PIXELS={pil_limit}; "
+                "raise that too (at start-up) to accept larger images"
+            )
+
+
+@dataclass
+class DecodedImage:
+    """An image that decoded completely.
+
+    Attributes:
+        image: the first frame, EXIF orientation applied, pixels loaded.
+        width: width in pixels after EXIF orientation.
+        height: height in pixels after EXIF orientation.
+        format: the Pillow format name ("JPEG", "PNG", ...).
+        extension: the extension it is stored under ("jpg", "png", ...).
+    """
+
+    image: PILImage.Image
+    width: int
+    height: int
+    format: str
+    extension: str
+
+
+def decode_checked(data: bytes, limits: ImageLimits | None = None) -> DecodedImage:
+    """Decodes every pixel of an encoded image, or says why it cannot be kept.
+
+    Checks, in order: size in bytes; a format we accept (jpg, png, webp, bmp; gif gives its first frame);
+    width x height against `limits.max_pixels` from the header, before decoding (decompression bombs); the file's
+    structure (Pillow `verify`); a full decode (truncated files fail here). Pillow's DecompressionBombWarning is
+    turned into a rejection too.
+
+    Raises:
+        ImageRejected: the reason, in words for the user.
+    """
+    limits = limits or ImageLimits()
+    if not data:
+        raise ImageRejected("the file is empty (0 bytes)")
+    if len(data) > limits.max_file_bytes:
+        raise ImageRejected(
+            f"the file is {len(data) / 1e6:.1f} MB, over the {limits.max_file_bytes / 1e6:.0f} MB limit per image"
+        )
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", PILImage.DecompressionBombWarning)
+        try:
+            return _decode(data, limits)
+        except ImageRejected:
+            raise
+        except (PILImage.DecompressionBombError, PILImage.DecompressionBombWarning) as error:
+            raise ImageRejected(f"too many pixels for a safe decode ({error})") from error
+        except MemoryError as error:
+            raise ImageRejected("not enough memory to decode the image") from error
+        except _DECODE_ERRORS as error:
+            # Pillow's plugins raise many types for malformed data (OSError "image file is truncated",
+            # SyntaxError "broken PNG file", struct.error...); each is one bad file, never a crash.
+            raise ImageRejected(f"corrupt or truncated image ({error or type(error).__name__})") from error
+
+
+def _decode(data: bytes, limits: ImageLimits) -> DecodedImage:
+    try:
+        with warnings.catch_warnings():
+            # Opening reads only the header; our own pixel check below must speak first, with our limit.
+            warnings.simplefilter("ignore", PILImage.DecompressionBombWarning)
+            probe = PILImage.open(io.BytesIO(data), formats=list(ACCEPTED_FORMATS))
+    except UnidentifiedImageError:
+        raise ImageRejected(_unaccepted_reason(data)) from None
+    except PILImage.DecompressionBombError as error:  # over twice Pillow's limit: refused by Pillow's header check
+        raise ImageRejected(f"too many pixels: {error} (decompression-bomb guard); downscale it first") from error
+    with probe:
+        image_format = probe.format or ""
+        width, height = probe.size
+        if width <= 0 or height <= 0:
+            raise ImageRejected(f"the image has no pixels ({width}x{height})")
+        if width * height > limits.max_pixels:
+            raise ImageRejected(
+                f"{width}x{height} is {width * height / 1e6:.1f} megapixels, over the "
+                f"{limits.max_pixels / 1e6:.0f} MP limit (decompression-bomb guard); downscale it first"
+            )
+        probe.verify()  # structure and checksums (PNG CRCs); the image cannot be used after verify()
+    image = PILImage.open(io.BytesIO(data), formats=[image_format])
+    image.seek(0)  # the first frame of an animated gif/webp
+    image.load()  # every pixel: a truncated file raises here
+    try:
+        oriented = ImageOps.exif_transpose(image)
+    except Exception as error:  # unreadable EXIF: keep the pixels as stored, as backend.processing.load_image does
+        logger.warning("ignoring unreadable EXIF orientation: %s", error)
+        oriented = image
+    return DecodedImage(oriented, oriented.width, oriented.height, image_format, ACCEPTED_FORMATS[image_format])
+
+
+def _unaccepted_reason(data: bytes) -> str:
+    try:
+        with PILImage.open(io.BytesIO(data)) as other:  # header only: which format is it?
+            found = other.format
+    except Exception:
+        found = None
+    if found:
+        return f"{found} images are not accepted; convert it to {ACCEPTED_DESCRIPTION}"
+    return f"not an image (the content is not {ACCEPTED_DESCRIPTION}, whatever the file name says)"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The content store
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def content_path(sha256: str, extension: str) -> Path:
+    """The store path of an image, relative to the storage folder: images/<sha[:2]>/<sha>.<ext>."""
+    return Path("images") / sha256[:2] / f"{sha256}.{extension}"
+
+
+def store_bytes(storage: Path, sha256: str, extension: str, data: bytes) -> Path:
+    """Writes `data` into the content store (atomically) unless it is already there.
+
+    Returns:
+        The path relative to `storage`.
+    """
+    relative = content_path(sha256, extension)
+    target = storage / relative
+    if target.is_file() and target.stat().st_size == len(data):
+        return relative  # same name = same bytes; never overwrite
+    target.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(prefix=f".{sha256[:12]}.", suffix=".tmp", dir=target.parent)
+    try:
+        with os.fdopen(handle, "wb") as file:
+            file.write(data)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temporary, target)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+    return relative
+
+
+def image_file(storage: Path, image: Image) -> Path:
+    """The absolute path of a stored image."""
+    return storage / image.path
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Adding images
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class AddResult:
+    """What happened to one image.
+
+    Attributes:
+        status: "accepted", "duplicate" (same bytes already in the project: nothing added, `image_id` is the
+            existing image), "near_duplicate" (stored and marked, `similar_to` is the closest earlier image) or
+            "rejected" (`reason` says why; nothing stored).
+        name: the name the image came under (file name, archive member, URL), for reports.
+        image_id: the stored image (None when rejected).
+        reason: why it was rejected.
+        similar_to: for a near duplicate, the closest earlier image.
+        distance: for a near duplicate, its pHash distance in bits.
+        near_group: for a near duplicate, its group id (the id of the group's first image).
+    """
+
+    status: str
+    name: str = ""
+    image_id: int | None = None
+    reason: str | None = None
+    similar_to: int | None = None
+    distance: int | None = None
+    near_group: int | None = None
+
+    def to_dict(self) -> dict:
+        return {key: value for key, value in asdict(self).items() if value is not None}
+
+
+def add_image_bytes(
+    session: Session,
+    storage: Path,
+    project: Project,
+    data: bytes,
+    *,
+    source: str,
+    original_name: str | None = None,
+    source_url: str | None = None,
+    page_url: str | None = None,
+    licence_hint: str | None = None,
+    near_threshold: int = DEFAULT_NEAR_THRESHOLD,
+    limits: ImageLimits | None = None,
+) -> AddResult:
+    """Checks, dedupes, stores and records one image. Bad bytes give a "rejected" result, never an exception.
+
+    The new row is flushed inside a savepoint: a failure here undoes only this image, and the caller's session
+    (e.g. the rest of an import) carries on. The caller commits.
+
+    Args:
+        session: the open session (its transaction holds the new row until the caller commits).
+        storage: the storage folder.
+        project: the project the image joins.
+        data: the encoded file, exactly as received.
+        source: "upload", "import", "crawl" or "synthetic".
+        original_name: the file name or archive member it came as.
+        source_url: where the image bytes were downloaded from (crawl).
+        page_url: the page that showed it (crawl).
+        licence_hint: any licence the page or provider stated.
+        near_threshold: pHash bits within which an earlier image makes this one a near duplicate.
+        limits: per-image limits (defaults: `ImageLimits()`).
+
+    Raises:
+        ValueError: `source` is not one of the four (a programming error, not bad input).
+    """
+    if source not in IMAGE_SOURCES:
+        raise ValueError(f"source must be one of {IMAGE_SOURCES}, got {source!r}")
+    name = original_name or source_url or "<bytes>"
+    try:
+        decoded = decode_checked(data, limits)
+        image_hash = phash(decoded.image)
+    except ImageRejected as error:
+        return AddResult("rejected", name, reason=str(error))
+    except Exception as error:  # anything else a hostile file provokes in a decoder is still one bad file
+        logger.warning("rejecting %s: unexpected %s", name, type(error).__name__, exc_info=True)
+        return AddResult("rejected", name, reason=f"cannot decode the image ({type(error).__name__}: {error})")
+
+    sha256 = hashlib.sha256(data).hexdigest()
+    existing = _find_by_sha(session, project, sha256)
+    if existing is not None:
+        return AddResult("duplicate", name, image_id=existing)
+
+    similar_to, distance, matched_groups, matched_ids = _near_matches(session, project, image_hash, near_threshold)
+    relative = store_bytes(storage, sha256, decoded.extension, data)
+    image = Image(
+        project_id=project.id,
+        sha256=sha256,
+        phash=image_hash,
+        width=decoded.width,
+        height=decoded.height,
+        format=decoded.extension,
+        path=relative.as_posix(),
+        size_bytes=len(data),
+        source=source,
+        original_name=original_name,
+        source_url=source_url,
+        page_url=page_url,
+        licence_hint=licence_hint,
+        status="near_duplicate" if similar_to is not None else "ok",
+        duplicate_of_id=similar_to,
+    )
+    try:
+        with session.begin_nested():
+            session.add(image)
+            session.flush()
+            group = None
+            if similar_to is not None:
+                group = _join_near_group(session, project, image, matched_groups, matched_ids)
+    except IntegrityError:
+        # Another process added the same bytes between our lookup and our insert.
+        existing = _find_by_sha(session, project, sha256)
+        if existing is None:
+            raise
+        return AddResult("duplicate", name, image_id=existing)
+    if similar_to is not None:
+        return AddResult("near_duplicate", name, image.id, similar_to=similar_to, distance=distance, near_group=group)
+    return AddResult("accepted", name, image.id)
+
+
+def _find_by_sha(session: Session, project: Project, sha256: str) -> int | None:
+    return session.scalar(select(Image.id).where(Image.project_id == project.id, Image.sha256 == sha256))
+
+
+def _near_matches(
+    session: Session, project: Project, image_hash: str, threshold: int
+) -> tuple[int | None, int | None, set[int], list[int]]:
+    """(closest image id, its distance, the groups of all matches, the ids of all matches) within `threshold`."""
+    rows = session.execute(select(Image.id, Image.phash, Image.near_group).where(Image.project_id == project.id)).all()
+    if not rows:
+        return None, None, set(), []
+    # One vectorised pass over every hash of the project: ~1 ms per 10k images.
+    distances = hamming_to_many(image_hash, hashes_to_array([row.phash for row in rows]))
+    close = [index for index in range(len(rows)) if distances[index] <= threshold]
+    if not close:
+        return None, None, set(), []
+    closest = min(close, key=lambda index: (distances[index], rows[index].id))
+    groups = {rows[index].near_group for index in close if rows[index].near_group is not None}
+    return rows[closest].id, int(distances[closest]), groups, [rows[index].id for index in close]
+
+
+def _join_near_group(
+    session: Session, project: Project, image: Image, matched_groups: set[int], matched_ids: list[int]
+) -> int:
+    """Puts the new image, every image it matched and those images' groups into one group (union of sets).
+
+    A group's id is the smallest image id in it, so merging two groups keeps the older one's id.
+    """
+    group = min([*matched_groups, *matched_ids])
+    members = Image.id.in_([*matched_ids, image.id])
+    if matched_groups:
+        members = members | Image.near_group.in_(matched_groups)
+    session.execute(
+        update(Image).where(Image.project_id == project.id, members).values(near_group=group),
+        execution_options={"synchronize_session": "fetch"},
+    )
+    image.near_group = group
+    return group

@@ -1,0 +1,174 @@
+"""Metadata database (Alembic schema, SQLite settings, sessions) and the checked, content-addressed image store."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+from alembic import command
+from alembic.autogenerate import compare_metadata
+from alembic.migration import MigrationContext
+from PIL import Image as PILImage
+from sqlalchemy import inspect, select, text
+
+from backend.store.db import alembic_config, init_db, session_scope
+from backend.store.images import ImageLimits, ImageRejected, add_image_bytes, decode_checked
+from backend.store.models import Base, Image, Project, ensure_class, get_or_create_project
+
+
+def textured(seed: int, size: tuple[int, int] = (96, 64)) -> np.ndarray:
+    """(H, W, 3) uint8 RGB: smooth random colour blobs, so every seed has a distinct perceptual hash."""
+    coarse = np.random.default_rng(seed).integers(0, 256, (6, 6, 3)).astype(np.uint8)
+    return cv2.resize(coarse, size, interpolation=cv2.INTER_CUBIC)
+
+
+def encode(pixels: np.ndarray, image_format: str = "PNG", **options) -> bytes:
+    buffer = io.BytesIO()
+    PILImage.fromarray(pixels).save(buffer, image_format, **options)
+    return buffer.getvalue()
+
+
+@pytest.fixture
+def engine(tmp_path: Path):
+    engine = init_db(f"sqlite:///{tmp_path / 'yolodex.db'}")
+    yield engine
+    engine.dispose()
+
+
+def test_migration_creates_the_schema_and_running_it_again_is_a_no_op(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'fresh' / 'yolodex.db'}"
+    engine = init_db(url)
+    tables = set(inspect(engine).get_table_names())
+    assert {"projects", "project_classes", "images", "annotations", "dataset_versions", "runs", "model_files"} <= tables
+    with session_scope(engine) as session:
+        get_or_create_project(session, "kept")
+    init_db(url)  # a second run must neither fail nor touch the data
+    with engine.connect() as connection:
+        assert connection.execute(text("SELECT version_num FROM alembic_version")).scalar_one() == "0001"
+        assert connection.execute(text("SELECT name FROM projects")).scalars().all() == ["kept"]
+        # The migration and the models agree: autogenerate would find nothing to do.
+        assert compare_metadata(MigrationContext.configure(connection), Base.metadata) == []
+
+
+def test_sqlite_runs_in_wal_mode_with_foreign_keys(engine) -> None:
+    with engine.connect() as connection:
+        assert connection.execute(text("PRAGMA journal_mode")).scalar_one() == "wal"
+        assert connection.execute(text("PRAGMA foreign_keys")).scalar_one() == 1
+        assert connection.execute(text("PRAGMA busy_timeout")).scalar_one() > 0
+
+
+def test_session_scope_rolls_back_on_error(engine) -> None:
+    with pytest.raises(RuntimeError), session_scope(engine) as session:
+        get_or_create_project(session, "lost")
+        raise RuntimeError("boom")
+    with session_scope(engine) as session:
+        assert session.scalars(select(Project)).all() == []
+
+
+def test_classes_get_contiguous_indices(engine) -> None:
+    with session_scope(engine) as session:
+        project = get_or_create_project(session, "dex")
+        first, added = ensure_class(session, project, "Bulbasaur", dex_number=1)
+        again, added_again = ensure_class(session, project, "Bulbasaur")
+        second, _ = ensure_class(session, project, "Charmander", dex_number=4)
+        assert (added, added_again, again.id) == (True, False, first.id)
+        assert [first.index, second.index] == [0, 1]
+
+
+@pytest.mark.parametrize(
+    ("image_format", "extension"), [("JPEG", "jpg"), ("PNG", "png"), ("WEBP", "webp"), ("BMP", "bmp"), ("GIF", "gif")]
+)
+def test_decode_accepts_the_five_formats(image_format: str, extension: str) -> None:
+    decoded = decode_checked(encode(textured(1), image_format))
+    assert (decoded.width, decoded.height, decoded.extension) == (96, 64, extension)
+
+
+def test_decode_takes_the_first_frame_of_an_animated_gif() -> None:
+    frames = [PILImage.fromarray(np.full((20, 30, 3), value, np.uint8)) for value in (10, 250)]
+    buffer = io.BytesIO()
+    frames[0].save(buffer, "GIF", save_all=True, append_images=frames[1:])
+    decoded = decode_checked(buffer.getvalue())
+    assert np.asarray(decoded.image.convert("RGB"))[0, 0, 0] < 128
+
+
+def test_decode_applies_exif_orientation() -> None:
+    image = PILImage.fromarray(textured(2, (80, 40)))
+    exif = image.getexif()
+    exif[0x0112] = 6  # rotate 90°: displayed 40 wide, 80 tall
+    buffer = io.BytesIO()
+    image.save(buffer, "JPEG", exif=exif)
+    decoded = decode_checked(buffer.getvalue())
+    assert (decoded.width, decoded.height) == (40, 80)
+
+
+def test_decode_rejects_hostile_and_unsupported_files_with_a_reason() -> None:
+    jpeg = encode(textured(3, (200, 150)), "JPEG", quality=90)
+    cases = {
+        b"": "empty",
+        b"just some text, named photo.jpg": "not an image",
+        jpeg[: len(jpeg) // 2]: "truncated",
+        encode(textured(3), "TIFF"): "TIFF images are not accepted",
+    }
+    for data, expected in cases.items():
+        with pytest.raises(ImageRejected, match=expected):
+            decode_checked(data)
+    with pytest.raises(ImageRejected, match=r"over the .* limit per image"):
+        decode_checked(jpeg, ImageLimits(max_file_bytes=1000))
+
+
+def test_a_12000x9000_image_is_refused_by_the_pixel_limit_before_decoding() -> None:
+    buffer = io.BytesIO()
+    PILImage.new("1", (12000, 9000)).save(buffer, "PNG")  # one colour: a few kB on disk, 108 MP decoded
+    with pytest.raises(ImageRejected, match=r"12000x9000 is 108\.0 megapixels, over the 50 MP limit"):
+        decode_checked(buffer.getvalue())
+    with pytest.raises(ValueError, match="MAX_IMAGE_PIXELS"):
+        ImageLimits(max_pixels=10**12)
+
+
+def test_add_image_bytes_stores_content_addressed_and_dedupes(engine, tmp_path: Path) -> None:
+    storage = tmp_path / "storage"
+    data = encode(textured(4))
+    sha = hashlib.sha256(data).hexdigest()
+    with session_scope(engine) as session:
+        project = get_or_create_project(session, "dex")
+        other = get_or_create_project(session, "other")
+        first = add_image_bytes(
+            session, storage, project, data, source="crawl", original_name="a.png",
+            source_url="https://example.org/a.png", page_url="https://example.org/", licence_hint="CC-BY-4.0",
+        )  # fmt: skip
+        again = add_image_bytes(session, storage, project, data, source="upload", original_name="b.png")
+        elsewhere = add_image_bytes(session, storage, other, data, source="upload", original_name="b.png")
+        bad = add_image_bytes(session, storage, project, b"\x89PNG\r\n\x1a\nnot really", source="upload")
+    assert first.status == "accepted"
+    assert (again.status, again.image_id) == ("duplicate", first.image_id)
+    assert elsewhere.status == "accepted" and elsewhere.image_id != first.image_id  # per-project uniqueness
+    assert bad.status == "rejected" and bad.reason
+    stored = storage / "images" / sha[:2] / f"{sha}.png"
+    assert stored.read_bytes() == data
+    assert not list(stored.parent.glob("*.tmp"))
+    with session_scope(engine) as session:
+        image = session.get(Image, first.image_id)
+        assert (image.sha256, image.path, image.width, image.height, image.size_bytes) == (
+            sha, f"images/{sha[:2]}/{sha}.png", 96, 64, len(data),
+        )  # fmt: skip
+        assert (image.source, image.source_url, image.page_url, image.licence_hint) == (
+            "crawl", "https://example.org/a.png", "https://example.org/", "CC-BY-4.0",
+        )  # fmt: skip
+        assert len(image.phash) == 16 and image.status == "ok"
+        assert session.scalar(select(Image.id).where(Image.project_id == project.id).order_by(Image.id.desc())) == (
+            first.image_id
+        )
+
+
+def test_the_migration_renders_for_postgresql() -> None:
+    """No SQLite-only SQL: the same migration compiles for PostgreSQL (offline mode, no server needed)."""
+    config = alembic_config()
+    config.set_main_option("sqlalchemy.url", "postgresql://yolodex@localhost/yolodex")
+    config.output_buffer = io.StringIO()
+    command.upgrade(config, "head", sql=True)
+    sql = config.output_buffer.getvalue()
+    assert "CREATE TABLE images" in sql and "CONSTRAINT uq_images_project_sha256 UNIQUE (project_id, sha256)" in sql
