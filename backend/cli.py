@@ -263,6 +263,55 @@ def cmd_quantize(args: argparse.Namespace) -> None:
     _print(report, args.json, "\n".join(lines))
 
 
+def cmd_import(args: argparse.Namespace) -> None:
+    from backend.ingest.service import import_into
+
+    report = import_into(args.paths, args.project)
+    keys = ("accepted", "duplicates", "near_duplicates", "rejected", "skipped", "annotations")
+    counts = {key: len(report[key]) if isinstance(report[key], list) else report[key] for key in keys if key in report}
+    lines = [f"{report['project']}: " + ", ".join(f"{value} {key.replace('_', ' ')}" for key, value in counts.items())]
+    lines += [f"  rejected {item['name']}: {item['reason']}" for item in report.get("rejected", [])[:20]]
+    _print(report, args.json, "\n".join(lines))
+
+
+def cmd_crawl(args: argparse.Namespace) -> None:
+    from backend.ingest.crawl import CrawlSettings
+    from backend.ingest.service import crawl_into
+
+    urls = None
+    if args.urls:
+        urls = [
+            line.strip() for line in args.urls.read_text().splitlines() if line.strip() and not line.startswith("#")
+        ]
+    settings = CrawlSettings(allow_private_addresses=args.allow_private)
+    report = crawl_into(project=args.project, query=args.query, limit=args.limit, urls=urls, page=args.page,
+                        depth=args.depth, crawl_settings=settings)  # fmt: skip
+    text = (
+        f"{report['project']}: kept {report['kept']} of {report['fetched']} fetched, stored {report['stored']}, "
+        f"{len(report['skipped'])} skipped, {len(report['rejected'])} rejected, {report['pages_visited']} pages"
+    )
+    _print(report, args.json, text)
+
+
+def cmd_dataset(args: argparse.Namespace) -> None:
+    from backend.ingest import service
+
+    if args.action == "freeze":
+        fractions = (1.0 - args.val - args.test, args.val) + ((args.test,) if args.test else ())
+        report = service.freeze(args.project, args.name, fractions, args.seed)
+        text = f"{report['project']} / {report['version']}: {report['folder']} {report['counts']}"
+    elif args.action == "export":
+        report = service.export(args.project, args.name, args.format, args.out)
+        text = f"{report['project']} / {report['version']} as {report['format']}: {report['path']}"
+    elif args.action == "stats":
+        report = service.stats(args.project, args.name)
+        text = json.dumps(report, indent=2)
+    else:
+        report = service.starter()
+        text = f"{report['project']}: {'created' if report['created'] else 'already there'}"
+    _print(report, args.json, text)
+
+
 def _fmt(value: float | None, digits: int = 4) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
 
@@ -362,6 +411,36 @@ def build_parser() -> argparse.ArgumentParser:
     quantize.add_argument("--quiet", action="store_true")
     quantize.add_argument("--json", action="store_true")
     quantize.set_defaults(handler=cmd_quantize)
+
+    ingest = commands.add_parser("import", help="import images, folders, zips or labeled COCO/YOLO sets into a project")
+    ingest.add_argument("paths", nargs="+", type=Path)
+    ingest.add_argument("--project", default="My Pokédex")
+    ingest.add_argument("--json", action="store_true")
+    ingest.set_defaults(handler=cmd_import)
+
+    crawl = commands.add_parser("crawl", help="crawl images from a search, a URL list or a page into a project")
+    source = crawl.add_mutually_exclusive_group(required=True)
+    source.add_argument("--query", help="keyword image search (DuckDuckGo)")
+    source.add_argument("--urls", type=Path, help="a file with one image URL per line")
+    source.add_argument("--page", help="a web page whose images (and same-site pages, to --depth) are taken")
+    crawl.add_argument("--limit", type=int, default=50, help="images to keep from a search")
+    crawl.add_argument("--depth", type=int, default=1, help="same-site link depth for --page")
+    crawl.add_argument("--project", default="My Pokédex")
+    crawl.add_argument("--allow-private", action="store_true", help="allow private/loopback addresses (SSRF guard off)")
+    crawl.add_argument("--json", action="store_true")
+    crawl.set_defaults(handler=cmd_crawl)
+
+    dataset = commands.add_parser("dataset", help="freeze, export and describe dataset versions")
+    dataset.add_argument("action", choices=["freeze", "export", "stats", "starter"])
+    dataset.add_argument("--project", default="My Pokédex")
+    dataset.add_argument("--name", help="the version (freeze: its new name; export/stats: which one)")
+    dataset.add_argument("--val", type=float, default=0.2, help="validation fraction (freeze)")
+    dataset.add_argument("--test", type=float, default=0.0, help="test fraction (freeze)")
+    dataset.add_argument("--seed", type=int, default=0)
+    dataset.add_argument("--format", choices=["coco", "yolo"], default="coco")
+    dataset.add_argument("--out", type=Path, help="export folder")
+    dataset.add_argument("--json", action="store_true")
+    dataset.set_defaults(handler=cmd_dataset)
     return parser
 
 

@@ -18,7 +18,12 @@ from onnxruntime.quantization.calibrate import (
     save_tensors_data,
 )
 
-from backend.quantization.entropy import entropy_ranges, entropy_tensors_data, entropy_threshold
+from backend.quantization.entropy import (
+    entropy_ranges,
+    entropy_tensors_data,
+    entropy_threshold,
+    uint8_entropy_tensors_data,
+)
 
 # Small histograms keep onnxruntime's Python loop fast enough for a unit test.
 NUM_BINS, NUM_QUANTIZED_BINS = 256, 64
@@ -222,3 +227,26 @@ def test_speed_against_onnxruntime() -> None:
         f"entropy threshold 2048/128 bins: ours {ours_s * 1e3:.1f} ms, onnxruntime {theirs_s * 1e3:.1f} ms, "
         f"{theirs_s / ours_s:.0f}x"
     )
+
+
+def test_uint8_ranges_fit_the_grid_the_activations_use(tmp_path: Path) -> None:
+    """Never-negative tensors (the ReLU output) get [0, T]; the search against 255 levels clips less than the int8
+    symmetric one (64 levels on the positive side), and every range stays inside the observed min/max."""
+    model_path = tmp_path / "conv_relu.onnx"
+    conv_relu_model(model_path)
+    calibrator = create_calibrator(
+        model_path,
+        augmented_model_path=str(tmp_path / "augmented.onnx"),
+        calibrate_method=CalibrationMethod.Entropy,
+        extra_options={"num_bins": 2048, "num_quantized_bins": 128},
+    )
+    calibrator.collect_data(RandomImages(4, seed=3))
+    int8 = entropy_tensors_data(calibrator).data
+    uint8 = uint8_entropy_tensors_data(calibrator).data
+    assert set(uint8) == set(int8)
+    _hist, _edges, relu_min, relu_max, _threshold = calibrator.collector.histogram_dict["output"]
+    assert relu_min >= 0 and float(uint8["output"].lowest) == float(relu_min)
+    assert float(int8["output"].highest) < float(uint8["output"].highest) <= float(relu_max)
+    for name, data in uint8.items():
+        _hist, _edges, low, high, _threshold = calibrator.collector.histogram_dict[name]
+        assert low <= data.lowest < data.highest <= high

@@ -34,6 +34,8 @@ import numpy as np
 from onnxruntime.quantization.calibrate import CalibrationMethod, TensorsData
 
 SMOOTHING_EPS = 0.0001
+# Levels of a uint8 activation grid (0..255): what `uint8_entropy_tensors_data` searches against.
+UINT8_LEVELS = 255
 # Bound on |float64 screen - onnxruntime's float32 KL| relative to (1 + sum |p log p/q|): its float32 pairwise sums
 # (normalisers and the KL sum) and per-element rounding stay below ~50 float32 ulps (3e-6) of that; 2e-5 is a wide
 # margin that costs only a few exact recomputations per tensor.
@@ -357,3 +359,42 @@ def _kl_float32(p: np.ndarray, q: np.ndarray) -> np.float32:
     terms[(p == 0) & (q >= 0)] = 0
     terms[~((p > 0) & (q > 0))] = np.inf
     return np.sum(terms).astype(np.float32)
+
+
+def uint8_entropy_tensors_data(calibrator: Any) -> TensorsData:
+    """Entropy (KL) ranges for onnxruntime's asymmetric uint8 activations, from an entropy calibrator's histograms.
+
+    onnxruntime's (and TensorRT's) search compares symmetric windows [-T, T] against 128 quantized bins: the int8
+    symmetric grid. Our activations are uint8 over [min(lo, 0), max(hi, 0)], so:
+    - a tensor that is never negative (after ReLU: most of them) has 255 levels over [0, T]: its positive half is
+      mirrored and searched with 510 quantized bins (255 per side), giving [0, T];
+    - a tensor with negative values has about 127 levels on each side of 0 over [-T, T]: both tails are folded
+      into one |x| histogram (TensorRT's way), mirrored, and searched with 254 quantized bins.
+    With 128 bins a never-negative tensor is judged on 64 levels it does not have, and the search clips it far too
+    hard (measured: mAP50-95 0.75 → 0.01 on the synthetic set).
+
+    Args:
+        calibrator: an entropy calibrator (`create_calibrator(..., CalibrationMethod.Entropy, num_bins >= 1024)`)
+            after `collect_data`.
+    """
+    collector = getattr(calibrator, "collector", None)
+    if collector is None or not getattr(collector, "histogram_dict", None):
+        raise ValueError("the calibrator has no histograms yet: call calibrator.collect_data(reader) first")
+    data = {}
+    for name, histogram in collector.histogram_dict.items():
+        hist, hist_edges, min_value, max_value = histogram[:4]
+        half = hist.size // 2
+        if hist.size % 2 or half < 2 * UINT8_LEVELS:
+            lo, hi = _threshold(hist, hist_edges, UINT8_LEVELS, min_value, max_value, name=name)
+        else:
+            # |x| with both tails folded together, mirrored so the symmetric search sees [-T, T]; levels per side:
+            # all 255 for a never-negative tensor, half of them for a signed one.
+            signed = float(min_value) < 0.0
+            folded = hist[half:] + (hist[:half][::-1] if signed else 0)
+            levels = UINT8_LEVELS // 2 if signed else UINT8_LEVELS
+            _, threshold = _threshold(np.concatenate([folded[::-1], folded]), hist_edges, 2 * levels, None, None,
+                                      name=name)  # fmt: skip
+            lo = max(-threshold, min_value) if signed else np.asarray(min_value, dtype=hist_edges.dtype)
+            hi = min(threshold, max_value)
+        data[name] = (lo, hi, hist, hist_edges)
+    return TensorsData(CalibrationMethod.Entropy, data)

@@ -41,7 +41,7 @@ from onnxruntime.quantization import (
 from onnxruntime.quantization.calibrate import save_tensors_data
 from onnxruntime.quantization.shape_inference import quant_pre_process
 
-from backend.quantization.entropy import entropy_tensors_data
+from backend.quantization.entropy import uint8_entropy_tensors_data
 
 logger = logging.getLogger(__name__)
 
@@ -209,8 +209,9 @@ def calibrate(
 
     The images are fed `chunk` at a time and folded into running statistics (histograms or min/max), so memory
     stays bounded whatever the number of images. Entropy (KL divergence, TensorRT's method) uses 2048 histogram
-    bins and 128 quantized bins, and our vectorised threshold search (backend.quantization.entropy): onnxruntime's
-    own search is a Python loop over every candidate and `quantize_static` does not pass it the bin counts.
+    bins and our vectorised threshold search against the uint8 grid the activations really use
+    (backend.quantization.entropy.uint8_entropy_tensors_data): onnxruntime's own search is a Python loop over
+    every candidate, assumes the int8 symmetric grid, and `quantize_static` does not even pass it the bin counts.
 
     Args:
         model_path: a pre-processed FP32 graph (`preprocess_fp32`).
@@ -246,7 +247,7 @@ def calibrate(
                 calibrator.collect_data(piece)
             if counting.count == 0:
                 raise ValueError("the calibration reader gave no image: at least one is needed")
-            tensors = entropy_tensors_data(calibrator) if method == "entropy" else calibrator.compute_data()
+            tensors = uint8_entropy_tensors_data(calibrator) if method == "entropy" else calibrator.compute_data()
         del calibrator
     save_tensors_data(tensors, cache_path)
     return Calibration(
