@@ -54,6 +54,7 @@ setup:
 	echo "setup: done"
 
 run: setup
+	@$(VENV_BIN)/yolodex dataset starter >/dev/null && echo "yolodex: the Starter Pokédex project is ready"
 	@echo "yolodex: open http://$(YOLODEX_HOST):$(YOLODEX_APP_PORT) (Ctrl-C stops it)"
 	$(VENV_BIN)/streamlit run app/Home.py --server.address $(YOLODEX_HOST) --server.port $(YOLODEX_APP_PORT) \
 		--server.headless true --browser.gatherUsageStats false
