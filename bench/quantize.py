@@ -42,6 +42,9 @@ def main() -> None:
     parser.add_argument("--run-synthetic", type=Path, help="a finished run on the synthetic set to reuse")
     parser.add_argument("--run-raccoon", type=Path, help="a finished run on raccoon to reuse (e.g. bench/train.py's)")
     parser.add_argument("--train-minutes", type=float, default=6.0, help="training budget when no run is given")
+    parser.add_argument("--finetune-minutes", type=float, default=5.0,
+                        help="at a size other than the run's, fine-tune it there first for this long (0: quantize "
+                             "the run as it is)")  # fmt: skip
     parser.add_argument("--method", default="auto", choices=["auto", "ptq", "qat"])
     parser.add_argument("--calib", type=int, default=64)
     parser.add_argument("--budget", type=float, default=0.5)
@@ -58,10 +61,11 @@ def main() -> None:
             if run is None:
                 continue
             for size in args.sizes:
+                sized = _finetuned(run, size, args.finetune_minutes, root / f"run_{name}_{size}")
                 started = time.perf_counter()
                 options = QuantizeOptions(method=args.method, calib_images=args.calib, budget=args.budget,
                                           threads=args.threads, imgsz=size)  # fmt: skip
-                report = quantize_run(run, root / f"{name}_{size}", options)
+                report = quantize_run(sized, root / f"{name}_{size}", options)
                 results.append(_summary(name, size, report, time.perf_counter() - started))
                 _print(results[-1])
     payload = {"machine": platform.processor() or platform.machine(), "threads": args.threads,
@@ -91,6 +95,28 @@ def _run_for(name: str, args: argparse.Namespace, root: Path) -> Path | None:
     config = TrainConfig(data=str(data), size="s", imgsz=320, epochs=300, time_minutes=args.train_minutes, seed=0)
     fit(config, root / f"run_{name}")
     return root / f"run_{name}"
+
+
+def _finetuned(run: Path, size: int, minutes: float, out: Path) -> Path:
+    """The run itself at its own size; elsewhere (e.g. 640 for a 320 run) a copy fine-tuned at `size` for `minutes`
+    from its best.pt, so that the FP32 reference is a model meant for that size."""
+    train = json.loads((run / "config.json").read_text())["train"]
+    if int(train["imgsz"]) == size or minutes <= 0:
+        return run
+    if not (out / "best.pt").is_file():
+        print(f"fine-tuning {run.name} at {size} for {minutes} min ...", flush=True)
+        config = TrainConfig(
+            data=train["data"],
+            size=train["size"],
+            imgsz=size,
+            epochs=300,
+            time_minutes=minutes,
+            weights=str(run / "best.pt"),
+            batch_size=max(2, int(train["batch_size"]) // 4),
+            seed=0,
+        )
+        fit(config, out)
+    return out
 
 
 def _summary(name: str, size: int, report: dict, seconds: float) -> dict:

@@ -156,7 +156,7 @@ def scan_sensitivity(
     by_name = {node.name: node for node in graph.graph.node}
     initializers = {item.name: item for item in graph.graph.initializer}
     reference = run_model(calibration.model_path, images, threads)
-    ranges = {name: tuple(float(v) for v in data.range_value) for name, data in
+    ranges = {name: tuple(float(np.asarray(v).reshape(-1)[0]) for v in data.range_value) for name, data in
               load_tensors_data(calibration.cache_path).data.items()}  # fmt: skip
     ranges.update(INPUT_RANGE)
     layers: list[LayerSensitivity] = []
