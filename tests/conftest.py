@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
+from typing import Any
 
+import cv2
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
@@ -25,3 +30,17 @@ def reference_dir() -> Path:
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(0)
+
+
+def textured_image(seed: int, size: tuple[int, int] = (96, 64)) -> np.ndarray:
+    """(H, W, 3) uint8 RGB of `size` (W, H): smooth random colour blobs, so every seed has a distinct perceptual
+    hash (the store and ingest tests use it as a photo stand-in)."""
+    coarse = np.random.default_rng(seed).integers(0, 256, (6, 6, 3)).astype(np.uint8)
+    return cv2.resize(coarse, size, interpolation=cv2.INTER_CUBIC)
+
+
+def encode_image(pixels: np.ndarray, image_format: str = "PNG", **options: Any) -> bytes:
+    """`pixels` (H, W, 3) uint8 RGB encoded with Pillow (PNG, JPEG with quality=..., GIF, ...)."""
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, image_format, **options)
+    return buffer.getvalue()

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import io
 import json
 from pathlib import Path
 
 import cv2
 import numpy as np
 import pytest
-from PIL import Image as PILImage
 from sqlalchemy import select
 
 from backend.data.folders import load_dataset
@@ -17,17 +15,12 @@ from backend.store.db import init_db, session_scope
 from backend.store.images import add_image_bytes
 from backend.store.models import Annotation, Image, ensure_class, get_or_create_project
 from backend.store.versions import class_stats, export_coco, export_yolo, freeze_version
+from tests.conftest import encode_image as encode
+from tests.conftest import textured_image
 
 
 def textured(seed: int, size: tuple[int, int] = (128, 96)) -> np.ndarray:
-    coarse = np.random.default_rng(seed).integers(0, 256, (6, 6, 3)).astype(np.uint8)
-    return cv2.resize(coarse, size, interpolation=cv2.INTER_CUBIC)
-
-
-def encode(pixels: np.ndarray, image_format: str = "PNG", **options) -> bytes:
-    buffer = io.BytesIO()
-    PILImage.fromarray(pixels).save(buffer, image_format, **options)
-    return buffer.getvalue()
+    return textured_image(seed, size)
 
 
 @pytest.fixture

@@ -16,17 +16,12 @@ from backend.ingest.split import group_split
 from backend.store.db import init_db, session_scope
 from backend.store.images import add_image_bytes
 from backend.store.models import Image, get_or_create_project
+from tests.conftest import encode_image as encode
+from tests.conftest import textured_image
 
 
 def textured(seed: int, size: tuple[int, int] = (160, 120)) -> np.ndarray:
-    coarse = np.random.default_rng(seed).integers(0, 256, (6, 6, 3)).astype(np.uint8)
-    return cv2.resize(coarse, size, interpolation=cv2.INTER_CUBIC)
-
-
-def encode(pixels: np.ndarray, image_format: str = "PNG", **options) -> bytes:
-    buffer = io.BytesIO()
-    PILImage.fromarray(pixels).save(buffer, image_format, **options)
-    return buffer.getvalue()
+    return textured_image(seed, size)
 
 
 def resized_jpeg(pixels: np.ndarray, scale: float = 0.6, quality: int = 70) -> bytes:

@@ -9,10 +9,7 @@ import stat
 import zipfile
 from pathlib import Path
 
-import cv2
-import numpy as np
 import pytest
-from PIL import Image as PILImage
 from sqlalchemy import func, select
 
 from backend.data.synthetic import generate_synthetic_dataset
@@ -21,17 +18,8 @@ from backend.ingest.importer import ImportLimits, import_paths
 from backend.store.db import init_db, session_scope
 from backend.store.images import add_image_bytes
 from backend.store.models import Annotation, Image, ProjectClass, get_or_create_project
-
-
-def textured(seed: int, size: tuple[int, int] = (96, 64)) -> np.ndarray:
-    coarse = np.random.default_rng(seed).integers(0, 256, (6, 6, 3)).astype(np.uint8)
-    return cv2.resize(coarse, size, interpolation=cv2.INTER_CUBIC)
-
-
-def encode(pixels: np.ndarray, image_format: str = "PNG", **options) -> bytes:
-    buffer = io.BytesIO()
-    PILImage.fromarray(pixels).save(buffer, image_format, **options)
-    return buffer.getvalue()
+from tests.conftest import encode_image as encode
+from tests.conftest import textured_image as textured
 
 
 def zip_bytes(members: dict[str, bytes]) -> bytes:

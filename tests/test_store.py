@@ -6,7 +6,6 @@ import hashlib
 import io
 from pathlib import Path
 
-import cv2
 import numpy as np
 import pytest
 from alembic import command
@@ -18,18 +17,8 @@ from sqlalchemy import inspect, select, text
 from backend.store.db import alembic_config, init_db, session_scope
 from backend.store.images import ImageLimits, ImageRejected, add_image_bytes, decode_checked
 from backend.store.models import Base, Image, Project, ensure_class, get_or_create_project
-
-
-def textured(seed: int, size: tuple[int, int] = (96, 64)) -> np.ndarray:
-    """(H, W, 3) uint8 RGB: smooth random colour blobs, so every seed has a distinct perceptual hash."""
-    coarse = np.random.default_rng(seed).integers(0, 256, (6, 6, 3)).astype(np.uint8)
-    return cv2.resize(coarse, size, interpolation=cv2.INTER_CUBIC)
-
-
-def encode(pixels: np.ndarray, image_format: str = "PNG", **options) -> bytes:
-    buffer = io.BytesIO()
-    PILImage.fromarray(pixels).save(buffer, image_format, **options)
-    return buffer.getvalue()
+from tests.conftest import encode_image as encode
+from tests.conftest import textured_image as textured
 
 
 @pytest.fixture

@@ -14,9 +14,7 @@ from __future__ import annotations
 import hashlib
 import io
 import logging
-import os
 import struct
-import tempfile
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -27,6 +25,7 @@ from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from backend.files import atomic_write
 from backend.ingest.dedupe import DEFAULT_NEAR_THRESHOLD, hamming_to_many, hashes_to_array, phash
 from backend.store.models import IMAGE_SOURCES, Image, Project
 
@@ -187,17 +186,7 @@ def store_bytes(storage: Path, sha256: str, extension: str, data: bytes) -> Path
     target = storage / relative
     if target.is_file() and target.stat().st_size == len(data):
         return relative  # same name = same bytes; never overwrite
-    target.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{sha256[:12]}.", suffix=".tmp", dir=target.parent)
-    try:
-        with os.fdopen(handle, "wb") as file:
-            file.write(data)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temporary, target)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+    atomic_write(target, lambda file: file.write(data))
     return relative
 
 
