@@ -22,7 +22,7 @@ from backend.data.synthetic import generate_synthetic_dataset
 from backend.export.onnx_export import export_onnx
 from backend.models.yolo_nas import build_model
 from backend.quantization.calibration import CalibrationImages
-from backend.quantization.pipeline import QuantizeOptions, quantize_run
+from backend.quantization.pipeline import QuantizeOptions, _choose, quantize_run
 from backend.quantization.ptq import calibrate, preprocess_fp32, weighted_nodes
 from backend.quantization.sensitivity import (
     LayerSensitivity,
@@ -220,3 +220,18 @@ def test_bad_options_are_refused():
         QuantizeOptions(method="fast")
     with pytest.raises(ValueError, match="points"):
         QuantizeOptions(budget=-1)
+
+
+def test_the_shipped_model_is_the_fastest_within_budget():
+    def row(map50_95, latency, size):
+        return {"metrics": {"mAP50-95": map50_95}, "latency_ms_p50": latency, "bytes": size}
+
+    rows = {"fp32": row(0.50, 40, 100), "ptq_percentile": row(0.499, 21, 36), "ptq_selective": row(0.497, 20, 27),
+            "qat": row(0.501, 25, 27)}  # fmt: skip
+    assert _choose(rows, 0.50, 0.005, "percentile") == "ptq_selective"  # fastest (ties within 5 %: smaller)
+    rows["ptq_selective"] = row(0.48, 18, 27)  # faster but outside the budget
+    assert _choose(rows, 0.50, 0.005, "percentile") == "ptq_percentile"
+    rows["ptq_percentile"] = row(0.47, 21, 36)
+    rows["qat"] = row(0.49, 25, 27)  # nothing within budget: the most accurate
+    assert _choose(rows, 0.50, 0.005, "percentile") == "qat"
+    assert _choose(rows, None, 0.005, "percentile") == "ptq_percentile"  # no validation: the default policy
