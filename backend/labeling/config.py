@@ -1,0 +1,174 @@
+"""The Label Studio labeling config (XML) of a yolodex project: one image, one RectangleLabels control.
+
+The names used here (`image` for the object tag and `$image` for its task-data key, `label` for the control) are
+the ones every result we read or write carries as `to_name`/`from_name`; `backend.labeling.convert` uses the same
+defaults. Labels appear in class-index order so that Label Studio's sidebar numbers them as our classes
+(hotkeys 1..9 follow the order). Label Studio 1.23.2 does not check results against the config (recipe §4.3), so
+the config only shapes the labeling view; `convert` validates what comes back.
+"""
+
+from __future__ import annotations
+
+import re
+import xml.etree.ElementTree as ElementTree
+from collections.abc import Collection, Sequence
+from typing import NamedTuple
+from xml.sax.saxutils import escape
+
+OBJECT_NAME = "image"  # the <Image name=...>; results carry it as "to_name"
+CONTROL_NAME = "label"  # the <RectangleLabels name=...>; results carry it as "from_name"
+DATA_KEY = "image"  # task["data"][DATA_KEY] holds the image URL ("$image" in the config)
+
+# Distinct, readable on photos; used in class-index order (cycling) when a class has no colour of its own.
+DEFAULT_COLOURS = (
+    "#e6194b",
+    "#3cb44b",
+    "#4363d8",
+    "#f58231",
+    "#911eb4",
+    "#42d4f4",
+    "#f032e6",
+    "#bfef45",
+    "#fabed4",
+    "#469990",
+    "#dcbeff",
+    "#9a6324",
+    "#800000",
+    "#aaffc3",
+    "#808000",
+    "#000075",
+)
+_COLOUR_PATTERN = re.compile(r"^#[0-9a-fA-F]{6}$")
+
+
+def _attribute(text: str) -> str:
+    """A double-quoted XML attribute value (always double quotes: one quoting style throughout the config)."""
+    return '"' + escape(text, {'"': "&quot;", "\n": "&#10;", "\t": "&#9;"}) + '"'
+
+
+def labeling_config(class_names: Sequence[str], colours: Sequence[str | None] | None = None) -> str:
+    """Builds the RectangleLabels config for a project's classes.
+
+    Args:
+        class_names: one name per class index 0..C-1; non-empty after stripping, unique. Any characters are
+            allowed: they are escaped for XML (`&`, `<`, `>`, quotes).
+        colours: optional "#rrggbb" per class (same length as `class_names`; None entries take the default
+            palette colour of that index).
+
+    Returns:
+        `<View><Image name="image" value="$image" zoom="true"/><RectangleLabels name="label" toName="image">`
+        with one `<Label value=... background=.../>` per class, in class-index order.
+
+    Raises:
+        ValueError: no classes, an empty or duplicate name, a colour that is not "#rrggbb", or a colour list of
+            the wrong length.
+    """
+    names = [str(name) for name in class_names]
+    if not names:
+        raise ValueError("a labeling config needs at least one class: add a class to the project first")
+    for name in names:
+        if not name.strip():
+            raise ValueError(f"class names must not be empty or blank (got {names!r}): rename the class")
+    duplicates = sorted({name for name in names if names.count(name) > 1})
+    if duplicates:
+        raise ValueError(f"duplicate class names {duplicates}: every class needs its own name")
+    if colours is not None and len(colours) != len(names):
+        raise ValueError(f"{len(colours)} colours for {len(names)} classes: give one colour (or None) per class")
+    chosen = []
+    for index, name in enumerate(names):
+        colour = colours[index] if colours is not None else None
+        colour = colour or DEFAULT_COLOURS[index % len(DEFAULT_COLOURS)]
+        if not _COLOUR_PATTERN.match(colour):
+            raise ValueError(f"class {name!r}: colour {colour!r} is not of the form #rrggbb")
+        chosen.append(colour)
+    labels = "".join(
+        f"\n    <Label value={_attribute(name)} background={_attribute(colour)}/>"
+        for name, colour in zip(names, chosen)
+    )
+    return (
+        f'<View>\n  <Image name="{OBJECT_NAME}" value="${DATA_KEY}" zoom="true"/>\n'
+        f'  <RectangleLabels name="{CONTROL_NAME}" toName="{OBJECT_NAME}">{labels}\n  </RectangleLabels>\n</View>'
+    )
+
+
+def _config_entries(xml: str) -> list[tuple[str, str | None]]:
+    """(label value, background colour or None) of the RectangleLabels control, in document order."""
+    try:
+        root = ElementTree.fromstring(xml)
+    except ElementTree.ParseError as error:
+        raise ValueError(
+            f"the labeling config is not valid XML ({error}): rebuild it with labeling_config()"
+        ) from error
+    controls = list(root.iter("RectangleLabels"))
+    if not controls:
+        raise ValueError("the labeling config has no <RectangleLabels> control: rebuild it with labeling_config()")
+    # Our configs have exactly one control; prefer ours by name should someone have added another.
+    control = next((element for element in controls if element.get("name") == CONTROL_NAME), controls[0])
+    return [(label.get("value", ""), label.get("background")) for label in control.iter("Label")]
+
+
+def config_labels(xml: str) -> list[str]:
+    """The label values of a labeling config, in document order (unescaped).
+
+    Raises:
+        ValueError: the XML does not parse or has no RectangleLabels control.
+    """
+    return [value for value, _ in _config_entries(xml)]
+
+
+class ConfigChange(NamedTuple):
+    """The result of `config_change`.
+
+    Attributes:
+        xml: the new config.
+        added: labels new in this config, in class order.
+        removed: labels of the old config that are gone from the new one.
+        kept: labels no longer among the classes but kept in the config because annotations still use them.
+    """
+
+    xml: str
+    added: list[str]
+    removed: list[str]
+    kept: list[str]
+
+
+def config_change(
+    old_xml: str,
+    new_classes: Sequence[str],
+    labels_in_use: Collection[str] = (),
+    colours: Sequence[str | None] | None = None,
+) -> ConfigChange:
+    """Updates a project's config to a new class list without losing annotations.
+
+    Label Studio keeps annotations whose label is missing from the config, but its labeling view can no longer
+    show or edit those boxes properly. So a label that was removed from the classes but still has annotations
+    (`labels_in_use`) is KEPT in the config, after the current classes, and reported in `kept`; it goes once no
+    annotation uses it. A rename is a removal plus an addition: the old name stays (if in use) until the
+    annotations are relabelled. Pulling such boxes reports them as "unknown label" (`convert.task_boxes`).
+
+    Args:
+        old_xml: the project's current config.
+        new_classes: the class names now, in class-index order.
+        labels_in_use: label values that at least one Label Studio annotation uses.
+        colours: "#rrggbb" (or None) per new class; None keeps a class's colour from the old config, else the
+            palette colour of its index.
+
+    Returns:
+        The new config and what changed; `removed` + `kept` are all the old labels not in `new_classes`.
+    """
+    old_entries = _config_entries(old_xml)
+    # A hand-edited colour we cannot reuse falls back to the palette rather than failing the class change.
+    old_colour = {value: colour if colour and _COLOUR_PATTERN.match(colour) else None for value, colour in old_entries}
+    new_names = [str(name) for name in new_classes]
+    if colours is not None and len(colours) != len(new_names):
+        raise ValueError(f"{len(colours)} colours for {len(new_names)} classes: give one colour (or None) per class")
+    in_use = set(labels_in_use)
+    kept = [value for value, _ in old_entries if value not in new_names and value in in_use]
+    removed = [value for value, _ in old_entries if value not in new_names and value not in in_use]
+    added = [name for name in new_names if name not in old_colour]
+    new_colours = [
+        (colours[index] if colours is not None else None) or old_colour.get(name)
+        for index, name in enumerate(new_names)
+    ]
+    xml = labeling_config([*new_names, *kept], [*new_colours, *(old_colour[value] for value in kept)])
+    return ConfigChange(xml=xml, added=added, removed=removed, kept=kept)
