@@ -27,7 +27,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from backend.data.synthetic import generate_synthetic_dataset
-from backend.quantization.pipeline import QuantizeOptions, quantize_run
+from backend.quantization.pipeline import QuantizeOptions, _choose, measure_speed, quantize_run
 from backend.training.config import TrainConfig
 from backend.training.trainer import fit
 
@@ -51,7 +51,15 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, help="keep runs and models here (default: a temporary folder)")
     parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument("--report-only", action="store_true",
+                        help="with --out of an earlier run: measure the saved models' speed again, side by side, "
+                             "and print the results (nothing is trained or quantized)")  # fmt: skip
     args = parser.parse_args()
+    if args.report_only:
+        if not args.out:
+            parser.error("--report-only needs --out, the folder of an earlier run")
+        _report_only(args)
+        return
 
     with tempfile.TemporaryDirectory(prefix="yolodex-bench-quantize-") as scratch:
         root = args.out or Path(scratch)
@@ -68,6 +76,10 @@ def main() -> None:
                 report = quantize_run(sized, root / f"{name}_{size}", options)
                 results.append(_summary(name, size, report, time.perf_counter() - started))
                 _print(results[-1])
+    _finish(args, results)
+
+
+def _finish(args: argparse.Namespace, results: list[dict]) -> None:
     payload = {"machine": platform.processor() or platform.machine(), "threads": args.threads,
                "targets": TARGETS, "results": results}  # fmt: skip
     if args.json:
@@ -95,6 +107,25 @@ def _run_for(name: str, args: argparse.Namespace, root: Path) -> Path | None:
     config = TrainConfig(data=str(data), size="s", imgsz=320, epochs=300, time_minutes=args.train_minutes, seed=0)
     fit(config, root / f"run_{name}")
     return root / f"run_{name}"
+
+
+def _report_only(args: argparse.Namespace) -> None:
+    results = []
+    for name in args.sets:
+        for size in args.sizes:
+            path = args.out / f"{name}_{size}" / "quant_report.json"
+            if not path.is_file():
+                continue
+            report = json.loads(path.read_text())
+            models = report["models"]
+            speed = measure_speed({key: Path(row["path"]) for key, row in models.items()}, size, args.threads, 40)
+            for key, row in models.items():
+                row.update(speed[key])
+            fp32_map = models["fp32"]["metrics"]["mAP50-95"]
+            report["chosen"] = _choose(models, fp32_map, report["budget_points"] / 100, report["calibration"]["method"])
+            results.append(_summary(name, size, report, 0.0))
+            _print(results[-1])
+    _finish(args, results)
 
 
 def _finetuned(run: Path, size: int, minutes: float, out: Path) -> Path:
