@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from backend.data.folders import load_dataset
+from backend.data.records import DatasetError
 from backend.data.synthetic import generate_synthetic_dataset
 from backend.export.onnx_export import export_onnx
 from backend.models.yolo_nas import build_model
@@ -235,3 +236,14 @@ def test_the_shipped_model_is_the_fastest_within_budget():
     rows["qat"] = row(0.49, 25, 27)  # nothing within budget: the most accurate
     assert _choose(rows, 0.50, 0.005, "percentile") == "qat"
     assert _choose(rows, None, 0.005, "percentile") == "ptq_percentile"  # no validation: the default policy
+
+
+def test_a_run_whose_dataset_moved_says_to_pass_data(run_dir, tmp_path):
+    moved = tmp_path / "moved_run"
+    moved.mkdir()
+    (moved / "best.pt").write_bytes((run_dir / "best.pt").read_bytes())
+    config = json.loads((run_dir / "config.json").read_text())
+    config["train"]["data"] = str(tmp_path / "gone")
+    (moved / "config.json").write_text(json.dumps(config))
+    with pytest.raises(DatasetError, match="--data"):
+        quantize_run(moved, tmp_path / "out", QuantizeOptions(method="ptq"))

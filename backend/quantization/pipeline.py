@@ -34,7 +34,7 @@ import onnx
 import onnxruntime as ort
 
 from backend.data.folders import load_dataset
-from backend.data.records import DetectionSet, LoadReport
+from backend.data.records import DatasetError, DetectionSet, LoadReport
 from backend.evaluation.coco_eval import evaluate_detections
 from backend.export.onnx_export import export_onnx
 from backend.files import atomic_write_json
@@ -157,7 +157,10 @@ def quantize_run(
     if model.fusion == "none":
         model.eval().fuse()  # partial fusion: the form the quantization pipeline works on
     imgsz = int(options.imgsz or train_config["imgsz"])
-    train_set, val_set, notes = _splits(options.data or train_config["data"], int(train_config.get("seed", 0)))
+    data = options.data or train_config["data"]
+    if not options.data and not Path(data).exists():
+        raise DatasetError(f"the run's dataset {data} is not there any more: give its new location with --data")
+    train_set, val_set, notes = _splits(data, int(train_config.get("seed", 0)))
     not_measured: list[str] = []
     if len(val_set) == 0:
         not_measured.append(
