@@ -336,7 +336,10 @@ def quantized_alone(graph: onnx.ModelProto, name: str, ranges: dict[str, tuple[f
     names = [constant("w_int8", quantized), constant("w_scale", scale), constant("w_zero", np.zeros_like(quantized,
              shape=scale.shape))]  # fmt: skip
     before.append(helper.make_node("DequantizeLinear", names, [f"{name}_w_dq"], axis=axis))
+    float_weight = conv.input[1]
     conv.input[1] = f"{name}_w_dq"
+    if not any(float_weight in node.input for node in model.graph.node):  # unused now: drop it
+        model.graph.initializer.remove(initializers[float_weight])
     output = last.output[0]
     last.output[0] = f"{output}_float"
     qdq(last.output[0], "output", after, range_of=output)
