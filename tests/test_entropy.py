@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -157,15 +158,21 @@ class RandomImages(CalibrationDataReader):
         return next(self.batches, None)
 
 
-def test_tensors_data_equals_compute_data(tmp_path: Path) -> None:
+def conv_relu_calibrator(tmp_path: Path, num_bins: int, num_quantized_bins: int) -> tuple[Path, Any]:
+    """The Conv+ReLU model written under `tmp_path` and an entropy calibrator on it (nothing collected yet)."""
     model_path = tmp_path / "conv_relu.onnx"
     conv_relu_model(model_path)
     calibrator = create_calibrator(
         model_path,
         augmented_model_path=str(tmp_path / "augmented.onnx"),
         calibrate_method=CalibrationMethod.Entropy,
-        extra_options={"num_bins": NUM_BINS, "num_quantized_bins": NUM_QUANTIZED_BINS},
+        extra_options={"num_bins": num_bins, "num_quantized_bins": num_quantized_bins},
     )
+    return model_path, calibrator
+
+
+def test_tensors_data_equals_compute_data(tmp_path: Path) -> None:
+    model_path, calibrator = conv_relu_calibrator(tmp_path, NUM_BINS, NUM_QUANTIZED_BINS)
     calibrator.collect_data(RandomImages(3, seed=1))
     calibrator.collect_data(RandomImages(2, seed=2))  # a second call merges into the same histograms
 
@@ -232,14 +239,7 @@ def test_speed_against_onnxruntime() -> None:
 def test_uint8_ranges_fit_the_grid_the_activations_use(tmp_path: Path) -> None:
     """Never-negative tensors (the ReLU output) get [0, T]; the search against 255 levels clips less than the int8
     symmetric one (64 levels on the positive side), and every range stays inside the observed min/max."""
-    model_path = tmp_path / "conv_relu.onnx"
-    conv_relu_model(model_path)
-    calibrator = create_calibrator(
-        model_path,
-        augmented_model_path=str(tmp_path / "augmented.onnx"),
-        calibrate_method=CalibrationMethod.Entropy,
-        extra_options={"num_bins": 2048, "num_quantized_bins": 128},
-    )
+    _, calibrator = conv_relu_calibrator(tmp_path, 2048, 128)
     calibrator.collect_data(RandomImages(4, seed=3))
     int8 = entropy_tensors_data(calibrator).data
     uint8 = uint8_entropy_tensors_data(calibrator).data

@@ -102,14 +102,7 @@ def entropy_tensors_data(calibrator: Any) -> TensorsData:
         ValueError: nothing was collected yet, or the calibrator does not collect signed-value histograms for the
             entropy method.
     """
-    collector = getattr(calibrator, "collector", None)
-    if collector is None or not getattr(collector, "histogram_dict", None):
-        raise ValueError("the calibrator has no histograms yet: call calibrator.collect_data(reader) first")
-    if getattr(collector, "method", None) != "entropy":
-        raise ValueError(
-            f"the calibrator collects for method {getattr(collector, 'method', None)!r}; create it with "
-            "CalibrationMethod.Entropy"
-        )
+    collector = _entropy_collector(calibrator)
     data = {}
     for name, histogram in collector.histogram_dict.items():
         hist, hist_edges, min_value, max_value = histogram[:4]
@@ -377,9 +370,7 @@ def uint8_entropy_tensors_data(calibrator: Any) -> TensorsData:
         calibrator: an entropy calibrator (`create_calibrator(..., CalibrationMethod.Entropy, num_bins >= 1024)`)
             after `collect_data`.
     """
-    collector = getattr(calibrator, "collector", None)
-    if collector is None or not getattr(collector, "histogram_dict", None):
-        raise ValueError("the calibrator has no histograms yet: call calibrator.collect_data(reader) first")
+    collector = _entropy_collector(calibrator)
     data = {}
     for name, histogram in collector.histogram_dict.items():
         hist, hist_edges, min_value, max_value = histogram[:4]
@@ -398,3 +389,16 @@ def uint8_entropy_tensors_data(calibrator: Any) -> TensorsData:
             hi = min(threshold, max_value)
         data[name] = (lo, hi, hist, hist_edges)
     return TensorsData(CalibrationMethod.Entropy, data)
+
+
+def _entropy_collector(calibrator: Any) -> Any:
+    """The calibrator's histogram collector, checked: entropy method, histograms already collected."""
+    collector = getattr(calibrator, "collector", None)
+    if collector is None or not getattr(collector, "histogram_dict", None):
+        raise ValueError("the calibrator has no histograms yet: call calibrator.collect_data(reader) first")
+    if getattr(collector, "method", None) != "entropy":
+        raise ValueError(
+            f"the calibrator collects for method {getattr(collector, 'method', None)!r}; create it with "
+            "CalibrationMethod.Entropy"
+        )
+    return collector

@@ -33,10 +33,9 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from backend.data.folders import load_dataset
-from backend.data.records import DatasetError, DetectionSet, LoadReport
+from backend.data.records import DatasetError, DetectionSet
 from backend.evaluation.coco_eval import evaluate_detections
-from backend.export.onnx_export import export_onnx
+from backend.export.onnx_export import export_onnx, read_onnx_metadata
 from backend.files import atomic_write_json
 from backend.inference import Predictor
 from backend.models.checkpoints import CheckpointError, load_model
@@ -48,10 +47,13 @@ from backend.quantization.ptq import (
     Calibration,
     calibrate,
     decoding_nodes,
+    default_float_nodes,
     executed_kernels,
     float_fallbacks,
+    op_type_counts,
     preprocess_fp32,
     quantize_calibrated,
+    weighted_nodes,
 )
 from backend.quantization.sensitivity import choose_float_nodes, module_path, scan_sensitivity
 from backend.training.engine import EVAL_POSTPROCESS
@@ -160,7 +162,7 @@ def quantize_run(
     data = options.data or train_config["data"]
     if not options.data and not Path(data).exists():
         raise DatasetError(f"the run's dataset {data} is not there any more: give its new location with --data")
-    train_set, val_set, notes = _splits(data, int(train_config.get("seed", 0)))
+    train_set, val_set, notes = load_splits(data, int(train_config.get("seed", 0)), allow_empty_val=True)
     not_measured: list[str] = []
     if len(val_set) == 0:
         not_measured.append(
@@ -188,13 +190,15 @@ def quantize_run(
         if options.compare_calibrations:
             methods += [name for name in CALIBRATION_METHODS if name != options.calibration]
         calibrations: dict[str, Calibration] = {}
+        weighted = set(weighted_nodes(prepared))
+        default_layers = [module_path(name) for name in default_float_nodes(prepared) if name in weighted]
         for name in methods:
             stage("calibrate", calibration=name)
             reader = CalibrationImages(train_set.records, imgsz, count=options.calib_images)
             calibrations[name] = calibrate(prepared, reader, work / f"ranges_{name}.json", method=name)
             path = quantize_calibrated(calibrations[name], variants / f"ptq_{name}.onnx", metadata_from=fp32_path)
             rows[f"ptq_{name}"] = {"kind": "ptq", "calibration": name, "policy": "default", "path": path,
-                                   "float_layers": _layers(path, prepared)}  # fmt: skip
+                                   "float_layers": default_layers}  # fmt: skip
         fp32_map = evaluator.map(fp32_path) if evaluator.available else None
         # The selective policy and QAT build on the calibration that did best with the default policy (ties: the
         # one asked for): on one model percentile wins, on another minmax (measured: -2.8 vs +0.5 points at 640).
@@ -257,7 +261,7 @@ def quantize_run(
             entry["path"] = str(row["path"])
             if name != "fp32":
                 kernels = executed_kernels(row["path"], (1, 3, imgsz, imgsz), threads=options.threads)
-                entry["executed_op_types"] = dict(sorted(_count(kernels.values()).items()))
+                entry["executed_op_types"] = op_type_counts(kernels)
                 entry["float_fallbacks"] = float_fallbacks(row["path"], kernels)
                 entry["deltas"] = _deltas(report_rows["fp32"], entry)
                 if evaluator.available:
@@ -367,18 +371,6 @@ class _Evaluator:
         return float(self.evaluate(path)["metrics"]["mAP50-95"])
 
 
-def _splits(data: str | Path, seed: int) -> tuple[DetectionSet, DetectionSet, list[str]]:
-    """The run's train/val splits as training made them (a seeded holdout when there is no val split); a dataset
-    too small to hold an image out gives an empty validation set instead of an error: calibration needs only
-    training images."""
-    splits = load_dataset(data)
-    train_set, val_set = splits["train"], splits.get("val")
-    if (val_set is None or len(val_set) == 0) and len(train_set) < 2:
-        empty = DetectionSet([], train_set.class_names, train_set.category_ids, LoadReport(images=0))
-        return train_set, empty, [f"{data}: no validation split, and too few training images to hold one out"]
-    return load_splits(data, seed)
-
-
 def _score(dataset: DetectionSet, predictions: list[Detections]) -> dict[str, Any]:
     result = evaluate_detections(dataset, predictions)
     per_class = {item["class_name"]: item["AP50-95"] for item in result.to_dict()["per_class"]}
@@ -464,31 +456,13 @@ def _within(row: dict[str, Any], fp32_map: float | None, budget: float) -> bool 
     return bool(row["metrics"]["mAP50-95"] >= fp32_map - budget - 1e-9)
 
 
-def _layers(int8_path: Path, prepared: Path) -> list[str]:
-    """Module paths of the Conv/ConvTranspose layers an INT8 file keeps in float."""
-    kept = set(_float_nodes(int8_path))
-    graph = onnx.load(str(prepared), load_external_data=False)
-    return [module_path(node.name) for node in graph.graph.node
-            if node.op_type in ("Conv", "ConvTranspose") and node.name in kept]  # fmt: skip
-
-
 def _float_nodes(int8_path: Path) -> list[str]:
-    model = onnx.load(str(int8_path), load_external_data=False)
-    for prop in model.metadata_props:
-        if prop.key == "quantization":
-            return list(json.loads(prop.value)["float_nodes"])
-    return []
+    """The node names an INT8 file keeps in float (its `quantization` metadata)."""
+    return list(json.loads(read_onnx_metadata(int8_path)["quantization"])["float_nodes"])
 
 
 def _stack(reader: CalibrationImages) -> np.ndarray:
     return np.concatenate([item["images"] for item in iter(reader.get_next, None)])
-
-
-def _count(values: Any) -> dict[str, int]:
-    counts: dict[str, int] = {}
-    for value in values:
-        counts[value] = counts.get(value, 0) + 1
-    return counts
 
 
 def _deltas(fp32: dict[str, Any], int8: dict[str, Any]) -> dict[str, Any]:

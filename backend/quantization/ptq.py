@@ -52,7 +52,6 @@ CALIBRATION_METHODS = {
 }
 DEFAULT_PERCENTILE = 99.99
 ENTROPY_BINS = 2048
-ENTROPY_QUANTIZED_BINS = 128
 # Images per calibrator pass: onnxruntime keeps every intermediate tensor of a pass in memory (S at 640: ~0.3 GB
 # per image) before folding it into the running statistics.
 CALIBRATION_CHUNK = 8
@@ -230,7 +229,7 @@ def calibrate(
     if method == "percentile":
         options = {"percentile": percentile, "num_bins": 2048}
     elif method == "entropy":
-        options = {"num_bins": ENTROPY_BINS, "num_quantized_bins": ENTROPY_QUANTIZED_BINS}
+        options = {"num_bins": ENTROPY_BINS}  # the search against the uint8 grid sets its own quantized bins
     counting = _CountingReader(reader)
     with tempfile.TemporaryDirectory(prefix="yolodex-calib-") as scratch:
         calibrator = create_calibrator(
@@ -442,7 +441,11 @@ def executed_op_types(
     optimization: ort.GraphOptimizationLevel = ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
 ) -> dict[str, int]:
     """{op type: number of executed kernels of that type}, sorted by type (see `executed_kernels`)."""
-    kernels = executed_kernels(onnx_path, input_shape, threads, optimization)
+    return op_type_counts(executed_kernels(onnx_path, input_shape, threads, optimization))
+
+
+def op_type_counts(kernels: dict[str, str]) -> dict[str, int]:
+    """{op type: count} of `executed_kernels`' result, sorted by type."""
     return dict(sorted(Counter(kernels.values()).items()))
 
 

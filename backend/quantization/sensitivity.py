@@ -242,12 +242,13 @@ def choose_float_nodes(
             dict.fromkeys([*(node for name in ranking[:k] for node in layer_nodes(graph, name)), *scan.decoding])
         )
 
+    files: dict[int, Path] = {}
+
     def measure(k: int) -> float:
         if k not in scores:
-            path = quantize_calibrated(calibration, out_path.with_name(f".{out_path.stem}.k{k}.onnx"),
-                                       nodes_to_exclude=nodes_for(k), metadata_from=metadata_from)  # fmt: skip
-            scores[k] = evaluate_map(path)
-            path.unlink()
+            files[k] = quantize_calibrated(calibration, out_path.with_name(f".{out_path.stem}.k{k}.onnx"),
+                                           nodes_to_exclude=nodes_for(k), metadata_from=metadata_from)  # fmt: skip
+            scores[k] = evaluate_map(files[k])
             tried.append({"float_layers": k, "map": round(scores[k], 5)})
             if on_progress is not None:
                 on_progress("policy", float_layers=k, map=scores[k], fp32_map=fp32_map)
@@ -276,7 +277,9 @@ def choose_float_nodes(
         chosen = high
     else:
         chosen = max(scores, key=lambda length: (scores[length], -length))
-    quantize_calibrated(calibration, out_path, nodes_to_exclude=nodes_for(chosen), metadata_from=metadata_from)
+    files.pop(chosen).replace(out_path)  # the chosen prefix's file is the result; the others go
+    for path in files.values():
+        path.unlink()
     return PolicyChoice(
         float_layers=scan.layers[:chosen], float_nodes=nodes_for(chosen), fp32_map=fp32_map, map=scores[chosen],
         within_budget=high is not None, tried=tried, path=out_path,

@@ -128,13 +128,22 @@ def resume(
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def load_splits(data: str | Path, seed: int) -> tuple[DetectionSet, DetectionSet, list[str]]:
-    """Train and validation sets of a dataset path; without a val split, a seeded fifth of train is held out."""
+def load_splits(
+    data: str | Path, seed: int, *, allow_empty_val: bool = False
+) -> tuple[DetectionSet, DetectionSet, list[str]]:
+    """Train and validation sets of a dataset path; without a val split, a seeded fifth of train is held out.
+
+    With `allow_empty_val` (quantization: calibration needs only training images), a dataset too small to hold an
+    image out gets an empty validation set instead of an error.
+    """
     splits = load_dataset(data)
     train_set = splits["train"]
     notes = []
     val_set = splits.get("val")
-    if val_set is None or len(val_set) == 0:
+    if (val_set is None or len(val_set) == 0) and allow_empty_val and len(train_set) < 2:
+        val_set = DetectionSet([], train_set.class_names, train_set.category_ids, LoadReport(images=0))
+        notes.append(f"{data}: no validation split, and too few training images to hold one out")
+    elif val_set is None or len(val_set) == 0:
         train_set, val_set = _holdout(train_set, seed)
         notes.append(f"no validation split: {len(val_set)} training images held out for validation (seed {seed})")
     if len(train_set) == 0:
