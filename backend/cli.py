@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from backend.labeling.server import LabelStudioError
 from backend.models.checkpoints import CheckpointError
 from backend.models.download import WeightsDownloadError
 from backend.processing import ImageLoadError
@@ -21,6 +22,7 @@ from backend.training.config import TrainingError
 
 EXPECTED_ERRORS = (
     CheckpointError, WeightsDownloadError, ImageLoadError, TrainingError, FileNotFoundError, ValueError,
+    LabelStudioError,
 )  # fmt: skip
 
 
@@ -312,6 +314,40 @@ def cmd_dataset(args: argparse.Namespace) -> None:
     _print(report, args.json, text)
 
 
+def cmd_labelstudio(args: argparse.Namespace) -> int:
+    from backend.labeling import server
+
+    return server.main([args.action, *(["--no-wait"] if args.no_wait else [])])
+
+
+def cmd_label(args: argparse.Namespace) -> None:
+    from backend.labeling import service
+
+    if args.action == "sync":
+        report = service.sync(args.project)
+        text = f"{report['summary']}\nopen {report['url']}"
+    elif args.action == "pull":
+        report = service.pull(args.project)
+        text = report["summary"] + "".join(f"\n  {line}" for line in report["details"][:20])
+    elif args.action == "prelabel":
+        if not args.model:
+            raise ValueError("prelabel needs --model: a run folder, a checkpoint or a yolodex ONNX file")
+        report = service.prelabel(args.model, args.project, only_unlabeled=not args.all, imgsz=args.imgsz)
+        text = report["summary"]
+    elif args.action == "queue":
+        report = service.queue(args.project, args.limit)
+        lines = [
+            f"{'-' if item['uncertainty'] is None else format(item['uncertainty'], '.3f'):>6}  {item['url']}"
+            for item in report["items"]
+        ]
+        text = "uncertainty  task (most uncertain first)\n" + "\n".join(lines) if lines else "nothing left to label"
+    else:
+        changes = {key: value for key, value in (("epochs", args.epochs), ("imgsz", args.imgsz)) if value is not None}
+        report = service.loop(args.project, retrain_every=args.every, **changes)
+        text = json.dumps(report, indent=2)
+    _print(report, args.json, text)
+
+
 def _fmt(value: float | None, digits: int = 4) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
 
@@ -441,6 +477,23 @@ def build_parser() -> argparse.ArgumentParser:
     dataset.add_argument("--out", type=Path, help="export folder")
     dataset.add_argument("--json", action="store_true")
     dataset.set_defaults(handler=cmd_dataset)
+
+    labelstudio = commands.add_parser("labelstudio", help="start, stop or check yolodex's Label Studio server")
+    labelstudio.add_argument("action", choices=["start", "stop", "status", "repair"])
+    labelstudio.add_argument("--no-wait", action="store_true", help="start: return once the server is spawned")
+    labelstudio.set_defaults(handler=cmd_labelstudio)
+
+    label = commands.add_parser("label", help="sync a project to Label Studio, pull its labels, pre-label, the loop")
+    label.add_argument("action", choices=["sync", "pull", "prelabel", "queue", "loop"])
+    label.add_argument("--project", default="My Pokédex")
+    label.add_argument("--model", help="prelabel: a run folder, checkpoint or yolodex ONNX file")
+    label.add_argument("--all", action="store_true", help="prelabel: labeled tasks too")
+    label.add_argument("--imgsz", type=int, help="prelabel: input size of a checkpoint; loop: training size")
+    label.add_argument("--limit", type=int, default=20, help="queue: how many tasks")
+    label.add_argument("--every", type=int, help="loop: retrain after this many new annotations (0: off)")
+    label.add_argument("--epochs", type=int, help="loop: epochs per retrain")
+    label.add_argument("--json", action="store_true")
+    label.set_defaults(handler=cmd_label)
     return parser
 
 
@@ -448,11 +501,11 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     try:
-        args.handler(args)
+        status = args.handler(args)
     except EXPECTED_ERRORS as error:
         print(f"yolodex: error: {error}", file=sys.stderr)
         return 1
-    return 0
+    return status if isinstance(status, int) else 0
 
 
 if __name__ == "__main__":

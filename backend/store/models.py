@@ -34,6 +34,7 @@ ANNOTATION_SOURCES = ("import", "labelstudio", "prediction")
 # Annotations a person made or confirmed: what a dataset version freezes (predictions are only suggestions).
 GROUND_TRUTH_SOURCES = ("import", "labelstudio")
 MODEL_KINDS = ("fp32", "int8")
+LOOP_STATES = ("idle", "queued", "running")
 
 # Deterministic constraint names: Alembic needs names to alter constraints later (and SQLite batch mode too).
 NAMING_CONVENTION = {
@@ -197,6 +198,46 @@ class ModelFile(Base):
     path: Mapped[str] = mapped_column(String(1024))
     metrics: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utc_now)
+
+
+class LabelingProject(Base):
+    """The Label Studio side of a project, and its active-learning loop (one row per synced project).
+
+    `loop_state` is "idle", "queued" or "running": a retrain is claimed by moving it from "idle" in one UPDATE, so
+    two pollers can never start two retrains. `annotations_at_retrain` is how many tasks were labeled in Label
+    Studio when the last retrain was queued; the next one starts at that count + `retrain_every`.
+    """
+
+    __tablename__ = "labeling_projects"
+    __table_args__ = (CheckConstraint(_in("loop_state", LOOP_STATES), name="loop_state"),)
+
+    project_id: Mapped[int] = mapped_column(ForeignKey("projects.id", ondelete="CASCADE"), primary_key=True)
+    ls_project_id: Mapped[int] = mapped_column(Integer)
+    ls_storage_id: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    ls_view_id: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    retrain_every: Mapped[int] = mapped_column(Integer, default=20)  # 0: the loop is off
+    annotations_at_retrain: Mapped[int] = mapped_column(Integer, default=0)
+    loop_state: Mapped[str] = mapped_column(String(16), default="idle")
+    loop_started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    loop_settings: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+    last_model: Mapped[str | None] = mapped_column(Text, nullable=True)
+    last_event: Mapped[str | None] = mapped_column(Text, nullable=True)
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utc_now, onupdate=utc_now)
+
+
+class LabelingTask(Base):
+    """Our image ↔ its Label Studio task, with what we last learned about it (the image→task map)."""
+
+    __tablename__ = "labeling_tasks"
+    __table_args__ = (UniqueConstraint("ls_project_id", "ls_task_id", name="uq_labeling_tasks_project_task"),)
+
+    image_id: Mapped[int] = mapped_column(ForeignKey("images.id", ondelete="CASCADE"), primary_key=True)
+    ls_project_id: Mapped[int] = mapped_column(Integer)
+    ls_task_id: Mapped[int] = mapped_column(Integer)
+    annotation_id: Mapped[int | None] = mapped_column(Integer, nullable=True)  # the annotation last pulled
+    uncertainty: Mapped[float | None] = mapped_column(Float, nullable=True)  # of the last pre-label, in [0, 1]
+    model_version: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utc_now, onupdate=utc_now)
 
 
 # ----------------------------------------------------------------------------------------------------------------

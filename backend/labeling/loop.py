@@ -1,0 +1,296 @@
+"""The active-learning loop: after N new annotations, retrain from the last model, then pre-label the rest.
+
+Polling, not webhooks. Label Studio 1.23.2 sends webhooks synchronously inside the annotation request with a 1 s
+timeout and never retries (recipe §5), refuses 127.0.0.1 receivers unless its SSRF protection is switched off, and
+needs a receiver that is up whenever a person labels: a webhook missed while the app or the worker was down is lost
+for good. Polling counts labeled tasks from Label Studio's own state (`pull_annotations`), so nothing is missed
+across restarts of Label Studio, the worker or the app; the cost is up to one poll interval (a minute) of delay.
+
+The counter: `annotations_at_retrain` is the labeled-task count when the last retrain was queued; the next one is
+due at that count + `retrain_every`. A retrain is claimed with one conditional UPDATE (`loop_state` "idle" →
+"queued"), so two pollers (two workers, or a poll racing the CLI) can never start two retrains; the state goes back
+to "idle" when the retrain ends, fails, or its worker was restarted mid-way (`recover_interrupted`).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, fields
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session
+
+from backend.labeling.client import LabelStudioClient
+from backend.labeling.sync import labeled_count, prelabel, pull_annotations
+from backend.settings import Settings
+from backend.store.models import LabelingProject, Project, Run, utc_now
+from backend.store.versions import freeze_version, safe_name, version_folder
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class LoopSettings:
+    """How the loop retrains (stored per project in `labeling_projects.loop_settings`).
+
+    Attributes:
+        size: YOLO-NAS size of a first model ("s", "m", "l"); later retrains keep the last model's.
+        imgsz: training and pre-label input side, a multiple of 32.
+        epochs: epochs per retrain (a fine-tune from the last model: few are needed).
+        time_minutes: wall-clock cap per retrain; None for none.
+        batch_size: images per step.
+        min_samples: samples per epoch at least (small labeled sets are resampled).
+        start_weights: the first retrain's start ("coco" for the official weights, a run folder, or None for
+            random); later retrains start from the last model.
+        box_threshold: detection score from which pre-label boxes are sent.
+        uncertainty: "least_confident" or "margin".
+        val_fraction: the frozen version's validation share.
+    """
+
+    size: str = "s"
+    imgsz: int = 320
+    epochs: int = 10
+    time_minutes: float | None = 15.0
+    batch_size: int = 8
+    min_samples: int = 128
+    start_weights: str | None = "coco"
+    box_threshold: float = 0.25
+    uncertainty: str = "least_confident"
+    val_fraction: float = 0.2
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any] | None) -> LoopSettings:
+        known = {item.name for item in fields(cls)}
+        return cls(**{key: value for key, value in (values or {}).items() if key in known})
+
+
+@dataclass
+class LoopCheck:
+    """What one poll decided.
+
+    Attributes:
+        labeled: tasks labeled in Label Studio now.
+        due_at: the labeled count at which the next retrain starts (None when the loop is off).
+        started: a retrain was queued by this poll.
+        state: the loop's state after the poll ("idle", "queued", "running").
+        reason: one sentence for the user.
+    """
+
+    labeled: int
+    due_at: int | None
+    started: bool
+    state: str
+    reason: str
+
+
+def configure_loop(
+    session: Session, project: Project, *, retrain_every: int | None = None, **changes: Any
+) -> LoopSettings:
+    """Sets the loop's trigger (`retrain_every` new annotations; 0 turns it off) and any `LoopSettings` field.
+
+    Raises:
+        ValueError: the project was never synced, a negative count, or an unknown setting.
+    """
+    row = session.get(LabelingProject, project.id)
+    if row is None:
+        raise ValueError(f"project {project.name!r} is not in Label Studio yet: sync it first")
+    unknown = set(changes) - {item.name for item in fields(LoopSettings)}
+    if unknown:
+        raise ValueError(f"unknown loop settings {sorted(unknown)}: use {[item.name for item in fields(LoopSettings)]}")
+    if retrain_every is not None:
+        if retrain_every < 0:
+            raise ValueError("retrain_every must be 0 (off) or a positive number of annotations")
+        row.retrain_every = retrain_every
+    merged = LoopSettings.from_dict({**(row.loop_settings or {}), **changes})
+    row.loop_settings = asdict(merged)
+    session.flush()
+    return merged
+
+
+def check_loop(session: Session, project: Project, client: LabelStudioClient, enqueue: Callable[[], Any]) -> LoopCheck:
+    """Pulls the annotations and queues a retrain (through `enqueue`) when enough new ones arrived.
+
+    The claim is committed before `enqueue` runs, so a crash in between leaves "queued" with no job: that state
+    is cleared by `recover_interrupted` when a worker starts. An `enqueue` that raises puts the loop back to idle.
+
+    Raises:
+        LabelStudioError: Label Studio is down or refuses the token (the loop's state is not touched).
+    """
+    pull_annotations(session, project, client)
+    labeled = labeled_count(session, project)
+    row = session.get(LabelingProject, project.id)
+    assert row is not None  # pull_annotations checked it
+    if row.retrain_every <= 0:
+        return LoopCheck(labeled, None, False, row.loop_state, "the loop is off (retrain_every = 0)")
+    due_at = row.annotations_at_retrain + row.retrain_every
+    if row.loop_state != "idle":
+        return LoopCheck(labeled, due_at, False, row.loop_state, f"a retrain is already {row.loop_state}")
+    if labeled < due_at:
+        return LoopCheck(labeled, due_at, False, "idle", f"{due_at - labeled} more annotations until the next retrain")
+    claimed = session.execute(
+        update(LabelingProject)
+        .where(LabelingProject.project_id == project.id, LabelingProject.loop_state == "idle")
+        .values(loop_state="queued", annotations_at_retrain=labeled, loop_started_at=utc_now())
+    ).rowcount
+    session.commit()
+    if claimed != 1:
+        session.refresh(row)
+        return LoopCheck(labeled, due_at, False, row.loop_state, "another poll queued the retrain first")
+    try:
+        enqueue()
+    except Exception:
+        _set_state(session, project.id, "idle", "could not queue the retrain")
+        raise
+    session.refresh(row)
+    return LoopCheck(labeled, labeled + row.retrain_every, True, row.loop_state, f"{labeled} labeled: retrain queued")
+
+
+def _set_state(session: Session, project_id: int, state: str, event: str) -> None:
+    session.execute(
+        update(LabelingProject)
+        .where(LabelingProject.project_id == project_id)
+        .values(loop_state=state, last_event=event, loop_started_at=utc_now() if state != "idle" else None)
+    )
+    session.commit()
+
+
+def recover_interrupted(session: Session) -> int:
+    """Puts loops whose retrain died with its worker back to idle; returns how many. Call when a worker starts.
+
+    Only "running" loops are reset: a "queued" retrain is still in the (persistent) queue and will run.
+    """
+    reset = session.execute(
+        update(LabelingProject)
+        .where(LabelingProject.loop_state == "running")
+        .values(loop_state="idle", loop_started_at=None, last_event="the retrain was interrupted (worker restart)")
+    ).rowcount
+    session.commit()
+    return int(reset or 0)
+
+
+@dataclass
+class RetrainResult:
+    """A finished retrain: the version it trained on, its run, how it ended, and the pre-label that followed."""
+
+    version: str
+    run_dir: Path
+    stopped: str
+    best_map: float
+    prelabeled_tasks: int
+    seconds: float
+
+
+def run_retrain(
+    session: Session,
+    settings: Settings,
+    project: Project,
+    client: LabelStudioClient,
+    *,
+    on_event: Callable[..., None] | None = None,
+    stop_requested: Callable[[], bool] | None = None,
+) -> RetrainResult:
+    """The retrain job: freeze the labeled images, fine-tune from the last model, pre-label the unlabeled tasks.
+
+    Raises:
+        ValueError: nothing labeled, or the project was never synced.
+        TrainingError / LabelStudioError: training or Label Studio failed; the loop goes back to idle either way.
+    """
+    from backend.training.config import TrainConfig
+    from backend.training.trainer import fit
+
+    started = time.monotonic()
+    row = session.get(LabelingProject, project.id)
+    if row is None:
+        raise ValueError(f"project {project.name!r} is not in Label Studio yet: sync it first")
+    _set_state(session, project.id, "running", "retraining")
+    try:
+        options = LoopSettings.from_dict(row.loop_settings)
+        pull_annotations(session, project, client)
+        stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+        version = freeze_version(
+            session,
+            settings.storage,
+            project,
+            f"loop-{stamp}",
+            fractions=(1.0 - options.val_fraction, options.val_fraction),
+        )
+        session.commit()
+        run_dir = settings.runs_dir / f"{safe_name(project.name, 'project')}-loop-{stamp}"
+        weights = row.last_model if row.last_model and Path(row.last_model).suffix == ".pt" else options.start_weights
+        config = TrainConfig(
+            data=str(version_folder(settings.storage, version)),
+            size=options.size,
+            imgsz=options.imgsz,
+            epochs=options.epochs,
+            time_minutes=options.time_minutes,
+            batch_size=options.batch_size,
+            min_samples=options.min_samples,
+            weights=weights,
+            patience=None,
+        )
+        run = Run(
+            project_id=project.id,
+            dataset_version_id=version.id,
+            folder=str(run_dir.relative_to(settings.storage))
+            if run_dir.is_relative_to(settings.storage)
+            else str(run_dir),
+            status="running",
+            config={"train": config.to_dict(), "origin": "labeling loop"},
+        )
+        session.add(run)
+        session.commit()
+        result = fit(config, run_dir, on_event=on_event, stop_requested=stop_requested)
+        run.status = "cancelled" if result.stopped == "cancelled" else "succeeded"
+        session.commit()
+        if result.stopped == "cancelled":
+            raise RuntimeError("the retrain was cancelled; the loop will try again after the next annotations")
+        model = run_dir / "best.pt" if (run_dir / "best.pt").is_file() else run_dir / "last.pt"
+        report = prelabel(
+            session,
+            settings,
+            project,
+            client,
+            model,
+            box_threshold=options.box_threshold,
+            uncertainty=options.uncertainty,
+            imgsz=options.imgsz,
+        )
+        session.commit()
+        _set_state(session, project.id, "idle", f"retrained on {version.name} ({result.best_map:.3f} mAP50-95); "
+                   f"pre-labeled {report.tasks} tasks")  # fmt: skip
+        return RetrainResult(
+            version.name, run_dir, result.stopped, result.best_map, report.tasks, time.monotonic() - started
+        )
+    except BaseException as error:
+        session.rollback()
+        _set_state(session, project.id, "idle", f"the retrain failed: {error}")
+        raise
+
+
+def loop_status(session: Session, project: Project) -> dict[str, Any]:
+    """The loop's settings and state for the app and the CLI."""
+    row = session.get(LabelingProject, project.id)
+    if row is None:
+        return {"synced": False}
+    return {
+        "synced": True,
+        "ls_project_id": row.ls_project_id,
+        "retrain_every": row.retrain_every,
+        "annotations_at_retrain": row.annotations_at_retrain,
+        "labeled": labeled_count(session, project),
+        "state": row.loop_state,
+        "last_model": row.last_model,
+        "last_event": row.last_event,
+        "settings": asdict(LoopSettings.from_dict(row.loop_settings)),
+    }
+
+
+def synced_projects(session: Session) -> list[Project]:
+    """Projects with a Label Studio project, for the poller."""
+    query = select(Project).join(LabelingProject, LabelingProject.project_id == Project.id).order_by(Project.id)
+    return list(session.scalars(query))

@@ -1,0 +1,676 @@
+"""A yolodex project ⇄ its Label Studio project: sync (config, images, tasks), pull (annotations), pre-label.
+
+Images reach Label Studio through a local-files import storage, without copies: each project gets a folder
+`storage/images/labelstudio/<project id>/` of hard links to the content-addressed files, named
+`<image id>_<original name>.<ext>`, and a local-files storage on that folder (Label Studio's document root is
+`storage/images`, see `backend.labeling.server`). Why a folder per project: the content-addressed store is shared by
+every project, and a storage syncs every file under its path. Why hard links: no copies, and Label Studio's storage
+scan and file serving see ordinary files. A storage sync creates one task per new file and skips files it already
+has, so re-syncing never duplicates; each task then gets our image id in `data.yolodex_image_id`, and
+`labeling_tasks` keeps the image → task map.
+
+Label Studio is the place of truth for the boxes of a synced image once it has an annotation there: `pull` replaces
+that image's ground truth with the latest completed annotation (see `convert.task_boxes`) and marks it labeled.
+Boxes an image already had when it was first synced (a labeled import, the starter project) are sent to Label
+Studio as its first annotation, so the labeling view shows them and pulling them back changes nothing.
+
+Boxes: our xyxy original-image pixels (after EXIF orientation) inside; Label Studio percent only through
+`backend.labeling.convert`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import shutil
+import time
+import unicodedata
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs, urlparse
+
+import numpy as np
+from sqlalchemy import delete, func, select
+from sqlalchemy.orm import Session
+
+from backend.labeling.client import LabelStudioClient, LabelStudioNotFound
+from backend.labeling.config import DATA_KEY, config_change, config_labels, labeling_config
+from backend.labeling.convert import IMAGE_ID_KEY, boxes_to_ls_results, task_boxes, task_uncertainty
+from backend.settings import Settings
+from backend.store.models import (
+    GROUND_TRUTH_SOURCES,
+    Annotation,
+    Image,
+    LabelingProject,
+    LabelingTask,
+    Project,
+    project_classes,
+)
+
+logger = logging.getLogger(__name__)
+
+LINKS_FOLDER = "labelstudio"  # under storage/images: Label Studio's local-files document root
+FILE_REGEX = r".*\.(jpe?g|png|webp|bmp|gif)$"
+PROJECT_MARKER = "yolodex project {id}"  # in the Label Studio project's description: finds it again
+QUEUE_VIEW_TITLE = "Least confident first"
+MODEL_VERSION_PREFIX = "yolodex:"
+SYNCED_STATUSES = ("ok", "near_duplicate")  # exact duplicates are never labeled twice
+# Detections at or above this are sent as pre-annotation boxes; lower ones still count for the uncertainty.
+DEFAULT_BOX_THRESHOLD = 0.25
+UNCERTAINTY_THRESHOLD = 0.05
+_LEADING_ID = re.compile(r"^(\d+)_")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Files
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def project_folder(settings: Settings, project: Project) -> Path:
+    """`storage/images/labelstudio/<project id>`: the folder the project's local-files storage scans."""
+    return settings.images_dir / LINKS_FOLDER / str(project.id)
+
+
+def link_name(image: Image) -> str:
+    """`<image id>_<original name>.<ext>`: our id first (how a task finds its image), the name for people.
+
+    Unicode is kept (Label Studio URL-encodes it); path separators and control characters become "_".
+    """
+    extension = Path(image.path).suffix.lower() or ".jpg"
+    stem = Path(image.original_name or "").stem or image.sha256[:12]
+    stem = unicodedata.normalize("NFC", stem)
+    stem = "".join("_" if ch in '/\\:*?"<>|' or unicodedata.category(ch).startswith("C") else ch for ch in stem)
+    return f"{image.id}_{stem.strip()[:80] or image.sha256[:12]}{extension}"
+
+
+def _link(source: Path, target: Path) -> None:
+    if target.exists():
+        return
+    try:
+        os.link(source, target)
+    except OSError:
+        # A filesystem without hard links (some network or Windows mounts): a copy still works, it only costs space.
+        logger.warning("hard links are not possible in %s: copying %s instead", target.parent, source.name)
+        shutil.copyfile(source, target)
+
+
+def image_id_from_url(url: str) -> int | None:
+    """Our image id from a task's local-files URL (`/data/local-files/?d=labelstudio/3/17_cat.jpg` → 17)."""
+    try:
+        relative = parse_qs(urlparse(url).query).get("d", [""])[0]
+    except ValueError:
+        return None
+    match = _LEADING_ID.match(Path(relative).name)
+    return int(match.group(1)) if match else None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Sync
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class SyncReport:
+    """What a sync did.
+
+    Attributes:
+        ls_project_id: the Label Studio project.
+        created_project: it was created by this sync (also after it had been deleted in Label Studio).
+        images: images of the project that are synced (not exact duplicates).
+        new_tasks: tasks Label Studio created in this sync.
+        tasks: tasks mapped to our images after the sync.
+        labels_sent: new tasks whose existing boxes were sent as their first annotation.
+        config: "created", "unchanged" or "updated"; `added`/`removed`/`kept` labels when updated.
+        seconds: wall time.
+    """
+
+    ls_project_id: int
+    created_project: bool = False
+    images: int = 0
+    new_tasks: int = 0
+    tasks: int = 0
+    labels_sent: int = 0
+    config: str = "unchanged"
+    added: list[str] = field(default_factory=list)
+    removed: list[str] = field(default_factory=list)
+    kept: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def summary(self) -> str:
+        text = (
+            f"Label Studio project {self.ls_project_id}: {self.tasks} tasks for {self.images} images "
+            f"({self.new_tasks} new, {self.labels_sent} with their existing boxes); labeling config {self.config}"
+        )
+        if self.kept:
+            text += f" (kept labels still in use: {', '.join(self.kept)})"
+        return text
+
+
+def _class_names(session: Session, project: Project) -> list[str]:
+    names = [item.name for item in project_classes(session, project)]
+    if not names:
+        raise ValueError(f"project {project.name!r} has no classes yet: add at least one class before labeling")
+    return names
+
+
+def _find_ls_project(client: LabelStudioClient, project: Project) -> dict[str, Any] | None:
+    marker = PROJECT_MARKER.format(id=project.id)
+    for candidate in client.list_projects():
+        if marker in (candidate.get("description") or ""):
+            return candidate
+    return None
+
+
+def _ensure_ls_project(
+    session: Session, client: LabelStudioClient, project: Project, names: list[str], report_flags: dict[str, Any]
+) -> tuple[LabelingProject, dict[str, Any]]:
+    row = session.get(LabelingProject, project.id)
+    ls_project = None
+    if row is not None:
+        try:
+            ls_project = client.get_project(row.ls_project_id)
+        except LabelStudioNotFound:
+            logger.warning("Label Studio project %s of %r is gone: creating it again", row.ls_project_id, project.name)
+    if ls_project is None:
+        ls_project = _find_ls_project(client, project)
+    if ls_project is None:
+        ls_project = client.create_project(
+            title=project.name[:50],
+            label_config=labeling_config(names, [item.colour for item in project_classes(session, project)]),
+            description=f"{PROJECT_MARKER.format(id=project.id)}; managed by yolodex (classes change there).",
+        )
+        report_flags["created"] = True
+    if row is None:
+        row = LabelingProject(project_id=project.id, ls_project_id=ls_project["id"])
+        session.add(row)
+    if row.ls_project_id != ls_project["id"]:
+        # Another Label Studio project now stands for ours: the old task ids mean nothing there.
+        session.execute(delete(LabelingTask).where(LabelingTask.ls_project_id == row.ls_project_id))
+        row.ls_project_id, row.ls_storage_id, row.ls_view_id = ls_project["id"], None, None
+    session.flush()
+    return row, ls_project
+
+
+def _update_config(
+    session: Session, client: LabelStudioClient, project: Project, ls_project: dict[str, Any], names: list[str]
+) -> tuple[str, list[str], list[str], list[str]]:
+    current = ls_project.get("label_config") or ""
+    try:
+        current_labels = config_labels(current)
+    except ValueError:
+        current_labels = []
+    if current_labels == names:
+        return "unchanged", [], [], []
+    in_use = client.labels_in_use(ls_project["id"]) if current_labels else {}
+    colours = [item.colour for item in project_classes(session, project)]
+    if current_labels:
+        change = config_change(current, names, in_use, colours)
+        xml, added, removed, kept = change.xml, change.added, change.removed, change.kept
+    else:
+        xml, added, removed, kept = labeling_config(names, colours), list(names), [], []
+    if config_labels(xml) == current_labels:
+        return "unchanged", [], [], kept
+    client.update_project(ls_project["id"], label_config=xml)
+    return "updated", added, removed, kept
+
+
+def _ensure_storage(client: LabelStudioClient, row: LabelingProject, folder: Path) -> int:
+    storages = client.list_local_storages(row.ls_project_id)
+    for storage in storages:
+        if storage.get("id") == row.ls_storage_id or Path(storage.get("path", "")) == folder:
+            row.ls_storage_id = storage["id"]
+            return storage["id"]
+    created = client.create_local_storage(row.ls_project_id, str(folder), FILE_REGEX, title="yolodex images")
+    row.ls_storage_id = created["id"]
+    return created["id"]
+
+
+def _queue_view_data() -> dict[str, Any]:
+    # The unlabeled tasks, lowest prediction score first: our prediction score is 1 - uncertainty (see prelabel).
+    return {
+        "title": QUEUE_VIEW_TITLE,
+        "ordering": ["tasks:predictions_score"],
+        "filters": {
+            "conjunction": "and",
+            "items": [{"filter": "filter:tasks:total_annotations", "operator": "equal", "type": "Number", "value": 0}],
+        },
+    }
+
+
+def _ensure_view(client: LabelStudioClient, row: LabelingProject) -> None:
+    views = client.list_views(row.ls_project_id)
+    existing = next((view for view in views if (view.get("data") or {}).get("title") == QUEUE_VIEW_TITLE), None)
+    if existing is None:
+        existing = client.create_view(row.ls_project_id, _queue_view_data())
+    row.ls_view_id = existing["id"]
+
+
+def _ground_truth(session: Session, image_ids: Sequence[int]) -> dict[int, list[Annotation]]:
+    boxes: dict[int, list[Annotation]] = {image_id: [] for image_id in image_ids}
+    if not image_ids:
+        return boxes
+    query = select(Annotation).where(Annotation.image_id.in_(image_ids), Annotation.source.in_(GROUND_TRUTH_SOURCES))
+    for annotation in session.scalars(query):
+        boxes[annotation.image_id].append(annotation)
+    return boxes
+
+
+def sync_project(
+    session: Session, settings: Settings, project: Project, client: LabelStudioClient, *, send_labels: bool = True
+) -> SyncReport:
+    """Brings the project's Label Studio project up to date: config, image links, storage sync, task map, view.
+
+    Safe to run any number of times: no task is ever created twice for an image, and no annotation is lost (a
+    removed class stays in the config while annotations use it, see `config.config_change`).
+
+    Args:
+        send_labels: images that already have boxes (or are labeled as background) when their task is first
+            created get them as the task's first annotation.
+
+    Raises:
+        LabelStudioError: Label Studio is down, refuses the token, or refuses a change (its detail is in the message).
+        ValueError: the project has no classes.
+    """
+    started = time.monotonic()
+    names = _class_names(session, project)
+    flags: dict[str, Any] = {}
+    row, ls_project = _ensure_ls_project(session, client, project, names, flags)
+    report = SyncReport(ls_project_id=row.ls_project_id, created_project=bool(flags.get("created")))
+    if report.created_project:
+        report.config = "created"
+    else:
+        report.config, report.added, report.removed, report.kept = _update_config(
+            session, client, project, ls_project, names
+        )
+
+    folder = project_folder(settings, project)
+    folder.mkdir(parents=True, exist_ok=True)
+    images = {
+        image.id: image
+        for image in session.scalars(
+            select(Image).where(Image.project_id == project.id, Image.status.in_(SYNCED_STATUSES))
+        )
+    }
+    report.images = len(images)
+    for image in images.values():
+        _link(settings.storage / image.path, folder / link_name(image))
+
+    storage_id = _ensure_storage(client, row, folder)
+    before = {task.ls_task_id for task in _task_rows(session, row.ls_project_id)}
+    client.sync_local_storage(storage_id)
+
+    known = {task.image_id: task for task in _task_rows(session, row.ls_project_id)}
+    newly_mapped: dict[int, int] = {}
+    seen_tasks = set()
+    for task in client.iter_tasks(row.ls_project_id, fields="all"):
+        data = task.get("data") or {}
+        image_id = data.get(IMAGE_ID_KEY)
+        if not isinstance(image_id, int):
+            image_id = image_id_from_url(str(data.get(DATA_KEY, "")))
+        if image_id is None or image_id not in images:
+            continue  # a task someone added by hand, or an image no longer synced
+        if data.get(IMAGE_ID_KEY) != image_id:
+            client.update_task_data(task["id"], {**data, IMAGE_ID_KEY: image_id})
+        seen_tasks.add(task["id"])
+        mapped = known.get(image_id)
+        if mapped is None:
+            session.add(LabelingTask(image_id=image_id, ls_project_id=row.ls_project_id, ls_task_id=task["id"]))
+            if not task.get("total_annotations") and not task.get("annotations"):
+                newly_mapped[image_id] = task["id"]
+        elif mapped.ls_task_id != task["id"]:
+            mapped.ls_task_id = task["id"]
+    report.new_tasks = len(seen_tasks - before)
+    report.tasks = len(seen_tasks)
+    session.flush()
+
+    if send_labels and newly_mapped:
+        report.labels_sent = _send_existing_labels(session, client, project, names, images, newly_mapped)
+    _ensure_view(client, row)
+    row.last_event = report.summary()
+    report.seconds = time.monotonic() - started
+    return report
+
+
+def _task_rows(session: Session, ls_project_id: int) -> list[LabelingTask]:
+    return list(session.scalars(select(LabelingTask).where(LabelingTask.ls_project_id == ls_project_id)))
+
+
+def _send_existing_labels(
+    session: Session,
+    client: LabelStudioClient,
+    project: Project,
+    names: list[str],
+    images: dict[int, Image],
+    task_of_image: dict[int, int],
+) -> int:
+    index_of_class = {item.id: item.index for item in project_classes(session, project)}
+    ground_truth = _ground_truth(session, list(task_of_image))
+    sent = 0
+    for image_id, task_id in task_of_image.items():
+        image = images[image_id]
+        boxes = ground_truth[image_id]
+        if not image.labeled and not boxes:
+            continue
+        converted = boxes_to_ls_results(
+            np.asarray([[box.x1, box.y1, box.x2, box.y2] for box in boxes], dtype=np.float64).reshape(-1, 4),
+            np.asarray([index_of_class[box.class_id] for box in boxes], dtype=np.int64),
+            None,
+            (image.width, image.height),
+            names,
+        )
+        annotation = client.create_annotation(task_id, converted.results)
+        mapped = session.get(LabelingTask, image_id)
+        if mapped is not None:
+            mapped.annotation_id = annotation.get("id")
+        sent += 1
+    return sent
+
+
+def labeling_project(session: Session, project: Project) -> LabelingProject:
+    """The project's Label Studio link, or a ValueError saying to sync first."""
+    row = session.get(LabelingProject, project.id)
+    if row is None:
+        raise ValueError(
+            f"project {project.name!r} is not in Label Studio yet: sync it first (yolodex label sync --project ...)"
+        )
+    return row
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Pull
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class PullReport:
+    """What a pull did.
+
+    Attributes:
+        tasks: tasks read.
+        labeled: tasks with a completed annotation (the project's labeled count in Label Studio).
+        updated: images whose boxes were replaced by Label Studio's.
+        unlabeled_again: images whose annotation was deleted or cancelled in Label Studio since the last pull.
+        boxes: boxes now stored from Label Studio.
+        problems: reason → count ("unknown label", "clipped", "no original size", ...).
+        details: the first problems, one line each with its task id (all of them are in `problems` counts).
+        unmapped: tasks that are not ours (no image id, or an image of another project).
+    """
+
+    tasks: int = 0
+    labeled: int = 0
+    updated: int = 0
+    unlabeled_again: int = 0
+    boxes: int = 0
+    problems: dict[str, int] = field(default_factory=dict)
+    details: list[str] = field(default_factory=list)
+    unmapped: int = 0
+
+    def summary(self) -> str:
+        text = f"{self.labeled} of {self.tasks} tasks labeled; {self.updated} images updated, {self.boxes} boxes"
+        if self.unlabeled_again:
+            text += f"; {self.unlabeled_again} annotations removed in Label Studio"
+        if self.problems:
+            text += "; problems: " + ", ".join(f"{count} {reason}" for reason, count in sorted(self.problems.items()))
+        return text
+
+
+MAX_DETAILS = 50
+
+
+def pull_annotations(session: Session, project: Project, client: LabelStudioClient) -> PullReport:
+    """Copies Label Studio's annotations into our store (see the module docstring for what wins).
+
+    Every result that cannot become a box (unknown label, no original size, outside the image, ...) is counted and
+    described in the report; a box reaching outside the image is clipped, kept and reported.
+
+    Raises:
+        LabelStudioError: Label Studio is down or refuses the token.
+        ValueError: the project was never synced.
+    """
+    row = labeling_project(session, project)
+    classes = project_classes(session, project)
+    names = [item.name for item in classes]
+    class_id_of_index = {item.index: item.id for item in classes}
+    mapped = {task.ls_task_id: task for task in _task_rows(session, row.ls_project_id)}
+    images = {image.id: image for image in session.scalars(select(Image).where(Image.project_id == project.id))}
+    report = PullReport()
+    problems: Counter[str] = Counter()
+    for task in client.export_tasks(row.ls_project_id):
+        report.tasks += 1
+        link = mapped.get(task.get("id"))
+        image = images.get(link.image_id) if link is not None else None
+        if image is None:
+            report.unmapped += 1
+            continue
+        converted = task_boxes(task, names, image_size=(image.width, image.height))
+        for problem in converted.problems:
+            if problem.reason == "no image id":
+                continue  # the map found it; the id is written into the task at the next sync
+            problems[problem.reason] += 1
+            if len(report.details) < MAX_DETAILS:
+                report.details.append(f"task {task.get('id')} (image {image.id}): {problem.detail}")
+        if converted.labeled:
+            report.labeled += 1
+            _replace_ground_truth(session, image, converted.boxes, converted.labels, class_id_of_index)
+            image.labeled = True
+            link.annotation_id = converted.annotation_id
+            report.updated += 1
+            report.boxes += len(converted.boxes)
+        elif link.annotation_id is not None:
+            _replace_ground_truth(session, image, np.zeros((0, 4)), np.zeros(0, dtype=np.int64), class_id_of_index)
+            image.labeled = False
+            link.annotation_id = None
+            report.unlabeled_again += 1
+    report.problems = dict(problems)
+    session.flush()
+    row.last_event = "pull: " + report.summary()
+    return report
+
+
+def _replace_ground_truth(
+    session: Session, image: Image, boxes: np.ndarray, labels: np.ndarray, class_id_of_index: dict[int, int]
+) -> None:
+    """Replaces the image's ground-truth boxes; `boxes` (N, 4) xyxy original-image pixels, `labels` (N,) indices."""
+    session.execute(
+        delete(Annotation).where(Annotation.image_id == image.id, Annotation.source.in_(GROUND_TRUTH_SOURCES))
+    )
+    for (x1, y1, x2, y2), label in zip(np.asarray(boxes).tolist(), np.asarray(labels).tolist()):
+        session.add(
+            Annotation(
+                image_id=image.id,
+                class_id=class_id_of_index[int(label)],
+                x1=x1,
+                y1=y1,
+                x2=x2,
+                y2=y2,
+                source="labelstudio",
+            )
+        )
+
+
+def labeled_count(session: Session, project: Project) -> int:
+    """Tasks of the project that had a completed annotation at the last pull."""
+    row = labeling_project(session, project)
+    query = (
+        select(func.count())
+        .select_from(LabelingTask)
+        .where(LabelingTask.ls_project_id == row.ls_project_id, LabelingTask.annotation_id.is_not(None))
+    )
+    return int(session.scalar(query) or 0)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Pre-label and the least-confident-first order
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class PrelabelReport:
+    """What a pre-label did.
+
+    Attributes:
+        model_version: the `model_version` the predictions carry (`yolodex:<run or file name>`).
+        tasks: tasks that got a prediction.
+        boxes: boxes sent.
+        clipped: boxes clipped to their image before sending.
+        dropped: boxes not sent, by reason (classes the project does not have, degenerate, ...).
+        replaced: earlier yolodex predictions removed (one prediction per task keeps the score sort meaningful).
+        seconds: wall time.
+    """
+
+    model_version: str
+    tasks: int = 0
+    boxes: int = 0
+    clipped: int = 0
+    dropped: dict[str, int] = field(default_factory=dict)
+    replaced: int = 0
+    seconds: float = 0.0
+
+    def summary(self) -> str:
+        text = f"{self.model_version}: {self.boxes} boxes on {self.tasks} tasks in {self.seconds:.1f} s"
+        if self.dropped:
+            text += " (not sent: " + ", ".join(f"{n} {reason}" for reason, n in sorted(self.dropped.items())) + ")"
+        return text
+
+
+def model_version_of(model_path: str | Path) -> str:
+    """`yolodex:<run folder>/<file>` for a run's file, so Label Studio shows which model pre-labeled a task."""
+    path = Path(model_path)
+    name = f"{path.parent.name}/{path.name}" if path.is_file() else path.name
+    return MODEL_VERSION_PREFIX + name
+
+
+def prelabel(
+    session: Session,
+    settings: Settings,
+    project: Project,
+    client: LabelStudioClient,
+    model_path: str | Path,
+    *,
+    only_unlabeled: bool = True,
+    box_threshold: float = DEFAULT_BOX_THRESHOLD,
+    uncertainty: str = "least_confident",
+    batch_size: int = 8,
+    imgsz: int | None = None,
+    on_progress: Callable[[int, int], None] | None = None,
+) -> PrelabelReport:
+    """Runs a model on the project's tasks and sends its detections as predictions, with scores and uncertainty.
+
+    Each task's prediction carries `score = 1 - uncertainty` (so Label Studio's "Prediction score" column, and the
+    "Least confident first" tab sorting on it ascending, put the least confident first) and each box its own
+    score. The model's classes are matched to the project's by name; detections of other classes are not sent.
+
+    Args:
+        model_path: a checkpoint, run folder (its best.pt) or yolodex ONNX file.
+        only_unlabeled: skip tasks that already have an annotation (the usual case; their labels are the truth).
+        box_threshold: detections at or above this score become pre-annotation boxes; lower ones (down to 0.05)
+            still count for the uncertainty.
+        uncertainty: "least_confident" or "margin" (see `convert.task_uncertainty`).
+        on_progress: called with (done, total) after each batch.
+
+    Raises:
+        ValueError: the project was never synced, or the model shares no class with it.
+        LabelStudioError: Label Studio is down or refuses the token.
+    """
+    from backend.inference import Predictor
+    from backend.processing import PostprocessConfig
+    from backend.training.trainer import run_checkpoint
+
+    started = time.monotonic()
+    row = labeling_project(session, project)
+    names = [item.name for item in project_classes(session, project)]
+    path = Path(model_path)
+    model_file = path if path.suffix.lower() == ".onnx" else run_checkpoint(path)
+    predictor = Predictor.from_path(
+        model_file, imgsz=imgsz, postprocess=PostprocessConfig(conf_threshold=UNCERTAINTY_THRESHOLD)
+    )
+    project_index = {name: index for index, name in enumerate(names)}
+    to_project = np.asarray([project_index.get(name, -1) for name in predictor.class_names], dtype=np.int64)
+    if (to_project < 0).all():
+        raise ValueError(
+            f"{model_file} detects {predictor.class_names}, none of which is a class of {project.name!r} ({names}): "
+            "pick a model trained on this project"
+        )
+    report = PrelabelReport(model_version=model_version_of(model_file))
+
+    query = select(LabelingTask, Image).join(Image, Image.id == LabelingTask.image_id)
+    query = query.where(LabelingTask.ls_project_id == row.ls_project_id)
+    if only_unlabeled:
+        query = query.where(LabelingTask.annotation_id.is_(None), Image.labeled.is_(False))
+    pairs = list(session.execute(query.order_by(LabelingTask.image_id)).tuples())
+    dropped: Counter[str] = Counter()
+    for start in range(0, len(pairs), batch_size):
+        chunk = pairs[start : start + batch_size]
+        detections = predictor.predict([settings.storage / image.path for _, image in chunk])
+        for (link, image), found in zip(chunk, detections):
+            labels = to_project[found.class_ids] if len(found.class_ids) else found.class_ids
+            known = labels >= 0
+            dropped["class not in project"] += int((~known).sum())
+            value = task_uncertainty(found.scores[known], uncertainty)
+            keep = known & (found.scores >= box_threshold)
+            converted = boxes_to_ls_results(
+                found.boxes[keep], labels[keep], found.scores[keep], (image.width, image.height), names
+            )
+            for reason, count in converted.dropped.items():
+                dropped[reason] += count
+            for old in client.list_predictions(link.ls_task_id):
+                if str(old.get("model_version", "")).startswith(MODEL_VERSION_PREFIX):
+                    client.delete_prediction(old["id"])
+                    report.replaced += 1
+            client.create_prediction(link.ls_task_id, converted.results, 1.0 - value, report.model_version)
+            link.uncertainty, link.model_version = value, report.model_version
+            report.tasks += 1
+            report.boxes += len(converted.results)
+            report.clipped += converted.clipped
+        if on_progress is not None:
+            on_progress(min(start + batch_size, len(pairs)), len(pairs))
+    if report.tasks:
+        # The labeling view pre-fills a task with the predictions of the project's model version (Label Studio
+        # refuses a version it holds no prediction of).
+        client.update_project(row.ls_project_id, model_version=report.model_version)
+    report.dropped = {reason: count for reason, count in dropped.items() if count}
+    report.seconds = time.monotonic() - started
+    row.last_model = str(model_file)
+    row.last_event = "prelabel: " + report.summary()
+    session.flush()
+    return report
+
+
+@dataclass(frozen=True)
+class QueueItem:
+    """One unlabeled image in labeling order."""
+
+    image_id: int
+    task_id: int
+    uncertainty: float | None
+    model_version: str | None
+
+
+def labeling_queue(session: Session, project: Project, limit: int | None = 50) -> list[QueueItem]:
+    """The unlabeled images, most uncertain first; images no model has seen yet come last, oldest first."""
+    row = labeling_project(session, project)
+    query = (
+        select(LabelingTask)
+        .join(Image, Image.id == LabelingTask.image_id)
+        .where(
+            LabelingTask.ls_project_id == row.ls_project_id,
+            LabelingTask.annotation_id.is_(None),
+            Image.labeled.is_(False),
+        )
+        .order_by(LabelingTask.uncertainty.is_(None), LabelingTask.uncertainty.desc(), LabelingTask.image_id)
+    )
+    if limit is not None:
+        query = query.limit(limit)
+    return [
+        QueueItem(task.image_id, task.ls_task_id, task.uncertainty, task.model_version)
+        for task in session.scalars(query)
+    ]
+
+
+def task_url(base_url: str, ls_project_id: int, task_id: int) -> str:
+    """The labeling view of one task (recipe §6 deep link)."""
+    return f"{base_url.rstrip('/')}/projects/{ls_project_id}/data?task={task_id}"
