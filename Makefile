@@ -13,26 +13,31 @@ INSTALL_STAMP := $(VENV)/.yolodex-installed
 INSTALL_INPUTS := requirements.txt pyproject.toml
 PIP_INSTALL := $(VENV_PYTHON) -m pip install --quiet --progress-bar off
 
-# Label Studio gets its own venv (it pins many packages of its own); the Label Studio issue wires it
-# into `setup` the same way as above, from requirements-labelstudio.txt:
-# LS_VENV := .venv-labelstudio
-# LS_INSTALL_INPUTS := requirements-labelstudio.txt
+# Label Studio gets its own venv (it pins many packages of its own, label-studio-sdk included), installed
+# the same way from requirements-labelstudio.txt. backend/labeling/server.py runs its bin/label-studio.
+LS_VENV := .venv-labelstudio
+LS_VENV_PYTHON := $(LS_VENV)/bin/python
+LS_INSTALL_STAMP := $(LS_VENV)/.yolodex-installed
+LS_INSTALL_INPUTS := requirements-labelstudio.txt
+LS_PIP_INSTALL := $(LS_VENV_PYTHON) -m pip install --quiet --progress-bar off
+LS_CONTROL := $(VENV_PYTHON) -m backend.labeling.server
 
 # The same variables as backend/settings.py; environment variables override these defaults.
 YOLODEX_HOST ?= 127.0.0.1
 YOLODEX_APP_PORT ?= 8501
 PYTEST_ARGS ?=
 
-.PHONY: help setup run test lint format bench clean
+.PHONY: help setup run labelstudio labelstudio-stop test lint format bench clean
 
 help:
-	@echo "make setup   create .venv and install requirements.txt + yolodex (only when they changed)"
-	@echo "make run     start the app on http://$(YOLODEX_HOST):$(YOLODEX_APP_PORT)"
+	@echo "make setup   create .venv and .venv-labelstudio and install their requirements (only when they changed)"
+	@echo "make run     start Label Studio and the app on http://$(YOLODEX_HOST):$(YOLODEX_APP_PORT)"
+	@echo "make labelstudio        start Label Studio alone (make labelstudio-stop stops it)"
 	@echo "make test    ruff check, ruff format --check, pytest (PYTEST_ARGS=... passes through)"
 	@echo "make bench   run every bench/*.py"
 	@echo "make lint    ruff check + ruff format --check"
 	@echo "make format  ruff format + ruff check --fix"
-	@echo "make clean   remove .venv and caches (never storage/)"
+	@echo "make clean   remove .venv, .venv-labelstudio and caches (never storage/)"
 
 setup:
 	@set -euo pipefail; \
@@ -52,12 +57,44 @@ setup:
 	$(PIP_INSTALL) --no-deps -e .; \
 	echo "$$wanted" > "$(INSTALL_STAMP)"; \
 	echo "setup: done"
+	@set -euo pipefail; \
+	if ! "$(LS_VENV_PYTHON)" -c "import sys" >/dev/null 2>&1; then \
+		if [ -z "$(PYTHON)" ]; then echo "setup: neither python3.11 nor python3 is on PATH" >&2; exit 1; fi; \
+		echo "setup: creating $(LS_VENV) with $(PYTHON) ($$("$(PYTHON)" --version 2>&1))"; \
+		rm -rf "$(LS_VENV)"; \
+		"$(PYTHON)" -m venv "$(LS_VENV)"; \
+	fi; \
+	wanted=$$(sha256sum $(LS_INSTALL_INPUTS) | sha256sum | cut -d' ' -f1); \
+	if [ "$$(cat "$(LS_INSTALL_STAMP)" 2>/dev/null)" = "$$wanted" ]; then \
+		echo "setup: $(LS_VENV) is up to date with $(LS_INSTALL_INPUTS)"; \
+		exit 0; \
+	fi; \
+	echo "setup: installing $(LS_INSTALL_INPUTS) into $(LS_VENV)"; \
+	$(LS_PIP_INSTALL) -r $(LS_INSTALL_INPUTS); \
+	echo "$$wanted" > "$(LS_INSTALL_STAMP)"; \
+	echo "setup: $(LS_VENV) done"
 
+# Label Studio starts in the background (its first start takes about two minutes; the app shows its state)
+# and is stopped when the app exits, unless it was already running before `make run`.
 run: setup
 	@$(VENV_BIN)/yolodex dataset starter >/dev/null && echo "yolodex: the Starter Pokédex project is ready"
-	@echo "yolodex: open http://$(YOLODEX_HOST):$(YOLODEX_APP_PORT) (Ctrl-C stops it)"
+	@set -uo pipefail; \
+	if $(LS_CONTROL) status --quiet; then \
+		echo "yolodex: Label Studio is already running; it stays up after the app exits"; \
+	else \
+		trap '$(LS_CONTROL) stop' EXIT; \
+		trap 'exit 130' INT TERM; \
+		$(LS_CONTROL) start --no-wait || exit 1; \
+	fi; \
+	echo "yolodex: open http://$(YOLODEX_HOST):$(YOLODEX_APP_PORT) (Ctrl-C stops it)"; \
 	$(VENV_BIN)/streamlit run app/Home.py --server.address $(YOLODEX_HOST) --server.port $(YOLODEX_APP_PORT) \
 		--server.headless true --browser.gatherUsageStats false
+
+labelstudio: setup
+	@$(LS_CONTROL) start
+
+labelstudio-stop:
+	@$(LS_CONTROL) stop
 
 # Runs all three steps even when an early one fails, so one CI log shows every problem.
 test: setup
@@ -86,5 +123,5 @@ bench: setup
 
 # storage/ holds the user's images, labels and models: clean never touches it.
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache build dist *.egg-info
+	rm -rf $(VENV) $(LS_VENV) .pytest_cache .ruff_cache .mypy_cache build dist *.egg-info
 	find . -path ./storage -prune -o -name __pycache__ -type d -prune -exec rm -rf {} +
