@@ -20,7 +20,7 @@ LS_VENV_PYTHON := $(LS_VENV)/bin/python
 LS_INSTALL_STAMP := $(LS_VENV)/.yolodex-installed
 LS_INSTALL_INPUTS := requirements-labelstudio.txt
 LS_PIP_INSTALL := $(LS_VENV_PYTHON) -m pip install --quiet --progress-bar off
-LS_CONTROL := $(VENV_PYTHON) -m backend.labeling.server
+LS_CONTROL := $(VENV_BIN)/yolodex labelstudio
 
 # The same variables as backend/settings.py; environment variables override these defaults.
 YOLODEX_HOST ?= 127.0.0.1

@@ -317,7 +317,7 @@ def cmd_dataset(args: argparse.Namespace) -> None:
 def cmd_labelstudio(args: argparse.Namespace) -> int:
     from backend.labeling import server
 
-    return server.main([args.action, *(["--no-wait"] if args.no_wait else [])])
+    return server.main([args.action, *(["--no-wait"] if args.no_wait else []), *(["--quiet"] if args.quiet else [])])
 
 
 def cmd_label(args: argparse.Namespace) -> None:
@@ -481,6 +481,7 @@ def build_parser() -> argparse.ArgumentParser:
     labelstudio = commands.add_parser("labelstudio", help="start, stop or check yolodex's Label Studio server")
     labelstudio.add_argument("action", choices=["start", "stop", "status", "repair"])
     labelstudio.add_argument("--no-wait", action="store_true", help="start: return once the server is spawned")
+    labelstudio.add_argument("--quiet", action="store_true", help="status: print nothing, exit 0 only when running")
     labelstudio.set_defaults(handler=cmd_labelstudio)
 
     label = commands.add_parser("label", help="sync a project to Label Studio, pull its labels, pre-label, the loop")

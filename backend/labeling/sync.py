@@ -601,7 +601,7 @@ def prelabel(
     query = query.where(LabelingTask.ls_project_id == row.ls_project_id)
     if only_unlabeled:
         query = query.where(LabelingTask.annotation_id.is_(None), Image.labeled.is_(False))
-    pairs = list(session.execute(query.order_by(LabelingTask.image_id)).tuples())
+    pairs = [(link, image) for link, image in session.execute(query.order_by(LabelingTask.image_id))]
     dropped: Counter[str] = Counter()
     for start in range(0, len(pairs), batch_size):
         chunk = pairs[start : start + batch_size]
