@@ -1,0 +1,266 @@
+"""The Label page under AppTest: storage in a temp folder, Label Studio never started (a port nothing listens on).
+
+The labeling rows (LabelingProject/LabelingTask) are written straight into the database, as a sync and a pre-label
+would leave them, so the queue, the progress and the loop are checked without a server.
+"""
+
+from __future__ import annotations
+
+import shutil
+import socket
+from pathlib import Path
+
+import pytest
+from sqlalchemy import delete, func, select
+from streamlit.testing.v1 import AppTest
+
+from backend.ingest import service as ingest_service
+from backend.ingest.starter import STARTER_NAME
+from backend.labeling import server as server_module
+from backend.labeling import service as labeling_service
+from backend.settings import Settings, get_settings
+from backend.store.db import init_db, session_scope
+from backend.store.models import Annotation, Image, LabelingProject, LabelingTask, Project, ProjectClass
+
+# Absolute: AppTest resolves a relative path against this test file, not the repository root.
+PAGE = Path(__file__).resolve().parents[1] / "pages" / "label.py"
+LS_PROJECT_ID = 7
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def starter_storage(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A storage folder holding the Starter Pokédex (built once: importing 64 images takes about two seconds)."""
+    storage = tmp_path_factory.mktemp("starter") / "storage"
+    ingest_service.starter(Settings.from_env({"YOLODEX_STORAGE": str(storage)}))
+    return storage
+
+
+@pytest.fixture
+def storage(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, starter_storage: Path) -> Path:
+    """A private copy of the starter storage, with the app's settings pointing at it and at a dead LS port."""
+    copy = tmp_path / "storage"
+    shutil.copytree(starter_storage, copy)
+    monkeypatch.setenv("YOLODEX_STORAGE", str(copy))
+    monkeypatch.setenv("YOLODEX_LS_PORT", str(free_port()))
+    monkeypatch.delenv("YOLODEX_DATABASE_URL", raising=False)
+    monkeypatch.delenv("YOLODEX_HOST", raising=False)
+    return copy
+
+
+def run_page(**context: str) -> AppTest:
+    app = AppTest.from_file(str(PAGE), default_timeout=30)
+    app.context = dict(context)
+    app.run()
+    assert not app.exception, [exception.value for exception in app.exception]
+    return app
+
+
+def page_text(app: AppTest) -> str:
+    parts = [*app.markdown, *app.caption, *app.info, *app.warning, *app.error, *app.success]
+    return " ".join(str(element.value) for element in parts)
+
+
+def table_with(app: AppTest, column: str):
+    tables = [element.value for element in app.dataframe if column in element.value.columns]
+    assert len(tables) == 1, [list(element.value.columns) for element in app.dataframe]
+    return tables[0]
+
+
+def link_to_label_studio(settings: Settings, unlabeled_count: int = 3, pulled: int = 5) -> dict[str, object]:
+    """Marks the first `unlabeled_count` starter images as not labeled (boxes removed) and maps every image to a
+    Label Studio task, as a sync plus a pre-label would. The unlabeled tasks get uncertainties None, 0.2, 0.9 in
+    image-id order, so the queue's order differs from the id order; `pulled` labeled tasks carry an annotation id.
+
+    Returns:
+        {"unlabeled": image ids, "tasks": image id → task id, "uncertainty": image id → uncertainty}.
+    """
+    engine = init_db(settings.database_url)
+    with session_scope(engine) as session:
+        project = session.scalar(select(Project).where(Project.name == STARTER_NAME))
+        image_ids = list(session.scalars(select(Image.id).where(Image.project_id == project.id).order_by(Image.id)))
+        unlabeled = image_ids[:unlabeled_count]
+        session.execute(delete(Annotation).where(Annotation.image_id.in_(unlabeled)))
+        for image in session.scalars(select(Image).where(Image.id.in_(unlabeled))):
+            image.labeled = False
+        session.add(LabelingProject(project_id=project.id, ls_project_id=LS_PROJECT_ID, ls_view_id=3))
+        uncertainty = dict(zip(unlabeled, [None, 0.2, 0.9]))
+        tasks = {image_id: 100 + position for position, image_id in enumerate(image_ids)}
+        pulled_ids = set(image_ids[unlabeled_count:][:pulled])
+        for image_id, task_id in tasks.items():
+            session.add(
+                LabelingTask(
+                    image_id=image_id,
+                    ls_project_id=LS_PROJECT_ID,
+                    ls_task_id=task_id,
+                    annotation_id=1000 + task_id if image_id in pulled_ids else None,
+                    uncertainty=uncertainty.get(image_id),
+                    model_version="yolodex:run/best.pt" if uncertainty.get(image_id) is not None else None,
+                )
+            )
+    engine.dispose()
+    return {"unlabeled": unlabeled, "tasks": tasks, "uncertainty": uncertainty}
+
+
+def test_label_studio_down_shows_the_stopped_state_and_the_start_action(storage: Path):
+    runs = storage / "runs"
+    (runs / "first-run").mkdir(parents=True)
+    (runs / "first-run" / "best.pt").write_bytes(b"")
+    (runs / "first-run" / "export").mkdir()
+    (runs / "first-run" / "export" / "model.onnx").write_bytes(b"")
+
+    app = run_page()
+
+    assert [element.value for element in app.warning] == [
+        "Label Studio is not running. To do: run `yolodex labelstudio start`."
+    ]
+    assert app.selectbox(key="label_project").value == STARTER_NAME
+    assert f"{STARTER_NAME!r} is not in Label Studio yet" in page_text(app)
+    # Every button that talks to Label Studio is offered but disabled while it is down.
+    for key in ("label_sync", "label_pull", "label_prelabel"):
+        assert app.button(key=key).disabled, key
+    assert set(app.selectbox(key="label_model").options) == {"first-run (checkpoint)", "first-run/export/model.onnx"}
+    assert not app.get("iframe")
+    # The progress still comes from our own database: the starter project is fully labeled.
+    assert "64 of 64 images labeled" in app.get("progress")[0].proto.text
+    # No credentials file yet, so no password anywhere on the page.
+    assert "created when Label Studio starts" in page_text(app)
+
+
+def test_page_without_projects_says_what_to_do(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setenv("YOLODEX_STORAGE", str(tmp_path / "empty"))
+    monkeypatch.setenv("YOLODEX_LS_PORT", str(free_port()))
+
+    app = run_page()
+
+    assert "No project yet" in page_text(app)
+    assert not app.selectbox
+
+
+def test_queue_least_confident_first_and_per_class_progress(storage: Path):
+    settings = get_settings()
+    linked = link_to_label_studio(settings)
+
+    app = run_page()
+
+    queue = table_with(app, "uncertainty")
+    first, second, third = linked["unlabeled"]  # uncertainties None, 0.2, 0.9
+    by_uncertainty = [third, second, first]
+    assert list(queue["image_id"]) == by_uncertainty
+    assert queue["uncertainty"].iloc[0] == pytest.approx(0.9)
+    assert queue["uncertainty"].iloc[1] == pytest.approx(0.2)
+    assert queue["uncertainty"].isna().iloc[2]
+    assert all(f"/projects/{LS_PROJECT_ID}/data?task=" in url for url in queue["url"])
+    assert [int(url.rsplit("=", 1)[1]) for url in queue["url"]] == [linked["tasks"][i] for i in by_uncertainty]
+
+    # Per class: labeled images and boxes, counted here straight from the annotations.
+    engine = init_db(settings.database_url)
+    with session_scope(engine) as session:
+        rows = session.execute(
+            select(ProjectClass.name, func.count(func.distinct(Annotation.image_id)), func.count(Annotation.id))
+            .join(Annotation, Annotation.class_id == ProjectClass.id)
+            .group_by(ProjectClass.name)
+        ).all()
+    engine.dispose()
+    expected = {name: (images, boxes) for name, images, boxes in rows}
+    classes = table_with(app, "boxes")
+    assert {row.name: (row.images, row.boxes) for row in classes.itertuples()} == expected
+    assert "61 of 64 images labeled" in app.get("progress")[0].proto.text
+    # The loop reads the labeled count of the last pull (5 tasks carry an annotation id).
+    metrics = {metric.label: metric.value for metric in app.metric}
+    assert metrics["Labeled in Label Studio (last pull)"] == "5"
+    # Label Studio is down: no iframe, and the new-tab link (disabled) still points at the project's view.
+    assert not app.get("iframe")
+    link = app.get("link_button")[0].proto
+    assert link.url.endswith(f"/projects/{LS_PROJECT_ID}/data?tab=3") and link.disabled
+
+
+def test_labeling_view_is_embedded_only_on_the_same_hostname(storage: Path, monkeypatch: pytest.MonkeyPatch):
+    link_to_label_studio(get_settings())
+
+    def running(settings: Settings, **_: object) -> server_module.ServerStatus:
+        url = server_module.labelstudio_url(settings)
+        return server_module.ServerStatus("running", url, 1, f"Label Studio is running at {url}.")
+
+    monkeypatch.setattr(server_module, "status", running)  # the page imports it at each run
+    port = get_settings().ls_port
+
+    credentials = server_module.load_or_create_credentials(get_settings())
+
+    same_host = run_page(url="http://127.0.0.1:8501/label")
+    frames = same_host.get("iframe")
+    assert [frame.proto.src for frame in frames] == [f"http://127.0.0.1:{port}/projects/{LS_PROJECT_ID}/data?tab=3"]
+    assert not same_host.button(key="label_sync").disabled
+    # The login: the email and the login link are shown, the password only once asked for.
+    assert credentials.email in page_text(same_host)
+    assert f"http://127.0.0.1:{port}/user/login/" in page_text(same_host)
+    assert credentials.password not in page_text(same_host) and not same_host.code
+    same_host.toggle(key="label_show_password").set_value(True).run()
+    assert [block.value for block in same_host.code] == [credentials.password]
+
+    other_site = run_page(url="http://localhost:8501/label")  # localhost and 127.0.0.1 are different sites
+    assert not other_site.get("iframe")
+    assert "opens in its own tab" in page_text(other_site)
+    assert not other_site.get("link_button")[0].proto.disabled
+
+
+def test_saving_the_loop_settings_persists_them(storage: Path):
+    link_to_label_studio(get_settings())
+    app = run_page()
+
+    app.number_input(key=f"label_retrain_every_{STARTER_NAME}").set_value(5)
+    app.number_input(key=f"label_epochs_{STARTER_NAME}").set_value(3)
+    app.button(key="label_loop_save").click().run()
+
+    assert not app.exception, [exception.value for exception in app.exception]
+    saved = labeling_service.loop(STARTER_NAME)
+    assert saved["retrain_every"] == 5
+    assert saved["settings"]["epochs"] == 3
+    assert saved["settings"]["imgsz"] == 320  # untouched fields keep their values
+    metrics = {metric.label: metric.value for metric in app.metric}
+    assert metrics["Next retrain at"] == "5 labeled"
+
+    app.number_input(key=f"label_retrain_every_{STARTER_NAME}").set_value(0)
+    app.button(key="label_loop_save").click().run()
+    assert labeling_service.loop(STARTER_NAME)["retrain_every"] == 0
+    assert {metric.label: metric.value for metric in app.metric}["Next retrain at"] == "off"
+
+
+def test_buttons_run_the_step_and_show_its_summary_or_its_error(storage: Path, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setattr(server_module, "status", lambda settings, **_: server_module.ServerStatus(
+        "running", server_module.labelstudio_url(settings), 1, "up"))  # fmt: skip
+    run_folder = storage / "runs" / "shapes-run"
+    run_folder.mkdir(parents=True)
+    (run_folder / "last.pt").write_bytes(b"")
+    calls: list[tuple[str, object]] = []
+
+    def fake_sync(project: str, settings: Settings | None = None) -> dict[str, object]:
+        calls.append(("sync", project))
+        link_to_label_studio(get_settings())  # what a real sync leaves behind: the project is now linked
+        return {"summary": "64 images, 64 new tasks"}
+
+    def fake_prelabel(model: Path, project: str, *, settings: Settings | None = None, on_progress=None) -> dict:
+        calls.append(("prelabel", Path(model)))
+        on_progress(8, 61)
+        raise ValueError("the model shares no class with the project")
+
+    monkeypatch.setattr(labeling_service, "sync", fake_sync)
+    monkeypatch.setattr(labeling_service, "prelabel", fake_prelabel)
+    app = run_page()
+    assert app.button(key="label_pull").disabled  # not synced yet
+
+    app.button(key="label_sync").click().run()
+    assert not app.exception, [exception.value for exception in app.exception]
+    assert [element.value for element in app.success][-1] == "Sync: 64 images, 64 new tasks"
+    assert not app.button(key="label_pull").disabled
+    assert table_with(app, "uncertainty")["uncertainty"].iloc[0] == pytest.approx(0.9)  # the rerun shows the queue
+
+    app.button(key="label_prelabel").click().run()
+    assert not app.exception, [exception.value for exception in app.exception]
+    assert calls == [("sync", STARTER_NAME), ("prelabel", run_folder)]
+    assert [element.value for element in app.error] == ["Pre-label failed: the model shares no class with the project"]
