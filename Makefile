@@ -79,13 +79,23 @@ setup:
 run: setup
 	@$(VENV_BIN)/yolodex dataset starter >/dev/null && echo "yolodex: the Starter Pokédex project is ready"
 	@set -uo pipefail; \
+	stop_ls=0; worker=""; \
+	cleanup() { \
+		if [ -n "$$worker" ]; then kill -INT "$$worker" 2>/dev/null; wait "$$worker" 2>/dev/null; fi; \
+		if [ "$$stop_ls" = 1 ]; then $(LS_CONTROL) stop; fi; \
+	}; \
+	trap cleanup EXIT; \
+	trap 'exit 130' INT TERM; \
 	if $(LS_CONTROL) status --quiet; then \
 		echo "yolodex: Label Studio is already running; it stays up after the app exits"; \
 	else \
-		trap '$(LS_CONTROL) stop' EXIT; \
-		trap 'exit 130' INT TERM; \
 		$(LS_CONTROL) start --no-wait || exit 1; \
+		stop_ls=1; \
 	fi; \
+	logs="$$($(VENV_PYTHON) -c 'from backend.settings import get_settings; print(get_settings().logs_dir)')"; \
+	mkdir -p "$$logs"; \
+	$(VENV_BIN)/huey_consumer backend.jobs.tasks.huey -k process -w 1 -m 1 >>"$$logs/worker.log" 2>&1 & worker=$$!; \
+	echo "yolodex: the worker runs the background jobs (log: $$logs/worker.log)"; \
 	echo "yolodex: open http://$(YOLODEX_HOST):$(YOLODEX_APP_PORT) (Ctrl-C stops it)"; \
 	$(VENV_BIN)/streamlit run app/Home.py --server.address $(YOLODEX_HOST) --server.port $(YOLODEX_APP_PORT) \
 		--server.headless true --browser.gatherUsageStats false

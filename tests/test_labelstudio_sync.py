@@ -265,6 +265,8 @@ def test_prelabel_sends_scored_predictions_and_both_orders_agree(labelstudio, tm
     body = client.request("GET", "/api/tasks", params={"project": ls_project_id, "view": view_id, "fields": "all"})
     assert [task["id"] for task in body["tasks"]] == [item["task_id"] for item in queue]
     assert all(f"/projects/{ls_project_id}/data?task=" in item["url"] for item in queue)
+    first = queue[0]
+    assert service.task_link(first["image_id"], labelstudio.settings) == first["url"]  # evaluation → fix it here
 
 
 def test_loop_retrains_once_after_n_annotations_and_survives_a_restart(labelstudio, monkeypatch):

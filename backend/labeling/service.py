@@ -99,5 +99,19 @@ def loop(
         return loop_module.loop_status(session, target)
 
 
+def task_link(image_id: int, settings: Settings | None = None) -> str | None:
+    """The Label Studio labeling view of one image's task (for "fix this in Label Studio" links), None when the
+    image was never synced. Reads only our database."""
+    from backend.store.models import LabelingTask
+
+    settings = settings or get_settings()
+    engine, _ = open_store(settings)
+    with session_scope(engine) as session:
+        task = session.get(LabelingTask, image_id)
+        if task is None:
+            return None
+        return sync_module.task_url(labelstudio_url(settings), task.ls_project_id, task.ls_task_id)
+
+
 def _project_url(settings: Settings, ls_project_id: int) -> str:
     return f"{labelstudio_url(settings)}/projects/{ls_project_id}/data"
