@@ -1,0 +1,1 @@
+"""The Streamlit app: `app/main.py` is the entry (navigation), `app/widgets.py` the widgets pages share."""
