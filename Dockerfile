@@ -50,5 +50,5 @@ HEALTHCHECK --interval=30s --timeout=5s --start-period=60s \
 # Inside a container the server must listen on 0.0.0.0: 127.0.0.1 would be the container's own loopback,
 # unreachable through `docker run -p`. Publish the port on the host's loopback (-p 127.0.0.1:8501:8501)
 # when the app should not be reachable from the network.
-CMD ["streamlit", "run", "app/Home.py", "--server.address", "0.0.0.0", "--server.port", "8501", \
+CMD ["streamlit", "run", "app/main.py", "--server.address", "0.0.0.0", "--server.port", "8501", \
      "--server.headless", "true", "--browser.gatherUsageStats", "false"]

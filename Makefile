@@ -26,6 +26,7 @@ LS_CONTROL := $(VENV_BIN)/yolodex labelstudio
 YOLODEX_HOST ?= 127.0.0.1
 YOLODEX_APP_PORT ?= 8501
 PYTEST_ARGS ?=
+CHROMIUM ?= /usr/bin/chromium
 
 .PHONY: help setup run labelstudio labelstudio-stop test lint format bench clean
 
@@ -73,6 +74,17 @@ setup:
 	$(LS_PIP_INSTALL) -r $(LS_INSTALL_INPUTS); \
 	echo "$$wanted" > "$(LS_INSTALL_STAMP)"; \
 	echo "setup: $(LS_VENV) done"
+	@# The browser tests drive Debian's chromium (Playwright's own browser download is not used). Installed with
+	@# apt when we may (root, as in CI); otherwise those tests skip and say how to install it.
+	@if [ ! -x "$(CHROMIUM)" ]; then \
+		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+			echo "setup: installing chromium with apt-get (for the browser tests)"; \
+			apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium \
+				|| echo "setup: could not install chromium; the browser tests will skip" >&2; \
+		else \
+			echo "setup: $(CHROMIUM) is missing: the browser tests skip (install it: sudo apt-get install chromium)"; \
+		fi; \
+	fi
 
 # Label Studio starts in the background (its first start takes about two minutes; the app shows its state)
 # and is stopped when the app exits, unless it was already running before `make run`.
@@ -97,7 +109,7 @@ run: setup
 	$(VENV_BIN)/huey_consumer backend.jobs.tasks.huey -k process -w 1 -m 1 >>"$$logs/worker.log" 2>&1 & worker=$$!; \
 	echo "yolodex: the worker runs the background jobs (log: $$logs/worker.log)"; \
 	echo "yolodex: open http://$(YOLODEX_HOST):$(YOLODEX_APP_PORT) (Ctrl-C stops it)"; \
-	$(VENV_BIN)/streamlit run app/Home.py --server.address $(YOLODEX_HOST) --server.port $(YOLODEX_APP_PORT) \
+	$(VENV_BIN)/streamlit run app/main.py --server.address $(YOLODEX_HOST) --server.port $(YOLODEX_APP_PORT) \
 		--server.headless true --browser.gatherUsageStats false
 
 labelstudio: setup

@@ -35,8 +35,6 @@ MESSAGE_KEY = "label_last_action"  # (project, "success" | "error", text) of the
 CURRENT_IMAGE_STATUSES = ("ok", "near_duplicate")  # the images class_stats counts
 BIND_ALL_HOSTS = ("0.0.0.0", "::", "")
 
-st.set_page_config(page_title="Label · yolodex", page_icon=":material/draw:", layout="wide")
-
 
 # ---------------------------------------------------------------------------------------------- helpers
 

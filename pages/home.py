@@ -1,30 +1,24 @@
-"""yolodex home page: what it is, the workflow, and the three YOLO-NAS sizes.
+"""yolodex home page: the workflow as steps with the state of each for a project, the next thing to do, and the
+three YOLO-NAS sizes.
 
-Thin on purpose: every figure comes from `backend.models.summary.model_summary`.
+Thin on purpose: the steps come from `backend.overview`, the model figures from `backend.models.summary`.
 """
 
 import pandas as pd
 import plotly.graph_objects as go
 import streamlit as st
 from plotly.subplots import make_subplots
+from sqlalchemy import select
 
+from app.widgets import page_settings, project_picker, store_engine
 from backend.models.download import COCO_WEIGHTS_LICENCE_NOTE
 from backend.models.summary import model_summary
+from backend.overview import next_step, workflow_steps
+from backend.store.db import session_scope
+from backend.store.models import Project
 
 SIZES = ("s", "m", "l")
 IMGSZ = 640
-WORKFLOW = (
-    ("Ingest", "upload photos or an archive, deduplicate, split"),
-    ("Label", "draw boxes in Label Studio, least confident images first"),
-    ("Dataset version", "freeze the labels into a COCO dataset with a fixed split"),
-    ("Train", "fine-tune YOLO-NAS S, M or L as a background job"),
-    ("Evaluate", "COCO mAP, PR curves, confusion matrix, the worst images"),
-    ("Export", "ONNX FP32"),
-    ("INT8", "quantize, and compare accuracy and speed against FP32"),
-    ("Pokédex", "drop a photo and see what your detector finds in it"),
-)
-
-st.set_page_config(page_title="yolodex", page_icon=":material/search:", layout="wide")
 
 
 @st.cache_data(show_spinner="Building the three YOLO-NAS sizes to count their parameters and FLOPs…")
@@ -43,7 +37,21 @@ st.write(
 )
 
 st.header("Workflow")
-st.markdown("\n".join(f"1. **{step}**: {what} *(coming)*" for step, what in WORKFLOW))
+settings = page_settings()
+engine = store_engine(settings.database_url)
+project_name = project_picker(engine, key="home_project")
+if project_name is not None:
+    with session_scope(engine) as session:
+        project = session.scalars(select(Project).where(Project.name == project_name)).one()
+        steps = workflow_steps(session, settings, project)
+    for number, step in enumerate(steps, start=1):
+        mark = ":material/check_circle:" if step.done else ":material/radio_button_unchecked:"
+        st.markdown(f"{mark} **{number}. [{step.name}](/{step.page})**: {step.detail}")
+    upcoming = next_step(steps)
+    if upcoming is None:
+        st.success("Every step is done: try your detector on the [Pokédex](/pokedex) page.")
+    else:
+        st.info(f"Next: {upcoming.todo} ([{upcoming.name}](/{upcoming.page})).", icon=":material/arrow_forward:")
 
 st.header("The models")
 table = summaries()

@@ -1,0 +1,77 @@
+"""The workflow at a glance (the Home page): each step's state for one project and the next thing to do."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from backend.catalog import list_runs
+from backend.settings import Settings
+from backend.store.models import DatasetVersion, Image, LabelingProject, Project, project_classes
+
+CURRENT_STATUSES = ("ok", "near_duplicate")
+
+
+@dataclass(frozen=True)
+class Step:
+    """One workflow step.
+
+    Attributes:
+        name: "Ingest", "Label", "Dataset version", "Train", "INT8", "Pokédex".
+        page: the page that does it (its url path).
+        done: whether the step has produced what the next one needs.
+        detail: one line with the step's numbers.
+        todo: what to do there when it is not done (empty when done).
+    """
+
+    name: str
+    page: str
+    done: bool
+    detail: str
+    todo: str = ""
+
+
+def workflow_steps(session: Session, settings: Settings, project: Project) -> list[Step]:
+    """The steps for `project`, in workflow order. Runs and models are matched to the project by class names
+    (a run folder records the classes it was trained on, not the project)."""
+    images = session.scalar(
+        select(func.count())
+        .select_from(Image)
+        .where(Image.project_id == project.id, Image.status.in_(CURRENT_STATUSES))
+    )
+    labeled = session.scalar(
+        select(func.count())
+        .select_from(Image)
+        .where(Image.project_id == project.id, Image.status.in_(CURRENT_STATUSES), Image.labeled.is_(True))
+    )
+    versions = session.scalar(
+        select(func.count()).select_from(DatasetVersion).where(DatasetVersion.project_id == project.id)
+    )
+    synced = session.get(LabelingProject, project.id) is not None
+    names = [item.name for item in project_classes(session, project)]
+    runs = [run for run in list_runs(settings) if run.class_names == names and names]
+    trained = [run for run in runs if run.model("checkpoint")]
+    int8 = [run for run in runs if run.model("int8")]
+    images, labeled, versions = int(images or 0), int(labeled or 0), int(versions or 0)
+    return [
+        Step("Ingest", "datasets", images > 0, f"{images} images, {len(names)} classes",
+             "upload photos or a zip, or crawl the web, on the Datasets page"),
+        Step("Label", "label", labeled > 0,
+             f"{labeled} of {images} labeled" + (" · in Label Studio" if synced else ""),
+             "sync the project to Label Studio and draw boxes, least confident first"),
+        Step("Dataset version", "datasets", versions > 0, f"{versions} frozen versions",
+             "freeze the labeled images into a version on the Datasets page"),
+        Step("Train", "train", bool(trained), f"{len(trained)} trained runs",
+             "train YOLO-NAS on a version on the Train page"),
+        Step("INT8", "quantize", bool(int8), f"{len(int8)} INT8 models",
+             "quantize the best run on the Quantize page"),
+        Step("Pokédex", "pokedex", bool(int8 or trained), "try the newest model on a photo",
+             "train a model first"),
+    ]  # fmt: skip
+
+
+def next_step(steps: list[Step]) -> Step | None:
+    """The first step not done yet (None when all are)."""
+    return next((step for step in steps if not step.done), None)
