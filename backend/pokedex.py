@@ -1,0 +1,372 @@
+"""The Pokédex: one photo in, its detections out, drawn on a display-sized copy, each with its dex entry.
+
+Large photos are the common case (a phone's 4000x3000 JPEG) and the page must answer in well under two seconds, so
+the full-size pixels are never needed: a JPEG is decoded at 1/2, 1/4 or 1/8 scale by libjpeg itself (PIL `draft`,
+which scales in the DCT and costs a fraction of a full decode) down to the smallest size that still feeds the model
+input and the display copy without upscaling, and boxes are drawn on the display copy only.
+
+Box spaces: `PokedexResult.boxes` are xyxy in original-image pixels (the full-size photo after EXIF orientation,
+x2/y2 the right/bottom pixel edges, as everywhere in yolodex); `draw_detections` takes the same boxes and a
+`scale` that maps them onto the image it draws on (display pixels = original pixels · scale).
+
+The model's class names are matched to a project's classes by name (`dex_entries`): the project whose class names
+equal the model's lends its dex numbers, descriptions and colours; otherwise an entry has the name only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import cv2
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from backend.inference import Predictor
+from backend.processing import load_image
+from backend.store.models import Project, project_classes
+
+# px: wide enough for the page's main column, small enough to encode fast, and ≤ 1000 so that a phone's
+# 4000x3000 (or 4032x3024) JPEG decodes at 1/4 scale.
+DEFAULT_DISPLAY_MAX_SIDE = 960
+MAX_CARD_CROPS = 24  # the page shows at most this many entry cards; crops are made for those only
+CROP_MAX_SIDE = 160
+EXIF_ORIENTATION_TAG = 0x0112
+TRANSPOSING_ORIENTATIONS = (5, 6, 7, 8)  # EXIF orientations that swap width and height
+# Distinct on a photo and on white text: Sasha Trubetskoy's 20 distinct colours, the first twelve.
+PALETTE = ((230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30, 180), (70, 240, 240),
+           (240, 50, 230), (210, 245, 60), (250, 190, 212), (0, 128, 128), (170, 110, 40), (128, 0, 0))  # fmt: skip
+
+
+@dataclass(frozen=True)
+class DexEntry:
+    """The Pokédex entry of one model class.
+
+    Attributes:
+        index: the model's class index.
+        number: the dex number shown (the project's `dex_number`, else index + 1).
+        name: the class name.
+        description: the project's description ("" without a matching project).
+        colour: (r, g, b) for the boxes: the project's colour, else the palette colour of the index.
+        project: the project the entry comes from, None when no project has the model's classes.
+    """
+
+    index: int
+    number: int
+    name: str
+    description: str
+    colour: tuple[int, int, int]
+    project: str | None = None
+
+
+@dataclass
+class PokedexResult:
+    """The detections of one photo and what the page shows of them.
+
+    Attributes:
+        boxes: (N, 4) float32 xyxy in original-image pixels (after EXIF orientation), by decreasing score.
+        scores: (N,) float32 confidences.
+        class_ids: (N,) int64 model class indices.
+        original_size: (h, w) of the photo after EXIF orientation.
+        display: the photo downscaled to at most `display_max_side` with the boxes drawn, RGB.
+        display_scale: display pixels per original pixel.
+        crops: up to MAX_CARD_CROPS small RGB crops of the detections (from the display copy, before drawing).
+        timings: milliseconds: decode_ms (bytes → pixels), infer_ms (the model run only: onnxruntime's
+            session.run or the PyTorch forward), predict_ms (letterbox + model + post-processing), draw_ms
+            (display copy + crops + drawing) and total_ms (all of it).
+    """
+
+    boxes: np.ndarray
+    scores: np.ndarray
+    class_ids: np.ndarray
+    original_size: tuple[int, int]
+    display: Image.Image
+    display_scale: float
+    crops: list[Image.Image] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.scores)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Dex entries
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def palette_colour(index: int) -> tuple[int, int, int]:
+    return PALETTE[index % len(PALETTE)]
+
+
+def _hex_colour(value: str | None) -> tuple[int, int, int] | None:
+    if not value or len(value) != 7 or not value.startswith("#"):
+        return None
+    try:
+        return int(value[1:3], 16), int(value[3:5], 16), int(value[5:7], 16)
+    except ValueError:
+        return None
+
+
+def dex_entries(session: Session, class_names: Sequence[str]) -> list[DexEntry]:
+    """One entry per model class, in class-index order, from the project whose classes are the model's.
+
+    A project matches when its class names equal the model's: in the same order first, else as a set (classes
+    matched by name either way). Among several matches the oldest project (lowest id) wins. Without a match every
+    entry has the name only, number index + 1 and a palette colour.
+    """
+    names = [str(name) for name in class_names]
+    same_set = None
+    for project in session.scalars(select(Project).order_by(Project.id)):
+        classes = project_classes(session, project)
+        project_names = [item.name for item in classes]
+        if project_names == names or (same_set is None and sorted(project_names) == sorted(names)):
+            by_name = {item.name: item for item in classes}
+            entries = [
+                DexEntry(
+                    index=index,
+                    number=by_name[name].dex_number if by_name[name].dex_number is not None else index + 1,
+                    name=name,
+                    description=by_name[name].description or "",
+                    colour=_hex_colour(by_name[name].colour) or palette_colour(index),
+                    project=project.name,
+                )
+                for index, name in enumerate(names)
+            ]
+            if project_names == names:
+                return entries
+            same_set = entries
+    return same_set if same_set is not None else plain_entries(names)
+
+
+def plain_entries(class_names: Sequence[str]) -> list[DexEntry]:
+    """Entries without a project: the name, number index + 1, no description, the palette colour."""
+    return [DexEntry(index, index + 1, str(name), "", palette_colour(index)) for index, name in enumerate(class_names)]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Decoding
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def decode_photo(
+    image_bytes: bytes, min_long_side: int, *, name: str | None = None
+) -> tuple[np.ndarray, tuple[int, int]]:
+    """Decodes a photo at the smallest size whose long side is still at least `min_long_side`, EXIF applied.
+
+    JPEGs are decoded at 1/2, 1/4 or 1/8 scale by libjpeg (PIL `draft`) when that keeps the long side at least
+    `min_long_side`; other formats are decoded at full size. Everything else (EXIF, alpha, 16-bit, errors) is
+    `backend.processing.load_image`.
+
+    Args:
+        image_bytes: the encoded file.
+        min_long_side: pixels the decoded long side must keep; a smaller photo is decoded at full size.
+        name: the photo's name in error messages.
+
+    Returns:
+        (h', w', 3) uint8 RGB pixels in displayed orientation, and the (H, W) of the full-size photo after EXIF
+        orientation (original-image pixels = decoded pixels · (W / w', H / h')).
+
+    Raises:
+        ImageLoadError: the bytes are not an image Pillow can decode (the message says what to upload instead).
+    """
+    try:
+        image = Image.open(io.BytesIO(image_bytes))
+        width, height = image.size  # stored orientation
+        transposed = image.getexif().get(EXIF_ORIENTATION_TAG, 1) in TRANSPOSING_ORIENTATIONS
+    except Exception:  # let load_image build the error message it gives for every other bad upload
+        return _full_decode(image_bytes, name)
+    scale = min_long_side / max(width, height)
+    if image.format == "JPEG" and scale < 1:
+        # draft picks the largest DCT reduction that keeps each side at least the requested one.
+        image.draft("RGB", (math.ceil(width * scale), math.ceil(height * scale)))
+    pixels = load_image(image, name=name)
+    return pixels, ((width, height) if transposed else (height, width))
+
+
+def _full_decode(image_bytes: bytes, name: str | None) -> tuple[np.ndarray, tuple[int, int]]:
+    pixels = load_image(image_bytes, name=name)
+    return pixels, pixels.shape[:2]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Drawing
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def draw_detections(
+    image: Image.Image,
+    boxes: np.ndarray,
+    labels: Sequence[str],
+    colours: Sequence[tuple[int, int, int]],
+    scale: float = 1.0,
+) -> Image.Image:
+    """Draws each box with its label (on a filled tag of the box's colour) onto `image`, in place.
+
+    Args:
+        image: an RGB image, drawn on in place.
+        boxes: (N, 4) xyxy in original-image pixels; `boxes · scale` are `image` pixels.
+        labels: N texts (e.g. "pikachu 0.93").
+        colours: N (r, g, b).
+        scale: image pixels per box pixel.
+
+    Returns:
+        `image`.
+    """
+    boxes = np.asarray(boxes, dtype=np.float32).reshape(-1, 4) * scale
+    if not len(boxes) == len(labels) == len(colours):
+        raise ValueError(f"{len(boxes)} boxes, {len(labels)} labels and {len(colours)} colours: give one of each")
+    side = max(image.size)
+    line = max(2, round(side / 300))
+    font = ImageFont.load_default(size=max(12, round(side / 55)))
+    draw = ImageDraw.Draw(image)
+    # Lowest scores first, so the best detection's box and tag end up on top.
+    for box, label, colour in reversed(list(zip(boxes, labels, colours))):
+        x1, y1, x2, y2 = (float(value) for value in box)
+        draw.rectangle((x1, y1, x2, y2), outline=tuple(colour), width=line)
+        left, top, right, bottom = draw.textbbox((0, 0), label, font=font)
+        text_w, text_h = right - left + 2 * line, bottom - top + 2 * line
+        tag_y = y1 - text_h if y1 - text_h >= 0 else y1  # above the box, inside it at the top edge
+        tag_x = min(max(0.0, x1), max(0.0, image.width - text_w))
+        draw.rectangle((tag_x, tag_y, tag_x + text_w, tag_y + text_h), fill=tuple(colour))
+        draw.text((tag_x + line - left, tag_y + line - top), label, fill=_text_colour(colour), font=font)
+    return image
+
+
+def _text_colour(colour: Sequence[int]) -> tuple[int, int, int]:
+    red, green, blue = colour[:3]
+    return (0, 0, 0) if 0.299 * red + 0.587 * green + 0.114 * blue > 150 else (255, 255, 255)
+
+
+def encode_display(image: Image.Image, image_format: str = "JPEG", quality: int = 88) -> bytes:
+    """The display image encoded for the browser (JPEG by default: a photo's PNG is ~5x larger and slower)."""
+    buffer = io.BytesIO()
+    options: dict[str, Any] = {"quality": quality} if image_format.upper() == "JPEG" else {"compress_level": 1}
+    image.save(buffer, image_format, **options)
+    return buffer.getvalue()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Detection
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class _TimedMethod:
+    """Stands in for an object and times its calls of one method, so the model run is timed apart from the pre-
+    and post-processing that `Predictor.predict` does around it (which stays the one implementation of both)."""
+
+    def __init__(self, target: Any, method: str):
+        self._target, self._method, self.seconds = target, method, 0.0
+
+    def __getattr__(self, name: str) -> Any:
+        attribute = getattr(self._target, name)
+        if name != self._method:
+            return attribute
+
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            start = time.perf_counter()
+            try:
+                return attribute(*args, **kwargs)
+            finally:
+                self.seconds += time.perf_counter() - start
+
+        return timed
+
+
+def detect(
+    predictor: Predictor,
+    image_bytes: bytes,
+    conf: float,
+    *,
+    entries: Sequence[DexEntry] | None = None,
+    display_max_side: int = DEFAULT_DISPLAY_MAX_SIDE,
+    name: str | None = None,
+) -> PokedexResult:
+    """Runs the model on an uploaded photo and draws its detections on a display-sized copy.
+
+    Args:
+        predictor: a loaded model (ONNX or checkpoint); it is not modified (safe to share between sessions).
+        image_bytes: the encoded photo (JPEG, PNG, WebP, BMP, ...), any size and EXIF orientation.
+        conf: keep detections scoring strictly above this. For an ONNX graph with NMS inside, its own (lower or
+            equal) threshold applies first.
+        entries: the dex entries per class (names and colours of the labels), default: the model's class names and
+            the palette.
+        display_max_side: the long side of the display copy (never larger than the photo).
+        name: the photo's name, for error messages.
+
+    Returns:
+        The detections (boxes in original-image pixels), the drawn display copy, crops and timings.
+
+    Raises:
+        ImageLoadError: the upload is not a readable image.
+    """
+    start = time.perf_counter()
+    timings: dict[str, float] = {}
+    # Decode only as large as the model input and the display copy need. The letterbox's content long side is at
+    # most the input's long side, so a decode whose long side reaches it is never upscaled by the letterbox.
+    pixels, original_size = decode_photo(image_bytes, max(*predictor.input_size, display_max_side), name=name)
+    timings["decode_ms"] = (time.perf_counter() - start) * 1e3
+
+    attribute, method = ("session", "run") if predictor.engine == "onnxruntime" else ("model", "predict_boxes")
+    timed = _TimedMethod(getattr(predictor, attribute), method)
+    thresholds = dataclasses.replace(predictor.postprocess, conf_threshold=float(conf))
+    # A shallow copy with the timed stand-in and the page's threshold: the shared (cached) predictor stays as is.
+    run = dataclasses.replace(predictor, postprocess=thresholds, **{attribute: timed})
+    predict_start = time.perf_counter()
+    (found,) = run.predict([pixels])  # boxes in decoded pixels
+    timings["predict_ms"] = (time.perf_counter() - predict_start) * 1e3
+    timings["infer_ms"] = timed.seconds * 1e3
+
+    keep = found.scores > conf  # an NMS graph applied its own threshold, which may be lower
+    decoded_h, decoded_w = pixels.shape[:2]
+    original_h, original_w = original_size
+    to_original = np.array([original_w / decoded_w, original_h / decoded_h] * 2, dtype=np.float32)
+    boxes = found.boxes[keep] * to_original
+    scores, class_ids = found.scores[keep], found.class_ids[keep]
+
+    draw_start = time.perf_counter()
+    display, display_scale = _display_copy(pixels, original_size, display_max_side)
+    crops = _crops(display, boxes[:MAX_CARD_CROPS] * display_scale)
+    names = [entry.name for entry in entries] if entries is not None else list(predictor.class_names)
+    labels = [f"{_name(names, int(class_id))} {score:.2f}" for class_id, score in zip(class_ids, scores)]
+    colours = [entries[int(c)].colour if entries is not None and int(c) < len(entries) else palette_colour(int(c))
+               for c in class_ids]  # fmt: skip
+    draw_detections(display, boxes, labels, colours, display_scale)
+    timings["draw_ms"] = (time.perf_counter() - draw_start) * 1e3
+    timings["total_ms"] = (time.perf_counter() - start) * 1e3
+    return PokedexResult(boxes.astype(np.float32), scores, class_ids, original_size, display, display_scale, crops,
+                         timings)  # fmt: skip
+
+
+def _name(names: Sequence[str], class_id: int) -> str:
+    return names[class_id] if 0 <= class_id < len(names) else f"class {class_id}"
+
+
+def _display_copy(pixels: np.ndarray, original_size: tuple[int, int], max_side: int) -> tuple[Image.Image, float]:
+    """The decoded pixels resized so the long side is at most `max_side`, and display px per original px."""
+    original_h, original_w = original_size
+    scale = min(1.0, max_side / max(original_h, original_w))
+    width, height = max(1, round(original_w * scale)), max(1, round(original_h * scale))
+    if (pixels.shape[1], pixels.shape[0]) != (width, height):
+        pixels = cv2.resize(pixels, (width, height), interpolation=cv2.INTER_AREA)  # cv2 takes (width, height)
+    return Image.fromarray(pixels), width / original_w
+
+
+def _crops(display: Image.Image, boxes: np.ndarray) -> list[Image.Image]:
+    """Small crops of `boxes` (xyxy in display pixels) for the entry cards."""
+    crops = []
+    for x1, y1, x2, y2 in boxes:
+        left = min(max(0, math.floor(x1)), display.width - 1)
+        top = min(max(0, math.floor(y1)), display.height - 1)
+        right = min(display.width, max(left + 1, math.ceil(x2)))
+        bottom = min(display.height, max(top + 1, math.ceil(y2)))
+        crop = display.crop((left, top, right, bottom))
+        crop.thumbnail((CROP_MAX_SIDE, CROP_MAX_SIDE), Image.Resampling.BILINEAR, reducing_gap=None)
+        crops.append(crop)
+    return crops

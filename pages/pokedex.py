@@ -1,0 +1,170 @@
+"""Pokédex page: drop a photo (or take one), pick a model, see the boxes and a dex entry card for each detection;
+optionally the run's FP32 and INT8 models side by side with their latencies.
+
+Thin on purpose: decoding, inference, drawing and the dex entries come from `backend.pokedex`, the models from
+`backend.catalog`. The predictor is cached per (path, mtime) for the process, so a re-quantized model loads again;
+a photo's result is cached per (photo, model, threshold), so moving a widget does not run the model again.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import streamlit as st
+
+from app.widgets import page_settings, store_engine
+from backend import catalog
+from backend.inference import Predictor
+from backend.pokedex import MAX_CARD_CROPS, DexEntry, PokedexResult, detect, dex_entries, encode_display, plain_entries
+from backend.processing import ImageLoadError
+from backend.store.db import session_scope
+
+logger = logging.getLogger(__name__)
+
+UPLOAD_TYPES = ["jpg", "jpeg", "png", "webp", "bmp"]
+CARDS_PER_ROW = 3
+KIND_TITLE = {"int8": "INT8", "fp32": "FP32", "checkpoint": "PyTorch"}
+
+
+@st.cache_resource(show_spinner="Loading the model…", max_entries=4)
+def load_predictor(path: str, mtime: float) -> Predictor:
+    """One predictor per model file version (`mtime` is only part of the key) for every session of the process."""
+    return Predictor.from_path(path)
+
+
+@st.cache_data(show_spinner="Looking…", max_entries=16)
+def run_pokedex(
+    image_bytes: bytes, name: str, path: str, mtime: float, conf: float, colours: tuple, _entries: list[DexEntry]
+) -> tuple[PokedexResult, bytes]:
+    """The detections of one photo with one model and threshold, and the drawn display copy as JPEG bytes."""
+    result = detect(load_predictor(path, mtime), image_bytes, conf, entries=_entries, name=name)
+    return result, encode_display(result.display)
+
+
+def entries_for(database_url: str, class_names: list[str]) -> list[DexEntry]:
+    """The dex entries of the model's classes; names only when the database cannot be read (the page still works)."""
+    try:
+        with session_scope(store_engine(database_url)) as session:
+            return dex_entries(session, class_names)
+    except Exception:
+        logger.exception("reading the dex entries failed")
+        st.warning("Could not read the projects' dex entries: showing class names only.")
+        return plain_entries(class_names)
+
+
+def detect_with(
+    model: catalog.ModelFile, photo: bytes, name: str, conf: float, entries: list[DexEntry]
+) -> tuple[PokedexResult, bytes]:
+    """`run_pokedex` keyed by what changes the picture: the photo, the model version, the threshold, the labels."""
+    colours = tuple((entry.name, entry.colour) for entry in entries)
+    return run_pokedex(photo, name, str(model.path), model.path.stat().st_mtime, conf, colours, entries)
+
+
+def latency_text(result: PokedexResult) -> str:
+    timings = result.timings
+    return (
+        f"model run {timings['infer_ms']:.0f} ms · total {timings['total_ms']:.0f} ms "
+        f"(decode {timings['decode_ms']:.0f}, pre/post-processing {timings['predict_ms'] - timings['infer_ms']:.0f}, "
+        f"drawing {timings['draw_ms']:.0f})"
+    )
+
+
+def show_cards(result: PokedexResult, entries: list[DexEntry]) -> None:
+    shown = min(len(result), MAX_CARD_CROPS)
+    if len(result) > shown:
+        st.caption(f"The {shown} most confident of {len(result)} detections.")
+    for row_start in range(0, shown, CARDS_PER_ROW):
+        columns = st.columns(CARDS_PER_ROW)
+        for column, index in zip(columns, range(row_start, min(row_start + CARDS_PER_ROW, shown))):
+            class_id, score = int(result.class_ids[index]), float(result.scores[index])
+            entry = entries[class_id]  # the model only predicts its own classes
+            with column.container(border=True):
+                st.image(result.crops[index], width=96)
+                st.markdown(f"**No. {entry.number:03d} · {entry.name}**")
+                st.markdown(f"Confidence: **{score:.1%}**")
+                st.caption(entry.description or "No dex entry yet: describe this class in its project.")
+
+
+st.title("Pokédex")
+st.write("Drop a photo and your detector names what it sees, with the dex entry of each find.")
+settings = page_settings()
+models = catalog.list_models(settings)
+if not models:
+    st.info(
+        "No model yet. Train one on the **Train** page ([Train](/train)), then shrink it to INT8 on the "
+        "**Quantize** page ([Quantize](/quantize)): the Pokédex uses the newest INT8 model.",
+        icon=":material/info:",
+    )
+    st.stop()
+
+by_path = {str(model.path): model for model in models}
+default = catalog.default_model(settings) or models[0]
+chosen_path = st.selectbox(
+    "Model",
+    list(by_path),
+    index=list(by_path).index(str(default.path)) if str(default.path) in by_path else 0,
+    format_func=lambda path: by_path[path].label,
+    key="pokedex_model",
+    help="The newest INT8 model is the default.",
+)
+model = by_path[chosen_path]
+controls = st.columns(3)
+conf = controls[0].slider("Confidence threshold", 0.05, 0.95, 0.25, 0.05, key="pokedex_conf")
+compare = controls[1].toggle("Compare FP32 and INT8", key="pokedex_compare")
+use_camera = controls[2].toggle("Use the camera", key="pokedex_use_camera")
+
+try:
+    # Loaded now, not on the first photo, so that the answer to an upload is inference only.
+    predictor = load_predictor(str(model.path), model.path.stat().st_mtime)
+except Exception as error:  # a broken or foreign file: say so, keep the page
+    st.error(f"Could not load {model.path.name}: {error}")
+    st.stop()
+
+photo = st.camera_input("Take a photo", key="pokedex_camera") if use_camera else None
+upload = st.file_uploader("Drop a photo", type=UPLOAD_TYPES, key="pokedex_upload")
+photo = photo or upload
+if photo is None:
+    st.info("Drop a photo (JPEG, PNG, WebP or BMP, any size) or take one with the camera.")
+    st.stop()
+
+photo_bytes, photo_name = photo.getvalue(), photo.name
+entries = entries_for(settings.database_url, predictor.class_names)
+try:
+    result, display = detect_with(model, photo_bytes, photo_name, conf, entries)
+    pair = {}
+    if compare:
+        info = catalog.run_info(model.path.parent)
+        pair = {kind: info.model(kind) for kind in ("fp32", "int8")} if info else {}
+        if not all(pair.values()):
+            st.info(f"Run {model.run} has no FP32 and INT8 pair to compare: quantize it on the **Quantize** page.")
+            pair = {}
+        # The pair shares the run's classes, so the chosen model's entries label both.
+        pair = {kind: detect_with(file, photo_bytes, photo_name, conf, entries) for kind, file in pair.items()}
+except ImageLoadError as error:
+    st.error(str(error))
+    st.stop()
+
+height, width = result.original_size
+if pair:
+    columns = st.columns(2)
+    for column, (kind, (found, image)) in zip(columns, pair.items()):
+        with column:
+            st.subheader(KIND_TITLE[kind])
+            st.image(image, caption=f"{KIND_TITLE[kind]}: {len(found)} detections above {conf:.2f}", width="stretch")
+            left, right = st.columns(2)
+            left.metric(f"{KIND_TITLE[kind]} model run", f"{found.timings['infer_ms']:.0f} ms")
+            right.metric(f"{KIND_TITLE[kind]} total", f"{found.timings['total_ms']:.0f} ms")
+    ratio = pair["fp32"][0].timings["infer_ms"] / max(pair["int8"][0].timings["infer_ms"], 1e-6)
+    st.caption(f"INT8 runs the model {ratio:.2f}x as fast as FP32 on this machine (this photo, first run).")
+else:
+    st.image(
+        display,
+        caption=f"{photo_name} · {width}×{height} px · {len(result)} detections above {conf:.2f} · {model.label}",
+    )
+    st.caption(latency_text(result))
+
+st.subheader("Dex entries")
+if len(result):
+    show_cards(result, entries)
+else:
+    st.info("Nothing found above the confidence threshold: lower it, or try another photo.")

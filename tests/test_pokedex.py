@@ -1,0 +1,219 @@
+"""The Pokédex backend on a real (tiny, exported) detector: boxes in the displayed orientation of any photo, fast
+large JPEGs decoded at reduced scale, the drawing, and dex entries matched to projects by class name."""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+from PIL import Image
+
+from backend.export.onnx_export import export_onnx
+from backend.inference import Predictor
+from backend.pokedex import (
+    DEFAULT_DISPLAY_MAX_SIDE,
+    MAX_CARD_CROPS,
+    decode_photo,
+    detect,
+    dex_entries,
+    draw_detections,
+    palette_colour,
+    plain_entries,
+)
+from backend.processing import ImageLoadError, PostprocessConfig, load_image
+from backend.store.db import init_db, session_scope
+from backend.store.models import ensure_class, get_or_create_project
+from tests.test_export import CLASS_NAMES, detector_with_spread_scores
+
+IMGSZ = 128
+CONF = 0.5
+EXIF_ORIENTATION = 0x0112
+
+
+def smooth_photo(size: tuple[int, int], seed: int = 0) -> np.ndarray:
+    """(H, W, 3) uint8 of `size` (W, H): coarse colour blobs upscaled, so any two good downscales agree closely."""
+    coarse = np.random.default_rng(seed).integers(0, 256, (6, 8, 3)).astype(np.uint8)
+    return cv2.resize(coarse, size, interpolation=cv2.INTER_CUBIC)
+
+
+def encode(pixels: np.ndarray, image_format: str, orientation: int | None = None, **options) -> bytes:
+    image = Image.fromarray(pixels)
+    if orientation is not None:
+        exif = Image.Exif()
+        exif[EXIF_ORIENTATION] = orientation
+        options["exif"] = exif.tobytes()
+    buffer = io.BytesIO()
+    image.save(buffer, image_format, **options)
+    return buffer.getvalue()
+
+
+def with_conf(predictor: Predictor, conf: float) -> Predictor:
+    return dataclasses.replace(predictor, postprocess=PostprocessConfig(conf_threshold=conf))
+
+
+@pytest.fixture(scope="module")
+def predictor(tmp_path_factory) -> Predictor:
+    path = export_onnx(detector_with_spread_scores(), tmp_path_factory.mktemp("pokedex") / "model.onnx", imgsz=IMGSZ,
+                       class_names=CLASS_NAMES)  # fmt: skip
+    return Predictor.from_path(path)
+
+
+def test_detect_gives_the_predictors_boxes_in_original_pixels(predictor):
+    pixels = smooth_photo((200, 120))
+    data = encode(pixels, "PNG")
+    result = detect(predictor, data, CONF)
+
+    (expected,) = with_conf(predictor, CONF).predict([pixels])
+    assert len(result) == len(expected) > 0
+    np.testing.assert_array_equal(result.boxes, expected.boxes)
+    np.testing.assert_array_equal(result.scores, expected.scores)
+    np.testing.assert_array_equal(result.class_ids, expected.class_ids)
+    assert (result.scores > CONF).all()
+    assert result.original_size == (120, 200)
+    assert result.display.size == (200, 120) and result.display_scale == 1.0  # never upscaled for display
+    assert len(result.crops) == min(len(result), MAX_CARD_CROPS)
+    assert set(result.timings) == {"decode_ms", "infer_ms", "predict_ms", "draw_ms", "total_ms"}
+    assert 0 < result.timings["infer_ms"] <= result.timings["predict_ms"] <= result.timings["total_ms"]
+    assert predictor.postprocess.conf_threshold != CONF  # the shared predictor was not changed
+
+
+def test_threshold_filters(predictor):
+    data = encode(smooth_photo((200, 120)), "PNG")
+    low, high = detect(predictor, data, 0.3), detect(predictor, data, 0.8)
+    assert len(high) < len(low)
+    assert (high.scores > 0.8).all()
+
+
+def test_rotated_exif_jpeg_gives_boxes_in_the_displayed_orientation(predictor):
+    shown = smooth_photo((200, 120), seed=3)  # what a viewer shows: landscape 200x120
+    # Orientation 6 means "rotate 90° clockwise to display", so the file stores the picture turned the other way.
+    stored = np.ascontiguousarray(np.rot90(shown, k=1))  # 120 wide, 200 high
+    data = encode(stored, "JPEG", orientation=6, quality=95)
+    result = detect(predictor, data, CONF)
+
+    assert result.original_size == (120, 200)
+    assert result.display.size == (200, 120)
+    decoded = load_image(data)
+    assert np.abs(decoded.astype(int) - shown).mean() < 3  # JPEG noise only: the decode is upright
+    (expected,) = with_conf(predictor, CONF).predict([decoded])
+    assert len(result) == len(expected) > 0
+    np.testing.assert_allclose(result.boxes, expected.boxes, atol=1e-4)
+    assert (result.boxes[:, [0, 2]] <= 200).all() and (result.boxes[:, [1, 3]] <= 120).all()
+    assert (result.boxes[:, 2] > 120).any()  # some box lies where only the landscape picture has pixels
+
+
+def test_large_jpeg_is_decoded_at_reduced_scale(predictor):
+    full = smooth_photo((4000, 3000), seed=5)
+    data = encode(full, "JPEG", quality=90)
+    pixels, original_size = decode_photo(data, DEFAULT_DISPLAY_MAX_SIDE)
+    assert original_size == (3000, 4000)
+    assert pixels.shape == (750, 1000, 3)  # libjpeg's 1/4 scale: the smallest that keeps 960 px
+    reference = cv2.resize(full, (1000, 750), interpolation=cv2.INTER_AREA)
+    assert np.abs(pixels.astype(int) - reference).mean() < 3
+
+    result = detect(predictor, data, CONF)
+    assert result.original_size == (3000, 4000)
+    assert result.display.size == (960, 720) and result.display_scale == pytest.approx(0.24)
+    (on_decoded,) = with_conf(predictor, CONF).predict([pixels])
+    np.testing.assert_allclose(result.boxes, on_decoded.boxes * 4, rtol=1e-6)  # decoded px → original px
+    assert len(result) > 0 and result.boxes[:, 2].max() > 1000  # in original pixels, not decoded ones
+
+
+def test_large_rotated_jpeg(predictor):
+    stored = np.ascontiguousarray(np.rot90(smooth_photo((4000, 3000), seed=6), k=1))  # stored portrait 3000x4000
+    result = detect(predictor, encode(stored, "JPEG", orientation=6, quality=85), CONF)
+    assert result.original_size == (3000, 4000)
+    assert result.display.size == (960, 720)
+    assert (result.boxes[:, [0, 2]] <= 4000).all() and (result.boxes[:, [1, 3]] <= 3000).all()
+
+
+@pytest.mark.parametrize("image_format", ["WEBP", "BMP"])
+def test_other_formats(predictor, image_format):
+    result = detect(predictor, encode(smooth_photo((160, 96)), image_format), CONF)
+    assert result.original_size == (96, 160)
+
+
+def test_not_an_image_is_a_clear_error(predictor):
+    with pytest.raises(ImageLoadError, match=r"could not read .notes\.txt.*JPEG/PNG"):
+        detect(predictor, b"hello, this is text", CONF, name="notes.txt")
+
+
+def test_draw_detections_scales_boxes_and_colours_them():
+    image = Image.new("RGB", (200, 100), (255, 255, 255))
+    boxes = np.array([[100, 100, 300, 180]], dtype=np.float32)  # original pixels; the image is half size
+    draw_detections(image, boxes, ["pikachu 0.93"], [(255, 0, 0)], scale=0.5)
+    pixels = np.asarray(image)
+    assert tuple(pixels[70, 50]) == (255, 0, 0)  # the left edge of the box, at x = 100 · 0.5
+    assert tuple(pixels[70, 100]) == (255, 255, 255)  # inside the box: untouched
+    assert tuple(pixels[95, 195]) == (255, 255, 255)  # outside: untouched
+    with pytest.raises(ValueError, match="one of each"):
+        draw_detections(image, boxes, [], [], scale=1.0)
+
+
+def test_detect_uses_the_entries_colours(predictor):
+    data = encode(smooth_photo((200, 120)), "PNG")
+    red = [dataclasses.replace(entry, colour=(255, 0, 0)) for entry in plain_entries(CLASS_NAMES)]
+    with_red = detect(predictor, data, 0.7, entries=red)
+    with_palette = detect(predictor, data, 0.7)
+    assert len(with_red) > 0
+
+    def red_pixels(image: Image.Image) -> int:
+        return int((np.asarray(image) == (255, 0, 0)).all(axis=2).sum())
+
+    assert red_pixels(with_red.display) > red_pixels(with_palette.display) + 100
+
+
+# --- dex entries ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def engine(tmp_path: Path):
+    return init_db(f"sqlite:///{tmp_path / 'yolodex.db'}")
+
+
+def add_project(engine, name: str, classes: list[tuple[str, int | None, str, str | None]]) -> None:
+    with session_scope(engine) as session:
+        project = get_or_create_project(session, name)
+        for class_name, number, description, colour in classes:
+            ensure_class(session, project, class_name, dex_number=number, description=description, colour=colour)
+
+
+def test_dex_entries_come_from_the_project_with_the_models_classes(engine):
+    add_project(engine, "other", [("cat", 1, "meows", None), ("dog", 2, "barks", None)])
+    add_project(engine, "shuffled", [("squirtle", 7, "shuffled squirtle", None), ("bulbasaur", 1, "shuffled", None),
+                                     ("charmander", 4, "shuffled", None)])  # fmt: skip
+    add_project(engine, "starters", [("bulbasaur", 1, "A strange seed.", "#00ff00"), ("charmander", None, "", None),
+                                     ("squirtle", 7, "Shoots water.", "#0000ff")])  # fmt: skip
+    with session_scope(engine) as session:
+        entries = dex_entries(session, CLASS_NAMES)
+    assert [entry.project for entry in entries] == ["starters"] * 3  # same names in the same order wins
+    assert [(entry.index, entry.number, entry.name) for entry in entries] == [
+        (0, 1, "bulbasaur"), (1, 2, "charmander"), (2, 7, "squirtle")  # charmander has no number: index + 1
+    ]  # fmt: skip
+    assert entries[0].description == "A strange seed." and entries[1].description == ""
+    assert entries[0].colour == (0, 255, 0) and entries[1].colour == palette_colour(1)
+
+
+def test_dex_entries_match_by_name_in_any_order(engine):
+    add_project(engine, "shuffled", [("squirtle", 7, "Shoots water.", None), ("bulbasaur", 1, "A seed.", None),
+                                     ("charmander", 4, "Burns.", "#ff8000")])  # fmt: skip
+    with session_scope(engine) as session:
+        entries = dex_entries(session, CLASS_NAMES)
+    assert [(entry.name, entry.number, entry.description) for entry in entries] == [
+        ("bulbasaur", 1, "A seed."), ("charmander", 4, "Burns."), ("squirtle", 7, "Shoots water.")
+    ]  # fmt: skip
+    assert entries[1].colour == (255, 128, 0)
+
+
+def test_dex_entries_without_a_matching_project_have_the_name_only(engine):
+    add_project(engine, "subset", [("bulbasaur", 1, "A seed.", None), ("charmander", 4, "Burns.", None)])
+    with session_scope(engine) as session:
+        entries = dex_entries(session, CLASS_NAMES)
+    assert entries == plain_entries(CLASS_NAMES)
+    assert [(entry.number, entry.name, entry.description, entry.project) for entry in entries] == [
+        (1, "bulbasaur", "", None), (2, "charmander", "", None), (3, "squirtle", "", None)
+    ]  # fmt: skip
