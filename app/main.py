@@ -15,7 +15,7 @@ navigation = st.navigation(
         st.Page(PAGES / "train.py", title="Train", icon=":material/model_training:", url_path="train"),
         st.Page(PAGES / "evaluate.py", title="Evaluate", icon=":material/analytics:", url_path="evaluate"),
         st.Page(PAGES / "quantize.py", title="Quantize", icon=":material/compress:", url_path="quantize"),
-        st.Page(PAGES / "pokedex.py", title="Pokédex", icon=":material/catching_pokemon:", url_path="pokedex"),
+        st.Page(PAGES / "pokedex.py", title="Pokédex", icon=":material/photo_camera:", url_path="pokedex"),
         st.Page(PAGES / "jobs.py", title="Jobs", icon=":material/work_history:", url_path="jobs"),
     ]
 )
