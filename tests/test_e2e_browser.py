@@ -1,0 +1,167 @@
+"""End to end in a real browser: the app started the way `make run` starts it, driven by Playwright and chromium.
+
+`make run` (on free ports, with a temporary storage) starts Label Studio, the huey worker and the Streamlit app; the
+tests upload a photo on the Pokédex page, run a short training job from the Train page, and upload a zip on the
+Datasets page. Assertions are Playwright's retrying `expect`s, never fixed sleeps (the streamlit recipe, §3).
+Screenshots go to `$YOLODEX_E2E_SCREENSHOTS` (default: the test's temporary folder) and are kept.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import subprocess
+import time
+import urllib.request
+import zipfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO_ROOT, encode_image, textured_image
+from tests.labelstudio_fixture import free_port
+
+pytestmark = pytest.mark.slow
+
+CHROMIUM = Path(os.environ.get("YOLODEX_CHROMIUM", "/usr/bin/chromium"))
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--no-first-run", "--disable-sync"]  # fmt: skip
+EXPECT_TIMEOUT_MS = 30_000  # 2 cores shared by the app, the worker, Label Studio and the browser
+CLASS_NAMES = ["Bulbasaur", "Charmander", "Squirtle"]
+
+
+def _wait_for(url: str, timeout: float, process: subprocess.Popen, log: Path) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise AssertionError(f"`make run` exited with {process.returncode}:\n{log.read_text()[-3000:]}")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.5)
+    raise AssertionError(f"{url} did not answer in {timeout:.0f} s:\n{log.read_text()[-3000:]}")
+
+
+def _write_model_run(storage: Path) -> Path:
+    """A run folder the catalog finds, with an FP32 ONNX model whose scores spread over 0.25-0.95 (real detections
+    on any photo, no training needed)."""
+    from backend.export.onnx_export import export_onnx
+    from tests.test_export import detector_with_spread_scores
+
+    run = storage / "runs" / "e2e-run"
+    run.mkdir(parents=True)
+    (run / "config.json").write_text(json.dumps({"train": {"size": "s", "imgsz": 64}, "class_names": CLASS_NAMES}))
+    export_onnx(detector_with_spread_scores(len(CLASS_NAMES)), run / "model_fp32.onnx", imgsz=64,
+                class_names=CLASS_NAMES, run_id="e2e-run")  # fmt: skip
+    return run
+
+
+@pytest.fixture(scope="module")
+def app_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """`make run` with a fresh storage and free ports; stopped (Ctrl-C, as a user would) after the module."""
+    if not CHROMIUM.is_file():
+        pytest.skip(
+            f"no {CHROMIUM}: install Debian's chromium (`apt-get install chromium`, `make setup` does it as root)"
+        )
+    pytest.importorskip("playwright.sync_api", reason="playwright is in requirements.txt: run `make setup`")
+    storage = tmp_path_factory.mktemp("e2e-storage")
+    _write_model_run(storage)
+    app_port, ls_port = free_port(), free_port()
+    env = {**os.environ, "YOLODEX_STORAGE": str(storage), "YOLODEX_APP_PORT": str(app_port),
+           "YOLODEX_LS_PORT": str(ls_port), "YOLODEX_HOST": "127.0.0.1"}  # fmt: skip
+    env.pop("YOLODEX_QUEUE_IMMEDIATE", None)
+    log = storage / "make_run.log"
+    with log.open("wb") as output:
+        process = subprocess.Popen(["make", "--no-print-directory", "run"], cwd=REPO_ROOT, env=env, stdout=output,
+                                   stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+    try:
+        _wait_for(f"http://127.0.0.1:{app_port}/_stcore/health", 240, process, log)
+        yield f"http://127.0.0.1:{app_port}"
+    finally:
+        os.killpg(process.pid, signal.SIGINT)  # Ctrl-C: make's trap stops the worker and Label Studio
+        try:
+            process.wait(60)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait(10)
+        leftovers = subprocess.run(["pgrep", "-f", str(storage)], capture_output=True, text=True).stdout.split()
+        for pid in leftovers:  # never leave a server behind, even when make's trap failed
+            os.kill(int(pid), signal.SIGKILL)
+        assert not leftovers, f"`make run` left processes running after Ctrl-C: {leftovers}\n{log.read_text()[-2000:]}"
+
+
+@pytest.fixture(scope="module")
+def browser(app_url: str):
+    from playwright.sync_api import expect, sync_playwright
+
+    expect.set_options(timeout=EXPECT_TIMEOUT_MS)
+    with sync_playwright() as playwright:
+        launched = playwright.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS)
+        try:
+            yield launched
+        finally:
+            launched.close()
+
+
+@pytest.fixture
+def screenshots(tmp_path: Path) -> Path:
+    folder = Path(os.environ.get("YOLODEX_E2E_SCREENSHOTS", tmp_path))
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+@pytest.fixture
+def page(browser, screenshots: Path, request: pytest.FixtureRequest):
+    context = browser.new_context(viewport={"width": 1400, "height": 1000})
+    opened = context.new_page()
+    yield opened
+    # The page as the test left it (on failure too): the first thing to look at when a browser test fails.
+    opened.screenshot(path=str(screenshots / f"{request.node.name}_end.png"), full_page=True)
+    context.close()
+
+
+def _photo(path: Path, size: tuple[int, int] = (640, 480)) -> Path:
+    path.write_bytes(encode_image(textured_image(5, size), "JPEG", quality=90))
+    return path
+
+
+def test_pokedex_upload_shows_boxes_and_dex_cards(page, app_url: str, tmp_path: Path, screenshots: Path):
+    from playwright.sync_api import expect
+
+    page.goto(f"{app_url}/pokedex")
+    expect(page.get_by_test_id("stApp")).to_have_attribute("data-test-connection-state", "CONNECTED")
+    uploader = page.locator('[data-testid="stFileUploaderDropzoneInput"]').first
+    uploader.set_input_files(str(_photo(tmp_path / "photo.jpg")))
+    expect(page.get_by_test_id("stImage").first).to_be_visible()
+    # One dex card per detection: each shows a class name and a confidence.
+    expect(page.get_by_text("Bulbasaur").or_(page.get_by_text("Charmander")).or_(page.get_by_text("Squirtle")).first
+           ).to_be_visible()  # fmt: skip
+    expect(page.get_by_text("%").first).to_be_visible()
+    expect(page.get_by_test_id("stException")).to_have_count(0)
+    page.screenshot(path=str(screenshots / "e2e_pokedex.png"), full_page=True)
+
+
+def test_datasets_zip_upload_shows_the_import_report(page, app_url: str, tmp_path: Path, screenshots: Path):
+    from playwright.sync_api import expect
+
+    archive = tmp_path / "photos.zip"
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as bundle:
+        for seed in range(3):
+            bundle.writestr(f"photos/cat_{seed}.png", encode_image(textured_image(100 + seed, (120, 90))))
+        bundle.writestr("photos/notes.jpg", b"this is not an image")
+    archive.write_bytes(buffer.getvalue())
+
+    page.goto(f"{app_url}/datasets")
+    expect(page.get_by_test_id("stApp")).to_have_attribute("data-test-connection-state", "CONNECTED")
+    page.locator('[data-testid="stFileUploaderDropzoneInput"]').first.set_input_files(str(archive))
+    expect(page.get_by_text("notes.jpg").first).to_be_visible()  # the rejected member, named in the report
+    expect(page.get_by_text("accepted", exact=False).first).to_be_visible()
+    expect(page.get_by_test_id("stException")).to_have_count(0)
+    page.screenshot(path=str(screenshots / "e2e_datasets_zip.png"), full_page=True)
