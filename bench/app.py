@@ -156,7 +156,7 @@ def bench_backend(predictor: Predictor, photos: dict[str, bytes], conf: float, r
         "naive total",
         "naive/pokedex",
     )
-    print(f"{header[0]:<26}" + "".join(f"{name:>14}" for name in header[1:]))
+    print(f"{header[0]:<38}" + "".join(f"{name:>14}" for name in header[1:]))
     for name, data in photos.items():
         pokedex_path(predictor, data, conf)  # warm-up
         ours: list[dict[str, float]] = []
@@ -176,7 +176,7 @@ def bench_backend(predictor: Predictor, photos: dict[str, bytes], conf: float, r
         cells = [median_ms(column("decode_ms")), median_ms(column("infer_ms")), median_ms(prepost),
                  median_ms(column("draw_ms")), median_ms(column("encode_ms")), f"{total:8.0f}", f"{naive_total:8.0f}",
                  f"{naive_total / total:8.2f}x"]  # fmt: skip
-        print(f"{name + f' ({count} boxes)':<26}" + "".join(f"{cell:>14}" for cell in cells))
+        print(f"{name + f' ({count} boxes)':<38}" + "".join(f"{cell:>14}" for cell in cells))
 
 
 def bench_page(storage: Path, photo_seeds: list[int], runs: int) -> None:
