@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import signal
 import subprocess
 import time
@@ -161,7 +162,11 @@ def test_datasets_zip_upload_shows_the_import_report(page, app_url: str, tmp_pat
     page.goto(f"{app_url}/datasets")
     expect(page.get_by_test_id("stApp")).to_have_attribute("data-test-connection-state", "CONNECTED")
     page.locator('[data-testid="stFileUploaderDropzoneInput"]').first.set_input_files(str(archive))
-    expect(page.get_by_text("notes.jpg").first).to_be_visible()  # the rejected member, named in the report
-    expect(page.get_by_text("accepted", exact=False).first).to_be_visible()
+    expect(page.get_by_text("photos.zip").first).to_be_visible()
+    page.get_by_role("button", name=re.compile(r"^Import into")).click()
+    # The report: 3 accepted, the text file named .jpg rejected (its row is in the rejected table).
+    expect(page.get_by_test_id("stMetric").filter(has_text="accepted")).to_contain_text("3")
+    expect(page.get_by_test_id("stMetric").filter(has_text="rejected")).to_contain_text("1")
+    expect(page.get_by_text("Rejected (1)")).to_be_visible()
     expect(page.get_by_test_id("stException")).to_have_count(0)
     page.screenshot(path=str(screenshots / "e2e_datasets_zip.png"), full_page=True)
