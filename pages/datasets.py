@@ -251,7 +251,7 @@ def image_grid(engine, settings, project: Project, classes: list[str]) -> list[b
     previous.button("Previous", key="datasets_previous", on_click=step_page, args=(-1,), disabled=grid.page <= 1)
     number.number_input("Page", 1, grid.pages, key="datasets_page", label_visibility="collapsed")
     following.button("Next", key="datasets_next", on_click=step_page, args=(1,), disabled=grid.page >= grid.pages)
-    summary.markdown(f"Page {grid.page} of {grid.pages} · {grid.total} images")
+    summary.markdown(f"Page {grid.page} of {grid.pages} · {grid.total} image{'' if grid.total == 1 else 's'}")
     if not grid.cards:
         st.info("No image matches this filter.")
     for start in range(0, len(grid.cards), GRID_COLUMNS):

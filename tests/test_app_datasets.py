@@ -299,3 +299,18 @@ def test_a_large_upload_is_imported_by_a_job(settings, immediate_jobs, monkeypat
     rejected = [frame.value for frame in app.dataframe if "reason" in frame.value.columns]
     assert len(rejected) == 2 and all(list(table["name"]) == ["bad.jpg"] for table in rejected)  # job report + grid
     assert not list((settings.storage / "uploads").glob("[0-9a-f]*"))
+
+
+def test_an_empty_storage_starts_with_a_first_upload(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.delenv("YOLODEX_DATABASE_URL", raising=False)
+    monkeypatch.setenv("YOLODEX_STORAGE", str(tmp_path / "empty"))
+    app = run_page()
+    assert any("No project yet" in info.value for info in app.info)
+    assert any(f"Project '{service.DEFAULT_PROJECT}' has no images yet" in info.value for info in app.info)
+    assert not app.image and not app.get("plotly_chart")  # nothing to browse yet
+
+    upload(app, [("first.png", encode_image(textured_image(40)), "image/png")])
+    assert app.selectbox(key="datasets_project").value == service.DEFAULT_PROJECT
+    assert page_line(app) == "Page 1 of 1 · 1 image"
+    assert grid_captions(app) == ["first.png · 96×64 · unlabeled"]
+    assert any("No classes yet" in info.value for info in app.info)
