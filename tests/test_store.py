@@ -42,12 +42,14 @@ def test_migration_creates_the_schema_and_running_it_again_is_a_no_op(tmp_path: 
         "model_files",
         "labeling_projects",
         "labeling_tasks",
+        "jobs",
+        "job_metrics",
     } <= tables
     with session_scope(engine) as session:
         get_or_create_project(session, "kept")
     init_db(url)  # a second run must neither fail nor touch the data
     with engine.connect() as connection:
-        assert connection.execute(text("SELECT version_num FROM alembic_version")).scalar_one() == "0002"
+        assert connection.execute(text("SELECT version_num FROM alembic_version")).scalar_one() == "0003"
         assert connection.execute(text("SELECT name FROM projects")).scalars().all() == ["kept"]
         # The migration and the models agree: autogenerate would find nothing to do.
         assert compare_metadata(MigrationContext.configure(connection), Base.metadata) == []

@@ -1,50 +1,128 @@
-"""Queued jobs. Each takes JSON-serialisable arguments and calls the backend; the settings come from the worker's
-environment (the same variables as the app's), read when the task runs.
+"""The queue's tasks: `run_job(job_id, where)` runs one row of the jobs table (`backend.jobs.runner`), whatever its
+kind; `labeling_poll` is a periodic task (every minute) that pulls each synced project's annotations and queues a
+retrain job when the loop says so (`backend.labeling.loop`).
 
-Label Studio jobs: `labeling_sync`, `labeling_prelabel`, `labeling_retrain`, and `labeling_poll`, a periodic task
-(every minute) that pulls each synced project's annotations and queues a retrain when the loop says so
-(`backend.labeling.loop`).
+The worker: `huey_consumer backend.jobs.tasks.huey -k process -w 1 -m 1`. Its settings come from its environment
+(the same `YOLODEX_*` variables as the app's); a job carries its storage folder and database URL, so a job submitted
+with explicit settings (tests, an immediate queue) runs against the same database it was recorded in.
+
+Lifecycle hooks: a starting worker marks the running jobs of dead processes on its host "interrupted"
+(`runner.recover_dead_jobs`) and resets labeling loops whose retrain died; SIGNAL_INTERRUPTED (the consumer
+stopped by SIGTERM mid-task) marks that task's job interrupted.
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict
+from dataclasses import asdict, replace
+from pathlib import Path
 from typing import Any
 
-from huey import crontab
+from huey import Huey, crontab, signals
 
 from backend.jobs.queue import make_huey
+from backend.settings import Settings, get_settings
 
 logger = logging.getLogger(__name__)
 
 huey = make_huey()
+_QUEUE_URL = get_settings().queue_url  # the queue `huey` was made for
+_OTHER_QUEUES: dict[str, tuple[Huey, Any]] = {}
 
 
-@huey.task()
-def labeling_sync(project_name: str) -> dict[str, Any]:
-    from backend.labeling import service
-
-    return service.sync(project_name)
+def _where(settings: Settings) -> dict[str, str]:
+    return {"storage": str(settings.storage), "database_url": settings.database_url}
 
 
-@huey.task()
-def labeling_prelabel(project_name: str, model_path: str, only_unlabeled: bool = True) -> dict[str, Any]:
-    from backend.labeling import service
+def _settings_from(where: dict[str, str] | None) -> Settings:
+    settings = get_settings()
+    if where:
+        settings = replace(settings, storage=Path(where["storage"]), database_url=where["database_url"])
+    return settings
 
-    return service.prelabel(model_path, project_name, only_unlabeled=only_unlabeled)
+
+def _run_job(job_id: int, where: dict[str, str] | None = None) -> None:
+    from backend.jobs.runner import execute_job
+
+    execute_job(int(job_id), _settings_from(where))
+    return None  # the state is in the jobs table; a stored result would only grow the queue's storage
 
 
-@huey.task()
-def labeling_retrain(project_name: str) -> dict[str, Any]:
-    from backend.labeling.loop import run_retrain
-    from backend.labeling.service import labeling_session
+run_job = huey.task(name="run_job")(_run_job)
 
-    with huey.lock_task(f"labeling-retrain-{project_name}"), labeling_session(project_name) as (
-        session, settings, project, client
-    ):  # fmt: skip
-        result = run_retrain(session, settings, project, client)
-        return {**asdict(result), "run_dir": str(result.run_dir)}
+
+def _queue_for(settings: Settings) -> tuple[Huey, Any]:
+    """The huey and its `run_job` task for `settings`' queue: this module's, or one made for another queue URL."""
+    if huey.immediate or settings.queue_url == _QUEUE_URL:
+        return huey, run_job
+    if settings.queue_url not in _OTHER_QUEUES:
+        other = make_huey(settings)
+        _OTHER_QUEUES[settings.queue_url] = (other, other.task(name="run_job")(_run_job))
+    return _OTHER_QUEUES[settings.queue_url]
+
+
+def enqueue_job(job_id: int, settings: Settings) -> str:
+    """Queues the job row `job_id` (already committed as "queued"); returns the huey task id it was given.
+
+    The task id is stored on the row before the task is queued, so an immediate queue that runs it inline, or a
+    cancel right after, both find it.
+    """
+    from sqlalchemy import update
+
+    from backend.jobs.api import job_engine
+    from backend.store.db import session_scope
+    from backend.store.models import Job
+
+    queue, task = _queue_for(settings)
+    message = task.s(job_id, _where(settings))
+    with session_scope(job_engine(settings)) as session:
+        session.execute(update(Job).where(Job.id == job_id).values(task_id=message.id))
+    queue.enqueue(message)
+    return message.id
+
+
+def revoke_job(task_id: str, settings: Settings) -> None:
+    """Revokes a queued task so a worker that pops it skips it."""
+    queue, _ = _queue_for(settings)
+    if not queue.immediate:
+        queue.revoke_by_id(task_id)
+
+
+@huey.signal(signals.SIGNAL_INTERRUPTED)
+def _on_interrupted(signal: str, task: Any, *_args: Any, **_kwargs: Any) -> None:
+    # The runner marks the job itself when the interrupt reaches it; this covers a stop outside its try block.
+    if getattr(task, "name", None) != "run_job" or not task.args:
+        return
+    from backend.jobs.runner import mark_interrupted
+
+    job_id, where = task.args[0], task.args[1] if len(task.args) > 1 else None
+    mark_interrupted(int(job_id), _settings_from(where), "interrupted: the worker was stopped mid-job")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Label Studio
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def labeling_sync(project_name: str) -> int:
+    """Queues a sync job; returns its id."""
+    from backend.jobs.api import submit
+
+    return submit("labeling_sync", {"project": project_name})
+
+
+def labeling_prelabel(project_name: str, model_path: str, only_unlabeled: bool = True) -> int:
+    """Queues a pre-label job; returns its id."""
+    from backend.jobs.api import submit
+
+    return submit("labeling_prelabel", {"project": project_name, "model": model_path, "only_unlabeled": only_unlabeled})
+
+
+def labeling_retrain(project_name: str) -> int:
+    """Queues a retrain job (what the loop does when enough new annotations arrived); returns its id."""
+    from backend.jobs.api import submit
+
+    return submit("labeling_retrain", {"project": project_name})
 
 
 def poll_labeling() -> list[dict[str, Any]]:
@@ -78,10 +156,15 @@ def labeling_poll() -> list[dict[str, Any]]:
 @huey.on_startup()
 def _recover() -> None:
     from backend.ingest.service import open_store
+    from backend.jobs.runner import recover_dead_jobs
     from backend.labeling.loop import recover_interrupted
     from backend.store.db import session_scope
 
-    engine, _ = open_store()
+    settings = get_settings()
+    interrupted = recover_dead_jobs(settings)
+    if interrupted:
+        logger.warning("jobs %s were running in a worker that stopped: marked interrupted", interrupted)
+    engine, _ = open_store(settings)
     with session_scope(engine) as session:
         reset = recover_interrupted(session)
     if reset:

@@ -35,6 +35,17 @@ ANNOTATION_SOURCES = ("import", "labelstudio", "prediction")
 GROUND_TRUTH_SOURCES = ("import", "labelstudio")
 MODEL_KINDS = ("fp32", "int8")
 LOOP_STATES = ("idle", "queued", "running")
+JOB_KINDS = (
+    "import",
+    "crawl",
+    "labeling_sync",
+    "labeling_prelabel",
+    "labeling_retrain",
+    "train",
+    "evaluate",
+    "quantize",
+)
+JOB_STATES = ("queued", "running", "succeeded", "failed", "cancelled", "interrupted")
 
 # Deterministic constraint names: Alembic needs names to alter constraints later (and SQLite batch mode too).
 NAMING_CONVENTION = {
@@ -238,6 +249,58 @@ class LabelingTask(Base):
     uncertainty: Mapped[float | None] = mapped_column(Float, nullable=True)  # of the last pre-label, in [0, 1]
     model_version: Mapped[str | None] = mapped_column(String(200), nullable=True)
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utc_now, onupdate=utc_now)
+
+
+class Job(Base):
+    """One background job (`backend.jobs`): what it runs, where it stands, and how it ended.
+
+    `state` moves queued → running → succeeded | failed | cancelled | interrupted, or queued → cancelled; a
+    terminal state is never left (a resumed training is a new job, `resumed_from_id` pointing back). The worker
+    writes progress in short, throttled transactions; `log_tail` holds the job's last log lines (a JSON list).
+    `worker_host`/`worker_pid` name the process running it, so a restarted worker can tell a dead one's jobs.
+    """
+
+    __tablename__ = "jobs"
+    __table_args__ = (
+        CheckConstraint(_in("kind", JOB_KINDS), name="kind"),
+        CheckConstraint(_in("state", JOB_STATES), name="state"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    kind: Mapped[str] = mapped_column(String(32))
+    params: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    project: Mapped[str | None] = mapped_column(String(200), nullable=True, index=True)
+    state: Mapped[str] = mapped_column(String(16), default="queued", index=True)
+    progress: Mapped[float | None] = mapped_column(Float, nullable=True)  # 0..1
+    eta_s: Mapped[float | None] = mapped_column(Float, nullable=True)
+    message: Mapped[str] = mapped_column(Text, default="")
+    log_tail: Mapped[list[str]] = mapped_column(JSON, default=list)
+    result: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+    error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    traceback: Mapped[str | None] = mapped_column(Text, nullable=True)
+    cancel_requested: Mapped[bool] = mapped_column(default=False)
+    task_id: Mapped[str | None] = mapped_column(String(64), nullable=True)  # the huey task's id (for revoke)
+    worker_host: Mapped[str | None] = mapped_column(String(255), nullable=True)
+    worker_pid: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    resumed_from_id: Mapped[int | None] = mapped_column(ForeignKey("jobs.id", ondelete="SET NULL"), nullable=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utc_now)
+    started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utc_now, onupdate=utc_now)
+
+
+class JobMetric(Base):
+    """One event a job reported (a training "step", "epoch", "eval", a quantize "stage"...), in order (`seq` 1..n)."""
+
+    __tablename__ = "job_metrics"
+    __table_args__ = (UniqueConstraint("job_id", "seq", name="uq_job_metrics_job_seq"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
+    seq: Mapped[int] = mapped_column(Integer)
+    event: Mapped[str] = mapped_column(String(32))
+    data: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utc_now)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -1,0 +1,414 @@
+"""The jobs API the app and the CLI use: submit a job, read it (state, progress, log tail, metrics), cancel, resume.
+
+A job is a row of the `jobs` table (`backend.store.models.Job`) plus a huey task `run_job(job_id)` that runs it
+(`backend.jobs.runner`). The row is the truth the app reads; the queue only carries the id. States:
+
+    queued ──claim──▶ running ──▶ succeeded | failed | cancelled | interrupted
+      └──cancel──▶ cancelled
+
+- cancel, queued: the row becomes "cancelled" at once and the huey task is revoked (a worker that still pops it
+  skips it: only a "queued" row can be claimed).
+- cancel, running: `cancel_requested` is set; the job sees it at its next step (training and quantization check
+  it every step; import, crawl, sync and evaluation finish what they started) and ends "cancelled".
+- interrupted: the worker stopped mid-job (SIGTERM, a crash, kill -9). A starting worker marks the "running" jobs
+  of dead processes on its host as interrupted. A training job is continued with `resume(job_id)`: a new job.
+
+Importing this module is cheap: no torch, no streamlit, no huey (the queue is imported when a job is submitted).
+Every function takes `settings` (default: the environment's).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import Engine, func, select, update
+
+from backend.settings import Settings, get_settings
+from backend.store.db import init_db, session_scope
+from backend.store.models import JOB_KINDS, JOB_STATES, Job, JobMetric, utc_now
+
+__all__ = [
+    "ACTIVE",
+    "JOB_KINDS",
+    "JOB_STATES",
+    "RESUMABLE",
+    "TERMINAL",
+    "JobNotFound",
+    "JobView",
+    "cancel",
+    "count_jobs",
+    "get_job",
+    "job_engine",
+    "job_metrics",
+    "list_jobs",
+    "resume",
+    "submit",
+]
+
+ACTIVE = ("queued", "running")
+TERMINAL = tuple(state for state in JOB_STATES if state not in ACTIVE)
+RESUMABLE = ("interrupted", "cancelled", "failed")
+LOG_TAIL_LINES = 200
+
+
+class JobNotFound(ValueError):
+    """No job has that id."""
+
+
+@dataclass
+class JobView:
+    """A job as the app shows it (a snapshot of its row; read it again for fresh values).
+
+    Attributes:
+        progress: 0..1, None while unknown (e.g. an import reports only its end).
+        message: one line, what it is doing now ("epoch 3/10, step 40/120").
+        eta_s: seconds left, when the job can tell.
+        result: the JSON result of the backend function (paths, metrics) once it succeeded (or stopped).
+        log_tail: its last `LOG_TAIL_LINES` log lines, oldest first.
+        project: `params["project"]` when given.
+        resumed_from: the job this one continues (a resumed training).
+        resumed_by: the newest job that continues this one.
+    """
+
+    id: int
+    kind: str
+    params: dict[str, Any]
+    state: str
+    progress: float | None
+    message: str
+    eta_s: float | None
+    created_at: datetime | None
+    started_at: datetime | None
+    finished_at: datetime | None
+    result: dict[str, Any] | None
+    error: str | None
+    traceback: str | None
+    log_tail: list[str] = field(default_factory=list)
+    cancel_requested: bool = False
+    project: str | None = None
+    updated_at: datetime | None = None
+    worker_pid: int | None = None
+    resumed_from: int | None = None
+    resumed_by: int | None = None
+
+    @property
+    def active(self) -> bool:
+        return self.state in ACTIVE
+
+    @property
+    def run_dir(self) -> Path | None:
+        """The run folder of a training job (absolute), else None."""
+        if self.kind != "train":
+            return None
+        folder = self.params.get("resume") or self.params.get("run_dir")
+        return Path(folder) if folder else None
+
+    @property
+    def can_resume(self) -> bool:
+        """A training that stopped early (interrupted, cancelled, failed), not resumed yet, with a last.pt."""
+        run_dir = self.run_dir
+        return (
+            self.state in RESUMABLE
+            and self.resumed_by is None
+            and run_dir is not None
+            and (run_dir / "last.pt").is_file()
+            and (run_dir / "config.json").is_file()
+        )
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The database
+# ----------------------------------------------------------------------------------------------------------------
+
+_ENGINES: dict[tuple[int, str], Engine] = {}
+
+
+def job_engine(settings: Settings | None = None) -> Engine:
+    """The metadata database's engine, migrated once per process (cached: pages poll jobs every second or two).
+
+    Keyed by process id too: an engine's pooled connections must not cross a fork (huey's process workers).
+    """
+    settings = settings or get_settings()
+    key = (os.getpid(), settings.database_url)
+    engine = _ENGINES.get(key)
+    if engine is None:
+        engine = _ENGINES[key] = init_db(settings.database_url)
+    return engine
+
+
+def _aware(moment: datetime | None) -> datetime | None:
+    # SQLite hands back naive datetimes; every stored one is UTC (models.utc_now).
+    return moment.replace(tzinfo=UTC) if moment is not None and moment.tzinfo is None else moment
+
+
+def _view(job: Job, resumed_by: int | None = None) -> JobView:
+    return JobView(
+        id=job.id,
+        kind=job.kind,
+        params=dict(job.params or {}),
+        state=job.state,
+        progress=job.progress,
+        message=job.message or "",
+        eta_s=job.eta_s,
+        created_at=_aware(job.created_at),
+        started_at=_aware(job.started_at),
+        finished_at=_aware(job.finished_at),
+        result=job.result,
+        error=job.error,
+        traceback=job.traceback,
+        log_tail=list(job.log_tail or []),
+        cancel_requested=bool(job.cancel_requested),
+        project=job.project,
+        updated_at=_aware(job.updated_at),
+        worker_pid=job.worker_pid,
+        resumed_from=job.resumed_from_id,
+        resumed_by=resumed_by,
+    )
+
+
+def _resumers(session, ids: list[int]) -> dict[int, int]:
+    if not ids:
+        return {}
+    rows = session.execute(
+        select(Job.resumed_from_id, func.max(Job.id)).where(Job.resumed_from_id.in_(ids)).group_by(Job.resumed_from_id)
+    )
+    return {int(source): int(newest) for source, newest in rows}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Reading
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def get_job(job_id: int, settings: Settings | None = None) -> JobView:
+    """The job `job_id`.
+
+    Raises:
+        JobNotFound: no such job (a ValueError).
+    """
+    with session_scope(job_engine(settings)) as session:
+        job = session.get(Job, int(job_id))
+        if job is None:
+            raise JobNotFound(f"there is no job {job_id}")
+        return _view(job, _resumers(session, [job.id]).get(job.id))
+
+
+def _filtered(query, kind: str | None, project: str | None):
+    if kind is not None:
+        query = query.where(Job.kind == kind)
+    if project is not None:
+        query = query.where(Job.project == project)
+    return query
+
+
+def list_jobs(
+    settings: Settings | None = None,
+    *,
+    kind: str | None = None,
+    project: str | None = None,
+    limit: int = 50,
+    offset: int = 0,
+) -> list[JobView]:
+    """Jobs, newest first, optionally of one kind and/or one project."""
+    with session_scope(job_engine(settings)) as session:
+        query = _filtered(select(Job), kind, project).order_by(Job.id.desc()).limit(limit).offset(offset)
+        jobs = list(session.scalars(query))
+        resumers = _resumers(session, [job.id for job in jobs])
+        return [_view(job, resumers.get(job.id)) for job in jobs]
+
+
+def count_jobs(settings: Settings | None = None, *, kind: str | None = None, project: str | None = None) -> int:
+    with session_scope(job_engine(settings)) as session:
+        return int(session.scalar(_filtered(select(func.count()).select_from(Job), kind, project)) or 0)
+
+
+def job_metrics(job_id: int, settings: Settings | None = None, *, since: int = 0) -> list[dict[str, Any]]:
+    """The job's metric records after sequence number `since`, in order: {"seq": n, "event": name, **data}.
+
+    Training jobs record "train_start", "step" (thinned to about one a second, and each epoch's last step),
+    "epoch", "eval" (the validation metrics, with "epoch"), "checkpoint" and "train_end"; quantize jobs their
+    "stage", "scan" and "policy" events. Pass the last `seq` seen as `since` to read only new ones.
+    """
+    with session_scope(job_engine(settings)) as session:
+        rows = session.execute(
+            select(JobMetric.seq, JobMetric.event, JobMetric.data)
+            .where(JobMetric.job_id == int(job_id), JobMetric.seq > since)
+            .order_by(JobMetric.seq)
+        )
+        return [{**(data or {}), "seq": seq, "event": event} for seq, event, data in rows]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Submitting, cancelling, resuming
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def submit(kind: str, params: dict[str, Any], *, settings: Settings | None = None) -> int:
+    """Queues a job (params per kind: the module docstring of `backend.jobs.runner`) and returns its id.
+
+    With an immediate queue (`YOLODEX_QUEUE_IMMEDIATE=1`, tests) the job has run when this returns.
+
+    Raises:
+        ValueError: an unknown kind or params that cannot work (the message says which).
+    """
+    return _submit(kind, params, settings or get_settings())
+
+
+def _submit(kind: str, params: dict[str, Any], settings: Settings, resumed_from: int | None = None) -> int:
+    if kind not in JOB_KINDS:
+        raise ValueError(f"unknown job kind {kind!r}: use one of {', '.join(JOB_KINDS)}")
+    params = _checked_params(kind, dict(params), settings)
+    settings.ensure_dirs()
+    engine = job_engine(settings)
+    with session_scope(engine) as session:
+        project = params.get("project")
+        job = Job(
+            kind=kind,
+            params=params,
+            project=str(project) if project else None,
+            state="queued",
+            message="queued",
+            log_tail=[],
+            resumed_from_id=resumed_from,
+        )
+        session.add(job)
+        session.flush()
+        job_id = job.id
+    from backend.jobs import tasks  # deferred: huey opens the queue's storage
+
+    try:
+        tasks.enqueue_job(job_id, settings)
+    except Exception as error:
+        with session_scope(engine) as session:
+            session.execute(
+                update(Job)
+                .where(Job.id == job_id, Job.state == "queued")
+                .values(state="failed", error=f"could not queue the job: {error}", finished_at=utc_now())
+            )
+        raise
+    return job_id
+
+
+def cancel(job_id: int, settings: Settings | None = None) -> JobView:
+    """Cancels a job: a queued one at once (revoked), a running one at its next step; a finished one is left as is.
+
+    Raises:
+        JobNotFound: no such job.
+    """
+    settings = settings or get_settings()
+    engine = job_engine(settings)
+    with session_scope(engine) as session:
+        # Writes first: in WAL mode a transaction that read before another connection's commit cannot write any
+        # more ("database is locked" at once, whatever the busy timeout). Conditional UPDATEs: a worker may claim
+        # the job at the same moment, and exactly one of us wins.
+        revoked = session.execute(
+            update(Job)
+            .where(Job.id == int(job_id), Job.state == "queued")
+            .values(
+                state="cancelled", cancel_requested=True, finished_at=utc_now(), message="cancelled before it started"
+            )
+        ).rowcount
+        if not revoked:
+            session.execute(
+                update(Job)
+                .where(Job.id == int(job_id), Job.state == "running")
+                .values(cancel_requested=True, message="cancelling: stops at the next step")
+            )
+        job = session.get(Job, int(job_id))
+        if job is None:
+            raise JobNotFound(f"there is no job {job_id}")
+        task_id = job.task_id
+    if revoked and task_id:
+        from backend.jobs import tasks
+
+        tasks.revoke_job(task_id, settings)
+    return get_job(job_id, settings)
+
+
+def resume(job_id: int, settings: Settings | None = None) -> int:
+    """Continues a stopped training job from its run's last.pt, as a new "train" job; returns the new job's id.
+
+    Raises:
+        JobNotFound: no such job.
+        ValueError: not a training job, not stopped early, already resumed, or no last.pt to continue from.
+    """
+    settings = settings or get_settings()
+    job = get_job(job_id, settings)
+    if job.kind != "train":
+        raise ValueError(f"job {job.id} is a {job.kind} job: only training jobs can be resumed")
+    if job.state not in RESUMABLE:
+        raise ValueError(f"job {job.id} is {job.state}: only an interrupted, cancelled or failed training resumes")
+    if job.resumed_by is not None:
+        raise ValueError(f"job {job.id} was already resumed by job {job.resumed_by}: resume that one instead")
+    if not job.can_resume:
+        raise ValueError(f"{job.run_dir} holds no last.pt to continue from: start a new training instead")
+    params: dict[str, Any] = {"resume": str(job.run_dir), "project": job.project}
+    if job.params.get("overrides"):
+        params["overrides"] = job.params["overrides"]
+    return _submit("train", params, settings, resumed_from=job.id)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Params
+# ----------------------------------------------------------------------------------------------------------------
+
+_REQUIRED = {
+    "import": ("project", "paths"),
+    "crawl": ("project",),
+    "labeling_sync": ("project",),
+    "labeling_prelabel": ("project",),
+    "labeling_retrain": ("project",),
+    "evaluate": ("model", "data"),
+    "quantize": ("run_dir",),
+}
+
+
+def _checked_params(kind: str, params: dict[str, Any], settings: Settings) -> dict[str, Any]:
+    """Checks what can be checked before queueing and makes paths absolute (the worker may start elsewhere)."""
+    missing = [key for key in _REQUIRED.get(kind, ()) if not params.get(key)]
+    if missing:
+        raise ValueError(f"a {kind} job needs {', '.join(missing)} in its params")
+    if kind == "import" and (isinstance(params["paths"], str) or not isinstance(params["paths"], list | tuple)):
+        raise ValueError("an import job's paths must be a list of files or folders")
+    if kind == "crawl" and sum(params.get(key) is not None for key in ("query", "urls", "page")) != 1:
+        raise ValueError("a crawl job needs exactly one of query, urls or page")
+    if kind == "train":
+        return _checked_train_params(params, settings)
+    return params
+
+
+def _absolute(path: str | Path, settings: Settings) -> Path:
+    path = Path(path).expanduser()
+    return path if path.is_absolute() else settings.storage / path
+
+
+def _checked_train_params(params: dict[str, Any], settings: Settings) -> dict[str, Any]:
+    if params.get("resume"):
+        run_dir = _absolute(params["resume"], settings)
+        if not (run_dir / "config.json").is_file() or not (run_dir / "last.pt").is_file():
+            raise ValueError(f"{run_dir} holds no run to resume (config.json and last.pt are needed)")
+        return {**params, "resume": str(run_dir)}
+    config = params.get("config")
+    if not isinstance(config, dict) or not config.get("data"):
+        raise ValueError('a train job needs "config": a TrainConfig dict whose "data" is a dataset folder')
+    from backend.training.config import TrainConfig  # no torch: a frozen dataclass that checks its values
+
+    data = _absolute(config["data"], settings)
+    TrainConfig.from_dict({**config, "data": str(data)})
+    if params.get("run_dir"):
+        run_dir = _absolute(params["run_dir"], settings)
+    else:
+        base = re.sub(r"[^\w.-]+", "_", str(params.get("project") or data.name)).strip("._")[:60] or "run"
+        run_dir = settings.runs_dir / f"{base}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
+        suffix = 2
+        while run_dir.exists():
+            run_dir = run_dir.with_name(f"{run_dir.name.rsplit('~', 1)[0]}~{suffix}")
+            suffix += 1
+    if (run_dir / "config.json").exists() or (run_dir / "last.pt").exists():
+        raise ValueError(f"{run_dir} already holds a run: resume that job, or train into another folder")
+    return {**params, "config": {**config, "data": str(data)}, "run_dir": str(run_dir)}
