@@ -1,0 +1,179 @@
+"""Jobs page: every background job (import, crawl, labeling, train, evaluate, quantize), paged and filtered by kind,
+state and project, each with its state, progress, ETA and times; the selected job's parameters, log tail, result,
+error and traceback, with Cancel (queued or running) and Resume (an interrupted, cancelled or failed training).
+
+Thin on purpose: everything comes from `backend.jobs.api`. The selected job stays in `?job=` so a reload keeps it.
+The table and the selected job refresh themselves (a timed fragment) only while a job on the page is active.
+"""
+
+from datetime import datetime
+
+import pandas as pd
+import streamlit as st
+
+from app.widgets import page_settings, project_names, run_and_report, show_outcome, store_engine
+from backend.jobs import api as jobs
+
+JOB_PARAM = "job"
+PER_PAGE = 20
+REFRESH_S = 2.0
+LOG_LINES = 60
+ALL = "all"
+NO_JOB_YET = "No job yet: imports, training, evaluation and quantization started from the other pages run here."
+
+
+def when(moment: datetime | None) -> str:
+    return "" if moment is None else moment.astimezone().strftime("%Y-%m-%d %H:%M:%S")
+
+
+def duration(seconds: float | None) -> str:
+    if seconds is None:
+        return ""
+    seconds = max(0, round(seconds))
+    hours, rest = divmod(seconds, 3600)
+    return f"{hours}:{rest // 60:02d}:{rest % 60:02d}" if hours else f"{rest // 60}:{rest % 60:02d}"
+
+
+def table_rows(views: list["jobs.JobView"]) -> pd.DataFrame:
+    return pd.DataFrame(
+        [
+            {
+                "id": job.id, "kind": job.kind, "project": job.project or "", "state": job.state,
+                "progress": job.progress, "message": job.message, "ETA": duration(job.eta_s) if job.active else "",
+                "created": when(job.created_at), "started": when(job.started_at), "finished": when(job.finished_at),
+            }
+            for job in views
+        ],
+        columns=["id", "kind", "project", "state", "progress", "message", "ETA", "created", "started", "finished"],
+    )  # fmt: skip
+
+
+def page_of_jobs(kind: str | None, state: str | None, project: str | None, page: int) -> tuple[list, int]:
+    """The jobs on `page` (1-based) and how many match the filters, newest first."""
+    if state is None:
+        total = jobs.count_jobs(settings, kind=kind, project=project)
+        return jobs.list_jobs(settings, kind=kind, project=project, limit=PER_PAGE, offset=(page - 1) * PER_PAGE), total
+    everything = jobs.list_jobs(settings, kind=kind, project=project, limit=max(1, jobs.count_jobs(
+        settings, kind=kind, project=project)))  # fmt: skip
+    matching = [job for job in everything if job.state == state]
+    return matching[(page - 1) * PER_PAGE : page * PER_PAGE], len(matching)
+
+
+st.title("Jobs")
+settings = page_settings()
+engine = store_engine(settings.database_url)
+show_outcome("jobs_outcome")
+
+left, middle, right, last = st.columns([2, 2, 2, 1])
+kind_choice = left.selectbox("Kind", [ALL, *jobs.JOB_KINDS], key="jobs_kind")
+state_choice = middle.selectbox("State", [ALL, *jobs.JOB_STATES], key="jobs_state")
+project_choice = right.selectbox("Project", [ALL, *project_names(engine)], key="jobs_project")
+kind = None if kind_choice == ALL else kind_choice
+state = None if state_choice == ALL else state_choice
+project = None if project_choice == ALL else project_choice
+total = (
+    jobs.count_jobs(settings, kind=kind, project=project) if state is None else page_of_jobs(kind, state, project, 1)[1]
+)
+pages = max(1, -(-total // PER_PAGE))
+page = int(last.number_input(f"Page (of {pages})", 1, pages, 1, key="jobs_page"))
+shown, total = page_of_jobs(kind, state, project, page)
+active_ids = {job.id for job in shown if job.active}
+
+# The selected job: ?job= (it may be on another page), else the newest shown.
+selected = None
+wanted = st.query_params.get(JOB_PARAM)
+if wanted and wanted.isdigit():
+    try:
+        selected = jobs.get_job(int(wanted), settings)
+    except ValueError:
+        st.warning(f"There is no job {wanted}.")
+if selected is None and shown:
+    selected = shown[0]
+watching = bool(active_ids) or (selected is not None and selected.active)
+
+
+@st.fragment(run_every=REFRESH_S if watching else None)
+def job_table() -> None:
+    current, _ = page_of_jobs(kind, state, project, page)
+    if not current:
+        filtered = total or kind or state or project
+        st.info("No job matches these filters." if filtered else NO_JOB_YET)
+        return
+    st.caption(f"{total} jobs; page {page} of {pages}.")
+    st.dataframe(
+        table_rows(current), hide_index=True, key="jobs_table",
+        column_config={"progress": st.column_config.ProgressColumn("progress", min_value=0.0, max_value=1.0)},
+    )  # fmt: skip
+    if watching and {job.id for job in current if job.active} != active_ids:
+        st.rerun()  # a job started or ended: the whole page (selector, buttons, result) follows
+
+
+job_table()
+if selected is None:
+    st.stop()
+
+choices = [job.id for job in shown]
+if selected.id not in choices:
+    choices.insert(0, selected.id)
+labels = {job.id: f"{job.id} · {job.kind} · {job.state}" for job in shown} | {
+    selected.id: f"{selected.id} · {selected.kind} · {selected.state}"
+}
+chosen = st.selectbox("Job", choices, index=choices.index(selected.id), format_func=labels.get, key="jobs_selected")
+if chosen != selected.id:
+    selected = jobs.get_job(chosen, settings)
+if st.query_params.get(JOB_PARAM) != str(selected.id):
+    st.query_params[JOB_PARAM] = str(selected.id)
+
+
+def cancel() -> None:
+    run_and_report(f"Cancel job {selected.id}", lambda: jobs.cancel(selected.id, settings) and None,
+                   state_key="jobs_outcome")  # fmt: skip
+
+
+def resume() -> None:
+    new_id = run_and_report(f"Resume job {selected.id}", lambda: jobs.resume(selected.id, settings),
+                            state_key="jobs_outcome")  # fmt: skip
+    if new_id is not None:
+        st.query_params[JOB_PARAM] = str(new_id)
+        st.session_state.pop("jobs_selected", None)  # the new job is selected, not the one the box remembers
+
+
+left, right, _ = st.columns([1, 1, 4])
+left.button("Cancel", disabled=not selected.active, on_click=cancel, key="jobs_cancel")
+right.button("Resume", disabled=not selected.can_resume, on_click=resume, key="jobs_resume",
+             help="a new training job that continues from the run's last.pt")  # fmt: skip
+
+
+@st.fragment(run_every=REFRESH_S if selected.active else None)
+def job_live() -> None:
+    current = jobs.get_job(selected.id, settings)
+    eta = f" · ETA {duration(current.eta_s)}" if current.active and current.eta_s is not None else ""
+    cancelling = " · cancel requested" if current.cancel_requested and current.active else ""
+    st.progress(min(1.0, max(0.0, current.progress or 0.0)),
+                text=f"job {current.id} {current.state}: {current.message or ''}{eta}{cancelling}")  # fmt: skip
+    st.caption(
+        f"created {when(current.created_at)} · started {when(current.started_at) or '—'} · "
+        f"finished {when(current.finished_at) or '—'}"
+    )
+    st.code("\n".join(current.log_tail[-LOG_LINES:]) or "(no log yet)", language="text")
+    if selected.active and not current.active:
+        st.rerun()  # ended: show its result or error and settle the buttons
+
+
+st.subheader(f"Job {selected.id}: {selected.kind}")
+job_live()
+if selected.state == "failed":
+    st.error(selected.error or "the job failed")
+    if selected.traceback:
+        with st.expander("Traceback", expanded=True):
+            st.code(selected.traceback, language="text")
+left, right = st.columns(2)
+with left:
+    st.markdown("**Parameters**")
+    st.json(selected.params, expanded=True)
+with right:
+    st.markdown("**Result**")
+    if selected.result is None:
+        st.caption("None yet." if selected.active else "None.")
+    else:
+        st.json(selected.result, expanded=1)

@@ -1,0 +1,276 @@
+"""Quantize page: a run's best.pt → a "quantize" job (budget, method, calibration images) with its live progress and
+Cancel; then the run's quant_report.json: the FP32-vs-INT8 table (the shipped model marked), accuracy against
+latency with the budget line, the layers kept in float and the float fallbacks, the validation images whose
+detections changed most (FP32 and INT8 boxes drawn side by side on the server) and the ONNX downloads.
+
+Thin on purpose: the job goes through `backend.jobs.api`, runs come from `backend.catalog`, everything shown is
+shaped by `backend.quantization.report_view`. The run stays in `?run=` and the job in `?quantize_job=`.
+"""
+
+import io
+from pathlib import Path
+
+import pandas as pd
+import plotly.graph_objects as go
+import streamlit as st
+
+from app.widgets import page_settings, run_and_report, show_outcome
+from backend import catalog
+from backend.jobs import api as jobs
+from backend.quantization import report_view as view
+from backend.quantization.pipeline import METHODS, QuantizeOptions
+from backend.quantization.ptq import CALIBRATION_METHODS
+
+RUN_PARAM, JOB_PARAM = "run", "quantize_job"
+REFRESH_S = 2.0
+GALLERY_PER_PAGE = 4
+CALIBRATIONS = list(CALIBRATION_METHODS)
+METHOD_HELP = {
+    "auto": "selective PTQ; QAT only if it misses the budget",
+    "ptq": "selective PTQ only (minutes)",
+    "qat": "quantization-aware fine-tuning (as long as a tenth of the training)",
+}
+
+
+@st.cache_data(show_spinner=False, max_entries=4)
+def read_report(run_dir: str, mtime: float) -> dict | None:
+    del mtime  # part of the cache key: a new report of the same run is read again
+    return view.read_report(run_dir)
+
+
+@st.cache_resource(show_spinner=False, max_entries=4)
+def predictor(path: str, mtime: float):
+    del mtime  # a model quantized again under the same name loads again
+    from backend.inference import Predictor
+
+    return Predictor.from_path(path, threads=1)
+
+
+@st.cache_data(show_spinner=False, max_entries=64)
+def comparison(image: str, image_mtime: float, fp32: str, int8: str, mtimes: tuple[float, float], threshold: float):
+    del image_mtime  # cache key
+    pictures = view.compare_pictures(
+        image, predictor(fp32, mtimes[0]), predictor(int8, mtimes[1]), threshold=threshold, max_side=360
+    )
+    encoded = []
+    for picture in pictures:
+        buffer = io.BytesIO()
+        picture.image.save(buffer, format="JPEG", quality=85)
+        encoded.append((buffer.getvalue(), picture.boxes))
+    return encoded
+
+
+def mtime(path: Path) -> float:
+    return path.stat().st_mtime if path.exists() else 0.0
+
+
+def find_job(run_dir: Path) -> "jobs.JobView | None":
+    """The job in ?quantize_job= when it quantizes this run, else this run's newest quantize job."""
+    wanted = st.query_params.get(JOB_PARAM)
+    if wanted and wanted.isdigit():
+        try:
+            job = jobs.get_job(int(wanted), settings)
+        except ValueError:
+            job = None
+        if job is not None and job.kind == "quantize" and job.params.get("run_dir") == str(run_dir):
+            return job
+    for job in jobs.list_jobs(settings, kind="quantize", limit=20):
+        if job.params.get("run_dir") == str(run_dir):
+            return job
+    return None
+
+
+st.title("Quantize")
+settings = page_settings()
+show_outcome("quantize_outcome")
+runs = [run for run in catalog.list_runs(settings) if (run.path / "best.pt").is_file()]
+if not runs:
+    st.info("No trained run with a best.pt yet: train one on the [Train](/train) page.")
+    st.stop()
+names = [run.name for run in runs]
+wanted_run = st.query_params.get(RUN_PARAM)
+
+
+def run_label(info: catalog.RunInfo) -> str:
+    state = " · INT8 ready" if info.model("int8") else ""
+    score = "" if info.best_map is None else f" (best mAP50-95 {info.best_map:.3f})"
+    return f"{info.name}{score}{state}"
+
+
+run = st.selectbox("Run", runs, index=names.index(wanted_run) if wanted_run in names else 0, format_func=run_label,
+                   key="quantize_run")  # fmt: skip
+if st.query_params.get(RUN_PARAM) != run.name:
+    st.query_params[RUN_PARAM] = run.name
+
+# ---------------------------------------------------------------------------------------------------- launch form
+job = find_job(run.path)
+busy = job is not None and job.active
+with st.form("quantize_form", border=False):
+    left, middle, right = st.columns(3)
+    budget = left.number_input("Budget (largest mAP50-95 drop, points)", 0.0, 100.0, 0.5, 0.1, key="quantize_budget")
+    method = middle.radio("Method", METHODS, horizontal=True, key="quantize_method",
+                          captions=[METHOD_HELP[name] for name in METHODS])  # fmt: skip
+    calib = right.number_input("Calibration images (training split)", 1, 4096, QuantizeOptions.calib_images,
+                               step=16, key="quantize_calib")  # fmt: skip
+    with st.expander("More options"):
+        left, middle, right = st.columns(3)
+        calibration = left.selectbox(
+            "Calibration method",
+            CALIBRATIONS,
+            key="quantize_calibration",
+            index=CALIBRATIONS.index(QuantizeOptions.calibration),
+        )
+        compare = left.checkbox("Also measure the other calibration methods", True, key="quantize_compare")
+        scan_images = middle.number_input("Sensitivity-scan images", 1, 1024, QuantizeOptions.scan_images,
+                                          key="quantize_scan_images")  # fmt: skip
+        imgsz = middle.number_input("Input size (0 = the run's)", 0, 2048, 0, step=32, key="quantize_imgsz")
+        threads = right.number_input("onnxruntime threads", 1, 64, QuantizeOptions.threads, key="quantize_threads")
+        qat_epochs = right.number_input("QAT epochs (0 = a tenth of the run's)", 0, 1000, 0, key="quantize_qat_epochs")
+    launch = st.form_submit_button("Quantize", type="primary", disabled=busy, key="quantize_start")
+
+if launch:
+    fields = {
+        "method": method, "calibration": calibration, "calib_images": int(calib), "budget": float(budget),
+        "compare_calibrations": bool(compare), "scan_images": int(scan_images), "threads": int(threads),
+        "imgsz": int(imgsz) or None, "qat_epochs": int(qat_epochs) or None,
+    }  # fmt: skip
+
+    def submit() -> int:
+        QuantizeOptions(**fields)  # bad options are an error here, before anything is queued
+        return jobs.submit("quantize", {"run_dir": str(run.path), "options": fields}, settings=settings)
+
+    new_id = run_and_report("Quantization job", submit, state_key="quantize_outcome")
+    if new_id is not None:
+        st.query_params[JOB_PARAM] = str(new_id)
+    st.rerun()
+
+# -------------------------------------------------------------------------------------------------- the job, live
+if job is not None:
+    if st.query_params.get(JOB_PARAM) != str(job.id):
+        st.query_params[JOB_PARAM] = str(job.id)
+
+    @st.fragment(run_every=REFRESH_S if busy else None)
+    def progress() -> None:
+        current = jobs.get_job(job.id, settings)
+        eta = f" · ETA {current.eta_s:.0f} s" if current.active and current.eta_s is not None else ""
+        text = f"job {current.id} {current.state}: {current.message or ''}{eta}"
+        st.progress(min(1.0, max(0.0, current.progress or 0.0)), text=text)
+        if current.state == "failed":
+            st.error(current.error or "the quantization failed")
+            if current.traceback:
+                with st.expander("Traceback"):
+                    st.code(current.traceback, language="text")
+        elif current.state in ("cancelled", "interrupted"):
+            st.warning(f"Quantization {current.state}: no new report was written.")
+        if busy and not current.active:
+            st.rerun()  # the whole page: the report appears, the fragment stops its timer
+
+    progress()
+
+
+def cancel() -> None:
+    if job is not None:
+        run_and_report(f"Cancel job {job.id}", lambda: jobs.cancel(job.id, settings) and None,
+                       state_key="quantize_outcome")  # fmt: skip
+
+
+st.button("Cancel", disabled=not busy, key="quantize_cancel", on_click=cancel)
+
+# ------------------------------------------------------------------------------------------------------ the report
+report_file = run.path / view.REPORT_FILE
+report = read_report(str(run.path), mtime(report_file)) if report_file.is_file() else None
+if report is None:
+    st.info("This run has no INT8 model yet: press Quantize.")
+    st.stop()
+
+st.header("FP32 vs INT8")
+(st.success if report.get("within_budget") is not False else st.warning)(view.summary_line(report))
+calibration_info = report.get("calibration") or {}
+st.caption(
+    f"{report.get('validation_images', '?')} validation images at {report.get('imgsz')} px; latency at batch 1 and "
+    f"throughput at batch 8 on onnxruntime with {report.get('threads')} threads, measured side by side; calibration "
+    f"{calibration_info.get('selected')} on {calibration_info.get('images')} training images; "
+    f"{report.get('seconds', '?')} s in all."
+)
+for note in [*(report.get("not_measured") or []), *(report.get("notes") or [])]:
+    st.warning(note)
+rows = view.model_rows(report)
+table = pd.DataFrame(rows).drop(columns=["model"])
+st.dataframe(
+    table, hide_index=True, key="quantize_table",
+    column_config={
+        "shipped": st.column_config.CheckboxColumn("shipped", help="copied to model_int8.onnx"),
+        "mAP50-95": st.column_config.NumberColumn(format="%.2f"),
+        "Δ mAP50-95": st.column_config.NumberColumn(format="%+.2f", help="INT8 minus FP32, points"),
+        "agreement": st.column_config.NumberColumn(format="%.3f", help="share of FP32's detections INT8 still gives"),
+    },
+)  # fmt: skip
+
+figure = go.Figure()
+for row in rows:
+    if row["mAP50-95"] is None or row["p50 ms"] is None:
+        continue
+    figure.add_trace(go.Scatter(
+        x=[row["p50 ms"]], y=[row["mAP50-95"]], mode="markers+text", text=[row["label"]], textposition="top center",
+        name=row["label"] + (" (shipped)" if row["shipped"] else ""),
+        marker={"size": 16 if row["shipped"] else 11, "symbol": "star" if row["shipped"] else "circle"},
+    ))  # fmt: skip
+floor = view.budget_floor(report)
+if floor is not None:
+    figure.add_hline(y=floor, line_dash="dash", annotation_text=f"budget: FP32 − {report.get('budget_points')} points")
+figure.update_layout(xaxis_title="latency p50 at batch 1 (ms)", yaxis_title="mAP50-95 (points)", height=400,
+                     margin={"t": 30})  # fmt: skip
+st.plotly_chart(figure, key="quantize_scatter")
+
+st.subheader("Kept in float")
+layers = view.float_layer_rows(report)
+if layers:
+    st.dataframe(pd.DataFrame(layers), hide_index=True, key="quantize_float_layers")
+else:
+    st.caption("Every quantizable layer of the shipped model runs in INT8 (only the box decoding stays in float).")
+with st.expander(f"All {len(report.get('float_nodes') or [])} graph nodes left in float"):
+    st.code("\n".join(report.get("float_nodes") or []) or "(none)", language="text")
+fallbacks = view.fallback_rows(report)
+st.subheader("Float fallbacks")
+if fallbacks:
+    st.caption("Quantized nodes onnxruntime still ran in float (its CPU build has no int8 kernel for them).")
+    st.dataframe(pd.DataFrame(fallbacks), hide_index=True, key="quantize_fallbacks")
+else:
+    st.caption("None: every quantized node ran on an int8 kernel.")
+
+st.subheader("Downloads")
+columns = st.columns(2)
+for column, name in zip(columns, view.MODEL_FILES, strict=True):
+    path = run.path / name
+    column.download_button(
+        f"Download {name}" + (f" ({path.stat().st_size / 1e6:.1f} MB)" if path.is_file() else " (missing)"),
+        data=lambda path=path: path.read_bytes(), file_name=f"{run.name}_{name}", mime="application/octet-stream",
+        on_click="ignore", disabled=not path.is_file(), key=f"quantize_download_{name}",
+    )  # fmt: skip
+
+st.subheader("Detections that changed most")
+items = view.gallery(report)
+if not items:
+    st.caption("No validation image's detections changed between FP32 and the shipped INT8 model.")
+    st.stop()
+paths = view.model_paths(report, run.path)
+if not (paths["fp32"].is_file() and paths["int8"].is_file()):
+    st.warning("The ONNX files of this report are gone: quantize again to see the gallery.")
+    st.stop()
+pages = -(-len(items) // GALLERY_PER_PAGE)
+page = int(st.number_input(f"Page (of {pages}, {len(items)} images)", 1, pages, 1, key="quantize_gallery_page"))
+threshold = view.score_threshold(report)
+st.caption(f"FP32 boxes blue, INT8 boxes red; detections scoring ≥ {threshold}.")
+model_mtimes = (mtime(paths["fp32"]), mtime(paths["int8"]))
+for item in items[(page - 1) * GALLERY_PER_PAGE : page * GALLERY_PER_PAGE]:
+    image = Path(item["image"])
+    try:
+        (fp32_jpeg, _), (int8_jpeg, _) = comparison(
+            str(image), mtime(image), str(paths["fp32"]), str(paths["int8"]), model_mtimes, threshold
+        )
+    except (OSError, ValueError) as error:
+        st.warning(f"{image}: cannot draw ({error})")
+        continue
+    left, right = st.columns(2)
+    left.image(fp32_jpeg, caption=f"FP32 · {image.name}")
+    right.image(int8_jpeg, caption=f"INT8 · {view.gallery_caption(item)}")
