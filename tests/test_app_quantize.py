@@ -87,6 +87,7 @@ def table_with(app: AppTest, column: str):
 
 
 # ------------------------------------------------------------------------------------------------------ report_view
+@pytest.mark.slow  # the module fixture trains and quantizes (about a minute)
 def test_model_rows_follow_the_report(quantized):
     report = view.read_report(quantized / "runs" / RUN)
     rows = view.model_rows(report)
