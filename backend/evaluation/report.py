@@ -318,7 +318,7 @@ def describe_error(item: ErrorItem, class_names: Sequence[str]) -> str:
 
 def draw_error(item: ErrorItem, class_names: Sequence[str], max_side: int = 480) -> Image.Image:
     """The error's image (EXIF orientation applied, as the boxes are) scaled to fit `max_side`, with its boxes:
-    predictions red, ground truth green, a missed box blue, each labelled.
+    predictions red (labelled above), the ground truth of a wrong class green (labelled below), a missed box blue.
 
     Raises:
         FileNotFoundError / backend.processing.ImageLoadError: the image cannot be read.
@@ -330,10 +330,12 @@ def draw_error(item: ErrorItem, class_names: Sequence[str], max_side: int = 480)
     draw = ImageDraw.Draw(picture)
     width = max(2, round(max(picture.size) / 160))
 
-    def box(xyxy: Sequence[float], colour: tuple[int, int, int], text: str) -> None:
+    def box(xyxy: Sequence[float], colour: tuple[int, int, int], text: str, below: bool = False) -> None:
         corners = [value * scale for value in xyxy]
         draw.rectangle(corners, outline=colour, width=width)
-        left, top = corners[0], max(0.0, corners[1] - 12)
+        # A wrong-class prediction and its ground truth nearly coincide: their labels go above and below.
+        top = min(corners[3] + 1, picture.height - 12) if below else max(0.0, corners[1] - 12)
+        left = corners[0]
         text_box = draw.textbbox((left, top), text)
         draw.rectangle(text_box, fill=colour)
         draw.text((left, top), text, fill=(255, 255, 255))
@@ -345,7 +347,7 @@ def draw_error(item: ErrorItem, class_names: Sequence[str], max_side: int = 480)
         box(item.box, BOX_COLOURS["miss"], f"missed {name(item.class_id)}")
     else:
         if item.gt_box is not None:
-            box(item.gt_box, BOX_COLOURS["ground_truth"], f"true {name(item.gt_class_id)}")
+            box(item.gt_box, BOX_COLOURS["ground_truth"], f"true {name(item.gt_class_id)}", below=True)
         box(item.box, BOX_COLOURS["prediction"], f"{name(item.class_id)} {item.score or 0.0:.2f}")
     return picture
 

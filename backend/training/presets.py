@@ -1,0 +1,330 @@
+"""What the Train page offers and reads: the S/M/L presets, start weights (with the COCO licence they carry), the
+run folder of a new run, and the curves of a run's metrics.jsonl.
+
+Nothing here trains: a preset becomes a `TrainConfig` that the "train" job gives to `backend.training.trainer.fit`,
+and the curves are read back from the events `fit` appends to `<run>/metrics.jsonl` (see
+`backend.training.engine`: "step" carries each loss term, lr, images/s and eta_s; "epoch" the train means, the
+validation metrics and best_map).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from backend.models.download import COCO_WEIGHTS_LICENCE_NOTE
+from backend.training.config import TrainConfig
+from backend.training.engine import LOSS_TERMS
+
+DEVICES = ("auto", "cpu", "cuda")
+COCO_WEIGHTS = "coco"
+MAX_WEIGHT_CHAIN = 20  # runs started from runs started from runs...: a cycle cannot loop forever
+
+
+@dataclass(frozen=True)
+class TrainPreset:
+    """Starting values of the Train form for one model size; every field can still be changed on the page.
+
+    Attributes:
+        name: "S", "M" or "L".
+        size: the YOLO-NAS size it trains ("s", "m", "l").
+        imgsz: square input side in pixels, a multiple of 32.
+        epochs: upper bound on epochs.
+        batch_size: images per optimizer step.
+        time_minutes: wall-clock budget; None trains for all the epochs.
+        description: one line for the page.
+    """
+
+    name: str
+    size: str
+    imgsz: int
+    epochs: int
+    batch_size: int
+    time_minutes: float | None
+    description: str
+
+
+# Sized for the machine yolodex is built on (a few CPU cores): S at 320 fine-tunes in minutes there; M and L are
+# for a GPU, where the larger input pays off on small objects.
+PRESETS: dict[str, TrainPreset] = {
+    "S": TrainPreset("S", "s", 320, 30, 16, 30.0, "YOLO-NAS S at 320 px: quick, fine on a CPU"),
+    "M": TrainPreset("M", "m", 480, 60, 16, 120.0, "YOLO-NAS M at 480 px: better on small objects, wants a GPU"),
+    "L": TrainPreset("L", "l", 640, 100, 8, None, "YOLO-NAS L at 640 px: the most accurate, needs a GPU"),
+}
+
+
+def train_config(data: str | Path, preset: str | TrainPreset = "S", **changes: Any) -> TrainConfig:
+    """The `TrainConfig` of a preset on a dataset folder, with the form's changes applied.
+
+    Args:
+        data: a dataset folder (a frozen version's folder).
+        preset: a key of `PRESETS` or a preset.
+        changes: any `TrainConfig` field (imgsz, epochs, batch_size, time_minutes, weights, device, ...).
+
+    Raises:
+        ValueError: an unknown preset or field, or a value `TrainConfig` refuses (the message says which).
+    """
+    if isinstance(preset, str):
+        if preset not in PRESETS:
+            raise ValueError(f"unknown preset {preset!r}: use one of {', '.join(PRESETS)}")
+        preset = PRESETS[preset]
+    config = TrainConfig(
+        data=str(data),
+        size=preset.size,
+        imgsz=preset.imgsz,
+        epochs=preset.epochs,
+        batch_size=preset.batch_size,
+        time_minutes=preset.time_minutes,
+    )
+    unknown = set(changes) - set(config.to_dict())
+    if unknown:
+        raise ValueError(f"TrainConfig has no field {', '.join(sorted(unknown))}")
+    if changes.get("device") is not None and not re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", changes["device"]):
+        raise ValueError(f"device {changes['device']!r}: use auto, cpu or cuda")
+    return config.with_changes(**changes)
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^\w.-]+", "_", text, flags=re.UNICODE).strip("._")[:60] or "run"
+
+
+def new_run_dir(runs_dir: Path, project: str, version: str, now: datetime | None = None) -> Path:
+    """A folder name for a new run, `<project>-<version>-<YYYYmmdd-HHMMSS>` under `runs_dir`, not yet taken (a
+    second launch in the same second gets `-2`, `-3`, ...). The folder is not created: the job does that."""
+    stamp = (now or datetime.now(UTC)).strftime("%Y%m%d-%H%M%S")
+    base = f"{_slug(project)}-{_slug(version)}-{stamp}"
+    candidate, counter = runs_dir / base, 1
+    while candidate.exists():
+        counter += 1
+        candidate = runs_dir / f"{base}-{counter}"
+    return candidate
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Start weights
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class WeightsOption:
+    """One start-weights choice: `value` is what `TrainConfig.weights` takes (None, "coco" or a run folder)."""
+
+    value: str | None
+    label: str
+
+
+def weights_options(runs: list[Any], size: str) -> list[WeightsOption]:
+    """None (random initialisation), the official COCO weights, then every earlier run of the same size that holds
+    a checkpoint (another size cannot be loaded: `load_start_weights` refuses it).
+
+    Args:
+        runs: `backend.catalog.RunInfo` items, newest first.
+        size: the size the new run trains.
+    """
+    options = [
+        WeightsOption(None, "none: random initialisation"),
+        WeightsOption(COCO_WEIGHTS, "COCO: the official YOLO-NAS weights (non-commercial licence)"),
+    ]
+    for run in runs:
+        if run.config.get("size") != size or run.model("checkpoint") is None:
+            continue
+        best = "not evaluated" if run.best_map is None else f"best mAP50-95 {run.best_map:.3f}"
+        options.append(WeightsOption(str(run.path), f"run {run.name} ({best})"))
+    return options
+
+
+def inherits_coco_licence(weights: str | Path | None) -> bool:
+    """True when training from `weights` carries the COCO weights' non-commercial licence: "coco" itself, or an
+    earlier run (folder or checkpoint in it) that started, directly or through other runs, from them."""
+    seen: set[Path] = set()
+    for _ in range(MAX_WEIGHT_CHAIN):
+        if weights is None:
+            return False
+        if str(weights) == COCO_WEIGHTS:
+            return True
+        path = Path(weights)
+        folder = path if path.is_dir() else path.parent
+        if folder in seen:
+            return False
+        seen.add(folder)
+        try:
+            weights = json.loads((folder / "config.json").read_text())["train"].get("weights")
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            return False  # not one of our runs: nothing says where it came from
+    return False
+
+
+def licence_note(weights: str | Path | None) -> str | None:
+    """The COCO licence note when `weights` carries it (see `inherits_coco_licence`), else None."""
+    return COCO_WEIGHTS_LICENCE_NOTE if inherits_coco_licence(weights) else None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The curves of metrics.jsonl
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def read_events(path: str | Path, offset: int = 0) -> tuple[list[dict[str, Any]], int]:
+    """The events appended to a metrics.jsonl since byte `offset`, and the offset to read from next time.
+
+    Only whole lines are read (a line being written right now waits for the next call), so a live page can poll a
+    long run without parsing it again. A missing file gives no events and the same offset.
+    """
+    try:
+        with open(path, "rb") as file:
+            file.seek(offset)
+            data = file.read()
+    except OSError:
+        return [], offset
+    end = data.rfind(b"\n") + 1
+    events = []
+    for line in data[:end].splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue  # a damaged line loses itself, not the chart
+        if isinstance(record, dict):
+            events.append(record)
+    return events, offset + end
+
+
+@dataclass
+class TrainingCurves:
+    """A run's events as chart rows.
+
+    Attributes:
+        steps: one row per "step" event: global_step, epoch, lr, images_per_s, eta_s and each loss term (LOSS_TERMS).
+            Thinned to at most `max_points` rows, evenly spaced, the last one always kept.
+        epochs: one row per "epoch" event: epoch (1-based), each train loss mean as "train_<term>", lr, best_map,
+            and the validation metrics ("mAP50-95", "mAP50", ...) when that epoch was evaluated.
+        loss_terms: the loss terms present in `steps`.
+        start: the "train_start" event (device, epochs, steps_per_epoch, ...), empty before it.
+        end: the "train_end" event (stopped, best_map, ...), None while training.
+    """
+
+    steps: list[dict[str, Any]] = field(default_factory=list)
+    epochs: list[dict[str, Any]] = field(default_factory=list)
+    loss_terms: list[str] = field(default_factory=list)
+    start: dict[str, Any] = field(default_factory=dict)
+    end: dict[str, Any] | None = None
+
+
+def training_curves(events: list[dict[str, Any]], max_points: int = 2000) -> TrainingCurves:
+    """Chart rows from metrics.jsonl events (see `TrainingCurves`). A resumed run's repeated steps keep the
+    latest value of each global step."""
+    curves = TrainingCurves()
+    steps: dict[int, dict[str, Any]] = {}
+    for event in events:
+        name = event.get("event")
+        if name == "train_start":
+            curves.start, curves.end = event, None
+        elif name == "train_end":
+            curves.end = event
+        elif name == "step" and event.get("global_step") is not None:
+            row = {key: event.get(key) for key in ("global_step", "epoch", "lr", "images_per_s", "eta_s")}
+            row.update({term: event[term] for term in LOSS_TERMS if term in event})
+            steps[int(event["global_step"])] = row
+        elif name == "epoch":
+            row = {"epoch": int(event.get("epoch", 0)) + 1, "lr": event.get("lr"), "best_map": event.get("best_map")}
+            row.update({f"train_{term}": value for term, value in (event.get("train") or {}).items()})
+            row.update(event.get("val") or {})
+            curves.epochs = [kept for kept in curves.epochs if kept["epoch"] != row["epoch"]] + [row]
+    ordered = [steps[key] for key in sorted(steps)]
+    curves.steps = thin(ordered, max_points)
+    curves.loss_terms = [term for term in LOSS_TERMS if any(term in row for row in ordered)]
+    return curves
+
+
+def thin(rows: list[Any], max_points: int) -> list[Any]:
+    """At most `max_points` of `rows`, evenly spaced, first and last kept (a long run's chart stays light)."""
+    if len(rows) <= max_points or max_points < 2:
+        return rows
+    stride = (len(rows) - 1) / (max_points - 1)
+    return [rows[round(index * stride)] for index in range(max_points)]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The list of runs
+# ----------------------------------------------------------------------------------------------------------------
+
+_STOPPED = {"epochs": "finished", "time": "finished (time budget)", "early_stop": "finished (early stop)",
+            "cancelled": "cancelled"}  # fmt: skip
+
+
+def run_rows(runs: list[Any], job_states: dict[str, str] | None = None) -> list[dict[str, Any]]:
+    """The runs table: run, status, best mAP50-95, size, imgsz, epochs, dataset, modified.
+
+    Args:
+        runs: `backend.catalog.RunInfo` items.
+        job_states: {run folder (str): state of its newest train job}; a job that is queued, running, failed or
+            interrupted says more than the folder does (a folder without a "train_end" event may be either running
+            or dead).
+    """
+    job_states = job_states or {}
+    rows = []
+    for run in runs:
+        state = job_states.get(str(run.path))
+        if state in ("queued", "running", "failed", "interrupted") or (state and run.stopped is None):
+            status = state
+        else:
+            status = _STOPPED.get(run.stopped or "", "stopped before the end")
+        data = Path(str(run.config.get("data", "")))
+        rows.append(
+            {
+                "run": run.name,
+                "status": status,
+                "best mAP50-95": run.best_map,
+                "size": str(run.config.get("size", "?")).upper(),
+                "imgsz": run.config.get("imgsz"),
+                "epochs": run.config.get("epochs"),
+                "dataset": f"{data.parent.name}/{data.name}" if data.name else "",
+                "modified": run.modified,
+            }
+        )
+    return rows
+
+
+@dataclass(frozen=True)
+class VersionChoice:
+    """A frozen dataset version a run can train on: its name, folder, and image counts per split."""
+
+    name: str
+    folder: Path
+    counts: dict[str, Any]
+
+    @property
+    def label(self) -> str:
+        splits = self.counts.get("splits") or {}
+        sizes = ", ".join(
+            f"{split} {value.get('images', '?')}" for split, value in splits.items() if isinstance(value, dict)
+        )
+        return f"{self.name} ({sizes})" if sizes else self.name
+
+
+def frozen_versions(session: Any, storage: Path, project: str) -> list[VersionChoice]:
+    """The project's frozen dataset versions whose folder is on disk, newest first."""
+    from sqlalchemy import select
+
+    from backend.store.models import DatasetVersion, Project
+    from backend.store.versions import version_folder
+
+    rows = session.scalars(
+        select(DatasetVersion).join(Project, Project.id == DatasetVersion.project_id)
+        .where(Project.name == project).order_by(DatasetVersion.id.desc())
+    )  # fmt: skip
+    choices = [VersionChoice(row.name, version_folder(storage, row), dict(row.counts or {})) for row in rows]
+    return [choice for choice in choices if choice.folder.is_dir()]
+
+
+def compact_events(events: list[dict[str, Any]], max_steps: int = 5000) -> list[dict[str, Any]]:
+    """`events` with the "step" events thinned to at most `max_steps` (every other event kept): what a live page
+    keeps between refreshes, so a long run's history does not grow without bound in every browser session."""
+    steps = [event for event in events if event.get("event") == "step"]
+    if len(steps) <= max_steps:
+        return events
+    kept = {id(event) for event in thin(steps, max_steps)}
+    return [event for event in events if event.get("event") != "step" or id(event) in kept]

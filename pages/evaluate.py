@@ -1,0 +1,194 @@
+"""Evaluate page: a run's checkpoint on a frozen dataset version's split → the mAP table, per-class AP, PR curves,
+the confusion matrix and a paged error browser (false positives, misses, wrong class) with boxes drawn on the
+server and a "fix in Label Studio" link per error.
+
+Thin on purpose: an evaluation is an "evaluate" job (`backend.jobs.api`) that writes a JSON file, or a file already
+there (a run's eval.json); everything shown is read from it by `backend.evaluation.report`.
+"""
+
+import io
+from pathlib import Path
+
+import pandas as pd
+import plotly.graph_objects as go
+import streamlit as st
+
+from app.widgets import page_settings, project_picker, run_and_report, show_outcome, store_engine
+from backend import catalog
+from backend.evaluation import report
+from backend.evaluation.coco_eval import load_evaluation
+from backend.jobs import api as jobs
+from backend.labeling.server import labelstudio_url
+from backend.store.db import session_scope
+from backend.training import presets
+
+RUN_PARAM, JOB_PARAM = "run", "eval_job"
+PER_PAGE = 8
+SPLITS = ("val", "test", "train")
+
+
+@st.cache_data(show_spinner=False, max_entries=8)
+def read_evaluation(path: str, mtime: float) -> dict:
+    del mtime  # part of the cache key: a new evaluation of the same file is read again
+    return load_evaluation(path)
+
+
+@st.cache_data(show_spinner=False, max_entries=256)
+def error_picture(key: str, mtime: float, _item: report.ErrorItem, class_names: tuple[str, ...]) -> bytes:
+    del key, mtime  # the cache key: the item's repr and its image file's time
+    buffer = io.BytesIO()
+    report.draw_error(_item, class_names, max_side=480).save(buffer, format="JPEG", quality=85)
+    return buffer.getvalue()
+
+
+st.title("Evaluate")
+settings = page_settings()
+engine = store_engine(settings.database_url)
+show_outcome("evaluate_outcome")
+project = project_picker(engine, key="evaluate_project")
+runs = [run for run in catalog.list_runs(settings) if run.model("checkpoint") is not None]
+if not runs:
+    st.info("No trained run yet: train one on the [Train](/train) page.")
+    st.stop()
+names = [run.name for run in runs]
+wanted = st.query_params.get(RUN_PARAM)
+
+
+def run_label(info: catalog.RunInfo) -> str:
+    return info.name if info.best_map is None else f"{info.name} (best mAP50-95 {info.best_map:.3f})"
+
+
+run = st.selectbox(
+    "Run", runs, index=names.index(wanted) if wanted in names else 0, format_func=run_label, key="evaluate_run"
+)
+if st.query_params.get(RUN_PARAM) != run.name:
+    st.query_params[RUN_PARAM] = run.name
+checkpoints = [run.path / name for name in ("best.pt", "last.pt") if (run.path / name).is_file()]
+model = st.radio("Checkpoint", checkpoints, format_func=lambda path: path.name, horizontal=True, key="evaluate_model")
+with session_scope(engine) as session:
+    versions = presets.frozen_versions(session, settings.storage, project) if project else []
+trained_on = Path(str(run.config.get("data", "")))
+choices = [(choice.name, choice.folder) for choice in versions]
+if trained_on.is_dir() and all(folder.resolve() != trained_on.resolve() for _, folder in choices):
+    choices.insert(0, (f"{trained_on.name} (the run's dataset)", trained_on))
+if not choices:
+    st.info("No dataset to evaluate on: freeze a version of this project on the [Datasets](/datasets) page.")
+    st.stop()
+left, right = st.columns(2)
+default = next((index for index, (_, folder) in enumerate(choices) if folder.resolve() == trained_on.resolve()), 0)
+_, data = left.selectbox("Dataset version", choices, index=default, format_func=lambda c: c[0], key="evaluate_data")
+splits = [split for split in SPLITS if (data / f"{split}.json").is_file()] or ["val"]
+split = right.radio("Split", splits, horizontal=True, key="evaluate_split")
+out = report.evaluation_file(run.path, model, data, split)
+
+job_id = st.query_params.get(JOB_PARAM)
+job = None
+if job_id and job_id.isdigit():
+    try:
+        job = jobs.get_job(int(job_id), settings)
+    except ValueError:
+        job = None
+if job is not None and job.params.get("out") != str(out):
+    job = None  # that job evaluated another choice
+busy = job is not None and job.active
+label = "Evaluate again" if out.is_file() else "Evaluate"
+if st.button(label, type="primary", disabled=busy, key="evaluate_start"):
+    params = {"model": str(model), "data": str(data), "split": split, "out": str(out)}
+    new_id = run_and_report("Evaluation", lambda: jobs.submit("evaluate", params, settings=settings),
+                            state_key="evaluate_outcome")  # fmt: skip
+    if new_id is not None:
+        st.query_params[JOB_PARAM] = str(new_id)
+    st.rerun()
+
+if job is not None:
+
+    @st.fragment(run_every=2.0 if busy else None)
+    def progress() -> None:
+        current = jobs.get_job(job.id, settings)
+        st.progress(min(1.0, current.progress or 0.0), text=f"evaluation {current.state}: {current.message or ''}")
+        if current.state == "failed":
+            st.error(current.error or "the evaluation failed")
+        if busy and not current.active:
+            st.rerun()
+
+    progress()
+
+if not out.is_file():
+    st.info("Not evaluated on this dataset and split yet: press Evaluate.")
+    st.stop()
+evaluation = read_evaluation(str(out), out.stat().st_mtime)
+class_names = tuple(evaluation["class_names"])
+counts = evaluation.get("counts") or {}
+st.caption(
+    f"{out.name}: {counts.get('images', '?')} images, {counts.get('ground_truth', '?')} ground-truth boxes, "
+    f"{counts.get('predictions', '?')} predictions."
+)
+for warning in evaluation.get("warnings") or []:
+    st.warning(warning)
+
+st.header("Metrics")
+st.dataframe(pd.DataFrame(report.metric_rows(evaluation)), key="evaluate_metrics", hide_index=True,
+             column_config={"value": st.column_config.NumberColumn(format="%.4f")})  # fmt: skip
+per_class = pd.DataFrame(report.per_class_rows(evaluation))
+st.subheader("Per class")
+st.dataframe(per_class, key="evaluate_per_class", hide_index=True)
+bars = go.Figure([go.Bar(x=per_class["class"], y=per_class[metric], name=metric) for metric in ("AP50-95", "AP50")])
+st.plotly_chart(bars.update_layout(barmode="group", height=320, margin={"t": 20}), key="evaluate_ap_bars")
+
+st.header("Precision-recall (IoU 0.5)")
+curves = go.Figure()
+for curve in report.pr_curves(evaluation):
+    curves.add_trace(
+        go.Scatter(x=curve.recall, y=curve.precision, mode="lines", name=f"{curve.name} AP {curve.ap:.3f}")
+    )
+    if curve.operating_point is not None:
+        curves.add_trace(go.Scatter(x=[curve.operating_point[0]], y=[curve.operating_point[1]], mode="markers",
+                                    name=f"{curve.name} at score ≥ {evaluation['score_threshold']}"))  # fmt: skip
+curves.update_layout(
+    xaxis_title="recall", yaxis_title="precision", height=380, xaxis_range=[0, 1], yaxis_range=[0, 1.02]
+)
+st.plotly_chart(curves, key="evaluate_pr_curves")
+
+st.header("Confusion matrix")
+confusion = report.confusion_view(evaluation)
+shares = st.toggle("Show shares of each true class", key="evaluate_shares")
+values = confusion.shares if shares else confusion.counts
+heatmap = go.Figure(go.Heatmap(z=values, x=confusion.labels, y=confusion.labels, colorscale="Blues",
+                               text=[[f"{v:.2f}" if shares else str(v) for v in row] for row in values],
+                               texttemplate="%{text}"))  # fmt: skip
+heatmap.update_layout(xaxis_title="predicted", yaxis_title="true", yaxis_autorange="reversed", height=420)
+st.plotly_chart(heatmap, key="evaluate_confusion")
+totals = confusion.totals
+st.caption(
+    f"IoU ≥ {confusion.iou_threshold}, score ≥ {confusion.score_threshold}: {totals['correct']} correct, "
+    f"{totals['wrong_class']} wrong class, {totals['false_positives']} false positives (background row), "
+    f"{totals['misses']} misses (background column)."
+)
+
+st.header("Errors")
+kinds = st.multiselect("Show", report.ERROR_KINDS, default=list(report.ERROR_KINDS), key="evaluate_kinds",
+                       format_func=report.ERROR_LABELS.get)  # fmt: skip
+items = report.error_items(evaluation, kinds)
+if not items:
+    st.success("No error of these kinds at this score threshold.")
+    st.stop()
+pages = -(-len(items) // PER_PAGE)
+page = st.number_input(f"Page (of {pages}, {len(items)} errors)", 1, pages, 1, key="evaluate_page")
+shown, _ = report.page_of(items, int(page), PER_PAGE)
+with session_scope(engine) as session:
+    links = report.task_links(session, [item.store_image_id for item in shown], labelstudio_url(settings))
+columns = st.columns(2)
+for index, item in enumerate(shown):
+    with columns[index % 2]:
+        try:
+            mtime = Path(item.path).stat().st_mtime
+            st.image(
+                error_picture(repr(item), mtime, item, class_names), caption=report.describe_error(item, class_names)
+            )
+        except (OSError, ValueError) as error:
+            st.warning(f"{item.path}: cannot draw ({error})")
+        link = links.get(item.store_image_id)
+        if link:
+            st.markdown(f"[Fix in Label Studio]({link})")
+        else:
+            st.caption("Not in Label Studio: sync the project on the Label page to fix it there.")
