@@ -82,7 +82,7 @@ def train_params(data: str, run_dir: Path, **changes: Any) -> dict[str, Any]:
 
 
 @pytest.mark.slow
-def test_train_job_succeeds_with_metrics_progress_run_row_then_evaluates(store, immediate):
+def test_train_job_succeeds_with_metrics_progress_run_row_then_evaluates_and_quantizes(store, immediate, monkeypatch):
     settings, data = store
     run_dir = settings.runs_dir / "ok"
     job_id = api.submit("train", train_params(data, run_dir), settings=settings)
@@ -116,6 +116,23 @@ def test_train_job_succeeds_with_metrics_progress_run_row_then_evaluates(store, 
     evaluation = api.get_job(api.submit("evaluate", params, settings=settings), settings)
     assert evaluation.state == "succeeded", (evaluation.error, evaluation.traceback)
     assert out.is_file() and "mAP50-95" in evaluation.result["metrics"]
+
+    # Quantize, cancelled once the export stage began: the pipeline stops before its next stage.
+    def stop_after_export(context: runner.JobContext) -> bool:
+        context.stop_seen = context.progress_value >= runner.QUANTIZE_STAGES["export"]
+        return context.stop_seen
+
+    monkeypatch.setattr(runner.JobContext, "stop_requested", stop_after_export)
+    params = {"run_dir": str(run_dir), "options": {"method": "ptq", "calib_images": 2}, "out": str(tmp_out(run_dir))}
+    quantize = api.get_job(api.submit("quantize", params, settings=settings), settings)
+    assert quantize.state == "cancelled", (quantize.error, quantize.traceback)
+    assert quantize.result == {"run_dir": str(run_dir), "cancelled": True}
+    assert [m["stage"] for m in api.job_metrics(quantize.id, settings) if m["event"] == "stage"] == ["export"]
+    assert (tmp_out(run_dir) / "model_fp32.onnx").is_file()
+
+
+def tmp_out(run_dir: Path) -> Path:
+    return run_dir.parent / f"{run_dir.name}_int8"
 
 
 def test_failure_records_the_error_and_the_traceback(tmp_path, immediate):
@@ -219,13 +236,15 @@ def test_cancel_of_a_running_training_keeps_a_checkpoint_and_resume_continues(st
     submitted: dict[str, Any] = {}
 
     def submit() -> None:
-        submitted["id"] = api.submit("train", train_params(data, run_dir, min_samples=8), settings=settings)
+        submitted["id"] = api.submit("train", train_params(data, run_dir, min_samples=16), settings=settings)
 
+    last_before = max((job.id for job in api.list_jobs(settings, limit=1)), default=0)
     worker = threading.Thread(target=submit)
     worker.start()
     try:
-        job_id = wait_for(lambda: next(iter(api.list_jobs(settings, kind="train", limit=1)), None), 30, "the job").id
-        wait_for(lambda: any(m["event"] == "step" for m in api.job_metrics(job_id, settings)), 120, "a step")
+        job_id = wait_for(lambda: newest_job_after(settings, last_before), 30, "the job").id
+        # Cancelled as soon as it runs: the flag is read at most every half second, and checked after each step.
+        wait_for(lambda: api.get_job(job_id, settings).state == "running", 60, "the job to start", interval=0.02)
         view = api.cancel(job_id, settings)
         assert view.state == "running" and view.cancel_requested and view.message.startswith("cancelling")
     finally:
@@ -235,7 +254,7 @@ def test_cancel_of_a_running_training_keeps_a_checkpoint_and_resume_continues(st
     assert job.result["stopped"] == "cancelled" and job.result["epochs_done"] == 0
     assert (run_dir / "last.pt").is_file() and job.can_resume
     steps_before = max(m["step"] for m in api.job_metrics(job_id, settings) if m["event"] == "step")
-    assert steps_before < 4  # stopped within the epoch of 4 steps
+    assert steps_before < 8  # stopped within the epoch of 8 steps
 
     new_id = api.resume(job_id, settings)
     resumed = api.get_job(new_id, settings)
@@ -247,10 +266,15 @@ def test_cancel_of_a_running_training_keeps_a_checkpoint_and_resume_continues(st
     start = next(m for m in api.job_metrics(new_id, settings) if m["event"] == "train_start")
     assert start["start"].startswith("resumed from last.pt")
     steps = [m["step"] for m in api.job_metrics(new_id, settings) if m["event"] == "step"]
-    assert steps[-1] == 4 and min(steps) > steps_before  # it went on where it stopped
+    assert steps[-1] == 8 and min(steps) > steps_before  # it went on where it stopped
     with session_scope(api.job_engine(settings)) as session:
         runs = session.scalars(select(Run).where(Run.folder == "runs/cancelled")).all()
         assert [run.status for run in runs] == ["succeeded"]  # one row, updated by both jobs
+
+
+def newest_job_after(settings: Settings, job_id: int) -> api.JobView | None:
+    newest = api.list_jobs(settings, limit=1)
+    return newest[0] if newest and newest[0].id > job_id else None
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -300,10 +324,10 @@ def test_real_worker_killed_mid_training_leaves_it_interrupted_and_resume_finish
         assert api.get_job(first, settings).state == "succeeded", api.get_job(first, settings).traceback
 
         # Mid-epoch checkpoints after every step (checkpoint_minutes 0), so a kill loses at most one step.
-        params = {"config": {"data": str(data), **TINY, "min_samples": 8, "checkpoint_minutes": 0.0}}
+        params = {"config": {"data": str(data), **TINY, "min_samples": 16, "checkpoint_minutes": 0.0}}
         job_id = api.submit("train", params, settings=settings)
-        wait_for(lambda: any(m["event"] == "checkpoint" for m in api.job_metrics(job_id, settings)), 180,
-                 "a mid-epoch checkpoint", interval=0.2)  # fmt: skip
+        run_dir = api.get_job(job_id, settings).run_dir
+        wait_for(lambda: (run_dir / "last.pt").is_file(), 180, "the first mid-epoch checkpoint", interval=0.02)
         running = api.get_job(job_id, settings)
         assert running.state == "running" and running.worker_pid not in (None, worker.pid)
         stop_worker(worker)
