@@ -268,3 +268,25 @@ def test_start_from_official_coco_weights_in_storage(tmp_path: Path, monkeypatch
             assert value.shape[0] == 3, key
         else:
             assert torch.equal(value, original[key]), key
+
+
+def _fit_in_daemon(data: str, run_dir: str, outcome) -> None:
+    try:
+        result = fit(tiny_config(Path(data), epochs=1, num_workers=1), run_dir)
+        outcome.put(("ok", result.epochs_done))
+    except BaseException as error:  # reported to the parent, which asserts on it
+        outcome.put(("error", repr(error)))
+
+
+@pytest.mark.slow
+def test_training_runs_inside_a_daemonic_worker_process(small_set: Path, tmp_path: Path) -> None:
+    """The job worker's processes are daemonic and may not start loader processes: training must still run there."""
+    import multiprocessing
+
+    context = multiprocessing.get_context("spawn")
+    outcome = context.Queue()
+    worker = context.Process(target=_fit_in_daemon, args=(str(small_set), str(tmp_path / "run"), outcome), daemon=True)
+    worker.start()
+    status, detail = outcome.get(timeout=300)
+    worker.join(30)
+    assert status == "ok" and detail == 1, detail

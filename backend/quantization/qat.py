@@ -56,7 +56,7 @@ from backend.training.engine import (
 )
 from backend.training.loss import YoloNASLoss
 from backend.training.schedule import WarmupCosineSchedule, build_optimizer
-from backend.training.trainer import MAX_WARMUP_STEPS, default_num_workers
+from backend.training.trainer import MAX_WARMUP_STEPS, usable_num_workers
 
 logger = logging.getLogger(__name__)
 
@@ -532,7 +532,7 @@ def qat_finetune(
     augment = AugmentConfig(mosaic_prob=config.mosaic_prob) if config.augment else None
     dataset = TrainDataset(train_set.records, config.imgsz, augment, seed=config.seed)
     dataset.preload()
-    workers = default_num_workers() if config.num_workers is None else config.num_workers
+    workers = usable_num_workers(config.num_workers)
     loader = make_train_loader(dataset, config.batch_size, min_samples=config.min_samples, num_workers=workers,
                                seed=config.seed)  # fmt: skip
     total_steps = config.epochs * len(loader)

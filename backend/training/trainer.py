@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import multiprocessing
 import os
 import random
 import time
@@ -197,6 +198,19 @@ def default_num_workers() -> int:
     return min(4, max(0, (os.cpu_count() or 1) - 1))
 
 
+def usable_num_workers(requested: int | None) -> int:
+    """Loader processes to use: `requested` (None: `default_num_workers()`), or 0 in a daemonic process.
+
+    A daemonic process may not start children ("daemonic processes are not allowed to have children"), and the job
+    worker's processes (`huey_consumer -k process`) are daemonic: there the loader runs in the training process.
+    """
+    workers = default_num_workers() if requested is None else requested
+    if workers and multiprocessing.current_process().daemon:
+        logger.info("a daemonic process (a job worker) cannot start loader processes: loading in-process")
+        return 0
+    return workers
+
+
 @dataclass
 class _Session:
     """Everything a run needs, built by `_prepare` (fresh or restored from last.pt)."""
@@ -253,7 +267,7 @@ def _prepare(
     augment = AugmentConfig(mosaic_prob=config.mosaic_prob) if config.augment else None
     dataset = TrainDataset(train_set.records, config.imgsz, augment, seed=config.seed)
     dataset.preload()
-    workers = default_num_workers() if config.num_workers is None else config.num_workers
+    workers = usable_num_workers(config.num_workers)
     loader = make_train_loader(
         dataset, config.batch_size, min_samples=config.min_samples, num_workers=workers, seed=config.seed
     )
