@@ -73,6 +73,12 @@ def app_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     pytest.importorskip("playwright.sync_api", reason="playwright is in requirements.txt: run `make setup`")
     storage = tmp_path_factory.mktemp("e2e-storage")
     _write_model_run(storage)
+    from backend.ingest.service import freeze, starter
+    from backend.settings import Settings
+
+    prepared = Settings.from_env({"YOLODEX_STORAGE": str(storage)})
+    starter(prepared)  # what `make run` does too; the training test needs a frozen version of it
+    freeze("Starter Pokédex", "v1", settings=prepared)
     app_port, ls_port = free_port(), free_port()
     env = {**os.environ, "YOLODEX_STORAGE": str(storage), "YOLODEX_APP_PORT": str(app_port),
            "YOLODEX_LS_PORT": str(ls_port), "YOLODEX_HOST": "127.0.0.1"}  # fmt: skip
@@ -170,3 +176,30 @@ def test_datasets_zip_upload_shows_the_import_report(page, app_url: str, tmp_pat
     expect(page.get_by_text("Rejected (1)")).to_be_visible()
     expect(page.get_by_test_id("stException")).to_have_count(0)
     page.screenshot(path=str(screenshots / "e2e_datasets_zip.png"), full_page=True)
+
+
+def test_train_page_runs_a_job_with_live_charts_and_cancel(page, app_url: str, screenshots: Path):
+    from playwright.sync_api import expect
+
+    page.goto(f"{app_url}/train")
+    expect(page.get_by_test_id("stApp")).to_have_attribute("data-test-connection-state", "CONNECTED")
+    page.get_by_test_id("stSelectbox").filter(has_text="Image size").click()
+    page.get_by_role("option", name="64", exact=True).click()
+    budget = page.get_by_label("Time budget (minutes, 0 = none)")
+    budget.fill("1")
+    budget.press("Enter")
+    expect(budget).to_have_value("1.00")
+    page.get_by_role("button", name="Start training").click()
+
+    # The worker trains; the page follows it live: progress text, then the loss/lr/mAP chart.
+    progress = page.get_by_test_id("stProgress")
+    expect(progress).to_contain_text("running", timeout=120_000)
+    expect(page.get_by_test_id("stPlotlyChart")).to_be_visible(timeout=120_000)
+    first = progress.inner_text()
+    expect(progress).not_to_have_text(first, timeout=60_000)  # it moves on: the fragment refreshes
+    page.screenshot(path=str(screenshots / "e2e_train_live.png"), full_page=True)
+
+    page.get_by_role("button", name="Cancel").click()
+    expect(progress).to_contain_text(re.compile("cancelled|succeeded"), timeout=120_000)
+    expect(page.get_by_test_id("stException")).to_have_count(0)
+    page.screenshot(path=str(screenshots / "e2e_train_end.png"), full_page=True)
