@@ -169,9 +169,11 @@ def test_datasets_zip_upload_shows_the_import_report(page, app_url: str, tmp_pat
     expect(page.get_by_test_id("stApp")).to_have_attribute("data-test-connection-state", "CONNECTED")
     page.locator('[data-testid="stFileUploaderDropzoneInput"]').first.set_input_files(str(archive))
     expect(page.get_by_text("photos.zip").first).to_be_visible()
+    # The upload's own rerun must be over before the click, or the click's rerun can start without the file.
+    expect(page.get_by_test_id("stApp")).to_have_attribute("data-test-script-state", "notRunning")
     page.get_by_role("button", name=re.compile(r"^Import into")).click()
     # The report: 3 accepted, the text file named .jpg rejected (its row is in the rejected table).
-    expect(page.get_by_test_id("stMetric").filter(has_text="accepted")).to_contain_text("3")
+    expect(page.get_by_test_id("stMetric").filter(has_text="accepted")).to_contain_text("3", timeout=90_000)
     expect(page.get_by_test_id("stMetric").filter(has_text="rejected")).to_contain_text("1")
     expect(page.get_by_text("Rejected (1)")).to_be_visible()
     expect(page.get_by_test_id("stException")).to_have_count(0)
@@ -192,9 +194,9 @@ def test_train_page_runs_a_job_with_live_charts_and_cancel(page, app_url: str, s
     page.get_by_role("button", name="Start training").click()
 
     # The worker trains; the page follows it live: progress text, then the loss/lr/mAP chart.
-    progress = page.get_by_test_id("stProgress")
+    progress = page.get_by_test_id("stProgress").first  # a fragment re-render can show two for a moment
     expect(progress).to_contain_text("running", timeout=120_000)
-    expect(page.get_by_test_id("stPlotlyChart")).to_be_visible(timeout=120_000)
+    expect(page.get_by_test_id("stPlotlyChart").first).to_be_visible(timeout=120_000)
     first = progress.inner_text()
     expect(progress).not_to_have_text(first, timeout=60_000)  # it moves on: the fragment refreshes
     page.screenshot(path=str(screenshots / "e2e_train_live.png"), full_page=True)
