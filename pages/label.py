@@ -22,6 +22,7 @@ import streamlit as st
 from sqlalchemy import func, select
 from sqlalchemy.engine import Engine
 
+from backend.jobs import api as jobs
 from backend.labeling import service
 from backend.labeling.server import ServerStatus, credentials_path, labelstudio_url, load_or_create_credentials, status
 from backend.settings import Settings, get_settings
@@ -196,17 +197,19 @@ if pull_col.button("Pull labels", key="label_pull", disabled=pull_off is not Non
 models = model_choices(settings.runs_dir)
 model = model_col.selectbox("Model", list(models), key="label_model", placeholder="no trained model yet")
 prelabel_off = pull_off or (None if model else "train a model first")
+
+
+def queue_prelabel(model_path: Path) -> dict[str, Any]:
+    """Pre-labeling runs the model on every unlabeled task (minutes on a CPU): a job, so the page never waits."""
+    job_id = jobs.submit("labeling_prelabel", {"project": project, "model": str(model_path)}, settings=settings)
+    job = jobs.get_job(job_id, settings)
+    if job.state == "failed":  # refused at once, or run inline by an immediate queue
+        raise RuntimeError(job.error or "the pre-label job failed")
+    return {"summary": f"job {job_id} is {job.state}: follow it on the [Jobs](/jobs?job={job_id}) page"}
+
+
 if prelabel_col.button("Pre-label", key="label_prelabel", disabled=prelabel_off is not None, help=prelabel_off):
-    bar = st.progress(0.0, text="Pre-labeling…")
-
-    def show_progress(done: int, todo: int) -> None:
-        bar.progress(done / max(todo, 1), text=f"Pre-labeling {done}/{todo} tasks")
-
-    run_action(
-        project,
-        "Pre-label",
-        lambda: service.prelabel(models[model], project, settings=settings, on_progress=show_progress),
-    )
+    run_action(project, "Pre-label", lambda: queue_prelabel(models[model]))
 last = st.session_state.get(MESSAGE_KEY)
 if last and last[0] == project:
     (st.success if last[1] == "success" else st.error)(last[2])

@@ -16,6 +16,8 @@ from streamlit.testing.v1 import AppTest
 
 from backend.ingest import service as ingest_service
 from backend.ingest.starter import STARTER_NAME
+from backend.jobs import api as jobs_api
+from backend.jobs import tasks as jobs_tasks
 from backend.labeling import server as server_module
 from backend.labeling import service as labeling_service
 from backend.settings import Settings, get_settings
@@ -244,10 +246,14 @@ def test_buttons_run_the_step_and_show_its_summary_or_its_error(storage: Path, m
         link_to_label_studio(get_settings())  # what a real sync leaves behind: the project is now linked
         return {"summary": "64 images, 64 new tasks"}
 
-    def fake_prelabel(model: Path, project: str, *, settings: Settings | None = None, on_progress=None) -> dict:
+    def fake_prelabel(model: Path, project: str, *, settings: Settings | None = None, on_progress=None, **_) -> dict:
         calls.append(("prelabel", Path(model)))
         on_progress(8, 61)
         raise ValueError("the model shares no class with the project")
+
+    # Pre-labeling is a job; the queue runs it inline here, so its failure is known when the page reruns.
+    monkeypatch.setenv("YOLODEX_QUEUE_IMMEDIATE", "1")
+    monkeypatch.setattr(jobs_tasks.huey, "immediate", True)
 
     monkeypatch.setattr(labeling_service, "sync", fake_sync)
     monkeypatch.setattr(labeling_service, "prelabel", fake_prelabel)
@@ -263,4 +269,8 @@ def test_buttons_run_the_step_and_show_its_summary_or_its_error(storage: Path, m
     app.button(key="label_prelabel").click().run()
     assert not app.exception, [exception.value for exception in app.exception]
     assert calls == [("sync", STARTER_NAME), ("prelabel", run_folder)]
-    assert [element.value for element in app.error] == ["Pre-label failed: the model shares no class with the project"]
+    assert [element.value for element in app.error] == [
+        "Pre-label failed: ValueError: the model shares no class with the project"
+    ]
+    [job] = jobs_api.list_jobs(get_settings(), kind="labeling_prelabel")
+    assert job.state == "failed" and job.params["model"] == str(run_folder)
