@@ -22,11 +22,12 @@ import streamlit as st
 from sqlalchemy import func, select
 from sqlalchemy.engine import Engine
 
+from app.widgets import project_names, store_engine
 from backend.jobs import api as jobs
 from backend.labeling import service
 from backend.labeling.server import ServerStatus, credentials_path, labelstudio_url, load_or_create_credentials, status
 from backend.settings import Settings, get_settings
-from backend.store.db import init_db, session_scope
+from backend.store.db import session_scope
 from backend.store.models import Image, LabelingProject, Project
 from backend.store.versions import class_stats
 
@@ -38,17 +39,6 @@ BIND_ALL_HOSTS = ("0.0.0.0", "::", "")
 
 
 # ---------------------------------------------------------------------------------------------- helpers
-
-
-@st.cache_resource(show_spinner=False)
-def store_engine(database_url: str) -> Engine:
-    """One migrated engine per database for the page's own reads (the service calls open their own)."""
-    return init_db(database_url)
-
-
-def project_names(engine: Engine) -> list[str]:
-    with session_scope(engine) as session:
-        return list(session.scalars(select(Project.name).order_by(Project.id)))
 
 
 def project_progress(engine: Engine, name: str) -> tuple[int, int, dict[str, Any], int | None]:

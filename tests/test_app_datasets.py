@@ -6,7 +6,6 @@ from __future__ import annotations
 import io
 import json
 import shutil
-import socket
 import zipfile
 from pathlib import Path
 
@@ -20,15 +19,10 @@ from backend.settings import Settings
 from backend.store.db import session_scope
 from backend.store.models import Annotation, DatasetVersion, Image, Project
 from tests.conftest import encode_image, textured_image
+from tests.labelstudio_fixture import free_port
 
 # Absolute: AppTest resolves a relative path against this test file, not the repository root.
 PAGE = Path(__file__).resolve().parents[1] / "pages" / "datasets.py"
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

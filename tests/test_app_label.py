@@ -7,7 +7,6 @@ would leave them, so the queue, the progress and the loop are checked without a 
 from __future__ import annotations
 
 import shutil
-import socket
 from pathlib import Path
 
 import pytest
@@ -23,16 +22,11 @@ from backend.labeling import service as labeling_service
 from backend.settings import Settings, get_settings
 from backend.store.db import init_db, session_scope
 from backend.store.models import Annotation, Image, LabelingProject, LabelingTask, Project, ProjectClass
+from tests.labelstudio_fixture import free_port
 
 # Absolute: AppTest resolves a relative path against this test file, not the repository root.
 PAGE = Path(__file__).resolve().parents[1] / "pages" / "label.py"
 LS_PROJECT_ID = 7
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

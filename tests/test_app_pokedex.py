@@ -7,7 +7,6 @@ from __future__ import annotations
 import io
 import json
 import shutil
-import socket
 from pathlib import Path
 
 import pytest
@@ -20,6 +19,7 @@ from backend.pokedex import MAX_CARD_CROPS, detect
 from backend.settings import Settings
 from backend.store.db import init_db, session_scope
 from backend.store.models import ensure_class, get_or_create_project
+from tests.labelstudio_fixture import free_port
 from tests.test_export import CLASS_NAMES, detector_with_spread_scores
 from tests.test_pokedex import smooth_photo
 
@@ -27,12 +27,6 @@ ROOT = Path(__file__).resolve().parents[1]
 PAGE = ROOT / "pages" / "pokedex.py"
 IMGSZ = 128
 DESCRIPTIONS = {"bulbasaur": "A strange seed.", "charmander": "Its tail burns.", "squirtle": "Shoots water."}
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
