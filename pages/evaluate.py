@@ -19,6 +19,7 @@ from backend.evaluation import report
 from backend.evaluation.coco_eval import load_evaluation
 from backend.jobs import api as jobs
 from backend.labeling.server import labelstudio_url
+from backend.labeling.sync import task_links
 from backend.store.db import session_scope
 from backend.training import presets
 
@@ -176,7 +177,7 @@ pages = -(-len(items) // PER_PAGE)
 page = st.number_input(f"Page (of {pages}, {len(items)} errors)", 1, pages, 1, key="evaluate_page")
 shown, _ = report.page_of(items, int(page), PER_PAGE)
 with session_scope(engine) as session:
-    links = report.task_links(session, [item.store_image_id for item in shown], labelstudio_url(settings))
+    links = task_links(session, [item.store_image_id for item in shown], labelstudio_url(settings))
 columns = st.columns(2)
 for index, item in enumerate(shown):
     with columns[index % 2]:

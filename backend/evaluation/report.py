@@ -21,8 +21,6 @@ from pathlib import Path
 from typing import Any
 
 from PIL import Image, ImageDraw
-from sqlalchemy import select
-from sqlalchemy.orm import Session
 
 from backend.processing import load_image
 
@@ -350,19 +348,6 @@ def draw_error(item: ErrorItem, class_names: Sequence[str], max_side: int = 480)
             box(item.gt_box, BOX_COLOURS["ground_truth"], f"true {name(item.gt_class_id)}", below=True)
         box(item.box, BOX_COLOURS["prediction"], f"{name(item.class_id)} {item.score or 0.0:.2f}")
     return picture
-
-
-def task_links(session: Session, image_ids: Iterable[int | None], base_url: str) -> dict[int, str]:
-    """{store image id: Label Studio task URL} for the images that were synced, read in one query (the page asks for
-    a page of errors at a time; `backend.labeling.service.task_link` opens the store once per image)."""
-    from backend.labeling.sync import task_url
-    from backend.store.models import LabelingTask
-
-    wanted = sorted({image_id for image_id in image_ids if image_id is not None})
-    if not wanted:
-        return {}
-    rows = session.scalars(select(LabelingTask).where(LabelingTask.image_id.in_(wanted)))
-    return {task.image_id: task_url(base_url, task.ls_project_id, task.ls_task_id) for task in rows}
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -102,15 +102,10 @@ def loop(
 def task_link(image_id: int, settings: Settings | None = None) -> str | None:
     """The Label Studio labeling view of one image's task (for "fix this in Label Studio" links), None when the
     image was never synced. Reads only our database."""
-    from backend.store.models import LabelingTask
-
     settings = settings or get_settings()
     engine, _ = open_store(settings)
     with session_scope(engine) as session:
-        task = session.get(LabelingTask, image_id)
-        if task is None:
-            return None
-        return sync_module.task_url(labelstudio_url(settings), task.ls_project_id, task.ls_task_id)
+        return sync_module.task_links(session, [image_id], labelstudio_url(settings)).get(image_id)
 
 
 def _project_url(settings: Settings, ls_project_id: int) -> str:

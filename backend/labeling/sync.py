@@ -27,7 +27,7 @@ import shutil
 import time
 import unicodedata
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -674,3 +674,12 @@ def labeling_queue(session: Session, project: Project, limit: int | None = 50) -
 def task_url(base_url: str, ls_project_id: int, task_id: int) -> str:
     """The labeling view of one task (recipe §6 deep link)."""
     return f"{base_url.rstrip('/')}/projects/{ls_project_id}/data?task={task_id}"
+
+
+def task_links(session: Session, image_ids: Iterable[int | None], base_url: str) -> dict[int, str]:
+    """{our image id: its Label Studio task URL} for the images that were synced, in one query (None ids skipped)."""
+    wanted = sorted({image_id for image_id in image_ids if image_id is not None})
+    if not wanted:
+        return {}
+    rows = session.scalars(select(LabelingTask).where(LabelingTask.image_id.in_(wanted)))
+    return {task.image_id: task_url(base_url, task.ls_project_id, task.ls_task_id) for task in rows}
