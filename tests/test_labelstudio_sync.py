@@ -339,3 +339,28 @@ def test_down_server_and_wrong_token_say_what_to_do(labelstudio):
     make_project(labelstudio, "unsynced", count=1)
     with pytest.raises(ValueError, match="sync it first"):
         service.pull("unsynced", labelstudio.settings)
+
+
+def test_boxes_an_image_already_has_become_its_first_annotation(labelstudio):
+    make_project(labelstudio, "existing-boxes", count=2)
+    images = images_of(labelstudio, "existing-boxes")
+    engine, _ = open_store(labelstudio.settings)
+    with session_scope(engine) as session:
+        project = session.scalar(select(Project).where(Project.name == "existing-boxes"))
+        squirtle = next(item for item in project.classes if item.name == "Squirtle")
+        labeled = session.get(Image, images[NAMES[0]].id)
+        labeled.labeled = True
+        session.add(Annotation(image_id=labeled.id, class_id=squirtle.id, x1=10, y1=5, x2=40, y2=25, source="import"))
+    report = service.sync("existing-boxes", labelstudio.settings)
+    assert report["labels_sent"] == 1
+
+    tasks = task_of(connect(labelstudio.settings), report["ls_project_id"])
+    [annotation] = tasks[images[NAMES[0]].id]["annotations"]
+    [result] = annotation["result"]
+    assert result["value"]["rectanglelabels"] == ["Squirtle"]
+    assert [result["value"][key] for key in ("x", "y", "width", "height")] == pytest.approx(
+        [100 * 10 / 96, 100 * 5 / 64, 100 * 30 / 96, 100 * 20 / 64]
+    )
+    assert tasks[images[NAMES[1]].id]["annotations"] == []  # unlabeled, no boxes: nothing sent
+    pulled = service.pull("existing-boxes", labelstudio.settings)
+    assert pulled["labeled"] == 1 and pulled["boxes"] == 1  # pulling it back changes nothing

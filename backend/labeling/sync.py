@@ -27,7 +27,7 @@ import shutil
 import time
 import unicodedata
 from collections import Counter
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -50,6 +50,7 @@ from backend.store.models import (
     Project,
     project_classes,
 )
+from backend.store.versions import ground_truth_boxes
 
 logger = logging.getLogger(__name__)
 
@@ -249,16 +250,6 @@ def _ensure_view(client: LabelStudioClient, row: LabelingProject) -> None:
     row.ls_view_id = existing["id"]
 
 
-def _ground_truth(session: Session, image_ids: Sequence[int]) -> dict[int, list[Annotation]]:
-    boxes: dict[int, list[Annotation]] = {image_id: [] for image_id in image_ids}
-    if not image_ids:
-        return boxes
-    query = select(Annotation).where(Annotation.image_id.in_(image_ids), Annotation.source.in_(GROUND_TRUTH_SOURCES))
-    for annotation in session.scalars(query):
-        boxes[annotation.image_id].append(annotation)
-    return boxes
-
-
 def sync_project(
     session: Session, settings: Settings, project: Project, client: LabelStudioClient, *, send_labels: bool = True
 ) -> SyncReport:
@@ -348,16 +339,16 @@ def _send_existing_labels(
     task_of_image: dict[int, int],
 ) -> int:
     index_of_class = {item.id: item.index for item in project_classes(session, project)}
-    ground_truth = _ground_truth(session, list(task_of_image))
+    ground_truth = ground_truth_boxes(session, list(task_of_image))
     sent = 0
     for image_id, task_id in task_of_image.items():
         image = images[image_id]
-        boxes = ground_truth[image_id]
+        boxes = ground_truth.get(image_id, [])
         if not image.labeled and not boxes:
             continue
         converted = boxes_to_ls_results(
-            np.asarray([[box.x1, box.y1, box.x2, box.y2] for box in boxes], dtype=np.float64).reshape(-1, 4),
-            np.asarray([index_of_class[box.class_id] for box in boxes], dtype=np.int64),
+            np.asarray([box for box, _ in boxes], dtype=np.float64).reshape(-1, 4),
+            np.asarray([index_of_class[class_id] for _, class_id in boxes], dtype=np.int64),
             None,
             (image.width, image.height),
             names,

@@ -122,7 +122,7 @@ def freeze_version(
         raise ValueError(f"project {project.name!r} has no labeled images to freeze: label some images first")
 
     label_of_class = {project_class.id: project_class.index for project_class in classes}
-    boxes = _ground_truth_boxes(session, [image.id for image in images])
+    boxes = ground_truth_boxes(session, [image.id for image in images])
     split_of = group_split(
         [image.id for image in images], {image.id: image.near_group for image in images}, values, seed
     )
@@ -194,7 +194,7 @@ def _labeled_images(session: Session, project: Project) -> list[Image]:
     )
 
 
-def _ground_truth_boxes(session: Session, image_ids: list[int]) -> dict[int, list[tuple[list[float], int]]]:
+def ground_truth_boxes(session: Session, image_ids: list[int]) -> dict[int, list[tuple[list[float], int]]]:
     """{image id: [(xyxy original-image pixels, class id)]} for ground-truth annotations."""
     boxes: dict[int, list[tuple[list[float], int]]] = {}
     for chunk_start in range(0, len(image_ids), 500):  # bounded IN lists
@@ -295,7 +295,7 @@ def class_stats(session: Session, target: Project | DatasetVersion) -> dict[str,
             .order_by(Image.id)
         )
     )
-    boxes = _ground_truth_boxes(session, image_ids)
+    boxes = ground_truth_boxes(session, image_ids)
 
     def per_image() -> Iterable[tuple[list[int], list[tuple[float, float]]]]:
         for image_id in image_ids:
