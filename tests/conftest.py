@@ -17,7 +17,7 @@ FIXTURES = Path(__file__).resolve().parent / "fixtures"
 SHARED_REFERENCE = REPO_ROOT.parent / "shared" / "reference"
 
 # The session-wide Label Studio server fixture (`labelstudio`).
-pytest_plugins = ["tests.labelstudio_fixture"]
+pytest_plugins = ["tests.labelstudio_fixture", "tests.redis_fixture", "tests.postgres_fixture"]
 
 # Two cores: keep torch from oversubscribing when tests run beside servers and workers.
 torch.set_num_threads(2)
