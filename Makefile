@@ -74,15 +74,22 @@ setup:
 	$(LS_PIP_INSTALL) -r $(LS_INSTALL_INPUTS); \
 	echo "$$wanted" > "$(LS_INSTALL_STAMP)"; \
 	echo "setup: $(LS_VENV) done"
-	@# The browser tests drive Debian's chromium (Playwright's own browser download is not used). Installed with
-	@# apt when we may (root, as in CI); otherwise those tests skip and say how to install it.
-	@if [ ! -x "$(CHROMIUM)" ]; then \
+	@# Debian packages the tests start for real: chromium (the browser tests; Playwright's own browser download is
+	@# not used), redis-server (the Redis queue), postgresql (metadata and Label Studio on PostgreSQL), shellcheck
+	@# (the container scripts). Installed with apt when we may (root, as in CI); otherwise those tests skip and say
+	@# how to install them. `make run` needs none of them.
+	@missing=""; \
+	[ -x "$(CHROMIUM)" ] || missing="$$missing chromium"; \
+	command -v redis-server >/dev/null 2>&1 || missing="$$missing redis-server"; \
+	ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing="$$missing postgresql"; \
+	command -v shellcheck >/dev/null 2>&1 || missing="$$missing shellcheck"; \
+	if [ -n "$$missing" ]; then \
 		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
-			echo "setup: installing chromium with apt-get (for the browser tests)"; \
-			apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium \
-				|| echo "setup: could not install chromium; the browser tests will skip" >&2; \
+			echo "setup: installing$$missing with apt-get (for the tests)"; \
+			apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing \
+				|| echo "setup: could not install$$missing; the tests that need them will skip" >&2; \
 		else \
-			echo "setup: $(CHROMIUM) is missing: the browser tests skip (install it: sudo apt-get install chromium)"; \
+			echo "setup: missing$$missing: the tests that need them skip (install: sudo apt-get install$$missing)"; \
 		fi; \
 	fi
 
