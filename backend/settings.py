@@ -9,9 +9,17 @@
 | `YOLODEX_APP_PORT`     | `8501`                                         |
 | `YOLODEX_LS_PORT`      | `8080`                                         |
 | `YOLODEX_DEVICE`       | `auto` (CUDA when torch sees a GPU, else CPU)  |
+| `YOLODEX_LS_DATABASE_URL` | unset: SQLite in `<storage>/labelstudio`; `postgresql://user:pw@host:port/db` |
+| `YOLODEX_LS_URL`       | unset: yolodex runs Label Studio; `http://labelstudio:8080`: one run elsewhere |
 
 A variable set to the empty string counts as unset. A relative `YOLODEX_STORAGE` is resolved against the
 repository root, never the current directory, so the app, the worker and the CLI agree wherever they start.
+`YOLODEX_DATABASE_URL` takes any SQLAlchemy URL: SQLite (default) or PostgreSQL as
+`postgresql+psycopg://user:password@host:port/db` (psycopg 3). With `YOLODEX_LS_URL` set, yolodex neither starts nor
+stops Label Studio and calls it at that URL; a browser still opens `YOLODEX_HOST:YOLODEX_LS_PORT` (the app's hostname
+when the app binds 0.0.0.0), so publish Label Studio on that port. The Label Studio that `yolodex labelstudio start`
+runs (e.g. in its own container) shares the storage folder with the app: its credentials file is how they agree.
+Passwords in URLs stay out of `repr(settings)`.
 Importing this module does not import torch: only `Settings.resolved_device()` does, and only for `auto`.
 """
 
@@ -20,9 +28,10 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
+from urllib.parse import unquote, urlsplit
 
 DEFAULT_STORAGE = "storage"
 DEFAULT_HOST = "127.0.0.1"
@@ -32,6 +41,9 @@ DEFAULT_DEVICE = "auto"
 
 _DEVICE_PATTERN = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
 _QUEUE_SCHEMES = ("sqlite://", "redis://", "rediss://")
+# Label Studio's database: its Django settings read only libpq-style parts, so any PostgreSQL URL spelling will do.
+_POSTGRES_SCHEMES = ("postgresql", "postgres", "postgresql+psycopg", "postgresql+psycopg2")
+DEFAULT_POSTGRES_PORT = 5432
 
 
 @cache
@@ -50,12 +62,14 @@ def project_root() -> Path:
 @dataclass(frozen=True)
 class Settings:
     storage: Path
-    database_url: str
+    database_url: str = field(repr=False)  # may hold a password
     queue_url: str
     host: str = DEFAULT_HOST
     app_port: int = DEFAULT_APP_PORT
     ls_port: int = DEFAULT_LS_PORT
     device: str = DEFAULT_DEVICE
+    ls_database_url: str | None = field(default=None, repr=False)  # None: Label Studio's own SQLite file
+    ls_url: str | None = None  # None: yolodex runs Label Studio itself
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -87,6 +101,18 @@ class Settings:
                 f"YOLODEX_DEVICE={device!r} is not a device: use auto, cpu, cuda, cuda:<index> or mps, "
                 "or unset it for auto."
             )
+        ls_database_url = get("YOLODEX_LS_DATABASE_URL")
+        if ls_database_url is not None:
+            parse_postgres_url(ls_database_url, "YOLODEX_LS_DATABASE_URL")  # fail here, not when Label Studio starts
+        ls_url = get("YOLODEX_LS_URL")
+        if ls_url is not None:
+            parts = urlsplit(ls_url)
+            if parts.scheme not in ("http", "https") or not parts.hostname:
+                raise ValueError(
+                    f"YOLODEX_LS_URL={ls_url!r} is not an http(s) URL: set it to the base URL of a Label Studio "
+                    "that yolodex does not run (e.g. http://labelstudio:8080), or unset it."
+                )
+            ls_url = ls_url.rstrip("/")
         return cls(
             storage=storage,
             database_url=get("YOLODEX_DATABASE_URL") or f"sqlite:///{storage / 'yolodex.db'}",
@@ -95,7 +121,14 @@ class Settings:
             app_port=_port(env, "YOLODEX_APP_PORT", DEFAULT_APP_PORT),
             ls_port=_port(env, "YOLODEX_LS_PORT", DEFAULT_LS_PORT),
             device=device,
+            ls_database_url=ls_database_url,
+            ls_url=ls_url,
         )
+
+    @property
+    def ls_external(self) -> bool:
+        """True when Label Studio runs elsewhere (`YOLODEX_LS_URL`): yolodex only calls it."""
+        return self.ls_url is not None
 
     @property
     def images_dir(self) -> Path:
@@ -146,6 +179,45 @@ class Settings:
                 f"YOLODEX_DEVICE={self.device} but torch sees no CUDA device: set YOLODEX_DEVICE=cpu or auto."
             )
         return self.device
+
+
+@dataclass(frozen=True)
+class PostgresTarget:
+    """The parts of a PostgreSQL URL (what libpq or Django's settings take); `repr` hides the password."""
+
+    host: str
+    port: int
+    name: str
+    user: str
+    password: str = field(repr=False)
+
+
+def parse_postgres_url(url: str, variable: str = "the URL") -> PostgresTarget:
+    """Splits `postgresql://user:password@host:port/db` (percent-escapes decoded; port 5432 when absent).
+
+    Raises:
+        ValueError: not a PostgreSQL URL, or no host or database name; the message names `variable`, never the
+            password.
+    """
+    try:
+        parts = urlsplit(url)
+        port = parts.port or DEFAULT_POSTGRES_PORT
+    except ValueError:
+        parts, port = None, 0
+    name = unquote(parts.path.lstrip("/")) if parts else ""
+    if parts is None or parts.scheme not in _POSTGRES_SCHEMES or not parts.hostname or not name or "/" in name:
+        shown = re.sub(r"(://[^:/@]*:)[^@]*@", r"\1***@", url)
+        raise ValueError(
+            f"{variable}={shown!r} is not a PostgreSQL URL: use postgresql://user:password@host:port/database "
+            "(escape special characters in the password with %XX), or unset it."
+        )
+    return PostgresTarget(
+        host=parts.hostname,
+        port=port,
+        name=name,
+        user=unquote(parts.username or ""),
+        password=unquote(parts.password or ""),
+    )
 
 
 def get_settings() -> Settings:

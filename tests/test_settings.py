@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from backend.settings import Settings, get_settings
+from backend.settings import PostgresTarget, Settings, get_settings, parse_postgres_url
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 VARIABLES = (
@@ -16,6 +16,8 @@ VARIABLES = (
     "YOLODEX_APP_PORT",
     "YOLODEX_LS_PORT",
     "YOLODEX_DEVICE",
+    "YOLODEX_LS_DATABASE_URL",
+    "YOLODEX_LS_URL",
 )
 
 
@@ -39,6 +41,7 @@ def test_defaults():
     assert settings.images_dir == storage / "images"
     assert settings.models_dir == storage / "models"
     assert settings.logs_dir == storage / "logs"
+    assert (settings.ls_database_url, settings.ls_url, settings.ls_external) == (None, None, False)
 
 
 def test_overrides(monkeypatch, tmp_path):
@@ -120,3 +123,38 @@ def test_importing_settings_does_not_import_torch():
     code = "import sys, backend.settings as s; s.get_settings(); print('torch' in sys.modules)"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO_ROOT)
     assert result.stdout.strip() == "False"
+
+
+def test_label_studio_database_url_is_parsed_and_its_password_never_shown(monkeypatch):
+    url = "postgresql://ls:p%40ss%3Aw0rd@db.internal/labelstudio"
+    monkeypatch.setenv("YOLODEX_LS_DATABASE_URL", url)
+    monkeypatch.setenv("YOLODEX_DATABASE_URL", "postgresql+psycopg://yolodex:s3cret-db@db.internal:5433/yolodex")
+    settings = get_settings()
+    assert settings.ls_database_url == url
+    target = parse_postgres_url(settings.ls_database_url)
+    assert target == PostgresTarget(host="db.internal", port=5432, name="labelstudio", user="ls", password="p@ss:w0rd")
+    assert "p@ss" not in repr(target) and "p%40ss" not in repr(settings) and "s3cret-db" not in repr(settings)
+    parsed = parse_postgres_url("postgresql+psycopg://u:pw@127.0.0.1:6543/x")
+    assert (parsed.host, parsed.port, parsed.name) == ("127.0.0.1", 6543, "x")
+
+
+@pytest.mark.parametrize(
+    "value",
+    ["sqlite:///ls.db", "postgresql://user:hunter2@host", "postgresql://user:hunter2@/db", "mysql://u:hunter2@h/db",
+     "postgresql://user:hunter2@host:99999/db"],
+)  # fmt: skip
+def test_invalid_label_studio_database_url_names_the_variable_and_hides_the_password(monkeypatch, value):
+    monkeypatch.setenv("YOLODEX_LS_DATABASE_URL", value)
+    with pytest.raises(ValueError, match=r"YOLODEX_LS_DATABASE_URL=.*postgresql://user:password@host") as error:
+        get_settings()
+    assert "hunter2" not in str(error.value)
+
+
+def test_label_studio_url_makes_it_external(monkeypatch):
+    monkeypatch.setenv("YOLODEX_LS_URL", "http://labelstudio:8080/")
+    settings = get_settings()
+    assert (settings.ls_url, settings.ls_external) == ("http://labelstudio:8080", True)
+    for value in ("labelstudio:8080", "ftp://labelstudio", "http://"):
+        monkeypatch.setenv("YOLODEX_LS_URL", value)
+        with pytest.raises(ValueError, match=r"YOLODEX_LS_URL=.*http://labelstudio:8080"):
+            get_settings()
