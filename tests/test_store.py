@@ -21,8 +21,20 @@ from tests.conftest import encode_image as encode
 from tests.conftest import textured_image as textured
 
 
+@pytest.fixture(params=["sqlite", "postgresql"])
+def engine(request, tmp_path: Path):
+    """The store on SQLite, and again on a fresh PostgreSQL database (tests.postgres_fixture; skipped without one)."""
+    if request.param == "sqlite":
+        url = f"sqlite:///{tmp_path / 'yolodex.db'}"
+    else:
+        url = request.getfixturevalue("postgres_url")
+    engine = init_db(url)
+    yield engine
+    engine.dispose()
+
+
 @pytest.fixture
-def engine(tmp_path: Path):
+def sqlite_engine(tmp_path: Path):
     engine = init_db(f"sqlite:///{tmp_path / 'yolodex.db'}")
     yield engine
     engine.dispose()
@@ -55,8 +67,8 @@ def test_migration_creates_the_schema_and_running_it_again_is_a_no_op(tmp_path: 
         assert compare_metadata(MigrationContext.configure(connection), Base.metadata) == []
 
 
-def test_sqlite_runs_in_wal_mode_with_foreign_keys(engine) -> None:
-    with engine.connect() as connection:
+def test_sqlite_runs_in_wal_mode_with_foreign_keys(sqlite_engine) -> None:
+    with sqlite_engine.connect() as connection:
         assert connection.execute(text("PRAGMA journal_mode")).scalar_one() == "wal"
         assert connection.execute(text("PRAGMA foreign_keys")).scalar_one() == 1
         assert connection.execute(text("PRAGMA busy_timeout")).scalar_one() > 0
