@@ -317,7 +317,12 @@ def cmd_dataset(args: argparse.Namespace) -> None:
 def cmd_labelstudio(args: argparse.Namespace) -> int:
     from backend.labeling import server
 
-    return server.main([args.action, *(["--no-wait"] if args.no_wait else []), *(["--quiet"] if args.quiet else [])])
+    flags = [
+        flag
+        for flag, on in (("--no-wait", args.no_wait), ("--quiet", args.quiet), ("--foreground", args.foreground))
+        if on
+    ]
+    return server.main([args.action, *flags])
 
 
 def cmd_label(args: argparse.Namespace) -> None:
@@ -482,6 +487,9 @@ def build_parser() -> argparse.ArgumentParser:
     labelstudio.add_argument("action", choices=["start", "stop", "status", "repair"])
     labelstudio.add_argument("--no-wait", action="store_true", help="start: return once the server is spawned")
     labelstudio.add_argument("--quiet", action="store_true", help="status: print nothing, exit 0 only when running")
+    labelstudio.add_argument(
+        "--foreground", action="store_true", help="start: run the server in this process until it stops (containers)"
+    )
     labelstudio.set_defaults(handler=cmd_labelstudio)
 
     label = commands.add_parser("label", help="sync a project to Label Studio, pull its labels, pre-label, the loop")

@@ -10,6 +10,13 @@ Authentication: yolodex generates one admin login (email, password, 40-hex legac
 Label Studio applies the token only when it creates the user, so a data dir that outlived its credentials
 file rejects the new token; `repair_credentials` writes the file's login into the existing database.
 
+Label Studio's own data goes to PostgreSQL instead of SQLite when `YOLODEX_LS_DATABASE_URL` is set (the
+password travels in the child's environment only, never its command line, the log or the state file). With
+`YOLODEX_LS_URL` set, Label Studio runs elsewhere (another container): yolodex calls it there, checks its health
+there, and `start`/`stop` do not spawn or kill anything (start waits for it to answer; stop says it is external).
+`start --foreground` runs the server as this process's child and waits on it, forwarding SIGTERM/SIGINT: the
+main process of a Label Studio container.
+
 Importing this module is cheap: stdlib only (urllib for HTTP), no Label Studio or SDK import.
 """
 
@@ -34,7 +41,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from backend.files import atomic_write_json
-from backend.settings import Settings, get_settings, project_root
+from backend.settings import Settings, get_settings, parse_postgres_url, project_root
 
 logger = logging.getLogger(__name__)
 
@@ -42,6 +49,9 @@ LS_EMAIL = "admin@yolodex.local"
 FIRST_START_HINT = "wait: the first start takes about two minutes, later starts about 15 seconds"
 START_ACTION = "run `yolodex labelstudio start`"
 REPAIR_ACTION = "run `yolodex labelstudio repair` (it writes the login in credentials.json into Label Studio)"
+EXTERNAL_REPAIR_ACTION = (
+    "run `yolodex labelstudio repair` where Label Studio runs (its container), with the same storage folder"
+)
 STATES = ("running", "starting", "stopped", "misconfigured", "crashed")
 # Bare names Label Studio also reads (get_env tries LABEL_STUDIO_<name>, HEARTEX_<name>, then <name>), so the
 # child gets a clean environment built from these plus ours.
@@ -100,7 +110,10 @@ def labelstudio_url(settings: Settings) -> str:
 
 
 def api_url(settings: Settings) -> str:
-    """The URL yolodex itself calls: like `labelstudio_url`, with 127.0.0.1 for a server bound to 0.0.0.0."""
+    """The URL yolodex itself calls: `YOLODEX_LS_URL` when set, else like `labelstudio_url`, with 127.0.0.1 for a
+    server bound to 0.0.0.0."""
+    if settings.ls_url is not None:
+        return settings.ls_url
     host = "127.0.0.1" if settings.host in ("0.0.0.0", "") else settings.host
     return f"http://{host}:{settings.ls_port}"
 
@@ -191,6 +204,8 @@ def status(
         timeout: per HTTP request, in seconds.
     """
     url = labelstudio_url(settings)
+    if settings.ls_external:
+        return _external_status(settings, credentials, check_token, timeout)
     state = _read_state(settings)
     pid = state.get("pid") if state else None
     alive = isinstance(pid, int) and _is_labelstudio_process(pid)
@@ -271,6 +286,31 @@ def status(
     return ServerStatus("running", url, pid, f"Label Studio is running at {url}.")
 
 
+def _external_status(
+    settings: Settings, credentials: Credentials | None, check_token: bool, timeout: float
+) -> ServerStatus:
+    """`status` for a Label Studio at `YOLODEX_LS_URL`: its health and our token, no process or state file."""
+    url = labelstudio_url(settings)
+    where = f"{settings.ls_url} (YOLODEX_LS_URL)"
+    if not _health(settings, timeout):
+        return ServerStatus(
+            "stopped",
+            url,
+            None,
+            f"Label Studio does not answer at {where}; yolodex does not run it.",
+            "start that Label Studio (e.g. its container), or unset YOLODEX_LS_URL to let yolodex run one",
+        )
+    if check_token and not _token_works(settings, credentials or load_or_create_credentials(settings), timeout):
+        return ServerStatus(
+            "misconfigured",
+            url,
+            None,
+            f"Label Studio at {where} rejects yolodex's token (it uses another credentials file).",
+            EXTERNAL_REPAIR_ACTION,
+        )
+    return ServerStatus("running", url, None, f"Label Studio answers at {where}; it runs outside yolodex.")
+
+
 # ---------------------------------------------------------------------------------------------- start / stop
 
 # Popen objects of servers this process started, so they are reaped (no zombies) and never garbage-collected
@@ -285,45 +325,34 @@ def start(settings: Settings, *, wait: bool = True, timeout: float = 420.0) -> S
         wait: block until `/health` is UP and the token works; False returns "starting" right after spawning.
         timeout: seconds to wait; a server not up by then is stopped.
 
+    With `YOLODEX_LS_URL` set nothing is spawned: the Label Studio there is waited for (`wait`) or its status
+    returned.
+
     Raises:
         LabelStudioError: not installed, the port is taken, the server exited or timed out while starting
             (the message carries the log tail), or a server that cannot be fixed here is in the way.
     """
+    if settings.ls_external:
+        return _wait_for_external(settings, wait, timeout)
     executable = ls_executable()
     credentials = load_or_create_credentials(settings)
-    settings.images_dir.mkdir(parents=True, exist_ok=True)
-    current = status(settings, credentials=credentials)
-    if current.state == "running":
-        return current
-    if current.state == "starting":
-        return _wait_until_up(settings, credentials, timeout) if wait else current
-    if current.state == "misconfigured":
-        if current.action == REPAIR_ACTION:
-            repair_credentials(settings, credentials)
-            return _wait_until_up(settings, credentials, timeout)
-        raise LabelStudioError(f"{current.message} To fix: {current.action}.")
-    state_path(settings).unlink(missing_ok=True)  # stopped, or a crash already reported by status
-    _check_port_free(settings)
+    current = _prepare_start(settings, credentials)
+    if current is not None:
+        if current.state == "running":
+            return current
+        if current.state == "starting":
+            return _wait_until_up(settings, credentials, timeout) if wait else current
+        repair_credentials(settings, credentials)  # "misconfigured" with the repair action
+        return _wait_until_up(settings, credentials, timeout)
 
     log = log_path(settings)
     log.parent.mkdir(parents=True, exist_ok=True)
-    command = [
-        str(executable),
-        "start",
-        "--internal-host",
-        settings.host,
-        "--port",
-        str(settings.ls_port),
-        "--no-browser",
-        "--enable-legacy-api-token",
-    ]
     with log.open("ab") as log_file:
         log_offset = log_file.tell()
-        stamp = datetime.now(UTC).isoformat(timespec="seconds")
-        log_file.write(f"\n=== yolodex {stamp}: starting Label Studio on {settings.host}:{settings.ls_port}\n".encode())
+        log_file.write(f"\n=== yolodex {_start_line(settings)}\n".encode())
         log_file.flush()
         process = subprocess.Popen(
-            command,
+            _start_command(settings, executable),
             cwd=data_dir(settings),
             env=_server_env(settings, credentials),
             stdin=subprocess.DEVNULL,
@@ -332,16 +361,7 @@ def start(settings: Settings, *, wait: bool = True, timeout: float = 420.0) -> S
             start_new_session=True,  # own process group: Ctrl-C in the app's terminal does not hit it, stop() can
         )
     _children[process.pid] = process
-    atomic_write_json(
-        state_path(settings),
-        {
-            "pid": process.pid,
-            "port": settings.ls_port,
-            "host": settings.host,
-            "started_at": time.time(),
-            "log_offset": log_offset,
-        },
-    )
+    _write_state(settings, process.pid, log_offset)
     logger.info("started Label Studio (pid %d) on %s, log %s", process.pid, labelstudio_url(settings), log)
     if not wait:
         return ServerStatus(
@@ -350,15 +370,79 @@ def start(settings: Settings, *, wait: bool = True, timeout: float = 420.0) -> S
     return _wait_until_up(settings, credentials, timeout)
 
 
+def run_foreground(settings: Settings, timeout: float = 420.0) -> int:
+    """Runs Label Studio as this process's child until it exits (a container's main process): like `start` (the
+    credentials file, the admin user and token, a repair when the data has another login), with its output on
+    this process's stdout/stderr. SIGTERM, SIGINT and SIGHUP are passed on to it.
+
+    Returns:
+        Its exit status (128 + the signal number when a signal ended it, as a shell reports).
+
+    Raises:
+        LabelStudioError: `YOLODEX_LS_URL` is set, a server already runs, or it failed to start.
+    """
+    if settings.ls_external:
+        raise LabelStudioError(
+            f"YOLODEX_LS_URL={settings.ls_url} says Label Studio runs elsewhere, so this one would never be called: "
+            "unset YOLODEX_LS_URL where Label Studio itself runs."
+        )
+    executable = ls_executable()
+    credentials = load_or_create_credentials(settings)
+    current = _prepare_start(settings, credentials)
+    if current is not None:
+        raise LabelStudioError(f"{current.message} Run `yolodex labelstudio stop` first.")
+    print(f"labelstudio: {_start_line(settings)}", flush=True)
+    process = subprocess.Popen(
+        _start_command(settings, executable),
+        cwd=data_dir(settings),
+        env=_server_env(settings, credentials),
+        stdin=subprocess.DEVNULL,
+    )
+    _children[process.pid] = process
+    _write_state(settings, process.pid, log_offset=0)
+    received: list[int] = []
+
+    def forward(signum: int, _frame) -> None:
+        received.append(signum)
+        with contextlib.suppress(ProcessLookupError):
+            process.send_signal(signum)
+
+    previous = {signum: signal.signal(signum, forward) for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
+    try:
+        try:
+            up = _wait_until_up(settings, credentials, timeout)
+            logger.info("Label Studio (pid %d) is running at %s", process.pid, up.url)
+        except LabelStudioError:
+            if not received:  # a signal during the start is a stop, not a failure
+                raise
+        code = process.wait()  # a forwarded signal's handler runs meanwhile (PEP 475 resumes the wait)
+        return 128 - code if code < 0 else code
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        if process.poll() is None:
+            process.terminate()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                process.wait(timeout=30)
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+        _children.pop(process.pid, None)
+        state_path(settings).unlink(missing_ok=True)
+
+
 def stop(settings: Settings, timeout: float = 30.0) -> bool:
     """Stops the server named by the state file (SIGTERM to its process group, SIGKILL after `timeout`).
 
     A pid that is not a Label Studio process (a stale file after a reboot) is left alone. The state file is
-    removed in every case.
+    removed in every case. A Label Studio at `YOLODEX_LS_URL` is never stopped from here.
 
     Returns:
         True if a Label Studio process was stopped.
     """
+    if settings.ls_external:
+        logger.info("Label Studio runs outside yolodex (YOLODEX_LS_URL=%s): not stopping it", settings.ls_url)
+        return False
     state = _read_state(settings)
     if state is None:
         return False
@@ -387,8 +471,10 @@ def repair_credentials(settings: Settings, credentials: Credentials | None = Non
     Raises:
         LabelStudioError: no database yet (start the server once), or the repair script failed.
     """
+    if settings.ls_external:
+        raise LabelStudioError(f"yolodex cannot repair a Label Studio it does not run: {EXTERNAL_REPAIR_ACTION}.")
     credentials = credentials or load_or_create_credentials(settings)
-    if not (data_dir(settings) / "label_studio.sqlite3").is_file():
+    if settings.ls_database_url is None and not (data_dir(settings) / "label_studio.sqlite3").is_file():
         raise LabelStudioError(f"Label Studio has no database in {data_dir(settings)} yet: {START_ACTION} first.")
     python = ls_venv() / "bin" / "python"
     if not python.is_file():
@@ -455,12 +541,87 @@ print('yolodex-repair-ok')
 # ---------------------------------------------------------------------------------------------- helpers
 
 
+def _prepare_start(settings: Settings, credentials: Credentials) -> ServerStatus | None:
+    """What `start` does before spawning: None when a server may be spawned (port free, stale state file gone),
+    else the status of the server in the way ("running", "starting", or "misconfigured" that a repair fixes).
+
+    Raises:
+        LabelStudioError: something in the way that yolodex cannot fix (the message says what to do).
+    """
+    settings.images_dir.mkdir(parents=True, exist_ok=True)
+    current = status(settings, credentials=credentials)
+    if current.state in ("running", "starting"):
+        return current
+    if current.state == "misconfigured":
+        if current.action == REPAIR_ACTION:
+            return current
+        raise LabelStudioError(f"{current.message} To fix: {current.action}.")
+    state_path(settings).unlink(missing_ok=True)  # stopped, or a crash already reported by status
+    _check_port_free(settings)
+    return None
+
+
+def _start_command(settings: Settings, executable: Path) -> list[str]:
+    return [
+        str(executable),
+        "start",
+        "--internal-host",
+        settings.host,
+        "--port",
+        str(settings.ls_port),
+        "--no-browser",
+        "--enable-legacy-api-token",
+    ]
+
+
+def _start_line(settings: Settings) -> str:
+    """One line naming the server about to start and its database (never the database password)."""
+    stamp = datetime.now(UTC).isoformat(timespec="seconds")
+    if settings.ls_database_url is None:
+        database = f"SQLite in {data_dir(settings)}"
+    else:
+        target = parse_postgres_url(settings.ls_database_url, "YOLODEX_LS_DATABASE_URL")
+        database = f"PostgreSQL database {target.name!r} at {target.host}:{target.port} as {target.user!r}"
+    return f"{stamp}: starting Label Studio on {settings.host}:{settings.ls_port}, data in {database}"
+
+
+def _write_state(settings: Settings, pid: int, log_offset: int) -> None:
+    atomic_write_json(
+        state_path(settings),
+        {
+            "pid": pid,
+            "port": settings.ls_port,
+            "host": settings.host,
+            "started_at": time.time(),
+            "log_offset": log_offset,
+        },
+    )
+
+
+def _wait_for_external(settings: Settings, wait: bool, timeout: float) -> ServerStatus:
+    """`start` for a Label Studio at `YOLODEX_LS_URL`: waits (`wait`) until it answers and takes our token."""
+    logger.info("Label Studio runs outside yolodex (YOLODEX_LS_URL=%s): not starting one", settings.ls_url)
+    deadline = time.monotonic() + timeout
+    while True:
+        current = status(settings)
+        if current.state == "running" or not wait:
+            return current
+        if current.state == "misconfigured":
+            raise LabelStudioError(f"{current.message} To fix: {current.action}.")
+        if time.monotonic() > deadline:
+            raise LabelStudioError(
+                f"Label Studio did not answer at {settings.ls_url} (YOLODEX_LS_URL) within {timeout:.0f} s; yolodex "
+                "does not start it: start that Label Studio (e.g. its container), or unset YOLODEX_LS_URL."
+            )
+        time.sleep(1.0)
+
+
 def _server_env(settings: Settings, credentials: Credentials) -> dict[str, str]:
     env = {name: value for name, value in os.environ.items() if name in _INHERITED_ENV or name.startswith("LC_")}
+    env.update(_database_env(settings))
     env.update(
         {
             "LABEL_STUDIO_BASE_DATA_DIR": str(data_dir(settings)),
-            "DJANGO_DB": "sqlite",
             "LABEL_STUDIO_LOCAL_FILES_SERVING_ENABLED": "true",
             "LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT": str(settings.images_dir),
             "LABEL_STUDIO_USERNAME": credentials.email,
@@ -476,6 +637,21 @@ def _server_env(settings: Settings, credentials: Credentials) -> dict[str, str]:
         }
     )
     return env
+
+
+def _database_env(settings: Settings) -> dict[str, str]:
+    """Label Studio's database settings (its core/settings/base.py): SQLite in the data dir, or PostgreSQL."""
+    if settings.ls_database_url is None:
+        return {"DJANGO_DB": "sqlite"}
+    target = parse_postgres_url(settings.ls_database_url, "YOLODEX_LS_DATABASE_URL")
+    return {
+        "DJANGO_DB": "default",  # Label Studio's name for its PostgreSQL entry
+        "POSTGRE_NAME": target.name,
+        "POSTGRE_USER": target.user,
+        "POSTGRE_PASSWORD": target.password,
+        "POSTGRE_HOST": target.host,
+        "POSTGRE_PORT": str(target.port),
+    }
 
 
 def _wait_until_up(settings: Settings, credentials: Credentials, timeout: float) -> ServerStatus:
@@ -661,17 +837,22 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m backend.labeling.server", description=__doc__.split("\n")[0])
     parser.add_argument("command", choices=("start", "stop", "status", "repair"))
     parser.add_argument("--no-wait", action="store_true", help="start: return once the server is spawned")
+    parser.add_argument(
+        "--foreground", action="store_true", help="start: run the server in this process until it stops (containers)"
+    )
     parser.add_argument("--quiet", action="store_true", help="status: print nothing, exit 0 only when running")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="labelstudio: %(message)s")
     settings = get_settings()
     try:
+        if args.command == "start" and args.foreground:
+            return run_foreground(settings)
         if args.command == "start":
             if not args.no_wait:
                 print(f"labelstudio: starting on {labelstudio_url(settings)} ({FIRST_START_HINT})")
             current = start(settings, wait=not args.no_wait)
         elif args.command == "stop":
-            if not stop(settings):  # a stop logs its own line
+            if not stop(settings) and not settings.ls_external:  # a stop logs its own line
                 print("labelstudio: was not running")
             return 0
         elif args.command == "repair":
