@@ -178,6 +178,13 @@ def test_label_studio_on_postgresql_in_the_foreground_syncs_and_pulls_through_it
             assert connection.execute("SELECT count(*) FROM task").fetchone()[0] == 3
             assert connection.execute("SELECT count(*) FROM task_completion").fetchone()[0] == 1
         assert not (server.data_dir(settings) / "label_studio.sqlite3").exists()
+        # A new credentials file over data that kept the old login (a storage restored without it): repair writes
+        # the new login into Label Studio's PostgreSQL database.
+        server.credentials_path(settings).unlink()
+        server.load_or_create_credentials(settings)
+        assert server.status(settings).action == server.REPAIR_ACTION
+        server.repair_credentials(settings)
+        assert server.status(settings).ok and server.status(app).ok
         state_file = server.state_path(settings).read_text()
         assert json.loads(state_file)["pid"] == state.pid
 

@@ -851,8 +851,11 @@ def main(argv: list[str] | None = None) -> int:
             if not args.no_wait:
                 print(f"labelstudio: starting on {labelstudio_url(settings)} ({FIRST_START_HINT})")
             current = start(settings, wait=not args.no_wait)
+        elif args.command == "stop" and settings.ls_external:
+            print(f"labelstudio: Label Studio runs outside yolodex (YOLODEX_LS_URL={settings.ls_url}): not stopping it")
+            return 0
         elif args.command == "stop":
-            if not stop(settings) and not settings.ls_external:  # a stop logs its own line
+            if not stop(settings):  # a stop logs its own line
                 print("labelstudio: was not running")
             return 0
         elif args.command == "repair":
