@@ -82,6 +82,16 @@ def test_session_scope_rolls_back_on_error(engine) -> None:
         assert session.scalars(select(Project)).all() == []
 
 
+def test_names_longer_than_their_column_are_refused_alike_on_every_backend(engine) -> None:
+    with session_scope(engine) as session:
+        with pytest.raises(ValueError, match="at most 200 characters"):
+            get_or_create_project(session, "p" * 201)
+        project = get_or_create_project(session, "p" * 200)
+        with pytest.raises(ValueError, match="a class name has at most 200"):
+            ensure_class(session, project, "c" * 201)
+        assert ensure_class(session, project, "c" * 200)[1]
+
+
 def test_classes_get_contiguous_indices(engine) -> None:
     with session_scope(engine) as session:
         project = get_or_create_project(session, "dex")

@@ -308,11 +308,23 @@ class JobMetric(Base):
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def get_or_create_project(session: Session, name: str) -> Project:
-    """The project called `name`, created (and flushed, so it has an id) when missing."""
+# Project and class names are String(200): PostgreSQL refuses longer values where SQLite would keep them, so both
+# backends check them here with one message.
+NAME_MAX_CHARS = 200
+
+
+def _checked_name(name: str, what: str) -> str:
     name = name.strip()
     if not name:
-        raise ValueError("a project needs a name")
+        raise ValueError(f"a {what} needs a name")
+    if len(name) > NAME_MAX_CHARS:
+        raise ValueError(f"a {what} name has at most {NAME_MAX_CHARS} characters; {name[:40]!r}... has {len(name)}")
+    return name
+
+
+def get_or_create_project(session: Session, name: str) -> Project:
+    """The project called `name`, created (and flushed, so it has an id) when missing."""
+    name = _checked_name(name, "project")
     project = session.scalar(select(Project).where(Project.name == name))
     if project is None:
         project = Project(name=name)
@@ -335,9 +347,7 @@ def ensure_class(
     Returns:
         (the class, whether it was added).
     """
-    name = name.strip()
-    if not name:
-        raise ValueError("a class needs a name")
+    name = _checked_name(name, "class")
     existing = session.scalar(
         select(ProjectClass).where(ProjectClass.project_id == project.id, ProjectClass.name == name)
     )
