@@ -51,6 +51,15 @@ def test_migrations_build_the_schema_on_postgresql_and_match_the_models(postgres
             assert {"jobs", "job_metrics", "labeling_tasks"} <= set(inspect(connection).get_table_names())
     finally:
         engine.dispose()
+    # The libpq spellings of the URL reach the same database through psycopg 3 (psycopg2 is not installed).
+    for scheme in ("postgresql", "postgres"):
+        engine = init_db(postgres_url.replace("postgresql+psycopg", scheme, 1))
+        try:
+            assert engine.dialect.driver == "psycopg"
+            with engine.connect() as connection:
+                assert connection.execute(text("SELECT name FROM projects")).scalars().all() == ["kept"]
+        finally:
+            engine.dispose()
 
 
 # ----------------------------------------------------------------------------------------------------------------

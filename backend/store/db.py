@@ -1,7 +1,8 @@
 """Engine, schema migration and sessions for the metadata database.
 
 SQLite is the default (one file in the storage folder, WAL journal so the app, the worker and the CLI can read
-while one of them writes); any SQLAlchemy URL works, e.g. `postgresql+psycopg://...`. The schema is created and
+while one of them writes); any SQLAlchemy URL works, e.g. `postgresql+psycopg://user:password@host:5432/yolodex`
+(psycopg 3; a plain `postgresql://` or `postgres://` URL means the same here). The schema is created and
 upgraded only by the Alembic scripts in `backend/store/migrations/` (never `create_all`), so a database made by
 an older yolodex is upgraded in place. The scripts ship inside the package: no alembic.ini is needed at run time.
 """
@@ -27,13 +28,18 @@ def make_engine(url: str) -> Engine:
     """Creates an engine; for SQLite, creates the file's folder and sets WAL, foreign keys and a busy timeout.
 
     Args:
-        url: a SQLAlchemy database URL (`sqlite:///<path>`, `postgresql+psycopg://...`).
+        url: a SQLAlchemy database URL (`sqlite:///<path>`, `postgresql+psycopg://...`; `postgresql://` and
+            `postgres://` use psycopg 3 too).
     """
     parsed = make_url(url)
+    if parsed.drivername in ("postgresql", "postgres"):
+        # SQLAlchemy's default PostgreSQL driver is psycopg2; yolodex installs psycopg 3.
+        parsed = parsed.set(drivername="postgresql+psycopg")
     is_sqlite = parsed.get_backend_name() == "sqlite"
     if is_sqlite and parsed.database and parsed.database != ":memory:":
         Path(parsed.database).expanduser().parent.mkdir(parents=True, exist_ok=True)
-    engine = create_engine(url, future=True)
+    # A server database may restart under a long-lived worker: test pooled connections before handing them out.
+    engine = create_engine(parsed, future=True, pool_pre_ping=not is_sqlite)
     if is_sqlite:
         event.listen(engine, "connect", _configure_sqlite_connection)
         event.listen(engine, "begin", _begin_sqlite_transaction)
