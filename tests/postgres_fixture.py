@@ -149,7 +149,7 @@ def running_postgres() -> Iterator[PostgresServer]:
                 shutil.chown(path, "postgres", "postgres")
         _run(
             [str(bindir / "initdb"), "-D", str(data_dir), "-U", USER, f"--pwfile={password_file}",
-             "--auth=scram-sha-256", "--encoding=UTF8", "--locale=C.UTF-8", "--no-sync"],
+             "--auth=scram-sha-256", "--encoding=UTF8", "--no-locale", "--no-sync"],
             "initdb",
         )  # fmt: skip
         password_file.unlink()
