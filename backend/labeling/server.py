@@ -240,8 +240,8 @@ def status(
                 url,
                 pid,
                 f"Label Studio (pid {pid}) has stopped unexpectedly.",
-                f"read {log_path(settings)}, then {START_ACTION}",
-                details=_log_tail(settings, state.get("log_offset", 0)),
+                f"read {'its console output' if state.get('foreground') else log_path(settings)}, then {START_ACTION}",
+                details="" if state.get("foreground") else _log_tail(settings, state.get("log_offset", 0)),
             )
         if not _port_free(settings.host, settings.ls_port):
             return ServerStatus(
@@ -399,7 +399,7 @@ def run_foreground(settings: Settings, timeout: float = 420.0) -> int:
         stdin=subprocess.DEVNULL,
     )
     _children[process.pid] = process
-    _write_state(settings, process.pid, log_offset=0)
+    _write_state(settings, process.pid, log_offset=0, foreground=True)
     received: list[int] = []
 
     def forward(signum: int, _frame) -> None:
@@ -585,17 +585,9 @@ def _start_line(settings: Settings) -> str:
     return f"{stamp}: starting Label Studio on {settings.host}:{settings.ls_port}, data in {database}"
 
 
-def _write_state(settings: Settings, pid: int, log_offset: int) -> None:
-    atomic_write_json(
-        state_path(settings),
-        {
-            "pid": pid,
-            "port": settings.ls_port,
-            "host": settings.host,
-            "started_at": time.time(),
-            "log_offset": log_offset,
-        },
-    )
+def _write_state(settings: Settings, pid: int, log_offset: int, foreground: bool = False) -> None:
+    state = {"pid": pid, "port": settings.ls_port, "host": settings.host, "started_at": time.time()}
+    atomic_write_json(state_path(settings), state | {"log_offset": log_offset, "foreground": foreground})
 
 
 def _wait_for_external(settings: Settings, wait: bool, timeout: float) -> ServerStatus:
@@ -661,9 +653,9 @@ def _wait_until_up(settings: Settings, credentials: Credentials, timeout: float)
         state = _read_state(settings)
         pid = state.get("pid") if state else None
         if not (isinstance(pid, int) and _is_labelstudio_process(pid)):
-            tail = _log_tail(settings, state.get("log_offset", 0) if state else 0)
+            output = _output_end(settings, state)
             state_path(settings).unlink(missing_ok=True)
-            raise LabelStudioError(f"Label Studio exited while starting; the end of {log_path(settings)}:\n{tail}")
+            raise LabelStudioError(f"Label Studio exited while starting; {output}")
         current = status(settings, credentials=credentials)
         if current.state == "running":
             return current
@@ -676,13 +668,17 @@ def _wait_until_up(settings: Settings, credentials: Credentials, timeout: float)
             details = f"\n{current.details}" if current.details else ""
             raise LabelStudioError(f"{current.message} To fix: {current.action}.{details}")
         if time.monotonic() > deadline:
-            tail = _log_tail(settings, state.get("log_offset", 0) if state else 0)
+            output = _output_end(settings, state)
             stop(settings)
-            raise LabelStudioError(
-                f"Label Studio did not answer within {timeout:.0f} s, so it was stopped; "
-                f"the end of {log_path(settings)}:\n{tail}"
-            )
+            raise LabelStudioError(f"Label Studio did not answer within {timeout:.0f} s, so it was stopped; {output}")
         time.sleep(1.0)
+
+
+def _output_end(settings: Settings, state: dict | None) -> str:
+    """Where to read what the server printed: the end of its log, or (run in the foreground) the console."""
+    if state and state.get("foreground"):
+        return "its output is above (it ran in the foreground)"
+    return f"the end of {log_path(settings)}:\n{_log_tail(settings, state.get('log_offset', 0) if state else 0)}"
 
 
 def _read_state(settings: Settings) -> dict | None:
