@@ -532,7 +532,11 @@ def model_version_of(model_path: str | Path) -> str:
     """`yolodex:<run folder>/<file>` for a run's file, so Label Studio shows which model pre-labeled a task."""
     path = Path(model_path)
     name = f"{path.parent.name}/{path.name}" if path.is_file() else path.name
-    return MODEL_VERSION_PREFIX + name
+    version = MODEL_VERSION_PREFIX + name
+    # The column holds 200 characters (PostgreSQL refuses more): a very long run name keeps its end, which differs.
+    return (
+        version if len(version) <= 200 else MODEL_VERSION_PREFIX + "…" + version[-(199 - len(MODEL_VERSION_PREFIX)) :]
+    )
 
 
 def prelabel(
