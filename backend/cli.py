@@ -110,6 +110,18 @@ def cmd_train(args: argparse.Namespace) -> None:
     from backend.training.config import TrainConfig
     from backend.training.trainer import fit, resume
 
+    if args.gpus and args.nproc:
+        raise ValueError("--gpus N (one process per GPU) or --nproc N (processes on --device), not both")
+    processes = args.gpus or args.nproc or 1
+    if processes > 1:  # torchrun processes (backend/training/distributed.py); --batch stays the global batch
+        import functools
+
+        from backend.training import distributed
+
+        on_log = None if args.quiet else (lambda line: print(line, file=sys.stderr))
+        launch = {"processes": processes, "gpus": bool(args.gpus), "on_log": on_log}
+        fit = functools.partial(distributed.fit, **launch)
+        resume = functools.partial(distributed.resume, **launch)
     bar = _TrainProgress(tqdm, quiet=args.quiet)
     try:
         if args.resume:
@@ -407,7 +419,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--imgsz", type=int, default=640)
     train.add_argument("--epochs", type=int, help="default 100 (on --resume: the run's)")
     train.add_argument("--time", type=float, help="wall-clock budget in minutes, counted from the first step")
-    train.add_argument("--batch", type=int, default=16)
+    train.add_argument("--batch", type=int, default=16, help="images per step, over all processes (--gpus/--nproc)")
     train.add_argument("--weights", help="'coco' (official, non-commercial licence), or an earlier run/checkpoint")
     train.add_argument("--lr", type=float, help="peak lr (default: 5e-4 S, 4e-4 M/L; x2 from scratch)")
     train.add_argument("--patience", type=int, help="early stop after this many epochs without a better mAP (30)")
@@ -416,6 +428,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--workers", type=int, help="data-loading processes (default: from the core count)")
     train.add_argument("--no-amp", action="store_true", help="train in float32 (no fp16/bf16 mixed precision)")
     train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--gpus", type=int, help="train on N GPUs (DDP, one process each; torchrun)")
+    train.add_argument("--nproc", type=int, help="N processes on --device (DDP; gloo on a CPU, for testing)")
     train.add_argument("--checkpoint-minutes", type=float, help="also save last.pt mid-epoch this often (5)")
     train.add_argument("--out", type=Path, help="run folder (default: storage/runs/<size>-<time>)")
     train.add_argument("--resume", type=Path, metavar="RUN_DIR", help="continue this run where it stopped")

@@ -16,6 +16,7 @@ from backend import catalog
 from backend.jobs import api as jobs
 from backend.store.db import session_scope
 from backend.training import presets
+from backend.training.distributed import visible_gpus
 
 JOB_PARAM = "job"
 REFRESH_S = 2.0
@@ -54,6 +55,9 @@ weights = right.selectbox(
 note = presets.licence_note(weights.value)
 if note:
     st.warning(note, icon=":material/gavel:")
+gpus, gpu_count = 1, visible_gpus()
+if gpu_count > 1:  # several GPUs: DDP, one process each; the batch size above is the global batch
+    gpus = left.number_input("GPUs", 1, gpu_count, 1, key="train_gpus", disabled=device == "cpu")
 
 
 def launch() -> int:
@@ -62,9 +66,10 @@ def launch() -> int:
         time_minutes=float(budget) or None, weights=weights.value, device=device,
     )  # fmt: skip
     run_dir = presets.new_run_dir(settings.runs_dir, project, version.name)
-    return jobs.submit(
-        "train", {"project": project, "config": config.to_dict(), "run_dir": str(run_dir)}, settings=settings
-    )
+    params = {"project": project, "config": config.to_dict(), "run_dir": str(run_dir)}
+    if gpus > 1 and device != "cpu":
+        params["gpus"] = int(gpus)
+    return jobs.submit("train", params, settings=settings)
 
 
 if st.button("Start training", type="primary", disabled=version is None, key="train_start"):

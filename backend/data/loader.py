@@ -210,14 +210,31 @@ class EpochSampler(Sampler[int]):
     image appears ⌊total/len⌋ or ⌊total/len⌋ + 1 times. The k-th copy of image j is yielded as k·len + j, which
     `TrainDataset` reads as image j with its own random augmentation. The order is a function of (seed, epoch).
 
+    Distributed training (`world_size` > 1): the epoch's order is the same for every process; it is cut into global
+    batches of `global_batch` (an incomplete last one dropped) and process `rank` takes the rank-th slice of
+    global_batch / world_size indices of each. Step k then trains on the same images for any number of processes.
+
     Args:
         dataset_len: number of images.
         min_samples: samples per epoch at least (the fine-tuning recipe's 512).
         seed: seeds the order together with the epoch.
         shuffle: False yields the passes in order and the first images as the remainder.
+        rank: this process's rank among `world_size` processes.
+        world_size: processes sharing each global batch.
+        global_batch: images per optimizer step over all processes (needed when world_size > 1).
     """
 
-    def __init__(self, dataset_len: int, min_samples: int = 512, seed: int = 0, shuffle: bool = True) -> None:
+    def __init__(
+        self,
+        dataset_len: int,
+        min_samples: int = 512,
+        seed: int = 0,
+        shuffle: bool = True,
+        *,
+        rank: int = 0,
+        world_size: int = 1,
+        global_batch: int | None = None,
+    ) -> None:
         if dataset_len < 1:
             raise ValueError(f"EpochSampler needs at least one image, got dataset_len={dataset_len}")
         self.dataset_len = int(dataset_len)
@@ -225,12 +242,28 @@ class EpochSampler(Sampler[int]):
         self.seed = int(seed)
         self.shuffle = shuffle
         self.epoch = 0
+        self.rank, self.world_size = int(rank), int(world_size)
+        self.global_batch = global_batch
+        if self.world_size > 1:
+            if global_batch is None or global_batch % self.world_size:
+                raise ValueError(
+                    f"the global batch ({global_batch}) must be a multiple of the {self.world_size} processes"
+                )
+            if self.total < global_batch:
+                raise ValueError(
+                    f"an epoch of {self.total} samples is smaller than the global batch of {global_batch}: raise "
+                    "min_samples or lower the batch size"
+                )
+            if not 0 <= self.rank < self.world_size:
+                raise ValueError(f"rank {rank} is not in 0..{self.world_size - 1}")
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
 
     def __len__(self) -> int:
-        return self.total
+        if self.world_size == 1:
+            return self.total
+        return self.total // self.global_batch * (self.global_batch // self.world_size)
 
     def indices(self) -> np.ndarray:
         """(total,) int64 virtual indices of the current epoch."""
@@ -243,7 +276,11 @@ class EpochSampler(Sampler[int]):
         return rng.permutation(order)
 
     def __iter__(self):
-        return iter(self.indices().tolist())
+        order = self.indices()
+        if self.world_size > 1:
+            steps, per_rank = self.total // self.global_batch, self.global_batch // self.world_size
+            order = order[: steps * self.global_batch].reshape(steps, self.world_size, per_rank)[:, self.rank]
+        return iter(order.reshape(-1).tolist())
 
 
 def collate_detections(batch: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray]]) -> dict[str, torch.Tensor]:
@@ -283,28 +320,42 @@ def _init_worker(_worker_id: int) -> None:
 
 
 def make_train_loader(
-    dataset: TrainDataset, batch_size: int, *, min_samples: int = 512, num_workers: int = 1, seed: int = 0
+    dataset: TrainDataset,
+    batch_size: int,
+    *,
+    min_samples: int = 512,
+    num_workers: int = 1,
+    seed: int = 0,
+    rank: int = 0,
+    world_size: int = 1,
 ) -> DataLoader:
     """A DataLoader over `dataset` with an `EpochSampler`, `collate_detections` and persistent workers.
 
     Call `dataset.preload()` first so the workers share the decoded images, and `set_loader_epoch` before each
-    epoch. Batches depend only on the seeds and the epoch, not on num_workers.
+    epoch. Batches depend only on the seeds and the epoch, not on num_workers (nor, concatenated over the ranks in
+    rank order, on world_size).
 
     Args:
         dataset: the training dataset.
-        batch_size: images per batch; the last incomplete batch is dropped unless it would be the only one.
+        batch_size: images per optimizer step over all processes (the global batch); each of `world_size`
+            processes loads batch_size / world_size of them. The last incomplete batch is dropped unless (in a
+            single process) it would be the only one.
         min_samples: samples per epoch at least (small datasets are resampled).
         num_workers: worker processes (0 loads in the training process).
         seed: seeds the sample order.
+        rank, world_size: this process among the distributed training processes.
     """
-    sampler = EpochSampler(len(dataset), min_samples=min_samples, seed=seed)
+    sampler = EpochSampler(
+        len(dataset), min_samples=min_samples, seed=seed, rank=rank, world_size=world_size, global_batch=batch_size
+    )
+    per_rank = batch_size // world_size
     return DataLoader(
         dataset,
-        batch_size=batch_size,
+        batch_size=per_rank,
         sampler=sampler,
         collate_fn=collate_detections,
         num_workers=num_workers,
-        drop_last=len(sampler) >= batch_size,
+        drop_last=len(sampler) >= per_rank,
         persistent_workers=num_workers > 0,
         pin_memory=torch.cuda.is_available(),
         worker_init_fn=_init_worker if num_workers > 0 else None,

@@ -479,6 +479,15 @@ def _run_train(params: dict[str, Any], settings: Settings, context: JobContext) 
     from backend.training.config import TrainConfig
     from backend.training.trainer import fit, resume
 
+    processes = int(params.get("gpus") or params.get("nproc") or 1)
+    if processes > 1:  # torchrun processes: gpus N (one per GPU) or nproc N (on the config's device, gloo on a CPU)
+        import functools
+
+        from backend.training import distributed
+
+        launch = {"processes": processes, "gpus": bool(params.get("gpus"))}
+        fit = functools.partial(distributed.fit, **launch)
+        resume = functools.partial(distributed.resume, **launch)
     resuming = bool(params.get("resume"))
     run_dir = Path(params["resume"] if resuming else params["run_dir"])
     if resuming:

@@ -25,7 +25,8 @@ class TrainConfig:
         size: "s", "m" or "l".
         imgsz: square input side, a multiple of 32.
         epochs: upper bound on epochs; `time_minutes` and early stopping may end the run sooner.
-        batch_size: images per optimizer step.
+        batch_size: images per optimizer step; in distributed training the global batch, split evenly over the
+            processes (see backend/training/distributed.py).
         time_minutes: wall-clock budget counted from the first step; the schedule anneals within it.
         weights: None (random initialisation), "coco" (official COCO weights, transferred to our classes), or a
             checkpoint / run folder of an earlier run.
@@ -45,6 +46,8 @@ class TrainConfig:
         num_workers: data-loading processes; None picks from the core count.
         checkpoint_minutes: also write last.pt mid-epoch this often, so a killed run loses little.
         seed: seeds initialisation, sampling and augmentation.
+        sync_bn: in distributed training, BatchNorm statistics over the global batch (SyncBN, as the recipe's
+            multi-GPU runs); off, each process normalises with its own share. No effect in one process.
     """
 
     data: str = ""
@@ -70,6 +73,7 @@ class TrainConfig:
     num_workers: int | None = None
     checkpoint_minutes: float = 5.0
     seed: int = 0
+    sync_bn: bool = True
 
     def __post_init__(self) -> None:
         if self.size not in DEFAULT_LR:

@@ -39,6 +39,7 @@ from backend.processing import (
     postprocess_torch,
 )
 from backend.training.config import TrainingError
+from backend.training.distributed import World
 from backend.training.ema import ModelEMA
 from backend.training.loss import YoloNASLoss
 from backend.training.schedule import WarmupCosineSchedule
@@ -133,6 +134,8 @@ class StepContext:
     stop_requested: Callable[[], bool] | None = None
     # Called after every step with (step_in_epoch); `fit` uses it for time-based mid-epoch checkpoints.
     after_step: Callable[[int], None] | None = None
+    # The training processes (DDP): losses, elapsed time and the stop flag are shared over them every step.
+    world: World = field(default_factory=World)
 
 
 def images_to_input(images: torch.Tensor, device: torch.device, channels_last: bool) -> torch.Tensor:
@@ -168,8 +171,7 @@ def train_one_epoch(
         started = time.perf_counter()
         images = images_to_input(batch["images"], context.device, channels_last)
         targets = [batch[key].to(context.device, non_blocking=True) for key in ("gt_boxes", "gt_labels", "gt_mask")]
-        losses = _optimizer_step(model, images, targets, context)
-        values = {key: float(losses[key].detach()) for key in LOSS_TERMS}
+        values, stop = _optimizer_step(model, images, targets, context)
         if not math.isfinite(values["loss"]):
             raise TrainingError(
                 f"the loss became {values['loss']} at epoch {epoch + 1}, step {steps + 1} "
@@ -182,35 +184,45 @@ def train_one_epoch(
         for key in LOSS_TERMS:
             sums[key] += values[key]
         seconds = time.perf_counter() - started
-        rate = images.shape[0] / seconds if rate is None else 0.9 * rate + 0.1 * images.shape[0] / seconds
+        batch_size = images.shape[0] * context.world.size  # the global batch
+        rate = batch_size / seconds if rate is None else 0.9 * rate + 0.1 * batch_size / seconds
         lr = context.optimizer.param_groups[0]["lr"]
         context.on_event(
             "step", epoch=epoch, step=steps, steps_per_epoch=total, global_step=context.scheduler.steps_done,
-            lr=lr, images_per_s=rate, elapsed_s=context.clock.elapsed_s, eta_s=_eta(context, rate, images.shape[0]),
+            lr=lr, images_per_s=rate, elapsed_s=context.clock.elapsed_s, eta_s=_eta(context, rate, batch_size),
             **values,
         )  # fmt: skip
         if context.after_step is not None:
             context.after_step(steps)
-        if context.clock.out_of_time:
-            stopped = "time"
-            break
-        if context.stop_requested is not None and context.stop_requested():
-            stopped = "cancelled"
+        if stop is not None:
+            stopped = stop
             break
     means = {key: value / ran for key, value in sums.items()} if ran else {}
     return {"steps": steps, "stopped": stopped, **means}
 
 
 def _optimizer_step(
-    model: YoloNAS, images: torch.Tensor, targets: list[torch.Tensor], context: StepContext
-) -> dict[str, torch.Tensor]:
+    model: nn.Module, images: torch.Tensor, targets: list[torch.Tensor], context: StepContext
+) -> tuple[dict[str, float], str | None]:
+    """One optimizer step on `model` (a YoloNAS, or one in DistributedDataParallel).
+
+    Returns:
+        The loss terms of the global batch (the mean over the processes of each one's share; not finite: no step
+        was taken), and None, "time" or "cancelled": whether the run stops after this step, decided alike on every
+        process.
+    """
     gt_boxes, gt_labels, gt_mask = targets
+    world = context.world
     with torch.autocast(context.device.type, dtype=context.dtype or torch.float32, enabled=context.dtype is not None):
         cls_logits, reg_distri = model(images)  # (B, A, C), (B, A, 68)
     # The loss casts to float32 itself: assignment and the log/exp terms stay out of reduced precision.
     losses = context.loss_fn(cls_logits, reg_distri, gt_boxes, gt_labels, gt_mask, tuple(images.shape[2:]))
-    if not torch.isfinite(losses["loss"]):
-        return losses
+    # Shared before the backward pass: a non-finite loss on any process stops every one (none waits in DDP's
+    # gradient all-reduce for a process that left).
+    terms = world.mean(torch.stack([losses[key].detach() for key in LOSS_TERMS])).tolist()
+    values = dict(zip(LOSS_TERMS, terms, strict=True))
+    if not math.isfinite(values["loss"]):
+        return values, None
     context.optimizer.zero_grad(set_to_none=True)
     if context.scaler is not None:
         context.scaler.scale(losses["loss"]).backward()
@@ -224,10 +236,16 @@ def _optimizer_step(
         context.scaler.update()
     else:
         context.optimizer.step()
-    context.scheduler.step(context.clock.elapsed_s)
+    # The lr schedule and the stopping rules run on the slowest process's clock and anyone's stop request (rank 0
+    # holds it): every process takes the same lr and stops after the same step.
+    asked = context.stop_requested is not None and context.stop_requested()
+    elapsed_s, asked_anywhere = world.maximum([context.clock.elapsed_s, float(asked)])
+    context.scheduler.step(elapsed_s)
     if context.ema is not None:
-        context.ema.update(model)
-    return losses
+        context.ema.update(model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model)
+    if context.clock.budget_s is not None and elapsed_s >= context.clock.budget_s:
+        return values, "time"
+    return values, "cancelled" if asked_anywhere else None
 
 
 def _eta(context: StepContext, rate: float | None, batch_size: int) -> float | None:

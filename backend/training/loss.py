@@ -12,6 +12,7 @@ GIoU and DFL are computed in grid units (pixels / stride of each anchor's level)
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
@@ -91,6 +92,10 @@ class YoloNASLoss(nn.Module):
         reg_max: the largest DFL bin (reg_max + 1 bins per side).
         cls_weight, iou_weight, dfl_weight: weights of the three terms.
         assigner: defaults to TaskAlignedAssigner(topk=13, alpha=1.0, beta=6.0, eps=1e-9).
+        distributed: under DDP (one slice of the global batch per process): S is all-reduced over the default
+            process group, clamped to 1 and divided by the number of processes (§4). DDP's gradient average of
+            the processes' losses is then the single-process gradient of the global batch, Σ_r ∇sums_r / S.
+            (super-gradients clamps after dividing, max(S/N, 1): a batch with S < N then differs.)
     """
 
     def __init__(
@@ -102,8 +107,10 @@ class YoloNASLoss(nn.Module):
         iou_weight: float = 2.5,
         dfl_weight: float = 0.5,
         assigner: TaskAlignedAssigner | None = None,
+        distributed: bool = False,
     ) -> None:
         super().__init__()
+        self.distributed = distributed
         self.num_classes = num_classes
         self.strides = tuple(strides)
         self.reg_max = reg_max
@@ -141,7 +148,9 @@ class YoloNASLoss(nn.Module):
 
         Returns:
             `loss` (scalar to backprop) = `loss_cls` + `loss_iou` + `loss_dfl` (each weighted and divided by S),
-            and `assigned_scores_sum` (Σ soft scores before the max(1, ·) clamp, detached).
+            and `assigned_scores_sum` (Σ soft scores of this batch before the max(1, ·) clamp, detached). Under
+            `distributed` the terms are this process's share: their mean over the processes is the global
+            batch's loss.
         """
         device = cls_logits.device
         # AMP: the head may run in fp16/bf16; p², BCE and the IoU^6 alignment need float32 range and precision.
@@ -177,6 +186,10 @@ class YoloNASLoss(nn.Module):
 
             scores_sum = soft_scores.sum()
             normaliser = scores_sum.clamp(min=1.0)
+            if self.distributed and dist.is_initialized():
+                global_sum = scores_sum.detach().clone()
+                dist.all_reduce(global_sum, op=dist.ReduceOp.SUM)
+                normaliser = global_sum.clamp(min=1.0) / dist.get_world_size()
 
             # Box terms on positives only, in grid units; an empty selection sums to 0 and keeps the graph.
             foreground = assignment.foreground  # (B, A)

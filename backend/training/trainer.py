@@ -3,6 +3,9 @@
 Run folder: config.json (the resolved TrainConfig, classes and data report), metrics.jsonl (every event, one JSON
 object per line), last.pt (every epoch and every `checkpoint_minutes` mid-epoch), best.pt (the best validation
 mAP50-95, EMA weights), eval.json (the full evaluation of best.pt on the validation split).
+
+With a `World` of several processes (DDP, started by `backend.training.distributed`) every process trains on its
+slice of each global batch; rank 0 alone writes the run folder, evaluates and reports events.
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ from backend.models.download import OFFICIAL_COCO_WEIGHTS, fetch_weights
 from backend.models.yolo_nas import YoloNAS, build_model
 from backend.settings import get_settings
 from backend.training.config import TrainConfig
+from backend.training.distributed import World, wrap_model
 from backend.training.ema import ModelEMA
 from backend.training.engine import (
     Clock,
@@ -90,14 +94,21 @@ def fit(
     *,
     on_event: EventCallback | None = None,
     stop_requested: Callable[[], bool] | None = None,
+    world: World | None = None,
 ) -> FitResult:
-    """Trains a new run in `run_dir` (created; refused if it already holds a run: resume that one instead)."""
+    """Trains a new run in `run_dir` (created; refused if it already holds a run: resume that one instead).
+
+    `world`: this process among distributed training processes (see `backend.training.distributed`); None is one
+    process. Only rank 0's `on_event` is called.
+    """
     run_dir = Path(run_dir)
+    world = world or World()
     if (run_dir / "last.pt").exists() or (run_dir / "config.json").exists():
         raise TrainingError(
             f"{run_dir} already holds a run: resume it (yolodex train --resume {run_dir}) or pick another --out"
         )
-    return _run(config, run_dir, None, on_event or _ignore_event, stop_requested)
+    world.barrier()  # every process has looked before rank 0 writes config.json
+    return _run(config, run_dir, None, on_event or _ignore_event, stop_requested, world)
 
 
 def resume(
@@ -105,25 +116,27 @@ def resume(
     *,
     on_event: EventCallback | None = None,
     stop_requested: Callable[[], bool] | None = None,
+    world: World | None = None,
     **overrides: Any,
 ) -> FitResult:
-    """Continues a run from its last.pt, where it stopped (mid-epoch included).
+    """Continues a run from its last.pt, where it stopped (mid-epoch included), with any number of processes.
 
     `overrides` may change what does not alter the data order: epochs, time_minutes, patience, device, amp,
-    num_workers, checkpoint_minutes, eval_every.
+    num_workers, checkpoint_minutes, eval_every, sync_bn.
     """
     run_dir = Path(run_dir)
     config_path, last_path = run_dir / "config.json", run_dir / "last.pt"
     if not config_path.is_file() or not last_path.is_file():
         raise TrainingError(f"{run_dir} holds no run to resume (config.json and last.pt are needed)")
     config = TrainConfig.from_dict(json.loads(config_path.read_text())["train"])
-    allowed = {"epochs", "time_minutes", "patience", "device", "amp", "num_workers", "checkpoint_minutes", "eval_every"}
+    allowed = {"epochs", "time_minutes", "patience", "device", "amp", "num_workers", "checkpoint_minutes", "eval_every",
+               "sync_bn"}  # fmt: skip
     unknown = set(overrides) - allowed
     if unknown:
         raise TrainingError(f"cannot change {', '.join(sorted(unknown))} when resuming; start a new run instead")
     config = config.with_changes(**{key: value for key, value in overrides.items() if value is not None})
     checkpoint = read_checkpoint(last_path)
-    return _run(config, run_dir, checkpoint, on_event or _ignore_event, stop_requested)
+    return _run(config, run_dir, checkpoint, on_event or _ignore_event, stop_requested, world or World())
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -193,18 +206,19 @@ def load_start_weights(model: YoloNAS, weights: str) -> str:
     return f"{path} ({entry}){transfer}"
 
 
-def default_num_workers() -> int:
+def default_num_workers(processes: int = 1) -> int:
+    """Loader processes per training process, sharing the cores with `processes` training processes."""
     # One loader process on a 2-core machine: augmentation overlaps the step without starving the model's threads.
-    return min(4, max(0, (os.cpu_count() or 1) - 1))
+    return min(4, max(0, (os.cpu_count() or 1) // processes - 1))
 
 
-def usable_num_workers(requested: int | None) -> int:
-    """Loader processes to use: `requested` (None: `default_num_workers()`), or 0 in a daemonic process.
+def usable_num_workers(requested: int | None, processes: int = 1) -> int:
+    """Loader processes to use: `requested` (None: `default_num_workers(processes)`), or 0 in a daemonic process.
 
     A daemonic process may not start children ("daemonic processes are not allowed to have children"), and the job
     worker's processes (`huey_consumer -k process`) are daemonic: there the loader runs in the training process.
     """
-    workers = default_num_workers() if requested is None else requested
+    workers = default_num_workers(processes) if requested is None else requested
     if workers and multiprocessing.current_process().daemon:
         logger.info("a daemonic process (a job worker) cannot start loader processes: loading in-process")
         return 0
@@ -217,7 +231,8 @@ class _Session:
 
     config: TrainConfig
     run_dir: Path
-    model: YoloNAS
+    model: YoloNAS  # unwrapped: saved, evaluated
+    train_model: torch.nn.Module  # what trains: `model`, or `model` in DistributedDataParallel
     context: StepContext
     loader: torch.utils.data.DataLoader
     eval_images: EvalImages
@@ -232,6 +247,8 @@ class _Session:
         return self.context.ema.module if self.context.ema is not None else self.model
 
     def save(self, name: str, epoch: int, step_in_epoch: int) -> None:
+        if not self.context.world.is_main:
+            return
         self.progress["elapsed_s"] = self.context.clock.elapsed_s
         write_checkpoint(
             self.run_dir / name, self.model, self.context, class_names=self.class_names, imgsz=self.config.imgsz,
@@ -245,13 +262,14 @@ def _prepare(
     checkpoint: dict[str, Any] | None,
     emit: EventCallback,
     stop_requested: Callable[[], bool] | None,
+    world: World,
 ) -> _Session:
     random.seed(config.seed)
     np.random.seed(config.seed)
     torch.manual_seed(config.seed)
     train_set, val_set, notes = load_splits(config.data, config.seed)
     class_names = train_set.class_names
-    device = resolve_device(config.device)
+    device = world.device if world.device is not None else resolve_device(config.device)
     dtype = autocast_dtype(device, config.amp)
 
     model = build_model(config.size, len(class_names))
@@ -262,15 +280,21 @@ def _prepare(
     if use_channels_last(device, dtype):
         model.to(memory_format=torch.channels_last)
     optimizer = build_optimizer(model, config.peak_lr, config.weight_decay)
-    ema = ModelEMA(model, config.ema_decay) if config.ema_decay > 0 else None
+    # Only rank 0 evaluates and saves: the EMA lives there (every rank's weights are the same after each step).
+    ema = ModelEMA(model, config.ema_decay) if config.ema_decay > 0 and world.is_main else None
+    train_model = wrap_model(model, world, config.sync_bn)  # after the EMA copy: that one keeps plain BatchNorm
 
     augment = AugmentConfig(mosaic_prob=config.mosaic_prob) if config.augment else None
     dataset = TrainDataset(train_set.records, config.imgsz, augment, seed=config.seed)
     dataset.preload()
-    workers = usable_num_workers(config.num_workers)
-    loader = make_train_loader(
-        dataset, config.batch_size, min_samples=config.min_samples, num_workers=workers, seed=config.seed
-    )
+    workers = usable_num_workers(config.num_workers, world.size)
+    try:
+        loader = make_train_loader(
+            dataset, config.batch_size, min_samples=config.min_samples, num_workers=workers, seed=config.seed,
+            rank=world.rank, world_size=world.size,
+        )  # fmt: skip
+    except ValueError as error:
+        raise TrainingError(str(error)) from error
     total_steps = config.epochs * len(loader)
     warmup_steps = min(round(config.warmup_epochs * len(loader)), MAX_WARMUP_STEPS, total_steps // 5)
     budget_s = config.time_minutes * 60 if config.time_minutes else None
@@ -284,26 +308,28 @@ def _prepare(
         start_epoch, first_step = _restore(checkpoint, model, optimizer, scheduler, scaler, ema, progress)
         scheduler.total_steps, scheduler.time_budget_s = total_steps, budget_s
         start = f"resumed from last.pt at epoch {start_epoch + 1}, step {first_step}"
-    else:
+    elif world.is_main:
         atomic_write_json(
             run_dir / "config.json",
             {"train": config.to_dict(), "class_names": class_names, "start": start, "notes": notes,
              "data": {"train": train_set.report.to_dict(), "val": val_set.report.to_dict(),
                       "train_images": len(train_set), "val_images": len(val_set)}},
         )  # fmt: skip
+    loss_fn = YoloNASLoss(len(class_names), strides=model.strides, distributed=world.distributed)
     context = StepContext(
-        loss_fn=YoloNASLoss(len(class_names), strides=model.strides), optimizer=optimizer, scheduler=scheduler,
+        loss_fn=loss_fn, optimizer=optimizer, scheduler=scheduler,
         ema=ema, device=device, dtype=dtype, scaler=scaler, grad_clip_norm=config.grad_clip_norm,
-        clock=Clock(progress["elapsed_s"], budget_s), on_event=emit, stop_requested=stop_requested,
+        clock=Clock(progress["elapsed_s"], budget_s), on_event=emit, stop_requested=stop_requested, world=world,
     )  # fmt: skip
     emit(
         "train_start", run_dir=str(run_dir), start=start, device=str(device), precision=str(dtype or "float32"),
         train_images=len(train_set), val_images=len(val_set), class_names=class_names, epochs=config.epochs,
         steps_per_epoch=len(loader), total_steps=total_steps, warmup_steps=warmup_steps,
         batch_size=config.batch_size, num_workers=workers, time_budget_s=budget_s, notes=notes,
+        processes=world.size, sync_bn=config.sync_bn and world.distributed,
     )  # fmt: skip
     return _Session(
-        config=config, run_dir=run_dir, model=model, context=context, loader=loader,
+        config=config, run_dir=run_dir, model=model, train_model=train_model, context=context, loader=loader,
         eval_images=EvalImages(val_set, config.imgsz), class_names=class_names, progress=progress,
         start_epoch=start_epoch, first_step=first_step, emit=emit,
     )  # fmt: skip
@@ -315,19 +341,23 @@ def _run(
     checkpoint: dict[str, Any] | None,
     on_event: EventCallback,
     stop_requested: Callable[[], bool] | None,
+    world: World,
 ) -> FitResult:
     run_dir.mkdir(parents=True, exist_ok=True)
 
     def emit(name: str, **data: Any) -> None:
+        if not world.is_main:
+            return
         append_jsonl(run_dir / "metrics.jsonl", {"event": name, "time": round(time.time(), 3), **data})
         on_event(name, **data)
 
-    session = _prepare(config, run_dir, checkpoint, emit, stop_requested)
+    session = _prepare(config, run_dir, checkpoint, emit, stop_requested, world)
     context, progress, loader = session.context, session.progress, session.loader
     position = {"epoch": session.start_epoch, "saved_at": time.perf_counter()}
 
     def checkpoint_mid_epoch(step_in_epoch: int) -> None:
-        if time.perf_counter() - position["saved_at"] >= config.checkpoint_minutes * 60:
+        # Rank 0's clock alone decides: only it writes, and no other rank needs to wait for it.
+        if world.is_main and time.perf_counter() - position["saved_at"] >= config.checkpoint_minutes * 60:
             session.save("last.pt", position["epoch"], step_in_epoch)
             position["saved_at"] = time.perf_counter()
             emit("checkpoint", path=str(run_dir / "last.pt"), epoch=position["epoch"], step_in_epoch=step_in_epoch)
@@ -338,14 +368,15 @@ def _run(
         for epoch in range(session.start_epoch, config.epochs):
             position["epoch"] = epoch
             set_loader_epoch(loader, epoch)
-            summary = train_one_epoch(session.model, loader, context, epoch=epoch, first_step=first_step)
+            summary = train_one_epoch(session.train_model, loader, context, epoch=epoch, first_step=first_step)
             first_step = 0
             if summary["stopped"] == "cancelled":
                 session.save("last.pt", epoch, summary["steps"])
                 stopped = "cancelled"
                 break
             metrics = None
-            if (epoch + 1) % config.eval_every == 0 or epoch + 1 == config.epochs or summary["stopped"] == "time":
+            evaluate_now = (epoch + 1) % config.eval_every == 0 or epoch + 1 == config.epochs
+            if world.is_main and (evaluate_now or summary["stopped"] == "time"):
                 metrics = _evaluate_epoch(session, epoch)
             finished = summary["stopped"] is None
             session.save("last.pt", epoch + 1 if finished else epoch, 0 if finished else summary["steps"])
@@ -357,11 +388,18 @@ def _run(
             if summary["stopped"] == "time":
                 stopped = "time"
                 break
-            if config.patience is not None and progress["bad_epochs"] >= config.patience:
+            # Rank 0 decides (it evaluated); the others wait here for its evaluation and checkpoint.
+            patience_over = config.patience is not None and progress["bad_epochs"] >= config.patience
+            if world.broadcast_flag(patience_over):
                 stopped = "early_stop"
                 emit("early_stop", epoch=epoch, patience=config.patience, best_epoch=progress["best_epoch"])
                 break
     except torch.OutOfMemoryError as error:
+        if world.distributed:  # probing smaller batches on one process would leave the others waiting
+            raise TrainingError(
+                f"a GPU ran out of memory at the global batch {config.batch_size} ({config.batch_size // world.size} "
+                f"per GPU), imgsz {config.imgsz}, YOLO-NAS {config.size.upper()}: rerun with a smaller --batch"
+            ) from error
         advice = _out_of_memory_advice(config, session.model, context.loss_fn, context.device, context.dtype)
         raise TrainingError(advice) from error
     finally:
