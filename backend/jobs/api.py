@@ -348,8 +348,9 @@ def resume(job_id: int, settings: Settings | None = None) -> int:
     if not job.can_resume:
         raise ValueError(f"{job.run_dir} holds no last.pt to continue from: start a new training instead")
     params: dict[str, Any] = {"resume": str(job.run_dir), "project": job.project}
-    if job.params.get("overrides"):
-        params["overrides"] = job.params["overrides"]
+    for key in ("overrides", "gpus", "nproc"):  # gpus/nproc: as many training processes as before
+        if job.params.get(key):
+            params[key] = job.params[key]
     return _submit("train", params, settings, resumed_from=job.id)
 
 
