@@ -188,7 +188,7 @@ def check_processes(processes: int, batch_size: int) -> None:
         raise TrainingError(
             f"the batch of {batch_size} images is the global batch, split evenly over {processes} processes: "
             f"pick a batch that is a multiple of {processes} (e.g. {batch_size + processes - batch_size % processes})"
-            f" or {fitting[0]} processes"
+            f" or train with {fitting[0]} process{'es' if fitting[0] > 1 else ''}"
         )
 
 
@@ -219,6 +219,9 @@ class CpuSyncBatchNorm(nn.BatchNorm2d):
                 warnings.simplefilter("ignore", FutureWarning)
                 return differentiable_all_reduce(tensor, op=op)
 
+        dtype = x.dtype
+        if dtype in (torch.float16, torch.bfloat16):  # statistics in float32 under autocast, as F.batch_norm's
+            x = x.float()
         channels = x.shape[1]
         local = torch.cat([x.sum(dim=(0, 2, 3)), x.new_tensor([x.numel() / channels])])
         total = all_reduce(local, op=dist.ReduceOp.SUM)
@@ -234,8 +237,10 @@ class CpuSyncBatchNorm(nn.BatchNorm2d):
                 self.running_var.lerp_(var.detach() * count / max(float(count) - 1.0, 1.0), factor)
         scale = torch.rsqrt(var + self.eps)
         if self.affine:
-            return centred * (self.weight * scale).view(1, -1, 1, 1) + self.bias.view(1, -1, 1, 1)
-        return centred * scale.view(1, -1, 1, 1)
+            output = centred * (self.weight * scale).view(1, -1, 1, 1) + self.bias.view(1, -1, 1, 1)
+        else:
+            output = centred * scale.view(1, -1, 1, 1)
+        return output.to(dtype)
 
 
 def convert_sync_batchnorm(model: nn.Module, device: torch.device) -> nn.Module:
