@@ -127,9 +127,8 @@ def first_step_loss(data: Path, checkpoint_path: Path, epoch: int) -> float:
     model.train()
     cls_logits, reg_distri = model(batch["images"].float() / 255)
     loss_fn = YoloNASLoss(3, strides=model.strides)
-    return float(
-        loss_fn(cls_logits, reg_distri, batch["gt_boxes"], batch["gt_labels"], batch["gt_mask"], (64, 64))["loss"]
-    )
+    losses = loss_fn(cls_logits, reg_distri, batch["gt_boxes"], batch["gt_labels"], batch["gt_mask"], (64, 64))
+    return float(losses["loss"].detach())
 
 
 @pytest.mark.slow
