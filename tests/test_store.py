@@ -61,7 +61,7 @@ def test_migration_creates_the_schema_and_running_it_again_is_a_no_op(tmp_path: 
         get_or_create_project(session, "kept")
     init_db(url)  # a second run must neither fail nor touch the data
     with engine.connect() as connection:
-        assert connection.execute(text("SELECT version_num FROM alembic_version")).scalar_one() == "0003"
+        assert connection.execute(text("SELECT version_num FROM alembic_version")).scalar_one() == "0004"
         assert connection.execute(text("SELECT name FROM projects")).scalars().all() == ["kept"]
         # The migration and the models agree: autogenerate would find nothing to do.
         assert compare_metadata(MigrationContext.configure(connection), Base.metadata) == []

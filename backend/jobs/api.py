@@ -10,8 +10,13 @@ A job is a row of the `jobs` table (`backend.store.models.Job`) plus a huey task
   skips it: only a "queued" row can be claimed).
 - cancel, running: `cancel_requested` is set; the job sees it at its next step (training and quantization check
   it every step; import, crawl, sync and evaluation finish what they started) and ends "cancelled".
-- interrupted: the worker stopped mid-job (SIGTERM, a crash, kill -9). A starting worker marks the "running" jobs
-  of dead processes on its host as interrupted. A training job is continued with `resume(job_id)`: a new job.
+- interrupted: the worker stopped mid-job (SIGTERM, a crash, kill -9, its machine gone). The process running a job
+  refreshes the row's `heartbeat_at` every `YOLODEX_JOB_HEARTBEAT_S` seconds [10]; a "running" job whose heartbeat
+  is older than `YOLODEX_JOB_STALE_S` seconds [60] is dead, wherever its worker ran, and `interrupt_stale_jobs`
+  marks it interrupted. Every worker runs that check every few seconds, and `get_job`/`list_jobs` run it too, so
+  the app shows the truth even when no worker is alive. A starting worker also marks at once the "running" jobs of
+  dead processes on its own host. A training job is continued with `resume(job_id)`: a new job, which any worker
+  (on any machine sharing the storage and the database) may run.
 
 Importing this module is cheap: no torch, no streamlit, no huey (the queue is imported when a job is submitted).
 Every function takes `settings` (default: the environment's).
@@ -19,6 +24,7 @@ Every function takes `settings` (default: the environment's).
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -43,10 +49,13 @@ __all__ = [
     "cancel",
     "count_jobs",
     "get_job",
+    "heartbeat_interval_s",
+    "interrupt_stale_jobs",
     "job_engine",
     "job_metrics",
     "list_jobs",
     "resume",
+    "stale_after_s",
     "submit",
 ]
 
@@ -54,6 +63,8 @@ ACTIVE = ("queued", "running")
 TERMINAL = tuple(state for state in JOB_STATES if state not in ACTIVE)
 RESUMABLE = ("interrupted", "cancelled", "failed")
 LOG_TAIL_LINES = 200
+DEFAULT_HEARTBEAT_S = 10.0
+DEFAULT_STALE_S = 60.0
 
 
 class JobNotFound(ValueError):
@@ -93,6 +104,8 @@ class JobView:
     project: str | None = None
     updated_at: datetime | None = None
     worker_pid: int | None = None
+    worker_host: str | None = None
+    heartbeat_at: datetime | None = None
     resumed_from: int | None = None
     resumed_by: int | None = None
 
@@ -166,6 +179,8 @@ def _view(job: Job, resumed_by: int | None = None) -> JobView:
         project=job.project,
         updated_at=_aware(job.updated_at),
         worker_pid=job.worker_pid,
+        worker_host=job.worker_host,
+        heartbeat_at=_aware(job.heartbeat_at),
         resumed_from=job.resumed_from_id,
         resumed_by=resumed_by,
     )
@@ -191,6 +206,7 @@ def get_job(job_id: int, settings: Settings | None = None) -> JobView:
     Raises:
         JobNotFound: no such job (a ValueError).
     """
+    interrupt_stale_jobs(settings)
     with session_scope(job_engine(settings)) as session:
         job = session.get(Job, int(job_id))
         if job is None:
@@ -198,11 +214,16 @@ def get_job(job_id: int, settings: Settings | None = None) -> JobView:
         return _view(job, _resumers(session, [job.id]).get(job.id))
 
 
-def _filtered(query, kind: str | None, project: str | None):
+def _filtered(query, kind: str | None, project: str | None, states: tuple[str, ...] | None = None):
     if kind is not None:
         query = query.where(Job.kind == kind)
     if project is not None:
         query = query.where(Job.project == project)
+    if states is not None:
+        unknown = sorted(set(states) - set(JOB_STATES))
+        if unknown:
+            raise ValueError(f"unknown job states {unknown}: use some of {', '.join(JOB_STATES)}")
+        query = query.where(Job.state.in_(states))
     return query
 
 
@@ -211,12 +232,14 @@ def list_jobs(
     *,
     kind: str | None = None,
     project: str | None = None,
+    states: tuple[str, ...] | None = None,
     limit: int = 50,
     offset: int = 0,
 ) -> list[JobView]:
-    """Jobs, newest first, optionally of one kind and/or one project."""
+    """Jobs, newest first, optionally of one kind, one project and/or some states (e.g. `ACTIVE`)."""
+    interrupt_stale_jobs(settings)
     with session_scope(job_engine(settings)) as session:
-        query = _filtered(select(Job), kind, project).order_by(Job.id.desc()).limit(limit).offset(offset)
+        query = _filtered(select(Job), kind, project, states).order_by(Job.id.desc()).limit(limit).offset(offset)
         jobs = list(session.scalars(query))
         resumers = _resumers(session, [job.id for job in jobs])
         return [_view(job, resumers.get(job.id)) for job in jobs]
@@ -225,6 +248,71 @@ def list_jobs(
 def count_jobs(settings: Settings | None = None, *, kind: str | None = None, project: str | None = None) -> int:
     with session_scope(job_engine(settings)) as session:
         return int(session.scalar(_filtered(select(func.count()).select_from(Job), kind, project)) or 0)
+
+
+def heartbeat_interval_s() -> float:
+    """Seconds between two heartbeats of a running job (`YOLODEX_JOB_HEARTBEAT_S`, default 10)."""
+    return _seconds("YOLODEX_JOB_HEARTBEAT_S", DEFAULT_HEARTBEAT_S)
+
+
+def stale_after_s() -> float:
+    """Seconds without a heartbeat after which a running job counts as dead (`YOLODEX_JOB_STALE_S`, default 60)."""
+    return _seconds("YOLODEX_JOB_STALE_S", DEFAULT_STALE_S)
+
+
+def _seconds(name: str, default: float) -> float:
+    text = os.environ.get(name, "").strip()
+    if not text:
+        return default
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not (value > 0 and math.isfinite(value)):
+        raise ValueError(f"{name}={text!r} is not a number of seconds > 0: fix it or unset it for {default:g}.")
+    return value
+
+
+def interrupt_stale_jobs(settings: Settings | None = None, *, now: datetime | None = None) -> list[int]:
+    """Marks "running" jobs whose worker stopped beating as interrupted; returns their ids.
+
+    A job is stale when its last heartbeat (or, before the first one, its start) is older than `stale_after_s()`.
+    This works across machines: it reads only the database, never process tables. Cheap when nothing is stale
+    (one indexed query), so readers call it freely.
+    """
+    settings = settings or get_settings()
+    now = now or datetime.now(UTC)
+    limit = stale_after_s()
+    with session_scope(job_engine(settings)) as session:
+        rows = session.execute(
+            select(Job.id, Job.worker_host, Job.worker_pid, Job.heartbeat_at, Job.started_at).where(
+                Job.state == "running"
+            )
+        ).all()
+    stale = [row for row in rows if _silent_s(row, now) > limit]
+    if not stale:
+        return []
+    from backend.jobs.runner import mark_interrupted  # deferred: only when something died
+
+    marked = []
+    for job_id, host, pid, beat, started in stale:
+        last = _aware(beat or started)
+        reason = (
+            f"interrupted: its worker (pid {pid} on {host}) stopped sending heartbeats "
+            f"{_silent_s((job_id, host, pid, beat, started), now):.0f} s ago (last at {last:%Y-%m-%d %H:%M:%S} UTC); "
+            "resume it or start it again"
+        )
+        # Only if the heartbeat is still the one read: a worker that beat meanwhile is alive after all.
+        if mark_interrupted(job_id, settings, reason, heartbeat_at=beat):
+            marked.append(job_id)
+    return marked
+
+
+def _silent_s(row: tuple, now: datetime) -> float:
+    """Seconds since a running job's last heartbeat (or its start, before the first beat); 0 when unknown."""
+    _job_id, _host, _pid, beat, started = row
+    last = _aware(beat or started)
+    return (now - last).total_seconds() if last is not None else 0.0
 
 
 def job_metrics(job_id: int, settings: Settings | None = None, *, since: int = 0) -> list[dict[str, Any]]:

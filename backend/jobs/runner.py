@@ -17,6 +17,10 @@ What a job reports goes through a `JobContext`: progress, ETA, message, metric e
 and written in one short transaction at most every `FLUSH_INTERVAL_S` (the app reads while the worker writes; a
 fast training loop must not hammer SQLite). The cancel flag is read at most as often. Everything the job's thread
 logs (the `backend` loggers at INFO and above) lands in its log tail, beside explicit lines ("epoch 3/10: ...").
+
+While a job runs, a daemon thread (`Heartbeat`) refreshes its row's `heartbeat_at` every
+`api.heartbeat_interval_s()` seconds, whatever the job's own thread is doing (a long step, a subprocess): the sign
+of life that lets any reader on any machine tell a dead worker's job (`api.interrupt_stale_jobs`).
 """
 
 from __future__ import annotations
@@ -36,7 +40,7 @@ from typing import Any
 
 from sqlalchemy import Engine, insert, select, update
 
-from backend.jobs.api import LOG_TAIL_LINES, job_engine
+from backend.jobs.api import LOG_TAIL_LINES, heartbeat_interval_s, job_engine
 from backend.settings import Settings
 from backend.store.db import session_scope
 from backend.store.models import DatasetVersion, Job, JobMetric, Project, Run, utc_now
@@ -246,6 +250,7 @@ def execute_job(job_id: int, settings: Settings) -> str:
                 started_at=utc_now(),
                 worker_host=socket.gethostname(),
                 worker_pid=os.getpid(),
+                heartbeat_at=utc_now(),
                 message="starting",
                 updated_at=utc_now(),
             )
@@ -259,6 +264,8 @@ def execute_job(job_id: int, settings: Settings) -> str:
             return job.state
         kind, params = job.kind, dict(job.params or {})
     context = JobContext(engine, job_id)
+    heartbeat = Heartbeat(engine, job_id)
+    heartbeat.start()
     handler = _TailHandler(context, threading.get_ident())
     backend_logger = logging.getLogger("backend")
     old_level = backend_logger.level
@@ -285,10 +292,51 @@ def execute_job(job_id: int, settings: Settings) -> str:
             context.progress(1.0, eta_s=0.0)
             _finish(context, "succeeded", message=_summary(result), result=result)
     finally:
+        heartbeat.stop()
         logging.getLogger().removeHandler(handler)
         backend_logger.setLevel(old_level)
     with session_scope(engine) as session:
         return session.scalar(select(Job.state).where(Job.id == job_id)) or "missing"
+
+
+class Heartbeat:
+    """Refreshes a running job's `heartbeat_at` every `interval_s` from a daemon thread, until `stop()`.
+
+    Beats only while the row is "running" in this process (a job marked interrupted meanwhile stays so). A failed
+    beat (the database briefly locked or unreachable) is logged and retried at the next one.
+    """
+
+    def __init__(self, engine: Engine, job_id: int, interval_s: float | None = None):
+        self.engine, self.job_id = engine, job_id
+        self.interval_s = interval_s if interval_s is not None else heartbeat_interval_s()
+        self._stopped = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"job-{job_id}-heartbeat", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stopped.set()
+        self._thread.join(timeout=max(5.0, 2 * self.interval_s))
+
+    def beat(self) -> bool:
+        """One heartbeat now; returns whether the row was still this process's running job."""
+        with session_scope(self.engine) as session:
+            return bool(
+                session.execute(
+                    update(Job)
+                    .where(Job.id == self.job_id, Job.state == "running", Job.worker_pid == os.getpid())
+                    .values(heartbeat_at=utc_now())
+                ).rowcount
+            )
+
+    def _run(self) -> None:
+        while not self._stopped.wait(self.interval_s):
+            try:
+                if not self.beat():
+                    return
+            except Exception as error:  # the next beat retries; a job must not die of its heartbeat
+                logger.warning("job %s: heartbeat failed (%s); retrying in %.0f s", self.job_id, error, self.interval_s)
 
 
 def _finish(
@@ -356,13 +404,24 @@ def _pid_alive(pid: int) -> bool:
         return True  # no /proc (macOS): trust kill(0)
 
 
-def mark_interrupted(job_id: int, settings: Settings, reason: str) -> bool:
-    """Marks a running job interrupted (its worker stopped); returns whether it was running."""
+_ANY_HEARTBEAT = object()
+
+
+def mark_interrupted(job_id: int, settings: Settings, reason: str, *, heartbeat_at: Any = _ANY_HEARTBEAT) -> bool:
+    """Marks a running job interrupted (its worker stopped); returns whether it was running.
+
+    Args:
+        heartbeat_at: when given, only if the row's heartbeat is still this value (None: it never beat), so a
+            worker that beat since the caller read the row is not declared dead.
+    """
     engine = job_engine(settings)
+    condition = [Job.id == job_id, Job.state == "running"]
+    if heartbeat_at is not _ANY_HEARTBEAT:
+        condition.append(Job.heartbeat_at.is_(None) if heartbeat_at is None else Job.heartbeat_at == heartbeat_at)
     with session_scope(engine) as session:
         changed = session.execute(
             update(Job)
-            .where(Job.id == job_id, Job.state == "running")
+            .where(*condition)
             .values(state="interrupted", message=reason, eta_s=None, finished_at=utc_now(), updated_at=utc_now())
         ).rowcount
         job = session.get(Job, job_id)

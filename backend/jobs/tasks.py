@@ -8,12 +8,26 @@ with explicit settings (tests, an immediate queue) runs against the same databas
 
 Lifecycle hooks: a starting worker marks the running jobs of dead processes on its host "interrupted"
 (`runner.recover_dead_jobs`) and resets labeling loops whose retrain died; SIGNAL_INTERRUPTED (the consumer
-stopped by SIGTERM mid-task) marks that task's job interrupted.
+stopped by SIGTERM mid-task) marks that task's job interrupted. Each worker process also runs a watchdog thread that
+marks, every heartbeat interval, the running jobs whose worker stopped sending heartbeats, on any machine
+(`api.interrupt_stale_jobs`), and each task checks the same before it starts.
+
+Several workers, on one or several machines: point them all at one Redis queue, one database and one storage folder
+(a shared mount at the same path on every machine), with the same environment as the app:
+
+    YOLODEX_QUEUE_URL=redis://queue-host:6379/0 YOLODEX_DATABASE_URL=postgresql+psycopg://... \
+    YOLODEX_STORAGE=/mnt/yolodex huey_consumer backend.jobs.tasks.huey -k process -w 1 -m 1
+
+Each consumer takes one job at a time (`-w 1`: a training uses the whole machine); add consumers to run more jobs
+at once. A machine that dies mid-job leaves its job "running" until its heartbeat is `YOLODEX_JOB_STALE_S` old;
+then it is "interrupted" and `api.resume` queues its continuation for whichever worker is free.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
+import time
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
@@ -42,9 +56,12 @@ def _settings_from(where: dict[str, str] | None) -> Settings:
 
 
 def _run_job(job_id: int, where: dict[str, str] | None = None) -> None:
+    from backend.jobs.api import interrupt_stale_jobs
     from backend.jobs.runner import execute_job
 
-    execute_job(int(job_id), _settings_from(where))
+    settings = _settings_from(where)
+    interrupt_stale_jobs(settings)
+    execute_job(int(job_id), settings)
     return None  # the state is in the jobs table; a stored result would only grow the queue's storage
 
 
@@ -153,6 +170,21 @@ def labeling_poll() -> list[dict[str, Any]]:
     return poll_labeling()
 
 
+def _watch_heartbeats(settings: Settings) -> None:
+    from backend.jobs.api import heartbeat_interval_s, interrupt_stale_jobs
+
+    interval = heartbeat_interval_s()
+    while True:
+        time.sleep(interval)
+        try:
+            dead = interrupt_stale_jobs(settings)
+        except Exception as error:  # the database briefly away: try again next time
+            logger.warning("the heartbeat watchdog could not check the jobs: %s", error)
+            continue
+        if dead:
+            logger.warning("jobs %s stopped sending heartbeats (their worker died): marked interrupted", dead)
+
+
 @huey.on_startup()
 def _recover() -> None:
     from backend.ingest.service import open_store
@@ -161,6 +193,7 @@ def _recover() -> None:
     from backend.store.db import session_scope
 
     settings = get_settings()
+    threading.Thread(target=_watch_heartbeats, args=(settings,), name="heartbeat-watchdog", daemon=True).start()
     interrupted = recover_dead_jobs(settings)
     if interrupted:
         logger.warning("jobs %s were running in a worker that stopped: marked interrupted", interrupted)

@@ -257,7 +257,9 @@ class Job(Base):
     `state` moves queued → running → succeeded | failed | cancelled | interrupted, or queued → cancelled; a
     terminal state is never left (a resumed training is a new job, `resumed_from_id` pointing back). The worker
     writes progress in short, throttled transactions; `log_tail` holds the job's last log lines (a JSON list).
-    `worker_host`/`worker_pid` name the process running it, so a restarted worker can tell a dead one's jobs.
+    `worker_host`/`worker_pid` name the process running it, so a restarted worker can tell a dead one's jobs;
+    `heartbeat_at` is refreshed every few seconds by that process, so any reader on any machine can tell a job whose
+    worker died (`backend.jobs.api.interrupt_stale_jobs`).
     """
 
     __tablename__ = "jobs"
@@ -282,6 +284,7 @@ class Job(Base):
     task_id: Mapped[str | None] = mapped_column(String(64), nullable=True)  # the huey task's id (for revoke)
     worker_host: Mapped[str | None] = mapped_column(String(255), nullable=True)
     worker_pid: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    heartbeat_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     resumed_from_id: Mapped[int | None] = mapped_column(ForeignKey("jobs.id", ondelete="SET NULL"), nullable=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utc_now)
     started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
