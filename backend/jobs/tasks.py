@@ -193,6 +193,12 @@ def _recover() -> None:
     from backend.store.db import session_scope
 
     settings = get_settings()
+    if settings.queue_url.startswith(("redis://", "rediss://")) and settings.database_url.startswith("sqlite"):
+        logger.warning(
+            "the queue is on Redis but the database is a SQLite file: workers on other machines cannot share it, "
+            "and several workers writing it at once fail with 'database is locked'. Set YOLODEX_DATABASE_URL to a "
+            "PostgreSQL server (postgresql+psycopg://user:password@host:5432/yolodex) for more than one worker."
+        )
     threading.Thread(target=_watch_heartbeats, args=(settings,), name="heartbeat-watchdog", daemon=True).start()
     interrupted = recover_dead_jobs(settings)
     if interrupted:
