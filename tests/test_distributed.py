@@ -239,3 +239,25 @@ def test_sampler_ranks_split_each_global_batch() -> None:
         for step in range(2):
             joined = [index for shard in shards for index in shard[step * per_rank : (step + 1) * per_rank]]
             assert joined == single[step * 8 : (step + 1) * 8]
+
+
+@pytest.mark.slow
+def test_a_training_job_asking_for_two_processes_runs_them_and_reports_through_the_job(
+    shapes: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from backend.jobs import api, tasks
+    from backend.settings import Settings
+
+    monkeypatch.setattr(tasks.huey, "immediate", True)  # the job runs inline; it launches torchrun itself
+    settings = Settings.from_env({"YOLODEX_STORAGE": str(tmp_path / "storage"), "YOLODEX_DEVICE": "cpu"})
+    config = {key: value for key, value in tiny_config(shapes, epochs=1).to_dict().items() if value is not None}
+    run_dir = tmp_path / "run"
+    job_id = api.submit("train", {"config": config, "run_dir": str(run_dir), "nproc": 2}, settings=settings)
+    job = api.get_job(job_id, settings)
+    assert job.state == "succeeded", (job.error, job.traceback)
+    metrics = api.job_metrics(job_id, settings)
+    start = next(record for record in metrics if record["event"] == "train_start")
+    assert start["processes"] == 2
+    steps = [record for record in metrics if record["event"] == "step"]
+    assert steps and steps[-1]["step"] == steps[-1]["steps_per_epoch"] and job.progress == 1.0
+    assert (run_dir / "best.pt").is_file() and job.result["run_dir"] == str(run_dir)
