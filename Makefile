@@ -76,13 +76,14 @@ setup:
 	echo "setup: $(LS_VENV) done"
 	@# Debian packages the tests start for real: chromium (the browser tests; Playwright's own browser download is
 	@# not used), redis-server (the Redis queue), postgresql (metadata and Label Studio on PostgreSQL), shellcheck
-	@# (the container scripts). Installed with apt when we may (root, as in CI); otherwise those tests skip and say
-	@# how to install them. `make run` needs none of them.
+	@# and docker-compose (lint and validate the container files; no Docker engine is needed). Installed with apt
+	@# when we may (root, as in CI); otherwise those tests skip and say how to install them. `make run` needs none.
 	@missing=""; \
 	[ -x "$(CHROMIUM)" ] || missing="$$missing chromium"; \
 	command -v redis-server >/dev/null 2>&1 || missing="$$missing redis-server"; \
 	ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing="$$missing postgresql"; \
 	command -v shellcheck >/dev/null 2>&1 || missing="$$missing shellcheck"; \
+	command -v docker-compose >/dev/null 2>&1 || missing="$$missing docker-compose"; \
 	if [ -n "$$missing" ]; then \
 		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
 			echo "setup: installing$$missing with apt-get (for the tests)"; \
