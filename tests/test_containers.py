@@ -226,6 +226,28 @@ def test_gpu_override_gives_the_worker_the_gpus_and_a_cuda_torch() -> None:
     assert worker["build"]["target"] == "app"
 
 
+def test_compose_files_pass_docker_compose_config(tmp_path) -> None:
+    """Compose's own parser and schema (`docker-compose config` needs no engine); `make setup` apt-installs it."""
+    compose_bin = shutil.which("docker-compose")
+    if compose_bin is None:
+        pytest.skip("needs docker-compose to validate the compose files: `apt-get install docker-compose`")
+    example = (DOCKER / ".env.example").read_text()
+    with_password, without_password = tmp_path / "with.env", tmp_path / "without.env"
+    with_password.write_text(re.sub(r"(?m)^POSTGRES_PASSWORD=.*$", "POSTGRES_PASSWORD=abc123", example))
+    without_password.write_text(re.sub(r"(?m)^POSTGRES_PASSWORD=.*$", "", example))
+    env = _clean_env()
+    for files in ([COMPOSE], [COMPOSE, COMPOSE_GPU]):
+        command = [compose_bin, "--env-file", str(with_password)] + [f"--file={path}" for path in files] + ["config"]
+        run = subprocess.run(command, capture_output=True, text=True, env=env, timeout=60)
+        assert run.returncode == 0, run.stderr
+        resolved = yaml.safe_load(run.stdout)
+        assert set(SERVICES) <= set(resolved["services"])
+        assert "abc123@postgres:5432" in resolved["services"]["worker"]["environment"]["YOLODEX_DATABASE_URL"]
+    command = [compose_bin, "--env-file", str(without_password), f"--file={COMPOSE}", "config"]
+    run = subprocess.run(command, capture_output=True, text=True, env=env, timeout=60)
+    assert run.returncode != 0 and "set POSTGRES_PASSWORD in docker/.env" in run.stderr
+
+
 @pytest.mark.slow
 def test_postgres_init_script_creates_label_studios_database(postgres_server) -> None:
     import psycopg
