@@ -51,7 +51,8 @@ def project_root() -> Path:
     """The directory holding pyproject.toml (the checkout), found from this file's location.
 
     When yolodex is installed as a wheel there is no checkout: the current directory stands in, so set
-    `YOLODEX_STORAGE` to an absolute path there (the Docker image does).
+    `YOLODEX_STORAGE` to an absolute path there. (The Docker image installs the checkout in /app editable and sets
+    `YOLODEX_STORAGE=/data`.)
     """
     for folder in Path(__file__).resolve().parents:
         if (folder / "pyproject.toml").is_file():
