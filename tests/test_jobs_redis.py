@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import signal
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -161,6 +162,55 @@ def test_the_heartbeat_thread_beats_while_the_job_runs_and_stops_after(tmp_path,
     # A row that is no longer this process's running job ends the thread by itself.
     assert runner.mark_interrupted(job_id, settings, "stopped")
     assert not heartbeat.beat()
+
+
+def test_a_live_worker_whose_job_was_marked_interrupted_stops_it_and_leaves_the_row(tmp_path):
+    settings = make_settings(tmp_path)
+    engine = api.job_engine(settings)
+    job_id = running_row(settings, started_at=datetime.now(UTC))
+    with session_scope(engine) as session:
+        session.execute(update(Job).where(Job.id == job_id).values(worker_pid=os.getpid()))
+    context = runner.JobContext(engine, job_id, flush_interval_s=0.0)
+    heartbeat = runner.Heartbeat(engine, job_id, interval_s=0.05, on_lost=context.lose)
+    heartbeat.start()
+    try:
+        assert not context.stop_requested()
+        # Another machine judged it dead (say this one's database link was down longer than the timeout).
+        assert runner.mark_interrupted(job_id, settings, "interrupted: silent")
+        wait_for(context.stop_requested, 10, "the job told to stop", interval=0.02)
+        context.progress(0.5, message="still training")  # what the job's thread writes before it sees the stop
+        context.flush(force=True)
+        assert api.get_job(job_id, settings).message == "interrupted: silent"
+    finally:
+        heartbeat.stop()
+
+    # Its own end (succeeded) is not a loss.
+    ended = running_row(settings, started_at=datetime.now(UTC))
+    with session_scope(engine) as session:
+        session.execute(update(Job).where(Job.id == ended).values(worker_pid=os.getpid()))
+    context = runner.JobContext(engine, ended)
+    heartbeat = runner.Heartbeat(engine, ended, interval_s=0.05, on_lost=context.lose)
+    heartbeat.start()
+    runner._finish(context, "succeeded", message="done")
+    wait_for(lambda: not heartbeat._thread.is_alive(), 10, "the heartbeat thread to end", interval=0.02)
+    assert not context.lost and api.get_job(ended, settings).state == "succeeded"
+
+
+def test_heartbeats_follow_the_database_clock_not_a_skewed_machine_clock(tmp_path, postgres_url, monkeypatch):
+    monkeypatch.setenv("YOLODEX_JOB_STALE_S", "60")
+    settings = replace(make_settings(tmp_path), database_url=postgres_url)
+    engine = api.job_engine(settings)
+    job_id = running_row(settings, started_at=datetime.now(UTC))
+    with session_scope(engine) as session:
+        session.execute(update(Job).where(Job.id == job_id).values(worker_pid=os.getpid()))
+    # This worker's clock is two hours behind: stamping its own time would make its live job look dead at once.
+    behind = datetime.now(UTC) - timedelta(hours=2)
+    monkeypatch.setattr(api, "utc_now", lambda: behind)
+    monkeypatch.setattr(runner, "utc_now", lambda: behind)
+    assert runner.Heartbeat(engine, job_id).beat()
+    beat = api.get_job(job_id, settings).heartbeat_at
+    assert abs((beat - datetime.now(UTC)).total_seconds()) < 60, beat  # the server's clock
+    assert api.interrupt_stale_jobs(settings) == [] and api.get_job(job_id, settings).state == "running"
 
 
 def test_bad_heartbeat_settings_say_what_to_do(monkeypatch):

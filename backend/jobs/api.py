@@ -16,7 +16,11 @@ A job is a row of the `jobs` table (`backend.store.models.Job`) plus a huey task
   marks it interrupted. Every worker runs that check every few seconds, and `get_job`/`list_jobs` run it too, so
   the app shows the truth even when no worker is alive. A starting worker also marks at once the "running" jobs of
   dead processes on its own host. A training job is continued with `resume(job_id)`: a new job, which any worker
-  (on any machine sharing the storage and the database) may run.
+  (on any machine sharing the storage and the database) may run. Heartbeats are stamped and judged by the database
+  server's clock (PostgreSQL), so machines whose clocks disagree do not kill each other's jobs. Give the app and
+  every worker the same two settings, the interval well under the timeout (a third of it at most). A worker that
+  is alive after all (its database unreachable for longer than the timeout) finds its job no longer running at
+  its next beat and stops it, as if cancelled, without touching the row again.
 
 Importing this module is cheap: no torch, no streamlit, no huey (the queue is imported when a job is submitted).
 Every function takes `settings` (default: the environment's).
@@ -49,6 +53,7 @@ __all__ = [
     "cancel",
     "count_jobs",
     "get_job",
+    "heartbeat_clock",
     "heartbeat_interval_s",
     "interrupt_stale_jobs",
     "job_engine",
@@ -273,22 +278,32 @@ def _seconds(name: str, default: float) -> float:
     return value
 
 
+def heartbeat_clock(engine: Engine) -> Any:
+    """What a heartbeat stamps: the database server's clock where the database is a server (`now()`), so workers
+    on machines whose clocks disagree are all judged by one clock; this machine's for a SQLite file (one machine)."""
+    return utc_now() if engine.dialect.name == "sqlite" else func.now()
+
+
 def interrupt_stale_jobs(settings: Settings | None = None, *, now: datetime | None = None) -> list[int]:
     """Marks "running" jobs whose worker stopped beating as interrupted; returns their ids.
 
-    A job is stale when its last heartbeat (or, before the first one, its start) is older than `stale_after_s()`.
-    This works across machines: it reads only the database, never process tables. Cheap when nothing is stale
-    (one indexed query), so readers call it freely.
+    A job is stale when its last heartbeat (or, before the first one, its start) is older than `stale_after_s()`,
+    measured by the clock that stamps heartbeats (`heartbeat_clock`) unless `now` is given. This works across
+    machines: it reads only the database, never process tables. Cheap when nothing runs (one query on an indexed
+    column), so readers call it freely.
     """
     settings = settings or get_settings()
-    now = now or datetime.now(UTC)
     limit = stale_after_s()
-    with session_scope(job_engine(settings)) as session:
+    engine = job_engine(settings)
+    with session_scope(engine) as session:
         rows = session.execute(
             select(Job.id, Job.worker_host, Job.worker_pid, Job.heartbeat_at, Job.started_at).where(
                 Job.state == "running"
             )
         ).all()
+        if rows and now is None and engine.dialect.name != "sqlite":
+            now = _aware(session.scalar(select(func.now())))
+    now = now or datetime.now(UTC)
     stale = [row for row in rows if _silent_s(row, now) > limit]
     if not stale:
         return []

@@ -20,7 +20,10 @@ logs (the `backend` loggers at INFO and above) lands in its log tail, beside exp
 
 While a job runs, a daemon thread (`Heartbeat`) refreshes its row's `heartbeat_at` every
 `api.heartbeat_interval_s()` seconds, whatever the job's own thread is doing (a long step, a subprocess): the sign
-of life that lets any reader on any machine tell a dead worker's job (`api.interrupt_stale_jobs`).
+of life that lets any reader on any machine tell a dead worker's job (`api.interrupt_stale_jobs`). When a beat finds
+the row no longer this process's running job (another process judged it dead and marked it interrupted), the job
+is told to stop (`JobContext.lose`: its next `stop_requested()` says so) and writes nothing more to its row: its
+continuation may already run elsewhere.
 """
 
 from __future__ import annotations
@@ -40,7 +43,7 @@ from typing import Any
 
 from sqlalchemy import Engine, insert, select, update
 
-from backend.jobs.api import LOG_TAIL_LINES, heartbeat_interval_s, job_engine
+from backend.jobs.api import LOG_TAIL_LINES, heartbeat_clock, heartbeat_interval_s, job_engine
 from backend.settings import Settings
 from backend.store.db import session_scope
 from backend.store.models import DatasetVersion, Job, JobMetric, Project, Run, utc_now
@@ -75,6 +78,7 @@ class JobContext:
         self.cancel_read_at = 0.0
         self.stop_seen = False  # stop_requested() answered True: the job was asked to stop and knows it
         self.cancelled = False  # the job stopped early on request (set by the kind's runner)
+        self.lost = False  # the row was marked interrupted by another process: stop, and leave the row alone
         self.progress_value = 0.0
         self.training: dict[str, Any] = {}
         self.training_drives_progress = True  # False where training is one stage of a longer job (QAT)
@@ -126,14 +130,25 @@ class JobContext:
         with session_scope(self.engine) as session:
             if rows:
                 session.execute(insert(JobMetric), rows)
+            # Only while running: a row marked interrupted meanwhile keeps the message that says why.
             session.execute(
-                update(Job).where(Job.id == self.job_id).values(**fields, log_tail=tail, updated_at=utc_now())
+                update(Job)
+                .where(Job.id == self.job_id, Job.state == "running")
+                .values(**fields, log_tail=tail, updated_at=utc_now())
             )
             self.cancel_flag = bool(session.scalar(select(Job.cancel_requested).where(Job.id == self.job_id)))
         self.flushed_at = self.cancel_read_at = time.monotonic()
 
+    def lose(self) -> None:
+        """The row is no longer this job's (marked interrupted elsewhere): the job stops at its next check."""
+        self.lost = True
+
     def stop_requested(self) -> bool:
-        """True once the job's cancel flag is set (read from the database at most every `flush_interval_s`)."""
+        """True once the job's cancel flag is set (read from the database at most every `flush_interval_s`), or
+        once the job was lost (`lose`)."""
+        if self.lost:
+            self.stop_seen = True
+            return True
         now = time.monotonic()
         if not self.cancel_flag and now - self.cancel_read_at >= self.flush_interval_s:
             with session_scope(self.engine) as session:
@@ -250,7 +265,7 @@ def execute_job(job_id: int, settings: Settings) -> str:
                 started_at=utc_now(),
                 worker_host=socket.gethostname(),
                 worker_pid=os.getpid(),
-                heartbeat_at=utc_now(),
+                heartbeat_at=heartbeat_clock(engine),
                 message="starting",
                 updated_at=utc_now(),
             )
@@ -264,7 +279,7 @@ def execute_job(job_id: int, settings: Settings) -> str:
             return job.state
         kind, params = job.kind, dict(job.params or {})
     context = JobContext(engine, job_id)
-    heartbeat = Heartbeat(engine, job_id)
+    heartbeat = Heartbeat(engine, job_id, on_lost=context.lose)
     heartbeat.start()
     handler = _TailHandler(context, threading.get_ident())
     backend_logger = logging.getLogger("backend")
@@ -302,12 +317,19 @@ def execute_job(job_id: int, settings: Settings) -> str:
 class Heartbeat:
     """Refreshes a running job's `heartbeat_at` every `interval_s` from a daemon thread, until `stop()`.
 
-    Beats only while the row is "running" in this process (a job marked interrupted meanwhile stays so). A failed
-    beat (the database briefly locked or unreachable) is logged and retried at the next one.
+    Beats only while the row is "running" in this process (a job marked interrupted meanwhile stays so): the first
+    beat that finds it otherwise calls `on_lost` and ends the thread. A failed beat (the database briefly locked or
+    unreachable) is logged and retried at the next one.
     """
 
-    def __init__(self, engine: Engine, job_id: int, interval_s: float | None = None):
-        self.engine, self.job_id = engine, job_id
+    def __init__(
+        self,
+        engine: Engine,
+        job_id: int,
+        interval_s: float | None = None,
+        on_lost: Callable[[], None] | None = None,
+    ):
+        self.engine, self.job_id, self.on_lost = engine, job_id, on_lost
         self.interval_s = interval_s if interval_s is not None else heartbeat_interval_s()
         self._stopped = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"job-{job_id}-heartbeat", daemon=True)
@@ -326,17 +348,25 @@ class Heartbeat:
                 session.execute(
                     update(Job)
                     .where(Job.id == self.job_id, Job.state == "running", Job.worker_pid == os.getpid())
-                    .values(heartbeat_at=utc_now())
+                    .values(heartbeat_at=heartbeat_clock(self.engine))
                 ).rowcount
             )
 
     def _run(self) -> None:
         while not self._stopped.wait(self.interval_s):
             try:
-                if not self.beat():
-                    return
+                if self.beat():
+                    continue
+                with session_scope(self.engine) as session:
+                    state = session.scalar(select(Job.state).where(Job.id == self.job_id))
             except Exception as error:  # the next beat retries; a job must not die of its heartbeat
                 logger.warning("job %s: heartbeat failed (%s); retrying in %.0f s", self.job_id, error, self.interval_s)
+                continue
+            if state == "interrupted" and not self._stopped.is_set():  # not its own end (succeeded, failed, ...)
+                logger.warning("job %s was marked interrupted by another process: stopping it", self.job_id)
+                if self.on_lost is not None:
+                    self.on_lost()
+            return
 
 
 def _finish(

@@ -188,6 +188,7 @@ def _watch_heartbeats(settings: Settings) -> None:
 @huey.on_startup()
 def _recover() -> None:
     from backend.ingest.service import open_store
+    from backend.jobs.api import heartbeat_interval_s, stale_after_s
     from backend.jobs.runner import recover_dead_jobs
     from backend.labeling.loop import recover_interrupted
     from backend.store.db import session_scope
@@ -198,6 +199,13 @@ def _recover() -> None:
             "the queue is on Redis but the database is a SQLite file: workers on other machines cannot share it, "
             "and several workers writing it at once fail with 'database is locked'. Set YOLODEX_DATABASE_URL to a "
             "PostgreSQL server (postgresql+psycopg://user:password@host:5432/yolodex) for more than one worker."
+        )
+    if 3 * heartbeat_interval_s() > stale_after_s():
+        logger.warning(
+            "YOLODEX_JOB_HEARTBEAT_S=%g is more than a third of YOLODEX_JOB_STALE_S=%g: a slow beat may get a live "
+            "job marked interrupted. Keep the interval well under the timeout (defaults 10 and 60).",
+            heartbeat_interval_s(),
+            stale_after_s(),
         )
     threading.Thread(target=_watch_heartbeats, args=(settings,), name="heartbeat-watchdog", daemon=True).start()
     interrupted = recover_dead_jobs(settings)
