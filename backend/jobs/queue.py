@@ -3,6 +3,18 @@
 The consumer (the worker) runs `huey_consumer backend.jobs.tasks.huey -k process -w 1`; the app and the CLI only
 enqueue. `YOLODEX_QUEUE_IMMEDIATE=1` (or `huey.immediate = True` in tests) runs each task inline, in the caller's
 process, with in-memory storage: no worker needed.
+
+Two workers on two machines (any number works alike): run one Redis server, one PostgreSQL database and one storage
+folder that every machine mounts at the same path, then on each machine, with the same environment as the app:
+
+    export YOLODEX_QUEUE_URL=redis://queue-host:6379/0
+    export YOLODEX_DATABASE_URL=postgresql+psycopg://yolodex:PASSWORD@db-host:5432/yolodex
+    export YOLODEX_STORAGE=/mnt/yolodex
+    huey_consumer backend.jobs.tasks.huey -k process -w 1 -m 1
+
+Each job goes to whichever worker is free. A SQLite database cannot be shared between machines (a worker says so
+when it meets one with Redis). Dead workers are found by their jobs' heartbeats (`YOLODEX_JOB_HEARTBEAT_S`,
+`YOLODEX_JOB_STALE_S`: see `backend.jobs.api`).
 """
 
 from __future__ import annotations
