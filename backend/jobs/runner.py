@@ -615,8 +615,9 @@ def _run_train(params: dict[str, Any], settings: Settings, context: JobContext) 
         status = "cancelled" if context.stop_seen else "failed"
         raise
     finally:
-        with session_scope(engine) as session:
-            _set_run_status(session, settings, run_dir, status)
+        if not context.lost:  # a lost job's run may already go on elsewhere: its status is not ours to set
+            with session_scope(engine) as session:
+                _set_run_status(session, settings, run_dir, status)
 
 
 def _relative(path: Path, settings: Settings) -> str:
