@@ -50,13 +50,11 @@ def table_rows(views: list["jobs.JobView"]) -> pd.DataFrame:
 
 def page_of_jobs(kind: str | None, state: str | None, project: str | None, page: int) -> tuple[list, int]:
     """The jobs on `page` (1-based) and how many match the filters, newest first."""
-    if state is None:
-        total = jobs.count_jobs(settings, kind=kind, project=project)
-        return jobs.list_jobs(settings, kind=kind, project=project, limit=PER_PAGE, offset=(page - 1) * PER_PAGE), total
-    everything = jobs.list_jobs(settings, kind=kind, project=project, limit=max(1, jobs.count_jobs(
-        settings, kind=kind, project=project)))  # fmt: skip
-    matching = [job for job in everything if job.state == state]
-    return matching[(page - 1) * PER_PAGE : page * PER_PAGE], len(matching)
+    states = None if state is None else (state,)
+    total = jobs.count_jobs(settings, kind=kind, project=project, states=states)
+    views = jobs.list_jobs(settings, kind=kind, project=project, states=states, limit=PER_PAGE,
+                           offset=(page - 1) * PER_PAGE)  # fmt: skip
+    return views, total
 
 
 st.title("Jobs")
@@ -151,9 +149,15 @@ def job_live() -> None:
     cancelling = " · cancel requested" if current.cancel_requested and current.active else ""
     st.progress(min(1.0, max(0.0, current.progress or 0.0)),
                 text=f"job {current.id} {current.state}: {current.message or ''}{eta}{cancelling}")  # fmt: skip
+    worker = ""
+    if current.worker_pid is not None:
+        worker = f" · worker pid {current.worker_pid} on {current.worker_host or '?'}"
+        if current.state == "running" and current.heartbeat_at is not None:
+            silent = (datetime.now(current.heartbeat_at.tzinfo) - current.heartbeat_at).total_seconds()
+            worker += f", last heartbeat {max(0, round(silent))} s ago"
     st.caption(
         f"created {when(current.created_at)} · started {when(current.started_at) or '—'} · "
-        f"finished {when(current.finished_at) or '—'}"
+        f"finished {when(current.finished_at) or '—'}{worker}"
     )
     st.code("\n".join(current.log_tail[-LOG_LINES:]) or "(no log yet)", language="text")
     if selected.active and not current.active:

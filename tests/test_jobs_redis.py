@@ -136,6 +136,7 @@ def test_a_silent_job_is_interrupted_and_a_beating_one_is_not(tmp_path, monkeypa
     job = api.get_job(silent, settings)
     assert "pid 4242 on elsewhere" in job.message and job.finished_at is not None
     assert [job.id for job in api.list_jobs(settings, states=("running",))] == [beating]
+    assert api.count_jobs(settings, states=("running",)) == 1 and api.count_jobs(settings, states=api.TERMINAL) == 2
     with pytest.raises(ValueError, match="unknown job states"):
         api.list_jobs(settings, states=("sleeping",))
 

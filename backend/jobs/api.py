@@ -250,9 +250,16 @@ def list_jobs(
         return [_view(job, resumers.get(job.id)) for job in jobs]
 
 
-def count_jobs(settings: Settings | None = None, *, kind: str | None = None, project: str | None = None) -> int:
+def count_jobs(
+    settings: Settings | None = None,
+    *,
+    kind: str | None = None,
+    project: str | None = None,
+    states: tuple[str, ...] | None = None,
+) -> int:
+    """How many jobs `list_jobs` would give with the same filters and no limit."""
     with session_scope(job_engine(settings)) as session:
-        return int(session.scalar(_filtered(select(func.count()).select_from(Job), kind, project)) or 0)
+        return int(session.scalar(_filtered(select(func.count()).select_from(Job), kind, project, states)) or 0)
 
 
 def heartbeat_interval_s() -> float:
