@@ -11,11 +11,13 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -344,5 +346,54 @@ def test_real_worker_killed_mid_training_leaves_it_interrupted_and_resume_finish
         assert resumed.state == "succeeded", (resumed.error, resumed.traceback, log.read_text()[-3000:])
         assert resumed.result["epochs_done"] == 1 and (job.run_dir / "best.pt").is_file()
         assert resumed.worker_pid != running.worker_pid
+    finally:
+        stop_worker(worker, signal.SIGTERM)
+
+
+@pytest.mark.slow
+def test_a_real_workers_training_outlives_another_processs_long_write_on_sqlite(tmp_path, worker_env, monkeypatch):
+    """The default set-up on one machine: one worker, one SQLite file, and meanwhile a long write in another
+    process (`yolodex import` of a few thousand images is one transaction: about 40 ms an image here). It holds the
+    file's only write lock past the stale timeout, so the training's heartbeats and progress wait for it. The app
+    keeps reading, sees the job running all along (its worker's process is alive on this host), and the job ends
+    succeeded once the lock is gone."""
+    fast = {"YOLODEX_JOB_HEARTBEAT_S": "0.2", "YOLODEX_JOB_STALE_S": "0.6"}
+    for name, value in fast.items():
+        monkeypatch.setenv(name, value)  # the test process judges with the worker's settings
+    env = {**worker_env, **fast}
+    settings = Settings.from_env(env)
+    data = generate_synthetic_dataset(tmp_path / "shapes", num_train=8, num_val=2, image_size=(96, 96), seed=5)
+    log = tmp_path / "worker.log"
+    worker = start_worker(env, log)
+    try:
+        params = {"config": {"data": str(data), **TINY, "epochs": 2, "min_samples": 16}}
+        job_id = api.submit("train", params, settings=settings)
+
+        def training_steps() -> bool:
+            if worker.poll() is not None:
+                raise AssertionError(f"the worker exited ({worker.returncode}):\n{log.read_text()[-3000:]}")
+            return any(metric["event"] == "step" for metric in api.job_metrics(job_id, settings))
+
+        wait_for(training_steps, 180, "the training's first steps", interval=0.1)
+        writer = sqlite3.connect(settings.database_url.removeprefix("sqlite:///"), isolation_level=None)
+        writer.execute("BEGIN IMMEDIATE")  # the import's transaction: held 5 stale timeouts
+        try:
+            held_until = time.monotonic() + 3.0
+            seen = []
+            while time.monotonic() < held_until:
+                seen.append(api.get_job(job_id, settings))
+                time.sleep(0.1)
+        finally:
+            writer.rollback()
+            writer.close()
+        assert {job.state for job in seen} == {"running"}, [job.message for job in seen]
+        # The beats did wait: judged by its heartbeat alone, the job would have looked dead.
+        silent_s = (datetime.now(UTC) - seen[-1].heartbeat_at.replace(tzinfo=UTC)).total_seconds()
+        assert silent_s > 2 * api.stale_after_s(), silent_s
+
+        wait_for(lambda: api.get_job(job_id, settings).state not in api.ACTIVE, 300, "the training's end", interval=0.3)
+        job = api.get_job(job_id, settings)
+        assert job.state == "succeeded", (job.message, job.error, log.read_text()[-3000:])
+        assert job.result["epochs_done"] == 2
     finally:
         stop_worker(worker, signal.SIGTERM)

@@ -12,15 +12,21 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
+import sqlite3
+import subprocess
+import sys
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 
 import pytest
 from sqlalchemy import select, update
+from sqlalchemy.exc import OperationalError
 
 from backend.data.synthetic import generate_synthetic_dataset
 from backend.jobs import api, runner
 from backend.settings import Settings
+from backend.store import db
 from backend.store.db import session_scope
 from backend.store.models import Job
 from tests.redis_fixture import flush_redis
@@ -147,6 +153,40 @@ def test_a_silent_job_is_interrupted_and_a_beating_one_is_not(tmp_path, monkeypa
         session.execute(update(Job).where(Job.id == racing).values(heartbeat_at=now))
     assert not runner.mark_interrupted(racing, settings, "dead?", heartbeat_at=stale_beat)
     assert api.get_job(racing, settings).state == "running"
+
+
+def test_a_local_live_worker_is_not_judged_by_its_heartbeat_and_a_locked_database_fails_no_reader(
+    tmp_path, monkeypatch
+):
+    """One machine, one SQLite file: another process's long write (an import of a few thousand images is one
+    transaction) holds the only write lock, so a live job's beats wait. The process table says it is alive: no
+    reader marks it. A job of a dead process of this host is marked, but a reader that cannot take the write lock
+    answers all the same (the mark waits for a later reader)."""
+    monkeypatch.setenv("YOLODEX_JOB_STALE_S", "30")
+    monkeypatch.setattr(db, "SQLITE_BUSY_TIMEOUT_MS", 200)  # the engine is made below: readers give up quickly
+    settings = make_settings(tmp_path)
+    old = datetime.now(UTC) - timedelta(minutes=5)
+    exited = subprocess.Popen([sys.executable, "-c", "pass"])
+    exited.wait()
+    host = socket.gethostname()
+    alive = running_row(settings, started_at=old, heartbeat_at=old)
+    dead = running_row(settings, started_at=old, heartbeat_at=old)
+    with session_scope(api.job_engine(settings)) as session:
+        session.execute(update(Job).where(Job.id == alive).values(worker_host=host, worker_pid=os.getpid()))
+        session.execute(update(Job).where(Job.id == dead).values(worker_host=host, worker_pid=exited.pid))
+
+    writer = sqlite3.connect(settings.database_url.removeprefix("sqlite:///"), isolation_level=None)
+    writer.execute("BEGIN IMMEDIATE")  # what an import in another process holds until it commits
+    try:
+        assert {job.id: job.state for job in api.list_jobs(settings)} == {alive: "running", dead: "running"}
+        assert api.get_job(dead, settings).state == "running"
+        with pytest.raises(OperationalError, match="locked"):
+            api.interrupt_stale_jobs(settings)  # the mark itself does need the lock
+    finally:
+        writer.rollback()
+        writer.close()
+    assert {job.id: job.state for job in api.list_jobs(settings)} == {alive: "running", dead: "interrupted"}
+    assert f"pid {exited.pid} on {host}" in api.get_job(dead, settings).message
 
 
 def test_the_heartbeat_thread_beats_while_the_job_runs_and_stops_after(tmp_path, monkeypatch):

@@ -11,16 +11,19 @@ A job is a row of the `jobs` table (`backend.store.models.Job`) plus a huey task
 - cancel, running: `cancel_requested` is set; the job sees it at its next step (training and quantization check
   it every step; import, crawl, sync and evaluation finish what they started) and ends "cancelled".
 - interrupted: the worker stopped mid-job (SIGTERM, a crash, kill -9, its machine gone). The process running a job
-  refreshes the row's `heartbeat_at` every `YOLODEX_JOB_HEARTBEAT_S` seconds [10]; a "running" job whose heartbeat
-  is older than `YOLODEX_JOB_STALE_S` seconds [60] is dead, wherever its worker ran, and `interrupt_stale_jobs`
-  marks it interrupted. Every worker runs that check every few seconds, and `get_job`/`list_jobs` run it too, so
-  the app shows the truth even when no worker is alive. A starting worker also marks at once the "running" jobs of
-  dead processes on its own host. A training job is continued with `resume(job_id)`: a new job, which any worker
+  refreshes the row's `heartbeat_at` every `YOLODEX_JOB_HEARTBEAT_S` seconds [10]; a "running" job whose heartbeat is
+  older than `YOLODEX_JOB_STALE_S` seconds [60] is dead, wherever its worker ran, and `interrupt_stale_jobs` marks it
+  interrupted. Every worker runs that check every few seconds, and `get_job`/`list_jobs` run it too, so the app shows
+  the truth even when no worker is alive. A job whose worker runs on the reader's own host is judged by its process
+  instead: alive (and not a zombie) means alive, however old its heartbeat. On one machine with a SQLite file a long
+  write of another process (an import of a few thousand images is one transaction) holds the database's only write
+  lock, and the job's beats wait for it; that job is not dead. A starting worker also marks at once the "running" jobs
+  of dead processes on its own host. A training job is continued with `resume(job_id)`: a new job, which any worker
   (on any machine sharing the storage and the database) may run. Heartbeats are stamped and judged by the database
-  server's clock (PostgreSQL), so machines whose clocks disagree do not kill each other's jobs. Give the app and
-  every worker the same two settings, the interval well under the timeout (a third of it at most). A worker that
-  is alive after all (its database unreachable for longer than the timeout) finds its job no longer running at
-  its next beat and stops it, as if cancelled, without touching the row again.
+  server's clock (PostgreSQL), so machines whose clocks disagree do not kill each other's jobs. Give the app and every
+  worker the same two settings, the interval well under the timeout (a third of it at most). A worker that is alive
+  after all (its database unreachable for longer than the timeout) finds its job no longer running at its next beat
+  and stops it, as if cancelled, without touching the row again.
 
 Importing this module is cheap: no torch, no streamlit, no huey (the queue is imported when a job is submitted).
 Every function takes `settings` (default: the environment's).
@@ -28,15 +31,18 @@ Every function takes `settings` (default: the environment's).
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import re
+import socket
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from sqlalchemy import Engine, func, select, update
+from sqlalchemy.exc import OperationalError
 
 from backend.settings import Settings, get_settings
 from backend.store.db import init_db, session_scope
@@ -56,9 +62,11 @@ __all__ = [
     "heartbeat_clock",
     "heartbeat_interval_s",
     "interrupt_stale_jobs",
+    "interrupt_stale_jobs_quietly",
     "job_engine",
     "job_metrics",
     "list_jobs",
+    "pid_alive",
     "resume",
     "stale_after_s",
     "submit",
@@ -70,6 +78,8 @@ RESUMABLE = ("interrupted", "cancelled", "failed")
 LOG_TAIL_LINES = 200
 DEFAULT_HEARTBEAT_S = 10.0
 DEFAULT_STALE_S = 60.0
+
+logger = logging.getLogger(__name__)
 
 
 class JobNotFound(ValueError):
@@ -211,7 +221,7 @@ def get_job(job_id: int, settings: Settings | None = None) -> JobView:
     Raises:
         JobNotFound: no such job (a ValueError).
     """
-    interrupt_stale_jobs(settings)
+    interrupt_stale_jobs_quietly(settings)
     with session_scope(job_engine(settings)) as session:
         job = session.get(Job, int(job_id))
         if job is None:
@@ -242,7 +252,7 @@ def list_jobs(
     offset: int = 0,
 ) -> list[JobView]:
     """Jobs, newest first, optionally of one kind, one project and/or some states (e.g. `ACTIVE`)."""
-    interrupt_stale_jobs(settings)
+    interrupt_stale_jobs_quietly(settings)
     with session_scope(job_engine(settings)) as session:
         query = _filtered(select(Job), kind, project, states).order_by(Job.id.desc()).limit(limit).offset(offset)
         jobs = list(session.scalars(query))
@@ -296,8 +306,10 @@ def interrupt_stale_jobs(settings: Settings | None = None, *, now: datetime | No
 
     A job is stale when its last heartbeat (or, before the first one, its start) is older than `stale_after_s()`,
     measured by the clock that stamps heartbeats (`heartbeat_clock`) unless `now` is given. This works across
-    machines: it reads only the database, never process tables. Cheap when nothing runs (one query on an indexed
-    column), so readers call it freely.
+    machines: it reads only the database. The one exception is a job of this host whose worker process is alive
+    (`pid_alive`): its beats may be waiting for a lock (a SQLite file's single writer busy with a long import),
+    and the process table is the better witness. Cheap when nothing runs (one query on an indexed column), so
+    readers call it freely.
     """
     settings = settings or get_settings()
     limit = stale_after_s()
@@ -311,7 +323,13 @@ def interrupt_stale_jobs(settings: Settings | None = None, *, now: datetime | No
         if rows and now is None and engine.dialect.name != "sqlite":
             now = _aware(session.scalar(select(func.now())))
     now = now or datetime.now(UTC)
-    stale = [row for row in rows if _silent_s(row, now) > limit]
+    host = socket.gethostname()
+    stale = [
+        row
+        for row in rows
+        if _silent_s(row, now) > limit
+        and not (row.worker_host == host and row.worker_pid and pid_alive(row.worker_pid))
+    ]
     if not stale:
         return []
     from backend.jobs.runner import mark_interrupted  # deferred: only when something died
@@ -328,6 +346,31 @@ def interrupt_stale_jobs(settings: Settings | None = None, *, now: datetime | No
         if mark_interrupted(job_id, settings, reason, heartbeat_at=beat):
             marked.append(job_id)
     return marked
+
+
+def interrupt_stale_jobs_quietly(settings: Settings | None) -> None:
+    """`interrupt_stale_jobs` for readers and starting tasks: a database that cannot take the mark now (a SQLite
+    file whose write lock another process holds past the busy timeout) must not fail the read or the task; the
+    next reader or a worker's watchdog marks the job."""
+    try:
+        interrupt_stale_jobs(settings)
+    except OperationalError as error:
+        logger.warning("could not mark silent jobs interrupted now (the database is busy): %s", error.orig or error)
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether process `pid` of this host runs (a zombie, killed but not yet reaped, does not)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's process: alive
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        return stat.rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True  # no /proc (macOS): trust kill(0)
 
 
 def _silent_s(row: tuple, now: datetime) -> float:

@@ -43,7 +43,7 @@ from typing import Any
 
 from sqlalchemy import Engine, insert, select, update
 
-from backend.jobs.api import LOG_TAIL_LINES, heartbeat_clock, heartbeat_interval_s, job_engine
+from backend.jobs.api import LOG_TAIL_LINES, heartbeat_clock, heartbeat_interval_s, job_engine, pid_alive
 from backend.settings import Settings
 from backend.store.db import session_scope
 from backend.store.models import DatasetVersion, Job, JobMetric, Project, Run, utc_now
@@ -419,21 +419,6 @@ def _json_ready(value: Any) -> Any:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # someone else's process: alive
-    try:
-        # A killed worker whose parent died too may linger as a zombie until init reaps it: that is dead.
-        stat = Path(f"/proc/{pid}/stat").read_text()
-        return stat.rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return True  # no /proc (macOS): trust kill(0)
-
-
 _ANY_HEARTBEAT = object()
 
 
@@ -470,7 +455,7 @@ def recover_dead_jobs(settings: Settings) -> list[int]:
     host = socket.gethostname()
     with session_scope(engine) as session:
         rows = session.execute(select(Job.id, Job.worker_host, Job.worker_pid).where(Job.state == "running")).all()
-    dead = [job_id for job_id, job_host, pid in rows if job_host == host and (pid is None or not _pid_alive(pid))]
+    dead = [job_id for job_id, job_host, pid in rows if job_host == host and (pid is None or not pid_alive(pid))]
     return [
         job_id
         for job_id in dead

@@ -56,11 +56,11 @@ def _settings_from(where: dict[str, str] | None) -> Settings:
 
 
 def _run_job(job_id: int, where: dict[str, str] | None = None) -> None:
-    from backend.jobs.api import interrupt_stale_jobs
+    from backend.jobs.api import interrupt_stale_jobs_quietly
     from backend.jobs.runner import execute_job
 
     settings = _settings_from(where)
-    interrupt_stale_jobs(settings)
+    interrupt_stale_jobs_quietly(settings)
     execute_job(int(job_id), settings)
     return None  # the state is in the jobs table; a stored result would only grow the queue's storage
 
