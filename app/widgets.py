@@ -15,7 +15,7 @@ from sqlalchemy import select
 from sqlalchemy.engine import Engine
 
 from backend.settings import Settings, get_settings
-from backend.store.db import init_db, session_scope
+from backend.store.db import describe_error, init_db, session_scope
 from backend.store.models import Project
 
 logger = logging.getLogger(__name__)
@@ -66,7 +66,7 @@ def run_and_report(title: str, action: Callable[[], Any], *, state_key: str) -> 
             result = action()
     except Exception as error:  # shown to the user: the page itself must keep working
         logger.exception("%s failed", title)
-        st.session_state[state_key] = ("error", f"{title} failed: {error}")
+        st.session_state[state_key] = ("error", f"{title} failed: {describe_error(error)}")
         return None
     summary = result.get("summary") if isinstance(result, dict) else None
     st.session_state[state_key] = ("success", f"{title}: {summary or 'done'}")

@@ -14,10 +14,13 @@ import time
 from pathlib import Path
 from typing import Any
 
+from sqlalchemy.exc import OperationalError
+
 from backend.labeling.server import LabelStudioError
 from backend.models.checkpoints import CheckpointError
 from backend.models.download import WeightsDownloadError
 from backend.processing import ImageLoadError
+from backend.store.db import BUSY_ADVICE, database_locked
 from backend.training.config import TrainingError
 
 EXPECTED_ERRORS = (
@@ -527,6 +530,11 @@ def main(argv: list[str] | None = None) -> int:
         status = args.handler(args)
     except EXPECTED_ERRORS as error:
         print(f"yolodex: error: {error}", file=sys.stderr)
+        return 1
+    except OperationalError as error:
+        if not database_locked(error):
+            raise
+        print(f"yolodex: error: {BUSY_ADVICE}", file=sys.stderr)
         return 1
     return status if isinstance(status, int) else 0
 

@@ -20,7 +20,7 @@ from sqlalchemy import select
 from app.widgets import page_settings, project_names, project_picker, run_and_report, show_outcome, store_engine
 from backend import browse
 from backend.ingest import service
-from backend.store.db import session_scope
+from backend.store.db import describe_error, session_scope
 from backend.store.models import Project
 from backend.store.versions import class_stats
 
@@ -86,7 +86,7 @@ def import_uploaded(settings, project: str, uploader_key: str) -> None:
     except Exception as error:  # shown on the page; the page keeps working
         logger.exception("upload import failed")
         browse.discard_uploads(settings.storage, paths)
-        st.session_state[OUTCOME] = ("error", f"Import failed: {error}")
+        st.session_state[OUTCOME] = ("error", f"Import failed: {describe_error(error)}")
         return
     # A fresh uploader (new key) so the same files are not imported twice; the project becomes the picked one.
     st.session_state["datasets_uploader"] = st.session_state.get("datasets_uploader", 0) + 1
@@ -128,7 +128,7 @@ def submit_crawl(settings, project: str) -> None:
         st.session_state["datasets_job"] = jobs_api.submit("crawl", params, settings=settings)
     except Exception as error:
         logger.exception("crawl submit failed")
-        st.session_state[OUTCOME] = ("error", f"Could not queue the crawl: {error}")
+        st.session_state[OUTCOME] = ("error", f"Could not queue the crawl: {describe_error(error)}")
 
 
 def show_job(settings) -> None:

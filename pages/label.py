@@ -27,7 +27,7 @@ from backend.jobs import api as jobs
 from backend.labeling import service
 from backend.labeling.server import ServerStatus, credentials_path, labelstudio_url, load_or_create_credentials, status
 from backend.settings import Settings, get_settings
-from backend.store.db import session_scope
+from backend.store.db import describe_error, session_scope
 from backend.store.models import Image, LabelingProject, Project
 from backend.store.versions import class_stats
 
@@ -118,7 +118,7 @@ def run_action(project: str, title: str, action: Callable[[], dict[str, Any]]) -
             result = action()
     except Exception as error:  # shown to the user: the page itself must keep working
         logger.exception("%s failed", title)
-        st.session_state[MESSAGE_KEY] = (project, "error", f"{title} failed: {error}")
+        st.session_state[MESSAGE_KEY] = (project, "error", f"{title} failed: {describe_error(error)}")
     else:
         st.session_state[MESSAGE_KEY] = (project, "success", f"{title}: {result.get('summary', 'done')}")
     st.rerun()

@@ -7,6 +7,7 @@ import functools
 import io
 import json
 import os
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -17,7 +18,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from backend import cli
 from backend.data.folders import load_dataset
+from backend.store import db
 from tests.conftest import REPO_ROOT
 
 STARTER = "Starter Pokédex"
@@ -80,6 +83,29 @@ def test_import_reports_every_file(storage, tmp_path):
     report = yolodex(storage, "import", folder, "--project", "Mine")
     assert len(report["accepted"]) == 1 and len(report["duplicates"]) == 1 and len(report["rejected"]) == 1
     assert "notes.jpg" in report["rejected"][0]["name"]
+
+
+def test_a_database_locked_by_another_process_is_a_clear_error_and_changes_nothing(tmp_path, monkeypatch, capsys):
+    """Another process's long write (a big import job) holds the SQLite file's write lock past the busy timeout:
+    `yolodex import` says what is going on and what to do, not the SQL, and adds nothing."""
+    monkeypatch.setenv("YOLODEX_STORAGE", str(tmp_path / "storage"))
+    monkeypatch.delenv("YOLODEX_DATABASE_URL", raising=False)
+    monkeypatch.setattr(db, "SQLITE_BUSY_TIMEOUT_MS", 200)  # engines made from here on give up quickly
+    (tmp_path / "one.png").write_bytes(png_bytes(7))
+    (tmp_path / "two.png").write_bytes(png_bytes(8))
+    assert cli.main(["import", str(tmp_path / "one.png"), "--project", "Mine"]) == 0
+    writer = sqlite3.connect(tmp_path / "storage" / "yolodex.db", isolation_level=None)
+    writer.execute("BEGIN IMMEDIATE")
+    try:
+        capsys.readouterr()
+        assert cli.main(["import", str(tmp_path / "two.png"), "--project", "Mine"]) == 1
+    finally:
+        writer.rollback()
+        writer.close()
+    error = capsys.readouterr().err
+    assert "the database is busy" in error and "YOLODEX_DATABASE_URL" in error and "INSERT" not in error
+    assert cli.main(["dataset", "stats", "--project", "Mine", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["images"] == 1
 
 
 def test_crawl_url_list_from_a_local_server(storage, tmp_path):

@@ -28,6 +28,7 @@ from backend.data.synthetic import generate_synthetic_dataset
 from backend.ingest.service import freeze
 from backend.jobs import api, runner, tasks
 from backend.settings import Settings
+from backend.store import db
 from backend.store.db import session_scope
 from backend.store.models import Job, Run
 
@@ -201,6 +202,52 @@ def test_progress_writes_are_throttled(tmp_path):
     assert 1 <= len(steps) <= elapsed / runner.STEP_METRIC_INTERVAL_S + 2 and steps[-1]["step"] == 500
 
 
+def test_a_locked_database_puts_progress_off_and_the_jobs_end_waits_for_the_lock(tmp_path):
+    """Another process holds the SQLite file's write lock (a long import). The job's progress writes give up at
+    once and go with a later flush, in order (the job is not stalled for the busy timeout, nor failed); its end
+    waits for the lock and lands."""
+    settings = make_settings(tmp_path)
+    engine = api.job_engine(settings)
+    with session_scope(engine) as session:
+        job = Job(kind="train", params={}, state="running", message="", log_tail=[], worker_pid=os.getpid())
+        session.add(job)
+        session.flush()
+        job_id = job.id
+    context = runner.JobContext(engine, job_id, flush_interval_s=0.0)
+    writer = sqlite3.connect(settings.database_url.removeprefix("sqlite:///"), isolation_level=None,
+                             check_same_thread=False)  # fmt: skip
+    writer.execute("BEGIN IMMEDIATE")
+    released = threading.Event()
+
+    def release() -> None:
+        writer.rollback()
+        writer.close()
+        released.set()
+
+    # Released by a timer, so a progress write that waited for the lock (the usual 10 s) would land and not be put off.
+    timer = threading.Timer(runner.LOCKED_FLUSH_WAIT_MS / 1000 * 15, release)
+    timer.start()
+    try:
+        context.metric("stage", n=1)
+        context.progress(0.25, message="first")
+        context.metric("stage", n=2)
+        context.progress(0.5, message="second")
+        assert context.lock_waits == 2 and not released.is_set()
+        assert api.job_metrics(job_id, settings) == [] and api.get_job(job_id, settings).progress is None
+
+        runner._finish(context, "succeeded", message="done")  # waits for the lock
+        assert released.is_set()
+    finally:
+        timer.join()
+    job = api.get_job(job_id, settings)
+    assert job.state == "succeeded" and job.progress == 0.5 and job.message == "done"
+    metrics = [(m["seq"], m["event"], m["n"]) for m in api.job_metrics(job_id, settings)]
+    assert metrics == [(1, "stage", 1), (2, "stage", 2)]
+    context.metric("after", n=3)
+    context.flush(force=True)
+    assert [m["seq"] for m in api.job_metrics(job_id, settings)] == [1, 2, 3]
+
+
 def test_cancel_of_a_queued_job_revokes_it_and_it_never_runs(tmp_path, monkeypatch):
     monkeypatch.delenv("YOLODEX_QUEUE_IMMEDIATE", raising=False)
     settings = make_settings(tmp_path)
@@ -354,10 +401,10 @@ def test_real_worker_killed_mid_training_leaves_it_interrupted_and_resume_finish
 def test_a_real_workers_training_outlives_another_processs_long_write_on_sqlite(tmp_path, worker_env, monkeypatch):
     """The default set-up on one machine: one worker, one SQLite file, and meanwhile a long write in another
     process (`yolodex import` of a few thousand images is one transaction: about 40 ms an image here). It holds the
-    file's only write lock past the stale timeout, so the training's heartbeats and progress wait for it. The app
-    keeps reading, sees the job running all along (its worker's process is alive on this host), and the job ends
-    succeeded once the lock is gone."""
-    fast = {"YOLODEX_JOB_HEARTBEAT_S": "0.2", "YOLODEX_JOB_STALE_S": "0.6"}
+    file's only write lock past the stale timeout and past SQLite's busy timeout, so the training's heartbeats fail
+    and its progress is put off. The app keeps reading, sees the job running all along (its worker's process is
+    alive on this host), and the job ends succeeded once the lock is gone."""
+    fast = {"YOLODEX_JOB_HEARTBEAT_S": "0.2", "YOLODEX_JOB_STALE_S": "1"}
     for name, value in fast.items():
         monkeypatch.setenv(name, value)  # the test process judges with the worker's settings
     env = {**worker_env, **fast}
@@ -376,9 +423,9 @@ def test_a_real_workers_training_outlives_another_processs_long_write_on_sqlite(
 
         wait_for(training_steps, 180, "the training's first steps", interval=0.1)
         writer = sqlite3.connect(settings.database_url.removeprefix("sqlite:///"), isolation_level=None)
-        writer.execute("BEGIN IMMEDIATE")  # the import's transaction: held 5 stale timeouts
+        writer.execute("BEGIN IMMEDIATE")  # the import's transaction, held past SQLite's busy timeout
         try:
-            held_until = time.monotonic() + 3.0
+            held_until = time.monotonic() + db.SQLITE_BUSY_TIMEOUT_MS / 1000 + 2.0
             seen = []
             while time.monotonic() < held_until:
                 seen.append(api.get_job(job_id, settings))
@@ -395,5 +442,7 @@ def test_a_real_workers_training_outlives_another_processs_long_write_on_sqlite(
         job = api.get_job(job_id, settings)
         assert job.state == "succeeded", (job.message, job.error, log.read_text()[-3000:])
         assert job.result["epochs_done"] == 2
+        # The heartbeats gave up on the lock and the training went on: its progress was put off, not failed.
+        assert "heartbeat failed" in log.read_text() and "progress not written" in log.read_text()
     finally:
         stop_worker(worker, signal.SIGTERM)

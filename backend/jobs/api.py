@@ -14,16 +14,15 @@ A job is a row of the `jobs` table (`backend.store.models.Job`) plus a huey task
   refreshes the row's `heartbeat_at` every `YOLODEX_JOB_HEARTBEAT_S` seconds [10]; a "running" job whose heartbeat is
   older than `YOLODEX_JOB_STALE_S` seconds [60] is dead, wherever its worker ran, and `interrupt_stale_jobs` marks it
   interrupted. Every worker runs that check every few seconds, and `get_job`/`list_jobs` run it too, so the app shows
-  the truth even when no worker is alive. A job whose worker runs on the reader's own host is judged by its process
-  instead: alive (and not a zombie) means alive, however old its heartbeat. On one machine with a SQLite file a long
-  write of another process (an import of a few thousand images is one transaction) holds the database's only write
-  lock, and the job's beats wait for it; that job is not dead. A starting worker also marks at once the "running" jobs
-  of dead processes on its own host. A training job is continued with `resume(job_id)`: a new job, which any worker
-  (on any machine sharing the storage and the database) may run. Heartbeats are stamped and judged by the database
-  server's clock (PostgreSQL), so machines whose clocks disagree do not kill each other's jobs. Give the app and every
-  worker the same two settings, the interval well under the timeout (a third of it at most). A worker that is alive
-  after all (its database unreachable for longer than the timeout) finds its job no longer running at its next beat
-  and stops it, as if cancelled, without touching the row again.
+  the truth even when no worker is alive. On a SQLite file (one machine) a job whose worker process is alive is alive,
+  however old its heartbeat: a long write of another process (an import of a few thousand images is one transaction)
+  holds the file's only write lock, and the job's beats and progress wait for it. A starting worker also marks at once
+  the "running" jobs of dead processes on its own host. A training job is continued with `resume(job_id)`: a new job,
+  which any worker (on any machine sharing the storage and the database) may run. Heartbeats are stamped and judged by
+  the database server's clock (PostgreSQL), so machines whose clocks disagree do not kill each other's jobs. Give the
+  app and every worker the same two settings, the interval well under the timeout (a third of it at most). A worker
+  that is alive after all (its database unreachable for longer than the timeout) finds its job no longer running at
+  its next beat and stops it, as if cancelled, without touching the row again.
 
 Importing this module is cheap: no torch, no streamlit, no huey (the queue is imported when a job is submitted).
 Every function takes `settings` (default: the environment's).
@@ -306,10 +305,10 @@ def interrupt_stale_jobs(settings: Settings | None = None, *, now: datetime | No
 
     A job is stale when its last heartbeat (or, before the first one, its start) is older than `stale_after_s()`,
     measured by the clock that stamps heartbeats (`heartbeat_clock`) unless `now` is given. This works across
-    machines: it reads only the database. The one exception is a job of this host whose worker process is alive
-    (`pid_alive`): its beats may be waiting for a lock (a SQLite file's single writer busy with a long import),
-    and the process table is the better witness. Cheap when nothing runs (one query on an indexed column), so
-    readers call it freely.
+    machines: it reads only the database. The one exception is a SQLite file (one machine), where a job whose
+    worker process is alive on this host (`pid_alive`) is alive: its beats may be waiting for the file's single
+    write lock (another process's long import), and the process table is the better witness. Cheap when nothing
+    runs (one query on an indexed column), so readers call it freely.
     """
     settings = settings or get_settings()
     limit = stale_after_s()
@@ -323,12 +322,15 @@ def interrupt_stale_jobs(settings: Settings | None = None, *, now: datetime | No
         if rows and now is None and engine.dialect.name != "sqlite":
             now = _aware(session.scalar(select(func.now())))
     now = now or datetime.now(UTC)
-    host = socket.gethostname()
+    # On a SQLite file, any long write (an import) holds the only write lock and a live job's beats wait for it:
+    # there (one machine) a job of this host is alive while its process is. A server database locks rows, and a
+    # job's beats wait for nobody: its heartbeat alone says.
+    host = socket.gethostname() if engine.dialect.name == "sqlite" else None
     stale = [
         row
         for row in rows
         if _silent_s(row, now) > limit
-        and not (row.worker_host == host and row.worker_pid and pid_alive(row.worker_pid))
+        and not (host and row.worker_host == host and row.worker_pid and pid_alive(row.worker_pid))
     ]
     if not stale:
         return []

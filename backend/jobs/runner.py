@@ -39,13 +39,15 @@ import traceback
 from collections import deque
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy import Engine, insert, select, update
+from sqlalchemy.exc import OperationalError
+from sqlalchemy.orm import Session
 
 from backend.jobs.api import LOG_TAIL_LINES, heartbeat_clock, heartbeat_interval_s, job_engine, pid_alive
 from backend.settings import Settings
-from backend.store.db import session_scope
+from backend.store.db import database_locked, session_scope
 from backend.store.models import DatasetVersion, Job, JobMetric, Project, Run, utc_now
 
 logger = logging.getLogger(__name__)
@@ -53,6 +55,32 @@ logger = logging.getLogger(__name__)
 FLUSH_INTERVAL_S = 0.5  # at most ~2 progress writes a second
 STEP_METRIC_INTERVAL_S = 1.0  # a "step" metric row at most this often (and at each epoch's last step)
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+LOCKED_RETRY_S = 1.0  # between two tries of a write that found a SQLite file locked past its busy timeout
+LOCKED_GIVE_UP_S = 3600.0  # a write that must land (a job's start and end) waits this long for the lock
+LOCKED_FLUSH_WAIT_MS = 200  # a progress write waits this long for a SQLite file's lock, then is put off
+
+T = TypeVar("T")
+
+
+def write_when_free(engine: Engine, write: Callable[[Session], T], what: str) -> T:
+    """Runs `write` in one transaction; while a SQLite file's write lock is held by another process past the busy
+    timeout (a long import is one transaction), tries again every `LOCKED_RETRY_S` for up to `LOCKED_GIVE_UP_S`.
+
+    For the writes a job must not lose to a busy database: its claim, its end, its run's status.
+    """
+    deadline = time.monotonic() + LOCKED_GIVE_UP_S
+    warned = False
+    while True:
+        try:
+            with session_scope(engine) as session:
+                return write(session)
+        except OperationalError as error:
+            if not database_locked(error) or time.monotonic() > deadline:
+                raise
+            if not warned:
+                logger.warning("%s waits for the database: another process holds its write lock", what)
+                warned = True
+            time.sleep(LOCKED_RETRY_S)
 
 
 class JobContext:
@@ -79,6 +107,7 @@ class JobContext:
         self.stop_seen = False  # stop_requested() answered True: the job was asked to stop and knows it
         self.cancelled = False  # the job stopped early on request (set by the kind's runner)
         self.lost = False  # the row was marked interrupted by another process: stop, and leave the row alone
+        self.lock_waits = 0  # flushes put off because another process held a SQLite file's write lock
         self.progress_value = 0.0
         self.training: dict[str, Any] = {}
         self.training_drives_progress = True  # False where training is one stage of a longer job (QAT)
@@ -121,13 +150,12 @@ class JobContext:
             self.fields.clear()
             self.metrics.clear()
             self.dirty = False
-        rows = []
-        for event, data in metrics:
-            self.seq += 1
-            rows.append(
-                {"job_id": self.job_id, "seq": self.seq, "event": event[:32], "data": data, "created_at": utc_now()}
-            )
-        with session_scope(self.engine) as session:
+        rows = [
+            {"job_id": self.job_id, "seq": self.seq + n, "event": event[:32], "data": data, "created_at": utc_now()}
+            for n, (event, data) in enumerate(metrics, start=1)
+        ]
+
+        def write(session: Session) -> None:
             if rows:
                 session.execute(insert(JobMetric), rows)
             # Only while running: a row marked interrupted meanwhile keeps the message that says why.
@@ -137,6 +165,28 @@ class JobContext:
                 .values(**fields, log_tail=tail, updated_at=utc_now())
             )
             self.cancel_flag = bool(session.scalar(select(Job.cancel_requested).where(Job.id == self.job_id)))
+
+        try:
+            if force:
+                write_when_free(self.engine, write, f"job {self.job_id}'s last report")
+            else:
+                with session_scope(self.engine, busy_timeout_ms=LOCKED_FLUSH_WAIT_MS) as session:
+                    write(session)
+        except OperationalError as error:
+            if force or not database_locked(error):
+                raise
+            # Another process holds the SQLite file's write lock (a long import): the job goes on, and what was
+            # buffered goes with the next flush, in order.
+            with self.lock:
+                self.metrics[:0] = metrics
+                self.fields = {**fields, **self.fields}
+                self.dirty = True
+            self.flushed_at = time.monotonic()
+            if not self.lock_waits:
+                logger.warning("job %s: progress not written, the database is locked by another process", self.job_id)
+            self.lock_waits += 1
+            return
+        self.seq += len(rows)
         self.flushed_at = self.cancel_read_at = time.monotonic()
 
     def lose(self) -> None:
@@ -256,7 +306,8 @@ def execute_job(job_id: int, settings: Settings) -> str:
     interrupted and the interrupt goes on.
     """
     engine = job_engine(settings)
-    with session_scope(engine) as session:
+
+    def claim(session: Session) -> tuple[bool, Job | None]:
         claimed = session.execute(
             update(Job)
             .where(Job.id == job_id, Job.state == "queued")
@@ -270,14 +321,16 @@ def execute_job(job_id: int, settings: Settings) -> str:
                 updated_at=utc_now(),
             )
         ).rowcount
-        job = session.get(Job, job_id)
-        if job is None:
-            logger.warning("job %s does not exist (a queue left from another database?)", job_id)
-            return "missing"
-        if not claimed:
-            logger.info("job %s is %s: not running it", job_id, job.state)
-            return job.state
-        kind, params = job.kind, dict(job.params or {})
+        return bool(claimed), session.get(Job, job_id)
+
+    claimed, job = write_when_free(engine, claim, f"job {job_id}'s start")
+    if job is None:
+        logger.warning("job %s does not exist (a queue left from another database?)", job_id)
+        return "missing"
+    if not claimed:
+        logger.info("job %s is %s: not running it", job_id, job.state)
+        return job.state
+    kind, params = job.kind, dict(job.params or {})
     context = JobContext(engine, job_id)
     heartbeat = Heartbeat(engine, job_id, on_lost=context.lose)
     heartbeat.start()
@@ -360,7 +413,8 @@ class Heartbeat:
                 with session_scope(self.engine) as session:
                     state = session.scalar(select(Job.state).where(Job.id == self.job_id))
             except Exception as error:  # the next beat retries; a job must not die of its heartbeat
-                logger.warning("job %s: heartbeat failed (%s); retrying in %.0f s", self.job_id, error, self.interval_s)
+                reason = getattr(error, "orig", None) or error  # the driver's words, without the SQL
+                logger.warning("job %s: heartbeat failed (%s); retrying in %g s", self.job_id, reason, self.interval_s)
                 continue
             if state == "interrupted" and not self._stopped.is_set():  # not its own end (succeeded, failed, ...)
                 logger.warning("job %s was marked interrupted by another process: stopping it", self.job_id)
@@ -387,9 +441,14 @@ def _finish(
         values["result"] = _json_ready(result if isinstance(result, dict) else {"value": result})
     if error is not None:
         values["error"], values["traceback"] = error, trace
-    with session_scope(context.engine) as session:
-        # Only a running job ends: one a restarted worker already marked interrupted keeps that state.
-        session.execute(update(Job).where(Job.id == context.job_id, Job.state == "running").values(**values))
+    # Only a running job ends: one a restarted worker already marked interrupted keeps that state.
+    write_when_free(
+        context.engine,
+        lambda session: session.execute(
+            update(Job).where(Job.id == context.job_id, Job.state == "running").values(**values)
+        ),
+        f"job {context.job_id}'s end",
+    )
 
 
 def _summary(result: Any) -> str:
@@ -569,8 +628,11 @@ def _run_train(params: dict[str, Any], settings: Settings, context: JobContext) 
     else:
         config = TrainConfig.from_dict(params["config"]).to_dict()
     engine = job_engine(settings)
-    with session_scope(engine) as session:
-        run_id = _start_run(session, settings, params.get("project"), run_dir, config, context.job_id)
+    run_id = write_when_free(
+        engine,
+        lambda session: _start_run(session, settings, params.get("project"), run_dir, config, context.job_id),
+        f"job {context.job_id}'s run row",
+    )
     if run_id is None:
         context.log("no project matches this dataset: the run is not listed in the project's runs")
     status = "failed"
@@ -601,8 +663,11 @@ def _run_train(params: dict[str, Any], settings: Settings, context: JobContext) 
         raise
     finally:
         if not context.lost:  # a lost job's run may already go on elsewhere: its status is not ours to set
-            with session_scope(engine) as session:
-                _set_run_status(session, settings, run_dir, status)
+            write_when_free(
+                engine,
+                lambda session: _set_run_status(session, settings, run_dir, status),
+                f"job {context.job_id}'s run status",
+            )
 
 
 def _relative(path: Path, settings: Settings) -> str:

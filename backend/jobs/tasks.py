@@ -26,6 +26,7 @@ then it is "interrupted" and `api.resume` queues its continuation for whichever 
 from __future__ import annotations
 
 import logging
+import sys
 import threading
 import time
 from dataclasses import asdict, replace
@@ -185,6 +186,25 @@ def _watch_heartbeats(settings: Settings) -> None:
             logger.warning("jobs %s stopped sending heartbeats (their worker died): marked interrupted", dead)
 
 
+WORKER_LOG_FORMAT = "[%(asctime)s] %(levelname)s:%(name)s:%(process)d:%(threadName)s:%(message)s"
+
+
+def _log_backend_to_stderr() -> None:
+    """Sends the `backend` loggers (INFO and up) to the worker's stderr, its log file, whichever thread logs: huey
+    configures only its own logger, and without this a warning of a job's heartbeat or of the watchdog thread would
+    reach no handler while a job runs (the job's log-tail handler keeps its own thread's records only)."""
+    backend = logging.getLogger("backend")
+    if any(getattr(handler, "yolodex_worker", False) for handler in backend.handlers):
+        return
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter(WORKER_LOG_FORMAT))
+    handler.setLevel(logging.INFO)
+    handler.yolodex_worker = True  # type: ignore[attr-defined]
+    backend.addHandler(handler)
+    if backend.getEffectiveLevel() > logging.INFO:
+        backend.setLevel(logging.INFO)
+
+
 @huey.on_startup()
 def _recover() -> None:
     from backend.ingest.service import open_store
@@ -193,6 +213,7 @@ def _recover() -> None:
     from backend.labeling.loop import recover_interrupted
     from backend.store.db import session_scope
 
+    _log_backend_to_stderr()
     settings = get_settings()
     if settings.queue_url.startswith(("redis://", "rediss://")) and settings.database_url.startswith("sqlite"):
         logger.warning(
@@ -200,7 +221,7 @@ def _recover() -> None:
             "and several workers writing it at once fail with 'database is locked'. Set YOLODEX_DATABASE_URL to a "
             "PostgreSQL server (postgresql+psycopg://user:password@host:5432/yolodex) for more than one worker."
         )
-    if 3 * heartbeat_interval_s() > stale_after_s():
+    if 3 * heartbeat_interval_s() > stale_after_s() * (1 + 1e-9):  # 3 x 0.2 is 0.6000000000000001
         logger.warning(
             "YOLODEX_JOB_HEARTBEAT_S=%g is more than a third of YOLODEX_JOB_STALE_S=%g: a slow beat may get a live "
             "job marked interrupted. Keep the interval well under the timeout (defaults 10 and 60).",

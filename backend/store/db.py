@@ -17,11 +17,29 @@ from alembic import command
 from alembic.config import Config
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
 MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
 # How long a SQLite writer waits for another process's write lock before failing ("database is locked").
 SQLITE_BUSY_TIMEOUT_MS = 10_000
+
+
+BUSY_ADVICE = (
+    "the database is busy: another process holds the SQLite file's write lock (an import or crawl writes in one "
+    "transaction and commits at its end). Try again when it has finished (the Jobs page shows it); for several "
+    "workers or people at once, put the metadata on a PostgreSQL server (YOLODEX_DATABASE_URL)"
+)
+
+
+def database_locked(error: BaseException) -> bool:
+    """Whether `error` is SQLite saying another connection held the file's write lock past the busy timeout."""
+    return isinstance(error, OperationalError) and "locked" in str(error.orig or error).lower()
+
+
+def describe_error(error: BaseException) -> str:
+    """One line for a person: `BUSY_ADVICE` for a locked SQLite file (instead of the SQL), else the error's text."""
+    return BUSY_ADVICE if database_locked(error) else str(error)
 
 
 def make_engine(url: str) -> Engine:
@@ -93,9 +111,19 @@ def init_db(url: str | Engine) -> Engine:
 
 
 @contextmanager
-def session_scope(engine: Engine) -> Iterator[Session]:
-    """A session that commits when the block ends and rolls back (then re-raises) when it raises."""
+def session_scope(engine: Engine, *, busy_timeout_ms: int | None = None) -> Iterator[Session]:
+    """A session that commits when the block ends and rolls back (then re-raises) when it raises.
+
+    Args:
+        busy_timeout_ms: on a SQLite file, how long this session's writes wait for another connection's write
+            lock before "database is locked" (default `SQLITE_BUSY_TIMEOUT_MS`); short for writes that may simply
+            be put off (a job's progress), so they never stall their caller behind a long import.
+    """
     session = Session(engine, expire_on_commit=False)
+    raw = None
+    if busy_timeout_ms is not None and engine.dialect.name == "sqlite":
+        raw = session.connection().connection.dbapi_connection
+        raw.execute(f"PRAGMA busy_timeout={int(busy_timeout_ms)}")
     try:
         yield session
         session.commit()
@@ -103,4 +131,6 @@ def session_scope(engine: Engine) -> Iterator[Session]:
         session.rollback()
         raise
     finally:
+        if raw is not None:  # the connection goes back to the pool: with the usual timeout
+            raw.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
         session.close()
