@@ -13,6 +13,7 @@ import os
 import signal
 import subprocess
 import sys
+from dataclasses import replace
 from types import SimpleNamespace
 
 import psycopg
@@ -28,11 +29,38 @@ from backend.jobs import api
 from backend.labeling import server, service
 from backend.labeling.client import connect
 from backend.settings import Settings
-from backend.store.db import alembic_config, init_db, session_scope
+from backend.store.db import alembic_config, init_db, make_engine, session_scope
 from backend.store.models import Annotation, Base, DatasetVersion, Image, JobMetric, Project, Run
 from tests.labelstudio_fixture import free_port
 from tests.test_jobs import REPO_ROOT, TINY, start_worker, stop_worker, wait_for
 from tests.test_labelstudio_sync import CLASSES, images_of, make_project, rect, task_of
+
+
+def test_a_long_lived_process_keeps_one_connection_pool_per_database(tmp_path, postgres_url) -> None:
+    """The app and the workers call `open_store` for every action and poll (the labeling poll every minute): each
+    call reuses this process's engine, so connections to the server do not pile up until a garbage collection."""
+    settings = replace(Settings.from_env({"YOLODEX_STORAGE": str(tmp_path / "storage")}), database_url=postgres_url)
+    watcher = make_engine(postgres_url)
+    try:
+
+        def connections() -> int:
+            with watcher.connect() as connection:
+                query = (
+                    "SELECT count(*) FROM pg_stat_activity "
+                    "WHERE datname = current_database() AND pid <> pg_backend_pid()"
+                )
+                return int(connection.execute(text(query)).scalar_one())
+
+        engines = set()
+        for _ in range(30):
+            engine, _storage = open_store(settings)
+            engines.add(id(engine))
+            with session_scope(engine) as session:
+                session.execute(select(func.count()).select_from(Project))
+        assert connections() <= engine.pool.size(), connections()  # 15 here with an engine per call
+        assert len(engines) == 1 and api.job_engine(settings) is engine
+    finally:
+        watcher.dispose()
 
 
 def test_migrations_build_the_schema_on_postgresql_and_match_the_models(postgres_url) -> None:

@@ -19,7 +19,7 @@ from backend.ingest.importer import import_paths
 from backend.ingest.providers import DuckDuckGoImages, SearchError
 from backend.ingest.starter import create_starter_project
 from backend.settings import Settings, get_settings
-from backend.store.db import init_db, session_scope
+from backend.store.db import session_scope, shared_engine
 from backend.store.images import add_image_bytes
 from backend.store.models import DatasetVersion, Project, get_or_create_project
 from backend.store.versions import class_stats, export_coco, export_yolo, freeze_version, version_folder
@@ -32,10 +32,11 @@ class StoreError(ValueError):
 
 
 def open_store(settings: Settings | None = None) -> tuple[Engine, Path]:
-    """The metadata database (migrated to the latest schema) and the storage folder of `settings`."""
+    """The metadata database (migrated to the latest schema; this process's one engine for it) and the storage folder
+    of `settings`."""
     settings = settings or get_settings()
     settings.ensure_dirs()
-    return init_db(settings.database_url), settings.storage
+    return shared_engine(settings.database_url), settings.storage
 
 
 def import_into(paths: Sequence[str | Path], project: str = DEFAULT_PROJECT, settings: Settings | None = None) -> dict:

@@ -44,7 +44,7 @@ from sqlalchemy import Engine, func, select, update
 from sqlalchemy.exc import OperationalError
 
 from backend.settings import Settings, get_settings
-from backend.store.db import init_db, session_scope
+from backend.store.db import session_scope, shared_engine
 from backend.store.models import JOB_KINDS, JOB_STATES, Job, JobMetric, utc_now
 
 __all__ = [
@@ -152,20 +152,11 @@ class JobView:
 # The database
 # ----------------------------------------------------------------------------------------------------------------
 
-_ENGINES: dict[tuple[int, str], Engine] = {}
-
 
 def job_engine(settings: Settings | None = None) -> Engine:
-    """The metadata database's engine, migrated once per process (cached: pages poll jobs every second or two).
-
-    Keyed by process id too: an engine's pooled connections must not cross a fork (huey's process workers).
-    """
-    settings = settings or get_settings()
-    key = (os.getpid(), settings.database_url)
-    engine = _ENGINES.get(key)
-    if engine is None:
-        engine = _ENGINES[key] = init_db(settings.database_url)
-    return engine
+    """The metadata database's engine, migrated once per process (`db.shared_engine`: pages poll jobs every second
+    or two)."""
+    return shared_engine((settings or get_settings()).database_url)
 
 
 def _aware(moment: datetime | None) -> datetime | None:

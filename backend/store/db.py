@@ -9,6 +9,8 @@ an older yolodex is upgraded in place. The scripts ship inside the package: no a
 
 from __future__ import annotations
 
+import os
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -108,6 +110,34 @@ def init_db(url: str | Engine) -> Engine:
         config.attributes["connection"] = connection
         command.upgrade(config, "head")
     return engine
+
+
+_SHARED: dict[tuple[int, str], Engine] = {}
+_SHARED_LOCK = threading.Lock()
+
+
+def shared_engine(url: str) -> Engine:
+    """This process's engine for `url`, migrated at its first use: one connection pool per database and process.
+
+    An engine made per call keeps its pooled connections open until the garbage collector finds it (30 calls left 15
+    connections open on a PostgreSQL server, measured), which a long-lived app or worker would pile up. Keyed by
+    process id too: pooled connections must not cross a fork (huey's process workers). A SQLite file deleted since
+    (a storage folder reset) is made again rather than written through a connection to the deleted file.
+    """
+    key = (os.getpid(), url)
+    with _SHARED_LOCK:
+        engine = _SHARED.get(key)
+        if engine is not None and _sqlite_file_gone(engine):
+            engine.dispose()
+            engine = None
+        if engine is None:
+            engine = _SHARED[key] = init_db(url)
+        return engine
+
+
+def _sqlite_file_gone(engine: Engine) -> bool:
+    database = engine.url.database
+    return engine.dialect.name == "sqlite" and bool(database) and database != ":memory:" and not Path(database).exists()
 
 
 @contextmanager
