@@ -15,7 +15,7 @@ from sqlalchemy import select
 from sqlalchemy.engine import Engine
 
 from backend.settings import Settings, get_settings
-from backend.store.db import describe_error, init_db, session_scope
+from backend.store.db import describe_error, session_scope, shared_engine
 from backend.store.models import Project
 
 logger = logging.getLogger(__name__)
@@ -33,10 +33,9 @@ def page_settings() -> Settings:
         raise  # st.stop() raises; this line keeps type checkers honest
 
 
-@st.cache_resource(show_spinner=False)
 def store_engine(database_url: str) -> Engine:
-    """One migrated engine per database for the process (pages read through it; jobs open their own)."""
-    return init_db(database_url)
+    """The process's one migrated engine for the database (`db.shared_engine`, the same the backend's calls use)."""
+    return shared_engine(database_url)
 
 
 def project_names(engine: Engine) -> list[str]:

@@ -183,8 +183,7 @@ class JobContext:
                 self.metrics[:0] = metrics
                 self.fields = {**fields, **self.fields}
                 self.dirty = True
-            self.flushed_at = time.monotonic()
-            self.locked_until = self.flushed_at + LOCKED_FLUSH_BACKOFF_S
+            self.locked_until = time.monotonic() + LOCKED_FLUSH_BACKOFF_S
             if not self.lock_waits:
                 logger.warning("job %s: progress not written, the database is locked by another process", self.job_id)
             self.lock_waits += 1
