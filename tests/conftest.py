@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import io
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +20,21 @@ SHARED_REFERENCE = REPO_ROOT.parent / "shared" / "reference"
 
 # The session-wide Label Studio server fixture (`labelstudio`).
 pytest_plugins = ["tests.labelstudio_fixture", "tests.redis_fixture", "tests.postgres_fixture"]
+
+# What a full run holds at its peak under pytest's base temporary folder (measured; see pyproject's retention).
+PEAK_DISK_GB = 10
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    """The free space where tmp_path lives: a full disk fails tests far from the cause (torch.save's "unexpected
+    pos", "could not create numbered dir"), so the header says it first."""
+    folder = config.option.basetemp or tempfile.gettempdir()
+    free_gb = shutil.disk_usage(Path(folder).parent if config.option.basetemp else folder).free / 1e9
+    line = f"free disk space for tmp_path: {free_gb:.0f} GB; a full run needs about {PEAK_DISK_GB} GB"
+    if free_gb < PEAK_DISK_GB:
+        line += " -- WARNING: free some space (old /tmp/pytest-of-* folders?) or set --basetemp elsewhere"
+    return line
+
 
 # Two cores: keep torch from oversubscribing when tests run beside servers and workers.
 torch.set_num_threads(2)

@@ -317,6 +317,7 @@ def image(tmp_path_factory) -> Iterator[dict[str, str]]:
                 os.killpg(process.pid, signal.SIGKILL)
                 process.wait()
     yield env
+    shutil.rmtree(root, ignore_errors=True)  # two venvs, about 3 GB: not kept to the end of the session
 
 
 def start(image_env: dict[str, str], role: str, log: Path, **env: str) -> subprocess.Popen:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import signal
 import sqlite3
 import subprocess
@@ -57,7 +58,7 @@ def immediate(monkeypatch) -> None:
 
 
 @pytest.fixture(scope="module")
-def store(tmp_path_factory) -> tuple[Settings, str]:
+def store(tmp_path_factory) -> Iterator[tuple[Settings, str]]:
     """A storage folder with project "shapes" (imported through an import job) and its frozen version "v1"."""
     root = tmp_path_factory.mktemp("jobs")
     settings = make_settings(root)
@@ -72,7 +73,8 @@ def store(tmp_path_factory) -> tuple[Settings, str]:
     assert job.state == "succeeded", (job.error, job.traceback)
     assert job.result["counts"]["accepted"] == 10 and job.progress == 1.0 and job.project == "shapes"
     version = freeze("shapes", "v1", settings=settings)
-    return settings, version["folder"]
+    yield settings, version["folder"]
+    shutil.rmtree(root, ignore_errors=True)  # the module's runs and checkpoints, about 1 GB
 
 
 def train_params(data: str, run_dir: Path, **changes: Any) -> dict[str, Any]:
