@@ -21,7 +21,7 @@ SHARED_REFERENCE = REPO_ROOT.parent / "shared" / "reference"
 # The session-wide Label Studio server fixture (`labelstudio`).
 pytest_plugins = ["tests.labelstudio_fixture", "tests.redis_fixture", "tests.postgres_fixture"]
 
-# What a full run holds at its peak under pytest's base temporary folder (measured; see pyproject's retention).
+# Free space a full run asks for: its peak under pytest's base folder was 5.7 GB (measured 2026-11-29), plus margin.
 PEAK_DISK_GB = 10
 
 
