@@ -22,16 +22,17 @@ SHARED_REFERENCE = REPO_ROOT.parent / "shared" / "reference"
 pytest_plugins = ["tests.labelstudio_fixture", "tests.redis_fixture", "tests.postgres_fixture"]
 
 # Free space a full run asks for: its peak under pytest's base folder was 5.7 GB (measured 2026-11-29), plus margin.
-PEAK_DISK_GB = 10
+NEEDED_DISK_GB = 10
 
 
 def pytest_report_header(config: pytest.Config) -> str:
     """The free space where tmp_path lives: a full disk fails tests far from the cause (torch.save's "unexpected
     pos", "could not create numbered dir"), so the header says it first."""
-    folder = config.option.basetemp or tempfile.gettempdir()
-    free_gb = shutil.disk_usage(Path(folder).parent if config.option.basetemp else folder).free / 1e9
-    line = f"free disk space for tmp_path: {free_gb:.0f} GB; a full run needs about {PEAK_DISK_GB} GB"
-    if free_gb < PEAK_DISK_GB:
+    basetemp = config.option.basetemp
+    folder = Path(basetemp).resolve().parent if basetemp else Path(tempfile.gettempdir())
+    free_gb = shutil.disk_usage(folder).free / 1e9
+    line = f"free disk space for tmp_path: {free_gb:.0f} GB; a full run needs about {NEEDED_DISK_GB} GB"
+    if free_gb < NEEDED_DISK_GB:
         line += " -- WARNING: free some space (old /tmp/pytest-of-* folders?) or set --basetemp elsewhere"
     return line
 
