@@ -11,6 +11,7 @@ file at once make each other fail with "database is locked"). Heartbeats are fas
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import sqlite3
@@ -31,6 +32,8 @@ from backend.store.db import session_scope
 from backend.store.models import Job
 from tests.redis_fixture import flush_redis
 from tests.test_jobs import REPO_ROOT, TINY, make_settings, start_worker, stop_worker, wait_for
+
+READY = re.compile(r"worker process \S+:(\d+) is ready and takes jobs")
 
 
 @pytest.fixture
@@ -53,6 +56,20 @@ def consumer_of(workers: list, pid: int | None):
     return next((worker for worker in workers if worker.pid == group), None)
 
 
+def ready_consumers(workers: list, log) -> set:
+    """The consumers whose worker process has logged that it is ready (its start-up hooks ran; next, the queue)."""
+    pids = {int(pid) for pid in READY.findall(log.read_text(errors="replace"))} if log.is_file() else set()
+    return {consumer_of(workers, pid) for pid in pids if pid_exists(pid)} - {None}
+
+
+def pid_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
 def state_in_db(settings: Settings, job_id: int) -> tuple[str, str]:
     """The row as stored, read without the API (whose readers would mark a stale job themselves)."""
     with session_scope(api.job_engine(settings)) as session:
@@ -73,7 +90,10 @@ def test_two_workers_share_jobs_and_one_resumes_what_a_killed_one_left(tmp_path,
                     raise AssertionError(f"a worker exited ({worker.returncode}):\n{log.read_text()[-3000:]}")
             return api.get_job(job_id, settings).state in api.TERMINAL
 
-        # Shared: imports submitted together are taken by both workers.
+        # Shared: imports submitted together are taken by both workers. Both must be waiting on the queue first, or
+        # the one that started sooner takes all six before the other has imported torch (as on a busy CI machine).
+        # Redis hands each job to the worker that has waited longest, so two waiting workers share them.
+        wait_for(lambda: ready_consumers(workers, log) == set(workers), 120, "both workers to be ready", interval=0.2)
         data = generate_synthetic_dataset(tmp_path / "shapes", num_train=6, num_val=2, image_size=(64, 64), seed=3)
         imports = [
             api.submit("import", {"project": f"p{n}", "paths": [str(data)]}, settings=settings) for n in range(6)

@@ -26,6 +26,8 @@ then it is "interrupted" and `api.resume` queues its continuation for whichever 
 from __future__ import annotations
 
 import logging
+import os
+import socket
 import sys
 import threading
 import time
@@ -237,3 +239,6 @@ def _recover() -> None:
         reset = recover_interrupted(session)
     if reset:
         logger.warning("%d labeling retrains were interrupted by a worker restart; their loops are idle again", reset)
+    queue = "a Redis queue" if settings.queue_url.startswith(("redis://", "rediss://")) else "the SQLite queue"
+    # Its start-up hooks ran; the next step is the queue. The URLs may hold passwords: the line names the kind only.
+    logger.info("worker process %s:%d is ready and takes jobs from %s", socket.gethostname(), os.getpid(), queue)
