@@ -59,15 +59,7 @@ def consumer_of(workers: list, pid: int | None):
 def ready_consumers(workers: list, log) -> set:
     """The consumers whose worker process has logged that it is ready (its start-up hooks ran; next, the queue)."""
     pids = {int(pid) for pid in READY.findall(log.read_text(errors="replace"))} if log.is_file() else set()
-    return {consumer_of(workers, pid) for pid in pids if pid_exists(pid)} - {None}
-
-
-def pid_exists(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
+    return {consumer_of(workers, pid) for pid in pids if api.pid_alive(pid)} - {None}
 
 
 def state_in_db(settings: Settings, job_id: int) -> tuple[str, str]:

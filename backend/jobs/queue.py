@@ -28,11 +28,16 @@ from backend.settings import Settings, get_settings
 QUEUE_NAME = "yolodex"
 
 
+def on_redis(settings: Settings) -> bool:
+    """Whether the settings' queue is a Redis server (`redis://` or `rediss://`), not the SQLite file."""
+    return settings.queue_url.startswith(("redis://", "rediss://"))
+
+
 def make_huey(settings: Settings | None = None) -> Huey:
     """A huey for the settings' queue URL (`sqlite:///<path>` or `redis://host:port/db`)."""
     settings = settings or get_settings()
     immediate = os.environ.get("YOLODEX_QUEUE_IMMEDIATE", "").strip().lower() in ("1", "true", "yes")
-    if settings.queue_url.startswith(("redis://", "rediss://")):
+    if on_redis(settings):
         return RedisHuey(QUEUE_NAME, url=settings.queue_url, immediate=immediate)
     path = settings.queue_url.removeprefix("sqlite:///")
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)

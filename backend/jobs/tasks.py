@@ -37,7 +37,7 @@ from typing import Any
 
 from huey import Huey, crontab, signals
 
-from backend.jobs.queue import make_huey
+from backend.jobs.queue import make_huey, on_redis
 from backend.settings import Settings, get_settings
 
 logger = logging.getLogger(__name__)
@@ -217,7 +217,8 @@ def _recover() -> None:
 
     _log_backend_to_stderr()
     settings = get_settings()
-    if settings.queue_url.startswith(("redis://", "rediss://")) and settings.database_url.startswith("sqlite"):
+    redis = on_redis(settings)
+    if redis and settings.database_url.startswith("sqlite"):
         logger.warning(
             "the queue is on Redis but the database is a SQLite file: workers on other machines cannot share it, "
             "and several workers writing it at once fail with 'database is locked'. Set YOLODEX_DATABASE_URL to a "
@@ -239,6 +240,6 @@ def _recover() -> None:
         reset = recover_interrupted(session)
     if reset:
         logger.warning("%d labeling retrains were interrupted by a worker restart; their loops are idle again", reset)
-    queue = "a Redis queue" if settings.queue_url.startswith(("redis://", "rediss://")) else "the SQLite queue"
+    queue = "a Redis queue" if redis else "the SQLite queue"
     # Its start-up hooks ran; the next step is the queue. The URLs may hold passwords: the line names the kind only.
     logger.info("worker process %s:%d is ready and takes jobs from %s", socket.gethostname(), os.getpid(), queue)
