@@ -17,6 +17,8 @@ from pathlib import Path
 
 from alembic import command
 from alembic.config import Config
+from alembic.migration import MigrationContext
+from alembic.script import ScriptDirectory
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import OperationalError
@@ -83,7 +85,9 @@ def _configure_sqlite_connection(dbapi_connection, _connection_record) -> None:
 
 
 def _begin_sqlite_transaction(connection) -> None:
-    connection.exec_driver_sql("BEGIN")
+    # "BEGIN IMMEDIATE" (asked for by a connection's `sqlite_begin` option) takes the write lock at once, waiting
+    # the busy timeout for it; a plain BEGIN takes it at the first write, and fails there if another writer won.
+    connection.exec_driver_sql(connection.get_execution_options().get("sqlite_begin", "BEGIN"))
 
 
 def alembic_config() -> Config:
@@ -93,8 +97,16 @@ def alembic_config() -> Config:
     return config
 
 
+# The key of the PostgreSQL advisory lock that migrations take (any fixed 64-bit number; "yolo" in ASCII).
+MIGRATION_LOCK_KEY = 0x796F6C6F
+
+
 def init_db(url: str | Engine) -> Engine:
     """Brings the database at `url` to the newest schema (Alembic `upgrade head`); a no-op when it is there.
+
+    Processes started together (the app and its workers) may all find a fresh database. The one that migrates holds
+    a lock meanwhile (an advisory lock on PostgreSQL, the write lock on SQLite), and the others wait for it, then
+    find the schema there. A database already at head is only read, so no process waits behind a long import.
 
     Args:
         url: a database URL or an engine made by `make_engine`.
@@ -104,11 +116,20 @@ def init_db(url: str | Engine) -> Engine:
     """
     engine = make_engine(url) if isinstance(url, str) else url
     config = alembic_config()
-    with engine.begin() as connection:
-        # env.py uses this connection rather than building its own engine from a URL (URLs with passwords
-        # would otherwise go through configparser interpolation).
-        config.attributes["connection"] = connection
-        command.upgrade(config, "head")
+    head = ScriptDirectory.from_config(config).get_current_head()
+    with engine.connect() as connection:
+        if MigrationContext.configure(connection).get_current_revision() == head:
+            return engine
+    with engine.connect() as connection:
+        if connection.dialect.name == "sqlite":
+            connection = connection.execution_options(sqlite_begin="BEGIN IMMEDIATE")
+        with connection.begin():
+            if connection.dialect.name == "postgresql":
+                connection.exec_driver_sql(f"SELECT pg_advisory_xact_lock({MIGRATION_LOCK_KEY})")
+            # env.py uses this connection rather than building its own engine from a URL (URLs with passwords
+            # would otherwise go through configparser interpolation). Alembic reads the revision again, under the lock.
+            config.attributes["connection"] = connection
+            command.upgrade(config, "head")
     return engine
 
 
