@@ -1,7 +1,9 @@
-"""Ingest and dataset-version operations by project name, each in its own transaction, with JSON-ready results.
+"""Project, class, ingest and dataset-version operations by project name, each in its own transaction, with
+JSON-ready results.
 
-These are what the CLI (`yolodex import|crawl|dataset|starter`) and the background jobs call: plain arguments in,
-a dict out, the store opened from the settings (`YOLODEX_STORAGE`, `YOLODEX_DATABASE_URL`).
+These are what the CLI (`yolodex project|classes|import|crawl|dataset`), the pages and the background jobs call:
+plain arguments in, a dict out (with a "summary" sentence where a person reads it), the store opened from the
+settings (`YOLODEX_STORAGE`, `YOLODEX_DATABASE_URL`). The class rules live in `backend.store.classes`.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from backend.ingest.importer import import_paths
 from backend.ingest.providers import DuckDuckGoImages, SearchError
 from backend.ingest.starter import create_starter_project
 from backend.settings import Settings, get_settings
+from backend.store import classes as class_store
 from backend.store.db import session_scope, shared_engine
 from backend.store.images import add_image_bytes
 from backend.store.models import DatasetVersion, Project, get_or_create_project
@@ -138,12 +141,103 @@ def starter(settings: Settings | None = None) -> dict:
         return {"project": project.name, "created": report is not None, "import": report}
 
 
+def create_project(name: str, classes: Sequence[str | dict[str, Any]], settings: Settings | None = None) -> dict:
+    """Creates a project with its classes (at least one; see `classes.create_project`)."""
+    engine, _ = open_store(settings)
+    with session_scope(engine) as session:
+        project = class_store.create_project(session, name, classes)
+        rows = class_store.class_rows(session, project)
+        names = ", ".join(row.name for row in rows)
+        return {"project": project.name, "classes": [row.to_dict() for row in rows],
+                "summary": f"created project {project.name!r} with {len(rows)} class{'' if len(rows) == 1 else 'es'}: "
+                f"{names}"}  # fmt: skip
+
+
+def list_classes(project: str, settings: Settings | None = None) -> dict:
+    """The project's classes in index order, each with its dex entry and how many boxes use it."""
+    engine, _ = open_store(settings)
+    with session_scope(engine) as session:
+        rows = class_store.class_rows(session, _project(session, project))
+        return {"project": project, "classes": [row.to_dict() for row in rows]}
+
+
+def add_class(
+    project: str,
+    name: str,
+    *,
+    dex_number: int | str | None = None,
+    description: str = "",
+    colour: str | None = None,
+    settings: Settings | None = None,
+) -> dict:
+    """Appends a class to the project."""
+    engine, _ = open_store(settings)
+    with session_scope(engine) as session:
+        added = class_store.add_class(session, _project(session, project), name, dex_number=dex_number,
+                                      description=description, colour=colour)  # fmt: skip
+        return {"project": project, "class": added.name, "index": added.index,
+                "summary": f"added class {added.name!r} to {project} (index {added.index})"}  # fmt: skip
+
+
+def rename_class(project: str, old_name: str, new_name: str, settings: Settings | None = None) -> dict:
+    """Renames a class; its boxes and dex entry stay with it."""
+    engine, _ = open_store(settings)
+    with session_scope(engine) as session:
+        renamed = class_store.rename_class(session, _project(session, project), old_name, new_name)
+        old = str(old_name).strip()
+        return {"project": project, "class": renamed.name, "old_name": old, "index": renamed.index,
+                "summary": f"renamed class {old!r} to {renamed.name!r} in {project}"}  # fmt: skip
+
+
+def describe_class(
+    project: str,
+    name: str,
+    *,
+    dex_number: int | str | None = class_store.KEEP,
+    description: str | None = class_store.KEEP,
+    colour: str | None = class_store.KEEP,
+    settings: Settings | None = None,
+) -> dict:
+    """Sets a class's dex number, description and/or colour (fields not given stay; "" clears one)."""
+    engine, _ = open_store(settings)
+    with session_scope(engine) as session:
+        item, changed = class_store.describe_class(session, _project(session, project), name, dex_number=dex_number,
+                                                   description=description, colour=colour)  # fmt: skip
+        words = {"dex_number": "dex number", "description": "description", "colour": "colour"}
+        summary = (
+            f"class {item.name!r}: changed its " + " and ".join(words[field] for field in changed)
+            if changed
+            else f"class {item.name!r}: nothing changed (the values given are the ones it has)"
+        )
+        return {"project": project, "class": item.name, "changed": changed, "dex_number": item.dex_number,
+                "description": item.description, "colour": item.colour, "summary": summary}  # fmt: skip
+
+
+def remove_class(project: str, name: str, settings: Settings | None = None) -> dict:
+    """Removes a class no box uses; the later classes move down one index."""
+    engine, _ = open_store(settings)
+    with session_scope(engine) as session:
+        target = _project(session, project)
+        removed = class_store.find_class(session, target, name).name
+        index = class_store.remove_class(session, target, name)
+        left = [row.name for row in class_store.class_rows(session, target)]
+        summary = f"removed class {removed!r} from {project}; classes now: {', '.join(left) or 'none'}"
+        return {"project": project, "class": removed, "index": index, "classes": left, "summary": summary}
+
+
+def project_exists(project: str, settings: Settings | None = None) -> bool:
+    engine, _ = open_store(settings)
+    with session_scope(engine) as session:
+        return session.scalar(select(Project.id).where(Project.name == project.strip())) is not None
+
+
 def _project(session: Session, name: str) -> Project:
     project = session.scalar(select(Project).where(Project.name == name))
     if project is None:
         known = session.scalars(select(Project.name).order_by(Project.name)).all()
         raise StoreError(
-            f"no project called {name!r}; projects: {', '.join(known) or 'none yet (import images first)'}"
+            f"no project called {name!r}; projects: "
+            f"{', '.join(known) or 'none yet (create one on the Project page, or: yolodex project create)'}"
         )
     return project
 
