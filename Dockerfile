@@ -69,6 +69,7 @@ RUN /app/docker/install.sh requirements
 COPY pyproject.toml README.md /app/
 COPY backend /app/backend
 COPY app /app/app
+COPY .streamlit /app/.streamlit
 COPY pages /app/pages
 COPY docker /app/docker
 RUN /app/docker/install.sh yolodex

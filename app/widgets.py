@@ -9,18 +9,21 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from typing import Any
+from urllib.parse import quote
 
 import streamlit as st
 from sqlalchemy import select
 from sqlalchemy.engine import Engine
 
+from backend.overview import last_active_project
 from backend.settings import Settings, get_settings
 from backend.store.db import describe_error, session_scope, shared_engine
 from backend.store.models import Project
 
 logger = logging.getLogger(__name__)
 
-PROJECT_PARAM = "project"  # ?project=<name> keeps the chosen project across reloads and pages
+PROJECT_PARAM = "project"  # ?project=<name> keeps the chosen project across reloads and in links
+CURRENT_PROJECT = "yolodex_current_project"  # the tab's current project, shared by every page's picker
 
 
 def page_settings() -> Settings:
@@ -43,23 +46,54 @@ def project_names(engine: Engine) -> list[str]:
         return list(session.scalars(select(Project.name).order_by(Project.id)))
 
 
+def current_project(engine: Engine, names: list[str] | None = None) -> str | None:
+    """The project every page works on: `?project=` when it names one (a link, a reload), else the one chosen on
+    another page of this browser tab, else the one the user last worked on (`backend.overview.last_active_project`).
+    None when there is no project."""
+    names = project_names(engine) if names is None else names
+    for wanted in (st.query_params.get(PROJECT_PARAM), st.session_state.get(CURRENT_PROJECT)):
+        if wanted in names:
+            return wanted
+    with session_scope(engine) as session:
+        return last_active_project(session)
+
+
+def set_current_project(name: str) -> None:
+    """Makes `name` the current project of this tab and of its URL (every page's picker then shows it)."""
+    st.session_state[CURRENT_PROJECT] = name
+    if st.query_params.get(PROJECT_PARAM) != name:
+        st.query_params[PROJECT_PARAM] = name
+
+
+def page_link(page: str, text: str, project: str | None = None) -> str:
+    """A Markdown link to one of the app's pages (its url path), carrying the project so the page opens on it."""
+    query = f"?{PROJECT_PARAM}={quote(project)}" if project else ""
+    return f"[{text}](/{page}{query})"
+
+
 def project_picker(engine: Engine, *, key: str, label: str = "Project") -> str | None:
-    """A project select box remembered in `?project=`; None (with guidance shown) when there is no project."""
+    """A project select box that shows, and sets, the current project (`current_project`); None (with guidance
+    shown) when there is no project."""
     names = project_names(engine)
-    if not names:
-        st.info("No project yet: add images on the Datasets page, or run `yolodex dataset starter` for a demo project.")
+    chosen = current_project(engine, names)
+    if chosen is None:
+        st.info("No project yet: create one with its classes on the [Project](/project) page.")
         return None
-    wanted = st.query_params.get(PROJECT_PARAM)
-    index = names.index(wanted) if wanted in names else 0
-    chosen = st.selectbox(label, names, index=index, key=key)
-    if st.query_params.get(PROJECT_PARAM) != chosen:
-        st.query_params[PROJECT_PARAM] = chosen
+    # The widget's own state is set before it is drawn, so it always shows the current project, also when another
+    # page (or an import, or a new project) changed it since this page last ran.
+    st.session_state[key] = chosen
+    st.selectbox(label, names, key=key, on_change=lambda: set_current_project(st.session_state[key]))
+    set_current_project(chosen)
     return chosen
 
 
 def run_and_report(title: str, action: Callable[[], Any], *, state_key: str) -> Any:
     """Runs a short step with a spinner; its outcome (or error, never a crash) is kept in `st.session_state[state_key]`
-    as ("success" | "error", text) for the page to show after its rerun. Returns the result, or None on error."""
+    as (level, text) for the page to show after its rerun. Returns the result, or None on error.
+
+    An action that returns a dict may say what happened in its "summary" and how to show it in its "level":
+    "success" (the default, only for a step that fully succeeded), "info" (e.g. a job was queued: nothing has
+    succeeded yet) or "warning" (done, with something the user should look at)."""
     try:
         with st.spinner(f"{title}…"):
             result = action()
@@ -68,7 +102,8 @@ def run_and_report(title: str, action: Callable[[], Any], *, state_key: str) -> 
         st.session_state[state_key] = ("error", f"{title} failed: {describe_error(error)}")
         return None
     summary = result.get("summary") if isinstance(result, dict) else None
-    st.session_state[state_key] = ("success", f"{title}: {summary or 'done'}")
+    level = result.get("level", "success") if isinstance(result, dict) else "success"
+    st.session_state[state_key] = (level, f"{title}: {summary or 'done'}")
     return result
 
 
@@ -76,5 +111,5 @@ def show_outcome(state_key: str) -> None:
     """Shows (once) what `run_and_report` kept."""
     outcome = st.session_state.pop(state_key, None)
     if outcome:
-        kind, text = outcome
-        (st.success if kind == "success" else st.error)(text)
+        level, text = outcome
+        {"success": st.success, "info": st.info, "warning": st.warning}.get(level, st.error)(text)

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import UTC, datetime
 
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from backend.catalog import list_runs
+from backend.ingest.starter import STARTER_NAME
 from backend.settings import Settings
-from backend.store.models import DatasetVersion, Image, LabelingProject, Project, project_classes
+from backend.store.models import DatasetVersion, Image, Job, LabelingProject, Project, Run, project_classes
 
 CURRENT_STATUSES = ("ok", "near_duplicate")
 
@@ -75,3 +77,27 @@ def workflow_steps(session: Session, settings: Settings, project: Project) -> li
 def next_step(steps: list[Step]) -> Step | None:
     """The first step not done yet (None when all are)."""
     return next((step for step in steps if not step.done), None)
+
+
+def last_active_project(session: Session) -> str | None:
+    """The project the user last worked on: the newest of its creation, its last added image, its last frozen
+    version, its last run and its last job. The demo project (the Starter Pokédex) only when it is the only one.
+    None when there is no project."""
+    activity: dict[str, datetime] = {}
+
+    def note(rows) -> None:
+        for name, when in rows:
+            if name is not None and when is not None:
+                when = when if when.tzinfo else when.replace(tzinfo=UTC)  # SQLite returns naive UTC times
+                activity[name] = max(activity.get(name, when), when)
+
+    note(session.execute(select(Project.name, Project.created_at)))
+    for model, column in ((Image, Image.added_at), (DatasetVersion, DatasetVersion.created_at),
+                          (Run, Run.created_at)):  # fmt: skip
+        note(session.execute(select(Project.name, func.max(column)).join(model, model.project_id == Project.id)
+                             .group_by(Project.name)))  # fmt: skip
+    note(session.execute(select(Job.project, func.max(Job.created_at)).group_by(Job.project)))
+    if not activity:
+        return None
+    own = [name for name in activity if name != STARTER_NAME] or list(activity)
+    return max(own, key=lambda name: activity[name])

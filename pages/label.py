@@ -22,7 +22,7 @@ import streamlit as st
 from sqlalchemy import func, select
 from sqlalchemy.engine import Engine
 
-from app.widgets import project_names, store_engine
+from app.widgets import project_picker, store_engine
 from backend.jobs import api as jobs
 from backend.labeling import service
 from backend.labeling.server import ServerStatus, credentials_path, labelstudio_url, load_or_create_credentials, status
@@ -133,7 +133,6 @@ except ValueError as error:
     st.error(f"yolodex settings: {error}")
     st.stop()
 engine = store_engine(settings.database_url)
-names = project_names(engine)
 scheme, browser_host = browser_location()
 ls_url = browser_ls_url(settings, browser_host)
 server = server_status(settings)
@@ -169,10 +168,9 @@ with st.expander("Log in to Label Studio", expanded=server.state == "running"):
     else:
         st.write("The login is created when Label Studio starts for the first time (`yolodex labelstudio start`).")
 
-if not names:
-    st.info("No project yet: import images first, or run `yolodex dataset starter` for the Starter Pokédex.")
+project = project_picker(engine, key="label_project")  # None: it says where to create one
+if project is None:
     st.stop()
-project = st.selectbox("Project", names, key="label_project")
 loop = service.loop(project, settings=settings)
 synced = loop["synced"]
 

@@ -25,17 +25,20 @@ def page_text(app: AppTest) -> str:
 
 
 @pytest.mark.slow
-def test_home_page_shows_the_three_models_and_the_licence(storage):
+def test_home_page_starts_with_create_your_project_and_keeps_the_models_lower(storage):
     app = AppTest.from_file(str(HOME), default_timeout=120).run()
 
     assert not app.exception, [exception.value for exception in app.exception]
+    assert app.header[0].value == "Create your project"  # the first thing a newcomer reads
+    assert "[Create your project](/project)" in page_text(app)
+    assert app.header[-1].value == "The models"  # the model table is last, behind an expander
+    assert app.expander[0].label.startswith("YOLO-NAS S, M and L")
     table = app.dataframe[0].value
     assert list(table["model"]) == ["YOLO-NAS S", "YOLO-NAS M", "YOLO-NAS L"]
     assert table.loc[0, "params_total"] == 19_053_888
     assert (table["params_fused"] < table["params_total"]).all()
     assert (table["gflops"].diff().dropna() > 0).all()  # S < M < L
     assert "non-commercial" in page_text(app)
-    assert "No project yet" in page_text(app)  # an empty storage says where to start
 
 
 @pytest.mark.slow
@@ -44,6 +47,8 @@ def test_home_steps_follow_the_project(storage):
     app = AppTest.from_file(str(MAIN), default_timeout=120).run()  # through st.navigation: Home is the default
     assert not app.exception, [exception.value for exception in app.exception]
     text = page_text(app)
+    # Only the demo exists: the page still invites the user to create their own, and shows the demo's steps.
+    assert [header.value for header in app.header][:2] == ["Create your project", "Continue with Starter Pokédex"]
     assert "64 images, 3 classes" in text and "64 of 64 labeled" in text
     assert "0 frozen versions" in text
     assert "Next: freeze the labeled images" in text  # ingest and label are done, the version is next
@@ -52,4 +57,68 @@ def test_home_steps_follow_the_project(storage):
     app.run()
     text = page_text(app)
     assert "1 frozen versions" in text and "Next: train YOLO-NAS" in text
+    assert "(/train?project=Starter%20Pok%C3%A9dex)" in text  # links carry the project to the next page
     assert app.query_params["project"] == "Starter Pokédex"
+
+
+def _add_project(settings: Settings, name: str, classes: tuple[str, ...] = ("raccoon",)) -> None:
+    from backend.ingest.service import open_store
+    from backend.store.db import session_scope
+    from backend.store.models import ensure_class, get_or_create_project
+
+    engine, _ = open_store(settings)
+    with session_scope(engine) as session:
+        project = get_or_create_project(session, name)
+        for class_name in classes:
+            ensure_class(session, project, class_name)
+
+
+def test_the_last_project_worked_on_is_the_default_and_the_demo_only_when_alone(storage):
+    from backend.ingest.service import import_into, open_store
+    from backend.overview import last_active_project
+    from backend.store.db import session_scope
+    from tests.conftest import encode_image, textured_image
+
+    engine, _ = open_store(storage)
+    with session_scope(engine) as session:
+        assert last_active_project(session) is None
+    starter(storage)
+    with session_scope(engine) as session:
+        assert last_active_project(session) == "Starter Pokédex"  # the only project
+    _add_project(storage, "Raccoons")
+    _add_project(storage, "Plushies")
+    with session_scope(engine) as session:
+        assert last_active_project(session) == "Plushies"  # the newest; the demo's images are older still
+    photo = storage.storage / "photo.png"
+    photo.write_bytes(encode_image(textured_image(3)))
+    import_into([photo], "Raccoons", settings=storage)  # work on Raccoons makes it the last worked on
+    with session_scope(engine) as session:
+        assert last_active_project(session) == "Raccoons"
+
+
+@pytest.mark.slow
+def test_one_current_project_across_pages_defaulting_to_the_last_worked_on(storage):
+    starter(storage)
+    _add_project(storage, "Raccoons")
+    app = AppTest.from_file(str(MAIN), default_timeout=120).run()
+    assert not app.exception, [exception.value for exception in app.exception]
+    assert app.selectbox(key="home_project").value == "Raccoons"  # not the demo
+    assert app.header[0].value == "Continue with Raccoons"  # the user has a project: no "Create your project"
+
+    app.selectbox(key="home_project").select("Starter Pokédex").run()
+    assert app.query_params["project"] == "Starter Pokédex"
+    for page, key in (("../pages/train.py", "train_project"), ("../pages/evaluate.py", "evaluate_project")):
+        app.switch_page(page).run()
+        assert not app.exception, [exception.value for exception in app.exception]
+        assert app.selectbox(key=key).value == "Starter Pokédex"  # the choice made on Home follows the user
+
+    app.selectbox(key="evaluate_project").select("Raccoons").run()
+    app.switch_page("../pages/home.py").run()
+    assert app.selectbox(key="home_project").value == "Raccoons"
+    assert app.header[0].value == "Continue with Raccoons"
+
+    # A link (or a reload) carries ?project=, which wins over what the tab remembered.
+    linked = AppTest.from_file(str(MAIN), default_timeout=120)
+    linked.query_params["project"] = "Starter Pokédex"
+    linked.run()
+    assert linked.selectbox(key="home_project").value == "Starter Pokédex"
