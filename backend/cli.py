@@ -329,6 +329,44 @@ def cmd_dataset(args: argparse.Namespace) -> None:
     _print(report, args.json, text)
 
 
+def cmd_project(args: argparse.Namespace) -> None:
+    from backend.ingest import service
+
+    names = [name.strip() for name in (args.classes or "").split(",") if name.strip()]
+    report = service.create_project(args.name, names)
+    _print(report, args.json, report["summary"])
+
+
+def cmd_classes(args: argparse.Namespace) -> None:
+    from backend.ingest import service
+    from backend.store.classes import KEEP
+
+    if args.action == "list":
+        report = service.list_classes(args.project)
+        lines = [f"{report['project']}: {len(report['classes'])} classes"]
+        for row in report["classes"]:
+            number = "-" if row["dex_number"] is None else row["dex_number"]
+            described = f": {row['description']}" if row["description"] else ""
+            lines.append(f"  {row['index']}: {row['name']} (dex #{number}, colour {row['colour'] or 'default'}, "
+                         f"{row['boxes']} boxes){described}")  # fmt: skip
+        _print(report, args.json, "\n".join(lines))
+        return
+    if args.action == "add":
+        report = service.add_class(args.project, args.name, dex_number=args.dex_number,
+                                   description=args.description or "", colour=args.colour)  # fmt: skip
+    elif args.action == "rename":
+        report = service.rename_class(args.project, args.name, args.new_name)
+    elif args.action == "describe":
+        given = {key: getattr(args, key) for key in ("dex_number", "description", "colour")}
+        if all(value is None for value in given.values()):
+            raise ValueError("describe needs --dex-number, --description or --colour (an empty value clears it)")
+        changes = {key: KEEP if value is None else value for key, value in given.items()}
+        report = service.describe_class(args.project, args.name, **changes)
+    else:
+        report = service.remove_class(args.project, args.name)
+    _print(report, args.json, report["summary"])
+
+
 def cmd_labelstudio(args: argparse.Namespace) -> int:
     from backend.labeling import server
 
@@ -499,6 +537,32 @@ def build_parser() -> argparse.ArgumentParser:
     dataset.add_argument("--out", type=Path, help="export folder")
     dataset.add_argument("--json", action="store_true")
     dataset.set_defaults(handler=cmd_dataset)
+
+    project = commands.add_parser("project", help="create a project with its classes")
+    project.add_argument("action", choices=["create"])
+    project.add_argument("name", help="the new project's name")
+    project.add_argument("--classes", required=True, help="its classes, comma-separated (at least one): 'Raccoon,Fox'")
+    project.add_argument("--json", action="store_true")
+    project.set_defaults(handler=cmd_project)
+
+    classes = commands.add_parser("classes", help="list, add, rename, describe (dex entry, colour) or remove classes")
+    class_actions = classes.add_subparsers(dest="action", required=True)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--project", required=True)
+    common.add_argument("--json", action="store_true")
+    entry = argparse.ArgumentParser(add_help=False)
+    entry.add_argument("--dex-number", help="the Pokédex number, 0 or more ('' clears it)")
+    entry.add_argument("--description", help="the dex entry's text ('' clears it)")
+    entry.add_argument("--colour", "--color", dest="colour", help="box colour #rrggbb ('' for the default)")
+    class_actions.add_parser("list", parents=[common], help="the classes with their dex entries and box counts")
+    class_actions.add_parser("add", parents=[common, entry], help="add a class").add_argument("name")
+    rename = class_actions.add_parser("rename", parents=[common], help="rename a class (its boxes stay)")
+    rename.add_argument("name")
+    rename.add_argument("new_name")
+    describe = class_actions.add_parser("describe", parents=[common, entry], help="set dex number, description, colour")
+    describe.add_argument("name")
+    class_actions.add_parser("remove", parents=[common], help="remove a class no box uses").add_argument("name")
+    classes.set_defaults(handler=cmd_classes)
 
     labelstudio = commands.add_parser("labelstudio", help="start, stop or check yolodex's Label Studio server")
     labelstudio.add_argument("action", choices=["start", "stop", "status", "repair"])

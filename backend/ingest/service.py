@@ -205,7 +205,7 @@ def describe_class(
                                                    description=description, colour=colour)  # fmt: skip
         words = {"dex_number": "dex number", "description": "description", "colour": "colour"}
         summary = (
-            f"class {item.name!r}: changed its " + " and ".join(words[field] for field in changed)
+            f"class {item.name!r}: changed its " + _listed([words[field] for field in changed])
             if changed
             else f"class {item.name!r}: nothing changed (the values given are the ones it has)"
         )
@@ -223,6 +223,11 @@ def remove_class(project: str, name: str, settings: Settings | None = None) -> d
         left = [row.name for row in class_store.class_rows(session, target)]
         summary = f"removed class {removed!r} from {project}; classes now: {', '.join(left) or 'none'}"
         return {"project": project, "class": removed, "index": index, "classes": left, "summary": summary}
+
+
+def _listed(words: list[str]) -> str:
+    """ "a", "a and b", "a, b and c"."""
+    return ", ".join(words[:-1]) + (" and " if len(words) > 1 else "") + words[-1]
 
 
 def project_exists(project: str, settings: Settings | None = None) -> bool:
