@@ -1,6 +1,7 @@
 """Jobs page: every background job (import, crawl, labeling, train, evaluate, quantize), paged and filtered by kind,
-state and project, each with its state, progress, ETA and times; the selected job's parameters, log tail, result,
-error and traceback, with Cancel (queued or running) and Resume (an interrupted, cancelled or failed training).
+state and project, each with its project, who started it ("you", or the app itself: "retrain loop"), state,
+progress, duration, ETA and times; the selected job's parameters, log tail, result, error and traceback, with Cancel
+(queued or running) and Resume (an interrupted, cancelled or failed training).
 
 Thin on purpose: everything comes from `backend.jobs.api`. The selected job stays in `?job=` so a reload keeps it.
 The table and the selected job refresh themselves (a timed fragment) only while a job on the page is active.
@@ -19,6 +20,8 @@ PER_PAGE = 20
 REFRESH_S = 2.0
 LOG_LINES = 60
 ALL = "all"
+SELECTED_KEY = "jobs_selected"
+SHOWN_LABEL_KEY = "jobs_selected_label"  # the selected job's label as last sent to the browser
 NO_JOB_YET = "No job yet: imports, training, evaluation and quantization started from the other pages run here."
 
 
@@ -34,18 +37,39 @@ def duration(seconds: float | None) -> str:
     return f"{hours}:{rest // 60:02d}:{rest % 60:02d}" if hours else f"{rest // 60}:{rest % 60:02d}"
 
 
+def job_duration(job: "jobs.JobView") -> str:
+    """Queued: how long it has waited; running: how long so far; ended: finished − started."""
+    seconds = job.duration_s()
+    if seconds is None:
+        return "never started"
+    return {"queued": f"{duration(seconds)} waiting", "running": f"{duration(seconds)} so far"}.get(
+        job.state, duration(seconds)
+    )
+
+
+COLUMNS = ["id", "kind", "project", "started by", "state", "progress", "message", "duration", "ETA", "created",
+           "started", "finished"]  # fmt: skip
+
+
 def table_rows(views: list["jobs.JobView"]) -> pd.DataFrame:
     return pd.DataFrame(
         [
             {
-                "id": job.id, "kind": job.kind, "project": job.project or "", "state": job.state,
-                "progress": job.progress, "message": job.message, "ETA": duration(job.eta_s) if job.active else "",
-                "created": when(job.created_at), "started": when(job.started_at), "finished": when(job.finished_at),
+                "id": job.id, "kind": job.kind, "project": job.project or "", "started by": job.started_by,
+                "state": job.state, "progress": job.progress, "message": job.message, "duration": job_duration(job),
+                "ETA": duration(job.eta_s) if job.active else "", "created": when(job.created_at),
+                "started": when(job.started_at), "finished": when(job.finished_at),
             }
             for job in views
         ],
-        columns=["id", "kind", "project", "state", "progress", "message", "ETA", "created", "started", "finished"],
+        columns=COLUMNS,
     )  # fmt: skip
+
+
+def job_label(job: "jobs.JobView") -> str:
+    project = f" · {job.project}" if job.project else ""
+    by = "" if job.started_by == jobs.STARTED_BY_USER else f" · by the {job.started_by}"
+    return f"{job.id} · {job.kind}{project} · {job.state}{by}"
 
 
 def page_of_jobs(kind: str | None, state: str | None, project: str | None, page: int) -> tuple[list, int]:
@@ -113,27 +137,46 @@ if selected is None:
 choices = [job.id for job in shown]
 if selected.id not in choices:
     choices.insert(0, selected.id)
-labels = {job.id: f"{job.id} · {job.kind} · {job.state}" for job in shown} | {
-    selected.id: f"{selected.id} · {selected.kind} · {selected.state}"
-}
-chosen = st.selectbox("Job", choices, index=choices.index(selected.id), format_func=labels.get, key="jobs_selected")
+labels = {job.id: job_label(job) for job in shown} | {selected.id: job_label(selected)}
+# The browser keeps the label it was last sent for the selected job, and Streamlit sends it again only when the
+# value changes: after a Cancel (or when a job ends) the box would still read "running". Setting the value again
+# whenever the selected job's label changed sends the new one. It also selects the ?job= job on a first visit.
+held = st.session_state.get(SELECTED_KEY)
+if held not in labels or st.session_state.get(SHOWN_LABEL_KEY) != labels[held]:
+    st.session_state[SELECTED_KEY] = held if held in labels else selected.id
+chosen = st.selectbox("Job", choices, format_func=labels.get, key=SELECTED_KEY)
+st.session_state[SHOWN_LABEL_KEY] = labels[chosen]
 if chosen != selected.id:
     selected = jobs.get_job(chosen, settings)
 if st.query_params.get(JOB_PARAM) != str(selected.id):
     st.query_params[JOB_PARAM] = str(selected.id)
 
 
+def cancel_outcome(job: "jobs.JobView") -> dict:
+    """The banner after Cancel, from the job's state once cancel returned."""
+    if job.state == "cancelled":
+        return {"summary": f"job {job.id} is cancelled.", "level": "success"}
+    if job.active:
+        return {"summary": f"job {job.id} is {job.state}, cancel requested: it stops at its next step.",
+                "level": "info"}  # fmt: skip
+    return {"summary": f"job {job.id} had already ended ({job.state}): nothing to cancel.", "level": "warning"}
+
+
 def cancel() -> None:
-    run_and_report(f"Cancel job {selected.id}", lambda: jobs.cancel(selected.id, settings) and None,
+    run_and_report(f"Cancel job {selected.id}", lambda: cancel_outcome(jobs.cancel(selected.id, settings)),
                    state_key="jobs_outcome")  # fmt: skip
 
 
 def resume() -> None:
-    new_id = run_and_report(f"Resume job {selected.id}", lambda: jobs.resume(selected.id, settings),
-                            state_key="jobs_outcome")  # fmt: skip
-    if new_id is not None:
-        st.query_params[JOB_PARAM] = str(new_id)
-        st.session_state.pop("jobs_selected", None)  # the new job is selected, not the one the box remembers
+    def queue_resume() -> dict:
+        new = jobs.get_job(jobs.resume(selected.id, settings), settings)
+        return {"summary": f"job {new.id} is {new.state}: it continues this training.", "job_id": new.id,
+                "level": "info" if new.active else ("success" if new.state == "succeeded" else "warning")}  # fmt: skip
+
+    result = run_and_report(f"Resume job {selected.id}", queue_resume, state_key="jobs_outcome")
+    if result is not None:
+        st.query_params[JOB_PARAM] = str(result["job_id"])
+        st.session_state.pop(SELECTED_KEY, None)  # the new job is selected, not the one the box remembers
 
 
 left, right, _ = st.columns([1, 1, 4])
@@ -156,8 +199,9 @@ def job_live() -> None:
             silent = (datetime.now(current.heartbeat_at.tzinfo) - current.heartbeat_at).total_seconds()
             worker += f", last heartbeat {max(0, round(silent))} s ago"
     st.caption(
-        f"created {when(current.created_at)} · started {when(current.started_at) or '—'} · "
-        f"finished {when(current.finished_at) or '—'}{worker}"
+        f"started by {current.started_by} · project {current.project or '—'} · created {when(current.created_at)} · "
+        f"started {when(current.started_at) or '—'} · finished {when(current.finished_at) or '—'} · "
+        f"duration {job_duration(current)}{worker}"
     )
     st.code("\n".join(current.log_tail[-LOG_LINES:]) or "(no log yet)", language="text")
     if selected.active and not current.active:

@@ -150,3 +150,74 @@ def test_cancel_a_queued_job_from_the_page(storage, two_images, monkeypatch):
     assert list(table(app)["state"]) == ["cancelled"]
     assert f"job {job_id} cancelled" in app.get("progress")[0].proto.text
     assert app.button(key="jobs_cancel").disabled
+
+
+def selector_in_browser(app: AppTest, held: str | None = None) -> str:
+    """The text the browser's Job box shows after this run: the value Streamlit sent (`set_value`), else the label
+    the browser already held (it keeps its own copy of the selected label), else the default option's."""
+    proto = app.selectbox(key="jobs_selected").proto
+    if proto.set_value:
+        return proto.raw_value
+    return held if held is not None else proto.options[proto.default]
+
+
+def queued(storage: Settings, monkeypatch) -> None:
+    monkeypatch.delenv("YOLODEX_QUEUE_IMMEDIATE", raising=False)
+    monkeypatch.setattr(backend.jobs.tasks.huey, "immediate", False)
+
+
+def test_the_selector_shows_the_real_state_after_a_cancel(storage, two_images, monkeypatch):
+    queued(storage, monkeypatch)
+    job_id = jobs.submit("import", {"project": "Shapes", "paths": [str(two_images)]}, settings=storage)
+    app = open_page()
+    shown = selector_in_browser(app)
+    assert shown == f"{job_id} · import · Shapes · queued"
+
+    app.button(key="jobs_cancel").click().run()
+    assert not app.exception, [exception.value for exception in app.exception]
+    shown = selector_in_browser(app, shown)
+    assert shown == f"{job_id} · import · Shapes · cancelled"
+    # The banner says what the cancel did, from the job's state.
+    assert [element.value for element in app.success] == [f"Cancel job {job_id}: job {job_id} is cancelled."]
+
+    app.run()  # a plain rerun: nothing changed, the box keeps its label
+    assert selector_in_browser(app, shown) == shown and app.selectbox(key="jobs_selected").value == job_id
+
+
+def test_duration_project_and_who_started_each_job(immediate, two_images, monkeypatch):
+    from backend.store.db import init_db, session_scope
+    from backend.store.models import Run, get_or_create_project
+
+    done = jobs.get_job(jobs.submit("import", {"project": "Shapes", "paths": [str(two_images)]}, settings=immediate),
+                        immediate)  # fmt: skip
+    run_dir = immediate.runs_dir / "shapes-run"
+    run_dir.mkdir(parents=True)
+    engine = init_db(immediate.database_url)
+    with session_scope(engine) as session:
+        project = get_or_create_project(session, "Shapes")
+        session.add(Run(project_id=project.id, folder="runs/shapes-run", status="succeeded"))
+    engine.dispose()
+
+    queued(immediate, monkeypatch)
+    quantize = jobs.submit("quantize", {"run_dir": str(run_dir)}, settings=immediate)  # no project in its params
+    retrain = backend.jobs.tasks.labeling_retrain("Shapes")  # what the loop's poll queues
+    app = open_page()
+    rows = table(app).set_index("id")
+    assert list(rows.columns) == ["kind", "project", "started by", "state", "progress", "message", "duration", "ETA",
+                                  "created", "started", "finished"]  # fmt: skip
+    assert rows.loc[quantize, "project"] == "Shapes" and rows.loc[quantize, "started by"] == "you"
+    assert rows.loc[retrain, "project"] == "Shapes" and rows.loc[retrain, "started by"] == "retrain loop"
+    assert rows.loc[done.id, "started by"] == "you"
+    # Ended: finished − started; queued: how long it has waited so far.
+    seconds = round((done.finished_at - done.started_at).total_seconds())
+    assert rows.loc[done.id, "duration"] == f"{seconds // 60}:{seconds % 60:02d}"
+    assert rows.loc[retrain, "duration"].endswith(" waiting") and rows.loc[quantize, "duration"].endswith(" waiting")
+    assert (
+        app.selectbox(key="jobs_selected").options[0]
+        == f"{retrain} · labeling_retrain · Shapes · queued · by the retrain loop"
+    )
+    assert "started by retrain loop · project Shapes" in texts(app)
+
+    jobs.cancel(quantize, immediate)  # cancelled before it started: it never ran
+    app = open_page(job=str(quantize))
+    assert table(app).set_index("id").loc[quantize, "duration"] == "never started"

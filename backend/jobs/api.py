@@ -24,6 +24,11 @@ A job is a row of the `jobs` table (`backend.store.models.Job`) plus a huey task
   that is alive after all (its database unreachable for longer than the timeout) finds its job no longer running at
   its next beat and stops it, as if cancelled, without touching the row again.
 
+Who started a job: the params key `started_by` (`STARTED_BY`) names what submitted it when the app did so by itself
+("retrain loop": `backend.labeling.loop.STARTED_BY`); a job without it was started by the user (`JobView.started_by`
+reads "you"). A job's project is `params["project"]`, else the project of the run or dataset version its params
+name (a quantize or evaluate job's run folder, model or data), so every job of a project is listed under it.
+
 Importing this module is cheap: no torch, no streamlit, no huey (the queue is imported when a job is submitted).
 Every function takes `settings` (default: the environment's).
 """
@@ -52,6 +57,8 @@ __all__ = [
     "JOB_KINDS",
     "JOB_STATES",
     "RESUMABLE",
+    "STARTED_BY",
+    "STARTED_BY_USER",
     "TERMINAL",
     "JobNotFound",
     "JobView",
@@ -74,6 +81,8 @@ __all__ = [
 ACTIVE = ("queued", "running")
 TERMINAL = tuple(state for state in JOB_STATES if state not in ACTIVE)
 RESUMABLE = ("interrupted", "cancelled", "failed")
+STARTED_BY = "started_by"  # params key: what started a job the user did not (absent: the user)
+STARTED_BY_USER = "you"
 LOG_TAIL_LINES = 200
 DEFAULT_HEARTBEAT_S = 10.0
 DEFAULT_STALE_S = 60.0
@@ -95,7 +104,8 @@ class JobView:
         eta_s: seconds left, when the job can tell.
         result: the JSON result of the backend function (paths, metrics) once it succeeded (or stopped).
         log_tail: its last `LOG_TAIL_LINES` log lines, oldest first.
-        project: `params["project"]` when given.
+        project: `params["project"]`, else the project of the run or dataset version its params name.
+        started_by: "you", or what started it by itself (`params["started_by"]`, e.g. "retrain loop").
         resumed_from: the job this one continues (a resumed training).
         resumed_by: the newest job that continues this one.
     """
@@ -128,6 +138,21 @@ class JobView:
         return self.state in ACTIVE
 
     @property
+    def started_by(self) -> str:
+        """ "you" for a job the user started, else what started it ("retrain loop")."""
+        return str(self.params.get(STARTED_BY) or STARTED_BY_USER)
+
+    def duration_s(self, now: datetime | None = None) -> float | None:
+        """Seconds: queued, how long it has waited so far; running, how long it has run so far; ended, finished −
+        started (None for one cancelled before it started)."""
+        now = now or datetime.now(UTC)
+        if self.state == "queued":
+            return _seconds_between(self.created_at, now)
+        if self.state == "running":
+            return _seconds_between(self.started_at, now)
+        return _seconds_between(self.started_at, self.finished_at)
+
+    @property
     def run_dir(self) -> Path | None:
         """The run folder of a training job (absolute), else None."""
         if self.kind != "train":
@@ -157,6 +182,10 @@ def job_engine(settings: Settings | None = None) -> Engine:
     """The metadata database's engine, migrated once per process (`db.shared_engine`: pages poll jobs every second
     or two)."""
     return shared_engine((settings or get_settings()).database_url)
+
+
+def _seconds_between(start: datetime | None, end: datetime | None) -> float | None:
+    return None if start is None or end is None else max(0.0, (end - start).total_seconds())
 
 
 def _aware(moment: datetime | None) -> datetime | None:
@@ -412,7 +441,7 @@ def _submit(kind: str, params: dict[str, Any], settings: Settings, resumed_from:
     settings.ensure_dirs()
     engine = job_engine(settings)
     with session_scope(engine) as session:
-        project = params.get("project")
+        project = params.get("project") or _project_of_paths(session, params, settings)
         job = Job(
             kind=kind,
             params=params,
@@ -438,6 +467,43 @@ def _submit(kind: str, params: dict[str, Any], settings: Settings, resumed_from:
             )
         raise
     return job_id
+
+
+PROJECT_PATH_KEYS = ("run_dir", "resume", "model")  # params that name a run folder or a file inside one
+
+
+def _project_of_paths(session, params: dict[str, Any], settings: Settings) -> str | None:
+    """The project of the run (a folder named by `run_dir`, `resume` or `model`, or one of its parents up to the
+    storage folder) or of the dataset version (`data`) that a job's params name; None when none is ours."""
+    from backend.store.models import DatasetVersion, Project, Run  # the jobs table's module; cheap
+
+    storage = settings.storage.resolve()
+
+    def spellings(path: Path) -> list[str]:
+        path = path.resolve()
+        return [str(path), str(path.relative_to(storage))] if path.is_relative_to(storage) else [str(path)]
+
+    for key in PROJECT_PATH_KEYS:
+        if not isinstance(params.get(key), str | Path):
+            continue
+        path = _absolute(params[key], settings).resolve()
+        inside = [folder for folder in path.parents if folder.is_relative_to(storage) and folder != storage]
+        for folder in [path, *inside]:
+            name = session.scalar(
+                select(Project.name).join(Run, Run.project_id == Project.id).where(Run.folder.in_(spellings(folder)))
+            )
+            if name:
+                return str(name)
+    if isinstance(params.get("data"), str | Path):
+        folder = _absolute(params["data"], settings)
+        name = session.scalar(
+            select(Project.name)
+            .join(DatasetVersion, DatasetVersion.project_id == Project.id)
+            .where(DatasetVersion.folder.in_(spellings(folder)))
+        )
+        if name:
+            return str(name)
+    return None
 
 
 def cancel(job_id: int, settings: Settings | None = None) -> JobView:
@@ -520,6 +586,8 @@ def _checked_params(kind: str, params: dict[str, Any], settings: Settings) -> di
     missing = [key for key in _REQUIRED.get(kind, ()) if not params.get(key)]
     if missing:
         raise ValueError(f"a {kind} job needs {', '.join(missing)} in its params")
+    if STARTED_BY in params and not (isinstance(params[STARTED_BY], str) and params[STARTED_BY].strip()):
+        raise ValueError(f'"{STARTED_BY}" names what started the job (e.g. "retrain loop"): a non-empty text')
     if kind == "import" and (isinstance(params["paths"], str) or not isinstance(params["paths"], list | tuple)):
         raise ValueError("an import job's paths must be a list of files or folders")
     if kind == "crawl" and sum(params.get(key) is not None for key in ("query", "urls", "page")) != 1:

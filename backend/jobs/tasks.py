@@ -1,6 +1,6 @@
 """The queue's tasks: `run_job(job_id, where)` runs one row of the jobs table (`backend.jobs.runner`), whatever its
-kind; `labeling_poll` is a periodic task (every minute) that pulls each synced project's annotations and queues a
-retrain job when the loop says so (`backend.labeling.loop`).
+kind; `labeling_poll` is a periodic task (every minute) that pulls the annotations of each synced project whose
+retrain loop the user turned on, and queues a retrain job when the loop says so (`backend.labeling.loop`).
 
 The worker: `huey_consumer backend.jobs.tasks.huey -k process -w 1 -m 1`. Its settings come from its environment
 (the same `YOLODEX_*` variables as the app's); a job carries its storage folder and database URL, so a job submitted
@@ -139,14 +139,17 @@ def labeling_prelabel(project_name: str, model_path: str, only_unlabeled: bool =
 
 
 def labeling_retrain(project_name: str) -> int:
-    """Queues a retrain job (what the loop does when enough new annotations arrived); returns its id."""
-    from backend.jobs.api import submit
+    """Queues a retrain job (what the loop does when enough new annotations arrived); returns its id. The job says
+    the loop started it (`started_by`), so the Jobs page tells it from the ones the user started."""
+    from backend.jobs.api import STARTED_BY, submit
+    from backend.labeling.loop import STARTED_BY as LOOP
 
-    return submit("labeling_retrain", {"project": project_name})
+    return submit("labeling_retrain", {"project": project_name, STARTED_BY: LOOP})
 
 
 def poll_labeling() -> list[dict[str, Any]]:
-    """One poll of every synced project (what the periodic task runs); Label Studio being down skips the poll."""
+    """One poll of every synced project whose loop is on (what the periodic task runs; a project whose loop is off
+    is not visited: nothing is pulled or queued for it); Label Studio being down skips the poll."""
     from backend.ingest.service import open_store
     from backend.labeling.client import LabelStudioError
     from backend.labeling.loop import check_loop, synced_projects
@@ -155,7 +158,7 @@ def poll_labeling() -> list[dict[str, Any]]:
 
     engine, _ = open_store()
     with session_scope(engine) as session:
-        names = [project.name for project in synced_projects(session)]
+        names = [project.name for project in synced_projects(session, loop_on=True)]
     checks = []
     for name in names:
         try:

@@ -10,11 +10,16 @@ The counter: `annotations_at_retrain` is the labeled-task count when the last re
 due at that count + `retrain_every`. A retrain is claimed with one conditional UPDATE (`loop_state` "idle" →
 "queued"), so two pollers (two workers, or a poll racing the CLI) can never start two retrains; the state goes back
 to "idle" when the retrain ends, fails, or its worker was restarted mid-way (`recover_interrupted`).
+
+Nothing runs unasked (issue 17): a synced project's loop is off (`retrain_every` 0) until the user turns it on, and
+turning it on counts from the labels that exist then, so only labels made afterwards start a retrain. Each retrain
+starts from weights that are on this machine (`resolve_start`), and its job says who started it (`STARTED_BY`).
 """
 
 from __future__ import annotations
 
 import logging
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
@@ -22,9 +27,10 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import inspect, select, update
 from sqlalchemy.orm import Session
 
+from backend.catalog import run_info
 from backend.labeling.client import LabelStudioClient
 from backend.labeling.sync import labeled_count, prelabel, pull_annotations
 from backend.settings import Settings
@@ -32,6 +38,10 @@ from backend.store.models import LabelingProject, Project, Run, utc_now
 from backend.store.versions import freeze_version, safe_name, version_folder
 
 logger = logging.getLogger(__name__)
+
+STARTED_BY = "retrain loop"  # the `started_by` param of the jobs the loop queues (backend.jobs.api)
+BEST_RUN = "best"  # start_weights: the project's best finished run, else random initialisation
+CHECKPOINT_NAMES = ("best.pt", "last.pt")
 
 
 @dataclass(frozen=True)
@@ -45,8 +55,10 @@ class LoopSettings:
         time_minutes: wall-clock cap per retrain; None for none.
         batch_size: images per step.
         min_samples: samples per epoch at least (small labeled sets are resampled).
-        start_weights: the first retrain's start ("coco" for the official weights, a run folder, or None for
-            random); later retrains start from the last model.
+        start_weights: where each retrain starts: "best" (the project's best finished run of this size, else
+            random initialisation), None (random initialisation), "coco" (the official weights, only when their
+            file is on this machine: nothing is downloaded), or a run folder / checkpoint. A start that is not on
+            disk falls back to "best" (`resolve_start` says so).
         box_threshold: detection score from which pre-label boxes are sent.
         uncertainty: "least_confident" or "margin".
         val_fraction: the frozen version's validation share.
@@ -58,7 +70,7 @@ class LoopSettings:
     time_minutes: float | None = 15.0
     batch_size: int = 8
     min_samples: int = 128
-    start_weights: str | None = "coco"
+    start_weights: str | None = BEST_RUN
     box_threshold: float = 0.25
     uncertainty: str = "least_confident"
     val_fraction: float = 0.2
@@ -93,6 +105,9 @@ def configure_loop(
 ) -> LoopSettings:
     """Sets the loop's trigger (`retrain_every` new annotations; 0 turns it off) and any `LoopSettings` field.
 
+    Turning the loop on (from 0) counts from the labels there are now: the first retrain comes after
+    `retrain_every` new ones.
+
     Raises:
         ValueError: the project was never synced, a negative count, or an unknown setting.
     """
@@ -105,6 +120,10 @@ def configure_loop(
     if retrain_every is not None:
         if retrain_every < 0:
             raise ValueError("retrain_every must be 0 (off) or a positive number of annotations")
+        if row.retrain_every <= 0 < retrain_every:
+            # Turned on: count from the labels there are now, so only new ones start a retrain (labels imported
+            # with the images, or made before, never start one by themselves).
+            row.annotations_at_retrain = labeled_count(session, project)
         row.retrain_every = retrain_every
     merged = LoopSettings.from_dict({**(row.loop_settings or {}), **changes})
     row.loop_settings = asdict(merged)
@@ -113,7 +132,8 @@ def configure_loop(
 
 
 def check_loop(session: Session, project: Project, client: LabelStudioClient, enqueue: Callable[[], Any]) -> LoopCheck:
-    """Pulls the annotations and queues a retrain (through `enqueue`) when enough new ones arrived.
+    """Pulls the annotations and queues a retrain (through `enqueue`) when enough new ones arrived; a loop that is
+    off does neither (it reads only our database).
 
     The claim is committed before `enqueue` runs, so a crash in between leaves "queued" with no job: that state
     is cleared by `recover_interrupted` when a worker starts. An `enqueue` that raises puts the loop back to idle.
@@ -121,12 +141,14 @@ def check_loop(session: Session, project: Project, client: LabelStudioClient, en
     Raises:
         LabelStudioError: Label Studio is down or refuses the token (the loop's state is not touched).
     """
+    row = session.get(LabelingProject, project.id)
+    if row is not None and row.retrain_every <= 0:  # off: not even a pull (it would rewrite boxes unasked)
+        state, labeled = row.loop_state, labeled_count(session, project)
+        return LoopCheck(labeled, None, False, state, "the loop is off (retrain_every = 0)")
     pull_annotations(session, project, client)
     labeled = labeled_count(session, project)
     row = session.get(LabelingProject, project.id)
     assert row is not None  # pull_annotations checked it
-    if row.retrain_every <= 0:
-        return LoopCheck(labeled, None, False, row.loop_state, "the loop is off (retrain_every = 0)")
     due_at = row.annotations_at_retrain + row.retrain_every
     if row.loop_state != "idle":
         return LoopCheck(labeled, due_at, False, row.loop_state, f"a retrain is already {row.loop_state}")
@@ -173,6 +195,97 @@ def recover_interrupted(session: Session) -> int:
     return int(reset or 0)
 
 
+@dataclass(frozen=True)
+class StartWeights:
+    """Where a retrain starts.
+
+    Attributes:
+        weights: what `TrainConfig.weights` takes: None (random initialisation), "coco", or a run folder.
+        description: in plain words, for the page and the run's log ("run X (best mAP50-95 0.412)").
+        note: why the asked-for start is not used (its weights are not on disk), else "".
+    """
+
+    weights: str | None
+    description: str
+    note: str = ""
+
+
+def _folder(settings: Settings, folder: str) -> Path:
+    path = Path(folder)
+    return path if path.is_absolute() else settings.storage / path
+
+
+def best_finished_run(session: Session, settings: Settings, project: Project, size: str) -> Path | None:
+    """The project's finished run of YOLO-NAS `size` with the highest validation mAP50-95 (the newest on a tie).
+
+    Finished: its Run row says "succeeded" and its folder holds a best.pt, written only after an evaluated epoch;
+    so a cancelled run, or one that ended before its first epoch, is never a start. Another size cannot be loaded.
+    """
+    rows = session.scalars(
+        select(Run).where(Run.project_id == project.id, Run.status == "succeeded").order_by(Run.id.desc())
+    )
+    candidates = []
+    for row in rows:
+        folder = _folder(settings, row.folder)
+        info = run_info(folder)
+        if info is None or info.config.get("size") != size or not (folder / "best.pt").is_file():
+            continue
+        candidates.append((info.best_map if info.best_map is not None else -1.0, -len(candidates), folder))
+    return max(candidates)[2] if candidates else None
+
+
+def coco_weights_file(settings: Settings, size: str) -> Path:
+    """Where the official COCO weights of `size` are kept once downloaded (`backend.models.download`)."""
+    return settings.weights_dir / f"yolo_nas_{size}_coco.pth"
+
+
+def _has_checkpoint(path: Path) -> bool:
+    return any((path / name).is_file() for name in CHECKPOINT_NAMES) if path.is_dir() else path.is_file()
+
+
+def _run_label(folder: Path) -> str:
+    info = run_info(folder)
+    score = "" if info is None or info.best_map is None else f" (best mAP50-95 {info.best_map:.3f})"
+    return f"run {folder.name}{score}"
+
+
+def resolve_start(session: Session, settings: Settings, project: Project, options: LoopSettings) -> StartWeights:
+    """The weights the next retrain starts from, only ever from files on this machine (see `LoopSettings`)."""
+    asked, note = options.start_weights, ""
+    if asked is None:
+        return StartWeights(None, "random initialisation")
+    if asked == "coco":
+        if coco_weights_file(settings, options.size).is_file():
+            return StartWeights("coco", "the official COCO weights")
+        note = f"the COCO weights chosen are not on this machine ({coco_weights_file(settings, options.size)})"
+    elif asked != BEST_RUN:
+        path = _folder(settings, asked)
+        if _has_checkpoint(path):
+            return StartWeights(str(path), _run_label(path) if path.is_dir() else str(path))
+        note = f"the start chosen, {path}, holds no checkpoint"
+    best = best_finished_run(session, settings, project, options.size)
+    if best is not None:
+        return StartWeights(str(best), f"the project's best {_run_label(best)}", note)
+    return StartWeights(None, "random initialisation (the project has no finished run of this size yet)", note)
+
+
+def describe_plan(retrain_every: int, options: LoopSettings, start: StartWeights) -> str:
+    """What the loop does, in plain words with its real values (the Label page shows it)."""
+    if options.time_minutes:
+        budget = f"for at most {options.time_minutes:g} minutes ({options.epochs} epochs at most)"
+    else:
+        budget = f"for {options.epochs} epochs"
+    steps = (
+        f"freeze a version, train YOLO-NAS {options.size.upper()} from {start.description} {budget}, "
+        "then pre-label the unlabeled images"
+    )
+    if start.note:
+        steps += f" ({start.note})"
+    if retrain_every <= 0:
+        return f"The loop is off: nothing is trained until you turn it on. Once on, every N new labels: {steps}."
+    return f"Every {retrain_every} new labels: {steps}."
+
+
 @dataclass
 class RetrainResult:
     """A finished retrain: the version it trained on, its run, how it ended, and the pre-label that followed."""
@@ -194,7 +307,10 @@ def run_retrain(
     on_event: Callable[..., None] | None = None,
     stop_requested: Callable[[], bool] | None = None,
 ) -> RetrainResult:
-    """The retrain job: freeze the labeled images, fine-tune from the last model, pre-label the unlabeled tasks.
+    """The retrain job: freeze the labeled images, fine-tune from `resolve_start`, pre-label the unlabeled tasks.
+
+    A retrain that fails before its first checkpoint leaves no run behind (its folder and Run row are removed);
+    one that saved a checkpoint keeps its run, marked "failed", "cancelled" or "interrupted".
 
     Raises:
         ValueError: nothing labeled, or the project was never synced.
@@ -208,8 +324,13 @@ def run_retrain(
     if row is None:
         raise ValueError(f"project {project.name!r} is not in Label Studio yet: sync it first")
     _set_state(session, project.id, "running", "retraining")
+    run: Run | None = None
+    run_dir: Path | None = None
     try:
         options = LoopSettings.from_dict(row.loop_settings)
+        start = resolve_start(session, settings, project, options)
+        if start.note:
+            logger.warning("retrain of %r: %s; starting from %s", project.name, start.note, start.description)
         pull_annotations(session, project, client)
         stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
         version = freeze_version(
@@ -220,8 +341,6 @@ def run_retrain(
             fractions=(1.0 - options.val_fraction, options.val_fraction),
         )
         session.commit()
-        run_dir = settings.runs_dir / f"{safe_name(project.name, 'project')}-loop-{stamp}"
-        weights = row.last_model if row.last_model and Path(row.last_model).suffix == ".pt" else options.start_weights
         config = TrainConfig(
             data=str(version_folder(settings.storage, version)),
             size=options.size,
@@ -230,9 +349,13 @@ def run_retrain(
             time_minutes=options.time_minutes,
             batch_size=options.batch_size,
             min_samples=options.min_samples,
-            weights=weights,
+            weights=start.weights,
             patience=None,
         )
+        candidate = settings.runs_dir / f"{safe_name(project.name, 'project')}-loop-{stamp}"
+        if candidate.exists():
+            raise ValueError(f"{candidate} already exists: the next poll retrains into a new folder")
+        run_dir = candidate
         run = Run(
             project_id=project.id,
             dataset_version_id=version.id,
@@ -240,7 +363,7 @@ def run_retrain(
             if run_dir.is_relative_to(settings.storage)
             else str(run_dir),
             status="running",
-            config={"train": config.to_dict(), "origin": "labeling loop"},
+            config={"train": config.to_dict(), "origin": "labeling loop", "start": start.description},
         )
         session.add(run)
         session.commit()
@@ -268,15 +391,38 @@ def run_retrain(
         )
     except BaseException as error:
         session.rollback()
+        _settle_failed_run(session, run, run_dir, "interrupted" if isinstance(error, KeyboardInterrupt) else "failed")
         _set_state(session, project.id, "idle", f"the retrain failed: {error}")
         raise
 
 
-def loop_status(session: Session, project: Project) -> dict[str, Any]:
-    """The loop's settings and state for the app and the CLI."""
+def _settle_failed_run(session: Session, run: Run | None, run_dir: Path | None, status: str) -> None:
+    """A retrain that stopped early: without a checkpoint its folder and Run row are removed (an empty run folder
+    offered nothing and misled the runs list), with one its Run row says how it ended."""
+    if run is None or run_dir is None:
+        return
+    try:
+        saved = inspect(run).persistent  # the failure may have come before its row was committed
+        if not any((run_dir / name).is_file() for name in CHECKPOINT_NAMES):
+            shutil.rmtree(run_dir, ignore_errors=True)
+            if saved:
+                session.delete(run)
+        elif saved and run.status == "running":
+            run.status = status
+        session.commit()
+    except Exception:  # the database may be what failed: the loop's state is still reset by the caller
+        logger.exception("could not settle the failed retrain's run %s", run_dir)
+        session.rollback()
+
+
+def loop_status(session: Session, settings: Settings, project: Project) -> dict[str, Any]:
+    """The loop's settings and state for the app and the CLI, with where the next retrain would start and what the
+    loop does in plain words ("plan")."""
     row = session.get(LabelingProject, project.id)
     if row is None:
         return {"synced": False}
+    options = LoopSettings.from_dict(row.loop_settings)
+    start = resolve_start(session, settings, project, options)
     return {
         "synced": True,
         "ls_project_id": row.ls_project_id,
@@ -286,11 +432,15 @@ def loop_status(session: Session, project: Project) -> dict[str, Any]:
         "state": row.loop_state,
         "last_model": row.last_model,
         "last_event": row.last_event,
-        "settings": asdict(LoopSettings.from_dict(row.loop_settings)),
+        "settings": asdict(options),
+        "start": asdict(start),
+        "plan": describe_plan(row.retrain_every, options, start),
     }
 
 
-def synced_projects(session: Session) -> list[Project]:
-    """Projects with a Label Studio project, for the poller."""
+def synced_projects(session: Session, *, loop_on: bool = False) -> list[Project]:
+    """Projects with a Label Studio project; with `loop_on`, only those whose loop is on (what the poller visits)."""
     query = select(Project).join(LabelingProject, LabelingProject.project_id == Project.id).order_by(Project.id)
+    if loop_on:
+        query = query.where(LabelingProject.retrain_every > 0)
     return list(session.scalars(query))

@@ -1,5 +1,8 @@
 """Label Studio steps by project name, for the CLI and the jobs: each opens the store and a client, runs one step
-of `backend.labeling.sync` / `loop`, commits, and returns a JSON-serialisable dict."""
+of `backend.labeling.sync` / `loop`, commits, and returns a JSON-serialisable dict.
+
+A step's dict carries "summary" (one line, counts from the step's report) and "level": "success", or "warning"
+when the step went through but left something for the user to look at (a pull with boxes it could not read)."""
 
 from __future__ import annotations
 
@@ -35,13 +38,19 @@ def labeling_session(
 def sync(project: str = DEFAULT_PROJECT, settings: Settings | None = None) -> dict[str, Any]:
     with labeling_session(project, settings) as (session, resolved, target, client):
         report = sync_module.sync_project(session, resolved, target, client)
-        return {**asdict(report), "summary": report.summary(), "url": _project_url(resolved, report.ls_project_id)}
+        return {
+            **asdict(report),
+            "summary": report.summary(),
+            "level": "success",
+            "url": _project_url(resolved, report.ls_project_id),
+        }
 
 
 def pull(project: str = DEFAULT_PROJECT, settings: Settings | None = None) -> dict[str, Any]:
     with labeling_session(project, settings) as (session, _resolved, target, client):
         report = sync_module.pull_annotations(session, target, client)
-        return {**asdict(report), "summary": report.summary()}
+        level = "warning" if report.problems or report.unmapped else "success"
+        return {**asdict(report), "summary": report.summary(), "level": level}
 
 
 def prelabel(
@@ -64,7 +73,8 @@ def prelabel(
             imgsz=imgsz,
             on_progress=on_progress,
         )
-        return {**asdict(report), "summary": report.summary()}
+        level = "warning" if report.dropped or not report.tasks else "success"
+        return {**asdict(report), "summary": report.summary(), "level": level}
 
 
 def queue(project: str = DEFAULT_PROJECT, limit: int = 20, settings: Settings | None = None) -> dict[str, Any]:
@@ -96,7 +106,7 @@ def loop(
         target = _project(session, project)
         if retrain_every is not None or changes:
             loop_module.configure_loop(session, target, retrain_every=retrain_every, **changes)
-        return loop_module.loop_status(session, target)
+        return loop_module.loop_status(session, settings, target)
 
 
 def task_link(image_id: int, settings: Settings | None = None) -> str | None:
