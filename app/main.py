@@ -11,6 +11,7 @@ home = st.Page(PAGES / "home.py", title="Home", icon=":material/home:", url_path
 navigation = st.navigation(
     [
         home,
+        st.Page(PAGES / "project.py", title="Project", icon=":material/category:", url_path="project"),
         st.Page(PAGES / "datasets.py", title="Datasets", icon=":material/photo_library:", url_path="datasets"),
         st.Page(PAGES / "label.py", title="Label", icon=":material/draw:", url_path="label"),
         st.Page(PAGES / "train.py", title="Train", icon=":material/model_training:", url_path="train"),

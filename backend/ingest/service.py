@@ -213,6 +213,38 @@ def describe_class(
                 "description": item.description, "colour": item.colour, "summary": summary}  # fmt: skip
 
 
+def edit_class(
+    project: str,
+    name: str,
+    *,
+    new_name: str | None = None,
+    dex_number: int | str | None = class_store.KEEP,
+    description: str | None = class_store.KEEP,
+    colour: str | None = class_store.KEEP,
+    settings: Settings | None = None,
+) -> dict:
+    """Renames and/or describes a class in one transaction (all or nothing: a refused rename changes nothing).
+
+    Returns a summary of what changed, with "level" "info" when the values given are the ones the class has."""
+    engine, _ = open_store(settings)
+    with session_scope(engine) as session:
+        target = _project(session, project)
+        item = class_store.find_class(session, target, name)
+        old = item.name
+        if new_name is not None and new_name.strip() != old:
+            class_store.rename_class(session, target, old, new_name)
+        _, changed = class_store.describe_class(session, target, item.name, dex_number=dex_number,
+                                                description=description, colour=colour)  # fmt: skip
+        words = {"dex_number": "dex number", "description": "description", "colour": "colour"}
+        done = [f"renamed {old!r} to {item.name!r}"] if item.name != old else []
+        done += [f"changed its {_listed([words[field] for field in changed])}"] if changed else []
+        if not done:
+            return {"project": project, "class": old, "changed": [], "level": "info",
+                    "summary": f"class {old!r}: nothing to save (the values are the ones it has)"}  # fmt: skip
+        return {"project": project, "class": item.name, "old_name": old, "changed": changed,
+                "summary": f"class {old!r}: " + " and ".join(done)}  # fmt: skip
+
+
 def remove_class(project: str, name: str, settings: Settings | None = None) -> dict:
     """Removes a class no box uses; the later classes move down one index."""
     engine, _ = open_store(settings)
