@@ -33,7 +33,8 @@ from backend.store.versions import class_stats
 
 logger = logging.getLogger(__name__)
 
-MESSAGE_KEY = "label_last_action"  # (project, "success" | "error", text) of the last button pressed
+MESSAGE_KEY = "label_last_action"  # (project, level, text) of the last button pressed
+BANNERS = {"success": st.success, "info": st.info, "warning": st.warning, "error": st.error}
 CURRENT_IMAGE_STATUSES = ("ok", "near_duplicate")  # the images class_stats counts
 BIND_ALL_HOSTS = ("0.0.0.0", "::", "")
 
@@ -112,7 +113,8 @@ def model_choices(runs_dir: Path) -> dict[str, Path]:
 
 def run_action(project: str, title: str, action: Callable[[], dict[str, Any]]) -> None:
     """Runs one Label Studio step with a spinner, keeps its summary (or error) for the next run, and reruns so
-    every table below shows the new state."""
+    every table below shows the new state. The banner's colour is the step's own "level", as `run_and_report`'s:
+    "success" (the default), "info" (a job was queued: nothing has succeeded yet) or "warning"."""
     try:
         with st.spinner(f"{title}…"):
             result = action()
@@ -120,7 +122,8 @@ def run_action(project: str, title: str, action: Callable[[], dict[str, Any]]) -
         logger.exception("%s failed", title)
         st.session_state[MESSAGE_KEY] = (project, "error", f"{title} failed: {describe_error(error)}")
     else:
-        st.session_state[MESSAGE_KEY] = (project, "success", f"{title}: {result.get('summary', 'done')}")
+        level = result.get("level") if result.get("level") in BANNERS else "success"
+        st.session_state[MESSAGE_KEY] = (project, level, f"{title}: {result.get('summary') or 'finished'}")
     st.rerun()
 
 
@@ -193,14 +196,19 @@ def queue_prelabel(model_path: Path) -> dict[str, Any]:
     job = jobs.get_job(job_id, settings)
     if job.state == "failed":  # refused at once, or run inline by an immediate queue
         raise RuntimeError(job.error or "the pre-label job failed")
-    return {"summary": f"job {job_id} is {job.state}: follow it on the [Jobs](/jobs?job={job_id}) page"}
+    follow = f"[Jobs](/jobs?job={job_id}) page"
+    if job.state == "succeeded":  # run inline by an immediate queue: its report is known
+        return {**(job.result or {}), "summary": f"{(job.result or {}).get('summary', 'done')} (job {job_id})"}
+    if job.active:
+        return {"summary": f"job {job_id} is {job.state}: follow it on the {follow}", "level": "info"}
+    return {"summary": f"job {job_id} is {job.state}: see the {follow}", "level": "warning"}
 
 
 if prelabel_col.button("Pre-label", key="label_prelabel", disabled=prelabel_off is not None, help=prelabel_off):
     run_action(project, "Pre-label", lambda: queue_prelabel(models[model]))
 last = st.session_state.get(MESSAGE_KEY)
 if last and last[0] == project:
-    (st.success if last[1] == "success" else st.error)(last[2])
+    BANNERS[last[1]](last[2])
 
 labeled, total, stats, view_id = project_progress(engine, project)
 if not synced:
@@ -241,20 +249,29 @@ else:
     else:
         st.write("Nothing left to label: every image in Label Studio has an annotation.")
 
-    # The retrain loop
+    # The retrain loop: off until the user turns it on; the plan says what it will do, with the real values.
     st.header("Retrain loop")
     options = loop["settings"]
+    starts = service.loop_start_choices(options, settings)
     with st.form(key=f"label_loop_form_{project}"):
-        every_col, epochs_col, imgsz_col = st.columns(3)
+        every_col, minutes_col, epochs_col, imgsz_col = st.columns(4)
         every = every_col.number_input(
-            "Retrain every N new annotations (0 = off)",
+            "Retrain every N new labels (0 = off)",
             min_value=0,
             step=5,
             value=int(loop["retrain_every"]),
             key=f"label_retrain_every_{project}",
         )
+        minutes = minutes_col.number_input(
+            "Minutes per retrain (0 = no limit)",
+            min_value=0.0,
+            max_value=24 * 60.0,
+            step=5.0,
+            value=float(options["time_minutes"] or 0.0),
+            key=f"label_minutes_{project}",
+        )
         epochs = epochs_col.number_input(
-            "Epochs per retrain",
+            "Epochs per retrain (at most)",
             min_value=1,
             max_value=300,
             value=int(options["epochs"]),
@@ -268,18 +285,32 @@ else:
             value=int(options["imgsz"]),
             key=f"label_imgsz_{project}",
         )
+        start = st.selectbox(
+            "Start each retrain from",
+            list(starts),
+            index=list(starts).index(service.start_choice_of(options["start_weights"])),
+            format_func=starts.get,
+            key=f"label_start_{project}",
+        )
         if st.form_submit_button("Save loop settings", key="label_loop_save"):
             try:
                 loop = service.loop(
-                    project, retrain_every=int(every), epochs=int(epochs), imgsz=int(imgsz), settings=settings
+                    project,
+                    retrain_every=int(every),
+                    epochs=int(epochs),
+                    imgsz=int(imgsz),
+                    time_minutes=float(minutes) or None,
+                    start_weights=service.start_weights_of(start),
+                    settings=settings,
                 )
             except ValueError as error:
                 st.error(str(error))
             else:
-                st.success("Saved.")
+                st.success(f"Saved: the loop is {'on' if loop['retrain_every'] > 0 else 'off'}.")
+    (st.info if loop["retrain_every"] > 0 else st.caption)(loop["plan"])
     due = loop["annotations_at_retrain"] + loop["retrain_every"] if loop["retrain_every"] > 0 else None
     state_col, labeled_col, due_col = st.columns(3)
-    state_col.metric("Loop state", loop["state"])
+    state_col.metric("Loop state", "off" if due is None and loop["state"] == "idle" else loop["state"])
     labeled_col.metric("Labeled in Label Studio (last pull)", loop["labeled"])
     due_col.metric("Next retrain at", "off" if due is None else f"{due} labeled")
     st.caption(f"Last event: {loop['last_event'] or 'none yet'} · last model: {loop['last_model'] or 'none yet'}")

@@ -6,6 +6,7 @@ would leave them, so the queue, the progress and the loop are checked without a 
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -21,7 +22,7 @@ from backend.labeling import server as server_module
 from backend.labeling import service as labeling_service
 from backend.settings import Settings, get_settings
 from backend.store.db import init_db, session_scope
-from backend.store.models import Annotation, Image, LabelingProject, LabelingTask, Project, ProjectClass
+from backend.store.models import Annotation, Image, LabelingProject, LabelingTask, Project, ProjectClass, Run
 from tests.labelstudio_fixture import free_port
 
 # Absolute: AppTest resolves a relative path against this test file, not the repository root.
@@ -205,26 +206,118 @@ def test_labeling_view_is_embedded_only_on_the_same_hostname(storage: Path, monk
     assert not other_site.get("link_button")[0].proto.disabled
 
 
-def test_saving_the_loop_settings_persists_them(storage: Path):
-    link_to_label_studio(get_settings())
+def finished_run(settings: Settings, name: str, best_map: float, size: str = "s", status: str = "succeeded") -> Path:
+    """A run folder of the Starter project as a finished training leaves it (config.json, metrics.jsonl with its
+    end, best.pt) and its Run row; the checkpoint's bytes are not read by the page."""
+    folder = settings.runs_dir / name
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text(json.dumps({"train": {"size": size, "imgsz": 320}, "class_names": []}))
+    (folder / "metrics.jsonl").write_text(json.dumps({"event": "train_end", "best_map": best_map, "stopped": "time"}))
+    (folder / "best.pt").write_bytes(b"")
+    engine = init_db(settings.database_url)
+    with session_scope(engine) as session:
+        project = session.scalar(select(Project).where(Project.name == STARTER_NAME))
+        session.add(Run(project_id=project.id, folder=f"runs/{name}", status=status))
+    engine.dispose()
+    return folder
+
+
+def loop_plan(app: AppTest) -> str:
+    [plan] = [element.value for element in [*app.caption, *app.info] if "new labels" in str(element.value)]
+    return plan
+
+
+def test_the_loop_is_off_until_turned_on_and_says_what_it_will_do(storage: Path):
+    settings = get_settings()
+    link_to_label_studio(settings)  # the row a sync creates, with its defaults
     app = run_page()
 
+    # Off after a sync, and it says so, with what it would do once on: the real values, a start that exists.
+    assert labeling_service.loop(STARTER_NAME)["retrain_every"] == 0
+    metrics = {metric.label: metric.value for metric in app.metric}
+    assert metrics["Next retrain at"] == "off" and metrics["Loop state"] == "off"
+    assert loop_plan(app) == (
+        "The loop is off: nothing is trained until you turn it on. Once on, every N new labels: freeze a version, "
+        "train YOLO-NAS S from random initialisation (the project has no finished run of this size yet) for at most "
+        "15 minutes (10 epochs at most), then pre-label the unlabeled images."
+    )
+    # No COCO weights on this machine: not offered.
+    starts = app.selectbox(key=f"label_start_{STARTER_NAME}")
+    assert starts.options == [
+        "the project's best finished run (random initialisation while there is none)",
+        "random initialisation",
+    ]
+
+    # Turned on: the next retrain comes after 5 *new* labels (5 are labeled in Label Studio already).
     app.number_input(key=f"label_retrain_every_{STARTER_NAME}").set_value(5)
     app.number_input(key=f"label_epochs_{STARTER_NAME}").set_value(3)
+    app.number_input(key=f"label_minutes_{STARTER_NAME}").set_value(20.0)
     app.button(key="label_loop_save").click().run()
-
     assert not app.exception, [exception.value for exception in app.exception]
     saved = labeling_service.loop(STARTER_NAME)
-    assert saved["retrain_every"] == 5
-    assert saved["settings"]["epochs"] == 3
+    assert saved["retrain_every"] == 5 and saved["settings"]["epochs"] == 3
+    assert saved["settings"]["time_minutes"] == 20.0 and saved["settings"]["start_weights"] == "best"
     assert saved["settings"]["imgsz"] == 320  # untouched fields keep their values
+    assert [element.value for element in app.success] == ["Saved: the loop is on."]
     metrics = {metric.label: metric.value for metric in app.metric}
-    assert metrics["Next retrain at"] == "5 labeled"
+    assert metrics["Next retrain at"] == "10 labeled" and metrics["Loop state"] == "idle"
+    assert loop_plan(app).startswith("Every 5 new labels: freeze a version, train YOLO-NAS S from random")
+
+    # A finished run of the project: the loop starts from the best one (a cancelled run and another size never).
+    finished_run(settings, "first", 0.21)
+    finished_run(settings, "better", 0.43)
+    finished_run(settings, "cancelled", 0.9, status="cancelled")
+    finished_run(settings, "medium", 0.8, size="m")
+    app = run_page()
+    assert loop_plan(app) == (
+        "Every 5 new labels: freeze a version, train YOLO-NAS S from the project's best run better (best mAP50-95 "
+        "0.430) for at most 20 minutes (3 epochs at most), then pre-label the unlabeled images."
+    )
 
     app.number_input(key=f"label_retrain_every_{STARTER_NAME}").set_value(0)
     app.button(key="label_loop_save").click().run()
     assert labeling_service.loop(STARTER_NAME)["retrain_every"] == 0
     assert {metric.label: metric.value for metric in app.metric}["Next retrain at"] == "off"
+    assert loop_plan(app).startswith("The loop is off")
+
+
+def test_coco_is_a_start_only_when_its_weights_are_on_disk(storage: Path):
+    settings = get_settings()
+    link_to_label_studio(settings)
+    labeling_service.loop(STARTER_NAME, start_weights="coco")  # set earlier (the CLI, or the old default)
+    app = run_page()
+    assert "train YOLO-NAS S from random initialisation" in loop_plan(app)
+    assert "the COCO weights chosen are not on this machine" in loop_plan(app)
+
+    weights = settings.weights_dir / "yolo_nas_s_coco.pth"
+    weights.parent.mkdir(parents=True, exist_ok=True)
+    weights.write_bytes(b"")  # downloaded earlier: the file is what counts
+    app = run_page()
+    assert "train YOLO-NAS S from the official COCO weights for at most" in loop_plan(app)
+    assert (
+        "the official COCO weights (non-commercial licence)" in app.selectbox(key=f"label_start_{STARTER_NAME}").options
+    )
+
+
+def test_a_queued_pre_label_is_not_shown_as_a_success(storage: Path, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setattr(server_module, "status", lambda settings, **_: server_module.ServerStatus(
+        "running", server_module.labelstudio_url(settings), 1, "up"))  # fmt: skip
+    link_to_label_studio(get_settings())
+    run_folder = storage / "runs" / "shapes-run"
+    run_folder.mkdir(parents=True)
+    (run_folder / "best.pt").write_bytes(b"")
+    monkeypatch.delenv("YOLODEX_QUEUE_IMMEDIATE", raising=False)
+    monkeypatch.setattr(jobs_tasks.huey, "immediate", False)  # no worker: the job stays queued
+
+    app = run_page()
+    app.button(key="label_prelabel").click().run()
+    assert not app.exception, [exception.value for exception in app.exception]
+    [job] = jobs_api.list_jobs(get_settings(), kind="labeling_prelabel")
+    assert job.state == "queued" and job.started_by == "you"
+    assert not [element.value for element in app.success if "Pre-label" in element.value]
+    assert [element.value for element in app.info if "Pre-label" in element.value] == [
+        f"Pre-label: job {job.id} is queued: follow it on the [Jobs](/jobs?job={job.id}) page"
+    ]
 
 
 def test_buttons_run_the_step_and_show_its_summary_or_its_error(storage: Path, monkeypatch: pytest.MonkeyPatch):

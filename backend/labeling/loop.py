@@ -269,6 +269,37 @@ def resolve_start(session: Session, settings: Settings, project: Project, option
     return StartWeights(None, "random initialisation (the project has no finished run of this size yet)", note)
 
 
+RANDOM = "random"  # how a choice list spells start_weights None (a select box cannot hold None as a value)
+
+
+def start_choices(settings: Settings, options: LoopSettings) -> dict[str, str]:
+    """The starts a user can pick (value → words): the best run, random, COCO only when its file is here, and the
+    current setting whatever it is (a run folder set from the CLI)."""
+    choices = {
+        BEST_RUN: "the project's best finished run (random initialisation while there is none)",
+        RANDOM: "random initialisation",
+    }
+    coco = coco_weights_file(settings, options.size)
+    if coco.is_file():
+        choices["coco"] = "the official COCO weights (non-commercial licence)"
+    current = start_choice_of(options.start_weights)
+    if current not in choices:
+        here = current != "coco" and _has_checkpoint(_folder(settings, current))
+        words = "the official COCO weights" if current == "coco" else current
+        choices[current] = words if here else f"{words} (not on this machine: the best finished run is used instead)"
+    return choices
+
+
+def start_choice_of(start_weights: str | None) -> str:
+    """`LoopSettings.start_weights` as a choice of `start_choices`."""
+    return RANDOM if start_weights is None else start_weights
+
+
+def start_weights_of(choice: str) -> str | None:
+    """A choice of `start_choices` as `LoopSettings.start_weights`."""
+    return None if choice == RANDOM else choice
+
+
 def describe_plan(retrain_every: int, options: LoopSettings, start: StartWeights) -> str:
     """What the loop does, in plain words with its real values (the Label page shows it)."""
     if options.time_minutes:

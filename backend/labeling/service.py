@@ -109,6 +109,16 @@ def loop(
         return loop_module.loop_status(session, settings, target)
 
 
+def loop_start_choices(loop_settings: dict[str, Any] | None, settings: Settings | None = None) -> dict[str, str]:
+    """Where a retrain may start (choice → words), for a loop with these settings (`loop.start_choices`)."""
+    options = loop_module.LoopSettings.from_dict(loop_settings)
+    return loop_module.start_choices(settings or get_settings(), options)
+
+
+start_choice_of = loop_module.start_choice_of
+start_weights_of = loop_module.start_weights_of
+
+
 def task_link(image_id: int, settings: Settings | None = None) -> str | None:
     """The Label Studio labeling view of one image's task (for "fix this in Label Studio" links), None when the
     image was never synced. Reads only our database."""
