@@ -4,6 +4,10 @@ A run folder (architecture: "A run folder") is any folder under `storage/runs/` 
 `best.pt`, `last.pt`, `eval.json`, `metrics.jsonl` and, after export or quantization, `model_fp32.onnx`,
 `model_int8.onnx`, `quant_report.json`. Reading the catalog opens no model: only file names, sizes, times and the
 small JSON files.
+
+A run belongs to a project (`run_projects`): the one its `Run` row names (runs started by a job), else the one whose
+frozen version it trained on, else the one whose classes are its classes. A run is offered as a model or as start
+weights only once it has trained weights (`RunInfo.trained`): a run cancelled in its first epoch has none worth using.
 """
 
 from __future__ import annotations
@@ -65,6 +69,11 @@ class RunInfo:
         best_map: the best validation mAP50-95 in metrics.jsonl or eval.json, None when never evaluated.
         stopped: how training ended ("epochs", "time", "early_stop", "cancelled"), None while running or unknown.
         models: its model files, INT8 first.
+        epochs_done: whole epochs trained (the training's own count; while it runs, its epochs so far).
+        partial_steps: steps of the epoch a time budget ended part way, with `steps_per_epoch`; 0 when none.
+        steps_per_epoch: steps in one epoch, None when unknown.
+        time_budget_s: the training's time budget, None without one.
+        quant_report: the small facts of quant_report.json this catalog uses (see `quant_facts`), None without one.
     """
 
     name: str
@@ -75,35 +84,164 @@ class RunInfo:
     best_map: float | None = None
     stopped: str | None = None
     models: list[ModelFile] = field(default_factory=list)
+    epochs_done: int = 0
+    partial_steps: int = 0
+    steps_per_epoch: int | None = None
+    time_budget_s: float | None = None
+    quant_report: dict[str, Any] | None = None
 
     def model(self, kind: str) -> ModelFile | None:
         return next((model for model in self.models if model.kind == kind), None)
+
+    @property
+    def trained(self) -> bool:
+        """Whether the run has weights worth using: a whole epoch trained, or weights evaluated (best.pt is written
+        only by an evaluation, which a time budget also runs when it ends the first epoch part way), or, for a
+        folder whose training says nothing (no metrics.jsonl: made elsewhere), exported ONNX models. A run whose
+        training ended (or still runs) without either, e.g. cancelled in its first epoch, is not."""
+        if self.epochs_done > 0 or self.best_map is not None or (self.path / "best.pt").is_file():
+            return True
+        if self.stopped is not None or (self.path / "metrics.jsonl").is_file():
+            return False
+        return any(model.kind != "checkpoint" for model in self.models)
+
+    @property
+    def epochs_text(self) -> str:
+        """The run's epoch count in words, the same everywhere ("1 of 30 epochs: the 5-minute time budget ended
+        the run")."""
+        return epochs_text(
+            self.epochs_done, self.config.get("epochs"), self.stopped, self.time_budget_s, self.partial_steps,
+            self.steps_per_epoch,
+        )  # fmt: skip
+
+    def model_map(self, kind: str) -> float | None:
+        """The validation mAP50-95 (fraction) of this run's `kind` model: INT8 from its quant_report.json, FP32 from
+        there or from the training's evaluation, a checkpoint from the training's evaluation."""
+        facts = self.quant_report or {}
+        if kind == "int8":
+            return facts.get("int8_map")
+        if kind == "fp32" and facts.get("fp32_map") is not None:
+            return facts["fp32_map"]
+        return self.best_map
 
 
 def _mtime(path: Path) -> datetime:
     return datetime.fromtimestamp(path.stat().st_mtime, UTC)
 
 
-def _last_events(path: Path) -> tuple[float | None, str | None]:
-    """(best mAP50-95, how it stopped) from a metrics.jsonl, reading it from the end."""
-    best, stopped = None, None
+def _read_events(path: Path) -> dict[str, Any]:
+    """What metrics.jsonl says of a run: best_map, stopped, epochs_done, partial_steps, steps_per_epoch,
+    time_budget_s (each None when it does not say)."""
+    facts: dict[str, Any] = dict.fromkeys(
+        ("best_map", "stopped", "epochs_done", "partial_steps", "steps_per_epoch", "time_budget_s", "evaluated")
+    )
     try:
         lines = path.read_text().splitlines()
     except OSError:
-        return None, None
-    for line in reversed(lines):
+        return facts
+    for line in lines:  # in order: a resumed run's later events win
         try:
             record = json.loads(line)
         except ValueError:
             continue  # a line being written right now
-        if record.get("event") == "train_end":
-            stopped = stopped or record.get("stopped")
-            best = record.get("best_map") if best is None else best
-        elif record.get("event") == "epoch" and best is None and record.get("best_map") is not None:
-            best = record["best_map"]
-        if best is not None and stopped is not None:
-            break
-    return best, stopped
+        event = record.get("event")
+        if event == "train_start":
+            facts.update(stopped=None, time_budget_s=record.get("time_budget_s"),
+                         steps_per_epoch=record.get("steps_per_epoch"))  # fmt: skip
+        elif event == "epoch":
+            if record.get("best_epoch") is not None:
+                facts["best_map"], facts["evaluated"] = record.get("best_map"), True
+            complete = record.get("complete", True)  # events written before "complete" existed: whole epochs
+            done = record.get("epochs_done", int(record.get("epoch", 0)) + (1 if complete else 0))
+            facts["epochs_done"] = max(facts["epochs_done"] or 0, int(done))
+            facts["partial_steps"] = 0 if complete else int(record.get("steps") or 0)
+        elif event == "train_end":
+            facts["stopped"] = record.get("stopped")
+            if record.get("epochs_done") is not None:
+                facts["epochs_done"] = int(record["epochs_done"])
+            if record.get("best_epoch") is not None or "best_epoch" not in record:
+                # Without an evaluation (best_epoch None) its best_map is a placeholder 0.0, not a score.
+                facts["best_map"] = record.get("best_map", facts["best_map"])
+                facts["evaluated"] = facts["best_map"] is not None
+            if record.get("time_budget_s") is not None:
+                facts["time_budget_s"] = record["time_budget_s"]
+    return facts
+
+
+def quant_facts(report: dict[str, Any] | None) -> dict[str, Any] | None:
+    """From a quant_report.json: fp32_map and int8_map (the shipped model_int8.onnx's; fractions), budget_points (the
+    largest mAP50-95 drop allowed, in points: 0.5 = 0.005) and within_budget; None without a report."""
+    if not report or not isinstance(report.get("models"), dict):
+        return None
+    models = report["models"]
+
+    def score(name: Any) -> float | None:
+        value = ((models.get(name) or {}).get("metrics") or {}).get("mAP50-95")
+        return float(value) if isinstance(value, int | float) else None
+
+    fp32, int8 = score("fp32"), score(report.get("chosen"))
+    budget = report.get("budget_points")
+    within = report.get("within_budget")
+    if within is None and fp32 is not None and int8 is not None and budget is not None:
+        within = int8 >= fp32 - float(budget) / 100.0 - 1e-9
+    return {"fp32_map": fp32, "int8_map": int8, "budget_points": budget, "within_budget": within}
+
+
+def epochs_text(
+    epochs_done: int,
+    epochs: int | None,
+    stopped: str | None,
+    time_budget_s: float | None = None,
+    partial_steps: int = 0,
+    steps_per_epoch: int | None = None,
+) -> str:
+    """One epoch count in words for the job log, the job's message and the runs table.
+
+    "1 of 30 epochs: the 5-minute time budget ended the run (and 37 of 120 steps of epoch 2)",
+    "30 of 30 epochs", "4 of 30 epochs: early stop (the validation mAP stopped improving)",
+    "0 of 30 epochs: cancelled", "2 of 30 epochs" (not ended: running, or its worker stopped).
+    """
+    count = f"{epochs_done} of {epochs} epochs" if epochs else f"{epochs_done} epochs"
+    partial = ""
+    if partial_steps:
+        of = f" of {steps_per_epoch}" if steps_per_epoch else ""
+        partial = f" (and {partial_steps}{of} steps of epoch {epochs_done + 1})"
+    if stopped == "time":
+        return f"{count}: the {budget_text(time_budget_s)} time budget ended the run{partial}"
+    if stopped == "early_stop":
+        return f"{count}: early stop (the validation mAP stopped improving)"
+    if stopped == "cancelled":
+        return f"{count}: cancelled{partial}"
+    return f"{count}{partial}"  # all the epochs, or not ended yet (running, or its worker died)
+
+
+def training_end_text(end: dict[str, Any], start: dict[str, Any] | None = None) -> str:
+    """A training's end in one line, with the one epoch count (`epochs_text`) and its best score:
+    "1 of 30 epochs: the 5-minute time budget ended the run; best mAP50-95 0.123".
+
+    Args:
+        end: the "train_end" event or a train job's result (stopped, epochs_done, best_map, best_epoch, and epochs /
+            time_budget_s when the trainer gave them).
+        start: the "train_start" event (epochs, time_budget_s), for an end that lacks them.
+    """
+    start = start or {}
+    epochs = end.get("epochs") or start.get("epochs")
+    budget = end.get("time_budget_s") or start.get("time_budget_s") or start.get("budget")
+    text = epochs_text(int(end.get("epochs_done") or 0), epochs, end.get("stopped"), budget)
+    if "best_epoch" in end and end.get("best_epoch") is None:
+        return f"{text}; not evaluated"
+    return f"{text}; best mAP50-95 {float(end.get('best_map') or 0.0):.3f}"
+
+
+def budget_text(seconds: float | None) -> str:
+    """A time budget in words: "5-minute", "3-second", "1.5-hour"."""
+    if not seconds:
+        return "no"
+    if seconds < 60:
+        return f"{seconds:g}-second"
+    if seconds < 3600 * 2:
+        return f"{round(seconds / 60, 2):g}-minute"
+    return f"{round(seconds / 3600, 2):g}-hour"
 
 
 def run_info(folder: Path) -> RunInfo | None:
@@ -118,20 +256,30 @@ def run_info(folder: Path) -> RunInfo | None:
             if path.is_file():
                 models.append(ModelFile(path, kind, folder.name, _mtime(path), path.stat().st_size))
                 break
-    best, stopped = _last_events(folder / "metrics.jsonl")
+    facts = _read_events(folder / "metrics.jsonl")
+    best = facts["best_map"] if facts["evaluated"] else None
     if best is None:
         evaluation = _read_json(folder / "eval.json") or {}
         best = (evaluation.get("metrics") or {}).get("mAP50-95")
     times = [_mtime(folder / "config.json"), *(model.modified for model in models)]
+    train = config.get("train") or {}
+    budget = facts["time_budget_s"]
+    if budget is None and train.get("time_minutes"):
+        budget = float(train["time_minutes"]) * 60
     return RunInfo(
         name=folder.name,
         path=folder,
         modified=max(times),
-        config=config.get("train") or {},
+        config=train,
         class_names=list(config.get("class_names") or []),
         best_map=best,
-        stopped=stopped,
+        stopped=facts["stopped"],
         models=models,
+        epochs_done=facts["epochs_done"] or 0,
+        partial_steps=facts["partial_steps"] or 0,
+        steps_per_epoch=facts["steps_per_epoch"],
+        time_budget_s=budget,
+        quant_report=quant_facts(_read_json(folder / "quant_report.json")),
     )
 
 
@@ -144,15 +292,139 @@ def list_runs(settings: Settings | None = None) -> list[RunInfo]:
     return sorted(runs, key=lambda info: info.modified, reverse=True)
 
 
-def list_models(settings: Settings | None = None, kinds: tuple[str, ...] = MODEL_KINDS) -> list[ModelFile]:
-    """Every model file of every run, the default choice first: INT8 before FP32 before checkpoints, newest first
-    within a kind."""
-    models = [model for info in list_runs(settings) for model in info.models if model.kind in kinds]
+def trained_runs(settings: Settings | None = None) -> list[RunInfo]:
+    """The runs with trained weights (`RunInfo.trained`), newest first: what pages offer as models and weights."""
+    return [info for info in list_runs(settings) if info.trained]
+
+
+def list_models(
+    settings: Settings | None = None, kinds: tuple[str, ...] = MODEL_KINDS, runs: list[RunInfo] | None = None
+) -> list[ModelFile]:
+    """Every model file of every trained run (or of `runs`, trained ones only), INT8 before FP32 before
+    checkpoints, newest first within a kind."""
+    runs = trained_runs(settings) if runs is None else [info for info in runs if info.trained]
+    models = [model for info in runs for model in info.models if model.kind in kinds]
     return sorted(models, key=lambda model: (kinds.index(model.kind), -model.modified.timestamp()))
 
 
-def default_model(settings: Settings | None = None) -> ModelFile | None:
-    """The model the Pokédex uses unless told otherwise: the newest INT8, else the newest FP32 ONNX, else the newest
-    checkpoint; None when nothing has been trained."""
-    models = list_models(settings)
-    return models[0] if models else None
+@dataclass(frozen=True)
+class ModelChoice:
+    """The model chosen by default, and why, in one line for the page.
+
+    Attributes:
+        model: the file.
+        run: its run.
+        score: its validation mAP50-95 (fraction), None when never evaluated.
+        reason: why this one ("best validation mAP50-95 0.410 of 3 runs; INT8, 0.3 points below FP32, within the
+            0.5-point budget").
+    """
+
+    model: ModelFile
+    run: RunInfo
+    score: float | None
+    reason: str
+
+
+def best_model(runs: list[RunInfo]) -> ModelChoice | None:
+    """The model to use by default among `runs` (trained ones only): the run with the highest validation mAP50-95
+    (newest first on a tie; never evaluated runs last), then its INT8 model when its mAP is within the quantization
+    budget of its FP32 model (or when no quant_report.json says otherwise), else its FP32 ONNX model, else its
+    checkpoint. None when no run has a model."""
+    candidates = [info for info in runs if info.trained and info.models]
+    if not candidates:
+        return None
+    newest_first = sorted(candidates, key=lambda info: info.modified, reverse=True)
+    run = max(newest_first, key=lambda info: -1.0 if info.best_map is None else info.best_map)  # first max wins
+    facts = run.quant_report or {}
+    int8, fp32 = run.model("int8"), run.model("fp32")
+    evaluated = [info for info in candidates if info.best_map is not None]
+    count = f"{len(candidates)} trained run{'s' if len(candidates) != 1 else ''}"
+    if run.best_map is None:
+        lead = f"none of the {count} has a validation score: the newest run"
+    elif len(evaluated) == 1 and len(candidates) == 1:
+        lead = f"the only trained run (validation mAP50-95 {run.best_map:.3f})"
+    else:
+        lead = f"best validation mAP50-95 {run.best_map:.3f} of {count}"
+    if int8 is not None and facts.get("within_budget") and facts.get("int8_map") is not None:
+        drop = 100.0 * ((facts.get("fp32_map") or 0.0) - facts["int8_map"])
+        detail = (
+            f"INT8 ({facts['int8_map']:.3f}), within the {facts.get('budget_points')}-point budget of FP32 "
+            f"({drop:+.2f} points below it)"
+            if facts.get("fp32_map") is not None
+            else "INT8, within its quantization budget"
+        )
+        return ModelChoice(int8, run, facts["int8_map"], f"{lead}; {detail}")
+    if int8 is not None and run.quant_report is None:  # nothing says it lost accuracy: the model built to ship
+        return ModelChoice(int8, run, None, f"{lead}; INT8 (no quantization report to compare it with FP32)")
+    chosen = fp32 or run.model("checkpoint") or run.models[0]
+    kind = {"fp32": "FP32 ONNX", "checkpoint": "PyTorch checkpoint", "int8": "INT8"}[chosen.kind]
+    if int8 is not None and facts.get("within_budget") is False:
+        detail = (
+            f"{kind}: its INT8 model ({facts.get('int8_map') or 0:.3f}) is outside the "
+            f"{facts.get('budget_points')}-point quantization budget"
+        )
+    elif int8 is not None:
+        detail = f"{kind}: its quantization report gives the INT8 model no validation score"
+    else:
+        detail = f"{kind} (not quantized yet)"
+    return ModelChoice(chosen, run, run.model_map(chosen.kind), f"{lead}; {detail}")
+
+
+def default_model(settings: Settings | None = None, runs: list[RunInfo] | None = None) -> ModelFile | None:
+    """The model used unless told otherwise (`best_model` of `runs`, default every trained run); None when nothing
+    has been trained."""
+    choice = best_model(trained_runs(settings) if runs is None else runs)
+    return choice.model if choice else None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Runs and projects
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def run_projects(session: Any, settings: Settings, runs: list[RunInfo]) -> dict[Path, str]:
+    """{run folder: project name} for the runs whose project can be told: the project of the run's `Run` row (a
+    job's run), else the project of the frozen version it trained on, else the project whose class names are the
+    run's (in order). Runs matching none are left out."""
+    from sqlalchemy import select
+
+    from backend.store.models import DatasetVersion, Project, project_classes
+    from backend.store.models import Run as RunRow
+
+    by_folder = {
+        folder: name
+        for folder, name in session.execute(
+            select(RunRow.folder, Project.name).join(Project, Project.id == RunRow.project_id).order_by(RunRow.id)
+        )
+    }
+    by_version = {
+        (settings.storage / folder).resolve(): name
+        for folder, name in session.execute(
+            select(DatasetVersion.folder, Project.name).join(Project, Project.id == DatasetVersion.project_id)
+        )
+    }
+    by_classes: dict[tuple[str, ...], str] = {}
+    for project in session.scalars(select(Project).order_by(Project.id.desc())):  # the oldest wins a tie
+        by_classes[tuple(item.name for item in project_classes(session, project))] = project.name
+    found = {}
+    for info in runs:
+        folder = info.path.resolve()
+        relative = str(folder.relative_to(settings.storage.resolve())) if folder.is_relative_to(
+            settings.storage.resolve()) else str(folder)  # fmt: skip
+        data = info.config.get("data")
+        name = (
+            by_folder.get(relative)
+            or (by_version.get(Path(str(data)).resolve()) if data else None)
+            or by_classes.get(tuple(info.class_names))
+        )
+        if name:
+            found[info.path] = name
+    return found
+
+
+def project_runs(session: Any, settings: Settings, project: str | None, runs: list[RunInfo]) -> list[RunInfo]:
+    """The runs of `runs` that belong to `project` (see `run_projects`), in the same order."""
+    if project is None:
+        return []
+    owners = run_projects(session, settings, runs)
+    return [info for info in runs if owners.get(info.path) == project]

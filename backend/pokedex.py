@@ -11,6 +11,10 @@ x2/y2 the right/bottom pixel edges, as everywhere in yolodex); `draw_detections`
 
 The model's class names are matched to a project's classes by name (`dex_entries`): the project whose class names
 equal the model's lends its dex numbers, descriptions and colours; otherwise an entry has the name only.
+
+Post-processing is the evaluation's (`backend.training.engine.EVAL_POSTPROCESS`: class-aware NMS at IoU 0.7, every
+class above the threshold a candidate, at most 300 detections) with the page's confidence threshold: the boxes the
+page shows are the ones the validation mAP was measured on, above that threshold.
 """
 
 from __future__ import annotations
@@ -30,8 +34,9 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from backend.inference import Predictor
-from backend.processing import load_image
+from backend.processing import PostprocessConfig, load_image
 from backend.store.models import Project, project_classes
+from backend.training.engine import EVAL_POSTPROCESS
 
 # px: wide enough for the page's main column, small enough to encode fast, and ≤ 1000 so that a phone's
 # 4000x3000 (or 4032x3024) JPEG decodes at 1/4 scale.
@@ -41,6 +46,7 @@ CROP_MAX_SIDE = 160
 EXIF_ORIENTATION_TAG = 0x0112
 TRANSPOSING_ORIENTATIONS = (5, 6, 7, 8)  # EXIF orientations that swap width and height
 # Distinct on a photo and on white text: Sasha Trubetskoy's 20 distinct colours, the first twelve.
+WEAK_MODEL_MAP = 0.05  # a validation mAP50-95 under this: the model has barely learned (5 points)
 PALETTE = ((230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30, 180), (70, 240, 240),
            (240, 50, 230), (210, 245, 60), (250, 190, 212), (0, 128, 128), (170, 110, 40), (128, 0, 0))  # fmt: skip
 
@@ -315,7 +321,7 @@ def detect(
 
     attribute, method = ("session", "run") if predictor.engine == "onnxruntime" else ("model", "predict_boxes")
     timed = _TimedMethod(getattr(predictor, attribute), method)
-    thresholds = dataclasses.replace(predictor.postprocess, conf_threshold=float(conf))
+    thresholds = page_postprocess(conf)
     # A shallow copy with the timed stand-in and the page's threshold: the shared (cached) predictor stays as is.
     run = dataclasses.replace(predictor, postprocess=thresholds, **{attribute: timed})
     predict_start = time.perf_counter()
@@ -342,6 +348,49 @@ def detect(
     timings["total_ms"] = (time.perf_counter() - start) * 1e3
     return PokedexResult(boxes.astype(np.float32), scores, class_ids, original_size, display, display_scale, crops,
                          timings)  # fmt: skip
+
+
+def page_postprocess(conf: float) -> PostprocessConfig:
+    """The Pokédex's post-processing: the evaluation's NMS (IoU, class-aware, caps) with the page's threshold."""
+    return dataclasses.replace(EVAL_POSTPROCESS, conf_threshold=float(conf))
+
+
+def nms_text(conf: float) -> str:
+    """The post-processing in words, for the page: "score above 0.25, per-class NMS at IoU 0.7 (as in evaluation),
+    at most 300 boxes"."""
+    config = page_postprocess(conf)
+    return (
+        f"score above {config.conf_threshold:.2f}, per-class NMS at IoU {config.iou_threshold:g} (as in the "
+        f"evaluation), at most {config.max_detections} boxes"
+    )
+
+
+def weak_model_note(model_map: float | None) -> str | None:
+    """What to expect of a model that has barely learned (validation mAP50-95 under `WEAK_MODEL_MAP`), else None."""
+    if model_map is None or model_map >= WEAK_MODEL_MAP:
+        return None
+    return (
+        f"This model scores mAP50-95 {model_map:.3f} on its validation images: it has barely learned yet, so expect "
+        "missed, misplaced and repeated boxes. Train it longer, or label more images, then quantize again."
+    )
+
+
+def empty_result_hint(conf: float, lowest_conf: float, model_map: float | None) -> str:
+    """What to say when a photo gives no detection, from the threshold (lowering it is advice only above the
+    slider's lowest value) and the model's validation mAP50-95 (a model that scores about 0 needs more training or
+    labels, not another photo)."""
+    if model_map is not None and model_map < WEAK_MODEL_MAP:
+        hint = (
+            f"Nothing found above {conf:.2f}. This model scores mAP50-95 {model_map:.3f} on its validation images: "
+            "it has barely learned yet. Train it longer or on more labeled images"
+        )
+        return hint + (", or lower the threshold to see its weaker guesses." if conf > lowest_conf else ".")
+    if conf > lowest_conf:
+        return f"Nothing found above the confidence threshold {conf:.2f}: lower it, or try another photo."
+    return (
+        f"Nothing found, even at the lowest threshold ({lowest_conf:.2f}): try another photo (the classes large and "
+        "clear in it), or a model trained on more images like it."
+    )
 
 
 def _name(names: Sequence[str], class_id: int) -> str:

@@ -2,8 +2,9 @@
 optionally the run's FP32 and INT8 models side by side with their latencies.
 
 Thin on purpose: decoding, inference, drawing and the dex entries come from `backend.pokedex`, the models from
-`backend.catalog`. The predictor is cached per (path, mtime) for the process, so a re-quantized model loads again;
-a photo's result is cached per (photo, model, threshold), so moving a widget does not run the model again.
+`backend.catalog` (the current project's best model by default: `catalog.best_model`). The predictor is cached per
+(path, mtime) for the process, so a re-quantized model loads again; a photo's result is cached per (photo, model,
+threshold), so moving a widget does not run the model again.
 """
 
 from __future__ import annotations
@@ -12,10 +13,21 @@ import logging
 
 import streamlit as st
 
-from app.widgets import page_settings, store_engine
+from app.widgets import page_settings, project_picker, store_engine
 from backend import catalog
 from backend.inference import Predictor
-from backend.pokedex import MAX_CARD_CROPS, DexEntry, PokedexResult, detect, dex_entries, encode_display, plain_entries
+from backend.pokedex import (
+    MAX_CARD_CROPS,
+    DexEntry,
+    PokedexResult,
+    detect,
+    dex_entries,
+    empty_result_hint,
+    encode_display,
+    nms_text,
+    plain_entries,
+    weak_model_note,
+)
 from backend.processing import ImageLoadError
 from backend.store.db import session_scope
 
@@ -24,6 +36,7 @@ logger = logging.getLogger(__name__)
 UPLOAD_TYPES = ["jpg", "jpeg", "png", "webp", "bmp"]
 CARDS_PER_ROW = 3
 KIND_TITLE = {"int8": "INT8", "fp32": "FP32", "checkpoint": "PyTorch"}
+LOWEST_CONF = 0.05
 
 
 @st.cache_resource(show_spinner="Loading the model…", max_entries=4)
@@ -82,34 +95,58 @@ def show_cards(result: PokedexResult, entries: list[DexEntry]) -> None:
                 st.image(result.crops[index], width=96)
                 st.markdown(f"**No. {entry.number:03d} · {entry.name}**")
                 st.markdown(f"Confidence: **{score:.1%}**")
-                st.caption(entry.description or "No dex entry yet: describe this class in its project.")
+                missing = f"No dex entry yet: describe {entry.name} on the [Project](/project) page."
+                st.caption(entry.description or missing)
 
 
 st.title("Pokédex")
 st.write("Drop a photo and your detector names what it sees, with the dex entry of each find.")
 settings = page_settings()
-models = catalog.list_models(settings)
+engine = store_engine(settings.database_url)
+project = project_picker(engine, key="pokedex_project")
+runs = catalog.trained_runs(settings)
+with session_scope(engine) as session:
+    candidates = catalog.project_runs(session, settings, project, runs) if project else runs
+if project and not catalog.list_models(runs=candidates) and catalog.list_models(runs=runs):
+    st.info(f"{project} has no trained model yet: train one on the [Train](/train) page. Meanwhile, the models of "
+            "other projects (they name their own classes).")  # fmt: skip
+    candidates = runs
+models = catalog.list_models(runs=candidates)
 if not models:
     st.info(
         "No model yet. Train one on the **Train** page ([Train](/train)), then shrink it to INT8 on the "
-        "**Quantize** page ([Quantize](/quantize)): the Pokédex uses the newest INT8 model.",
+        "**Quantize** page ([Quantize](/quantize)): the Pokédex uses the project's best model.",
         icon=":material/info:",
     )
     st.stop()
 
+run_of = {info.path: info for info in candidates}
 by_path = {str(model.path): model for model in models}
-default = catalog.default_model(settings) or models[0]
+choice = catalog.best_model(candidates)
+default = str(choice.model.path) if choice else str(models[0].path)
+
+
+def model_label(path: str) -> str:
+    model = by_path[path]
+    score = run_of[model.path.parent].model_map(model.kind)
+    return model.label + ("" if score is None else f" · mAP50-95 {score:.3f}")
+
+
 chosen_path = st.selectbox(
     "Model",
     list(by_path),
-    index=list(by_path).index(str(default.path)) if str(default.path) in by_path else 0,
-    format_func=lambda path: by_path[path].label,
-    key="pokedex_model",
-    help="The newest INT8 model is the default.",
+    index=list(by_path).index(default),
+    format_func=model_label,
+    key=f"pokedex_model_{project}",  # per project: its own default
+    help="The project's best model is the default: the highest validation mAP50-95, its INT8 model when that is "
+    "within the quantization budget of FP32.",
 )
+if choice is not None:
+    st.caption(f"Default: {choice.run.name} · {KIND_TITLE[choice.model.kind]}, chosen for its {choice.reason}.")
 model = by_path[chosen_path]
+model_map = run_of[model.path.parent].model_map(model.kind)
 controls = st.columns(3)
-conf = controls[0].slider("Confidence threshold", 0.05, 0.95, 0.25, 0.05, key="pokedex_conf")
+conf = controls[0].slider("Confidence threshold", LOWEST_CONF, 0.95, 0.25, 0.05, key="pokedex_conf")
 compare = controls[1].toggle("Compare FP32 and INT8", key="pokedex_compare")
 use_camera = controls[2].toggle("Use the camera", key="pokedex_use_camera")
 
@@ -162,9 +199,13 @@ else:
         caption=f"{photo_name} · {width}×{height} px · {len(result)} detections above {conf:.2f} · {model.label}",
     )
     st.caption(latency_text(result))
+st.caption(f"Boxes: {nms_text(conf)}.")
 
 st.subheader("Dex entries")
 if len(result):
+    weak = weak_model_note(model_map)
+    if weak:
+        st.warning(weak)
     show_cards(result, entries)
 else:
-    st.info("Nothing found above the confidence threshold: lower it, or try another photo.")
+    st.info(empty_result_hint(conf, LOWEST_CONF, model_map))

@@ -15,13 +15,14 @@ from streamlit.testing.v1 import AppTest
 
 from backend.export.onnx_export import export_onnx
 from backend.inference import Predictor
+from backend.models.yolo_nas import build_model
 from backend.pokedex import MAX_CARD_CROPS, detect
 from backend.settings import Settings
 from backend.store.db import init_db, session_scope
 from backend.store.models import ensure_class, get_or_create_project
 from tests.labelstudio_fixture import free_port
 from tests.test_export import CLASS_NAMES, detector_with_spread_scores
-from tests.test_pokedex import smooth_photo
+from tests.test_pokedex import CANCELLED_AT_EPOCH_0, smooth_photo, write_run
 
 ROOT = Path(__file__).resolve().parents[1]
 PAGE = ROOT / "pages" / "pokedex.py"
@@ -76,15 +77,14 @@ def start() -> AppTest:
 
 def test_without_a_model_the_page_says_to_train_and_quantize(storage):
     app = start()
-    (message,) = app.info
-    assert "No model yet" in message.value
+    (message,) = [info for info in app.info if "No model yet" in info.value]
     assert "**Train** page" in message.value and "**Quantize** page" in message.value
     assert not app.file_uploader  # nothing to upload to yet
 
 
 def test_upload_shows_boxes_and_one_card_per_detection(run_with_models):
     app = start()
-    assert app.selectbox(key="pokedex_model").value == str(run_with_models / "model_int8.onnx")  # newest INT8
+    assert app.selectbox(key="pokedex_model_Starters").value == str(run_with_models / "model_int8.onnx")
     app.slider(key="pokedex_conf").set_value(0.85).run()
     photo = png_bytes()
     app.file_uploader(key="pokedex_upload").set_value(("photo.png", photo, "image/png")).run()
@@ -138,3 +138,63 @@ def test_a_file_that_is_not_an_image_is_a_clear_error(run_with_models):
     assert not app.exception
     (error,) = app.error
     assert "could not read 'broken.png'" in error.value
+
+
+def add_project(storage: Settings, name: str, classes: list[str]) -> None:
+    with session_scope(init_db(storage.database_url)) as session:
+        project = get_or_create_project(session, name)
+        for number, class_name in enumerate(classes, start=1):
+            ensure_class(session, project, class_name, dex_number=number)
+
+
+def test_the_default_is_the_best_model_of_the_current_project(storage, onnx_model):
+    """Several runs of the project (the newest one worse, one cancelled in its first epoch) and a better run of
+    another project: the default is the project's best validation mAP, its INT8 model within the budget."""
+    add_project(storage, "Starters", CLASS_NAMES)
+    add_project(storage, "Raccoons", ["raccoon"])
+    runs = storage.runs_dir
+    write_run(runs, "first", CLASS_NAMES, best_map=0.41, quant=(0.41, 0.405, 1.0), onnx=onnx_model, age_s=300)
+    write_run(runs, "newer", CLASS_NAMES, best_map=0.12, quant=(0.12, 0.118, 0.5), onnx=onnx_model, age_s=100)
+    write_run(runs, "cancelled", CLASS_NAMES, events=CANCELLED_AT_EPOCH_0, checkpoint="last.pt", age_s=0)
+    write_run(runs, "raccoons", ["raccoon"], best_map=0.9, quant=(0.9, 0.9, 0.5), onnx=onnx_model, age_s=0)
+
+    app = AppTest.from_file(str(PAGE), default_timeout=120)
+    app.query_params["project"] = "Starters"
+    app.run()
+    assert not app.exception, [exception.value for exception in app.exception]
+
+    picker = app.selectbox(key="pokedex_model_Starters")
+    assert picker.value == str(runs / "first" / "model_int8.onnx")
+    labels = picker.options  # "run · INT8 ONNX (...) · mAP50-95 0.405"
+    assert {label.split(" · ")[0] for label in labels} == {"first", "newer"}  # no 0-epoch run, no other project's
+    (reason,) = [caption.value for caption in app.caption if caption.value.startswith("Default: ")]
+    assert "first · INT8" in reason and "best validation mAP50-95 0.410 of 2 trained runs" in reason
+    assert "within the 1.0-point budget of FP32" in reason
+
+
+@pytest.fixture(scope="module")
+def silent_model(tmp_path_factory) -> Path:
+    """A fresh (untrained) detector: every score is the class prior, about 0.01, below the slider's lowest value."""
+    folder = tmp_path_factory.mktemp("silent")
+    return export_onnx(build_model("s", len(CLASS_NAMES)).eval(), folder / "model.onnx", imgsz=IMGSZ,
+                       class_names=CLASS_NAMES)  # fmt: skip
+
+
+@pytest.mark.parametrize("model_map", [0.35, 0.001])
+def test_the_empty_result_hint_at_the_lowest_threshold(storage, silent_model, model_map):
+    add_project(storage, "Starters", CLASS_NAMES)
+    write_run(storage.runs_dir, "run", CLASS_NAMES, best_map=model_map, quant=(model_map, model_map, 0.5),
+              onnx=silent_model)  # fmt: skip
+    app = start()
+    slider = app.slider(key="pokedex_conf")
+    slider.set_value(slider.min).run()
+    app.file_uploader(key="pokedex_upload").set_value(("photo.png", png_bytes(), "image/png")).run()
+    assert not app.exception, [exception.value for exception in app.exception]
+
+    (hint,) = [info.value for info in app.info if info.value.startswith("Nothing found")]
+    assert "lower" not in hint  # the threshold is already at its lowest
+    if model_map < 0.05:
+        assert f"mAP50-95 {model_map:.3f}" in hint and "Train it longer or on more labeled images" in hint
+    else:
+        assert "lowest threshold (0.05)" in hint and "barely learned" not in hint
+    assert any("per-class NMS at IoU 0.7 (as in the evaluation)" in caption.value for caption in app.caption)

@@ -217,3 +217,134 @@ def test_dex_entries_without_a_matching_project_have_the_name_only(engine):
     assert [(entry.number, entry.name, entry.description, entry.project) for entry in entries] == [
         (1, "bulbasaur", "", None), (2, "charmander", "", None), (3, "squirtle", "", None)
     ]  # fmt: skip
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The default model, the post-processing and the empty-result hint
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def write_run(
+    runs_dir: Path,
+    name: str,
+    class_names: list[str],
+    *,
+    best_map: float | None = None,
+    quant: tuple[float, float, float] | None = None,
+    onnx: Path | None = None,
+    events: list[dict] | None = None,
+    checkpoint: str | None = "best.pt",
+    age_s: float = 0.0,
+) -> Path:
+    """A run folder as training and quantization leave it: config.json, eval.json (`best_map`), metrics.jsonl
+    (`events`), a checkpoint file, both ONNX files (copies of `onnx`) and quant_report.json (`quant`: FP32 mAP, INT8
+    mAP, budget in points). Every file is dated `age_s` seconds ago (the newest run is the old default)."""
+    import json
+    import os
+    import shutil
+    import time
+
+    folder = runs_dir / name
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text(
+        json.dumps({"train": {"size": "s", "imgsz": 128, "epochs": 30}, "class_names": class_names})
+    )
+    if checkpoint:
+        (folder / checkpoint).write_bytes(b"not read by the catalog")
+    if best_map is not None:
+        (folder / "eval.json").write_text(json.dumps({"metrics": {"mAP50-95": best_map}}))
+    if events is not None:
+        (folder / "metrics.jsonl").write_text("".join(json.dumps(event) + "\n" for event in events))
+    if onnx is not None:
+        shutil.copy(onnx, folder / "model_fp32.onnx")
+        shutil.copy(onnx, folder / "model_int8.onnx")
+    if quant is not None:
+        fp32, int8, budget = quant
+        report = {
+            "chosen": "ptq_selective",
+            "budget_points": budget,
+            "within_budget": int8 >= fp32 - budget / 100 - 1e-9,
+            "models": {"fp32": {"metrics": {"mAP50-95": fp32}}, "ptq_selective": {"metrics": {"mAP50-95": int8}}},
+        }
+        (folder / "quant_report.json").write_text(json.dumps(report))
+    moment = time.time() - age_s
+    for path in folder.iterdir():
+        os.utime(path, (moment, moment))
+    return folder
+
+
+CANCELLED_AT_EPOCH_0 = [
+    {"event": "train_start", "epochs": 30, "steps_per_epoch": 10, "time_budget_s": None},
+    {"event": "train_end", "stopped": "cancelled", "epochs_done": 0, "best_map": 0.0, "best_epoch": None},
+]
+
+
+def test_best_model_is_the_best_validation_map_with_int8_within_budget(tmp_path):
+    from backend import catalog
+
+    runs_dir = tmp_path / "runs"
+    onnx = tmp_path / "model.onnx"
+    onnx.write_bytes(b"onnx")
+    write_run(runs_dir, "old", CLASS_NAMES, best_map=0.20, quant=(0.20, 0.199, 0.5), onnx=onnx, age_s=300)
+    write_run(runs_dir, "better", CLASS_NAMES, best_map=0.41, quant=(0.41, 0.405, 1.0), onnx=onnx, age_s=200)
+    write_run(runs_dir, "unquantized", CLASS_NAMES, best_map=0.30, age_s=100)
+    write_run(runs_dir, "cancelled", CLASS_NAMES, events=CANCELLED_AT_EPOCH_0, checkpoint="last.pt", age_s=0)
+    runs = [catalog.run_info(folder) for folder in sorted(runs_dir.iterdir())]
+
+    choice = catalog.best_model(runs)
+
+    assert choice.model.path == runs_dir / "better" / "model_int8.onnx"
+    assert choice.score == pytest.approx(0.405)
+    assert choice.reason.startswith("best validation mAP50-95 0.410 of 3 trained runs; INT8 (0.405), within the 1.0")
+    # The run cancelled in its first epoch has no weights to offer: no model, no best mAP of 0.000.
+    cancelled = next(run for run in runs if run.name == "cancelled")
+    assert not cancelled.trained and cancelled.best_map is None
+    assert all(model.run != "cancelled" for model in catalog.list_models(runs=runs))
+
+    # INT8 outside the budget: the same run's FP32 model, and why.
+    write_run(runs_dir, "best-but-lossy", CLASS_NAMES, best_map=0.50, quant=(0.50, 0.40, 0.5), onnx=onnx, age_s=50)
+    choice = catalog.best_model([catalog.run_info(folder) for folder in runs_dir.iterdir()])
+    assert choice.model.path == runs_dir / "best-but-lossy" / "model_fp32.onnx"
+    assert "outside the 0.5-point quantization budget" in choice.reason
+
+
+def test_runs_belong_to_the_project_with_their_classes(engine, tmp_path):
+    from backend import catalog
+    from backend.settings import Settings
+
+    settings = Settings.from_env({"YOLODEX_STORAGE": str(tmp_path)})
+    write_run(settings.runs_dir, "starters", CLASS_NAMES, best_map=0.1)
+    write_run(settings.runs_dir, "raccoons", ["raccoon"], best_map=0.6)
+    with session_scope(engine) as session:
+        for project_name, names in (("Starters", CLASS_NAMES), ("Raccoons", ["raccoon"])):
+            project = get_or_create_project(session, project_name)
+            for name in names:
+                ensure_class(session, project, name)
+    runs = catalog.list_runs(settings)
+    with session_scope(engine) as session:
+        mine = catalog.project_runs(session, settings, "Starters", runs)
+    assert [run.name for run in mine] == ["starters"]  # the better raccoon model is not a Starters model
+
+
+def test_the_pokedex_post_processing_is_the_evaluations():
+    from backend.pokedex import nms_text, page_postprocess
+    from backend.training.engine import EVAL_POSTPROCESS
+
+    config = page_postprocess(0.4)
+    assert config.conf_threshold == 0.4
+    assert dataclasses.replace(config, conf_threshold=EVAL_POSTPROCESS.conf_threshold) == EVAL_POSTPROCESS
+    assert f"IoU {EVAL_POSTPROCESS.iou_threshold:g}" in nms_text(0.4)
+
+
+def test_empty_result_hint_depends_on_the_threshold_and_the_models_score():
+    from backend.pokedex import empty_result_hint
+
+    assert "lower it" in empty_result_hint(0.25, 0.05, 0.4)
+    at_lowest = empty_result_hint(0.05, 0.05, 0.4)
+    assert "lower" not in at_lowest and "lowest threshold (0.05)" in at_lowest
+    weak = empty_result_hint(0.05, 0.05, 0.002)
+    assert "barely learned" in weak and "Train it longer" in weak and "lower" not in weak
+    assert "barely learned" in empty_result_hint(0.5, 0.05, 0.0) and "lower the threshold" in empty_result_hint(
+        0.5, 0.05, 0.0
+    )
+    assert "barely learned" not in empty_result_hint(0.25, 0.05, None)  # never evaluated: nothing said of it
