@@ -121,6 +121,7 @@ def test_train_job_succeeds_with_metrics_progress_run_row_then_evaluates_and_qua
     evaluation = api.get_job(api.submit("evaluate", params, settings=settings), settings)
     assert evaluation.state == "succeeded", (evaluation.error, evaluation.traceback)
     assert out.is_file() and "mAP50-95" in evaluation.result["metrics"]
+    assert evaluation.project == "shapes"  # from the run its model is in: the params name no project
 
     # Quantize, cancelled once the export stage began: the pipeline stops before its next stage.
     def stop_after_export(context: runner.JobContext) -> bool:
@@ -131,6 +132,7 @@ def test_train_job_succeeds_with_metrics_progress_run_row_then_evaluates_and_qua
     params = {"run_dir": str(run_dir), "options": {"method": "ptq", "calib_images": 2}, "out": str(tmp_out(run_dir))}
     quantize = api.get_job(api.submit("quantize", params, settings=settings), settings)
     assert quantize.state == "cancelled", (quantize.error, quantize.traceback)
+    assert quantize.project == "shapes"
     assert quantize.result == {"run_dir": str(run_dir), "cancelled": True}
     assert [m["stage"] for m in api.job_metrics(quantize.id, settings) if m["event"] == "stage"] == ["export"]
     assert (tmp_out(run_dir) / "model_fp32.onnx").is_file()
@@ -279,6 +281,41 @@ def test_cancel_of_a_queued_job_revokes_it_and_it_never_runs(tmp_path, monkeypat
         api.submit("dance", {}, settings=settings)
     with pytest.raises(ValueError, match="needs project"):
         api.submit("labeling_sync", {}, settings=settings)
+
+
+def test_a_job_without_a_project_takes_its_runs_or_datasets_and_says_who_started_it(tmp_path, monkeypatch):
+    """Quantize and evaluate jobs name a run folder, a model file in one, or a dataset version, not a project: the
+    job's project is theirs. Jobs the app queues by itself say so (`started_by`); the user's read "you"."""
+    from backend.store.models import DatasetVersion, get_or_create_project
+
+    monkeypatch.delenv("YOLODEX_QUEUE_IMMEDIATE", raising=False)
+    monkeypatch.setattr(tasks.huey, "immediate", False)  # no worker: the jobs stay queued
+    settings = make_settings(tmp_path)
+    settings.ensure_dirs()
+    with session_scope(api.job_engine(settings)) as session:
+        owner = get_or_create_project(session, "Raccoons")
+        session.add(Run(project_id=owner.id, folder="runs/raccoons-1", status="succeeded"))
+        session.add(DatasetVersion(project_id=owner.id, name="v1", seed=0, train_fraction=0.8, val_fraction=0.2,
+                                   folder="datasets/raccoons/v1"))  # fmt: skip
+    run_dir = settings.runs_dir / "raccoons-1"
+    (run_dir / "export").mkdir(parents=True)
+
+    quantize = api.get_job(api.submit("quantize", {"run_dir": str(run_dir)}, settings=settings), settings)
+    assert quantize.project == "Raccoons" and "project" not in quantize.params and quantize.started_by == "you"
+    for model in (run_dir, run_dir / "best.pt", run_dir / "export" / "model.onnx"):
+        params = {"model": str(model), "data": str(tmp_path / "elsewhere")}
+        assert api.get_job(api.submit("evaluate", params, settings=settings), settings).project == "Raccoons", model
+    data_only = {"model": str(tmp_path / "model.onnx"), "data": str(settings.storage / "datasets/raccoons/v1")}
+    assert api.get_job(api.submit("evaluate", data_only, settings=settings), settings).project == "Raccoons"
+    elsewhere = {"model": str(tmp_path / "model.onnx"), "data": str(tmp_path / "data")}
+    assert api.get_job(api.submit("evaluate", elsewhere, settings=settings), settings).project is None
+    assert api.list_jobs(settings, project="Raccoons", kind="evaluate")[0].kind == "evaluate"
+
+    monkeypatch.setenv("YOLODEX_STORAGE", str(settings.storage))  # the poll queues with the environment's settings
+    retrain = api.get_job(tasks.labeling_retrain("Raccoons"), settings)
+    assert retrain.started_by == "retrain loop" and retrain.params["started_by"] == "retrain loop"
+    with pytest.raises(ValueError, match="started_by"):
+        api.submit("labeling_sync", {"project": "Raccoons", "started_by": ""}, settings=settings)
 
 
 @pytest.mark.slow
