@@ -35,13 +35,13 @@ OUTCOME = "datasets_outcome"
 
 
 def current_project(engine) -> str:
-    """The project the page works on: a new name typed in, else the picked project, else the default name."""
-    left, right = st.columns([2, 1])
-    with left:
-        picked = project_picker(engine, key="datasets_project")
-    with right:
-        typed = st.text_input("New project", key="datasets_new_project", placeholder="a name, then add images")
-    return typed.strip() or picked or service.DEFAULT_PROJECT
+    """The project the page works on (the shared current project); stops the page when there is none: a project is
+    created, with its classes, on the Project page."""
+    picked = project_picker(engine, key="datasets_project")
+    if picked is None:
+        st.stop()
+    st.caption("A new project, with its classes, is created on the [Project](/project) page.")
+    return picked
 
 
 @st.cache_data(max_entries=3000, show_spinner=False)
@@ -66,6 +66,10 @@ def import_uploaded(settings, project: str, uploader_key: str) -> None:
     if not files:
         st.session_state[OUTCOME] = ("error", "Choose or drop files first.")
         return
+    if not service.project_exists(project, settings=settings):  # e.g. renamed or removed in another tab
+        st.session_state[OUTCOME] = ("error", f"There is no project {project!r} any more: pick one above, or create "
+                                              "it with its classes on the Project page.")  # fmt: skip
+        return
     paths = browse.save_uploads(settings.storage, [(file.name, file.getvalue()) for file in files])
     total = sum(file.size for file in files)
     try:
@@ -75,24 +79,21 @@ def import_uploaded(settings, project: str, uploader_key: str) -> None:
             job_id = jobs_api.submit("import", {"project": project, "paths": [str(path) for path in paths]},
                                      settings=settings)  # fmt: skip
             st.session_state["datasets_job"] = job_id
-            st.session_state[OUTCOME] = ("success", f"{len(files)} files ({total / 1024**2:.0f} MB) queued as job "
-                                                    f"#{job_id}: the worker imports them.")  # fmt: skip
+            st.session_state[OUTCOME] = ("info", f"{len(files)} files ({total / 1024**2:.0f} MB) queued as job "
+                                                 f"#{job_id}: the worker imports them.")  # fmt: skip
         else:
             with session_scope(store_engine(settings.database_url)) as session:
                 report = browse.import_uploads(session, settings.storage, project, paths)
             browse.discard_uploads(settings.storage, paths)
             st.session_state["datasets_report"] = report
-            st.session_state[OUTCOME] = ("success", f"Imported {len(files)} uploaded files into {project}.")
+            st.session_state[OUTCOME] = service.import_outcome(report)
     except Exception as error:  # shown on the page; the page keeps working
         logger.exception("upload import failed")
         browse.discard_uploads(settings.storage, paths)
         st.session_state[OUTCOME] = ("error", f"Import failed: {describe_error(error)}")
         return
-    # A fresh uploader (new key) so the same files are not imported twice; the project becomes the picked one.
+    # A fresh uploader (new key) so the same files are not imported twice.
     st.session_state["datasets_uploader"] = st.session_state.get("datasets_uploader", 0) + 1
-    st.session_state["datasets_new_project"] = ""
-    st.session_state.pop("datasets_project", None)  # the picker then follows ?project= (its remembered choice)
-    st.query_params["project"] = project
 
 
 def show_report(report: dict[str, Any]) -> None:
@@ -271,7 +272,10 @@ def class_charts(stats: dict[str, Any]) -> None:
     right.metric("images without boxes", stats["images_without_boxes"])
     table = pd.DataFrame(stats["classes"])
     if table.empty:
-        st.info("No classes yet: import a labeled dataset or label images on the Label page.")
+        st.info(
+            "No classes yet: add them on the [Project](/project) page, then label images on the Label page "
+            "(or import a labeled dataset)."
+        )
         return
     names = table["name"].tolist()  # plain lists: plotly would otherwise ship pandas columns as binary arrays
     per_class = go.Figure([go.Bar(x=names, y=table["images"].tolist(), name="images"),
@@ -345,9 +349,15 @@ def export_version(settings, project: str) -> None:
 def versions(engine, settings, project: Project) -> None:
     with session_scope(engine) as session:
         rows = browse.version_rows(session, project)
+    # The suggested name follows the versions there are (after freezing v2 it is v3); a name the user typed stays
+    # until the next freeze or project change.
+    suggested = (project.name, service.next_version_name([row["version"] for row in rows]))
+    if st.session_state.get("datasets_version_suggested") != suggested:
+        st.session_state["datasets_version_suggested"] = suggested
+        st.session_state["datasets_version_name"] = suggested[1]
     with st.form("datasets_freeze"):
         columns = st.columns(4)
-        columns[0].text_input("Version name", value=f"v{len(rows) + 1}", key="datasets_version_name")
+        columns[0].text_input("Version name", key="datasets_version_name")
         columns[1].number_input("Validation share", 0.0, 0.9, 0.2, 0.05, key="datasets_val")
         columns[2].number_input("Test share", 0.0, 0.9, 0.0, 0.05, key="datasets_test")
         columns[3].number_input("Seed", 0, 2**31 - 1, 0, key="datasets_seed")

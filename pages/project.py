@@ -128,6 +128,8 @@ with st.expander("Create a project", expanded=not project_names(engine)), st.for
                  placeholder="Raccoon\nFox\nHedgehog")  # fmt: skip
     st.form_submit_button("Create the project", type="primary", on_click=create, args=(settings,))
 
+if not project_names(engine):
+    st.stop()  # the form above is open: there is nothing else to show yet
 project = project_picker(engine, key="project_project")
 if project is None:
     st.stop()

@@ -7,6 +7,7 @@ import io
 import json
 import shutil
 import zipfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -43,8 +44,11 @@ def settings(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, starter_storage: P
     return Settings.from_env({"YOLODEX_STORAGE": str(copy)})
 
 
-def run_page() -> AppTest:
-    app = AppTest.from_file(str(PAGE), default_timeout=60).run()
+def run_page(project: str | None = None) -> AppTest:
+    app = AppTest.from_file(str(PAGE), default_timeout=60)
+    if project is not None:
+        app.query_params["project"] = project  # what a link from another page, or a reload, carries
+    app.run()
     assert_clean(app)
     return app
 
@@ -130,10 +134,16 @@ def test_unlabeled_and_class_filters(settings):
 
 
 def upload(app: AppTest, files: list[tuple[str, bytes, str]]) -> AppTest:
+    """Uploads and imports; the banner may be an error (nothing imported), so only exceptions are checked here."""
     app.file_uploader(key="datasets_upload_0").set_value(files).run()
     app.button(key="datasets_import").click().run()
-    assert_clean(app)
+    assert not app.exception, [exception.value for exception in app.exception]
     return app
+
+
+def banners(app: AppTest) -> dict[str, list[str]]:
+    kinds = {"success": app.success, "info": app.info, "warning": app.warning, "error": app.error}
+    return {kind: [element.value for element in elements] for kind, elements in kinds.items() if len(elements)}
 
 
 def test_uploading_a_png_and_a_zip_shows_the_report_and_the_images(settings):
@@ -147,19 +157,21 @@ def test_uploading_a_png_and_a_zip_shows_the_report_and_the_images(settings):
         ("holiday.zip", archive.getvalue(), "application/zip"),
         ("near.png", encode_image(textured_image(22)), "image/png"),
     ]
-    app = run_page()
-    app.text_input(key="datasets_new_project").set_value("Holiday").run()
+    service.create_project("Holiday", ["Beach ball"], settings=settings)
+    app = run_page("Holiday")
     upload(app, files)
 
-    assert [success.value for success in app.success] == ["Imported 3 uploaded files into Holiday."]
+    # The banner's figures are the report's: 3 new + 1 near duplicate stored, the PNG's copy in the zip skipped.
+    assert banners(app)["success"] == [
+        "Added 4 images to Holiday; 1 of the added are near duplicates, 1 already there (skipped)."
+    ]
     shown = metrics(app)
     assert (shown["accepted"], shown["duplicates"], shown["near duplicates"], shown["rejected"]) == ("3", "1", "1", "0")
     accepted = next(frame.value for frame in app.dataframe if "image_id" in frame.value and len(frame.value) == 3)
     assert list(accepted["name"]) == ["pikachu.png", "holiday.zip/holiday/beach.png", "holiday.zip/holiday/near.jpg"]
 
-    # The page moved to the new project, and its grid shows the stored images (near duplicates included).
+    # The page stays on the project, and its grid shows the stored images (near duplicates included).
     assert app.selectbox(key="datasets_project").value == "Holiday"
-    assert app.text_input(key="datasets_new_project").value == ""
     assert page_line(app) == "Page 1 of 1 · 4 images"
     assert grid_captions(app) == [
         "pikachu.png · 96×64 · unlabeled", "holiday.zip/holiday/beach.png · 96×64 · unlabeled",
@@ -180,6 +192,8 @@ def near_of(settings: Settings) -> int:
 def test_a_text_file_named_jpg_is_rejected_with_its_reason(settings):
     app = run_page()
     upload(app, [("cat.jpg", b"just some text, no picture", "image/jpeg")])
+    assert banners(app)["error"] == [f"Nothing imported into {STARTER_NAME}: 1 rejected (the report below says why)."]
+    assert "success" not in banners(app)
     assert metrics(app)["rejected"] == "1" and metrics(app)["accepted"] == "0"
     rejected = table_with(app, "reason")
     assert list(rejected["name"]) == ["cat.jpg"]
@@ -245,14 +259,35 @@ def test_freeze_lists_the_version_and_export_offers_a_zip(settings):
     assert len(content["images"]) == 64
     assert app.get("download_button")[0].proto.label == f"Download {archive.name}"
 
+    # The form suggests the next free name after each freeze (after v2, v3).
+    assert app.text_input(key="datasets_version_name").value == "v2"
+    app.button(key="FormSubmitter:datasets_freeze-Freeze the labeled images").click().run()
+    assert app.success[0].value.startswith("Freeze: version v2: train ")
+    assert app.text_input(key="datasets_version_name").value == "v3"
+
+
+def test_upload_banners_follow_the_report(settings):
+    png = encode_image(textured_image(50))
+    app = upload(run_page(), [("new.png", png, "image/png"), ("bad.jpg", b"text", "image/jpeg")])
+    assert banners(app)["warning"] == [f"Added 1 image to {STARTER_NAME}; 1 rejected (the report below says why)."]
+    app = upload(run_page(), [("again.png", png, "image/png")])
+    assert banners(app)["warning"] == [f"Nothing new imported into {STARTER_NAME}: 1 already there (skipped)."]
+    assert "success" not in banners(app)
+
 
 @pytest.fixture
-def immediate_jobs(monkeypatch: pytest.MonkeyPatch) -> None:
+def immediate_jobs(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     """Jobs run inline when submitted (no worker)."""
     import backend.jobs.tasks
 
     monkeypatch.setenv("YOLODEX_QUEUE_IMMEDIATE", "1")
     monkeypatch.setattr(backend.jobs.tasks.huey, "immediate", True)
+    yield
+    # The module's huey was made at its first import, for that test's storage, which pytest deletes once the test has
+    # passed (tmp_path_retention_policy); leaving immediate mode reopens that SQLite file, so its folder must exist.
+    filename = backend.jobs.tasks.huey.storage_kwargs.get("filename")
+    if filename:
+        Path(filename).parent.mkdir(parents=True, exist_ok=True)
 
 
 def test_a_crawl_is_a_job_whose_outcome_the_page_shows(settings, immediate_jobs):
@@ -295,16 +330,27 @@ def test_a_large_upload_is_imported_by_a_job(settings, immediate_jobs, monkeypat
     assert not list((settings.storage / "uploads").glob("[0-9a-f]*"))
 
 
-def test_an_empty_storage_starts_with_a_first_upload(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+def test_an_empty_storage_sends_the_user_to_the_project_page(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     monkeypatch.delenv("YOLODEX_DATABASE_URL", raising=False)
     monkeypatch.setenv("YOLODEX_STORAGE", str(tmp_path / "empty"))
+    settings = Settings.from_env({"YOLODEX_STORAGE": str(tmp_path / "empty")})
     app = run_page()
-    assert any("No project yet" in info.value for info in app.info)
-    assert any(f"Project '{service.DEFAULT_PROJECT}' has no images yet" in info.value for info in app.info)
-    assert not app.image and not app.get("plotly_chart")  # nothing to browse yet
+    assert [info.value for info in app.info] == [
+        "No project yet: create one with its classes on the [Project](/project) page."
+    ]
+    assert not app.file_uploader and not app.image and not app.get("plotly_chart")  # no upload into no project
+    assert not service.project_exists(service.DEFAULT_PROJECT, settings=settings)
 
-    upload(app, [("first.png", encode_image(textured_image(40)), "image/png")])
-    assert app.selectbox(key="datasets_project").value == service.DEFAULT_PROJECT
+    service.create_project("Garden", ["Hedgehog"], settings=settings)
+    app = upload(run_page(), [("first.png", encode_image(textured_image(40)), "image/png")])
+    assert banners(app)["success"] == ["Added 1 image to Garden."]
+    assert app.selectbox(key="datasets_project").value == "Garden"
     assert page_line(app) == "Page 1 of 1 · 1 image"
     assert grid_captions(app) == ["first.png · 96×64 · unlabeled"]
-    assert any("No classes yet" in info.value for info in app.info)
+
+
+def test_a_project_without_classes_points_to_the_project_page(settings):
+    (settings.storage / "loose.png").write_bytes(encode_image(textured_image(41)))
+    service.import_into([settings.storage / "loose.png"], "Loose", settings=settings)  # the CLI's way: no classes
+    app = run_page("Loose")
+    assert any(info.value.startswith("No classes yet: add them on the [Project](/project) page") for info in app.info)

@@ -99,6 +99,39 @@ def crawl_into(
         return {"project": target.name, "stored": added, **report.to_dict()}
 
 
+def import_outcome(report: dict[str, Any]) -> tuple[str, str]:
+    """(level, sentence) for an import report (`ImportReport.to_dict()` with "project"), from its counts only:
+    "success" when images were stored and nothing was rejected, "warning" when some files were rejected (or, with
+    nothing rejected, when nothing was new), "error" when files were rejected and nothing was stored."""
+    counts = report.get("counts", {})
+    stored = counts.get("accepted", 0) + counts.get("near_duplicates", 0)
+    rejected, project = counts.get("rejected", 0), report.get("project", "the project")
+    details = [f"{rejected} rejected (the report below says why)"] if rejected else []
+    if counts.get("near_duplicates"):
+        details.append(f"{counts['near_duplicates']} of the added are near duplicates")
+    if counts.get("annotations"):
+        details.append(f"{counts['annotations']} boxes")
+    if counts.get("duplicates"):
+        details.append(f"{counts['duplicates']} already there (skipped)")
+    if counts.get("skipped"):
+        details.append(f"{counts['skipped']} skipped")
+    if not stored:
+        level = "error" if rejected else "warning"
+        head = f"Nothing imported into {project}" if rejected else f"Nothing new imported into {project}"
+        return level, f"{head}: {', '.join(details) or 'no image found'}."
+    head = f"Added {stored} image{'' if stored == 1 else 's'} to {project}"
+    return ("warning" if rejected else "success"), head + (f"; {', '.join(details)}." if details else ".")
+
+
+def next_version_name(names: Sequence[str]) -> str:
+    """The next free "vN" after the highest one among `names` ("v1" when there is none)."""
+    numbers = [int(name[1:]) for name in names if name[:1] == "v" and name[1:].isdigit()]
+    number = max(numbers, default=0) + 1
+    while f"v{number}" in names:
+        number += 1
+    return f"v{number}"
+
+
 def freeze(
     project: str, name: str, fractions: Sequence[float] = (0.8, 0.2), seed: int = 0, settings: Settings | None = None
 ) -> dict:
