@@ -329,6 +329,70 @@ def test_loop_retrains_once_after_n_annotations_and_survives_a_restart(labelstud
     assert check["started"] and check["labeled"] == 4
 
 
+def loop_env(labelstudio, monkeypatch) -> None:
+    """The poll opens the store and Label Studio from the environment, as the worker does; the queue runs inline."""
+    from backend.jobs import tasks as jobs
+
+    for key, value in (("YOLODEX_STORAGE", str(labelstudio.settings.storage)), ("YOLODEX_HOST", "127.0.0.1"),
+                       ("YOLODEX_LS_PORT", str(labelstudio.settings.ls_port))):  # fmt: skip
+        monkeypatch.setenv(key, value)
+    monkeypatch.setattr(jobs.huey, "immediate", True)
+
+
+def test_a_synced_project_has_its_loop_off_and_a_poll_queues_nothing(labelstudio, monkeypatch):
+    from backend.jobs import api as jobs_api
+    from backend.jobs import tasks as jobs
+
+    loop_env(labelstudio, monkeypatch)
+    make_project(labelstudio, "loop-off", count=3)
+    service.sync("loop-off", labelstudio.settings)
+    status = service.loop("loop-off", settings=labelstudio.settings)
+    assert status["retrain_every"] == 0 and status["plan"].startswith("The loop is off")
+    tasks = task_of(connect(labelstudio.settings), status["ls_project_id"])
+    for task in tasks.values():  # every image labeled in Label Studio: still nothing runs
+        connect(labelstudio.settings).create_annotation(task["id"], [rect("Squirtle", 20, 10, 40, 30, 96, 64)])
+    assert not [item for item in jobs.poll_labeling() if item["project"] == "loop-off"]
+    assert jobs_api.count_jobs(labelstudio.settings, project="loop-off") == 0
+    assert service.loop("loop-off", settings=labelstudio.settings)["labeled"] == 0  # not even pulled
+
+
+def test_a_failed_loop_retrain_leaves_no_run_behind(labelstudio, monkeypatch):
+    from backend.jobs import api as jobs_api
+    from backend.jobs import tasks as jobs
+    from backend.store.models import Run
+
+    loop_env(labelstudio, monkeypatch)
+    make_project(labelstudio, "loop-fails", count=3)
+    service.sync("loop-fails", labelstudio.settings)
+    # The project's only finished run: its best.pt is damaged, so the retrain that starts from it fails at once.
+    broken = labelstudio.settings.runs_dir / "loop-fails-broken"
+    broken.mkdir(parents=True)
+    (broken / "config.json").write_text(json.dumps({"train": {"size": "s"}, "class_names": list(CLASSES)}))
+    (broken / "best.pt").write_bytes(b"not a checkpoint")
+    engine, _ = open_store(labelstudio.settings)
+    with session_scope(engine) as session:
+        project_id = session.scalar(select(Project.id).where(Project.name == "loop-fails"))
+        session.add(Run(project_id=project_id, folder="runs/loop-fails-broken", status="succeeded"))
+    status = service.loop("loop-fails", retrain_every=2, settings=labelstudio.settings, epochs=1, imgsz=64,
+                          batch_size=2, min_samples=4)  # fmt: skip
+    assert "from the project's best run loop-fails-broken" in status["plan"]
+    client = connect(labelstudio.settings)
+    for task in list(task_of(client, status["ls_project_id"]).values())[:2]:
+        client.create_annotation(task["id"], [rect("Squirtle", 20, 10, 40, 30, 96, 64)])
+
+    [check] = [item for item in jobs.poll_labeling() if item["project"] == "loop-fails"]
+    assert check["started"]  # the retrain job ran inline, and failed
+    [job] = jobs_api.list_jobs(labelstudio.settings, project="loop-fails", kind="labeling_retrain")
+    assert job.state == "failed" and job.started_by == "retrain loop", (job.state, job.error)
+    assert "loop-fails-broken" in job.error, job.error  # it failed where meant: loading the start weights
+    assert sorted(path.name for path in labelstudio.settings.runs_dir.glob("loop-fails*")) == ["loop-fails-broken"]
+    with session_scope(engine) as session:
+        folders = list(session.scalars(select(Run.folder).where(Run.project_id == project_id)))
+    assert folders == ["runs/loop-fails-broken"]  # the failed retrain's Run row went with its folder
+    status = service.loop("loop-fails", settings=labelstudio.settings)
+    assert status["state"] == "idle" and status["last_event"].startswith("the retrain failed"), status["last_event"]
+
+
 def test_down_server_and_wrong_token_say_what_to_do(labelstudio):
     down = LabelStudioClient(f"http://127.0.0.1:{free_port()}", labelstudio.credentials.token)
     with pytest.raises(LabelStudioUnavailable, match="yolodex labelstudio start"):

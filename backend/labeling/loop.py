@@ -351,10 +351,11 @@ def run_retrain(
     from backend.training.trainer import fit
 
     started = time.monotonic()
-    row = session.get(LabelingProject, project.id)
+    project_id = project.id  # kept: a commit expires `project`, and reading it again opens a read transaction
+    row = session.get(LabelingProject, project_id)
     if row is None:
         raise ValueError(f"project {project.name!r} is not in Label Studio yet: sync it first")
-    _set_state(session, project.id, "running", "retraining")
+    _set_state(session, project_id, "running", "retraining")
     run: Run | None = None
     run_dir: Path | None = None
     try:
@@ -371,6 +372,7 @@ def run_retrain(
             f"loop-{stamp}",
             fractions=(1.0 - options.val_fraction, options.val_fraction),
         )
+        version_id, version_name = version.id, version.name  # read now: later commits expire the object
         session.commit()
         config = TrainConfig(
             data=str(version_folder(settings.storage, version)),
@@ -388,8 +390,8 @@ def run_retrain(
             raise ValueError(f"{candidate} already exists: the next poll retrains into a new folder")
         run_dir = candidate
         run = Run(
-            project_id=project.id,
-            dataset_version_id=version.id,
+            project_id=project_id,
+            dataset_version_id=version_id,
             folder=str(run_dir.relative_to(settings.storage))
             if run_dir.is_relative_to(settings.storage)
             else str(run_dir),
@@ -415,15 +417,15 @@ def run_retrain(
             imgsz=options.imgsz,
         )
         session.commit()
-        _set_state(session, project.id, "idle", f"retrained on {version.name} ({result.best_map:.3f} mAP50-95); "
+        _set_state(session, project_id, "idle", f"retrained on {version_name} ({result.best_map:.3f} mAP50-95); "
                    f"pre-labeled {report.tasks} tasks")  # fmt: skip
         return RetrainResult(
-            version.name, run_dir, result.stopped, result.best_map, report.tasks, time.monotonic() - started
+            version_name, run_dir, result.stopped, result.best_map, report.tasks, time.monotonic() - started
         )
     except BaseException as error:
         session.rollback()
         _settle_failed_run(session, run, run_dir, "interrupted" if isinstance(error, KeyboardInterrupt) else "failed")
-        _set_state(session, project.id, "idle", f"the retrain failed: {error}")
+        _set_state(session, project_id, "idle", f"the retrain failed: {error}")
         raise
 
 
