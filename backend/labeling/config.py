@@ -5,6 +5,10 @@ the ones every result we read or write carries as `to_name`/`from_name`; `backen
 defaults. Labels appear in class-index order so that Label Studio's sidebar numbers them as our classes
 (hotkeys 1..9 follow the order). Label Studio 1.23.2 does not check results against the config (recipe §4.3), so
 the config only shapes the labeling view; `convert` validates what comes back.
+
+Each label also carries our class's database id (`yolodexClass="17"`, an attribute Label Studio keeps and ignores):
+a renamed class keeps its old label in the config while annotations use it (`config_change`), and the id says that
+the old name still means that class, so its boxes are pulled into it (`config_class_ids`).
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from xml.sax.saxutils import escape
 OBJECT_NAME = "image"  # the <Image name=...>; results carry it as "to_name"
 CONTROL_NAME = "label"  # the <RectangleLabels name=...>; results carry it as "from_name"
 DATA_KEY = "image"  # task["data"][DATA_KEY] holds the image URL ("$image" in the config)
+CLASS_ID_ATTRIBUTE = "yolodexClass"  # on each <Label>: our ProjectClass.id (stable across renames)
 
 # Distinct, readable on photos; used in class-index order (cycling) when a class has no colour of its own.
 DEFAULT_COLOURS = (
@@ -46,7 +51,11 @@ def _attribute(text: str) -> str:
     return '"' + escape(text, {'"': "&quot;", "\n": "&#10;", "\t": "&#9;"}) + '"'
 
 
-def labeling_config(class_names: Sequence[str], colours: Sequence[str | None] | None = None) -> str:
+def labeling_config(
+    class_names: Sequence[str],
+    colours: Sequence[str | None] | None = None,
+    class_ids: Sequence[int | None] | None = None,
+) -> str:
     """Builds the RectangleLabels config for a project's classes.
 
     Args:
@@ -54,6 +63,8 @@ def labeling_config(class_names: Sequence[str], colours: Sequence[str | None] | 
             allowed: they are escaped for XML (`&`, `<`, `>`, quotes).
         colours: optional "#rrggbb" per class (same length as `class_names`; None entries take the default
             palette colour of that index).
+        class_ids: optional id of our class per label (same length; None entries carry none), written as the
+            `yolodexClass` attribute.
 
     Returns:
         `<View><Image name="image" value="$image" zoom="true"/><RectangleLabels name="label" toName="image">`
@@ -74,6 +85,8 @@ def labeling_config(class_names: Sequence[str], colours: Sequence[str | None] | 
         raise ValueError(f"duplicate class names {duplicates}: every class needs its own name")
     if colours is not None and len(colours) != len(names):
         raise ValueError(f"{len(colours)} colours for {len(names)} classes: give one colour (or None) per class")
+    if class_ids is not None and len(class_ids) != len(names):
+        raise ValueError(f"{len(class_ids)} class ids for {len(names)} classes: give one id (or None) per class")
     chosen = []
     for index, name in enumerate(names):
         colour = colours[index] if colours is not None else None
@@ -81,9 +94,12 @@ def labeling_config(class_names: Sequence[str], colours: Sequence[str | None] | 
         if not _COLOUR_PATTERN.match(colour):
             raise ValueError(f"class {name!r}: colour {colour!r} is not of the form #rrggbb")
         chosen.append(colour)
+    ids = list(class_ids) if class_ids is not None else [None] * len(names)
     labels = "".join(
-        f"\n    <Label value={_attribute(name)} background={_attribute(colour)}/>"
-        for name, colour in zip(names, chosen)
+        f"\n    <Label value={_attribute(name)} background={_attribute(colour)}"
+        + (f' {CLASS_ID_ATTRIBUTE}="{int(class_id)}"' if class_id is not None else "")
+        + "/>"
+        for name, colour, class_id in zip(names, chosen, ids)
     )
     return (
         f'<View>\n  <Image name="{OBJECT_NAME}" value="${DATA_KEY}" zoom="true"/>\n'
@@ -91,8 +107,8 @@ def labeling_config(class_names: Sequence[str], colours: Sequence[str | None] | 
     )
 
 
-def _config_entries(xml: str) -> list[tuple[str, str | None]]:
-    """(label value, background colour or None) of the RectangleLabels control, in document order."""
+def _config_entries(xml: str) -> list[tuple[str, str | None, int | None]]:
+    """(label value, background colour or None, our class id or None) of the RectangleLabels control, in order."""
     try:
         root = ElementTree.fromstring(xml)
     except ElementTree.ParseError as error:
@@ -104,7 +120,14 @@ def _config_entries(xml: str) -> list[tuple[str, str | None]]:
         raise ValueError("the labeling config has no <RectangleLabels> control: rebuild it with labeling_config()")
     # Our configs have exactly one control; prefer ours by name should someone have added another.
     control = next((element for element in controls if element.get("name") == CONTROL_NAME), controls[0])
-    return [(label.get("value", ""), label.get("background")) for label in control.iter("Label")]
+    return [
+        (label.get("value", ""), label.get("background"), _class_id(label.get(CLASS_ID_ATTRIBUTE)))
+        for label in control.iter("Label")
+    ]
+
+
+def _class_id(text: str | None) -> int | None:
+    return int(text) if text is not None and text.strip().isdigit() else None
 
 
 def config_labels(xml: str) -> list[str]:
@@ -113,7 +136,29 @@ def config_labels(xml: str) -> list[str]:
     Raises:
         ValueError: the XML does not parse or has no RectangleLabels control.
     """
-    return [value for value, _ in _config_entries(xml)]
+    return [value for value, _, _ in _config_entries(xml)]
+
+
+def same_config(first: str, second: str) -> bool:
+    """Whether two configs have the same labels, in the same order, with the same colours and class ids (the rest of
+    the XML, e.g. whitespace, is not compared). A config that does not parse equals nothing."""
+    try:
+        normalised = [
+            [(value, (colour or "").lower(), class_id) for value, colour, class_id in _config_entries(xml)]
+            for xml in (first, second)
+        ]
+    except ValueError:
+        return False
+    return normalised[0] == normalised[1]
+
+
+def config_class_ids(xml: str) -> dict[str, int]:
+    """Label value → our class id, for the labels of a config that carry one (`yolodexClass`).
+
+    Raises:
+        ValueError: the XML does not parse or has no RectangleLabels control.
+    """
+    return {value: class_id for value, _, class_id in _config_entries(xml) if class_id is not None}
 
 
 class ConfigChange(NamedTuple):
@@ -137,6 +182,7 @@ def config_change(
     new_classes: Sequence[str],
     labels_in_use: Collection[str] = (),
     colours: Sequence[str | None] | None = None,
+    class_ids: Sequence[int | None] | None = None,
 ) -> ConfigChange:
     """Updates a project's config to a new class list without losing annotations.
 
@@ -144,7 +190,9 @@ def config_change(
     show or edit those boxes properly. So a label that was removed from the classes but still has annotations
     (`labels_in_use`) is KEPT in the config, after the current classes, and reported in `kept`; it goes once no
     annotation uses it. A rename is a removal plus an addition: the old name stays (if in use) until the
-    annotations are relabelled. Pulling such boxes reports them as "unknown label" (`convert.task_boxes`).
+    annotations are relabelled; the kept old label keeps its class id, so pulling its boxes still finds the class
+    (`config_class_ids`; a config written before labels carried ids has none, and its old names pull as "unknown
+    label").
 
     Args:
         old_xml: the project's current config.
@@ -152,23 +200,32 @@ def config_change(
         labels_in_use: label values that at least one Label Studio annotation uses.
         colours: "#rrggbb" (or None) per new class; None keeps a class's colour from the old config, else the
             palette colour of its index.
+        class_ids: our class id per new class (or None); kept labels keep the id they had.
 
     Returns:
         The new config and what changed; `removed` + `kept` are all the old labels not in `new_classes`.
     """
     old_entries = _config_entries(old_xml)
     # A hand-edited colour we cannot reuse falls back to the palette rather than failing the class change.
-    old_colour = {value: colour if colour and _COLOUR_PATTERN.match(colour) else None for value, colour in old_entries}
+    old_colour = {
+        value: colour if colour and _COLOUR_PATTERN.match(colour) else None for value, colour, _ in old_entries
+    }
+    old_id = {value: class_id for value, _, class_id in old_entries}
     new_names = [str(name) for name in new_classes]
     if colours is not None and len(colours) != len(new_names):
         raise ValueError(f"{len(colours)} colours for {len(new_names)} classes: give one colour (or None) per class")
     in_use = set(labels_in_use)
-    kept = [value for value, _ in old_entries if value not in new_names and value in in_use]
-    removed = [value for value, _ in old_entries if value not in new_names and value not in in_use]
+    kept = [value for value, _, _ in old_entries if value not in new_names and value in in_use]
+    removed = [value for value, _, _ in old_entries if value not in new_names and value not in in_use]
     added = [name for name in new_names if name not in old_colour]
     new_colours = [
         (colours[index] if colours is not None else None) or old_colour.get(name)
         for index, name in enumerate(new_names)
     ]
-    xml = labeling_config([*new_names, *kept], [*new_colours, *(old_colour[value] for value in kept)])
+    new_ids = list(class_ids) if class_ids is not None else [None] * len(new_names)
+    xml = labeling_config(
+        [*new_names, *kept],
+        [*new_colours, *(old_colour[value] for value in kept)],
+        [*new_ids, *(old_id[value] for value in kept)],
+    )
     return ConfigChange(xml=xml, added=added, removed=removed, kept=kept)

@@ -9,6 +9,10 @@ scan and file serving see ordinary files. A storage sync creates one task per ne
 has, so re-syncing never duplicates; each task then gets our image id in `data.yolodex_image_id`, and
 `labeling_tasks` keeps the image → task map.
 
+Classes reach Label Studio by name, in its labeling config, at every sync (new, renamed and recoloured classes
+included); each label carries our class id (`config.CLASS_ID_ATTRIBUTE`), so a renamed class's old label, kept
+while annotations use it, still pulls into the class.
+
 Label Studio is the place of truth for the boxes of a synced image once it has an annotation there: `pull` replaces
 that image's ground truth with the latest completed annotation (see `convert.task_boxes`) and marks it labeled.
 Boxes an image already had when it was first synced (a labeled import, the starter project) are sent to Label
@@ -20,6 +24,7 @@ Boxes: our xyxy original-image pixels (after EXIF orientation) inside; Label Stu
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 import re
@@ -38,7 +43,14 @@ from sqlalchemy import delete, func, select, update
 from sqlalchemy.orm import Session
 
 from backend.labeling.client import LabelStudioClient, LabelStudioNotFound
-from backend.labeling.config import DATA_KEY, config_change, config_labels, labeling_config
+from backend.labeling.config import (
+    DATA_KEY,
+    config_change,
+    config_class_ids,
+    config_labels,
+    labeling_config,
+    same_config,
+)
 from backend.labeling.convert import IMAGE_ID_KEY, boxes_to_ls_results, task_boxes, task_uncertainty
 from backend.settings import Settings
 from backend.store.models import (
@@ -179,9 +191,10 @@ def _ensure_ls_project(
     if ls_project is None:
         ls_project = _find_ls_project(client, project)
     if ls_project is None:
+        classes = project_classes(session, project)
         ls_project = client.create_project(
             title=project.name[:50],
-            label_config=labeling_config(names, [item.colour for item in project_classes(session, project)]),
+            label_config=labeling_config(names, [item.colour for item in classes], [item.id for item in classes]),
             description=f"{PROJECT_MARKER.format(id=project.id)}; managed by yolodex (classes change there).",
         )
         report_flags["created"] = True
@@ -204,16 +217,17 @@ def _update_config(
         current_labels = config_labels(current)
     except ValueError:
         current_labels = []
-    if current_labels == names:
-        return "unchanged", [], [], []
-    in_use = client.labels_in_use(ls_project["id"]) if current_labels else {}
-    colours = [item.colour for item in project_classes(session, project)]
+    classes = project_classes(session, project)
+    colours, class_ids = [item.colour for item in classes], [item.id for item in classes]
     if current_labels:
-        change = config_change(current, names, in_use, colours)
+        # Only labels leaving the classes (removed or renamed) need to know whether annotations still use them.
+        leaving = [label for label in current_labels if label not in names]
+        in_use = client.labels_in_use(ls_project["id"]) if leaving else {}
+        change = config_change(current, names, in_use, colours, class_ids)
         xml, added, removed, kept = change.xml, change.added, change.removed, change.kept
     else:
-        xml, added, removed, kept = labeling_config(names, colours), list(names), [], []
-    if config_labels(xml) == current_labels:
+        xml, added, removed, kept = labeling_config(names, colours, class_ids), list(names), [], []
+    if same_config(xml, current):  # a colour or a class id (older configs have none) also counts as a change
         return "unchanged", [], [], kept
     client.update_project(ls_project["id"], label_config=xml)
     return "updated", added, removed, kept
@@ -426,6 +440,7 @@ def pull_annotations(session: Session, project: Project, client: LabelStudioClie
     classes = project_classes(session, project)
     names = [item.name for item in classes]
     class_id_of_index = {item.index: item.id for item in classes}
+    renamed = _renamed_labels(client, row, classes)
     mapped = {task.ls_task_id: task for task in _task_rows(session, row.ls_project_id)}
     images = {image.id: image for image in session.scalars(select(Image).where(Image.project_id == project.id))}
     report = PullReport()
@@ -437,6 +452,8 @@ def pull_annotations(session: Session, project: Project, client: LabelStudioClie
         if image is None:
             report.unmapped += 1
             continue
+        if renamed:
+            task = _with_current_names(task, renamed)
         converted = task_boxes(task, names, image_size=(image.width, image.height))
         for problem in converted.problems:
             if problem.reason == "no image id":
@@ -460,6 +477,32 @@ def pull_annotations(session: Session, project: Project, client: LabelStudioClie
     session.flush()
     row.last_event = "pull: " + report.summary()
     return report
+
+
+def _renamed_labels(client: LabelStudioClient, row: LabelingProject, classes: list[Any]) -> dict[str, str]:
+    """Old label → the class's current name, for labels of the project's Label Studio config that are no class's name
+    now but carry the id of one (a class renamed since its boxes were drawn)."""
+    try:
+        by_label = config_class_ids(client.get_project(row.ls_project_id).get("label_config") or "")
+    except ValueError:  # a config someone broke by hand: names alone, as before
+        return {}
+    name_of_id = {item.id: item.name for item in classes}
+    current = set(name_of_id.values())
+    return {label: name_of_id[class_id] for label, class_id in by_label.items()
+            if label not in current and class_id in name_of_id}  # fmt: skip
+
+
+def _with_current_names(task: dict[str, Any], renamed: dict[str, str]) -> dict[str, Any]:
+    """A copy of a task whose box results say the current name where they said a renamed class's old one."""
+    task = copy.deepcopy(task)
+    for annotation in task.get("annotations") or []:
+        for result in (annotation.get("result") if isinstance(annotation, dict) else None) or []:
+            value = result.get("value") if isinstance(result, dict) else None
+            labels = value.get("rectanglelabels") if isinstance(value, dict) else None
+            if isinstance(labels, list):
+                value["rectanglelabels"] = [renamed.get(label, label) if isinstance(label, str) else label
+                                            for label in labels]  # fmt: skip
+    return task
 
 
 def _replace_ground_truth(
