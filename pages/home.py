@@ -76,7 +76,7 @@ if not own_projects:
     if project_names(engine):
         st.caption(f"Or look around the demo project, {STARTER_NAME} (synthetic shapes, already labeled).")
 
-project_name = project_picker(engine, key="home_project")
+project_name = project_picker(engine, key="home_project") if project_names(engine) else None
 if project_name is not None:
     st.header(f"Continue with {project_name}")
     with session_scope(engine) as session:

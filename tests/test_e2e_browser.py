@@ -2,7 +2,7 @@
 
 `make run` (on free ports, with a temporary storage) starts Label Studio, the huey worker and the Streamlit app; the
 tests upload a photo on the Pokédex page, run a short training job from the Train page, and upload a zip on the
-Datasets page. Assertions are Playwright's retrying `expect`s, never fixed sleeps (the streamlit recipe, §3).
+Datasets page. Assertions are Playwright's retrying `expect`s, never fixed sleeps.
 Screenshots go to `$YOLODEX_E2E_SCREENSHOTS` (default: the test's temporary folder) and are kept.
 """
 
@@ -12,41 +12,18 @@ import io
 import json
 import os
 import re
-import signal
-import subprocess
-import time
-import urllib.request
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO_ROOT, encode_image, textured_image
-from tests.labelstudio_fixture import free_port
+from tests.browser_fixture import chromium, make_run, require_browser
+from tests.conftest import encode_image, textured_image
 
 pytestmark = pytest.mark.slow
 
-CHROMIUM = Path(os.environ.get("YOLODEX_CHROMIUM", "/usr/bin/chromium"))
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--no-first-run", "--disable-sync"]  # fmt: skip
-EXPECT_TIMEOUT_MS = 30_000  # 2 cores shared by the app, the worker, Label Studio and the browser
 CLASS_NAMES = ["Bulbasaur", "Charmander", "Squirtle"]
-
-
-def _wait_for(url: str, timeout: float, process: subprocess.Popen, log: Path) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise AssertionError(f"`make run` exited with {process.returncode}:\n{log.read_text()[-3000:]}")
-        try:
-            with urllib.request.urlopen(url, timeout=2) as response:
-                if response.status == 200:
-                    return
-        except OSError:
-            pass
-        time.sleep(0.5)
-    raise AssertionError(f"{url} did not answer in {timeout:.0f} s:\n{log.read_text()[-3000:]}")
 
 
 def _write_model_run(storage: Path) -> Path:
@@ -66,11 +43,7 @@ def _write_model_run(storage: Path) -> Path:
 @pytest.fixture(scope="module")
 def app_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """`make run` with a fresh storage and free ports; stopped (Ctrl-C, as a user would) after the module."""
-    if not CHROMIUM.is_file():
-        pytest.skip(
-            f"no {CHROMIUM}: install Debian's chromium (`apt-get install chromium`, `make setup` does it as root)"
-        )
-    pytest.importorskip("playwright.sync_api", reason="playwright is in requirements.txt: run `make setup`")
+    require_browser()
     storage = tmp_path_factory.mktemp("e2e-storage")
     _write_model_run(storage)
     from backend.ingest.service import freeze, starter
@@ -79,41 +52,14 @@ def app_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     prepared = Settings.from_env({"YOLODEX_STORAGE": str(storage)})
     starter(prepared)  # what `make run` does too; the training test needs a frozen version of it
     freeze("Starter Pokédex", "v1", settings=prepared)
-    app_port, ls_port = free_port(), free_port()
-    env = {**os.environ, "YOLODEX_STORAGE": str(storage), "YOLODEX_APP_PORT": str(app_port),
-           "YOLODEX_LS_PORT": str(ls_port), "YOLODEX_HOST": "127.0.0.1"}  # fmt: skip
-    env.pop("YOLODEX_QUEUE_IMMEDIATE", None)
-    log = storage / "make_run.log"
-    with log.open("wb") as output:
-        process = subprocess.Popen(["make", "--no-print-directory", "run"], cwd=REPO_ROOT, env=env, stdout=output,
-                                   stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
-    try:
-        _wait_for(f"http://127.0.0.1:{app_port}/_stcore/health", 240, process, log)
-        yield f"http://127.0.0.1:{app_port}"
-    finally:
-        os.killpg(process.pid, signal.SIGINT)  # Ctrl-C: make's trap stops the worker and Label Studio
-        try:
-            process.wait(60)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait(10)
-        leftovers = subprocess.run(["pgrep", "-f", str(storage)], capture_output=True, text=True).stdout.split()
-        for pid in leftovers:  # never leave a server behind, even when make's trap failed
-            os.kill(int(pid), signal.SIGKILL)
-        assert not leftovers, f"`make run` left processes running after Ctrl-C: {leftovers}\n{log.read_text()[-2000:]}"
+    with make_run(storage) as app:
+        yield app.url
 
 
 @pytest.fixture(scope="module")
 def browser(app_url: str):
-    from playwright.sync_api import expect, sync_playwright
-
-    expect.set_options(timeout=EXPECT_TIMEOUT_MS)
-    with sync_playwright() as playwright:
-        launched = playwright.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS)
-        try:
-            yield launched
-        finally:
-            launched.close()
+    with chromium() as launched:
+        yield launched
 
 
 @pytest.fixture

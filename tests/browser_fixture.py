@@ -1,0 +1,113 @@
+"""The app started the way `make run` starts it, and a headless Chromium to drive it (Playwright): shared by the
+browser tests (`tests/test_e2e_browser.py`, `tests/test_first_hour_browser.py`).
+
+`make run` gets a fresh storage and free ports, so it starts its own Label Studio, huey worker and Streamlit app; it
+is stopped with Ctrl-C (SIGINT), as a user would, and no process may outlive it. Assertions in the tests are
+Playwright's retrying `expect`s, never fixed sleeps.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO_ROOT
+from tests.labelstudio_fixture import free_port
+
+CHROMIUM = Path(os.environ.get("YOLODEX_CHROMIUM", "/usr/bin/chromium"))
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--no-first-run", "--disable-sync"]  # fmt: skip
+EXPECT_TIMEOUT_MS = 30_000  # 2 cores shared by the app, the worker, Label Studio and the browser
+
+
+@dataclass(frozen=True)
+class RunningApp:
+    """`make run` on free ports: the app's and Label Studio's base URLs, the storage folder and make's log."""
+
+    url: str
+    ls_url: str
+    storage: Path
+    log: Path
+
+
+def require_browser() -> None:
+    """Skips with the install step when Chromium or Playwright is missing."""
+    if not CHROMIUM.is_file():
+        pytest.skip(
+            f"no {CHROMIUM}: install Debian's chromium (`apt-get install chromium`, `make setup` does it as root)"
+        )
+    pytest.importorskip("playwright.sync_api", reason="playwright is in requirements.txt: run `make setup`")
+
+
+def wait_for(url: str, timeout: float, process: subprocess.Popen, log: Path) -> None:
+    """Waits until `url` answers 200; fails with make's log when it does not in time or `make run` exits."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise AssertionError(f"`make run` exited with {process.returncode}:\n{log.read_text()[-3000:]}")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.5)
+    raise AssertionError(f"{url} did not answer in {timeout:.0f} s:\n{log.read_text()[-3000:]}")
+
+
+@contextmanager
+def make_run(storage: Path) -> Iterator[RunningApp]:
+    """`make run` with `storage` and free ports until the block ends; then Ctrl-C, and no process left behind."""
+    app_port, ls_port = free_port(), free_port()
+    env = {**os.environ, "YOLODEX_STORAGE": str(storage), "YOLODEX_APP_PORT": str(app_port),
+           "YOLODEX_LS_PORT": str(ls_port), "YOLODEX_HOST": "127.0.0.1"}  # fmt: skip
+    env.pop("YOLODEX_QUEUE_IMMEDIATE", None)
+    log = storage / "make_run.log"
+    with log.open("wb") as output:
+        process = subprocess.Popen(["make", "--no-print-directory", "run"], cwd=REPO_ROOT, env=env, stdout=output,
+                                   stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+    try:
+        wait_for(f"http://127.0.0.1:{app_port}/_stcore/health", 240, process, log)
+        yield RunningApp(f"http://127.0.0.1:{app_port}", f"http://127.0.0.1:{ls_port}", storage, log)
+    finally:
+        os.killpg(process.pid, signal.SIGINT)  # Ctrl-C: make's trap stops the worker and Label Studio
+        try:
+            process.wait(60)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait(10)
+        leftovers = subprocess.run(["pgrep", "-f", str(storage)], capture_output=True, text=True).stdout.split()
+        for pid in leftovers:  # never leave a server behind, even when make's trap failed
+            os.kill(int(pid), signal.SIGKILL)
+        assert not leftovers, f"`make run` left processes running after Ctrl-C: {leftovers}\n{log.read_text()[-2000:]}"
+
+
+@contextmanager
+def chromium() -> Iterator:
+    """A headless Chromium (Debian's, not Playwright's download) with the tests' `expect` timeout."""
+    from playwright.sync_api import expect, sync_playwright
+
+    expect.set_options(timeout=EXPECT_TIMEOUT_MS)
+    with sync_playwright() as playwright:
+        launched = playwright.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS)
+        try:
+            yield launched
+        finally:
+            launched.close()
+
+
+def wait_for_app(page) -> None:
+    """Waits until the Streamlit page is connected and its script has finished running."""
+    from playwright.sync_api import expect
+
+    expect(page.get_by_test_id("stApp")).to_have_attribute("data-test-connection-state", "CONNECTED")
+    expect(page.get_by_test_id("stApp")).to_have_attribute("data-test-script-state", "notRunning")
