@@ -132,3 +132,10 @@ def test_turning_the_loop_on_counts_from_the_labels_there_are_then(settings):
     assert status["plan"].startswith("Every 4 new labels: freeze a version, train YOLO-NAS S from random")
     # Changing the count of a loop that is on keeps its count.
     assert service.loop("Raccoons", retrain_every=2, settings=settings)["annotations_at_retrain"] == 3
+
+
+def test_the_coco_file_the_loop_looks_for_is_the_one_the_download_writes(settings):
+    from backend.models.download import OFFICIAL_COCO_WEIGHTS
+
+    for size, source in OFFICIAL_COCO_WEIGHTS.items():
+        assert loop.coco_weights_file(settings, size) == settings.weights_dir / source.name
