@@ -1,4 +1,4 @@
-"""The active-learning loop: after N new annotations, retrain from the last model, then pre-label the rest.
+"""The active-learning loop: after N new annotations, retrain from the project's best run, then pre-label the rest.
 
 Polling, not webhooks. Label Studio 1.23.2 sends webhooks synchronously inside the annotation request with a 1 s
 timeout and never retries (recipe §5), refuses 127.0.0.1 receivers unless its SSRF protection is switched off, and
@@ -49,9 +49,9 @@ class LoopSettings:
     """How the loop retrains (stored per project in `labeling_projects.loop_settings`).
 
     Attributes:
-        size: YOLO-NAS size of a first model ("s", "m", "l"); later retrains keep the last model's.
+        size: YOLO-NAS size each retrain trains ("s", "m", "l"); only runs of this size can be its start.
         imgsz: training and pre-label input side, a multiple of 32.
-        epochs: epochs per retrain (a fine-tune from the last model: few are needed).
+        epochs: epochs per retrain at most (a fine-tune from an earlier run: few are needed).
         time_minutes: wall-clock cap per retrain; None for none.
         batch_size: images per step.
         min_samples: samples per epoch at least (small labeled sets are resampled).
