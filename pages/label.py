@@ -33,7 +33,7 @@ from backend.store.versions import class_stats
 
 logger = logging.getLogger(__name__)
 
-MESSAGE_KEY = "label_last_action"  # (project, level, text) of the last button pressed
+MESSAGE_KEY = "label_last_action"  # (project, level, text, title, job id or None) of the last button pressed
 BANNERS = {"success": st.success, "info": st.info, "warning": st.warning, "error": st.error}
 CURRENT_IMAGE_STATUSES = ("ok", "near_duplicate")  # the images class_stats counts
 BIND_ALL_HOSTS = ("0.0.0.0", "::", "")
@@ -120,11 +120,27 @@ def run_action(project: str, title: str, action: Callable[[], dict[str, Any]]) -
             result = action()
     except Exception as error:  # shown to the user: the page itself must keep working
         logger.exception("%s failed", title)
-        st.session_state[MESSAGE_KEY] = (project, "error", f"{title} failed: {describe_error(error)}")
+        st.session_state[MESSAGE_KEY] = (project, "error", f"{title} failed: {describe_error(error)}", title, None)
     else:
         level = result.get("level") if result.get("level") in BANNERS else "success"
-        st.session_state[MESSAGE_KEY] = (project, level, f"{title}: {result.get('summary') or 'finished'}")
+        text = f"{title}: {result.get('summary') or 'finished'}"
+        st.session_state[MESSAGE_KEY] = (project, level, text, title, result.get("job_id"))
     st.rerun()
+
+
+def job_banner(title: str, job_id: int) -> tuple[str, str]:
+    """(level, text) of a queued step's banner from its job's state now: it stays true while the job runs and ends."""
+    job = jobs.get_job(job_id, settings)
+    follow = f"[Jobs](/jobs?job={job_id}) page"
+    if job.state == "succeeded":
+        result = job.result or {}
+        level = result.get("level") if result.get("level") in BANNERS else "success"
+        return level, f"{title}: {result.get('summary') or 'finished'} (job {job_id})"
+    if job.active:
+        return "info", f"{title}: job {job_id} is {job.state}: follow it on the {follow}"
+    if job.state == "failed":
+        return "error", f"{title} failed: {job.error or 'see the ' + follow}"
+    return "warning", f"{title}: job {job_id} is {job.state}: see the {follow}"
 
 
 # ---------------------------------------------------------------------------------------------- page
@@ -196,19 +212,15 @@ def queue_prelabel(model_path: Path) -> dict[str, Any]:
     job = jobs.get_job(job_id, settings)
     if job.state == "failed":  # refused at once, or run inline by an immediate queue
         raise RuntimeError(job.error or "the pre-label job failed")
-    follow = f"[Jobs](/jobs?job={job_id}) page"
-    if job.state == "succeeded":  # run inline by an immediate queue: its report is known
-        return {**(job.result or {}), "summary": f"{(job.result or {}).get('summary', 'done')} (job {job_id})"}
-    if job.active:
-        return {"summary": f"job {job_id} is {job.state}: follow it on the {follow}", "level": "info"}
-    return {"summary": f"job {job_id} is {job.state}: see the {follow}", "level": "warning"}
+    return {"job_id": job_id}  # the banner follows the job (`job_banner`)
 
 
 if prelabel_col.button("Pre-label", key="label_prelabel", disabled=prelabel_off is not None, help=prelabel_off):
     run_action(project, "Pre-label", lambda: queue_prelabel(models[model]))
 last = st.session_state.get(MESSAGE_KEY)
 if last and last[0] == project:
-    BANNERS[last[1]](last[2])
+    level, text = job_banner(last[3], last[4]) if last[4] is not None else last[1:3]
+    BANNERS[level](text)
 
 labeled, total, stats, view_id = project_progress(engine, project)
 if not synced:

@@ -318,6 +318,13 @@ def test_a_queued_pre_label_is_not_shown_as_a_success(storage: Path, monkeypatch
     assert [element.value for element in app.info if "Pre-label" in element.value] == [
         f"Pre-label: job {job.id} is queued: follow it on the [Jobs](/jobs?job={job.id}) page"
     ]
+    # The banner follows the job: cancelled (here from the Jobs page's API), the next rerun says so.
+    jobs_api.cancel(job.id, get_settings())
+    app.run()
+    assert not [element.value for element in app.info if "Pre-label" in element.value]
+    assert [element.value for element in app.warning if "Pre-label" in element.value] == [
+        f"Pre-label: job {job.id} is cancelled: see the [Jobs](/jobs?job={job.id}) page"
+    ]
 
 
 def test_buttons_run_the_step_and_show_its_summary_or_its_error(storage: Path, monkeypatch: pytest.MonkeyPatch):
