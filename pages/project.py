@@ -16,7 +16,7 @@ import streamlit as st
 
 from app.widgets import page_settings, project_names, project_picker, set_current_project, show_outcome, store_engine
 from backend.ingest import service
-from backend.labeling.config import DEFAULT_COLOURS
+from backend.store.classes import palette_colour
 from backend.store.db import describe_error
 
 logger = logging.getLogger(__name__)
@@ -68,7 +68,10 @@ def save(settings, project: str, row: dict[str, Any], prefix: str) -> None:
         changes["dex_number"] = "" if dex is None else int(dex)
     if colour.lower() != shown_colour(row):  # the palette colour left as it is stays "default"
         changes["colour"] = colour
-    apply("Could not save the class", lambda: service.edit_class(project, row["name"], **changes, settings=settings))
+    result = apply("Could not save the class",
+                   lambda: service.edit_class(project, row["name"], **changes, settings=settings))  # fmt: skip
+    if result:
+        state["project_selected"] = result["class"]  # the class stays selected under its new name
 
 
 def remove(settings, project: str, name: str) -> None:
@@ -77,7 +80,7 @@ def remove(settings, project: str, name: str) -> None:
 
 def shown_colour(row: dict[str, Any]) -> str:
     """The class's colour, or the palette colour Label Studio gives its index when it has none."""
-    return (row["colour"] or DEFAULT_COLOURS[row["index"] % len(DEFAULT_COLOURS)]).lower()
+    return (row["colour"] or palette_colour(row["index"])).lower()
 
 
 def classes_table(rows: list[dict[str, Any]]) -> None:
@@ -92,10 +95,16 @@ def classes_table(rows: list[dict[str, Any]]) -> None:
 
 
 def edit_class(settings, project: str, rows: list[dict[str, Any]]) -> None:
-    by_index = {row["index"]: row for row in rows}
-    index = st.selectbox("Class", list(by_index), format_func=lambda i: by_index[i]["name"], key="project_class")
-    row = by_index.get(index, rows[0])
-    prefix = f"project_edit_{st.session_state.get('project_revision', 0)}_{row['index']}_"
+    # A fresh select box after every change (its key carries the revision), placed on the class last selected: a
+    # select box kept across a change of its options can go on showing a class that was renamed or removed.
+    names = [row["name"] for row in rows]
+    revision = st.session_state.get("project_revision", 0)
+    wanted = st.session_state.get("project_selected")
+    chosen = st.selectbox("Class", names, index=names.index(wanted) if wanted in names else 0,
+                          key=f"project_class_{revision}")  # fmt: skip
+    st.session_state["project_selected"] = chosen
+    row = rows[names.index(chosen)]
+    prefix = f"project_edit_{revision}_{row['index']}_"
     with st.form("project_edit"):
         left, middle, right = st.columns([2, 1, 1])
         left.text_input("Name", value=row["name"], key=prefix + "name")
@@ -111,7 +120,7 @@ def add_class(settings, project: str, count: int) -> None:
         left, middle, right = st.columns([2, 1, 1])
         left.text_input("Name", key="project_add_name")
         middle.number_input("Dex number", min_value=0, value=None, step=1, key="project_add_dex")
-        right.color_picker("Colour", value=DEFAULT_COLOURS[count % len(DEFAULT_COLOURS)], key="project_add_colour")
+        right.color_picker("Colour", value=palette_colour(count), key="project_add_colour")
         st.text_area("Dex entry (description)", key="project_add_description")
         st.form_submit_button("Add the class", on_click=add, args=(settings, project))
 

@@ -88,6 +88,12 @@ def edit_keys(app: AppTest) -> dict[str, str]:
     return {key.rsplit("_", 1)[1]: key for key in keys}
 
 
+def class_box(app: AppTest):
+    """The edit form's class selector (its key carries the page's revision)."""
+    [box] = [box for box in app.selectbox if box.label == "Class"]
+    return box
+
+
 def test_rename_describe_recolour_add_and_refuse_a_removal(settings):
     service.create_project("Garden", ["Racoon", "Fox"], settings=settings)
     app = run_page()
@@ -107,7 +113,8 @@ def test_rename_describe_recolour_add_and_refuse_a_removal(settings):
     assert app.text_input(key=edit_keys(app)["name"]).value == "Raccoon"  # the form shows the saved values
 
     # Renaming onto another class's name is refused, and nothing of that save is kept.
-    app.selectbox(key="project_class").set_value(1).run()
+    assert class_box(app).value == "Raccoon"  # still selected, under its new name
+    class_box(app).set_value("Fox").run()
     keys = edit_keys(app)
     app.text_input(key=keys["name"]).set_value("raccoon")
     app.text_area(key=keys["description"]).set_value("Sly.")
@@ -136,17 +143,19 @@ def test_rename_describe_recolour_add_and_refuse_a_removal(settings):
         session.add(Annotation(image_id=image_id, class_id=project.classes[0].id, x1=0, y1=0, x2=9, y2=9,
                                source="labelstudio"))  # fmt: skip
     app = run_page()
-    assert app.selectbox(key="project_class").value == 0
+    assert class_box(app).value == "Raccoon"
     assert list(app.dataframe[0].value["boxes"]) == [1, 0, 0]
     app.button(key="project_remove").click().run()
     refusal = "class 'Raccoon' is used by 1 box on 1 image: relabel or delete those boxes first (or rename the class"
     assert messages(app) == {"error": [f"Could not remove Raccoon: {refusal} instead)"]}
     assert [row[1] for row in classes_of(settings, "Garden")] == ["Raccoon", "Fox", "Hedgehog"]
 
-    app.selectbox(key="project_class").set_value(1).run()
+    class_box(app).set_value("Fox").run()
     assert app.button(key="project_remove").proto.label == "Remove Fox"
     app.button(key="project_remove").click().run()
     assert messages(app) == {"success": ["Removed class 'Fox' from Garden; classes now: Raccoon, Hedgehog."]}
     assert [row[:2] for row in classes_of(settings, "Garden")] == [(0, "Raccoon"), (1, "Hedgehog")]
     assert list(app.dataframe[0].value["name"]) == ["Raccoon", "Hedgehog"]
+    assert class_box(app).options == ["Raccoon", "Hedgehog"] and class_box(app).value == "Raccoon"
+    assert app.text_input(key=edit_keys(app)["name"]).value == "Raccoon"
     assert not app.exception

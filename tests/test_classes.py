@@ -150,11 +150,15 @@ def test_removal_is_refused_while_boxes_use_the_class(engine, tmp_path):
 
 def test_removal_keeps_the_indices_contiguous(engine, tmp_path):
     with session_scope(engine) as session:
-        project = classes.create_project(session, "Raccoons", ["A", "B", "C", "D", "E"])
+        project = classes.create_project(session, "Raccoons", ["A", "B", "C", "D", {"name": "E", "colour": "#123456"}])
         add_box(session, tmp_path, project, "D", 1)
         assert classes.remove_class(session, project, "B") == 1
     with session_scope(engine) as session:
         assert listing(session) == [(0, "A"), (1, "C"), (2, "D"), (3, "E")]
+        # Classes that moved keep the colour they showed; the others keep none (or their own).
+        colours = [item.colour for item in project_classes(session, project_of(session))]
+        assert colours == [None, classes.palette_colour(2), classes.palette_colour(3), "#123456"]
+        assert len(set(colours)) == 4
         project = project_of(session)
         classes.remove_class(session, project, "A")
         classes.remove_class(session, project, "E")  # the last one: nothing moves
@@ -181,7 +185,7 @@ def test_service_by_project_name(tmp_path):
     assert removed["classes"] == ["Red fox", "Badger"]
     listed = service.list_classes("Raccoons", settings=settings)["classes"]
     assert [(row["index"], row["name"], row["dex_number"], row["description"], row["colour"]) for row in listed] == [
-        (0, "Red fox", 4, "Sly.", None),
+        (0, "Red fox", 4, "Sly.", classes.palette_colour(1)),  # the colour it showed at index 1, now its own
         (1, "Badger", None, "", "#010203"),
     ]
     with pytest.raises(service.StoreError, match="no project called 'Otters'"):

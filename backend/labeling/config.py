@@ -19,30 +19,13 @@ from collections.abc import Collection, Sequence
 from typing import NamedTuple
 from xml.sax.saxutils import escape
 
+from backend.store.classes import DEFAULT_COLOURS  # the palette of classes without a colour of their own
+
 OBJECT_NAME = "image"  # the <Image name=...>; results carry it as "to_name"
 CONTROL_NAME = "label"  # the <RectangleLabels name=...>; results carry it as "from_name"
 DATA_KEY = "image"  # task["data"][DATA_KEY] holds the image URL ("$image" in the config)
 CLASS_ID_ATTRIBUTE = "yolodexClass"  # on each <Label>: our ProjectClass.id (stable across renames)
 
-# Distinct, readable on photos; used in class-index order (cycling) when a class has no colour of its own.
-DEFAULT_COLOURS = (
-    "#e6194b",
-    "#3cb44b",
-    "#4363d8",
-    "#f58231",
-    "#911eb4",
-    "#42d4f4",
-    "#f032e6",
-    "#bfef45",
-    "#fabed4",
-    "#469990",
-    "#dcbeff",
-    "#9a6324",
-    "#800000",
-    "#aaffc3",
-    "#808000",
-    "#000075",
-)
 _COLOUR_PATTERN = re.compile(r"^#[0-9a-fA-F]{6}$")
 
 

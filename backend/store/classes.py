@@ -9,7 +9,8 @@ what to do. The invariants kept here:
 - names are unique in a project, compared without case ("Raccoon" and "raccoon" would be two labels a person
   cannot tell apart in Label Studio);
 - a class that boxes use is never removed (the annotations' foreign key would refuse it anyway; the message gives
-  the count);
+  the count); the classes after a removed one keep the colour they showed (a class without a colour of its own
+  shows the palette colour of its index, which the removal changes, so that colour is written down first);
 - a colour is "#rrggbb" (stored lower case) or None (the palette colour of the class's index), a dex number an
   integer >= 0 or None.
 
@@ -38,6 +39,32 @@ from backend.store.models import (
 )
 
 COLOUR_PATTERN = re.compile(r"^#[0-9a-fA-F]{6}$")
+
+# Distinct, readable on photos; used in class-index order (cycling) for a class without a colour of its own (Label
+# Studio's labeling config, the Project page).
+DEFAULT_COLOURS = (
+    "#e6194b",
+    "#3cb44b",
+    "#4363d8",
+    "#f58231",
+    "#911eb4",
+    "#42d4f4",
+    "#f032e6",
+    "#bfef45",
+    "#fabed4",
+    "#469990",
+    "#dcbeff",
+    "#9a6324",
+    "#800000",
+    "#aaffc3",
+    "#808000",
+    "#000075",
+)
+
+
+def palette_colour(index: int) -> str:
+    """The colour a class without one of its own shows at label `index`."""
+    return DEFAULT_COLOURS[index % len(DEFAULT_COLOURS)]
 
 
 class ClassError(ValueError):
@@ -238,6 +265,9 @@ def remove_class(session: Session, project: Project, name: str) -> int:
             f"image{'' if images == 1 else 's'}: relabel or delete those boxes first (or rename the class instead)"
         )
     removed, count = item.index, len(project_classes(session, project))
+    for later in project_classes(session, project)[removed + 1 :]:
+        # A class without a colour shows the palette colour of its index: keep the one it has shown so far.
+        later.colour = later.colour or palette_colour(later.index)
     session.delete(item)
     session.flush()
     # Two steps, so no moment has two classes on one index (the unique constraint is checked row by row): first
