@@ -130,8 +130,11 @@ def run_action(project: str, title: str, action: Callable[[], dict[str, Any]]) -
 
 def job_banner(title: str, job_id: int) -> tuple[str, str]:
     """(level, text) of a queued step's banner from its job's state now: it stays true while the job runs and ends."""
-    job = jobs.get_job(job_id, settings)
     follow = f"[Jobs](/jobs?job={job_id}) page"
+    try:
+        job = jobs.get_job(job_id, settings)
+    except jobs.JobNotFound:  # another storage since: nothing to follow
+        return "warning", f"{title}: job {job_id} is no longer in the jobs list"
     if job.state == "succeeded":
         result = job.result or {}
         level = result.get("level") if result.get("level") in BANNERS else "success"
