@@ -166,7 +166,10 @@ class SyncReport:
 def _class_names(session: Session, project: Project) -> list[str]:
     names = [item.name for item in project_classes(session, project)]
     if not names:
-        raise ValueError(f"project {project.name!r} has no classes yet: add at least one class before labeling")
+        raise ValueError(
+            f"project {project.name!r} has no classes yet: add at least one on the Project page "
+            f"(or with yolodex classes add NAME --project {project.name!r}) before labeling"
+        )
     return names
 
 
