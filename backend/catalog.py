@@ -159,6 +159,9 @@ def _read_events(path: Path) -> dict[str, Any]:
             facts["stopped"] = record.get("stopped")
             if record.get("epochs_done") is not None:
                 facts["epochs_done"] = int(record["epochs_done"])
+            if "partial_steps" in record:
+                facts["partial_steps"] = int(record["partial_steps"] or 0)
+            facts["steps_per_epoch"] = record.get("steps_per_epoch") or facts["steps_per_epoch"]
             if record.get("best_epoch") is not None or "best_epoch" not in record:
                 # Without an evaluation (best_epoch None) its best_map is a placeholder 0.0, not a score.
                 facts["best_map"] = record.get("best_map", facts["best_map"])
@@ -227,7 +230,10 @@ def training_end_text(end: dict[str, Any], start: dict[str, Any] | None = None) 
     start = start or {}
     epochs = end.get("epochs") or start.get("epochs")
     budget = end.get("time_budget_s") or start.get("time_budget_s") or start.get("budget")
-    text = epochs_text(int(end.get("epochs_done") or 0), epochs, end.get("stopped"), budget)
+    text = epochs_text(
+        int(end.get("epochs_done") or 0), epochs, end.get("stopped"), budget, int(end.get("partial_steps") or 0),
+        end.get("steps_per_epoch") or start.get("steps_per_epoch") or start.get("steps"),
+    )  # fmt: skip
     if "best_epoch" in end and end.get("best_epoch") is None:
         return f"{text}; not evaluated"
     return f"{text}; best mAP50-95 {float(end.get('best_map') or 0.0):.3f}"

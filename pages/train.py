@@ -14,6 +14,7 @@ from plotly.subplots import make_subplots
 from app.widgets import page_settings, project_picker, run_and_report, show_outcome, store_engine
 from backend import catalog
 from backend.jobs import api as jobs
+from backend.jobs import outcome
 from backend.store.db import session_scope
 from backend.training import presets
 from backend.training.distributed import visible_gpus
@@ -27,14 +28,19 @@ settings = page_settings()
 engine = store_engine(settings.database_url)
 show_outcome("train_outcome")
 project = project_picker(engine, key="train_project")
+runs = catalog.list_runs(settings)
 with session_scope(engine) as session:
     versions = presets.frozen_versions(session, settings.storage, project) if project else []
+    project_runs = catalog.project_runs(session, settings, project, runs) if project else runs
 
 # ---------------------------------------------------------------------------------------------------- launch form
 st.header("New run")
 if project is not None and not versions:
     st.info("This project has no frozen dataset version yet: freeze one on the [Datasets](/datasets) page.")
-version = st.selectbox("Dataset version", versions, format_func=lambda choice: choice.label, key="train_version")
+# Keys carry the project: another project's versions and runs are other options, each project keeps its choice.
+version = st.selectbox(
+    "Dataset version", versions, format_func=lambda choice: choice.label, key=f"train_version_{project}"
+)
 name = st.radio("Preset", list(presets.PRESETS), horizontal=True, key="train_preset")
 preset = presets.PRESETS[name]
 st.caption(preset.description)
@@ -47,11 +53,16 @@ budget = left.number_input(
     "Time budget (minutes, 0 = none)", 0.0, 10_000.0, float(preset.time_minutes or 0), key=f"train_budget_{name}"
 )
 device = middle.radio("Device", presets.DEVICES, horizontal=True, key="train_device")
-runs = catalog.list_runs(settings)
-options = presets.weights_options(runs, preset.size)
+options = presets.weights_options(runs, preset.size, settings.weights_dir)
 weights = right.selectbox(
-    "Start weights", options, format_func=lambda option: option.label, key=f"train_weights_{name}"
+    "Start weights",
+    options,
+    index=presets.default_weights(options, project_runs),
+    format_func=lambda option: option.label,
+    key=f"train_weights_{name}_{project}",
 )
+if weights.note:
+    st.info(weights.note, icon=":material/download:")
 note = presets.licence_note(weights.value)
 if note:
     st.warning(note, icon=":material/gavel:")
@@ -60,7 +71,7 @@ if gpu_count > 1:  # several GPUs: DDP, one process each; the batch size above i
     gpus = left.number_input("GPUs", 1, gpu_count, 1, key="train_gpus", disabled=device == "cpu")
 
 
-def launch() -> int:
+def launch() -> dict:
     config = presets.train_config(
         version.folder, preset, imgsz=int(imgsz), epochs=int(epochs), batch_size=int(batch),
         time_minutes=float(budget) or None, weights=weights.value, device=device,
@@ -69,13 +80,14 @@ def launch() -> int:
     params = {"project": project, "config": config.to_dict(), "run_dir": str(run_dir)}
     if gpus > 1 and device != "cpu":
         params["gpus"] = int(gpus)
-    return jobs.submit("train", params, settings=settings)
+    job_id = jobs.submit("train", params, settings=settings)
+    return outcome.submitted(job_id, f"training {name} at {int(imgsz)} px on {version.name}", settings)
 
 
 if st.button("Start training", type="primary", disabled=version is None, key="train_start"):
-    job_id = run_and_report("Starting training", launch, state_key="train_outcome")
-    if job_id is not None:
-        st.query_params[JOB_PARAM] = str(job_id)
+    queued = run_and_report("Training job", launch, state_key="train_outcome")
+    if queued is not None:
+        st.query_params[JOB_PARAM] = str(queued["job_id"])
         st.rerun()
 
 # ----------------------------------------------------------------------------------------------------- the job
@@ -149,14 +161,18 @@ if job is not None:
     def live() -> None:
         current = jobs.get_job(job.id, settings)
         eta = f" · ETA {current.eta_s / 60:.1f} min" if current.eta_s and current.active else ""
-        st.progress(min(1.0, current.progress or 0.0), text=f"{current.state}: {current.message or ''}{eta}")
+        # A failed job's message is its error: shown once, below, not in the bar too.
+        message = "" if current.state == "failed" else f": {current.message or ''}"
+        st.progress(min(1.0, current.progress or 0.0), text=f"job {current.id} {current.state}{message}{eta}")
         curves = read_run(str(current.run_dir)) if current.run_dir else presets.TrainingCurves()
         if curves.steps or curves.epochs:
             st.plotly_chart(curve_figure(curves), key="train_curves")
         if curves.end:
-            st.success(f"Run ended ({curves.end.get('stopped')}): best mAP50-95 {curves.end.get('best_map', 0):.4f}.")
+            ended = f"Run ended: {catalog.training_end_text(curves.end, curves.start)}."
+            cancelled, evaluated = curves.end.get("stopped") == "cancelled", curves.end.get("best_epoch") is not None
+            (st.success if evaluated and not cancelled else st.warning)(ended)
         if current.state == "failed":
-            st.error(current.error or "the job failed")
+            st.error(outcome.error_text(current) or "the job failed")
         if was_active and not current.active:
             st.rerun()  # the whole page: buttons become (dis)abled, the timer stops
 
@@ -171,7 +187,9 @@ st.header("Runs")
 states = {}
 for train_job in reversed(jobs.list_jobs(settings, kind="train", limit=200)):  # oldest first: newest wins
     states[str(train_job.run_dir)] = train_job.state
-rows = presets.run_rows(runs, states)
+rows = presets.run_rows(project_runs, states)
+if project is not None and len(project_runs) < len(runs):
+    st.caption(f"The runs of {project}; {len(runs) - len(project_runs)} more belong to other projects.")
 if rows:
     st.dataframe(
         pd.DataFrame(rows),

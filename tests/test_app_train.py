@@ -118,7 +118,10 @@ def test_the_runs_list_shows_the_trained_run(settings: Settings) -> None:
     row = runs_table(app).loc[RUN]
     assert expected.best_map is not None
     assert row["best mAP50-95"] == pytest.approx(expected.best_map)
-    assert (row["status"], row["size"], row["imgsz"], row["epochs"]) == ("finished (time budget)", "S", 64, 1)
+    assert (row["status"], row["size"], row["imgsz"]) == ("finished (time budget)", "S", 64)
+    # The epochs it ran, of the one asked for, and the budget that ended it (not the config's "1").
+    assert row["epochs"] == expected.epochs_text
+    assert row["epochs"].startswith(f"{expected.epochs_done} of 1 epochs: the 3-second time budget ended the run")
     assert row["dataset"] == "Starter_Pokédex/v1"
     assert "No training job yet" in texts(app)
     assert app.button(key="train_cancel").disabled and app.button(key="train_resume").disabled
@@ -127,7 +130,7 @@ def test_the_runs_list_shows_the_trained_run(settings: Settings) -> None:
 @pytest.mark.slow
 def test_launching_a_training_runs_it_and_shows_its_curves(settings: Settings) -> None:
     app = open_page()
-    assert app.selectbox(key="train_version").value.name == "v1"
+    assert app.selectbox(key=f"train_version_{PROJECT}").value.name == "v1"
     app.selectbox(key="train_imgsz_S").set_value(64)
     app.number_input(key="train_epochs_S").set_value(1)
     app.number_input(key="train_batch_S").set_value(2)
@@ -147,8 +150,11 @@ def test_launching_a_training_runs_it_and_shows_its_curves(settings: Settings) -
     assert config["time_minutes"] == pytest.approx(0.05)
     # Finished: the curves, the end of the run, the bar full, nothing left to cancel or resume.
     assert len(app.get("plotly_chart")) == 1
-    assert "Run ended (time)" in texts(app)
-    assert app.get("progress")[0].proto.text.startswith("succeeded")
+    assert f"Run ended: {catalog.run_info(run_dir).epochs_text}" in texts(app)
+    assert app.get("progress")[0].proto.text.startswith(f"job {job.id} succeeded")
+    # The banner tells the job's real state (here, with jobs run inline, already ended), never a bare "done".
+    assert f"Training job: job {job.id} succeeded: training S at 64 px on v1" in texts(app)
+    assert "Training job: done" not in texts(app)
     assert app.button(key="train_cancel").disabled and app.button(key="train_resume").disabled
     table = runs_table(app)
     assert table.loc[run_dir.name, "status"] == "finished (time budget)"
@@ -183,12 +189,41 @@ def test_cancel_a_queued_job_then_resume_it(settings: Settings) -> None:
 def test_coco_weights_show_their_licence(settings: Settings) -> None:
     app = open_page()
     assert COCO_WEIGHTS_LICENCE_NOTE not in texts(app)
-    labels = app.selectbox(key="train_weights_S").options  # the formatted labels
+    picker = app.selectbox(key=f"train_weights_S_{PROJECT}")
+    labels = picker.options  # the formatted labels
     assert len(labels) == 3 and labels[1].startswith("COCO") and labels[2].startswith("run tiny")
+    assert "not on this machine" in labels[1]  # no COCO file in this storage
+    # The default is something that exists: the project's evaluated run (else random initialisation), not COCO.
+    assert picker.index == 2
 
-    app.selectbox(key="train_weights_S").select_index(1).run()
+    app.selectbox(key=f"train_weights_S_{PROJECT}").select_index(1).run()
 
     assert COCO_WEIGHTS_LICENCE_NOTE in texts(app)
+    coco_file = presets.coco_weights_file("s", settings.weights_dir)
+    (note,) = [info.value for info in app.info if "is not on this machine" in info.value]
+    assert str(coco_file) in note and "choose other start weights" in note
+    assert "run the command again" not in texts(app)
+
+
+@pytest.mark.slow
+def test_a_failed_coco_download_is_shown_once_in_the_pages_words(settings: Settings) -> None:
+    """No network here: a run from COCO weights fails on the download; the page says so once, with what to do on
+    this page, and the CLI's "run the command again" is nowhere."""
+    app = open_page()
+    app.selectbox(key="train_imgsz_S").set_value(64)
+    app.number_input(key="train_epochs_S").set_value(1)
+    app.selectbox(key=f"train_weights_S_{PROJECT}").select_index(1)
+    app.radio(key="train_device").set_value("cpu")
+    app.button(key="train_start").click().run()
+    assert not app.exception, [exception.value for exception in app.exception]
+
+    job = jobs.get_job(int(app.query_params["job"]), settings)
+    assert job.state == "failed"
+    shown = texts(app) + " " + " ".join(progress.proto.text for progress in app.get("progress"))
+    coco_file = presets.coco_weights_file("s", settings.weights_dir)
+    assert shown.count("could not be downloaded") == 1
+    assert f"put the file at {coco_file} first" in shown and "other start weights" in shown
+    assert "run the command again" not in shown
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -231,13 +266,25 @@ def test_weights_options_and_the_licence_they_carry(tmp_path: Path) -> None:
     scratch = fake_run(tmp_path / "scratch", "s", None)
     medium = fake_run(tmp_path / "medium", "m", None)
 
-    options = presets.weights_options([from_that, from_coco, scratch, medium], "s")
+    cancelled = fake_run(tmp_path / "cancelled", "s", None)
+    (cancelled.path / "best.pt").rename(cancelled.path / "last.pt")
+    end = {"event": "train_end", "stopped": "cancelled", "epochs_done": 0, "best_map": 0.0, "best_epoch": None}
+    (cancelled.path / "metrics.jsonl").write_text(json.dumps(end))
+    cancelled = catalog.run_info(cancelled.path)
 
+    options = presets.weights_options([from_that, from_coco, cancelled, scratch, medium], "s")
+
+    # The run cancelled in its first epoch is no start weights (it would read "best mAP50-95 0.000").
+    assert not cancelled.trained and cancelled.best_map is None
     assert [option.value for option in options] == [
         None,
         "coco",
         *(str(run.path) for run in (from_that, from_coco, scratch)),
     ]
+    # Random initialisation unless a run of the project has been evaluated: then the best of those.
+    assert presets.default_weights(options, [scratch]) == 0
+    (scratch.path / "eval.json").write_text(json.dumps({"metrics": {"mAP50-95": 0.2}}))
+    assert options[presets.default_weights(options, [catalog.run_info(scratch.path)])].value == str(scratch.path)
     assert presets.licence_note("coco") == COCO_WEIGHTS_LICENCE_NOTE
     assert presets.inherits_coco_licence(str(from_that.path))  # through from_coco
     assert not presets.inherits_coco_licence(str(scratch.path))
@@ -298,3 +345,67 @@ def test_run_rows_prefer_what_the_job_says(tmp_path: Path) -> None:
         ("live", "running", None),
     ]
     assert presets.run_rows([live])[0]["status"] == "stopped before the end"
+
+
+@pytest.mark.slow
+def test_one_epoch_count_everywhere_under_a_time_budget(settings: Settings) -> None:
+    """30 epochs asked for, a 6-second budget: the job's message, its log, the page and the runs table all give the
+    epochs actually run and say the budget ended the run; an epoch the budget cut short is not counted as done."""
+    app = open_page()
+    app.selectbox(key="train_imgsz_S").set_value(64)
+    app.number_input(key="train_epochs_S").set_value(30)
+    app.number_input(key="train_batch_S").set_value(2)
+    app.number_input(key="train_budget_S").set_value(0.1)
+    app.radio(key="train_device").set_value("cpu")
+    app.button(key="train_start").click().run()
+    assert not app.exception, [exception.value for exception in app.exception]
+
+    job = jobs.get_job(int(app.query_params["job"]), settings)
+    assert job.state == "succeeded", job.error
+    done = job.result["epochs_done"]
+    words = f"{done} of 30 epochs: the 6-second time budget ended the run"
+    assert job.message == job.result["summary"] and job.message.startswith(words)
+    log = "\n".join(job.log_tail)
+    assert [int(line.split("epoch ")[1].split("/")[0]) for line in job.log_tail if "/30 done:" in line] == list(
+        range(1, done + 1)
+    )
+    cut = [line for line in job.log_tail if "stopped by the time budget after" in line]
+    assert all(f"epoch {done + 1}/30 stopped" in line for line in cut) and len(cut) <= 1
+    assert f"training ended: {job.message}" in log
+    run_dir = Path(job.params["run_dir"])
+    info = catalog.run_info(run_dir)
+    assert info.epochs_done == done and info.epochs_text.startswith(words)
+    assert runs_table(app).loc[run_dir.name, "epochs"] == info.epochs_text
+    assert f"Run ended: {info.epochs_text}" in texts(app)
+
+
+@pytest.mark.slow
+def test_switching_project_keeps_a_dataset_version_and_start(settings: Settings) -> None:
+    from backend.ingest.service import import_into
+
+    first = catalog.run_info(settings.runs_dir / RUN).config["data"]
+    import_into([first], "Second", settings=settings)
+    freeze("Second", "v7", settings=settings)
+    app = open_page(project=PROJECT)
+    assert app.selectbox(key=f"train_version_{PROJECT}").value.name == "v1"
+
+    app.selectbox(key="train_project").set_value("Second").run()
+
+    assert not app.exception, [exception.value for exception in app.exception]
+    assert app.selectbox(key="train_version_Second").value.name == "v7"
+    assert not app.button(key="train_start").disabled
+    assert "No run yet" in texts(app)  # the runs shown are the project's: "tiny" trained on the Starter Pokédex
+    assert "The runs of Second; 1 more belong to other projects." in texts(app)
+
+
+def test_a_queued_jobs_outcome_says_queued(settings: Settings) -> None:
+    from backend.jobs import outcome
+
+    job_id = insert_job(settings, "queued", {"project": PROJECT, "config": {}, "run_dir": "x"})
+    said = outcome.submitted(job_id, "training S at 320 px on v1", settings)
+    assert said == {
+        "summary": f"job {job_id} queued: training S at 320 px on v1",
+        "level": "info",
+        "job_id": job_id,
+        "state": "queued",
+    }

@@ -45,7 +45,9 @@ from sqlalchemy import Engine, insert, select, update
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
+from backend.catalog import training_end_text
 from backend.jobs.api import LOG_TAIL_LINES, heartbeat_clock, heartbeat_interval_s, job_engine, pid_alive
+from backend.models.download import WeightsDownloadError
 from backend.settings import Settings
 from backend.store.db import database_locked, session_scope
 from backend.store.models import DatasetVersion, Job, JobMetric, Project, Run, utc_now
@@ -239,17 +241,20 @@ class JobContext:
             headline = f", mAP50-95 {val['mAP50-95']:.3f}" if isinstance(val.get("mAP50-95"), float) else ""
             loss = (data.get("train") or {}).get("loss")
             loss_text = f"loss {loss:.4f}" if isinstance(loss, float) else "no step run"
-            self.log(f"epoch {int(data.get('epoch', 0)) + 1}/{state.get('epochs')}: {loss_text}{headline}")
-            self.progress(message=f"epoch {int(data.get('epoch', 0)) + 1}/{state.get('epochs')} done{headline}")
+            number = f"epoch {int(data.get('epoch', 0)) + 1}/{state.get('epochs')}"
+            if data.get("complete", True):
+                self.log(f"{number} done: {loss_text}{headline}")
+                self.progress(message=f"{number} done{headline}")
+            else:  # a time budget ended it part way: not a whole epoch, and not counted as one
+                steps = f"{data.get('steps')} of {data.get('steps_per_epoch')} steps"
+                self.log(f"{number} stopped by the time budget after {steps}: {loss_text}{headline}")
+                self.progress(message=f"{number} stopped by the time budget after {steps}{headline}")
         elif name in ("checkpoint", "early_stop"):
             self.metric(name, **data)
             self.log(f"{name}: " + ", ".join(f"{key} {value}" for key, value in data.items()))
         elif name == "train_end":
             self.metric(name, **data)
-            self.log(
-                f"training ended ({data.get('stopped')}): {data.get('epochs_done')} epochs, "
-                f"best mAP50-95 {data.get('best_map', 0.0):.3f}"
-            )
+            self.log(f"training ended: {training_end_text(data, state)}")
         else:  # quantization stages and whatever else a backend reports
             self.metric(name, **data)
         self.flush()
@@ -458,7 +463,7 @@ def _summary(result: Any) -> str:
         if isinstance(result.get("summary"), str):
             return result["summary"][:500]
         if "best_map" in result:
-            return f"done: {result.get('epochs_done')} epochs, best mAP50-95 {result['best_map']:.3f}"
+            return training_end_text(result)
     return "done"
 
 
@@ -567,12 +572,16 @@ def _run_labeling_prelabel(params: dict[str, Any], settings: Settings, context: 
 
     model = params.get("model")
     if not model:
-        from backend.catalog import default_model
+        from backend.catalog import best_model, project_runs, trained_runs
 
-        chosen = default_model(settings)
+        with session_scope(job_engine(settings)) as session:
+            runs = project_runs(session, settings, params["project"], trained_runs(settings))
+        chosen = best_model(runs)
         if chosen is None:
-            raise ValueError("no trained model to pre-label with: train one first, or give a model")
-        model = str(chosen.path)
+            raise ValueError(
+                f"no trained model of project {params['project']!r} to pre-label with: train one first, or give a model"
+            )
+        model = str(chosen.model.path)
 
     def on_progress(done: int, total: int) -> None:
         context.progress(done / total if total else 1.0, message=f"pre-labeled {done}/{total} tasks")
@@ -656,7 +665,11 @@ def _run_train(params: dict[str, Any], settings: Settings, context: JobContext) 
             )
         status = "cancelled" if result.stopped == "cancelled" else "succeeded"
         context.cancelled = result.stopped == "cancelled"
-        return {**result.to_dict(), "run_id": run_id}
+        end = {**result.to_dict(), "epochs": config.get("epochs"), "time_budget_s": _budget_s(config)}
+        return {**end, "run_id": run_id, "summary": training_end_text(end)}
+    except WeightsDownloadError as error:
+        status = "failed"
+        raise WeightsDownloadError(_weights_advice(error)) from error
     except KeyboardInterrupt:
         status = "interrupted"
         raise
@@ -670,6 +683,23 @@ def _run_train(params: dict[str, Any], settings: Settings, context: JobContext) 
                 lambda session: _set_run_status(session, settings, run_dir, status),
                 f"job {context.job_id}'s run status",
             )
+
+
+def _budget_s(config: dict[str, Any]) -> float | None:
+    minutes = config.get("time_minutes")
+    return float(minutes) * 60 if minutes else None
+
+
+def _weights_advice(error: WeightsDownloadError) -> str:
+    """The start weights' download failure in words for wherever the job is shown (the Train page, the Jobs page,
+    `yolodex jobs`): what failed and what to do instead, without the CLI's "run the command again"."""
+    if error.destination is None:
+        return str(error)
+    return (
+        f"The start weights {error.destination.name} are not on this machine and could not be downloaded "
+        f"({error.reason}). Start the training again with other start weights (random initialisation or an earlier "
+        f"run), or put the file at {error.destination} first."
+    )
 
 
 def _relative(path: Path, settings: Settings) -> str:

@@ -35,7 +35,18 @@ _CONTENT_RANGE_PATTERN = re.compile(r"bytes\s+(?:(\d+)-(\d+)|\*)/(\d+|\*)")
 
 
 class WeightsDownloadError(RuntimeError):
-    """A weights file could not be downloaded or verified; the message says how to fix it by hand."""
+    """A weights file could not be downloaded or verified; the message says how to fix it by hand, in the CLI's
+    words ("then run the command again").
+
+    Attributes:
+        destination: where the file was to be stored (where a user may put it by hand), None when not known.
+        reason: what went wrong, without the advice (for callers that give advice in their own words: a page).
+    """
+
+    def __init__(self, message: str, *, destination: Path | None = None, reason: str | None = None):
+        super().__init__(message)
+        self.destination = destination
+        self.reason = reason or message
 
 
 @dataclass(frozen=True)
@@ -130,7 +141,9 @@ def download_file(
         # The file may be the user's own hand-downloaded copy: reporting beats silently deleting it.
         raise WeightsDownloadError(
             f"{destination} exists but has the wrong checksum: expected sha256 {expected}, found {actual}. "
-            f"Delete it, or replace it with the correct file downloaded from {url}, then run the command again."
+            f"Delete it, or replace it with the correct file downloaded from {url}, then run the command again.",
+            destination=destination,
+            reason=f"the file there has the wrong checksum: expected sha256 {expected}, found {actual}",
         )
 
     destination.parent.mkdir(parents=True, exist_ok=True)
@@ -150,7 +163,9 @@ def download_file(
             raise WeightsDownloadError(
                 f"Downloaded {destination.name} from {url}, but its checksum is wrong: expected sha256 "
                 f"{expected}, got {actual}. The partial file was deleted. "
-                + _by_hand_instructions(destination, expected)
+                + _by_hand_instructions(destination, expected),
+                destination=destination,
+                reason=f"the downloaded file's checksum is wrong: expected sha256 {expected}, got {actual}",
             )
     # Same directory, so the rename is atomic: other processes see either no file or the whole file.
     os.replace(part, destination)
@@ -196,7 +211,9 @@ def _download_to_part(
         return WeightsDownloadError(
             f"Could not download {destination.name} from {url} ({reason}). "
             + kept
-            + _by_hand_instructions(destination, expected)
+            + _by_hand_instructions(destination, expected),
+            destination=destination,
+            reason=f"from {url}: {reason}",
         )
 
     offset = part.stat().st_size if part.exists() else 0

@@ -16,7 +16,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from backend.models.download import COCO_WEIGHTS_LICENCE_NOTE
+from backend.models.download import COCO_WEIGHTS_LICENCE_NOTE, OFFICIAL_COCO_WEIGHTS
 from backend.training.config import TrainConfig
 from backend.training.engine import LOSS_TERMS
 
@@ -111,30 +111,60 @@ def new_run_dir(runs_dir: Path, project: str, version: str, now: datetime | None
 
 @dataclass(frozen=True)
 class WeightsOption:
-    """One start-weights choice: `value` is what `TrainConfig.weights` takes (None, "coco" or a run folder)."""
+    """One start-weights choice: `value` is what `TrainConfig.weights` takes (None, "coco" or a run folder); `note`
+    says what the page must tell when it is chosen (the COCO file is not on this machine), None when nothing."""
 
     value: str | None
     label: str
+    note: str | None = None
 
 
-def weights_options(runs: list[Any], size: str) -> list[WeightsOption]:
-    """None (random initialisation), the official COCO weights, then every earlier run of the same size that holds
-    a checkpoint (another size cannot be loaded: `load_start_weights` refuses it).
+def coco_weights_file(size: str, weights_dir: Path) -> Path:
+    """Where the official COCO weights of `size` are kept (and where a user may put them by hand)."""
+    return Path(weights_dir) / OFFICIAL_COCO_WEIGHTS[size].name
+
+
+def weights_options(runs: list[Any], size: str, weights_dir: Path | None = None) -> list[WeightsOption]:
+    """None (random initialisation), the official COCO weights, then every earlier trained run of the same size
+    (another size cannot be loaded: `load_start_weights` refuses it; a run without trained weights, e.g. cancelled
+    in its first epoch, has nothing to start from).
 
     Args:
         runs: `backend.catalog.RunInfo` items, newest first.
         size: the size the new run trains.
+        weights_dir: where the COCO weights are kept (`Settings.weights_dir`); when given and the file is not
+            there, the COCO option says that the job will have to download it.
     """
-    options = [
-        WeightsOption(None, "none: random initialisation"),
-        WeightsOption(COCO_WEIGHTS, "COCO: the official YOLO-NAS weights (non-commercial licence)"),
-    ]
+    coco_label, coco_note = "COCO (official YOLO-NAS weights, non-commercial licence)", None
+    if weights_dir is not None and size in OFFICIAL_COCO_WEIGHTS:
+        path = coco_weights_file(size, weights_dir)
+        if not path.is_file():
+            coco_label = "COCO (official, non-commercial licence): not on this machine, downloaded by the job"
+            coco_note = (
+                f"{path.name} is not on this machine: the training job will try to download it from "
+                f"{OFFICIAL_COCO_WEIGHTS[size].url}. Without internet access the job fails; then choose other start "
+                f"weights, or put the file at {path}."
+            )
+    options = [WeightsOption(None, "none: random initialisation"), WeightsOption(COCO_WEIGHTS, coco_label, coco_note)]
     for run in runs:
-        if run.config.get("size") != size or run.model("checkpoint") is None:
+        if run.config.get("size") != size or run.model("checkpoint") is None or not run.trained:
             continue
         best = "not evaluated" if run.best_map is None else f"best mAP50-95 {run.best_map:.3f}"
-        options.append(WeightsOption(str(run.path), f"run {run.name} ({best})"))
+        epochs = f"{run.epochs_done} epoch{'s' if run.epochs_done != 1 else ''}"
+        options.append(WeightsOption(str(run.path), f"run {run.name} ({best}, {epochs})"))
     return options
+
+
+def default_weights(options: list[WeightsOption], preferred_runs: list[Any]) -> int:
+    """The index of the start weights a new run is offered first: the best evaluated run among `preferred_runs`
+    (the current project's) that `options` holds, else random initialisation. Never the COCO weights: they may not
+    be on this machine, and they carry a non-commercial licence the user should choose knowingly."""
+    values = [option.value for option in options]
+    evaluated = [run for run in preferred_runs if run.best_map is not None and str(run.path) in values]
+    if not evaluated:
+        return values.index(None)
+    best = max(evaluated, key=lambda run: run.best_map)
+    return values.index(str(best.path))
 
 
 def inherits_coco_licence(weights: str | Path | None) -> bool:
@@ -256,7 +286,8 @@ _STOPPED = {"epochs": "finished", "time": "finished (time budget)", "early_stop"
 
 
 def run_rows(runs: list[Any], job_states: dict[str, str] | None = None) -> list[dict[str, Any]]:
-    """The runs table: run, status, best mAP50-95, size, imgsz, epochs, dataset, modified.
+    """The runs table: run, status, best mAP50-95, size, imgsz, epochs (the epochs run, of those asked for, and
+    what ended the run: `RunInfo.epochs_text`), dataset, modified.
 
     Args:
         runs: `backend.catalog.RunInfo` items.
@@ -280,7 +311,7 @@ def run_rows(runs: list[Any], job_states: dict[str, str] | None = None) -> list[
                 "best mAP50-95": run.best_map,
                 "size": str(run.config.get("size", "?")).upper(),
                 "imgsz": run.config.get("imgsz"),
-                "epochs": run.config.get("epochs"),
+                "epochs": run.epochs_text + (" so far" if status in ("queued", "running") else ""),
                 "dataset": f"{data.parent.name}/{data.name}" if data.name else "",
                 "modified": run.modified,
             }

@@ -75,6 +75,9 @@ class FitResult:
 
     Attributes:
         stopped: "epochs" (all done), "time" (the budget ran out), "early_stop" (patience), or "cancelled".
+        epochs_done: whole epochs trained.
+        partial_steps: steps of the next epoch trained when the time budget or a cancel ended it part way.
+        steps_per_epoch: steps in one epoch.
     """
 
     run_dir: Path
@@ -83,6 +86,8 @@ class FitResult:
     best_map: float
     best_epoch: int | None
     elapsed_s: float
+    partial_steps: int = 0
+    steps_per_epoch: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {**self.__dict__, "run_dir": str(self.run_dir)}
@@ -363,7 +368,9 @@ def _run(
             emit("checkpoint", path=str(run_dir / "last.pt"), epoch=position["epoch"], step_in_epoch=step_in_epoch)
 
     context.after_step = checkpoint_mid_epoch
-    stopped, epoch, first_step = "epochs", session.start_epoch, session.first_step
+    stopped, first_step = "epochs", session.first_step
+    completed = session.start_epoch  # whole epochs trained: every count shown to the user comes from this one
+    partial = 0  # steps of the epoch after those, when the run ended in its middle
     try:
         for epoch in range(session.start_epoch, config.epochs):
             position["epoch"] = epoch
@@ -372,7 +379,7 @@ def _run(
             first_step = 0
             if summary["stopped"] == "cancelled":
                 session.save("last.pt", epoch, summary["steps"])
-                stopped = "cancelled"
+                stopped, partial = "cancelled", summary["steps"]
                 break
             metrics = None
             evaluate_now = (epoch + 1) % config.eval_every == 0 or epoch + 1 == config.epochs
@@ -380,10 +387,14 @@ def _run(
                 metrics = _evaluate_epoch(session, epoch)
             finished = summary["stopped"] is None
             session.save("last.pt", epoch + 1 if finished else epoch, 0 if finished else summary["steps"])
+            # A time budget may end an epoch part way: that epoch is reported with its steps, and not counted.
+            complete = finished or summary["steps"] >= len(loader)
+            completed, partial = (epoch + 1, 0) if complete else (epoch, summary["steps"])
             emit(
                 "epoch", epoch=epoch, train={key: value for key, value in summary.items() if key.startswith("loss")},
                 val=metrics, best_map=progress["best_map"], best_epoch=progress["best_epoch"],
                 lr=context.optimizer.param_groups[0]["lr"], elapsed_s=context.clock.elapsed_s,
+                complete=complete, steps=summary["steps"], steps_per_epoch=len(loader), epochs_done=completed,
             )  # fmt: skip
             if summary["stopped"] == "time":
                 stopped = "time"
@@ -406,11 +417,12 @@ def _run(
         if loader.num_workers and getattr(loader, "_iterator", None) is not None:
             loader._iterator._shutdown_workers()  # persistent workers: stop them with the run
     result = FitResult(
-        run_dir=run_dir, stopped=stopped, epochs_done=epoch + (stopped in ("epochs", "early_stop")),
+        run_dir=run_dir, stopped=stopped, epochs_done=completed,
         best_map=max(0.0, progress["best_map"]), best_epoch=progress["best_epoch"],
-        elapsed_s=context.clock.elapsed_s,
+        elapsed_s=context.clock.elapsed_s, partial_steps=partial, steps_per_epoch=len(loader),
     )  # fmt: skip
-    emit("train_end", **result.to_dict())
+    # What the run was asked for, beside what it did: "1 of 30 epochs: the 5-minute time budget ended the run".
+    emit("train_end", **result.to_dict(), epochs=config.epochs, time_budget_s=context.clock.budget_s)
     return result
 
 
