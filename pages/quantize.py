@@ -14,12 +14,14 @@ import pandas as pd
 import plotly.graph_objects as go
 import streamlit as st
 
-from app.widgets import page_settings, run_and_report, show_outcome
+from app.widgets import page_settings, project_picker, run_and_report, show_outcome, store_engine
 from backend import catalog
 from backend.jobs import api as jobs
+from backend.jobs import outcome
 from backend.quantization import report_view as view
 from backend.quantization.pipeline import METHODS, QuantizeOptions
 from backend.quantization.ptq import CALIBRATION_METHODS
+from backend.store.db import session_scope
 
 RUN_PARAM, JOB_PARAM = "run", "quantize_job"
 REFRESH_S = 2.0
@@ -82,10 +84,15 @@ def find_job(run_dir: Path) -> "jobs.JobView | None":
 
 st.title("Quantize")
 settings = page_settings()
+engine = store_engine(settings.database_url)
 show_outcome("quantize_outcome")
-runs = [run for run in catalog.list_runs(settings) if (run.path / "best.pt").is_file()]
+project = project_picker(engine, key="quantize_project")
+runs = [run for run in catalog.trained_runs(settings) if (run.path / "best.pt").is_file()]
+if project is not None:
+    with session_scope(engine) as session:
+        runs = catalog.project_runs(session, settings, project, runs)
 if not runs:
-    st.info("No trained run with a best.pt yet: train one on the [Train](/train) page.")
+    st.info(f"No trained run of {project or 'any project'} with a best.pt yet: train one on the [Train](/train) page.")
     st.stop()
 names = [run.name for run in runs]
 wanted_run = st.query_params.get(RUN_PARAM)
@@ -98,7 +105,7 @@ def run_label(info: catalog.RunInfo) -> str:
 
 
 run = st.selectbox("Run", runs, index=names.index(wanted_run) if wanted_run in names else 0, format_func=run_label,
-                   key="quantize_run")  # fmt: skip
+                   key=f"quantize_run_{project}")  # fmt: skip
 if st.query_params.get(RUN_PARAM) != run.name:
     st.query_params[RUN_PARAM] = run.name
 
@@ -135,13 +142,15 @@ if launch:
         "imgsz": int(imgsz) or None, "qat_epochs": int(qat_epochs) or None,
     }  # fmt: skip
 
-    def submit() -> int:
+    def submit() -> dict:
         QuantizeOptions(**fields)  # bad options are an error here, before anything is queued
-        return jobs.submit("quantize", {"run_dir": str(run.path), "options": fields}, settings=settings)
+        params = {"project": project, "run_dir": str(run.path), "options": fields}
+        job_id = jobs.submit("quantize", params, settings=settings)
+        return outcome.submitted(job_id, f"quantizing {run.name} ({method}, budget {budget:g} points)", settings)
 
-    new_id = run_and_report("Quantization job", submit, state_key="quantize_outcome")
-    if new_id is not None:
-        st.query_params[JOB_PARAM] = str(new_id)
+    queued = run_and_report("Quantization job", submit, state_key="quantize_outcome")
+    if queued is not None:
+        st.query_params[JOB_PARAM] = str(queued["job_id"])
     st.rerun()
 
 # -------------------------------------------------------------------------------------------------- the job, live
@@ -153,10 +162,11 @@ if job is not None:
     def progress() -> None:
         current = jobs.get_job(job.id, settings)
         eta = f" · ETA {current.eta_s:.0f} s" if current.active and current.eta_s is not None else ""
-        text = f"job {current.id} {current.state}: {current.message or ''}{eta}"
+        message = "" if current.state == "failed" else f": {current.message or ''}"  # the error is shown below
+        text = f"quantization job {current.id} {current.state}{message}{eta}"
         st.progress(min(1.0, max(0.0, current.progress or 0.0)), text=text)
         if current.state == "failed":
-            st.error(current.error or "the quantization failed")
+            st.error(outcome.error_text(current) or "the quantization failed")
             if current.traceback:
                 with st.expander("Traceback"):
                     st.code(current.traceback, language="text")
@@ -200,26 +210,31 @@ st.dataframe(
     table, hide_index=True, key="quantize_table",
     column_config={
         "shipped": st.column_config.CheckboxColumn("shipped", help="copied to model_int8.onnx"),
-        "mAP50-95": st.column_config.NumberColumn(format="%.2f"),
-        "Δ mAP50-95": st.column_config.NumberColumn(format="%+.2f", help="INT8 minus FP32, points"),
+        "mAP50-95": st.column_config.NumberColumn(format="%.3f", help="on the validation images, a fraction"),
+        view.DELTA_COLUMN: st.column_config.NumberColumn(format="%+.2f", help="INT8 minus FP32, in points (0.01)"),
         "agreement": st.column_config.NumberColumn(format="%.3f", help="share of FP32's detections INT8 still gives"),
     },
 )  # fmt: skip
 
+# Names in the legend and on hover, not as text beside the points: close points' labels overlapped and were clipped.
 figure = go.Figure()
 for row in rows:
     if row["mAP50-95"] is None or row["p50 ms"] is None:
         continue
+    name = row["label"] + (" (shipped)" if row["shipped"] else "")
     figure.add_trace(go.Scatter(
-        x=[row["p50 ms"]], y=[row["mAP50-95"]], mode="markers+text", text=[row["label"]], textposition="top center",
-        name=row["label"] + (" (shipped)" if row["shipped"] else ""),
+        x=[row["p50 ms"]], y=[row["mAP50-95"]], mode="markers", name=name,
+        hovertemplate=f"{name}<br>p50 %{{x:.1f}} ms<br>mAP50-95 %{{y:.3f}}<extra></extra>",
         marker={"size": 16 if row["shipped"] else 11, "symbol": "star" if row["shipped"] else "circle"},
     ))  # fmt: skip
 floor = view.budget_floor(report)
 if floor is not None:
-    figure.add_hline(y=floor, line_dash="dash", annotation_text=f"budget: FP32 − {report.get('budget_points')} points")
-figure.update_layout(xaxis_title="latency p50 at batch 1 (ms)", yaxis_title="mAP50-95 (points)", height=400,
-                     margin={"t": 30})  # fmt: skip
+    figure.add_hline(y=floor, line_dash="dash", annotation_text=f"budget: FP32 − {report.get('budget_points')} points",
+                     annotation_position="bottom right")  # fmt: skip
+figure.update_layout(
+    xaxis_title="latency p50 at batch 1 (ms)", yaxis_title="mAP50-95", yaxis_tickformat=".3f", height=420,
+    margin={"t": 30, "b": 40, "l": 60, "r": 20}, legend={"orientation": "h", "y": -0.25, "yanchor": "top"},
+)  # fmt: skip
 st.plotly_chart(figure, key="quantize_scatter")
 
 st.subheader("Kept in float")
@@ -271,6 +286,7 @@ for item in items[(page - 1) * GALLERY_PER_PAGE : page * GALLERY_PER_PAGE]:
     except (OSError, ValueError) as error:
         st.warning(f"{image}: cannot draw ({error})")
         continue
-    left, right = st.columns(2)
-    left.image(fp32_jpeg, caption=f"FP32 · {image.name}")
-    right.image(int8_jpeg, caption=f"INT8 · {view.gallery_caption(item)}")
+    st.caption(view.gallery_caption(item))
+    left, right = st.columns(2)  # equal columns, pictures drawn at one size, each filling its column
+    left.image(fp32_jpeg, caption="FP32", width="stretch")
+    right.image(int8_jpeg, caption="INT8", width="stretch")

@@ -95,17 +95,17 @@ def test_model_rows_follow_the_report(quantized):
     assert [row["model"] for row in rows if row["shipped"]] == [report["chosen"]]
     for row in rows:
         source = report["models"][row["model"]]
-        assert row["mAP50-95"] == round(100 * source["metrics"]["mAP50-95"], 2)
+        assert row["mAP50-95"] == round(source["metrics"]["mAP50-95"], 4)  # a fraction, as on every page
         assert row["p50 ms"] == source["latency_ms_p50"] and row["p95 ms"] == source["latency_ms_p95"]
         assert row["b8 img/s"] == source["throughput_b8_images_per_s"]
         assert row["size MB"] == round(source["bytes"] / 1e6, 2)
         assert row["float layers"] == len(source.get("float_layers") or [])
         if row["model"] == "fp32":
-            assert row["Δ mAP50-95"] is None and row["agreement"] is None
+            assert row[view.DELTA_COLUMN] is None and row["agreement"] is None
         else:
-            assert row["Δ mAP50-95"] == round(100 * source["deltas"]["metrics"]["mAP50-95"], 2)
+            assert row[view.DELTA_COLUMN] == round(100 * source["deltas"]["metrics"]["mAP50-95"], 2)  # points
             assert row["agreement"] == source["agreement"]["mean_agreement"]
-    assert view.budget_floor(report) == round(100 * report["models"]["fp32"]["metrics"]["mAP50-95"] - 0.5, 2)
+    assert view.budget_floor(report) == round(report["models"]["fp32"]["metrics"]["mAP50-95"] - 0.005, 4)
     # onnxruntime's CPU build has no int8 ConvTranspose: each INT8 model names its two upsampling layers.
     assert [row["kernel"] for row in view.fallback_rows(report)] == ["ConvTranspose"] * 2 * (len(rows) - 1)
 
@@ -163,7 +163,7 @@ def test_page_shows_the_report(storage):
     report = report_of(storage)
     app = open_page()
 
-    assert app.selectbox(key="quantize_run").value.name == RUN
+    assert app.selectbox(key="quantize_run_None").value.name == RUN  # no project in this storage
     assert app.query_params["run"] == RUN
     table = table_with(app, "shipped")
     order = ["fp32", *[name for name in report["models"] if name != "fp32"]]
@@ -172,12 +172,12 @@ def test_page_shows_the_report(storage):
         source = report["models"][name]
         row = table.iloc[index]
         assert bool(row["shipped"]) == (name == report["chosen"])
-        assert row["mAP50-95"] == pytest.approx(100 * source["metrics"]["mAP50-95"], abs=0.005)
+        assert row["mAP50-95"] == pytest.approx(source["metrics"]["mAP50-95"], abs=5e-5)
         assert row["p50 ms"] == source["latency_ms_p50"] and row["p95 ms"] == source["latency_ms_p95"]
         assert row["b8 img/s"] == source["throughput_b8_images_per_s"]
         assert row["size MB"] == pytest.approx(source["bytes"] / 1e6, abs=0.005)
         if name != "fp32":
-            assert row["Δ mAP50-95"] == pytest.approx(100 * source["deltas"]["metrics"]["mAP50-95"], abs=0.005)
+            assert row[view.DELTA_COLUMN] == pytest.approx(100 * source["deltas"]["metrics"]["mAP50-95"], abs=0.005)
             assert row["agreement"] == pytest.approx(source["agreement"]["mean_agreement"])
             assert row["float layers"] == len(source["float_layers"])
     assert table["shipped"].sum() == 1
@@ -190,6 +190,11 @@ def test_page_shows_the_report(storage):
         row["latency_ms_p50"] for row in report["models"].values()
     )
     assert any(point["marker"]["symbol"] == "star" for point in points)  # the shipped one
+    # Names in the legend and on hover: text labels beside close points overlapped and were clipped.
+    assert all("text" not in point["mode"] for point in points)
+    unshipped = {view.row_label(name) for name in report["models"] if name != report["chosen"]}
+    assert {point["name"] for point in points} >= unshipped
+    assert chart["layout"]["yaxis"]["title"]["text"] == "mAP50-95"  # a fraction, as its tick format says
     assert chart["layout"]["shapes"][0]["y0"] == view.budget_floor(report)  # the budget line
 
     fallbacks = table_with(app, "kernel")
@@ -213,16 +218,27 @@ def test_gallery_draws_fp32_and_int8_side_by_side(storage):
     app = open_page()
     captions = [caption for image in app.get("image") for caption in image.captions]
     names = [Path(item["image"]).name for item in per_image[:2]]
-    assert captions == [
-        f"FP32 · {names[0]}", f"INT8 · {names[0]}: agreement 0.00 · 0 same, 0 class changed, 1 lost, 0 new",
-        f"FP32 · {names[1]}", f"INT8 · {names[1]}: agreement 0.00 · 0 same, 0 class changed, 1 lost, 0 new",
-    ]  # fmt: skip
+    assert captions == ["FP32", "INT8", "FP32", "INT8"]
+    for name in names:
+        assert f"{name}: agreement 0.00 · 0 same, 0 class changed, 1 lost, 0 new" in page_text(app)
+
+
+def test_gallery_pictures_have_one_size_whatever_the_image(tmp_path):
+    """A small and a large image are both drawn with the long side `max_side`: FP32 and INT8 pictures, and every
+    image of the gallery, appear at one size."""
+    empty = Detections(np.zeros((0, 4), np.float32), np.zeros(0, np.float32), np.zeros(0, np.int64))
+    sizes = []
+    for name, size in (("small.png", (96, 64)), ("large.png", (800, 600))):
+        Image.new("RGB", size, (128, 128, 128)).save(tmp_path / name)
+        picture = view.draw_detections(tmp_path / name, empty, ["a"], colour=view.FP32_COLOUR, title="FP32")
+        sizes.append(picture.image.size)
+    assert sizes == [(360, 240), (360, 270)]
 
 
 def test_page_without_a_run_says_where_to_start(tmp_path, monkeypatch):
     monkeypatch.setenv("YOLODEX_STORAGE", str(tmp_path))
     app = open_page()
-    assert "No trained run with a best.pt yet" in page_text(app)
+    assert "No trained run of any project with a best.pt yet" in page_text(app)
 
 
 def test_a_queued_job_shows_and_cancels(tmp_path, monkeypatch):
@@ -253,7 +269,17 @@ def test_a_queued_job_shows_and_cancels(tmp_path, monkeypatch):
 def test_launch_in_immediate_mode_writes_the_report(storage):
     report_file = storage.runs_dir / RUN / view.REPORT_FILE
     report_file.unlink()
+    # A project with the run's classes: the run is the project's, and its quantize job carries the project.
+    from backend.store.db import init_db, session_scope
+    from backend.store.models import ensure_class, get_or_create_project
+
+    class_names = json.loads((storage.runs_dir / RUN / "config.json").read_text())["class_names"]
+    with session_scope(init_db(storage.database_url)) as session:
+        project = get_or_create_project(session, "Shapes")
+        for name in class_names:
+            ensure_class(session, project, name)
     app = open_page()
+    assert app.selectbox(key="quantize_run_Shapes").value.name == RUN
     assert "This run has no INT8 model yet" in page_text(app)
 
     app.number_input(key="quantize_budget").set_value(1.0)
@@ -269,6 +295,10 @@ def test_launch_in_immediate_mode_writes_the_report(storage):
     job = jobs.get_job(int(app.query_params["quantize_job"]), storage)
     assert job.kind == "quantize" and job.state == "succeeded", (job.error, job.traceback)
     assert job.params["run_dir"] == str(storage.runs_dir / RUN)
+    assert job.params["project"] == "Shapes" and job.project == "Shapes"
+    # The banner says what the job is and its real state (immediate mode: it already ended), never a bare "done".
+    banner = f"Quantization job: job {job.id} succeeded: quantizing {RUN} (qat, budget 1 points)"
+    assert banner in page_text(app) and "Quantization job: done" not in page_text(app)
     assert job.params["options"]["method"] == "qat" and job.params["options"]["budget"] == 1.0
     report = json.loads(report_file.read_text())
     assert report["method"] == "qat" and report["budget_points"] == 1.0 and report["calibration"]["asked"] == 4

@@ -1,7 +1,8 @@
 """The Quantize page's view of a `quant_report.json` (written by `backend.quantization.pipeline.quantize_run`).
 
-Plain functions from the report dict to table rows, plot points and pictures; no Streamlit. Accuracy is shown in
-mAP *points* (x100 of the COCO fraction the report stores), as the budget is given.
+Plain functions from the report dict to table rows, plot points and pictures; no Streamlit. mAP is shown as the
+COCO fraction the report stores (0.405), as on every other page; only a change of mAP (and the budget, as the user
+gives it) is in *points*, and every such value is labelled "points" (1 point = 0.01).
 
 Box convention: detections drawn here come from `backend.inference.Predictor`, xyxy in original-image pixels (EXIF
 orientation applied); the pictures are the original image scaled to fit `max_side`, boxes scaled with it.
@@ -20,6 +21,7 @@ from PIL import Image, ImageDraw
 from backend.processing import Detections, load_image
 
 REPORT_FILE = "quant_report.json"
+DELTA_COLUMN = "Δ mAP50-95 (points)"
 MODEL_FILES = ("model_fp32.onnx", "model_int8.onnx")
 FP32_COLOUR = (30, 110, 230)
 INT8_COLOUR = (230, 60, 30)
@@ -52,11 +54,15 @@ def _points(value: float | None) -> float | None:
     return None if value is None else round(100.0 * value, 2)
 
 
+def _fraction(value: float | None) -> float | None:
+    return None if value is None else round(float(value), 4)
+
+
 def model_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
     """One row per model of the report, FP32 first then the report's order: the FP32-vs-INT8 table.
 
-    Columns: model (report key), label, shipped (the one copied to model_int8.onnx), "mAP50-95" (points),
-    "Δ mAP50-95" (INT8 minus FP32, points; None for FP32 or unmeasured), "p50 ms", "p95 ms", "b8 img/s",
+    Columns: model (report key), label, shipped (the one copied to model_int8.onnx), "mAP50-95" (a fraction, as
+    everywhere), "Δ mAP50-95 (points)" (INT8 minus FP32; None for FP32 or unmeasured), "p50 ms", "p95 ms", "b8 img/s",
     "size MB", agreement (mean share of FP32 detections kept, 0..1; None for FP32 or without validation),
     "float layers" (how many quantizable layers it keeps in float; 0 for FP32, meaning not applicable).
     """
@@ -73,8 +79,8 @@ def model_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
                 "model": name,
                 "label": row_label(name),
                 "shipped": name == report.get("chosen"),
-                "mAP50-95": _points(metrics.get("mAP50-95")),
-                "Δ mAP50-95": _points(deltas.get("mAP50-95")),
+                "mAP50-95": _fraction(metrics.get("mAP50-95")),
+                DELTA_COLUMN: _points(deltas.get("mAP50-95")),
                 "p50 ms": row.get("latency_ms_p50"),
                 "p95 ms": row.get("latency_ms_p95"),
                 "b8 img/s": row.get("throughput_b8_images_per_s"),
@@ -87,11 +93,12 @@ def model_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def budget_floor(report: dict[str, Any]) -> float | None:
-    """The lowest acceptable INT8 mAP50-95 in points (FP32's minus the budget); None without validation."""
+    """The lowest acceptable INT8 mAP50-95, a fraction (FP32's minus the budget's points / 100); None without
+    validation."""
     fp32 = (report["models"].get("fp32") or {}).get("metrics") or {}
     if fp32.get("mAP50-95") is None:
         return None
-    return round(100.0 * fp32["mAP50-95"] - float(report.get("budget_points", 0.0)), 2)
+    return round(float(fp32["mAP50-95"]) - float(report.get("budget_points", 0.0)) / 100.0, 4)
 
 
 def summary_line(report: dict[str, Any]) -> str:
@@ -200,8 +207,8 @@ def draw_detections(
     title: str,
     max_side: int = 360,
 ) -> Picture:
-    """The image (EXIF orientation applied) scaled to fit `max_side`, its detections drawn and labelled, and
-    `title` written in the top-left corner.
+    """The image (EXIF orientation applied) scaled so its long side is `max_side`, its detections drawn and labelled,
+    and `title` written in the top-left corner.
 
     Args:
         detections: boxes (N, 4) xyxy in original-image pixels.
@@ -210,8 +217,10 @@ def draw_detections(
         FileNotFoundError / backend.processing.ImageLoadError: the image cannot be read.
     """
     picture = Image.fromarray(load_image(image))
-    scale = min(1.0, max_side / max(picture.size))
-    if scale < 1.0:
+    # Scaled to the long side `max_side` whatever the image's size (up or down): the FP32 and INT8 pictures of an
+    # image, and every image of the gallery, are drawn at one size.
+    scale = max_side / max(picture.size)
+    if scale != 1.0:
         picture = picture.resize((max(1, round(picture.width * scale)), max(1, round(picture.height * scale))))
     draw = ImageDraw.Draw(picture)
     width = max(1, round(max(picture.size) / 160))
