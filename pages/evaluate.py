@@ -18,6 +18,7 @@ from backend import catalog
 from backend.evaluation import report
 from backend.evaluation.coco_eval import load_evaluation
 from backend.jobs import api as jobs
+from backend.jobs import outcome
 from backend.labeling.server import labelstudio_url
 from backend.labeling.sync import task_links
 from backend.store.db import session_scope
@@ -47,21 +48,27 @@ settings = page_settings()
 engine = store_engine(settings.database_url)
 show_outcome("evaluate_outcome")
 project = project_picker(engine, key="evaluate_project")
-runs = [run for run in catalog.list_runs(settings) if run.model("checkpoint") is not None]
+runs = [run for run in catalog.trained_runs(settings) if run.model("checkpoint") is not None]
+if project is not None:
+    with session_scope(engine) as session:
+        runs = catalog.project_runs(session, settings, project, runs)
 if not runs:
-    st.info("No trained run yet: train one on the [Train](/train) page.")
+    st.info(f"No trained run of {project or 'any project'} yet: train one on the [Train](/train) page.")
     st.stop()
 names = [run.name for run in runs]
 wanted = st.query_params.get(RUN_PARAM)
 
 
 def run_label(info: catalog.RunInfo) -> str:
-    return info.name if info.best_map is None else f"{info.name} (best mAP50-95 {info.best_map:.3f})"
+    score = "not evaluated" if info.best_map is None else f"best mAP50-95 {info.best_map:.3f}"
+    return f"{info.name} ({score}, {info.epochs_text})"
 
 
+# Keys carry the project: another project's runs and versions are other options.
 run = st.selectbox(
-    "Run", runs, index=names.index(wanted) if wanted in names else 0, format_func=run_label, key="evaluate_run"
-)
+    "Run", runs, index=names.index(wanted) if wanted in names else 0, format_func=run_label,
+    key=f"evaluate_run_{project}",
+)  # fmt: skip
 if st.query_params.get(RUN_PARAM) != run.name:
     st.query_params[RUN_PARAM] = run.name
 checkpoints = [run.path / name for name in ("best.pt", "last.pt") if (run.path / name).is_file()]
@@ -77,7 +84,9 @@ if not choices:
     st.stop()
 left, right = st.columns(2)
 default = next((index for index, (_, folder) in enumerate(choices) if folder.resolve() == trained_on.resolve()), 0)
-_, data = left.selectbox("Dataset version", choices, index=default, format_func=lambda c: c[0], key="evaluate_data")
+_, data = left.selectbox(
+    "Dataset version", choices, index=default, format_func=lambda c: c[0], key=f"evaluate_data_{project}"
+)
 splits = [split for split in SPLITS if (data / f"{split}.json").is_file()] or ["val"]
 split = right.radio("Split", splits, horizontal=True, key="evaluate_split")
 out = report.evaluation_file(run.path, model, data, split)
@@ -94,11 +103,15 @@ if job is not None and job.params.get("out") != str(out):
 busy = job is not None and job.active
 label = "Evaluate again" if out.is_file() else "Evaluate"
 if st.button(label, type="primary", disabled=busy, key="evaluate_start"):
-    params = {"model": str(model), "data": str(data), "split": split, "out": str(out)}
-    new_id = run_and_report("Evaluation", lambda: jobs.submit("evaluate", params, settings=settings),
-                            state_key="evaluate_outcome")  # fmt: skip
-    if new_id is not None:
-        st.query_params[JOB_PARAM] = str(new_id)
+    params = {"project": project, "model": str(model), "data": str(data), "split": split, "out": str(out)}
+
+    def submit() -> dict:
+        job_id = jobs.submit("evaluate", params, settings=settings)
+        return outcome.submitted(job_id, f"evaluating {run.name}'s {model.name} on {data.name} [{split}]", settings)
+
+    queued = run_and_report("Evaluation job", submit, state_key="evaluate_outcome")
+    if queued is not None:
+        st.query_params[JOB_PARAM] = str(queued["job_id"])
     st.rerun()
 
 if job is not None:
@@ -106,9 +119,10 @@ if job is not None:
     @st.fragment(run_every=2.0 if busy else None)
     def progress() -> None:
         current = jobs.get_job(job.id, settings)
-        st.progress(min(1.0, current.progress or 0.0), text=f"evaluation {current.state}: {current.message or ''}")
+        message = "" if current.state == "failed" else f": {current.message or ''}"  # the error is shown below
+        st.progress(min(1.0, current.progress or 0.0), text=f"evaluation job {current.id} {current.state}{message}")
         if current.state == "failed":
-            st.error(current.error or "the evaluation failed")
+            st.error(outcome.error_text(current) or "the evaluation failed")
         if busy and not current.active:
             st.rerun()
 

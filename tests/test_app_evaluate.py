@@ -20,7 +20,8 @@ from backend.settings import Settings
 from backend.store.db import init_db, session_scope
 from backend.store.models import Image, LabelingTask
 from backend.training.engine import EvalImages, evaluate, resolve_device
-from tests.test_app_train import RUN, private_copy, tiny_run
+from tests.test_app_train import PROJECT, RUN, private_copy, tiny_run
+from tests.test_pokedex import CANCELLED_AT_EPOCH_0
 
 PAGE = str(Path(__file__).resolve().parents[1] / "pages" / "evaluate.py")
 LS_PROJECT_ID = 7
@@ -77,7 +78,8 @@ def chart(app: AppTest, key: str) -> dict:
 
 
 def caption_text(app: AppTest) -> str:
-    return " ".join(str(element.value) for element in [*app.caption, *app.info, *app.success, *app.markdown])
+    parts = [*app.caption, *app.info, *app.success, *app.warning, *app.markdown]
+    return " ".join(str(element.value) for element in parts)
 
 
 @pytest.mark.slow
@@ -94,6 +96,9 @@ def test_metrics_equal_the_backends_and_the_confusion_matrix_is_square(settings:
     assert not app.exception, [exception.value for exception in app.exception]
     job = jobs.get_job(int(app.query_params["eval_job"]), settings)
     assert job.state == "succeeded", job.error
+    assert job.project == PROJECT  # the job carries the page's project
+    # The banner says what was queued and the job's real state (inline here: already ended), never a bare "done".
+    assert f"Evaluation job: job {job.id} succeeded: evaluating {RUN}'s best.pt on v1 [train]" in caption_text(app)
     assert Path(job.params["out"]) == settings.runs_dir / RUN / "evals" / "best_pt-Starter_Pokédex_v1-train.json"
 
     expected = direct_evaluation(settings, "train")
@@ -153,3 +158,18 @@ def test_the_error_browser_links_synced_images_to_label_studio(settings: Setting
         links = [element.value for element in app.markdown if "Fix in Label Studio" in element.value]
         assert any(link.endswith(f"task={1000 + items[8].store_image_id})") for link in links)
         assert len(links) == min(len(items) - 8, 8)
+
+
+def test_a_run_cancelled_in_its_first_epoch_is_not_offered(settings: Settings) -> None:
+    """A run of the project that has a last.pt but never finished an epoch nor was evaluated: nothing to evaluate."""
+    cancelled = settings.runs_dir / "cancelled"
+    cancelled.mkdir()
+    (cancelled / "config.json").write_text((settings.runs_dir / RUN / "config.json").read_text())
+    (cancelled / "last.pt").write_bytes((settings.runs_dir / RUN / "last.pt").read_bytes())
+    (cancelled / "metrics.jsonl").write_text("".join(json.dumps(event) + "\n" for event in CANCELLED_AT_EPOCH_0))
+
+    app = open_page(project=PROJECT)
+
+    labels = app.selectbox(key=f"evaluate_run_{PROJECT}").options
+    assert [label.split(" (")[0] for label in labels] == [RUN]
+    assert "epochs" in labels[0]  # the run's epochs in the same words as everywhere
