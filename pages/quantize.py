@@ -180,7 +180,7 @@ if job is not None:
 
 def cancel() -> None:
     if job is not None:
-        run_and_report(f"Cancel job {job.id}", lambda: jobs.cancel(job.id, settings) and None,
+        run_and_report("Cancel", lambda: outcome.cancel_requested(jobs.cancel(job.id, settings)),
                        state_key="quantize_outcome")  # fmt: skip
 
 

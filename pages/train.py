@@ -117,12 +117,16 @@ if job is None:
 # Buttons outside the live fragment and always drawn (recipe §1): a click inside a timed fragment can be lost.
 cancel_column, resume_column = st.columns(2)
 if cancel_column.button("Cancel", disabled=job is None or not job.active, key="train_cancel"):
-    run_and_report("Cancel", lambda: {"summary": jobs.cancel(job.id, settings).state}, state_key="train_outcome")
+    run_and_report("Cancel", lambda: outcome.cancel_requested(jobs.cancel(job.id, settings)), state_key="train_outcome")
     st.rerun()
 if resume_column.button("Resume", disabled=job is None or not job.can_resume, key="train_resume"):
-    new_id = run_and_report("Resuming", lambda: jobs.resume(job.id, settings), state_key="train_outcome")
-    if new_id is not None:
-        st.query_params[JOB_PARAM] = str(new_id)
+    resumed = run_and_report(
+        "Resume",
+        lambda: outcome.submitted(jobs.resume(job.id, settings), f"continuing job {job.id}'s run", settings),
+        state_key="train_outcome",
+    )
+    if resumed is not None:
+        st.query_params[JOB_PARAM] = str(resumed["job_id"])
     st.rerun()
 
 

@@ -174,6 +174,7 @@ def test_cancel_a_queued_job_then_resume_it(settings: Settings) -> None:
     app.button(key="train_cancel").click().run()
 
     assert jobs.get_job(job_id, settings).state == "cancelled"
+    assert f"Cancel: job {job_id} cancelled" in texts(app)
     assert app.button(key="train_cancel").disabled and not app.button(key="train_resume").disabled
     # Resume continues the run from last.pt as a new job (its time budget is spent: one step, then it ends).
     app.button(key="train_resume").click().run()
@@ -182,6 +183,7 @@ def test_cancel_a_queued_job_then_resume_it(settings: Settings) -> None:
     resumed = jobs.get_job(new_id, settings)
     assert new_id != job_id and resumed.resumed_from == job_id and resumed.state == "succeeded", resumed.error
     assert resumed.params["resume"] == str(run_dir)
+    assert f"Resume: job {new_id} succeeded: continuing job {job_id}'s run" in texts(app)
     assert app.selectbox(key=f"train_job_{new_id}").value == new_id
 
 

@@ -35,3 +35,15 @@ def error_text(job: api.JobView) -> str | None:
         return None
     name, separator, rest = text.partition(": ")
     return rest if separator and name.isidentifier() and name[:1].isupper() else text
+
+
+def cancel_requested(job: api.JobView) -> dict[str, Any]:
+    """The outcome of `api.cancel` (the job as it returned it): cancelled at once (a queued job), or asked to stop
+    (a running job stops at its next step), or already ended."""
+    if job.state == "cancelled":
+        return {"summary": f"job {job.id} cancelled", "level": "success", "job_id": job.id, "state": job.state}
+    if job.active:
+        summary = f"job {job.id} {job.state}: asked to stop, it stops at its next step"
+        return {"summary": summary, "level": "info", "job_id": job.id, "state": job.state}
+    return {"summary": f"job {job.id} had already ended ({job.state})", "level": "info", "job_id": job.id,
+            "state": job.state}  # fmt: skip
