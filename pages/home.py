@@ -93,5 +93,7 @@ if project_name is not None:
         st.markdown(f"{mark} **{number}. {page_link(step.page, step.name, project_name)}**: {step.detail}")
 
 st.header("The models")
-with st.expander("YOLO-NAS S, M and L: parameters and compute"):
+# Behind a toggle rather than an expander: an expander's content runs on every visit, and counting the three
+# models' FLOPs builds all three (seconds on a CPU) before the page is done.
+if st.toggle("Show YOLO-NAS S, M and L: parameters and compute", key="home_models"):
     models_section()

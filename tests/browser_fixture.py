@@ -105,9 +105,11 @@ def chromium() -> Iterator:
             launched.close()
 
 
-def wait_for_app(page) -> None:
-    """Waits until the Streamlit page is connected and its script has finished running."""
+def wait_for_app(page, timeout_ms: int = 90_000) -> None:
+    """Waits until the Streamlit page is connected and its script has finished running (a page's first run in a
+    fresh app process imports torch: tens of seconds on 2 busy cores)."""
     from playwright.sync_api import expect
 
-    expect(page.get_by_test_id("stApp")).to_have_attribute("data-test-connection-state", "CONNECTED")
-    expect(page.get_by_test_id("stApp")).to_have_attribute("data-test-script-state", "notRunning")
+    app = page.get_by_test_id("stApp")
+    expect(app).to_have_attribute("data-test-connection-state", "CONNECTED", timeout=timeout_ms)
+    expect(app).to_have_attribute("data-test-script-state", "notRunning", timeout=timeout_ms)

@@ -31,8 +31,9 @@ def test_home_page_starts_with_create_your_project_and_keeps_the_models_lower(st
     assert not app.exception, [exception.value for exception in app.exception]
     assert app.header[0].value == "Create your project"  # the first thing a newcomer reads
     assert "[Create your project](/project)" in page_text(app)
-    assert app.header[-1].value == "The models"  # the model table is last, behind an expander
-    assert app.expander[0].label.startswith("YOLO-NAS S, M and L")
+    assert app.header[-1].value == "The models"  # the model table is last, behind a toggle
+    assert not app.dataframe  # and not built until asked for
+    app.toggle(key="home_models").set_value(True).run()
     table = app.dataframe[0].value
     assert list(table["model"]) == ["YOLO-NAS S", "YOLO-NAS M", "YOLO-NAS L"]
     assert table.loc[0, "params_total"] == 19_053_888
