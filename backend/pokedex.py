@@ -120,35 +120,39 @@ def _hex_colour(value: str | None) -> tuple[int, int, int] | None:
         return None
 
 
-def dex_entries(session: Session, class_names: Sequence[str]) -> list[DexEntry]:
+def dex_entries(session: Session, class_names: Sequence[str], project: str | None = None) -> list[DexEntry]:
     """One entry per model class, in class-index order, from the project whose classes are the model's.
 
     A project matches when its class names equal the model's: in the same order first, else as a set (classes
-    matched by name either way). Among several matches the oldest project (lowest id) wins. Without a match every
-    entry has the name only, number index + 1 and a palette colour.
+    matched by name either way). `project` (the page's current project) is tried first; among other matches the
+    oldest project (lowest id) wins. Without a match every entry has the name only, number index + 1 and a palette
+    colour.
     """
     names = [str(name) for name in class_names]
     same_set = None
-    for project in session.scalars(select(Project).order_by(Project.id)):
-        classes = project_classes(session, project)
+    projects = list(session.scalars(select(Project).order_by(Project.id)))
+    projects.sort(key=lambda item: item.name != project)  # stable: the current project first, then by id
+    for candidate in projects:
+        classes = project_classes(session, candidate)
         project_names = [item.name for item in classes]
         if project_names == names or (same_set is None and sorted(project_names) == sorted(names)):
             by_name = {item.name: item for item in classes}
-            entries = [
-                DexEntry(
-                    index=index,
-                    number=by_name[name].dex_number if by_name[name].dex_number is not None else index + 1,
-                    name=name,
-                    description=by_name[name].description or "",
-                    colour=_hex_colour(by_name[name].colour) or palette_colour(index),
-                    project=project.name,
-                )
-                for index, name in enumerate(names)
-            ]
-            if project_names == names:
+            entries = [_entry(index, name, by_name[name], candidate.name) for index, name in enumerate(names)]
+            if project_names == names or candidate.name == project:
                 return entries
             same_set = entries
     return same_set if same_set is not None else plain_entries(names)
+
+
+def _entry(index: int, name: str, item: Any, project: str) -> DexEntry:
+    return DexEntry(
+        index=index,
+        number=item.dex_number if item.dex_number is not None else index + 1,
+        name=name,
+        description=item.description or "",
+        colour=_hex_colour(item.colour) or palette_colour(index),
+        project=project,
+    )
 
 
 def plain_entries(class_names: Sequence[str]) -> list[DexEntry]:

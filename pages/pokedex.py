@@ -54,11 +54,12 @@ def run_pokedex(
     return result, encode_display(result.display)
 
 
-def entries_for(database_url: str, class_names: list[str]) -> list[DexEntry]:
-    """The dex entries of the model's classes; names only when the database cannot be read (the page still works)."""
+def entries_for(database_url: str, class_names: list[str], project: str | None) -> list[DexEntry]:
+    """The dex entries of the model's classes (the current project's first); names only when the database cannot be
+    read (the page still works)."""
     try:
         with session_scope(store_engine(database_url)) as session:
-            return dex_entries(session, class_names)
+            return dex_entries(session, class_names, project)
     except Exception:
         logger.exception("reading the dex entries failed")
         st.warning("Could not read the projects' dex entries: showing class names only.")
@@ -165,7 +166,7 @@ if photo is None:
     st.stop()
 
 photo_bytes, photo_name = photo.getvalue(), photo.name
-entries = entries_for(settings.database_url, predictor.class_names)
+entries = entries_for(settings.database_url, predictor.class_names, project)
 try:
     result, display = detect_with(model, photo_bytes, photo_name, conf, entries)
     pair = {}

@@ -348,3 +348,13 @@ def test_empty_result_hint_depends_on_the_threshold_and_the_models_score():
         0.5, 0.05, 0.0
     )
     assert "barely learned" not in empty_result_hint(0.25, 0.05, None)  # never evaluated: nothing said of it
+
+
+def test_dex_entries_of_the_current_project_come_first(engine):
+    add_project(engine, "Starters", [(name, None, f"old {name}", None) for name in CLASS_NAMES])
+    add_project(engine, "Copy", [(name, None, f"mine {name}", None) for name in reversed(CLASS_NAMES)])
+    with session_scope(engine) as session:
+        assert dex_entries(session, CLASS_NAMES)[0].description == "old bulbasaur"  # the oldest, same order
+        entries = dex_entries(session, CLASS_NAMES, "Copy")  # the page's project, its classes as a set
+    assert [entry.description for entry in entries] == [f"mine {name}" for name in CLASS_NAMES]
+    assert {entry.project for entry in entries} == {"Copy"}
