@@ -154,6 +154,17 @@ def test_time_budget_stops_evaluates_and_saves_best(small_set: Path, tmp_path: P
     assert (tmp_path / "run" / "best.pt").is_file() and (tmp_path / "run" / "eval.json").is_file()
     epochs = [e for e in read_events(tmp_path / "run") if e["event"] == "epoch"]
     assert epochs[-1]["val"] is not None  # the interrupted epoch was still evaluated
+    # One count: the whole epochs, and the steps of the one the budget cut short, are the same in every event.
+    end = read_events(tmp_path / "run")[-1]
+    assert end["event"] == "train_end" and (end["epochs"], end["time_budget_s"]) == (1000, 3.0)
+    assert end["epochs_done"] == result.epochs_done == sum(e["complete"] for e in epochs)
+    assert [e["epochs_done"] for e in epochs] == [e["epoch"] + e["complete"] for e in epochs]
+    assert result.partial_steps == (0 if epochs[-1]["complete"] else epochs[-1]["steps"])
+    from backend import catalog
+
+    text = catalog.run_info(tmp_path / "run").epochs_text
+    assert text.startswith(f"{result.epochs_done} of 1000 epochs: the 3-second time budget ended the run")
+    assert catalog.training_end_text(end) == f"{text}; best mAP50-95 {result.best_map:.3f}"
     last = read_checkpoint(tmp_path / "run" / "last.pt")
     assert last["metrics"]["elapsed_s"] >= 3.0
 
@@ -290,3 +301,17 @@ def test_training_runs_inside_a_daemonic_worker_process(small_set: Path, tmp_pat
     status, detail = outcome.get(timeout=300)
     worker.join(30)
     assert status == "ok" and detail == 1, detail
+
+
+def test_epoch_counts_in_words() -> None:
+    from backend.catalog import epochs_text, training_end_text
+
+    assert epochs_text(1, 30, "time", 300.0) == "1 of 30 epochs: the 5-minute time budget ended the run"
+    assert epochs_text(1, 30, "time", 3.0, 37, 120) == (
+        "1 of 30 epochs: the 3-second time budget ended the run (and 37 of 120 steps of epoch 2)"
+    )
+    assert epochs_text(30, 30, "epochs") == "30 of 30 epochs"
+    assert epochs_text(0, 30, "cancelled", None, 4, 10) == "0 of 30 epochs: cancelled (and 4 of 10 steps of epoch 1)"
+    # A run cancelled before any evaluation has no score: its placeholder 0.0 is not shown as one.
+    end = {"stopped": "cancelled", "epochs_done": 0, "best_map": 0.0, "best_epoch": None, "epochs": 30}
+    assert training_end_text(end) == "0 of 30 epochs: cancelled; not evaluated"
