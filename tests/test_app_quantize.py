@@ -265,6 +265,31 @@ def test_a_queued_job_shows_and_cancels(tmp_path, monkeypatch):
     assert app.button(key="quantize_cancel").disabled and not app.button(key="quantize_start").disabled
 
 
+def test_a_launch_says_queued_not_done(tmp_path, monkeypatch):
+    """No worker runs: the job stays queued, and the banner says so (blue, not a green "done") beside the disabled
+    button, the live panel showing the same state."""
+    monkeypatch.setenv("YOLODEX_STORAGE", str(tmp_path))
+    monkeypatch.delenv("YOLODEX_QUEUE_IMMEDIATE", raising=False)
+    monkeypatch.setattr(backend.jobs.tasks.huey, "immediate", False)  # no worker: the job stays queued
+    settings = Settings.from_env({"YOLODEX_STORAGE": str(tmp_path)})
+    run_dir = settings.runs_dir / "waiting"
+    run_dir.mkdir(parents=True)
+    (run_dir / "config.json").write_text(json.dumps({"train": {"imgsz": 64}, "class_names": ["a"]}))
+    (run_dir / "best.pt").write_bytes(b"not opened by the page")
+
+    app = open_page()
+    app.button(key="quantize_start").click().run()
+    assert not app.exception, [exception.value for exception in app.exception]
+
+    job_id = int(app.query_params["quantize_job"])
+    assert jobs.get_job(job_id, settings).state == "queued"
+    banner = f"Quantization job: job {job_id} queued: quantizing waiting (auto, budget 0.5 points)"
+    assert [element.value for element in app.info if element.value.startswith("Quantization job")] == [banner]
+    assert not any("Quantization job" in element.value for element in app.success)
+    assert app.button(key="quantize_start").disabled
+    assert f"quantization job {job_id} queued" in app.get("progress")[0].proto.text
+
+
 @pytest.mark.slow
 def test_launch_in_immediate_mode_writes_the_report(storage):
     report_file = storage.runs_dir / RUN / view.REPORT_FILE
@@ -298,7 +323,7 @@ def test_launch_in_immediate_mode_writes_the_report(storage):
     assert job.params["project"] == "Shapes" and job.project == "Shapes"
     # The banner says what the job is and its real state (immediate mode: it already ended), never a bare "done".
     banner = f"Quantization job: job {job.id} succeeded: quantizing {RUN} (qat, budget 1 points)"
-    assert banner in page_text(app) and "Quantization job: done" not in page_text(app)
+    assert banner in [element.value for element in app.success] and "Quantization job: done" not in page_text(app)
     assert job.params["options"]["method"] == "qat" and job.params["options"]["budget"] == 1.0
     report = json.loads(report_file.read_text())
     assert report["method"] == "qat" and report["budget_points"] == 1.0 and report["calibration"]["asked"] == 4

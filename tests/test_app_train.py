@@ -153,7 +153,7 @@ def test_launching_a_training_runs_it_and_shows_its_curves(settings: Settings) -
     assert f"Run ended: {catalog.run_info(run_dir).epochs_text}" in texts(app)
     assert app.get("progress")[0].proto.text.startswith(f"job {job.id} succeeded")
     # The banner tells the job's real state (here, with jobs run inline, already ended), never a bare "done".
-    assert f"Training job: job {job.id} succeeded: training S at 64 px on v1" in texts(app)
+    assert f"Training job: job {job.id} succeeded: training S at 64 px on v1" in [item.value for item in app.success]
     assert "Training job: done" not in texts(app)
     assert app.button(key="train_cancel").disabled and app.button(key="train_resume").disabled
     table = runs_table(app)
@@ -221,6 +221,8 @@ def test_a_failed_coco_download_is_shown_once_in_the_pages_words(settings: Setti
 
     job = jobs.get_job(int(app.query_params["job"]), settings)
     assert job.state == "failed"
+    banner = f"Training job: job {job.id} failed: training S at 64 px on v1"
+    assert banner in [item.value for item in app.warning] and banner not in [item.value for item in app.success]
     shown = texts(app) + " " + " ".join(progress.proto.text for progress in app.get("progress"))
     coco_file = presets.coco_weights_file("s", settings.weights_dir)
     assert shown.count("could not be downloaded") == 1
