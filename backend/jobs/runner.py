@@ -275,6 +275,11 @@ class JobContext:
         message = f"epoch {int(data.get('epoch', 0)) + 1}/{state.get('epochs')}, step {step}/{per_epoch}"
         if isinstance(loss, float):
             message += f", loss {loss:.4f}"
+        if state.get("budget") and isinstance(data.get("elapsed_s"), int | float):
+            # A budget usually ends a run before its last epoch: say so while it runs, not only at its end.
+            elapsed, budget = float(data["elapsed_s"]), float(state["budget"])
+            used = f"{elapsed:.0f} of {budget:g} s" if budget < 120 else f"{elapsed / 60:.1f} of {budget / 60:g} min"
+            message += f" · time budget: {used}"
         # Evaluation and saving follow the last step: a training is done only when fit returns.
         if fraction is None or not self.training_drives_progress:
             self.progress(message=message)
