@@ -9,12 +9,12 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from typing import Any
-from urllib.parse import quote
 
 import streamlit as st
 from sqlalchemy import select
 from sqlalchemy.engine import Engine
 
+from app.navigation import app_pages
 from backend.overview import last_active_project
 from backend.settings import Settings, get_settings
 from backend.store.db import describe_error, session_scope, shared_engine
@@ -65,10 +65,10 @@ def set_current_project(name: str) -> None:
         st.query_params[PROJECT_PARAM] = name
 
 
-def page_link(page: str, text: str, project: str | None = None) -> str:
-    """A Markdown link to one of the app's pages (its url path), carrying the project so the page opens on it."""
-    query = f"?{PROJECT_PARAM}={quote(project)}" if project else ""
-    return f"[{text}](/{page}{query})"
+def page_link(page: str, label: str, project: str | None = None, *, icon: str | None = None) -> None:
+    """A link to one of the app's pages (by url path, `app.navigation.LAYOUT`) that opens it in the same tab and
+    session (a Markdown link would open a new tab), with the project in its URL so the page opens on it."""
+    st.page_link(app_pages()[page], label=label, icon=icon, query_params={PROJECT_PARAM: project} if project else None)
 
 
 def project_picker(engine: Engine, *, key: str, label: str = "Project") -> str | None:

@@ -10,6 +10,7 @@ import streamlit as st
 from plotly.subplots import make_subplots
 from sqlalchemy import select
 
+from app.navigation import LAYOUT
 from app.widgets import page_link, page_settings, project_names, project_picker, store_engine
 from backend.ingest.starter import STARTER_NAME
 from backend.models.download import COCO_WEIGHTS_LICENCE_NOTE
@@ -69,10 +70,9 @@ own_projects = [name for name in project_names(engine) if name != STARTER_NAME]
 
 if not own_projects:
     st.header("Create your project")
-    st.markdown(
-        f"**{page_link('project', 'Create your project')}**: give it a name and the classes you want to find "
-        "(for example *raccoon*, or *Bulbasaur* and *Pikachu*), then add your photos on the Datasets page."
-    )
+    st.write("Give it a name and the classes you want to find (for example *raccoon*, or *Bulbasaur* and "
+             "*Pikachu*), then add your photos on the Datasets page.")  # fmt: skip
+    page_link("project", "Create your project", icon=":material/add_circle:")
     if project_names(engine):
         st.caption(f"Or look around the demo project, {STARTER_NAME} (synthetic shapes, already labeled).")
 
@@ -84,13 +84,16 @@ if project_name is not None:
         steps = workflow_steps(session, settings, project)
     upcoming = next_step(steps)
     if upcoming is None:
-        st.success(f"Every step is done: try your detector on the {page_link('pokedex', 'Pokédex', project_name)}.")
+        st.success("Every step is done: try your detector on the Pokédex.")
+        page_link("pokedex", "Open the Pokédex", project_name, icon=":material/arrow_forward:")
     else:
-        st.info(f"Next: {upcoming.todo} ({page_link(upcoming.page, upcoming.name, project_name)}).",
-                icon=":material/arrow_forward:")  # fmt: skip
+        st.info(f"Next: {upcoming.todo}.", icon=":material/arrow_forward:")
+        page_link(
+            upcoming.page, f"Go to the {LAYOUT[upcoming.page][1]} page", project_name, icon=":material/arrow_forward:"
+        )
     for number, step in enumerate(steps, start=1):
         mark = ":material/check_circle:" if step.done else ":material/radio_button_unchecked:"
-        st.markdown(f"{mark} **{number}. {page_link(step.page, step.name, project_name)}**: {step.detail}")
+        page_link(step.page, f"{number}. {step.name}: {step.detail}", project_name, icon=mark)
 
 st.header("The models")
 # Behind a toggle rather than an expander: an expander's content runs on every visit, and counting the three

@@ -16,6 +16,7 @@ import streamlit as st
 
 from app.widgets import page_settings, project_names, project_picker, set_current_project, show_outcome, store_engine
 from backend.ingest import service
+from backend.ingest.starter import STARTER_NAME
 from backend.store.classes import palette_colour
 from backend.store.db import describe_error
 
@@ -131,7 +132,9 @@ settings.ensure_dirs()
 engine = store_engine(settings.database_url)
 show_outcome(OUTCOME)
 
-with st.expander("Create a project", expanded=not project_names(engine)), st.form("project_create"):
+# Open until the user has a project of their own (the demo project does not count).
+own_projects = [name for name in project_names(engine) if name != STARTER_NAME]
+with st.expander("Create a project", expanded=not own_projects), st.form("project_create"):
     st.text_input("Project name", key="project_new_name", placeholder="e.g. Garden visitors")
     st.text_area("Its classes, one a line (at least one)", key="project_new_classes",
                  placeholder="Raccoon\nFox\nHedgehog")  # fmt: skip

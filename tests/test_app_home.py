@@ -21,7 +21,13 @@ def storage(tmp_path, monkeypatch) -> Settings:
 
 
 def page_text(app: AppTest) -> str:
-    return " ".join(element.value for element in [*app.markdown, *app.warning, *app.info, *app.success])
+    texts = [element.value for element in [*app.markdown, *app.warning, *app.info, *app.success]]
+    return " ".join(texts + [link.proto.label for link in app.get("page_link")])
+
+
+def links(app: AppTest) -> dict[str, tuple[str, str]]:
+    """The page's links to other pages: label → (url path, query string)."""
+    return {link.proto.label: (link.proto.page, link.proto.query_string) for link in app.get("page_link")}
 
 
 @pytest.mark.slow
@@ -30,7 +36,7 @@ def test_home_page_starts_with_create_your_project_and_keeps_the_models_lower(st
 
     assert not app.exception, [exception.value for exception in app.exception]
     assert app.header[0].value == "Create your project"  # the first thing a newcomer reads
-    assert "[Create your project](/project)" in page_text(app)
+    assert links(app)["Create your project"] == ("project", "")  # opens the Project page in the same tab
     assert app.header[-1].value == "The models"  # the model table is last, behind a toggle
     assert not app.dataframe  # and not built until asked for
     app.toggle(key="home_models").set_value(True).run()
@@ -58,7 +64,8 @@ def test_home_steps_follow_the_project(storage):
     app.run()
     text = page_text(app)
     assert "1 frozen versions" in text and "Next: train YOLO-NAS" in text
-    assert "(/train?project=Starter%20Pok%C3%A9dex)" in text  # links carry the project to the next page
+    # The next step's link opens its page on this project.
+    assert links(app)["Go to the Train page"] == ("train", "project=Starter+Pok%C3%A9dex")
     assert app.query_params["project"] == "Starter Pokédex"
 
 

@@ -64,6 +64,7 @@ def test_a_new_project_with_two_classes_becomes_the_current_one(settings):
     assert list(table["name"]) == ["Raccoon", "Fox"] and list(table["boxes"]) == [0, 0]
 
     # A second project becomes the current one as well; a name that exists is refused and creates nothing.
+    assert not app.expander[0].proto.expanded  # the user has a project of their own: the form folds away
     create(app, "Ponds", "Frog")
     assert app.selectbox(key="project_project").value == "Ponds"
     create(app, "Ponds", "Newt")
@@ -72,6 +73,13 @@ def test_a_new_project_with_two_classes_becomes_the_current_one(settings):
     assert classes_of(settings, "Ponds") == [(0, "Frog", None, "", None)]
     app.run()
     assert "error" not in messages(app)  # shown once
+
+
+def test_the_create_form_stays_open_while_only_the_demo_project_exists(settings):
+    service.starter(settings)
+    app = run_page()
+    assert not app.exception
+    assert app.expander[0].proto.expanded
 
 
 def test_a_project_needs_a_class(settings):
