@@ -413,10 +413,11 @@ def run_projects(session: Any, settings: Settings, runs: list[RunInfo]) -> dict[
     for project in session.scalars(select(Project).order_by(Project.id.desc())):  # the oldest wins a tie
         by_classes[tuple(item.name for item in project_classes(session, project))] = project.name
     found = {}
+    storage = settings.storage.resolve()
     for info in runs:
         folder = info.path.resolve()
-        relative = str(folder.relative_to(settings.storage.resolve())) if folder.is_relative_to(
-            settings.storage.resolve()) else str(folder)  # fmt: skip
+        # A Run row names its folder relative to storage (absolute when outside it), as the train job wrote it.
+        relative = str(folder.relative_to(storage)) if folder.is_relative_to(storage) else str(folder)
         data = info.config.get("data")
         name = (
             by_folder.get(relative)
