@@ -8,7 +8,7 @@ from datetime import UTC, datetime
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from backend.catalog import list_runs
+from backend.catalog import project_runs, trained_runs
 from backend.ingest.starter import STARTER_NAME
 from backend.settings import Settings
 from backend.store.models import DatasetVersion, Image, Job, LabelingProject, Project, Run, project_classes
@@ -36,8 +36,8 @@ class Step:
 
 
 def workflow_steps(session: Session, settings: Settings, project: Project) -> list[Step]:
-    """The steps for `project`, in workflow order. Runs and models are matched to the project by class names
-    (a run folder records the classes it was trained on, not the project)."""
+    """The steps for `project`, in workflow order. Runs are the project's (`catalog.project_runs`) with trained
+    weights (`catalog.trained_runs`: a run cancelled before it learned anything does not count)."""
     images = session.scalar(
         select(func.count())
         .select_from(Image)
@@ -53,9 +53,8 @@ def workflow_steps(session: Session, settings: Settings, project: Project) -> li
     )
     synced = session.get(LabelingProject, project.id) is not None
     names = [item.name for item in project_classes(session, project)]
-    runs = [run for run in list_runs(settings) if run.class_names == names and names]
-    trained = [run for run in runs if run.model("checkpoint")]
-    int8 = [run for run in runs if run.model("int8")]
+    trained = project_runs(session, settings, project.name, trained_runs(settings))
+    int8 = [run for run in trained if run.model("int8")]
     images, labeled, versions = int(images or 0), int(labeled or 0), int(versions or 0)
     return [
         Step("Ingest", "datasets", images > 0, f"{images} images, {len(names)} classes",
@@ -69,7 +68,7 @@ def workflow_steps(session: Session, settings: Settings, project: Project) -> li
              "train YOLO-NAS on a version on the Train page"),
         Step("INT8", "quantize", bool(int8), f"{len(int8)} INT8 models",
              "quantize the best run on the Quantize page"),
-        Step("Pokédex", "pokedex", bool(int8 or trained), "try the newest model on a photo",
+        Step("Pokédex", "pokedex", bool(int8 or trained), "try the best model on a photo",
              "train a model first"),
     ]  # fmt: skip
 

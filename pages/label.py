@@ -23,6 +23,7 @@ from sqlalchemy import func, select
 from sqlalchemy.engine import Engine
 
 from app.widgets import project_picker, store_engine
+from backend import catalog
 from backend.jobs import api as jobs
 from backend.labeling import service
 from backend.labeling.server import ServerStatus, credentials_path, labelstudio_url, load_or_create_credentials, status
@@ -96,19 +97,12 @@ def can_embed(ls_url: str, browser_scheme: str | None, browser_host: str | None)
     return browser_host.lower() == target.hostname.lower()
 
 
-def model_choices(runs_dir: Path) -> dict[str, Path]:
-    """Label → model for pre-labeling: run folders holding best.pt/last.pt, and ONNX files under runs_dir; newest
-    first."""
-    if not runs_dir.is_dir():
-        return {}
-    runs = {path.parent for name in ("best.pt", "last.pt") for path in runs_dir.rglob(name)}
-    found = [*runs, *runs_dir.rglob("*.onnx")]
-    found.sort(key=lambda path: path.stat().st_mtime, reverse=True)
-    return {
-        f"{path.relative_to(runs_dir)}{' (checkpoint)' if path.is_dir() else ''}": path
-        for path in found
-        if path.is_relative_to(runs_dir)
-    }
+def model_choices(settings, engine: Engine, project: str) -> dict[str, Path]:
+    """Label → model for pre-labeling: the models of the project's trained runs (`catalog.trained_runs`: a run
+    cancelled before it learned anything is no model), INT8 before FP32 before checkpoints, newest first."""
+    with session_scope(engine) as session:
+        runs = catalog.project_runs(session, settings, project, catalog.trained_runs(settings))
+    return {model.label: model.path for model in catalog.list_models(settings, runs=runs)}
 
 
 def run_action(project: str, title: str, action: Callable[[], dict[str, Any]]) -> None:
@@ -204,7 +198,7 @@ if sync_col.button("Sync to Label Studio", key="label_sync", disabled=not server
 pull_off = offline or (None if synced else "sync the project first")
 if pull_col.button("Pull labels", key="label_pull", disabled=pull_off is not None, help=pull_off):
     run_action(project, "Pull", lambda: service.pull(project, settings))
-models = model_choices(settings.runs_dir)
+models = model_choices(settings, engine, project)
 model = model_col.selectbox("Model", list(models), key="label_model", placeholder="no trained model yet")
 prelabel_off = pull_off or (None if model else "train a model first")
 

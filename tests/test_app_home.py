@@ -130,3 +130,34 @@ def test_one_current_project_across_pages_defaulting_to_the_last_worked_on(stora
     linked.query_params["project"] = "Starter Pokédex"
     linked.run()
     assert linked.selectbox(key="home_project").value == "Starter Pokédex"
+
+
+def test_the_train_step_counts_only_the_projects_runs_with_trained_weights(storage):
+    import json
+
+    from backend.ingest.service import open_store
+    from backend.overview import workflow_steps
+    from backend.store.db import session_scope
+    from backend.store.models import Project
+
+    starter(storage)
+    _add_project(storage, "Raccoons")
+    runs = storage.storage / "runs"
+    for name, classes, stopped in (("cancelled", ["circle", "square", "triangle"], "cancelled"),
+                                   ("raccoons", ["raccoon"], "time")):  # fmt: skip
+        (runs / name).mkdir(parents=True)
+        (runs / name / "config.json").write_text(json.dumps({"class_names": classes, "train": {"size": "s"}}))
+        (runs / name / "last.pt").write_bytes(b"")
+        (runs / name / "metrics.jsonl").write_text(json.dumps({"event": "train_end", "stopped": stopped}))
+    engine, _ = open_store(storage)
+
+    def train_step(project: str) -> str:
+        with session_scope(engine) as session:
+            chosen = session.query(Project).filter_by(name=project).one()
+            return next(step.detail for step in workflow_steps(session, storage, chosen) if step.name == "Train")
+
+    assert train_step("Starter Pokédex") == "0 trained runs"  # cancelled before it learned anything
+    assert train_step("Raccoons") == "0 trained runs"
+    (runs / "cancelled" / "best.pt").write_bytes(b"")  # an evaluated run: trained weights
+    assert train_step("Starter Pokédex") == "1 trained runs"
+    assert train_step("Raccoons") == "0 trained runs"  # another project's run is not this one's

@@ -106,10 +106,17 @@ def link_to_label_studio(settings: Settings, unlabeled_count: int = 3, pulled: i
 
 def test_label_studio_down_shows_the_stopped_state_and_the_start_action(storage: Path):
     runs = storage / "runs"
-    (runs / "first-run").mkdir(parents=True)
-    (runs / "first-run" / "best.pt").write_bytes(b"")
-    (runs / "first-run" / "export").mkdir()
-    (runs / "first-run" / "export" / "model.onnx").write_bytes(b"")
+    starter_config = json.dumps({"class_names": ["circle", "square", "triangle"], "train": {"size": "s"}})
+    for name, files in (("first-run", ("best.pt", "model_fp32.onnx")), ("other-project", ("best.pt",))):
+        (runs / name).mkdir(parents=True)
+        for file in files:
+            (runs / name / file).write_bytes(b"")
+    (runs / "first-run" / "config.json").write_text(starter_config)
+    (runs / "other-project" / "config.json").write_text(json.dumps({"class_names": ["raccoon"]}))
+    (runs / "cancelled").mkdir()  # the starter's classes, but cancelled before it learned anything: no model
+    (runs / "cancelled" / "config.json").write_text(starter_config)
+    (runs / "cancelled" / "metrics.jsonl").write_text(json.dumps({"event": "train_end", "stopped": "cancelled"}))
+    (runs / "cancelled" / "last.pt").write_bytes(b"")
 
     app = run_page()
 
@@ -121,7 +128,11 @@ def test_label_studio_down_shows_the_stopped_state_and_the_start_action(storage:
     # Every button that talks to Label Studio is offered but disabled while it is down.
     for key in ("label_sync", "label_pull", "label_prelabel"):
         assert app.button(key=key).disabled, key
-    assert set(app.selectbox(key="label_model").options) == {"first-run (checkpoint)", "first-run/export/model.onnx"}
+    # The project's trained runs' models only (not another project's, not a run cancelled before it learned).
+    assert app.selectbox(key="label_model").options == [
+        "first-run · FP32 ONNX (model_fp32.onnx, 0.0 MB)",
+        "first-run · PyTorch checkpoint (best.pt, 0.0 MB)",
+    ]
     assert not app.get("iframe")
     # The progress still comes from our own database: the starter project is fully labeled.
     assert "64 of 64 images labeled" in app.get("progress")[0].proto.text
