@@ -16,6 +16,7 @@ from typing import Any
 
 from sqlalchemy.exc import OperationalError
 
+from backend import catalog
 from backend.labeling.server import LabelStudioError
 from backend.models.checkpoints import CheckpointError
 from backend.models.download import WeightsDownloadError
@@ -150,10 +151,11 @@ def cmd_train(args: argparse.Namespace) -> None:
     finally:
         bar.close()
     payload = result.to_dict()
+    end = {**bar.events.get("train_end", {}), **payload}
     text = (
-        f"{result.run_dir}: stopped ({result.stopped}) after {result.epochs_done} epochs in {result.elapsed_s:.0f} s; "
-        f"best mAP50-95 {result.best_map:.4f}"
+        f"{result.run_dir}: {catalog.training_end_text(end, bar.events.get('train_start'))}"
         + (f" at epoch {result.best_epoch + 1}" if result.best_epoch is not None else "")
+        + f", in {result.elapsed_s:.0f} s"
     )
     _print(payload, args.json, text)
 
@@ -165,8 +167,11 @@ class _TrainProgress:
         self.tqdm_class = tqdm_class
         self.quiet = quiet
         self.bar = None
+        self.events: dict[str, dict[str, object]] = {}
 
     def __call__(self, name: str, **data: object) -> None:
+        if name in ("train_start", "train_end"):
+            self.events[name] = data  # the closing line's epoch count (`catalog.training_end_text`)
         if self.quiet:
             return
         if name == "train_start":

@@ -315,3 +315,14 @@ def test_epoch_counts_in_words() -> None:
     # A run cancelled before any evaluation has no score: its placeholder 0.0 is not shown as one.
     end = {"stopped": "cancelled", "epochs_done": 0, "best_map": 0.0, "best_epoch": None, "epochs": 30}
     assert training_end_text(end) == "0 of 30 epochs: cancelled; not evaluated"
+
+
+@pytest.mark.slow
+def test_cli_train_ends_with_the_one_epoch_count_and_the_budget_that_ended_it(small_set: Path, tmp_path: Path) -> None:
+    args = cli("train", "--data", small_set, "--size", "s", "--imgsz", 64, "--epochs", 30, "--time", 0.05,
+               "--batch", 2, "--min-samples", 8, "--workers", 0, "--quiet", "--out", tmp_path / "run")  # fmt: skip
+    finished = subprocess.run(args, cwd=REPO_ROOT, env=cli_env(tmp_path), capture_output=True, text=True, timeout=600)
+    assert finished.returncode == 0, finished.stderr
+    done = next(e for e in read_events(tmp_path / "run") if e["event"] == "train_end")["epochs_done"]
+    assert done < 30  # 3 seconds cannot train 30 epochs: the budget ended it
+    assert f"{tmp_path / 'run'}: {done} of 30 epochs: the 3-second time budget ended the run" in finished.stdout
