@@ -275,6 +275,21 @@ def test_upload_banners_follow_the_report(settings):
     assert "success" not in banners(app)
 
 
+def test_a_labeled_set_of_images_already_there_is_reported_as_the_boxes_it_added():
+    from backend.ingest.service import import_outcome
+
+    counts = {"accepted": 0, "near_duplicates": 0, "duplicates": 9, "rejected": 0, "annotations": 9}
+    assert import_outcome({"project": "Garden", "counts": counts}) == (
+        "success", "Added 9 boxes to 9 images Garden already had (no new image).")  # fmt: skip
+    rejected = {**counts, "rejected": 1, "annotations": 1}
+    assert import_outcome({"project": "Garden", "counts": rejected}) == (
+        "warning",
+        "Added 1 box to 9 images Garden already had (no new image); 1 rejected (the report below says why).",
+    )
+    assert import_outcome({"project": "Garden", "counts": {**counts, "annotations": 0}}) == (
+        "warning", "Nothing new imported into Garden: 9 already there (skipped).")  # fmt: skip
+
+
 @pytest.fixture
 def immediate_jobs(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     """Jobs run inline when submitted (no worker)."""

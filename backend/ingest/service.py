@@ -101,8 +101,9 @@ def crawl_into(
 
 def import_outcome(report: dict[str, Any]) -> tuple[str, str]:
     """(level, sentence) for an import report (`ImportReport.to_dict()` with "project"), from its counts only:
-    "success" when images were stored and nothing was rejected, "warning" when some files were rejected (or, with
-    nothing rejected, when nothing was new), "error" when files were rejected and nothing was stored."""
+    "success" when images (or boxes for images already there) were stored and nothing was rejected, "warning" when
+    some files were rejected (or, with nothing rejected, when nothing was new), "error" when files were rejected and
+    nothing was stored."""
     counts = report.get("counts", {})
     stored = counts.get("accepted", 0) + counts.get("near_duplicates", 0)
     rejected, project = counts.get("rejected", 0), report.get("project", "the project")
@@ -115,6 +116,14 @@ def import_outcome(report: dict[str, Any]) -> tuple[str, str]:
         details.append(f"{counts['duplicates']} already there (skipped)")
     if counts.get("skipped"):
         details.append(f"{counts['skipped']} skipped")
+    if not stored and counts.get("annotations"):  # a labeled set of images the project already had: their boxes
+        boxes = counts["annotations"]
+        rest = [detail for detail in details if not detail.endswith((" boxes", "(skipped)"))]
+        head = (
+            f"Added {boxes} box{'' if boxes == 1 else 'es'} to {counts.get('duplicates', 0)} images {project} "
+            "already had (no new image)"
+        )
+        return ("warning" if rejected else "success"), head + (f"; {', '.join(rest)}." if rest else ".")
     if not stored:
         level = "error" if rejected else "warning"
         head = f"Nothing imported into {project}" if rejected else f"Nothing new imported into {project}"
