@@ -157,7 +157,15 @@ server = server_status(settings)
 if server.state == "running":
     st.success(f"Label Studio is running at {ls_url}.", icon=":material/check_circle:")
 elif server.state == "starting":
-    st.info(f"{server.message} Starting: the first start takes about two minutes, later ones about 15 seconds.")
+    st.info(f"{server.message} Starting: the first start takes about two minutes, later ones about 15 seconds. "
+            "This page updates itself when it is up.")  # fmt: skip
+
+    @st.fragment(run_every=5.0)
+    def wait_for_label_studio() -> None:
+        if server_status(settings).state != "starting":
+            st.rerun()  # the whole page: its buttons follow the new state
+
+    wait_for_label_studio()
     st.button("Refresh", key="label_refresh", icon=":material/refresh:")
 else:
     show = st.warning if server.state == "stopped" else st.error

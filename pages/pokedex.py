@@ -143,7 +143,7 @@ chosen_path = st.selectbox(
     "within the quantization budget of FP32.",
 )
 if choice is not None:
-    st.caption(f"Default: {choice.run.name} · {KIND_TITLE[choice.model.kind]}, chosen for its {choice.reason}.")
+    st.caption(f"Default: {choice.run.name} · {KIND_TITLE[choice.model.kind]}: {choice.reason}.")
 model = by_path[chosen_path]
 model_map = run_of[model.path.parent].model_map(model.kind)
 controls = st.columns(3)

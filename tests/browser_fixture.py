@@ -113,3 +113,26 @@ def wait_for_app(page, timeout_ms: int = 90_000) -> None:
     app = page.get_by_test_id("stApp")
     expect(app).to_have_attribute("data-test-connection-state", "CONNECTED", timeout=timeout_ms)
     expect(app).to_have_attribute("data-test-script-state", "notRunning", timeout=timeout_ms)
+
+
+def drop_files(page, paths: list[Path]) -> None:
+    """Drops files on the page's first file uploader and waits until the upload's rerun is over (a click during it
+    could start a run without the files)."""
+    from playwright.sync_api import expect
+
+    page.locator('[data-testid="stFileUploaderDropzoneInput"]').first.set_input_files([str(path) for path in paths])
+    expect(page.get_by_text(paths[-1].name).first).to_be_visible()
+    wait_for_app(page)
+
+
+def fill_short_training(page, minutes: int) -> None:
+    """On the Train page: 64 px images and a time budget of `minutes`, so a run ends in about that time."""
+    from playwright.sync_api import expect
+
+    page.get_by_test_id("stSelectbox").filter(has_text="Image size").click()
+    page.get_by_role("option", name="64", exact=True).click()
+    budget = page.get_by_label("Time budget (minutes, 0 = none)")
+    budget.fill(str(minutes))
+    budget.press("Enter")
+    expect(budget).to_have_value(f"{minutes:.2f}")
+    wait_for_app(page)

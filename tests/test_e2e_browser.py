@@ -18,12 +18,13 @@ from pathlib import Path
 
 import pytest
 
-from tests.browser_fixture import chromium, make_run, require_browser
+from tests.browser_fixture import chromium, drop_files, fill_short_training, make_run, require_browser, wait_for_app
 from tests.conftest import encode_image, textured_image
 
 pytestmark = pytest.mark.slow
 
 CLASS_NAMES = ["Bulbasaur", "Charmander", "Squirtle"]
+MODEL_PROJECT = "Kanto"  # the newest project, so the pages open on it
 
 
 def _write_model_run(storage: Path) -> Path:
@@ -46,12 +47,13 @@ def app_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     require_browser()
     storage = tmp_path_factory.mktemp("e2e-storage")
     _write_model_run(storage)
-    from backend.ingest.service import freeze, starter
+    from backend.ingest.service import create_project, freeze, starter
     from backend.settings import Settings
 
     prepared = Settings.from_env({"YOLODEX_STORAGE": str(storage)})
     starter(prepared)  # what `make run` does too; the training test needs a frozen version of it
     freeze("Starter Pokédex", "v1", settings=prepared)
+    create_project(MODEL_PROJECT, CLASS_NAMES, settings=prepared)  # the model's project (by its class names)
     with make_run(storage) as app:
         yield app.url
 
@@ -88,9 +90,8 @@ def test_pokedex_upload_shows_boxes_and_dex_cards(page, app_url: str, tmp_path: 
     from playwright.sync_api import expect
 
     page.goto(f"{app_url}/pokedex")
-    expect(page.get_by_test_id("stApp")).to_have_attribute("data-test-connection-state", "CONNECTED")
-    uploader = page.locator('[data-testid="stFileUploaderDropzoneInput"]').first
-    uploader.set_input_files(str(_photo(tmp_path / "photo.jpg")))
+    wait_for_app(page)
+    drop_files(page, [_photo(tmp_path / "photo.jpg")])
     expect(page.get_by_test_id("stImage").first).to_be_visible()
     # One dex card per detection: each shows a class name and a confidence.
     expect(page.get_by_text("Bulbasaur").or_(page.get_by_text("Charmander")).or_(page.get_by_text("Squirtle")).first
@@ -112,11 +113,8 @@ def test_datasets_zip_upload_shows_the_import_report(page, app_url: str, tmp_pat
     archive.write_bytes(buffer.getvalue())
 
     page.goto(f"{app_url}/datasets")
-    expect(page.get_by_test_id("stApp")).to_have_attribute("data-test-connection-state", "CONNECTED")
-    page.locator('[data-testid="stFileUploaderDropzoneInput"]').first.set_input_files(str(archive))
-    expect(page.get_by_text("photos.zip").first).to_be_visible()
-    # The upload's own rerun must be over before the click, or the click's rerun can start without the file.
-    expect(page.get_by_test_id("stApp")).to_have_attribute("data-test-script-state", "notRunning")
+    wait_for_app(page)
+    drop_files(page, [archive])
     page.get_by_role("button", name=re.compile(r"^Import into")).click()
     # The report: 3 accepted, the text file named .jpg rejected (its row is in the rejected table).
     expect(page.get_by_test_id("stMetric").filter(has_text="accepted")).to_contain_text("3", timeout=90_000)
@@ -129,14 +127,9 @@ def test_datasets_zip_upload_shows_the_import_report(page, app_url: str, tmp_pat
 def test_train_page_runs_a_job_with_live_charts_and_cancel(page, app_url: str, screenshots: Path):
     from playwright.sync_api import expect
 
-    page.goto(f"{app_url}/train")
-    expect(page.get_by_test_id("stApp")).to_have_attribute("data-test-connection-state", "CONNECTED")
-    page.get_by_test_id("stSelectbox").filter(has_text="Image size").click()
-    page.get_by_role("option", name="64", exact=True).click()
-    budget = page.get_by_label("Time budget (minutes, 0 = none)")
-    budget.fill("1")
-    budget.press("Enter")
-    expect(budget).to_have_value("1.00")
+    page.goto(f"{app_url}/train?project=Starter%20Pok%C3%A9dex")  # a link to the page on that project
+    wait_for_app(page)
+    fill_short_training(page, minutes=1)
     page.get_by_role("button", name="Start training").click()
 
     # The worker trains; the page follows it live: progress text, then the loss/lr/mAP chart.
