@@ -125,12 +125,17 @@ def drop_files(page, paths: list[Path]) -> None:
     wait_for_app(page)
 
 
-def fill_short_training(page, minutes: int) -> None:
-    """On the Train page: 64 px images and a time budget of `minutes`, so a run ends in about that time."""
+def fill_short_training(page, minutes: int, epochs: int | None = None) -> None:
+    """On the Train page: 64 px images, a time budget of `minutes` and, when given, a number of epochs."""
     from playwright.sync_api import expect
 
     page.get_by_test_id("stSelectbox").filter(has_text="Image size").click()
     page.get_by_role("option", name="64", exact=True).click()
+    if epochs is not None:
+        field = page.get_by_label("Epochs", exact=True)
+        field.fill(str(epochs))
+        field.press("Enter")
+        expect(field).to_have_value(str(epochs))
     budget = page.get_by_label("Time budget (minutes, 0 = none)")
     budget.fill(str(minutes))
     budget.press("Enter")
