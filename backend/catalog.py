@@ -353,9 +353,9 @@ def best_model(runs: list[RunInfo]) -> ModelChoice | None:
         lead = f"best validation mAP50-95 {run.best_map:.3f} of {count}"
     if int8 is not None and facts.get("within_budget") and facts.get("int8_map") is not None:
         drop = 100.0 * ((facts.get("fp32_map") or 0.0) - facts["int8_map"])
+        side = f"{abs(drop):.2f} points {'below' if drop > 0 else 'above'} it" if round(drop, 2) else "the same score"
         detail = (
-            f"INT8 ({facts['int8_map']:.3f}), within the {facts.get('budget_points')}-point budget of FP32 "
-            f"({drop:+.2f} points below it)"
+            f"INT8 ({facts['int8_map']:.3f}), within the {facts.get('budget_points')}-point budget of FP32 ({side})"
             if facts.get("fp32_map") is not None
             else "INT8, within its quantization budget"
         )

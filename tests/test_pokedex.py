@@ -295,7 +295,14 @@ def test_best_model_is_the_best_validation_map_with_int8_within_budget(tmp_path)
 
     assert choice.model.path == runs_dir / "better" / "model_int8.onnx"
     assert choice.score == pytest.approx(0.405)
-    assert choice.reason.startswith("best validation mAP50-95 0.410 of 3 trained runs; INT8 (0.405), within the 1.0")
+    assert choice.reason == (
+        "best validation mAP50-95 0.410 of 3 trained runs; INT8 (0.405), within the 1.0-point "
+        "budget of FP32 (0.50 points below it)"
+    )
+    # An INT8 model that scores above its FP32 (noise on a small validation set) is said to be above it.
+    noisy = write_run(tmp_path / "noisy", "noisy", CLASS_NAMES, best_map=0.41, quant=(0.41, 0.42, 1.0), onnx=onnx)
+    above = catalog.best_model([catalog.run_info(noisy)])
+    assert above.reason.endswith("within the 1.0-point budget of FP32 (1.00 points above it)")
     # The run cancelled in its first epoch has no weights to offer: no model, no best mAP of 0.000.
     cancelled = next(run for run in runs if run.name == "cancelled")
     assert not cancelled.trained and cancelled.best_map is None
