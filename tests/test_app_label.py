@@ -310,13 +310,19 @@ def test_coco_is_a_start_only_when_its_weights_are_on_disk(storage: Path):
     )
 
 
+def trained_starter_run(folder: Path) -> Path:
+    """A run of the starter's classes with trained (evaluated) weights, as the pre-label model list offers."""
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text(json.dumps({"class_names": ["circle", "square", "triangle"]}))
+    (folder / "best.pt").write_bytes(b"")
+    return folder
+
+
 def test_a_queued_pre_label_is_not_shown_as_a_success(storage: Path, monkeypatch: pytest.MonkeyPatch):
     monkeypatch.setattr(server_module, "status", lambda settings, **_: server_module.ServerStatus(
         "running", server_module.labelstudio_url(settings), 1, "up"))  # fmt: skip
     link_to_label_studio(get_settings())
-    run_folder = storage / "runs" / "shapes-run"
-    run_folder.mkdir(parents=True)
-    (run_folder / "best.pt").write_bytes(b"")
+    trained_starter_run(storage / "runs" / "shapes-run")
     monkeypatch.delenv("YOLODEX_QUEUE_IMMEDIATE", raising=False)
     monkeypatch.setattr(jobs_tasks.huey, "immediate", False)  # no worker: the job stays queued
 
@@ -341,9 +347,7 @@ def test_a_queued_pre_label_is_not_shown_as_a_success(storage: Path, monkeypatch
 def test_buttons_run_the_step_and_show_its_summary_or_its_error(storage: Path, monkeypatch: pytest.MonkeyPatch):
     monkeypatch.setattr(server_module, "status", lambda settings, **_: server_module.ServerStatus(
         "running", server_module.labelstudio_url(settings), 1, "up"))  # fmt: skip
-    run_folder = storage / "runs" / "shapes-run"
-    run_folder.mkdir(parents=True)
-    (run_folder / "last.pt").write_bytes(b"")
+    run_folder = trained_starter_run(storage / "runs" / "shapes-run")
     calls: list[tuple[str, object]] = []
 
     def fake_sync(project: str, settings: Settings | None = None) -> dict[str, object]:
@@ -373,9 +377,9 @@ def test_buttons_run_the_step_and_show_its_summary_or_its_error(storage: Path, m
 
     app.button(key="label_prelabel").click().run()
     assert not app.exception, [exception.value for exception in app.exception]
-    assert calls == [("sync", STARTER_NAME), ("prelabel", run_folder)]
+    assert calls == [("sync", STARTER_NAME), ("prelabel", run_folder / "best.pt")]
     assert [element.value for element in app.error] == [
         "Pre-label failed: ValueError: the model shares no class with the project"
     ]
     [job] = jobs_api.list_jobs(get_settings(), kind="labeling_prelabel")
-    assert job.state == "failed" and job.params["model"] == str(run_folder)
+    assert job.state == "failed" and job.params["model"] == str(run_folder / "best.pt")
