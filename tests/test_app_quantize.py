@@ -241,15 +241,21 @@ def test_page_without_a_run_says_where_to_start(tmp_path, monkeypatch):
     assert "No trained run of any project with a best.pt yet" in page_text(app)
 
 
-def test_a_queued_job_shows_and_cancels(tmp_path, monkeypatch):
+def run_without_worker(tmp_path, monkeypatch) -> tuple[Settings, Path]:
+    """A storage with one trained run ("waiting") and a queue no worker reads: a submitted job stays queued."""
     monkeypatch.setenv("YOLODEX_STORAGE", str(tmp_path))
     monkeypatch.delenv("YOLODEX_QUEUE_IMMEDIATE", raising=False)
-    monkeypatch.setattr(backend.jobs.tasks.huey, "immediate", False)  # no worker: the job stays queued
+    monkeypatch.setattr(backend.jobs.tasks.huey, "immediate", False)
     settings = Settings.from_env({"YOLODEX_STORAGE": str(tmp_path)})
     run_dir = settings.runs_dir / "waiting"
     run_dir.mkdir(parents=True)
     (run_dir / "config.json").write_text(json.dumps({"train": {"imgsz": 64}, "class_names": ["a"]}))
     (run_dir / "best.pt").write_bytes(b"not opened by the page")
+    return settings, run_dir
+
+
+def test_a_queued_job_shows_and_cancels(tmp_path, monkeypatch):
+    settings, run_dir = run_without_worker(tmp_path, monkeypatch)
     job_id = jobs.submit("quantize", {"run_dir": str(run_dir), "options": {"budget": 0.5}}, settings=settings)
 
     app = open_page()  # no ?quantize_job=: the run's newest quantize job is found
@@ -268,14 +274,7 @@ def test_a_queued_job_shows_and_cancels(tmp_path, monkeypatch):
 def test_a_launch_says_queued_not_done(tmp_path, monkeypatch):
     """No worker runs: the job stays queued, and the banner says so (blue, not a green "done") beside the disabled
     button, the live panel showing the same state."""
-    monkeypatch.setenv("YOLODEX_STORAGE", str(tmp_path))
-    monkeypatch.delenv("YOLODEX_QUEUE_IMMEDIATE", raising=False)
-    monkeypatch.setattr(backend.jobs.tasks.huey, "immediate", False)  # no worker: the job stays queued
-    settings = Settings.from_env({"YOLODEX_STORAGE": str(tmp_path)})
-    run_dir = settings.runs_dir / "waiting"
-    run_dir.mkdir(parents=True)
-    (run_dir / "config.json").write_text(json.dumps({"train": {"imgsz": 64}, "class_names": ["a"]}))
-    (run_dir / "best.pt").write_bytes(b"not opened by the page")
+    settings, _ = run_without_worker(tmp_path, monkeypatch)
 
     app = open_page()
     app.button(key="quantize_start").click().run()
