@@ -122,18 +122,26 @@ def resume(
     on_event: EventCallback | None = None,
     stop_requested: Callable[[], bool] | None = None,
     world: World | None = None,
+    more_minutes: float | None = None,
+    more_epochs: int | None = None,
     **overrides: Any,
 ) -> FitResult:
     """Continues a run from its last.pt, where it stopped (mid-epoch included), with any number of processes.
 
     `overrides` may change what does not alter the data order: epochs, time_minutes, patience, device, amp,
     num_workers, checkpoint_minutes, eval_every, sync_bn.
+
+    `more_minutes` / `more_epochs` continue a run that ended (finished, early-stopped, cancelled) for that much
+    longer: new totals, the lr schedule over them and a fresh early-stopping patience (`continuation`); config.json
+    then records the new totals, so the run's pages count against them and a later resume goes on to them.
     """
     run_dir = Path(run_dir)
+    world = world or World()
     config_path, last_path = run_dir / "config.json", run_dir / "last.pt"
     if not config_path.is_file() or not last_path.is_file():
         raise TrainingError(f"{run_dir} holds no run to resume (config.json and last.pt are needed)")
-    config = TrainConfig.from_dict(json.loads(config_path.read_text())["train"])
+    saved = json.loads(config_path.read_text())
+    config = TrainConfig.from_dict(saved["train"])
     allowed = {"epochs", "time_minutes", "patience", "device", "amp", "num_workers", "checkpoint_minutes", "eval_every",
                "sync_bn"}  # fmt: skip
     unknown = set(overrides) - allowed
@@ -141,7 +149,18 @@ def resume(
         raise TrainingError(f"cannot change {', '.join(sorted(unknown))} when resuming; start a new run instead")
     config = config.with_changes(**{key: value for key, value in overrides.items() if value is not None})
     checkpoint = read_checkpoint(last_path)
-    return _run(config, run_dir, checkpoint, on_event or _ignore_event, stop_requested, world or World())
+    if more_minutes or more_epochs:
+        from backend.training.continuation import continued_config, prepare_checkpoint
+
+        continued = continued_config(config, checkpoint, more_minutes, more_epochs)
+        checkpoint = prepare_checkpoint(checkpoint, config, continued)
+        if world.is_main:
+            history = [*saved.get("continued", []), {"epochs_done": int(checkpoint["epoch"]),
+                       "more_minutes": more_minutes, "more_epochs": more_epochs}]  # fmt: skip
+            totals = {"epochs": continued.epochs, "time_minutes": continued.time_minutes}
+            atomic_write_json(config_path, {**saved, "train": {**saved["train"], **totals}, "continued": history})
+        config = continued
+    return _run(config, run_dir, checkpoint, on_event or _ignore_event, stop_requested, world)
 
 
 # ----------------------------------------------------------------------------------------------------------------
