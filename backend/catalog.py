@@ -5,6 +5,10 @@ A run folder (architecture: "A run folder") is any folder under `storage/runs/` 
 `model_int8.onnx`, `quant_report.json`. Reading the catalog opens no model: only file names, sizes, times and the
 small JSON files.
 
+Each model's validation scores (`RunInfo.model_score`) are that model's own: a checkpoint's and, before quantization,
+the FP32 export's come from `eval.json` (the training's evaluation of best.pt), an INT8 model's only from
+quant_report.json (never borrowed from FP32).
+
 A run belongs to a project (`run_projects`): the one its `Run` row names (runs started by a job), else the one whose
 frozen version it trained on, else the one whose classes are its classes. A run is offered as a model or as start
 weights only once it has trained weights (`RunInfo.trained`): a run cancelled in its first epoch has none worth using.
@@ -12,6 +16,7 @@ weights only once it has trained weights (`RunInfo.trained`): a run cancelled in
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -31,6 +36,35 @@ def _read_json(path: Path) -> dict[str, Any] | None:
     except (OSError, ValueError):
         return None
     return value if isinstance(value, dict) else None
+
+
+@dataclass(frozen=True)
+class ModelScore:
+    """What one model's validation evaluation says of it.
+
+    Attributes:
+        map50: mAP at IoU 0.5 (fraction), None when that evaluation did not give it.
+        map50_95: mAP50-95 (fraction), None when not given.
+        recall: the share of the validation objects it found with their right class (`evaluation.errors.found_share`)
+            at `score_threshold`, None when not recorded.
+        score_threshold: the confidence above which `recall` counts a detection, None when not recorded.
+        source: the file the figures come from ("eval.json" or "quant_report.json").
+    """
+
+    map50: float | None
+    map50_95: float | None
+    recall: float | None
+    score_threshold: float | None
+    source: str
+
+
+def score_text(score: ModelScore | None) -> str:
+    """A model's validation score for a model list: "mAP50 0.412", or "not evaluated"."""
+    if score is None or (score.map50 is None and score.map50_95 is None):
+        return "not evaluated"
+    if score.map50 is None:
+        return f"mAP50 not measured (mAP50-95 {score.map50_95:.3f})"
+    return f"mAP50 {score.map50:.3f}"
 
 
 @dataclass(frozen=True)
@@ -74,6 +108,7 @@ class RunInfo:
         steps_per_epoch: steps in one epoch, None when unknown.
         time_budget_s: the training's time budget, None without one.
         quant_report: the small facts of quant_report.json this catalog uses (see `quant_facts`), None without one.
+        evaluation: the small facts of eval.json (see `eval_facts`), None without one.
     """
 
     name: str
@@ -89,6 +124,7 @@ class RunInfo:
     steps_per_epoch: int | None = None
     time_budget_s: float | None = None
     quant_report: dict[str, Any] | None = None
+    evaluation: dict[str, Any] | None = None
 
     def model(self, kind: str) -> ModelFile | None:
         return next((model for model in self.models if model.kind == kind), None)
@@ -123,6 +159,27 @@ class RunInfo:
         if kind == "fp32" and facts.get("fp32_map") is not None:
             return facts["fp32_map"]
         return self.best_map
+
+    def model_score(self, kind: str) -> ModelScore | None:
+        """The validation scores of this run's `kind` model, from its own evaluation: INT8 from quant_report.json;
+        FP32 from there, else (the export of best.pt) from eval.json; a checkpoint from eval.json. None when that
+        model was never evaluated."""
+        quant = self.quant_report or {}
+        prefix = {"int8": "int8", "fp32": "fp32"}.get(kind)
+        if prefix and (quant.get(f"{prefix}_map") is not None or quant.get(f"{prefix}_map50") is not None):
+            return ModelScore(quant.get(f"{prefix}_map50"), quant.get(f"{prefix}_map"), quant.get(f"{prefix}_recall"),
+                              quant.get("score_threshold"), "quant_report.json")  # fmt: skip
+        if kind == "int8" or not self.evaluation:
+            return None
+        facts = self.evaluation
+        if facts["map50"] is None and facts["map50_95"] is None:
+            return None
+        return ModelScore(facts["map50"], facts["map50_95"], facts["recall"], facts["score_threshold"], "eval.json")
+
+    def model_label(self, model: ModelFile) -> str:
+        """The model's line in a model list, with its own validation mAP50: "run-1 · INT8 ONNX (model_int8.onnx,
+        2.9 MB) · mAP50 0.412", or "... · not evaluated"."""
+        return f"{model.label} · {score_text(self.model_score(model.kind))}"
 
 
 def _mtime(path: Path) -> datetime:
@@ -172,22 +229,71 @@ def _read_events(path: Path) -> dict[str, Any]:
 
 
 def quant_facts(report: dict[str, Any] | None) -> dict[str, Any] | None:
-    """From a quant_report.json: fp32_map and int8_map (the shipped model_int8.onnx's; fractions), budget_points (the
-    largest mAP50-95 drop allowed, in points: 0.5 = 0.005) and within_budget; None without a report."""
+    """From a quant_report.json: fp32_map and int8_map (mAP50-95 of FP32 and of the shipped model_int8.onnx;
+    fractions), fp32_map50 / int8_map50, fp32_recall / int8_recall (the share of validation objects found, None in
+    reports written before it was measured), score_threshold (at which recall counts: the evaluation's default,
+    `REPORT_SCORE_THRESHOLD`, when a recall is there), budget_points (the largest mAP50-95 drop allowed, in points:
+    0.5 = 0.005) and within_budget; None without a report."""
     if not report or not isinstance(report.get("models"), dict):
         return None
     models = report["models"]
 
-    def score(name: Any) -> float | None:
-        value = ((models.get(name) or {}).get("metrics") or {}).get("mAP50-95")
+    def score(name: Any, key: str) -> float | None:
+        value = ((models.get(name) or {}).get("metrics") or {}).get(key)
         return float(value) if isinstance(value, int | float) else None
 
-    fp32, int8 = score("fp32"), score(report.get("chosen"))
+    chosen = report.get("chosen")
+    fp32, int8 = score("fp32", "mAP50-95"), score(chosen, "mAP50-95")
     budget = report.get("budget_points")
     within = report.get("within_budget")
     if within is None and fp32 is not None and int8 is not None and budget is not None:
         within = int8 >= fp32 - float(budget) / 100.0 - 1e-9
-    return {"fp32_map": fp32, "int8_map": int8, "budget_points": budget, "within_budget": within}
+    recalls = {"fp32_recall": score("fp32", "recall"), "int8_recall": score(chosen, "recall")}
+    return {
+        "fp32_map": fp32, "int8_map": int8, "fp32_map50": score("fp32", "mAP50"), "int8_map50": score(chosen, "mAP50"),
+        **recalls, "score_threshold": REPORT_SCORE_THRESHOLD if any(v is not None for v in recalls.values()) else None,
+        "budget_points": budget, "within_budget": within,
+    }  # fmt: skip
+
+
+# The score threshold of the quantization's evaluations (backend.quantization.pipeline scores every model with
+# evaluate_detections' default), which its report does not repeat.
+REPORT_SCORE_THRESHOLD = 0.25
+
+
+def eval_facts(path: Path) -> dict[str, Any] | None:
+    """From an eval.json: map50, map50_95, recall (recorded, or for an older file computed from its confusion
+    matrix) and score_threshold; None without a readable file. Read once per file version (eval.json holds every
+    image's errors: it can be large, and pages list the catalog on every rerun)."""
+    try:
+        stat = path.stat()
+    except OSError:
+        return None
+    return _eval_facts(str(path), stat.st_mtime_ns, stat.st_size)
+
+
+@functools.lru_cache(maxsize=64)
+def _eval_facts(path: str, mtime_ns: int, size: int) -> dict[str, Any] | None:
+    del mtime_ns, size  # the cache key: a new evaluation is read again
+    evaluation = _read_json(Path(path))
+    if evaluation is None:
+        return None
+    metrics = evaluation.get("metrics") or {}
+
+    def number(value: Any) -> float | None:
+        return float(value) if isinstance(value, int | float) else None
+
+    recall = number(metrics.get("recall"))
+    if "recall" not in metrics and evaluation.get("confusion_matrix"):
+        from backend.evaluation.errors import found_share  # numpy: only for files written before recall was
+
+        try:
+            recall = found_share(evaluation["confusion_matrix"])
+        except (ValueError, TypeError):
+            recall = None
+    threshold = number(evaluation.get("score_threshold"))
+    return {"map50": number(metrics.get("mAP50")), "map50_95": number(metrics.get("mAP50-95")), "recall": recall,
+            "score_threshold": threshold if recall is not None else None}  # fmt: skip
 
 
 def epochs_text(
@@ -263,10 +369,10 @@ def run_info(folder: Path) -> RunInfo | None:
                 models.append(ModelFile(path, kind, folder.name, _mtime(path), path.stat().st_size))
                 break
     facts = _read_events(folder / "metrics.jsonl")
+    evaluation = eval_facts(folder / "eval.json")
     best = facts["best_map"] if facts["evaluated"] else None
     if best is None:
-        evaluation = _read_json(folder / "eval.json") or {}
-        best = (evaluation.get("metrics") or {}).get("mAP50-95")
+        best = (evaluation or {}).get("map50_95")
     times = [_mtime(folder / "config.json"), *(model.modified for model in models)]
     train = config.get("train") or {}
     budget = facts["time_budget_s"]
@@ -286,6 +392,7 @@ def run_info(folder: Path) -> RunInfo | None:
         steps_per_epoch=facts["steps_per_epoch"],
         time_budget_s=budget,
         quant_report=quant_facts(_read_json(folder / "quant_report.json")),
+        evaluation=evaluation,
     )
 
 

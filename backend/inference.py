@@ -6,6 +6,7 @@ detections = predictor.predict(["photo.jpg"])       # boxes xyxy in original-ima
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -86,6 +87,15 @@ class Predictor:
             "onnxruntime", list(names), (int(height), int(width)), postprocess, session=session,
             onnx_has_nms=bool(metadata.get("with_nms", len(session.get_outputs()) == 4)),
         )  # fmt: skip
+
+    def warm_up(self) -> float:
+        """Runs the model once on a blank image of its input size, so that a first timed call measures the steady
+        state, not onnxruntime's or PyTorch's first-run set-up (allocations, kernel choice: the first run of an INT8
+        graph can take several times longer than the next). Returns the seconds it took."""
+        height, width = self.input_size
+        start = time.perf_counter()
+        self.predict([np.full((height, width, 3), 114, dtype=np.uint8)])
+        return time.perf_counter() - start
 
     def predict(self, images: Sequence[ImageSource | np.ndarray]) -> list[Detections]:
         """Detections per image, boxes (N, 4) xyxy in original-image pixels."""

@@ -2,9 +2,11 @@
 optionally the run's FP32 and INT8 models side by side with their latencies.
 
 Thin on purpose: decoding, inference, drawing and the dex entries come from `backend.pokedex`, the models from
-`backend.catalog` (the current project's best model by default: `catalog.best_model`). The predictor is cached per
-(path, mtime) for the process, so a re-quantized model loads again; a photo's result is cached per (photo, model,
-threshold), so moving a widget does not run the model again.
+`backend.catalog` (the current project's best model by default: `catalog.best_model`), each listed with its own
+validation mAP50; a model still learning (`backend.pokedex.still_learning`) carries a notice with what it finds and a
+link to continue its training. The predictor is cached per (path, mtime) for the process, so a re-quantized model
+loads again, and warmed up once when it loads, so the latencies shown are the steady state's; a photo's result is
+cached per (photo, model, threshold), so moving a widget does not run the model again.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import logging
 
 import streamlit as st
 
+from app.navigation import app_pages
 from app.widgets import page_settings, project_picker, store_engine
 from backend import catalog
 from backend.inference import Predictor
@@ -20,13 +23,15 @@ from backend.pokedex import (
     MAX_CARD_CROPS,
     DexEntry,
     PokedexResult,
+    continue_training_params,
     detect,
     dex_entries,
     empty_result_hint,
     encode_display,
     nms_text,
     plain_entries,
-    weak_model_note,
+    still_learning,
+    still_learning_note,
 )
 from backend.processing import ImageLoadError
 from backend.store.db import session_scope
@@ -41,8 +46,12 @@ LOWEST_CONF = 0.05
 
 @st.cache_resource(show_spinner="Loading the model…", max_entries=4)
 def load_predictor(path: str, mtime: float) -> Predictor:
-    """One predictor per model file version (`mtime` is only part of the key) for every session of the process."""
-    return Predictor.from_path(path)
+    """One predictor per model file version (`mtime` is only part of the key) for every session of the process, run
+    once on a blank image before any photo: the first run of a session pays its set-up, and the latencies the page
+    shows (FP32 against INT8 above all) are to be the steady state's."""
+    predictor = Predictor.from_path(path)
+    predictor.warm_up()
+    return predictor
 
 
 @st.cache_data(show_spinner="Looking…", max_entries=16)
@@ -81,6 +90,12 @@ def latency_text(result: PokedexResult) -> str:
         f"(decode {timings['decode_ms']:.0f}, pre/post-processing {timings['predict_ms'] - timings['infer_ms']:.0f}, "
         f"drawing {timings['draw_ms']:.0f})"
     )
+
+
+def continue_link(run: str) -> None:
+    """The Train page, in this tab, set to continue `run`."""
+    st.page_link(app_pages()["train"], label=f"Continue training {run}", icon=":material/model_training:",
+                 query_params=continue_training_params(run))  # fmt: skip
 
 
 def show_cards(result: PokedexResult, entries: list[DexEntry]) -> None:
@@ -129,8 +144,7 @@ default = str(choice.model.path) if choice else str(models[0].path)
 
 def model_label(path: str) -> str:
     model = by_path[path]
-    score = run_of[model.path.parent].model_map(model.kind)
-    return model.label + ("" if score is None else f" · mAP50-95 {score:.3f}")
+    return run_of[model.path.parent].model_label(model)
 
 
 chosen_path = st.selectbox(
@@ -145,7 +159,11 @@ chosen_path = st.selectbox(
 if choice is not None:
     st.caption(f"Default: {choice.run.name} · {KIND_TITLE[choice.model.kind]}: {choice.reason}.")
 model = by_path[chosen_path]
-model_map = run_of[model.path.parent].model_map(model.kind)
+score = run_of[model.path.parent].model_score(model.kind)
+notice = still_learning_note(score)
+if notice:
+    st.warning(notice, icon=":material/school:")
+    continue_link(model.run)
 controls = st.columns(3)
 conf = controls[0].slider("Confidence threshold", LOWEST_CONF, 0.95, 0.25, 0.05, key="pokedex_conf")
 compare = controls[1].toggle("Compare FP32 and INT8", key="pokedex_compare")
@@ -193,7 +211,8 @@ if pair:
             left.metric(f"{KIND_TITLE[kind]} model run", f"{found.timings['infer_ms']:.0f} ms")
             right.metric(f"{KIND_TITLE[kind]} total", f"{found.timings['total_ms']:.0f} ms")
     ratio = pair["fp32"][0].timings["infer_ms"] / max(pair["int8"][0].timings["infer_ms"], 1e-6)
-    st.caption(f"INT8 runs the model {ratio:.2f}x as fast as FP32 on this machine (this photo, first run).")
+    st.caption(f"INT8 runs the model {ratio:.2f}x as fast as FP32 on this machine (this photo, each model warmed up "
+               "once when it loaded).")  # fmt: skip
 else:
     st.image(
         display,
@@ -204,9 +223,8 @@ st.caption(f"Boxes: {nms_text(conf)}.")
 
 st.subheader("Dex entries")
 if len(result):
-    weak = weak_model_note(model_map)
-    if weak:
-        st.warning(weak)
     show_cards(result, entries)
 else:
-    st.info(empty_result_hint(conf, LOWEST_CONF, model_map))
+    st.info(empty_result_hint(conf, LOWEST_CONF, score))
+    if still_learning(score):
+        continue_link(model.run)

@@ -220,7 +220,7 @@ def test_dex_entries_without_a_matching_project_have_the_name_only(engine):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# The default model, the post-processing and the empty-result hint
+# The default model and the post-processing (the empty-result hint: tests/test_model_scores.py)
 # ----------------------------------------------------------------------------------------------------------------
 
 
@@ -341,20 +341,6 @@ def test_the_pokedex_post_processing_is_the_evaluations():
     assert config.conf_threshold == 0.4
     assert dataclasses.replace(config, conf_threshold=EVAL_POSTPROCESS.conf_threshold) == EVAL_POSTPROCESS
     assert f"IoU {EVAL_POSTPROCESS.iou_threshold:g}" in nms_text(0.4)
-
-
-def test_empty_result_hint_depends_on_the_threshold_and_the_models_score():
-    from backend.pokedex import empty_result_hint
-
-    assert "lower it" in empty_result_hint(0.25, 0.05, 0.4)
-    at_lowest = empty_result_hint(0.05, 0.05, 0.4)
-    assert "lower" not in at_lowest and "lowest threshold (0.05)" in at_lowest
-    weak = empty_result_hint(0.05, 0.05, 0.002)
-    assert "barely learned" in weak and "Train it longer" in weak and "lower" not in weak
-    assert "barely learned" in empty_result_hint(0.5, 0.05, 0.0) and "lower the threshold" in empty_result_hint(
-        0.5, 0.05, 0.0
-    )
-    assert "barely learned" not in empty_result_hint(0.25, 0.05, None)  # never evaluated: nothing said of it
 
 
 def test_dex_entries_of_the_current_project_come_first(engine):

@@ -27,7 +27,7 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 from backend.data.records import DatasetError, DetectionSet
-from backend.evaluation.errors import confusion_and_errors
+from backend.evaluation.errors import confusion_and_errors, found_share
 from backend.files import atomic_write_json
 from backend.processing import Detections
 
@@ -43,7 +43,9 @@ class EvaluationResult:
     Attributes:
         metrics: "mAP50-95", "mAP50", "mAP75", "mAP_small", "mAP_medium", "mAP_large" (AP at `max_detections`),
             "AR1", "AR10", "AR100", "AR300" (AR at that many detections, IoU .50:.95); None where pycocotools
-            leaves it undefined (no ground truth of that size, or none at all).
+            leaves it undefined (no ground truth of that size, or none at all); and "recall", the share of the
+            ground-truth objects found with their right class at `score_threshold` and `iou_threshold` (the
+            confusion matrix's diagonal over its ground truth, `errors.found_share`; None without ground truth).
         per_class: one dict per class index: class_id, class_name, category_id, gt_count, prediction_count (all
             predictions, no score threshold), "AP50-95", "AP50", "AP75" (None for a class without ground truth).
         pr_curves: one dict per class index at IoU 0.5: recall (the 101 COCO recall points), precision
@@ -154,7 +156,7 @@ def evaluate_detections(
     if num_ground_truth == 0:
         warnings.append("the split has no ground-truth boxes, so AP and AR are undefined (None); label some objects")
     return EvaluationResult(
-        metrics=_summary_metrics(coco_eval, max_det_index),
+        metrics={**_summary_metrics(coco_eval, max_det_index), "recall": found_share(matrix)},
         per_class=_per_class(coco_eval, dataset, predictions, max_det_index),
         pr_curves=_pr_curves(coco_eval, dataset, max_det_index),
         confusion_matrix=matrix,

@@ -75,6 +75,20 @@ def match_image(
     )
 
 
+def found_share(confusion_matrix: Sequence[Sequence[int]] | np.ndarray) -> float | None:
+    """The share of the ground-truth objects the detector found and named right, from a confusion matrix laid out
+    as `confusion_and_errors` returns it (rows ground-truth class, background last; columns predicted class,
+    background last): the diagonal over all ground truth, i.e. the recall at the matrix's score and IoU thresholds,
+    objects of every class counted alike. An object found but called another class is not found. None without
+    ground truth."""
+    matrix = np.asarray(confusion_matrix, dtype=np.int64)
+    if matrix.ndim != 2 or matrix.shape[0] != matrix.shape[1] or matrix.shape[0] < 1:
+        raise ValueError(f"a confusion matrix is square (classes + background), got shape {matrix.shape}")
+    classes = matrix.shape[0] - 1
+    ground_truth = int(matrix[:classes].sum())
+    return None if ground_truth == 0 else float(np.trace(matrix[:classes, :classes])) / ground_truth
+
+
 def confusion_and_errors(
     dataset: DetectionSet,
     predictions: Sequence[Detections],

@@ -39,6 +39,7 @@ METRICS = (
     ("AR10", "recall with 10 detections per image"),
     ("AR100", "recall with 100 detections per image"),
     ("AR300", "recall with 300 detections per image"),
+    ("recall", "share of the objects found with their right class, at the confusion matrix's score and IoU"),
 )
 BOX_COLOURS = {"prediction": (230, 40, 40), "ground_truth": (30, 170, 60), "miss": (40, 110, 240)}
 
