@@ -98,11 +98,14 @@ def can_embed(ls_url: str, browser_scheme: str | None, browser_host: str | None)
 
 
 def model_choices(settings, engine: Engine, project: str) -> dict[str, Path]:
-    """Label → model for pre-labeling: the models of the project's trained runs (`catalog.trained_runs`: a run
-    cancelled before it learned anything is no model), INT8 before FP32 before checkpoints, newest first."""
+    """Label (with the model's own validation mAP50) → model for pre-labeling: the models of the project's trained
+    runs (`catalog.trained_runs`: a run cancelled before it learned anything is no model), INT8 before FP32 before
+    checkpoints, newest first."""
     with session_scope(engine) as session:
         runs = catalog.project_runs(session, settings, project, catalog.trained_runs(settings))
-    return {model.label: model.path for model in catalog.list_models(settings, runs=runs)}
+    run_of = {info.path: info for info in runs}
+    return {run_of[model.path.parent].model_label(model): model.path
+            for model in catalog.list_models(settings, runs=runs)}  # fmt: skip
 
 
 def run_action(project: str, title: str, action: Callable[[], dict[str, Any]]) -> None:

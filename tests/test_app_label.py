@@ -7,6 +7,7 @@ would leave them, so the queue, the progress and the loop are checked without a 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -14,6 +15,7 @@ import pytest
 from sqlalchemy import delete, func, select
 from streamlit.testing.v1 import AppTest
 
+from backend.evaluation.coco_eval import evaluate_detections
 from backend.ingest import service as ingest_service
 from backend.ingest.starter import STARTER_NAME
 from backend.jobs import api as jobs_api
@@ -104,6 +106,14 @@ def link_to_label_studio(settings: Settings, unlabeled_count: int = 3, pulled: i
     return {"unlabeled": unlabeled, "tasks": tasks, "uncertainty": uncertainty}
 
 
+def perfect_evaluation() -> dict:
+    """A real evaluation (as eval.json holds it) of predictions equal to the ground truth: mAP50 1."""
+    from tests.test_evaluation import BOX_A, BOX_B, CAT, DOG, detections, make_dataset
+
+    dataset = make_dataset([([BOX_A, BOX_B], [CAT, DOG])])
+    return evaluate_detections(dataset, [detections([BOX_A, BOX_B], [0.9, 0.8], [CAT, DOG])]).to_dict()
+
+
 def test_label_studio_down_shows_the_stopped_state_and_the_start_action(storage: Path):
     runs = storage / "runs"
     starter_config = json.dumps({"class_names": ["circle", "square", "triangle"], "train": {"size": "s"}})
@@ -112,6 +122,11 @@ def test_label_studio_down_shows_the_stopped_state_and_the_start_action(storage:
         for file in files:
             (runs / name / file).write_bytes(b"")
     (runs / "first-run" / "config.json").write_text(starter_config)
+    (runs / "first-run" / "eval.json").write_text(json.dumps(perfect_evaluation()))
+    (runs / "unevaluated").mkdir()  # trained elsewhere: weights, never evaluated
+    (runs / "unevaluated" / "config.json").write_text(starter_config)
+    (runs / "unevaluated" / "best.pt").write_bytes(b"")
+    os.utime(runs / "unevaluated" / "best.pt", (1, 1))  # older than first-run's: listed after it
     (runs / "other-project" / "config.json").write_text(json.dumps({"class_names": ["raccoon"]}))
     (runs / "cancelled").mkdir()  # the starter's classes, but cancelled before it learned anything: no model
     (runs / "cancelled" / "config.json").write_text(starter_config)
@@ -128,10 +143,12 @@ def test_label_studio_down_shows_the_stopped_state_and_the_start_action(storage:
     # Every button that talks to Label Studio is offered but disabled while it is down.
     for key in ("label_sync", "label_pull", "label_prelabel"):
         assert app.button(key=key).disabled, key
-    # The project's trained runs' models only (not another project's, not a run cancelled before it learned).
+    # The project's trained runs' models only (not another project's, not a run cancelled before it learned), each
+    # with its own validation mAP50 (first-run's FP32 model is the export of its evaluated best.pt).
     assert app.selectbox(key="label_model").options == [
-        "first-run · FP32 ONNX (model_fp32.onnx, 0.0 MB)",
-        "first-run · PyTorch checkpoint (best.pt, 0.0 MB)",
+        "first-run · FP32 ONNX (model_fp32.onnx, 0.0 MB) · mAP50 1.000",
+        "first-run · PyTorch checkpoint (best.pt, 0.0 MB) · mAP50 1.000",
+        "unevaluated · PyTorch checkpoint (best.pt, 0.0 MB) · not evaluated",
     ]
     assert not app.get("iframe")
     # The progress still comes from our own database: the starter project is fully labeled.

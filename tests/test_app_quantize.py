@@ -165,6 +165,14 @@ def test_page_shows_the_report(storage):
 
     assert app.selectbox(key="quantize_run_None").value.name == RUN  # no project in this storage
     assert app.query_params["run"] == RUN
+    # The run's models with their own validation mAP50: best.pt's from the training's eval.json, the shipped INT8
+    # model's from the report (which records each model's recall too).
+    trained = json.loads((storage.runs_dir / RUN / "eval.json").read_text())["metrics"]["mAP50"]
+    shipped = report["models"][report["chosen"]]["metrics"]
+    assert "recall" in shipped and "recall" in report["models"]["fp32"]["metrics"]
+    assert app.selectbox(key="quantize_run_None").options == [
+        f"{RUN} · best.pt mAP50 {trained:.3f} · INT8 mAP50 {shipped['mAP50']:.3f}"
+    ]
     table = table_with(app, "shipped")
     order = ["fp32", *[name for name in report["models"] if name != "fp32"]]
     assert list(table["label"]) == [view.row_label(name) for name in order]
