@@ -3,7 +3,7 @@
 `make run` (on free ports, with a temporary storage) starts Label Studio, the huey worker and the Streamlit app; the
 tests upload a photo on the Pokédex page, run a short training job from the Train page, and upload a zip on the
 Datasets page. Assertions are Playwright's retrying `expect`s, never fixed sleeps.
-Screenshots go to `$YOLODEX_E2E_SCREENSHOTS` (default: the test's temporary folder) and are kept.
+Screenshots go to `$YOLODEX_E2E_SCREENSHOTS` (default: `build/screenshots/e2e/` in the repository) and are kept.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from tests.browser_fixture import chromium, drop_files, fill_short_training, make_run, require_browser, wait_for_app
-from tests.conftest import encode_image, textured_image
+from tests.conftest import REPO_ROOT, encode_image, textured_image
 
 pytestmark = pytest.mark.slow
 
@@ -38,6 +38,11 @@ def _write_model_run(storage: Path) -> Path:
     (run / "config.json").write_text(json.dumps({"train": {"size": "s", "imgsz": 64}, "class_names": CLASS_NAMES}))
     export_onnx(detector_with_spread_scores(len(CLASS_NAMES)), run / "model_fp32.onnx", imgsz=64,
                 class_names=CLASS_NAMES, run_id="e2e-run")  # fmt: skip
+    # Its real evaluation on three photos whose objects it finds a quarter of: a model still learning.
+    from tests.test_app_pokedex import evaluate_model
+
+    evaluation = evaluate_model(run / "model_fp32.onnx", storage / "e2e-val", "quarter")
+    (run / "eval.json").write_text(json.dumps(evaluation))
     return run
 
 
@@ -65,8 +70,8 @@ def browser(app_url: str):
 
 
 @pytest.fixture
-def screenshots(tmp_path: Path) -> Path:
-    folder = Path(os.environ.get("YOLODEX_E2E_SCREENSHOTS", tmp_path))
+def screenshots() -> Path:
+    folder = Path(os.environ.get("YOLODEX_E2E_SCREENSHOTS") or REPO_ROOT / "build" / "screenshots" / "e2e")
     folder.mkdir(parents=True, exist_ok=True)
     return folder
 
@@ -99,6 +104,15 @@ def test_pokedex_upload_shows_boxes_and_dex_cards(page, app_url: str, tmp_path: 
     expect(page.get_by_text("%").first).to_be_visible()
     expect(page.get_by_test_id("stException")).to_have_count(0)
     page.screenshot(path=str(screenshots / "e2e_pokedex.png"), full_page=True)
+    # The model is still learning (its evaluation above): the page says what it finds, with a link to train it on.
+    notice = page.get_by_test_id("stAlert").filter(has_text="Still learning")
+    expect(notice).to_contain_text(re.compile(r"it finds \d+% of the objects in its validation photos"))
+    notice.scroll_into_view_if_needed()
+    page.screenshot(path=str(screenshots / "e2e_pokedex_still_learning.png"))  # the notice in view
+    expect(page.get_by_role("link", name="Continue training e2e-run")).to_have_attribute(
+        "href",
+        re.compile(r"(^|/)train\?continue=e2e-run$"),  # the app's own link (relative): the same tab
+    )
 
 
 def test_datasets_zip_upload_shows_the_import_report(page, app_url: str, tmp_path: Path, screenshots: Path):
