@@ -127,17 +127,24 @@ def cmd_train(args: argparse.Namespace) -> None:
         fit = functools.partial(distributed.fit, **launch)
         resume = functools.partial(distributed.resume, **launch)
     bar = _TrainProgress(tqdm, quiet=args.quiet)
+    if not args.resume and not args.data:
+        raise ValueError("--data is required (a dataset folder or COCO json), or --resume RUN_DIR")
+    if args.measure_speed or not args.quiet:
+        try:
+            _print_estimate(args, processes)
+        except (OSError, ValueError, KeyError, TrainingError) as error:  # advice only: training says what is wrong
+            print(f"no time estimate: {error}", file=sys.stderr)
     try:
         if args.resume:
+            # On --resume, --time and --epochs are MORE minutes / epochs from where the run stopped (a run that
+            # ended is continued: trainer.resume's more_minutes / more_epochs); without them it goes on to its totals.
             overrides = {
-                "epochs": args.epochs, "time_minutes": args.time, "patience": args.patience, "device": args.device,
-                "num_workers": args.workers, "amp": False if args.no_amp else None,
+                "more_minutes": args.time, "more_epochs": args.epochs, "patience": args.patience,
+                "device": args.device, "num_workers": args.workers, "amp": False if args.no_amp else None,
                 "checkpoint_minutes": args.checkpoint_minutes,
             }  # fmt: skip
             result = resume(args.resume, on_event=bar, **{k: v for k, v in overrides.items() if v is not None})
         else:
-            if not args.data:
-                raise ValueError("--data is required (a dataset folder or COCO json), or --resume RUN_DIR")
             config = TrainConfig(
                 data=str(args.data), size=args.size, imgsz=args.imgsz, epochs=args.epochs or 100,
                 batch_size=args.batch, time_minutes=args.time, weights=args.weights, lr=args.lr,
@@ -158,6 +165,40 @@ def cmd_train(args: argparse.Namespace) -> None:
         + f", in {result.elapsed_s:.0f} s"
     )
     _print(payload, args.json, text)
+
+
+def _print_estimate(args: argparse.Namespace, processes: int) -> None:
+    """The expected time per epoch and the recommended budget (`training.estimate`), on stderr, from an earlier run's
+    or a cached probe's speed; `--measure-speed` probes when neither exists. Nothing when there is no measured speed
+    (or several processes: their speed is not measured)."""
+    import json
+
+    from backend.settings import get_settings
+    from backend.training import estimate
+
+    settings = get_settings()
+    if processes > 1:
+        return
+    if args.resume:
+        train = json.loads((Path(args.resume) / "config.json").read_text())["train"]
+        size, imgsz, batch, data = train["size"], train["imgsz"], train["batch_size"], train["data"]
+        min_samples, device = train.get("min_samples", args.min_samples), args.device or train["device"]
+        amp = False if args.no_amp or train.get("amp") is False else None
+    else:
+        size, imgsz, batch, data = args.size, args.imgsz, args.batch, args.data
+        min_samples, device, amp = args.min_samples, args.device or "auto", False if args.no_amp else None
+    key = estimate.speed_key(size, imgsz, batch, device, amp)
+    speed = estimate.measured_speed(settings.storage, settings.runs_dir, key)
+    if speed is None and args.measure_speed:
+        print(f"measuring this machine's speed: {estimate.PROBE_STEPS} training steps of YOLO-NAS {size.upper()} at "
+              f"{imgsz} px, batch {batch}...", file=sys.stderr)  # fmt: skip
+        speed = estimate.measure_speed(settings.storage, key)
+    train_images, val_images = estimate.version_images(data)
+    if speed is None:
+        print("no time estimate: no earlier run with these settings and no speed measured on this machine "
+              "(--measure-speed measures it first)", file=sys.stderr)  # fmt: skip
+    elif train_images:
+        print(estimate.recommend(speed, train_images, val_images, batch, min_samples).text(), file=sys.stderr)
 
 
 class _TrainProgress:
@@ -463,8 +504,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--data", type=Path, help="COCO folder (images/, train.json, val.json), YOLO folder, or json")
     train.add_argument("--size", choices=sizes, default="s")
     train.add_argument("--imgsz", type=int, default=640)
-    train.add_argument("--epochs", type=int, help="default 100 (on --resume: the run's)")
-    train.add_argument("--time", type=float, help="wall-clock budget in minutes, counted from the first step")
+    train.add_argument("--epochs", type=int, help="default 100; on --resume: this many MORE epochs")
+    train.add_argument("--time", type=float, help="budget in minutes from the first step; on --resume: MORE minutes")
     train.add_argument("--batch", type=int, default=16, help="images per step, over all processes (--gpus/--nproc)")
     train.add_argument("--weights", help="'coco' (official, non-commercial licence), or an earlier run/checkpoint")
     train.add_argument("--lr", type=float, help="peak lr (default: 5e-4 S, 4e-4 M/L; x2 from scratch)")
@@ -478,7 +519,17 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--nproc", type=int, help="N processes on --device (DDP; gloo on a CPU, for testing)")
     train.add_argument("--checkpoint-minutes", type=float, help="also save last.pt mid-epoch this often (5)")
     train.add_argument("--out", type=Path, help="run folder (default: storage/runs/<size>-<time>)")
-    train.add_argument("--resume", type=Path, metavar="RUN_DIR", help="continue this run where it stopped")
+    train.add_argument(
+        "--resume",
+        type=Path,
+        metavar="RUN_DIR",
+        help="continue this run where it stopped; with --time/--epochs, train it that much longer",
+    )
+    train.add_argument(
+        "--measure-speed",
+        action="store_true",
+        help="time a few training steps first when no earlier run gives the time per epoch",
+    )
     train.add_argument("--quiet", action="store_true", help="no progress output")
     train.add_argument("--json", action="store_true")
     train.set_defaults(handler=cmd_train)

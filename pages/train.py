@@ -16,10 +16,12 @@ from backend import catalog
 from backend.jobs import api as jobs
 from backend.jobs import outcome
 from backend.store.db import session_scope
-from backend.training import presets
+from backend.training import estimate, presets
+from backend.training.config import TrainingError
 from backend.training.distributed import visible_gpus
 
 JOB_PARAM = "job"
+CONTINUE_PARAM = "continue"  # ?continue=<run folder name>: the Continue training section opens on that run
 REFRESH_S = 2.0
 IMAGE_SIZES = (64, 128, 192, 256, 320, 384, 416, 480, 512, 640, 768, 896, 1024)
 
@@ -49,10 +51,53 @@ left, middle, right = st.columns(3)
 imgsz = left.selectbox("Image size (px)", IMAGE_SIZES, index=IMAGE_SIZES.index(preset.imgsz), key=f"train_imgsz_{name}")
 epochs = middle.number_input("Epochs", 1, 1000, preset.epochs, key=f"train_epochs_{name}")
 batch = right.number_input("Batch size", 1, 256, preset.batch_size, key=f"train_batch_{name}")
+device = st.session_state.get("train_device", presets.DEVICES[0])
+
+# -- before a run: the time an epoch takes here, from a measured speed, and the budget it suggests ---------------
+try:
+    speed_key = estimate.speed_key(preset.size, int(imgsz), int(batch), device)
+except TrainingError as error:  # e.g. cuda chosen on a machine without a GPU: the job would say the same
+    speed_key, estimated = None, None
+    st.caption(f"No time estimate: {error}")
+else:
+    min_samples = presets.train_config("", preset).min_samples
+    folder = version.folder if version is not None else ""
+    estimated = estimate.estimate_for(settings.storage, settings.runs_dir, folder, speed_key, min_samples)
+budget_key = f"train_budget_{name}"
+if budget_key not in st.session_state:  # the first suggestion: the recommended budget when a speed is known
+    suggested = estimated.recommended_minutes if estimated is not None and estimated.train_images else None
+    st.session_state[budget_key] = float(suggested or preset.time_minutes or 0)
 budget = left.number_input(
-    "Time budget (minutes, 0 = none)", 0.0, 10_000.0, float(preset.time_minutes or 0), key=f"train_budget_{name}"
-)
+    "Time budget (minutes, 0 = none)", 0.0, 10_000.0, key=budget_key,
+    help=f"The recommended budget: the time to train on about {estimate.RECOMMENDED_IMAGES:,} images (or "
+    f"{estimate.MIN_PASSES} passes over a larger training set) at this machine's measured speed, in whole epochs.",
+)  # fmt: skip
 device = middle.radio("Device", presets.DEVICES, horizontal=True, key="train_device")
+if estimated is not None and estimated.train_images:
+    st.info(estimated.text(), icon=":material/timer:")
+    if round(budget) != estimated.recommended_minutes:
+        st.button(
+            f"Use the recommended budget ({estimated.recommended_minutes} min)", key="train_use_budget",
+            on_click=lambda: st.session_state.update({budget_key: float(estimated.recommended_minutes)}),
+        )  # fmt: skip
+elif speed_key is not None and estimated is None:
+    st.caption(
+        f"No time estimate yet: no earlier run here trained YOLO-NAS {preset.name} at {int(imgsz)} px, batch "
+        f"{int(batch)} on {speed_key.device} ({speed_key.precision}), and this machine's speed was not measured."
+    )
+    if st.button(
+        "Measure this machine's speed", key="train_measure",
+        help=f"Times {estimate.PROBE_STEPS} training steps of the model on random images (the first one warms up): "
+        "about 20 s for S at 320 px, batch 16, on a 2-core CPU; more on a busy machine or for a larger model.",
+    ):  # fmt: skip
+        run_and_report(
+            "Speed measurement",
+            lambda: {"summary": estimate.measure_speed(settings.storage, speed_key).detail},
+            state_key="train_outcome",
+        )
+        st.rerun()
+
+# -- start weights: the form refuses what cannot work before anything is queued ----------------------------------
 options = presets.weights_options(runs, preset.size, settings.weights_dir)
 weights = right.selectbox(
     "Start weights",
@@ -61,9 +106,22 @@ weights = right.selectbox(
     format_func=lambda option: option.label,
     key=f"train_weights_{name}_{project}",
 )
-if weights.note:
-    st.info(weights.note, icon=":material/download:")
-note = presets.licence_note(weights.value)
+start_weights, weights_problem = weights.value, None
+if weights.value == presets.FILE_WEIGHTS:
+    start_weights = st.text_input("Checkpoint file (.pt)", key="train_weights_file").strip() or None
+    weights_problem = None if start_weights else "give the path of a checkpoint file"
+elif weights.value == presets.COCO_WEIGHTS and weights.note:  # not on this machine: can the job fetch it?
+    problems = st.session_state.setdefault("train_coco_problems", {})  # asked once a session per size
+    if preset.size not in problems:
+        problems[preset.size] = presets.coco_download_problem(preset.size)
+    try:
+        presets.check_start_weights(weights.value, preset.size, settings.weights_dir, problems[preset.size])
+    except ValueError as error:
+        weights_problem = str(error)
+        st.error(f"Start weights: {error}", icon=":material/cloud_off:")
+    else:
+        st.info(weights.note, icon=":material/download:")
+note = presets.licence_note(start_weights)
 if note:
     st.warning(note, icon=":material/gavel:")
 gpus, gpu_count = 1, visible_gpus()
@@ -72,9 +130,11 @@ if gpu_count > 1:  # several GPUs: DDP, one process each; the batch size above i
 
 
 def launch() -> dict:
+    problem = st.session_state.get("train_coco_problems", {}).get(preset.size)
+    presets.check_start_weights(start_weights, preset.size, settings.weights_dir, problem)  # before queueing
     config = presets.train_config(
         version.folder, preset, imgsz=int(imgsz), epochs=int(epochs), batch_size=int(batch),
-        time_minutes=float(budget) or None, weights=weights.value, device=device,
+        time_minutes=float(budget) or None, weights=start_weights, device=device,
     )  # fmt: skip
     run_dir = presets.new_run_dir(settings.runs_dir, project, version.name)
     params = {"project": project, "config": config.to_dict(), "run_dir": str(run_dir)}
@@ -84,11 +144,11 @@ def launch() -> dict:
     return outcome.submitted(job_id, f"training {name} at {int(imgsz)} px on {version.name}", settings)
 
 
-if st.button("Start training", type="primary", disabled=version is None, key="train_start"):
+if st.button("Start training", type="primary", disabled=version is None or bool(weights_problem), key="train_start"):
     queued = run_and_report("Training job", launch, state_key="train_outcome")
     if queued is not None:
         st.query_params[JOB_PARAM] = str(queued["job_id"])
-        st.rerun()
+    st.rerun()  # the outcome (or the refusal) is shown at the top
 
 # ----------------------------------------------------------------------------------------------------- the job
 st.header("Training job")
@@ -186,11 +246,51 @@ if job is not None:
         if job.traceback:
             st.code(job.traceback)
 
-# ----------------------------------------------------------------------------------------------------- runs
-st.header("Runs")
+# ----------------------------------------------------------------------------------------------------- continue
 states = {}
 for train_job in reversed(jobs.list_jobs(settings, kind="train", limit=200)):  # oldest first: newest wins
     states[str(train_job.run_dir)] = train_job.state
+st.header("Continue training")
+wanted_run = st.query_params.get(CONTINUE_PARAM)
+candidates = presets.continuable_runs(project_runs, runs, states, wanted_run)
+names = [run.name for run in candidates]
+if wanted_run and wanted_run not in names:
+    st.warning(f"The run {wanted_run} cannot be continued here: it is not a run folder with a last.pt, or it is "
+               "still training.")  # fmt: skip
+st.caption(
+    "A finished, stopped or early-stopped run trains longer in its own folder: its curves go on, best.pt is replaced "
+    "only by a better mAP50-95, and the learning rate follows a cosine over the new total."
+)
+continued = st.selectbox(
+    "Run", candidates, index=names.index(wanted_run) if wanted_run in names else 0,
+    format_func=lambda run: f"{run.name} ({run.epochs_text})", key=f"train_continue_{wanted_run}",
+)  # fmt: skip
+more_left, more_right = st.columns(2)
+more_minutes = more_left.number_input(
+    "More minutes (0 = no time limit)", 0.0, 10_000.0, 10.0, key="train_more_minutes",
+    help="Training time added to what the run has trained; with more epochs as well, whichever ends first.",
+)  # fmt: skip
+more_epochs = more_right.number_input(
+    "More epochs (0 = as many as the minutes allow)", 0, 1000, 0, key="train_more_epochs"
+)
+if st.button(
+    "Continue training", key="train_continue", disabled=continued is None or not (more_minutes or more_epochs)
+):
+    more = presets.more_text(float(more_minutes), int(more_epochs))
+    resumed = run_and_report(
+        "Continue training",
+        lambda: outcome.submitted(
+            jobs.continue_training(continued.path, float(more_minutes) or None, int(more_epochs) or None, settings),
+            f"continuing {continued.name} for {more}", settings,
+        ),
+        state_key="train_outcome",
+    )  # fmt: skip
+    if resumed is not None:
+        st.query_params[JOB_PARAM] = str(resumed["job_id"])
+    st.rerun()
+
+# ----------------------------------------------------------------------------------------------------- runs
+st.header("Runs")
 rows = presets.run_rows(project_runs, states)
 if project is not None and len(project_runs) < len(runs):
     st.caption(f"The runs of {project}; {len(runs) - len(project_runs)} more belong to other projects.")

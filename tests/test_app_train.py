@@ -193,41 +193,17 @@ def test_coco_weights_show_their_licence(settings: Settings) -> None:
     assert COCO_WEIGHTS_LICENCE_NOTE not in texts(app)
     picker = app.selectbox(key=f"train_weights_S_{PROJECT}")
     labels = picker.options  # the formatted labels
-    assert len(labels) == 3 and labels[1].startswith("COCO") and labels[2].startswith("run tiny")
+    assert len(labels) == 4 and labels[1].startswith("COCO") and labels[2].startswith("run tiny")
+    assert labels[0] == "none: random initialisation (from scratch)" and labels[3].startswith("a checkpoint file")
     assert "not on this machine" in labels[1]  # no COCO file in this storage
     # The default is something that exists: the project's evaluated run (else random initialisation), not COCO.
     assert picker.index == 2
 
     app.selectbox(key=f"train_weights_S_{PROJECT}").select_index(1).run()
 
+    # Whether the file can be downloaded from here or not (tests/test_app_train_readiness.py), the licence is said.
     assert COCO_WEIGHTS_LICENCE_NOTE in texts(app)
-    coco_file = presets.coco_weights_file("s", settings.weights_dir)
-    (note,) = [info.value for info in app.info if "is not on this machine" in info.value]
-    assert str(coco_file) in note and "choose other start weights" in note
     assert "run the command again" not in texts(app)
-
-
-@pytest.mark.slow
-def test_a_failed_coco_download_is_shown_once_in_the_pages_words(settings: Settings) -> None:
-    """No network here: a run from COCO weights fails on the download; the page says so once, with what to do on
-    this page, and the CLI's "run the command again" is nowhere."""
-    app = open_page()
-    app.selectbox(key="train_imgsz_S").set_value(64)
-    app.number_input(key="train_epochs_S").set_value(1)
-    app.selectbox(key=f"train_weights_S_{PROJECT}").select_index(1)
-    app.radio(key="train_device").set_value("cpu")
-    app.button(key="train_start").click().run()
-    assert not app.exception, [exception.value for exception in app.exception]
-
-    job = jobs.get_job(int(app.query_params["job"]), settings)
-    assert job.state == "failed"
-    banner = f"Training job: job {job.id} failed: training S at 64 px on v1"
-    assert banner in [item.value for item in app.warning] and banner not in [item.value for item in app.success]
-    shown = texts(app) + " " + " ".join(progress.proto.text for progress in app.get("progress"))
-    coco_file = presets.coco_weights_file("s", settings.weights_dir)
-    assert shown.count("could not be downloaded") == 1
-    assert f"put the file at {coco_file} first" in shown and "other start weights" in shown
-    assert "run the command again" not in shown
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -284,6 +260,7 @@ def test_weights_options_and_the_licence_they_carry(tmp_path: Path) -> None:
         None,
         "coco",
         *(str(run.path) for run in (from_that, from_coco, scratch)),
+        presets.FILE_WEIGHTS,  # last: a checkpoint file whose path the page asks for
     ]
     # Random initialisation unless a run of the project has been evaluated: then the best of those.
     assert presets.default_weights(options, [scratch]) == 0

@@ -63,6 +63,7 @@ __all__ = [
     "JobNotFound",
     "JobView",
     "cancel",
+    "continue_training",
     "count_jobs",
     "get_job",
     "heartbeat_clock",
@@ -563,7 +564,54 @@ def resume(job_id: int, settings: Settings | None = None) -> int:
     for key in ("overrides", "gpus", "nproc"):  # gpus/nproc: as many training processes as before
         if job.params.get(key):
             params[key] = job.params[key]
+    # A continuation's "more" was turned into the run's totals (config.json) when it started: resuming it goes on to
+    # those totals, it does not add the same minutes again.
+    overrides = {key: value for key, value in (params.get("overrides") or {}).items() if not key.startswith("more_")}
+    params.pop("overrides", None)
+    if overrides:
+        params["overrides"] = overrides
     return _submit("train", params, settings, resumed_from=job.id)
+
+
+def continue_training(
+    run_dir: str | Path,
+    more_minutes: float | None = None,
+    more_epochs: int | None = None,
+    settings: Settings | None = None,
+) -> int:
+    """Trains a run that ended (finished, early-stopped, cancelled, or stopped by a failure) for more minutes and/or
+    more epochs, as a new "train" job in the same run folder (`training.trainer.resume`'s `more_minutes` /
+    `more_epochs`: the schedule over the new totals, patience reset, best.pt replaced only by a better mAP50-95).
+    The new job continues the run's newest training job, when there is one. Returns the new job's id.
+
+    Raises:
+        ValueError: nothing more asked for, no such run (config.json and last.pt), or a job still training it.
+    """
+    settings = settings or get_settings()
+    if not (more_minutes and more_minutes > 0) and not (more_epochs and more_epochs > 0):
+        raise ValueError("say how much longer to train: more minutes and/or more epochs (above 0)")
+    folder = _absolute(run_dir, settings)
+    if not (folder / "config.json").is_file() or not (folder / "last.pt").is_file():
+        raise ValueError(f"{folder} holds no run to continue (config.json and last.pt are needed)")
+    newest = None
+    for job in list_jobs(settings, kind="train", limit=500):  # newest first
+        if job.run_dir is not None and job.run_dir.resolve() == folder.resolve():
+            if job.active:
+                raise ValueError(f"job {job.id} is still training {folder.name}: wait for it, or cancel it first")
+            newest = newest or job
+    overrides: dict[str, Any] = {}
+    if more_minutes and more_minutes > 0:
+        overrides["more_minutes"] = float(more_minutes)
+    if more_epochs and more_epochs > 0:
+        overrides["more_epochs"] = int(more_epochs)
+    params: dict[str, Any] = {"resume": str(folder), "overrides": overrides}
+    if newest is not None:
+        if newest.project:
+            params["project"] = newest.project
+        for key in ("gpus", "nproc"):  # as many training processes as before
+            if newest.params.get(key):
+                params[key] = newest.params[key]
+    return _submit("train", params, settings, resumed_from=newest.id if newest is not None else None)
 
 
 # ----------------------------------------------------------------------------------------------------------------

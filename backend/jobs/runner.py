@@ -8,7 +8,8 @@ Params per kind (JSON), and the backend function each calls:
 - `labeling_prelabel`: project, model (default: the catalog's default model), only_unlabeled, imgsz →
   `labeling.service.prelabel`
 - `labeling_retrain`: project → `labeling.loop.run_retrain`
-- `train`: project, config (a TrainConfig dict), run_dir; or resume (a run folder) and overrides →
+- `train`: project, config (a TrainConfig dict), run_dir; or resume (a run folder) and overrides (`resume`'s
+  keyword arguments; more_minutes / more_epochs continue a run that ended: `api.continue_training`) →
   `training.trainer.fit` / `resume`; the run's `Run` row is created or updated
 - `evaluate`: model, data, split ("val"), out, imgsz, batch (16), conf (0.25), device → what `yolodex eval` runs
 - `quantize`: run_dir, options (QuantizeOptions fields), out → `quantization.pipeline.quantize_run`
@@ -670,6 +671,8 @@ def _run_train(params: dict[str, Any], settings: Settings, context: JobContext) 
             )
         status = "cancelled" if result.stopped == "cancelled" else "succeeded"
         context.cancelled = result.stopped == "cancelled"
+        if resuming:  # a continuation wrote its new totals there: the end is counted against them
+            config = json.loads((run_dir / "config.json").read_text())["train"]
         end = {**result.to_dict(), "epochs": config.get("epochs"), "time_budget_s": _budget_s(config)}
         return {**end, "run_id": run_id, "summary": training_end_text(end)}
     except WeightsDownloadError as error:

@@ -22,6 +22,7 @@ from backend.training.engine import LOSS_TERMS
 
 DEVICES = ("auto", "cpu", "cuda")
 COCO_WEIGHTS = "coco"
+FILE_WEIGHTS = "file"  # the weights option whose path the user types (not a TrainConfig value: the path is)
 MAX_WEIGHT_CHAIN = 20  # runs started from runs started from runs...: a cycle cannot loop forever
 
 
@@ -127,7 +128,8 @@ def coco_weights_file(size: str, weights_dir: Path) -> Path:
 def weights_options(runs: list[Any], size: str, weights_dir: Path | None = None) -> list[WeightsOption]:
     """None (random initialisation), the official COCO weights, then every earlier trained run of the same size
     (another size cannot be loaded: `load_start_weights` refuses it; a run without trained weights, e.g. cancelled
-    in its first epoch, has nothing to start from).
+    in its first epoch, has nothing to start from), and last a checkpoint file named by the user (`FILE_WEIGHTS`:
+    the page asks for its path).
 
     Args:
         runs: `backend.catalog.RunInfo` items, newest first.
@@ -145,14 +147,81 @@ def weights_options(runs: list[Any], size: str, weights_dir: Path | None = None)
                 f"{OFFICIAL_COCO_WEIGHTS[size].url}. Without internet access the job fails; then choose other start "
                 f"weights, or put the file at {path}."
             )
-    options = [WeightsOption(None, "none: random initialisation"), WeightsOption(COCO_WEIGHTS, coco_label, coco_note)]
+    options = [
+        WeightsOption(None, "none: random initialisation (from scratch)"),
+        WeightsOption(COCO_WEIGHTS, coco_label, coco_note),
+    ]
     for run in runs:
         if run.config.get("size") != size or run.model("checkpoint") is None or not run.trained:
             continue
         best = "not evaluated" if run.best_map is None else f"best mAP50-95 {run.best_map:.3f}"
         epochs = f"{run.epochs_done} epoch{'s' if run.epochs_done != 1 else ''}"
         options.append(WeightsOption(str(run.path), f"run {run.name} ({best}, {epochs})"))
+    options.append(WeightsOption(FILE_WEIGHTS, "a checkpoint file (.pt) on this machine"))
     return options
+
+
+def coco_download_problem(size: str, timeout: float = 3.0) -> str | None:
+    """Why the official COCO weights of `size` cannot be downloaded from here, None when their host answers: a HEAD
+    request (redirects followed) with a short timeout, so a page can tell before anything is queued. No DNS, a
+    refused or timed-out connection, or an HTTP error status (the host has answered 403) are problems."""
+    import requests
+
+    url = OFFICIAL_COCO_WEIGHTS[size].url
+    try:
+        response = requests.head(url, timeout=timeout, allow_redirects=True)
+    except requests.Timeout:
+        return f"{url}: no answer within {timeout:g} s"
+    except requests.RequestException as error:
+        cause = error.args[0] if error.args else error
+        return f"{url}: connection failed ({getattr(cause, 'reason', None) or cause})"
+    if response.status_code >= 400:
+        return f"{url}: HTTP {response.status_code} {response.reason}"
+    return None
+
+
+def check_start_weights(weights: str | None, size: str, weights_dir: Path, download_problem: str | None = None) -> None:
+    """Refuses, before a job is queued, start weights that cannot work: the COCO weights when their file is not in
+    `weights_dir` and `download_problem` says they cannot be fetched (`coco_download_problem`), or a checkpoint file
+    that is missing, unreadable, fused, or of another model size.
+
+    Raises:
+        ValueError: what is wrong and what to choose instead, in the Train page's words.
+    """
+    if weights is None:
+        return
+    if weights == COCO_WEIGHTS:
+        path = coco_weights_file(size, weights_dir)
+        if not path.is_file() and download_problem:
+            raise ValueError(
+                f"the COCO weights are not on this machine and cannot be downloaded from here ({download_problem}). "
+                f"Choose random initialisation (from scratch), an earlier run or a checkpoint file; or put "
+                f"{path.name} at {path} first."
+            )
+        return
+    path = Path(weights).expanduser()
+    if path.is_dir():
+        return  # an earlier run's folder: offered only when it holds trained weights of this size
+    if not path.is_file():
+        raise ValueError(f"there is no checkpoint file at {path}: give the full path of a .pt file on this machine")
+    from backend.models.checkpoints import (
+        CheckpointError,
+        extract_state_dict,
+        infer_architecture,
+        read_checkpoint,
+        state_dict_fusion,
+    )
+
+    try:
+        state_dict, _, _ = extract_state_dict(read_checkpoint(path))
+        fused = state_dict_fusion(state_dict) != "none"
+        found, _ = infer_architecture(state_dict)
+    except (CheckpointError, OSError, ValueError, KeyError, RuntimeError) as error:
+        raise ValueError(f"{path} is not a YOLO-NAS checkpoint this app can start from: {error}") from error
+    if fused:
+        raise ValueError(f"{path} holds fused (deployment) weights: training needs an unfused checkpoint")
+    if found != size:
+        raise ValueError(f"{path} holds YOLO-NAS {found.upper()} weights; this run trains {size.upper()}")
 
 
 def default_weights(options: list[WeightsOption], preferred_runs: list[Any]) -> int:
@@ -317,6 +386,36 @@ def run_rows(runs: list[Any], job_states: dict[str, str] | None = None) -> list[
             }
         )
     return rows
+
+
+def continuable_runs(
+    project_runs: list[Any], all_runs: list[Any], job_states: dict[str, str], wanted: str | None = None
+) -> list[Any]:
+    """The runs the Train page offers to continue: the project's, plus the run named `wanted` (`?continue=`) when it
+    is another project's; each with a config.json and a last.pt, and no train job queued or running on it.
+
+    Args:
+        project_runs / all_runs: `backend.catalog.RunInfo` items, newest first.
+        job_states: {run folder (str): state of its newest train job}.
+    """
+    chosen = list(project_runs)
+    chosen += [run for run in all_runs if run.name == wanted and run not in chosen]
+    return [
+        run
+        for run in chosen
+        if (run.path / "last.pt").is_file()
+        and (run.path / "config.json").is_file()
+        and job_states.get(str(run.path)) not in ("queued", "running")
+    ]
+
+
+def more_text(more_minutes: float, more_epochs: int) -> str:
+    """ "10 more minutes", "2 more epochs", "10 more minutes or 2 more epochs (whichever ends first)"."""
+    minutes = f"{more_minutes:g} more minute{'s' if more_minutes != 1 else ''}" if more_minutes else ""
+    epochs = f"{more_epochs} more epoch{'s' if more_epochs != 1 else ''}" if more_epochs else ""
+    if minutes and epochs:
+        return f"{minutes} or {epochs} (whichever ends first)"
+    return minutes or epochs
 
 
 @dataclass(frozen=True)
