@@ -225,3 +225,34 @@ def test_download_from_a_dead_url_says_where_to_put_the_file(tmp_path: Path) -> 
     assert error.startswith("yolodex: error: ") and url in error
     assert f"put it at {storage.resolve() / 'weights' / 'yolo_nas_s_coco.pth'}" in error
     assert not (storage / "weights" / "yolo_nas_s_coco.pth").exists()
+
+
+# --- train: the estimate, and --resume with more epochs ---------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_train_prints_the_estimate_and_resume_epochs_are_more(tmp_path: Path) -> None:
+    from backend.data.synthetic import generate_synthetic_dataset
+
+    data = generate_synthetic_dataset(tmp_path / "shapes", num_train=8, num_val=2, image_size=(96, 96), seed=1)
+    storage, run_dir = tmp_path / "storage", tmp_path / "storage" / "runs" / "tiny"
+    tiny = ("--size", "s", "--imgsz", "64", "--batch", "2", "--min-samples", "4", "--workers", "0", "--device", "cpu")
+    first = run_cli("train", "--data", data, *tiny, "--epochs", "1", "--measure-speed", "--out", run_dir, "--json",
+                    storage=storage)  # fmt: skip
+    assert first.returncode == 0, first.stderr
+    # No earlier run: --measure-speed timed a few steps first, and the estimate names that probe.
+    assert "measuring this machine's speed" in first.stderr
+    assert "an epoch on this machine (4 steps of 2 images at" in first.stderr
+    assert "measured by the speed probe of" in first.stderr and "Recommended time budget:" in first.stderr
+    assert (json.loads(first.stdout)["stopped"], json.loads(first.stdout)["epochs_done"]) == ("epochs", 1)
+
+    # --resume --epochs 1 on a finished run: ONE MORE epoch (not "1 epoch in all", which would do nothing). The
+    # estimate now comes from the run's own steps.
+    more = run_cli("train", "--resume", run_dir, "--epochs", "1", "--json", storage=storage)
+    assert more.returncode == 0, more.stderr
+    assert "measured by the run tiny" in more.stderr
+    result = json.loads(more.stdout)
+    assert (result["stopped"], result["epochs_done"]) == ("epochs", 2)
+    events = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [event["event"] for event in events].count("train_start") == 2
+    assert sorted({event["epoch"] for event in events if event["event"] == "step"}) == [0, 1]
