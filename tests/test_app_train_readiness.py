@@ -226,3 +226,23 @@ def test_a_failed_download_after_a_good_preflight_is_shown_once(settings: Settin
     shown = texts(app) + " " + " ".join(progress.proto.text for progress in app.get("progress"))
     assert shown.count("could not be downloaded") == 1 and "HTTP 503" in shown
     assert "run the command again" not in shown
+
+
+@pytest.mark.slow
+def test_continue_training_refusals_and_a_resumed_continuation_adds_nothing(settings: Settings) -> None:  # noqa: F811
+    from tests.test_app_train import insert_job
+
+    run_dir = settings.runs_dir / RUN
+    with pytest.raises(ValueError, match="say how much longer"):
+        jobs.continue_training(run_dir, 0, 0, settings)
+    with pytest.raises(ValueError, match="holds no run to continue"):
+        jobs.continue_training(settings.runs_dir, 5, None, settings)
+    queued = insert_job(settings, "queued", {"project": PROJECT, "config": {}, "run_dir": str(run_dir)})
+    with pytest.raises(ValueError, match=f"job {queued} is still training {RUN}"):
+        jobs.continue_training(run_dir, 5, None, settings)
+    jobs.cancel(queued, settings)
+    # A cancelled continuation resumed goes on to the totals it set (config.json), without adding its "more" again.
+    cancelled = insert_job(settings, "cancelled", {"project": PROJECT, "resume": str(run_dir),
+                                                   "overrides": {"more_epochs": 3, "patience": 2}})  # fmt: skip
+    resumed = jobs.get_job(jobs.resume(cancelled, settings), settings)
+    assert resumed.params["overrides"] == {"patience": 2} and resumed.resumed_from == cancelled
