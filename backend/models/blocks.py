@@ -111,10 +111,20 @@ class QARepVGGBlock(nn.Module):
             return self.act(self.rbr_reparam(x))
         if self.fusion == "partial":
             return self.act(self.post_bn(self.rbr_reparam(x)))
-        y = self.branch_3x3(x) + self.branch_1x1(x)
+        y = self.branch_3x3(x) + self._branch_1x1(x)
         if self.use_identity:
             y = y + x
         return self.act(self.post_bn(y))
+
+    def _branch_1x1(self, x: torch.Tensor) -> torch.Tensor:
+        """The 1x1 branch. At stride s it is the 1x1 conv at stride 1 of every s-th row and column (a 1x1 kernel with
+        no padding reads only those pixels), computed that way: the strided form's weight gradient in channels-last
+        crashes oneDNN on AVX2 CPUs for 3 or 4 input channels (the stem; torch 2.13, see docs/training_speed.md),
+        and no discarded output is computed."""
+        if self.stride == 1:
+            return self.branch_1x1(x)
+        step = self.stride
+        return F.conv2d(x[:, :, ::step, ::step], self.branch_1x1.weight, self.branch_1x1.bias)
 
     def _merged_branches(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The (out, in, 3, 3) kernel and (out,) bias of one conv equal to the sum of the three branches."""
