@@ -326,3 +326,30 @@ def test_cli_train_ends_with_the_one_epoch_count_and_the_budget_that_ended_it(sm
     done = next(e for e in read_events(tmp_path / "run") if e["event"] == "train_end")["epochs_done"]
     assert done < 30  # 3 seconds cannot train 30 epochs: the budget ended it
     assert f"{tmp_path / 'run'}: {done} of 30 epochs: the 3-second time budget ended the run" in finished.stdout
+
+
+def test_closing_mosaic_turns_it_off_for_the_last_part_of_the_run(small_set: Path, tmp_path: Path) -> None:
+    """close_mosaic 0.5 over 4 epochs: epochs 1-2 start before half the steps are done, 3-4 at or after."""
+    result = fit(tiny_config(small_set, epochs=4, close_mosaic=0.5, eval_every=4), tmp_path / "run")
+    assert result.epochs_done == 4
+    epochs = [e for e in read_events(tmp_path / "run") if e["event"] == "epoch"]
+    assert [e["mosaic"] for e in epochs] == [True, True, False, False]
+
+
+def test_a_closed_mosaic_draws_single_images_and_keeps_the_other_random_streams(small_set: Path) -> None:
+    from backend.data.augment import AugmentConfig
+    from backend.data.loader import TrainDataset
+
+    train_set = load_splits(small_set, 0)[0]
+    dataset = TrainDataset(train_set.records, 64, AugmentConfig(mosaic_prob=1.0), seed=1)
+    with_mosaic = [dataset[index] for index in range(4)]
+    dataset.set_mosaic(False)
+    without = [dataset[index] for index in range(4)]
+    plain = TrainDataset(train_set.records, 64, AugmentConfig(mosaic_prob=0.0), seed=1)
+    for (image, boxes, labels), (plain_image, plain_boxes, plain_labels) in zip(
+        without, [plain[index] for index in range(4)], strict=True
+    ):
+        # mosaic_prob 0 takes the same draw and skips the mosaic: the same samples, pixel for pixel.
+        assert (image == plain_image).all() and (boxes == plain_boxes).all() and (labels == plain_labels).all()
+    assert any(not (a[0] == b[0]).all() for a, b in zip(with_mosaic, without, strict=True))
+    assert sum(len(labels) for _, _, labels in without) < sum(len(labels) for _, _, labels in with_mosaic)

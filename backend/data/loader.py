@@ -80,6 +80,7 @@ class TrainDataset(Dataset):
         self.cache_bytes = int(cache_bytes)
         # Shared memory, so persistent DataLoader workers (which hold their own copy of the dataset) see set_epoch.
         self._epoch = multiprocessing.RawValue("q", 0)
+        self._mosaic = multiprocessing.RawValue("b", 1)  # 0 once mosaic is closed for the end of a run
         # Which images the cache may hold: the first ones in record order whose resized size fits the byte cap,
         # estimated from the record's size so the choice is known before decoding and the same in every process.
         self._cacheable = np.zeros(len(self.records), dtype=bool)
@@ -104,6 +105,15 @@ class TrainDataset(Dataset):
     def set_epoch(self, epoch: int) -> None:
         """Selects the epoch's random streams (call before iterating; `set_loader_epoch` does)."""
         self._epoch.value = int(epoch)
+
+    @property
+    def mosaic_enabled(self) -> bool:
+        return bool(self._mosaic.value)
+
+    def set_mosaic(self, enabled: bool) -> None:
+        """Mosaic on or off from the next iterator on (closing mosaic for the last part of a run, as YOLOX and
+        Ultralytics do: the model ends on images that look like the ones it will see). Shared with the workers."""
+        self._mosaic.value = int(bool(enabled))
 
     @property
     def cached_bytes(self) -> int:
@@ -167,7 +177,8 @@ class TrainDataset(Dataset):
             return padded, boxes + np.float32([info.pad_x, info.pad_y, info.pad_x, info.pad_y]), labels.copy()
         rng = np.random.default_rng([self.seed, self.epoch, index])
         tiles = [self.fitted(index)]
-        if rng.random() < self.augment.mosaic_prob:
+        # The draw is taken either way: closing mosaic leaves every other random stream as it was.
+        if rng.random() < self.augment.mosaic_prob and self.mosaic_enabled:
             tiles += [self.fitted(other) for other in rng.integers(0, len(self.records), MOSAIC_TILES - 1)]
         return augment_sample(tiles, self.imgsz, self.augment, rng)
 

@@ -39,6 +39,8 @@ class TrainConfig:
         min_samples: an epoch holds at least this many samples (small datasets are resampled).
         augment: mosaic/affine/HSV/flip on; off trains on letterboxed images only.
         mosaic_prob: probability of a mosaic sample (the recipe: 1.0).
+        close_mosaic: the last fraction of the run trains without mosaic (decided at each epoch's start from the
+            schedule's progress, by steps or by the time budget); 0 keeps mosaic to the end.
         patience: stop after this many evaluated epochs without a better mAP50-95; None never stops early.
         eval_every: evaluate every this many epochs (and always at the end).
         device: "auto", "cpu", "cuda" or "cuda:N".
@@ -66,6 +68,7 @@ class TrainConfig:
     min_samples: int = 512
     augment: bool = True
     mosaic_prob: float = 1.0
+    close_mosaic: float = 0.0
     patience: int | None = 30
     eval_every: int = 1
     device: str = "auto"
@@ -84,6 +87,8 @@ class TrainConfig:
             raise ValueError(f"epochs and batch size must be at least 1, got {self.epochs} and {self.batch_size}")
         if self.time_minutes is not None and self.time_minutes <= 0:
             raise ValueError(f"time budget must be positive minutes, got {self.time_minutes}")
+        if not 0.0 <= self.close_mosaic < 1.0:
+            raise ValueError(f"close_mosaic is a fraction of the run in [0, 1), got {self.close_mosaic}")
         if self.eval_every < 1:
             raise ValueError(f"eval_every must be at least 1, got {self.eval_every}")
 

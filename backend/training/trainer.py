@@ -394,6 +394,8 @@ def _run(
         for epoch in range(session.start_epoch, config.epochs):
             position["epoch"] = epoch
             set_loader_epoch(loader, epoch)
+            mosaic = context.scheduler.progress() < 1.0 - config.close_mosaic
+            loader.dataset.set_mosaic(mosaic)
             summary = train_one_epoch(session.train_model, loader, context, epoch=epoch, first_step=first_step)
             first_step = 0
             if summary["stopped"] == "cancelled":
@@ -414,6 +416,7 @@ def _run(
                 val=metrics, best_map=progress["best_map"], best_epoch=progress["best_epoch"],
                 lr=context.optimizer.param_groups[0]["lr"], elapsed_s=context.clock.elapsed_s,
                 complete=complete, steps=summary["steps"], steps_per_epoch=len(loader), epochs_done=completed,
+                mosaic=mosaic and config.augment and config.mosaic_prob > 0,
             )  # fmt: skip
             if summary["stopped"] == "time":
                 stopped = "time"
