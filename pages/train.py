@@ -1,6 +1,8 @@
 """Train page: a preset (S/M/L) with its image size, epochs, batch, time budget, start weights and device, on a frozen
-dataset version → a "train" job; the job's live progress, ETA and the run's loss/lr/mAP curves; cancel and resume;
-the list of runs.
+dataset version → a "train" job; before it, the time an epoch takes on this machine and the recommended budget (from
+a measured speed: `backend.training.estimate`), and start weights that cannot work refused before anything is queued;
+the job's live progress, ETA and the run's loss/lr/mAP curves; cancel and resume; Continue training of a run that
+ended (`?continue=<run folder name>` opens on it); the list of runs.
 
 Thin on purpose: presets, run folders and curves come from `backend.training.presets`, jobs from
 `backend.jobs.api`, runs from `backend.catalog`. The chosen job stays in `?job=` so a reload keeps it.
@@ -67,11 +69,8 @@ budget_key = f"train_budget_{name}"
 if budget_key not in st.session_state:  # the first suggestion: the recommended budget when a speed is known
     suggested = estimated.recommended_minutes if estimated is not None and estimated.train_images else None
     st.session_state[budget_key] = float(suggested or preset.time_minutes or 0)
-budget = left.number_input(
-    "Time budget (minutes, 0 = none)", 0.0, 10_000.0, key=budget_key,
-    help=f"The recommended budget: the time to train on about {estimate.RECOMMENDED_IMAGES:,} images (or "
-    f"{estimate.MIN_PASSES} passes over a larger training set) at this machine's measured speed, in whole epochs.",
-)  # fmt: skip
+# No help icon on the fields: the estimate below says the rule, and a label stays one element for the browser tests.
+budget = left.number_input("Time budget (minutes, 0 = none)", 0.0, 10_000.0, key=budget_key)
 device = middle.radio("Device", presets.DEVICES, horizontal=True, key="train_device")
 if estimated is not None and estimated.train_images:
     st.info(estimated.text(), icon=":material/timer:")
@@ -259,17 +258,15 @@ if wanted_run and wanted_run not in names:
                "still training.")  # fmt: skip
 st.caption(
     "A finished, stopped or early-stopped run trains longer in its own folder: its curves go on, best.pt is replaced "
-    "only by a better mAP50-95, and the learning rate follows a cosine over the new total."
+    "only by a better mAP50-95, and the learning rate follows a cosine over the new total. With more minutes and "
+    "more epochs, whichever ends first ends it."
 )
 continued = st.selectbox(
     "Run", candidates, index=names.index(wanted_run) if wanted_run in names else 0,
     format_func=lambda run: f"{run.name} ({run.epochs_text})", key=f"train_continue_{wanted_run}",
 )  # fmt: skip
 more_left, more_right = st.columns(2)
-more_minutes = more_left.number_input(
-    "More minutes (0 = no time limit)", 0.0, 10_000.0, 10.0, key="train_more_minutes",
-    help="Training time added to what the run has trained; with more epochs as well, whichever ends first.",
-)  # fmt: skip
+more_minutes = more_left.number_input("More minutes (0 = no time limit)", 0.0, 10_000.0, 10.0, key="train_more_minutes")
 more_epochs = more_right.number_input(
     "More epochs (0 = as many as the minutes allow)", 0, 1000, 0, key="train_more_epochs"
 )

@@ -280,13 +280,43 @@ def test_a_newcomers_first_hour_from_their_own_photos_to_a_pokedex_result(
             open_page("train")
             fill_short_training(page, minutes=15, epochs=TRAIN_EPOCHS)
             start = page.get_by_role("combobox", name="Start weights")
-            expect(start).to_match_aria_snapshot('- combobox "Start weights": "none: random initialisation"')
+            expect(start).to_match_aria_snapshot(
+                '- combobox "Start weights": "none: random initialisation (from scratch)"'
+            )
+            # Before the run: no earlier run at these settings, so the page measures this machine's speed (a few
+            # training steps at 64 px) and then states the time an epoch takes and the budget it recommends.
+            expect(page.get_by_text("No time estimate yet")).to_be_visible()
+            page.get_by_role("button", name="Measure this machine's speed", exact=True).click()
+            estimate = page.get_by_text(re.compile("an epoch on this machine")).first
+            expect(estimate).to_be_visible(timeout=LONG_MS)
+            expect(estimate).to_contain_text("measured by the speed probe of")
+            expect(estimate).to_contain_text("Recommended time budget:")
+            no_exception()
+            shot("train_estimate")
             page.get_by_role("button", name="Start training").click()
             progress = page.get_by_test_id("stProgress").first
             expect(progress).to_contain_text("succeeded", timeout=TRAIN_MS)
             expect(progress).to_contain_text(f"{TRAIN_EPOCHS} of {TRAIN_EPOCHS} epochs")
             no_exception()
             shot("train_done")
+
+            # 9b. Continue training the finished run for one more epoch, in its own folder.
+            more_minutes = page.get_by_label("More minutes (0 = no time limit)")
+            more_minutes.fill("0")
+            more_minutes.press("Enter")
+            expect(more_minutes).to_have_value("0.00")
+            more_epochs = page.get_by_label("More epochs (0 = as many as the minutes allow)")
+            more_epochs.fill("1")
+            more_epochs.press("Enter")
+            expect(more_epochs).to_have_value("1")
+            wait_for_app(page)
+            page.get_by_role("button", name="Continue training", exact=True).click()
+            expect(page.get_by_text(re.compile("continuing .* for 1 more epoch")).first).to_be_visible()
+            progress = page.get_by_test_id("stProgress").first
+            expect(progress).to_contain_text(f"{TRAIN_EPOCHS + 1} of {TRAIN_EPOCHS + 1} epochs", timeout=TRAIN_MS)
+            expect(progress).to_contain_text("succeeded")
+            no_exception()
+            shot("train_continued")
 
             # 10. Quantize the run.
             open_page("quantize")
