@@ -45,6 +45,9 @@ class TrainConfig:
         eval_every: evaluate every this many epochs (and always at the end).
         device: "auto", "cpu", "cuda" or "cuda:N".
         amp: mixed precision (fp16 on CUDA, bf16 on CPUs that have it); None means on where it helps.
+        compile: train a `torch.compile`d (inductor) model, its kernels cached in <storage>/cache/inductor so a
+            later run of the same model, size and batch starts warm; a compile error trains eagerly. Off by
+            default: a cold compile of S costs minutes on a small CPU (docs/training_speed.md).
         num_workers: data-loading processes; None picks from the core count.
         checkpoint_minutes: also write last.pt mid-epoch this often, so a killed run loses little.
         seed: seeds initialisation, sampling and augmentation.
@@ -73,6 +76,7 @@ class TrainConfig:
     eval_every: int = 1
     device: str = "auto"
     amp: bool | None = None
+    compile: bool = False
     num_workers: int | None = None
     checkpoint_minutes: float = 5.0
     seed: int = 0

@@ -14,6 +14,7 @@ import itertools
 import json
 import logging
 import math
+import os
 import random
 import time
 from collections.abc import Callable, Sequence
@@ -83,6 +84,23 @@ def autocast_dtype(device: torch.device, amp: bool | None) -> torch.dtype | None
     if amp:
         logger.warning("this CPU has no native bf16: mixed precision is off")
     return None
+
+
+COMPILE_BACKEND = "inductor"
+
+
+def compile_model(model: nn.Module, cache_dir: Path, backend: str | Callable | None = None) -> nn.Module:
+    """`torch.compile(model)` with inductor's kernel cache in `cache_dir` (where the environment does not choose
+    another), so a later run of the same graph starts warm. Compilation happens at the first forward and backward;
+    if it fails there, dynamo logs it and that code runs eagerly (`suppress_errors`), so a run never dies of it."""
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_dir))
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    torch._dynamo.config.suppress_errors = True
+    try:
+        return torch.compile(model, backend=backend or COMPILE_BACKEND)
+    except Exception as error:  # an unusable backend: train eagerly, as the docstring says
+        logger.warning("torch.compile is not usable here (%s): training eagerly", error)
+        return model
 
 
 def use_channels_last(device: torch.device, dtype: torch.dtype | None) -> bool:

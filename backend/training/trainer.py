@@ -52,6 +52,7 @@ from backend.training.engine import (
     _ignore_event,
     append_jsonl,
     autocast_dtype,
+    compile_model,
     evaluate,
     headline_map,
     resolve_device,
@@ -143,7 +144,7 @@ def resume(
     saved = json.loads(config_path.read_text())
     config = TrainConfig.from_dict(saved["train"])
     allowed = {"epochs", "time_minutes", "patience", "device", "amp", "num_workers", "checkpoint_minutes", "eval_every",
-               "sync_bn"}  # fmt: skip
+               "sync_bn", "compile"}  # fmt: skip
     unknown = set(overrides) - allowed
     if unknown:
         raise TrainingError(f"cannot change {', '.join(sorted(unknown))} when resuming; start a new run instead")
@@ -307,6 +308,8 @@ def _prepare(
     # Only rank 0 evaluates and saves: the EMA lives there (every rank's weights are the same after each step).
     ema = ModelEMA(model, config.ema_decay) if config.ema_decay > 0 and world.is_main else None
     train_model = wrap_model(model, world, config.sync_bn)  # after the EMA copy: that one keeps plain BatchNorm
+    if config.compile:  # the forward (and its backward) compiled; `model` stays the plain module that is saved
+        train_model = compile_model(train_model, get_settings().storage / "cache" / "inductor")
 
     augment = AugmentConfig(mosaic_prob=config.mosaic_prob) if config.augment else None
     dataset = TrainDataset(train_set.records, config.imgsz, augment, seed=config.seed)
