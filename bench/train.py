@@ -5,6 +5,9 @@ Trains YOLO-NAS from scratch (or from `--weights`) on ../shared/data/raccoon (20
 - images/s of the training steps (data loading included, evaluation excluded) and over the whole run;
 - compute achieved: forward GFLOPs per image × images/s (the same measure for the peer);
 - mAP50-95 and mAP50 (pycocotools) on the val split of best.pt, in PyTorch and through its ONNX FP32 export;
+- first, the step profile of bench/train_step.py on the same data and settings: the NCHW path and the trainer's,
+  side by side in this run, their images/s ratio and the compute achieved against this CPU's probed peak
+  (`--no-step-profile` skips it);
 - the ratios to the peer (Ultralytics YOLOv8n, 25 epochs from scratch in 531 s on this kind of machine:
   7.5 images/s, mAP50-95 0.136, mAP50 0.327 from its ONNX export under pycocotools; issue 3 §7).
 
@@ -34,6 +37,9 @@ from backend.quantization.pipeline import evaluate_onnx
 from backend.training.config import TrainConfig
 from backend.training.trainer import fit
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from train_step import measure_step  # a sibling script
+
 RACCOON = Path(__file__).resolve().parents[2] / "shared" / "data" / "raccoon"
 # Ultralytics YOLOv8n: 8.7 GFLOPs at 640 (its own count, 2·MACs), so a quarter at 320.
 PEER = {"name": "YOLOv8n (Ultralytics)", "images_per_s": 7.5, "gflops_320": 8.7 / 4, "seconds": 531,
@@ -59,11 +65,18 @@ def main() -> None:
     parser.add_argument("--out", type=Path, help="run folder (default: a temporary one)")
     parser.add_argument("--json", type=Path, help="also write the results here")
     parser.add_argument("--report-only", action="store_true", help="measure the finished run in --out, no training")
+    parser.add_argument("--compile", action="store_true", help="train a torch.compile'd model (TrainConfig.compile)")
+    parser.add_argument("--close-mosaic", type=float, default=0.0, help="last fraction of the run without mosaic")
+    parser.add_argument("--no-step-profile", action="store_true")
     args = parser.parse_args()
     if not (args.data / "train.json").is_file():
         sys.exit(f"needs the raccoon set at {args.data} (../shared/data/raccoon beside the checkout)")
     torch.set_num_threads(args.threads)
 
+    step_profile = None
+    if not args.no_step_profile and not args.report_only:
+        step_profile = measure_step(args.data, args.size, args.imgsz, args.batch, steps=8)
+        print(json.dumps(step_profile, indent=2), flush=True)
     out = args.out or Path(tempfile.mkdtemp(prefix="yolodex-bench-train-")) / "run"
     if args.report_only:
         config = TrainConfig.from_dict(json.loads((out / "config.json").read_text())["train"])
@@ -72,10 +85,12 @@ def main() -> None:
             data=str(args.data), size=args.size, imgsz=args.imgsz, epochs=args.epochs, batch_size=args.batch,
             time_minutes=args.minutes, weights=args.weights, lr=args.lr, ema_decay=args.ema_decay, patience=None,
             min_samples=args.min_samples, mosaic_prob=args.mosaic, num_workers=args.workers,
-            amp=False if args.no_amp else None,
+            amp=False if args.no_amp else None, compile=args.compile, close_mosaic=args.close_mosaic,
         )  # fmt: skip
         fit(config, out, on_event=print_epoch)
     report = measure(out, config, Path(config.data))
+    if step_profile is not None:
+        report["step_profile"] = step_profile
     print(json.dumps(report, indent=2))
     if args.json:
         args.json.write_text(json.dumps(report, indent=2) + "\n")

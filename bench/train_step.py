@@ -128,6 +128,61 @@ class StepPath:
         }
 
 
+def measure_step(data: Path | None, size: str, imgsz: int, batch: int, steps: int) -> dict:
+    """The phase profile of both paths, the evaluation's share of an epoch and the peaks (see the module doc)."""
+    data = data or (RACCOON if (RACCOON / "train.json").is_file() else None)
+    if data is None:
+        data = generate_synthetic_dataset(Path(tempfile.mkdtemp(prefix="yolodex-step-")) / "synthetic", num_train=64)
+    splits = load_dataset(data)
+    train_set, val_set = splits["train"], splits.get("val") or splits["train"]
+    device = torch.device("cpu")
+    dtype = autocast_dtype(device, None)
+    paths = [
+        StepPath("nchw", len(train_set.class_names), size, False, dtype),
+        StepPath("trainer", len(train_set.class_names), size, use_channels_last(device, dtype), dtype),
+    ]
+    dataset = TrainDataset(train_set.records, imgsz, AugmentConfig(), seed=0)
+    dataset.preload()
+    workers = usable_num_workers(None)
+    loader = make_train_loader(dataset, batch, min_samples=batch * steps, num_workers=workers)
+    set_loader_epoch(loader, 0)
+
+    iterator = iter(loader)
+    for _ in range(steps):
+        waited = time.perf_counter()
+        batch = next(iterator)
+        waited = time.perf_counter() - waited
+        for path in paths:  # both steps take this batch (and its wait); the loader prepares the next one meanwhile
+            path.step(batch, waited)
+    del iterator
+
+    forward_gflops = count_gflops(build_model(size, len(train_set.class_names)), (imgsz, imgsz))
+    train_gflops = 3 * forward_gflops
+    results = {path.name: path.summary(batch, train_gflops, skip=min(2, steps - 1)) for path in paths}
+    trainer = paths[-1]
+    started = time.perf_counter()
+    evaluate(trainer.ema.module, EvalImages(val_set, imgsz), device=device, batch_size=batch)
+    eval_s = time.perf_counter() - started
+    epoch_s = len(make_train_loader(dataset, batch, num_workers=0)) * results["trainer"]["step_s"]
+    peaks = probe_peaks(bf16=dtype == torch.bfloat16)
+    peak_name = "conv3x3_bf16_nhwc" if dtype == torch.bfloat16 else "conv3x3_fp32_nhwc"
+    for result in results.values():
+        result["share_of_peak"] = round(result["train_gflops_per_s"] / peaks[peak_name], 3)
+    report = {
+        "machine": {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
+                    "torch": torch.__version__, "native_bf16": dtype == torch.bfloat16, "loader_workers": workers},
+        "setup": {"size": size, "imgsz": imgsz, "batch": batch, "steps": steps,
+                  "data": str(data), "precision": str(dtype or "float32"), "forward_gflops_per_image":
+                  round(forward_gflops, 2), "train_gflops_per_image": round(train_gflops, 2)},
+        "peaks_gflops_per_s": peaks, "peak_used": peak_name,
+        "paths": results,
+        "ratio_trainer_vs_nchw": round(results["trainer"]["images_per_s"] / results["nchw"]["images_per_s"], 2),
+        "evaluation": {"val_images": len(val_set), "seconds": round(eval_s, 1), "epoch_train_s": round(epoch_s, 1),
+                       "share_of_epoch": round(eval_s / (eval_s + epoch_s), 3)},
+    }  # fmt: skip
+    return report
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, help="a dataset folder (default: raccoon beside the checkout, else a "
@@ -141,56 +196,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    data = args.data or (RACCOON if (RACCOON / "train.json").is_file() else None)
-    if data is None:
-        data = generate_synthetic_dataset(Path(tempfile.mkdtemp(prefix="yolodex-step-")) / "synthetic", num_train=64)
-    splits = load_dataset(data)
-    train_set, val_set = splits["train"], splits.get("val") or splits["train"]
-    device = torch.device("cpu")
-    dtype = autocast_dtype(device, None)
-    paths = [
-        StepPath("nchw", len(train_set.class_names), args.size, False, dtype),
-        StepPath("trainer", len(train_set.class_names), args.size, use_channels_last(device, dtype), dtype),
-    ]
-    dataset = TrainDataset(train_set.records, args.imgsz, AugmentConfig(), seed=0)
-    dataset.preload()
-    workers = usable_num_workers(None)
-    loader = make_train_loader(dataset, args.batch, min_samples=args.batch * args.steps, num_workers=workers)
-    set_loader_epoch(loader, 0)
-
-    iterator = iter(loader)
-    for _ in range(args.steps):
-        waited = time.perf_counter()
-        batch = next(iterator)
-        waited = time.perf_counter() - waited
-        for path in paths:  # both steps take this batch (and its wait); the loader prepares the next one meanwhile
-            path.step(batch, waited)
-    del iterator
-
-    forward_gflops = count_gflops(build_model(args.size, len(train_set.class_names)), (args.imgsz, args.imgsz))
-    train_gflops = 3 * forward_gflops
-    results = {path.name: path.summary(args.batch, train_gflops, skip=min(2, args.steps - 1)) for path in paths}
-    trainer = paths[-1]
-    started = time.perf_counter()
-    evaluate(trainer.ema.module, EvalImages(val_set, args.imgsz), device=device, batch_size=args.batch)
-    eval_s = time.perf_counter() - started
-    epoch_s = len(make_train_loader(dataset, args.batch, num_workers=0)) * results["trainer"]["step_s"]
-    peaks = probe_peaks(bf16=dtype == torch.bfloat16)
-    peak_name = "conv3x3_bf16_nhwc" if dtype == torch.bfloat16 else "conv3x3_fp32_nhwc"
-    for result in results.values():
-        result["share_of_peak"] = round(result["train_gflops_per_s"] / peaks[peak_name], 3)
-    report = {
-        "machine": {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
-                    "torch": torch.__version__, "native_bf16": dtype == torch.bfloat16, "loader_workers": workers},
-        "setup": {"size": args.size, "imgsz": args.imgsz, "batch": args.batch, "steps": args.steps,
-                  "data": str(data), "precision": str(dtype or "float32"), "forward_gflops_per_image":
-                  round(forward_gflops, 2), "train_gflops_per_image": round(train_gflops, 2)},
-        "peaks_gflops_per_s": peaks, "peak_used": peak_name,
-        "paths": results,
-        "ratio_trainer_vs_nchw": round(results["trainer"]["images_per_s"] / results["nchw"]["images_per_s"], 2),
-        "evaluation": {"val_images": len(val_set), "seconds": round(eval_s, 1), "epoch_train_s": round(epoch_s, 1),
-                       "share_of_epoch": round(eval_s / (eval_s + epoch_s), 3)},
-    }  # fmt: skip
+    report = measure_step(args.data, args.size, args.imgsz, args.batch, args.steps)
     print(json.dumps(report, indent=2))
     if args.json:
         args.json.write_text(json.dumps(report, indent=2) + "\n")
