@@ -141,7 +141,7 @@ def cmd_train(args: argparse.Namespace) -> None:
             overrides = {
                 "more_minutes": args.time, "more_epochs": args.epochs, "patience": args.patience,
                 "device": args.device, "num_workers": args.workers, "amp": False if args.no_amp else None,
-                "checkpoint_minutes": args.checkpoint_minutes,
+                "checkpoint_minutes": args.checkpoint_minutes, "compile": args.compile or None,
             }  # fmt: skip
             result = resume(args.resume, on_event=bar, **{k: v for k, v in overrides.items() if v is not None})
         else:
@@ -150,7 +150,8 @@ def cmd_train(args: argparse.Namespace) -> None:
                 batch_size=args.batch, time_minutes=args.time, weights=args.weights, lr=args.lr,
                 patience=args.patience if args.patience is not None else 30, device=args.device or "auto",
                 amp=False if args.no_amp else None, num_workers=args.workers, seed=args.seed,
-                min_samples=args.min_samples,
+                min_samples=args.min_samples, compile=args.compile,
+                **({} if args.close_mosaic is None else {"close_mosaic": args.close_mosaic}),
                 checkpoint_minutes=args.checkpoint_minutes if args.checkpoint_minutes is not None else 5.0,
             )  # fmt: skip
             out = args.out or get_settings().runs_dir / time.strftime(f"{args.size}-%Y%m%d-%H%M%S")
@@ -515,6 +516,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--workers", type=int, help="data-loading processes (default: from the core count)")
     train.add_argument("--no-amp", action="store_true", help="train in float32 (no fp16/bf16 mixed precision)")
     train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--compile", action="store_true", help="torch.compile the model (kernels cached in storage/)")
+    train.add_argument("--close-mosaic", type=float, help="the last fraction of the run trains without mosaic")
     train.add_argument("--gpus", type=int, help="train on N GPUs (DDP, one process each; torchrun)")
     train.add_argument("--nproc", type=int, help="N processes on --device (DDP; gloo on a CPU, for testing)")
     train.add_argument("--checkpoint-minutes", type=float, help="also save last.pt mid-epoch this often (5)")
