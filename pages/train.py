@@ -251,8 +251,8 @@ for train_job in reversed(jobs.list_jobs(settings, kind="train", limit=200)):  #
     states[str(train_job.run_dir)] = train_job.state
 st.header("Continue training")
 wanted_run = st.query_params.get(CONTINUE_PARAM)
-candidates = presets.continuable_runs(project_runs, runs, states, wanted_run)
-names = [run.name for run in candidates]
+candidates = {run.name: run for run in presets.continuable_runs(project_runs, runs, states, wanted_run)}
+names = list(candidates)
 if wanted_run and wanted_run not in names:
     st.warning(f"The run {wanted_run} cannot be continued here: it is not a run folder with a last.pt, or it is "
                "still training.")  # fmt: skip
@@ -261,10 +261,14 @@ st.caption(
     "only by a better mAP50-95, and the learning rate follows a cosine over the new total. With more minutes and "
     "more epochs, whichever ends first ends it."
 )
-continued = st.selectbox(
-    "Run", candidates, index=names.index(wanted_run) if wanted_run in names else 0,
-    format_func=lambda run: f"{run.name} ({run.epochs_text})", key=f"train_continue_{wanted_run}",
+continue_key = f"train_continue_{wanted_run}"
+if st.session_state.get(continue_key) not in names:  # kept from when the runs were others (e.g. one was training)
+    st.session_state.pop(continue_key, None)
+continued_name = st.selectbox(
+    "Run", names, index=names.index(wanted_run) if wanted_run in names else 0,
+    format_func=lambda run_name: f"{run_name} ({candidates[run_name].epochs_text})", key=continue_key,
 )  # fmt: skip
+continued = candidates.get(continued_name) if continued_name else None
 more_left, more_right = st.columns(2)
 more_minutes = more_left.number_input("More minutes (0 = no time limit)", 0.0, 10_000.0, 10.0, key="train_more_minutes")
 more_epochs = more_right.number_input(

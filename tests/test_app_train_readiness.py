@@ -186,7 +186,7 @@ def test_continue_training_a_finished_run_from_the_page(settings: Settings) -> N
     lines_before = (run_dir / "metrics.jsonl").read_text().splitlines()
     done_before = json.loads(lines_before[-1])["epochs_done"]
     app = open_page(**{"continue": RUN})
-    assert app.selectbox(key=f"train_continue_{RUN}").value.name == RUN
+    assert app.selectbox(key=f"train_continue_{RUN}").value == RUN
     app.number_input(key="train_more_minutes").set_value(0.0)
     app.number_input(key="train_more_epochs").set_value(1)
 
@@ -246,3 +246,21 @@ def test_continue_training_refusals_and_a_resumed_continuation_adds_nothing(sett
                                                    "overrides": {"more_epochs": 3, "patience": 2}})  # fmt: skip
     resumed = jobs.get_job(jobs.resume(cancelled, settings), settings)
     assert resumed.params["overrides"] == {"patience": 2} and resumed.resumed_from == cancelled
+
+
+@pytest.mark.slow
+def test_a_run_offered_once_its_job_ends(settings: Settings) -> None:  # noqa: F811
+    """While a job trains the run it is not offered; once the job ends the section offers it (the empty choice made
+    while nothing could be continued is not kept)."""
+    from tests.test_app_train import insert_job
+
+    queued = insert_job(settings, "queued", {"project": PROJECT, "config": {}, "run_dir": str(settings.runs_dir / RUN)})
+    app = open_page()
+    assert app.selectbox(key="train_continue_None").value is None
+    assert app.button(key="train_continue").disabled
+
+    jobs.cancel(queued, settings)
+    app.run()
+
+    assert app.selectbox(key="train_continue_None").value == RUN
+    assert not app.button(key="train_continue").disabled

@@ -252,7 +252,7 @@ def measure_speed(storage: str | Path, key: SpeedKey, num_classes: int = 1, step
     images_per_s = (len(times) - 1) * key.batch / (times[-1] - times[0])
     eval_images_per_s = _time_evaluation(context.ema.module if context.ema else model, batches[0], device, dtype)
     when = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
-    detail = f"speed probe of {when} ({len(times) - 1} timed steps, {time.perf_counter() - started:.0f} s)"
+    detail = f"speed probe of {when}, {len(times) - 1} timed steps in {time.perf_counter() - started:.0f} s"
     path = Path(storage) / PROBE_FILE
     try:
         cache = json.loads(path.read_text())
@@ -321,13 +321,14 @@ class Estimate:
     def text(self) -> str:
         """The estimate in one paragraph, for the Train page and the CLI."""
         evaluation = (
-            f" plus about {_duration(self.eval_s)} to evaluate the {self.val_images} validation images after each"
+            f", plus {_duration(self.eval_s)} to evaluate the {self.val_images} validation images after each epoch"
             if self.eval_s is not None
             else " (the evaluation after each epoch comes on top: not measured)"
         )
         return (
-            f"About {_duration(self.epoch_s)} an epoch on this machine ({self.steps_per_epoch} steps of {self.batch} "
-            f"images at {self.speed.images_per_s:.1f} training images/s, measured by the {self.speed.detail})"
+            f"{_duration(self.epoch_s).capitalize()} an epoch on this machine ({self.steps_per_epoch} steps of "
+            f"{self.batch} images at {self.speed.images_per_s:.1f} training images/s, measured by the "
+            f"{self.speed.detail})"
             f"{evaluation}. Recommended time budget: {self.recommended_minutes} min, about "
             f"{self.recommended_epochs} epochs (the rule: the time to train on about {RECOMMENDED_IMAGES:,} images, "
             f"or {MIN_PASSES} passes over a larger training set, in whole epochs)."
@@ -335,7 +336,9 @@ class Estimate:
 
 
 def _duration(seconds: float) -> str:
-    return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.1f} min"
+    if seconds < 1:
+        return "under a second"
+    return f"about {seconds:.0f} s" if seconds < 90 else f"about {seconds / 60:.1f} min"
 
 
 def recommend(speed: Speed, train_images: int, val_images: int, batch: int, min_samples: int) -> Estimate:
