@@ -7,6 +7,7 @@ Exit status 0 on success, 1 on a failure with one clear line on stderr (`yolodex
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import sys
@@ -130,10 +131,9 @@ def cmd_train(args: argparse.Namespace) -> None:
     if not args.resume and not args.data:
         raise ValueError("--data is required (a dataset folder or COCO json), or --resume RUN_DIR")
     if args.measure_speed or not args.quiet:
-        try:
+        # Advice only: training itself says what is wrong with these settings or data.
+        with contextlib.suppress(OSError, ValueError, KeyError, TrainingError):
             _print_estimate(args, processes)
-        except (OSError, ValueError, KeyError, TrainingError) as error:  # advice only: training says what is wrong
-            print(f"no time estimate: {error}", file=sys.stderr)
     try:
         if args.resume:
             # On --resume, --time and --epochs are MORE minutes / epochs from where the run stopped (a run that
@@ -188,6 +188,8 @@ def _print_estimate(args: argparse.Namespace, processes: int) -> None:
     else:
         size, imgsz, batch, data = args.size, args.imgsz, args.batch, args.data
         min_samples, device, amp = args.min_samples, args.device or "auto", False if args.no_amp else None
+    if not Path(data).exists():
+        return  # training says what is wrong with the data, first
     key = estimate.speed_key(size, imgsz, batch, device, amp)
     speed = estimate.measured_speed(settings.storage, settings.runs_dir, key)
     if speed is None and args.measure_speed:
