@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
 import tempfile
@@ -71,7 +70,7 @@ def measure_rate(data: Path, imgsz: int, batch: int) -> float:
 
 def run_variant(data: Path, name: str, steps: int, epoch_steps: int, batch: int, seed: int, out: Path) -> dict:
     changes = VARIANTS[name]
-    epochs = max(1, math.ceil(steps / epoch_steps))
+    epochs = max(1, round(steps / epoch_steps))  # whole epochs nearest the budget
     values = {"data": str(data), "size": "s", "imgsz": 320, "batch_size": batch, "epochs": epochs,
               "min_samples": epoch_steps * batch, "patience": None, "seed": seed}  # fmt: skip
     config = TrainConfig(**{**values, **changes})

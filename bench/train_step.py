@@ -110,9 +110,9 @@ class StepPath:
         self.ema.update(self.model)
         marks.append(time.perf_counter())
         self.times["data_wait"].append(data_wait)
-        for phase, start, end in zip(PHASES[1:], marks, marks[1:], strict=True):
+        for phase, start, end in zip(PHASES[1:], marks[:-1], marks[1:], strict=True):
             self.times[phase].append(end - start)
-        self.losses.append(float(losses["loss"]))
+        self.losses.append(losses["loss"].item())
 
     def summary(self, batch_size: int, train_gflops: float, skip: int) -> dict[str, object]:
         medians = {phase: statistics.median(values[skip:]) for phase, values in self.times.items()}
@@ -150,10 +150,10 @@ def measure_step(data: Path | None, size: str, imgsz: int, batch: int, steps: in
     iterator = iter(loader)
     for _ in range(steps):
         waited = time.perf_counter()
-        batch = next(iterator)
+        samples = next(iterator)
         waited = time.perf_counter() - waited
         for path in paths:  # both steps take this batch (and its wait); the loader prepares the next one meanwhile
-            path.step(batch, waited)
+            path.step(samples, waited)
     del iterator
 
     forward_gflops = count_gflops(build_model(size, len(train_set.class_names)), (imgsz, imgsz))
