@@ -65,3 +65,12 @@ def encode_image(pixels: np.ndarray, image_format: str = "PNG", **options: Any) 
     buffer = io.BytesIO()
     Image.fromarray(pixels).save(buffer, image_format, **options)
     return buffer.getvalue()
+
+
+@pytest.fixture(scope="module")
+def small_set(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """8 train / 4 val synthetic images of 128×128, three classes (the tiny training runs' data)."""
+    from backend.data.synthetic import generate_synthetic_dataset
+
+    return generate_synthetic_dataset(tmp_path_factory.mktemp("data") / "shapes", num_train=8, num_val=4,
+                                      image_size=(128, 128), seed=3)  # fmt: skip

@@ -10,33 +10,17 @@ from pathlib import Path
 import pytest
 import torch
 
-from backend.data.synthetic import generate_synthetic_dataset
 from backend.models.checkpoints import read_checkpoint
 from backend.training.config import TrainConfig, TrainingError
 from backend.training.continuation import EPOCH_CAP_MARGIN, continued_config, prepare_checkpoint
 from backend.training.trainer import fit, resume
-
-
-def read_events(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-
-
-@pytest.fixture(scope="module")
-def small_set(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return generate_synthetic_dataset(tmp_path_factory.mktemp("data") / "shapes", num_train=8, num_val=4,
-                                      image_size=(128, 128), seed=3)  # fmt: skip
-
-
-def tiny_config(data: Path, **changes) -> TrainConfig:
-    values = dict(data=str(data), size="s", imgsz=64, epochs=1, batch_size=2, min_samples=4, num_workers=0,
-                  patience=None, warmup_epochs=0.5)  # fmt: skip
-    return TrainConfig(**{**values, **changes})
+from tests.test_training import read_events, tiny_config
 
 
 @pytest.mark.slow
 def test_continuing_a_finished_run_trains_more_epochs_in_its_folder(small_set: Path, tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
-    first = fit(tiny_config(small_set), run_dir)
+    first = fit(tiny_config(small_set, epochs=1), run_dir)
     assert (first.stopped, first.epochs_done) == ("epochs", 1)
     lines_before = (run_dir / "metrics.jsonl").read_text().splitlines()
     best_before = read_checkpoint(run_dir / "best.pt")
@@ -71,7 +55,7 @@ def test_continuing_a_finished_run_trains_more_epochs_in_its_folder(small_set: P
 def test_continuing_keeps_best_pt_unless_beaten(small_set: Path, tmp_path: Path) -> None:
     """lr ~0 in the extra epoch: the weights stay, the mAP does not beat the first one, best.pt is not rewritten."""
     run_dir = tmp_path / "run"
-    fit(tiny_config(small_set, lr=1e-12, warmup_epochs=0), run_dir)
+    fit(tiny_config(small_set, epochs=1, lr=1e-12, warmup_epochs=0), run_dir)
     before = (run_dir / "best.pt").stat().st_mtime_ns, (run_dir / "best.pt").read_bytes()
 
     result = resume(run_dir, more_epochs=1)

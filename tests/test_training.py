@@ -32,13 +32,6 @@ def read_events(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-@pytest.fixture(scope="module")
-def small_set(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """8 train / 4 val synthetic images of 128×128, three classes."""
-    return generate_synthetic_dataset(tmp_path_factory.mktemp("data") / "shapes", num_train=8, num_val=4,
-                                      image_size=(128, 128), seed=3)  # fmt: skip
-
-
 def tiny_config(data: Path, **changes) -> TrainConfig:
     values = dict(data=str(data), size="s", imgsz=64, epochs=2, batch_size=2, min_samples=4, num_workers=0,
                   patience=None, warmup_epochs=0.5)  # fmt: skip
