@@ -40,7 +40,8 @@ class TrainConfig:
         augment: mosaic/affine/HSV/flip on; off trains on letterboxed images only.
         mosaic_prob: probability of a mosaic sample (the recipe: 1.0).
         close_mosaic: the last fraction of the run trains without mosaic (decided at each epoch's start from the
-            schedule's progress, by steps or by the time budget); 0 keeps mosaic to the end.
+            schedule's progress, by steps or by the time budget: an epoch starting in that fraction has none); 0
+            keeps mosaic to the end. A run of n epochs closes at least one only when the fraction exceeds 1/n.
         patience: stop after this many evaluated epochs without a better mAP50-95; None never stops early.
         eval_every: evaluate every this many epochs (and always at the end).
         device: "auto", "cpu", "cuda" or "cuda:N".
