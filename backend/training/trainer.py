@@ -41,6 +41,7 @@ from backend.models.download import OFFICIAL_COCO_WEIGHTS, fetch_weights
 from backend.models.yolo_nas import YoloNAS, build_model
 from backend.settings import get_settings
 from backend.training.config import TrainConfig
+from backend.training.continuation import continued_config, prepare_checkpoint
 from backend.training.distributed import World, wrap_model
 from backend.training.ema import ModelEMA
 from backend.training.engine import (
@@ -151,8 +152,6 @@ def resume(
     config = config.with_changes(**{key: value for key, value in overrides.items() if value is not None})
     checkpoint = read_checkpoint(last_path)
     if more_minutes or more_epochs:
-        from backend.training.continuation import continued_config, prepare_checkpoint
-
         continued = continued_config(config, checkpoint, more_minutes, more_epochs)
         checkpoint = prepare_checkpoint(checkpoint, config, continued)
         if world.is_main:
