@@ -203,8 +203,10 @@ def test_a_newcomers_first_hour_from_their_own_photos_to_a_pokedex_result(
 
             # 4. Label: sync to Label Studio (a first start takes a minute or two; the page says so and updates itself).
             open_page("label")
-            sync = page.get_by_role("button", name="Sync to Label Studio")
-            expect(sync).to_be_enabled(timeout=LONG_MS)  # the page updates itself once Label Studio is up
+            # The page updates itself once Label Studio is up; while it redraws, the old disabled button may stand
+            # beside the new one for a moment, so the test waits for the enabled one.
+            sync = page.get_by_role("button", name="Sync to Label Studio", disabled=False)
+            expect(sync).to_be_visible(timeout=LONG_MS)
             sync.click()
             wait_for_app(page)
             expect(
