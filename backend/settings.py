@@ -11,6 +11,7 @@
 | `YOLODEX_DEVICE`       | `auto` (CUDA when torch sees a GPU, else CPU)  |
 | `YOLODEX_LS_DATABASE_URL` | unset: SQLite in `<storage>/labelstudio`; `postgresql://user:pw@host:port/db` |
 | `YOLODEX_LS_URL`       | unset: yolodex runs Label Studio; `http://labelstudio:8080`: one run elsewhere |
+| `YOLODEX_ALLOWED_HOSTS` | unset: only the names below; `yolodex.example.org,box.lan`: more names to answer to |
 
 A variable set to the empty string counts as unset. A relative `YOLODEX_STORAGE` is resolved against the
 repository root, never the current directory, so the app, the worker and the CLI agree wherever they start.
@@ -20,6 +21,11 @@ stops Label Studio and calls it at that URL; a browser still opens `YOLODEX_HOST
 when the app binds 0.0.0.0), so publish Label Studio on that port. The Label Studio that `yolodex labelstudio start`
 runs (e.g. in its own container) shares the storage folder with the app: its credentials file is how they agree.
 Passwords in URLs stay out of `repr(settings)`.
+
+The app and the Label Studio yolodex starts answer only requests whose Host (and Origin, when a browser sends one)
+names them: 127.0.0.1, localhost, ::1, `YOLODEX_HOST` (unless it is 0.0.0.0 or ::) and the comma-separated names in
+`YOLODEX_ALLOWED_HOSTS` (a reverse proxy's public name, the machine's LAN name or address). A web page under any
+other name is refused, even when its name resolves to this machine (DNS rebinding): docs/host_names.md.
 Importing this module does not import torch: only `Settings.resolved_device()` does, and only for `auto`.
 """
 
@@ -43,6 +49,11 @@ _DEVICE_PATTERN = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
 _QUEUE_SCHEMES = ("sqlite://", "redis://", "rediss://")
 # Label Studio's database: its Django settings read only libpq-style parts, so any PostgreSQL URL spelling will do.
 _POSTGRES_SCHEMES = ("postgresql", "postgres", "postgresql+psycopg", "postgresql+psycopg2")
+# The addresses that mean "every interface": a bind address, never a name a browser sends.
+WILDCARD_HOSTS = ("0.0.0.0", "::", "")
+LOOPBACK_NAMES = ("127.0.0.1", "localhost", "::1")
+# A DNS name (letters, digits, hyphens, dots; "_" as some LAN names have), an IPv4 or a bracket-less IPv6 address.
+_HOST_NAME = re.compile(r"[a-z0-9_]([a-z0-9_.-]*[a-z0-9_])?|[0-9a-f:.]+")
 DEFAULT_POSTGRES_PORT = 5432
 
 
@@ -71,6 +82,7 @@ class Settings:
     device: str = DEFAULT_DEVICE
     ls_database_url: str | None = field(default=None, repr=False)  # None: Label Studio's own SQLite file
     ls_url: str | None = None  # None: yolodex runs Label Studio itself
+    allowed_hosts: tuple[str, ...] = ()  # YOLODEX_ALLOWED_HOSTS: names answered besides `trusted_hosts`' defaults
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -124,12 +136,25 @@ class Settings:
             device=device,
             ls_database_url=ls_database_url,
             ls_url=ls_url,
+            allowed_hosts=_host_names(get("YOLODEX_ALLOWED_HOSTS") or ""),
         )
 
     @property
     def ls_external(self) -> bool:
         """True when Label Studio runs elsewhere (`YOLODEX_LS_URL`): yolodex only calls it."""
         return self.ls_url is not None
+
+    @property
+    def trusted_hosts(self) -> tuple[str, ...]:
+        """The host names (lower case, IPv6 without brackets, no port) the app and Label Studio answer to: the
+        loopback names, `YOLODEX_HOST` unless it binds every interface, and `YOLODEX_ALLOWED_HOSTS`."""
+        own = () if self.host in WILDCARD_HOSTS else (self.host.lower().strip("[]").rstrip("."),)
+        return tuple(dict.fromkeys((*LOOPBACK_NAMES, *own, *self.allowed_hosts)))
+
+    @property
+    def listens_beyond_loopback(self) -> bool:
+        """True when `YOLODEX_HOST` is not a loopback address: other machines may reach the app."""
+        return self.host.lower().strip("[]") not in LOOPBACK_NAMES and not self.host.startswith("127.")
 
     @property
     def images_dir(self) -> Path:
@@ -224,6 +249,29 @@ def parse_postgres_url(url: str, variable: str = "the URL") -> PostgresTarget:
 def get_settings() -> Settings:
     """The settings from the current environment, read on every call (cheap: no I/O beyond path resolution)."""
     return Settings.from_env()
+
+
+def _host_names(raw: str) -> tuple[str, ...]:
+    """The names in `YOLODEX_ALLOWED_HOSTS` (comma-separated), lower case, IPv6 without brackets; empty items
+    are skipped.
+
+    Raises:
+        ValueError: an item is not a bare host name (a scheme, a port, a path, a space); the message names it.
+    """
+    names = []
+    for item in raw.split(","):
+        name = item.strip().lower().rstrip(".")
+        if name.startswith("[") and name.endswith("]"):
+            name = name[1:-1]
+        if not name:
+            continue
+        if not _HOST_NAME.fullmatch(name):
+            raise ValueError(
+                f"YOLODEX_ALLOWED_HOSTS holds {item.strip()!r}, which is not a host name: list bare names or "
+                "addresses, comma-separated, without http:// or a port (e.g. yolodex.example.org,192.168.1.20)."
+            )
+        names.append(name)
+    return tuple(names)
 
 
 def _port(env: Mapping[str, str], name: str, default: int) -> int:
