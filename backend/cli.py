@@ -130,6 +130,9 @@ def cmd_train(args: argparse.Namespace) -> None:
     bar = _TrainProgress(tqdm, quiet=args.quiet)
     if not args.resume and not args.data:
         raise ValueError("--data is required (a dataset folder or COCO json), or --resume RUN_DIR")
+    for flag, value in (("--epochs", args.epochs), ("--time", args.time)):
+        if value is not None and value <= 0:
+            raise ValueError(f"{flag} must be above 0 (got {value:g})")
     if args.measure_speed or not args.quiet:
         # Advice only: training itself says what is wrong with these settings or data.
         with contextlib.suppress(OSError, ValueError, KeyError, TrainingError):

@@ -1,8 +1,10 @@
 """Loading, saving and transferring YOLO-NAS weights.
 
 Reads three layouts through one function, `load_model`:
-- our checkpoints (`{"model": state_dict, "config": {...}, "ema": ..., "optimizer": ..., ...}`, see
-  ../shared/architecture.md "A checkpoint"), which carry size, class names and image size;
+- our checkpoints, which carry size, class names and image size: a run's last.pt (`{"model": state_dict,
+  "config": {...}, "ema": ..., "optimizer": ..., ...}`, all that resuming needs) and its best.pt (`{"model": the EMA
+  weights, "config": {...}, "weights": "ema", "epoch": ..., "metrics": ...}`, all that inference needs: a quarter of
+  last.pt's size), see docs/checkpoints.md;
 - official super-gradients files (`{"ema_net": ...}` preferred, else `{"net": ...}`), float16 or float32;
 - a bare state dict.
 State dicts use the official key layout in every case. Loads are all-or-nothing: a wrong size or architecture
@@ -12,6 +14,7 @@ raises `CheckpointError` naming the first mismatching keys and shapes, and the m
 from __future__ import annotations
 
 import pickle
+import shutil
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,8 +46,15 @@ COCO_CLASS_NAMES = (
 )  # fmt: skip
 
 
+ROOM_MARGIN_BYTES = 16 * 2**20  # beside the checkpoints: config.json, metrics.jsonl, eval.json, file system blocks
+
+
 class CheckpointError(ValueError):
     """A weights file that cannot be used as asked; the message says why and what to do."""
+
+
+class NotEnoughRoom(ValueError):
+    """A folder without the free space the files of an operation need; raised before anything is written."""
 
 
 @dataclass
@@ -280,3 +290,51 @@ def save_checkpoint(
         **training_state,
     }
     return atomic_save(checkpoint, path)
+
+
+def save_inference_checkpoint(
+    path: str | Path, model: YoloNAS, *, class_names: list[str], imgsz: int, weights: str, **metadata: Any
+) -> Path:
+    """Writes what inference (and starting a new run from these weights) needs, atomically: `model`'s weights under
+    "model", its config, and `metadata` (epoch, metrics, train_config...; tensors/primitives only). No optimizer, no
+    second copy of the weights: a run's best.pt is its EMA model, a quarter of last.pt's size.
+
+    Args:
+        weights: what `model` is ("ema": the EMA copy of a training, "model": the trained model itself).
+    """
+    return save_checkpoint(path, model, class_names=class_names, imgsz=imgsz, weights=weights, **metadata)
+
+
+def checkpoint_sizes(size: str, num_classes: int) -> tuple[int, int]:
+    """(last.pt, best.pt) bytes a training of YOLO-NAS `size` writes, estimated from its parameter count (a model
+    built on the meta device: no memory): last.pt holds the model, its EMA and AdamW's two moments of every
+    parameter; best.pt the EMA weights alone."""
+    with torch.device("meta"):
+        model = build_model(size, num_classes)
+    weights = sum(tensor.numel() * tensor.element_size() for tensor in model.state_dict().values())
+    parameters = sum(parameter.numel() * parameter.element_size() for parameter in model.parameters())
+    return 2 * weights + 2 * parameters, weights
+
+
+def free_bytes(folder: str | Path) -> int:
+    """Free bytes for an unprivileged writer on the file system `folder` is (or will be created) on."""
+    existing = Path(folder).absolute()
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    return shutil.disk_usage(existing).free
+
+
+def ensure_room(folder: str | Path, needed: int, what: str) -> None:
+    """Raises NotEnoughRoom, naming `folder` and the free and needed bytes, when `folder`'s file system has less
+    than `needed` (+ a small margin) free bytes for `what` (e.g. "this run's checkpoints")."""
+    needed = max(0, needed) + ROOM_MARGIN_BYTES
+    free = free_bytes(folder)
+    if free < needed:
+        raise NotEnoughRoom(
+            f"not enough free space in {folder} for {what}: {_megabytes(free)} free, about {_megabytes(needed)} "
+            "needed. Free some space there or write to another folder."
+        )
+
+
+def _megabytes(count: int) -> str:
+    return f"{count / 1e6:,.0f} MB ({count:,} bytes)"

@@ -38,7 +38,8 @@ from backend.evaluation.coco_eval import evaluate_detections
 from backend.export.onnx_export import export_onnx, read_onnx_metadata
 from backend.files import atomic_write_json
 from backend.inference import Predictor
-from backend.models.checkpoints import CheckpointError, load_model
+from backend.models.checkpoints import CheckpointError, ensure_room, load_model
+from backend.models.yolo_nas import YoloNAS
 from backend.processing import Detections
 from backend.quantization.agreement import detection_agreement
 from backend.quantization.calibration import CalibrationImages
@@ -171,6 +172,7 @@ def quantize_run(
             "the default float policy was used"
         )
 
+    ensure_room(out_dir, _bytes_needed(model, out_dir, options), "the quantization's ONNX files")
     out_dir.mkdir(parents=True, exist_ok=True)
     work = out_dir / ".quantize_work"
     shutil.rmtree(work, ignore_errors=True)
@@ -293,6 +295,21 @@ def quantize_run(
     atomic_write_json(out_dir / "quant_report.json", report)
     emit("stage", stage="done", chosen=chosen)
     return report
+
+
+def _bytes_needed(model: YoloNAS, out_dir: Path, options: QuantizeOptions) -> int:
+    """The most the quantization's files take at once in `out_dir`, estimated from the model's weight bytes: FP32
+    exports (model_fp32.onnx and its pre-processed copy; QAT's two more), and INT8 files (one per calibration
+    method, the selective one, QAT's, model_int8.onnx and its staged copy) at up to half the FP32 size (the layers
+    kept in float, scales). Less the files of an earlier quantization this one replaces."""
+    weights = sum(tensor.numel() * tensor.element_size() for tensor in model.state_dict().values())
+    qat = options.method in ("auto", "qat")
+    calibrations = len(CALIBRATION_METHODS) if options.compare_calibrations else 1
+    fp32_files = 2 + (2 if qat else 0)
+    int8_files = calibrations + 1 + (1 if qat else 0) + 2
+    replaced = [out_dir / "model_fp32.onnx", out_dir / "model_int8.onnx", *out_dir.glob("int8_variants/*.onnx")]
+    present = sum(path.stat().st_size for path in replaced if path.is_file())
+    return fp32_files * weights + int8_files * weights // 2 - present
 
 
 def evaluate_onnx(path: Path, dataset: DetectionSet, threads: int | None = None) -> dict[str, Any]:

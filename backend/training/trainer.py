@@ -1,8 +1,10 @@
 """`fit` and `resume`: a whole training run in a run folder, built from the engine's plain functions.
 
 Run folder: config.json (the resolved TrainConfig, classes and data report), metrics.jsonl (every event, one JSON
-object per line), last.pt (every epoch and every `checkpoint_minutes` mid-epoch), best.pt (the best validation
-mAP50-95, EMA weights), eval.json (the full evaluation of best.pt on the validation split).
+object per line), last.pt (every epoch and every `checkpoint_minutes` mid-epoch: all that resuming needs), best.pt
+(the best validation mAP50-95: the EMA weights and what inference needs, no optimizer), eval.json (the full
+evaluation of best.pt on the validation split). Before anything is written the run checks that its dataset has boxes
+to learn from and that the run folder's disk has room for the checkpoints (`checkpoint_sizes`).
 
 With a `World` of several processes (DDP, started by `backend.training.distributed`) every process trains on its
 slice of each global batch; rank 0 alone writes the run folder, evaluates and reports events.
@@ -17,7 +19,7 @@ import os
 import random
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +33,8 @@ from backend.data.records import DatasetError, DetectionSet, LoadReport
 from backend.files import atomic_write_json
 from backend.models.checkpoints import (
     CheckpointError,
+    checkpoint_sizes,
+    ensure_room,
     extract_state_dict,
     infer_architecture,
     load_weights,
@@ -60,6 +64,7 @@ from backend.training.engine import (
     restore_rng_state,
     train_one_epoch,
     use_channels_last,
+    write_best,
     write_checkpoint,
 )
 from backend.training.loss import YoloNASLoss
@@ -150,8 +155,8 @@ def resume(
     if unknown:
         raise TrainingError(f"cannot change {', '.join(sorted(unknown))} when resuming; start a new run instead")
     config = config.with_changes(**{key: value for key, value in overrides.items() if value is not None})
-    checkpoint = read_checkpoint(last_path)
-    if more_minutes or more_epochs:
+    checkpoint = _read_last(run_dir, saved)
+    if more_minutes is not None or more_epochs is not None:  # 0 is refused there, not taken as "no more"
         continued = continued_config(config, checkpoint, more_minutes, more_epochs)
         checkpoint = prepare_checkpoint(checkpoint, config, continued)
         if world.is_main:
@@ -160,7 +165,61 @@ def resume(
             totals = {"epochs": continued.epochs, "time_minutes": continued.time_minutes}
             atomic_write_json(config_path, {**saved, "train": {**saved["train"], **totals}, "continued": history})
         config = continued
+    else:
+        ended = _ended(config, checkpoint)
+        if ended:
+            best = (checkpoint.get("metrics") or {}).get("best_map")
+            best_text = f", best mAP50-95 {best:.3f}" if isinstance(best, float) and best >= 0 else ""
+            raise RunFinished(
+                f"{run_dir} is finished ({ended}{best_text}): there is nothing left to resume. To train it longer, "
+                f"continue it with more epochs or minutes (yolodex train --resume {run_dir} --epochs N or --time M)"
+            )
     return _run(config, run_dir, checkpoint, on_event or _ignore_event, stop_requested, world)
+
+
+class RunFinished(TrainingError):
+    """A plain resume of a run that already ended (all its epochs, its time budget, or early stopping)."""
+
+
+def _ended(config: TrainConfig, checkpoint: dict[str, Any]) -> str | None:
+    """Why the run of `checkpoint` (its last.pt) is over under `config`, in words; None when it has steps left."""
+    metrics = checkpoint.get("metrics") or {}
+    done = int(checkpoint["epoch"])
+    if done >= config.epochs:
+        return f"{done} of {config.epochs} epochs trained"
+    if config.time_minutes is not None and float(metrics.get("elapsed_s") or 0.0) >= config.time_minutes * 60:
+        return f"its {config.time_minutes:g}-minute time budget is spent, after {done} whole epochs"
+    if config.patience is not None and int(metrics.get("bad_epochs") or 0) >= config.patience:
+        return f"stopped early after {done} epochs: no better mAP50-95 for {config.patience} evaluated epochs"
+    return None
+
+
+def _read_last(run_dir: Path, saved: dict[str, Any]) -> dict[str, Any]:
+    """The run's last.pt; when it is damaged, an error that says so and offers the run's best.pt if that is intact
+    (best.pt holds the weights but not the optimizer and position: a new run starts from it)."""
+    last_path, best_path = run_dir / "last.pt", run_dir / "best.pt"
+    try:
+        return read_checkpoint(last_path)
+    except CheckpointError as error:
+        cause = _first_line(error.__cause__ or error)
+        damaged = f"{last_path} is damaged ({cause}), so the run cannot resume where it stopped"
+    try:
+        best = read_checkpoint(best_path)
+        extract_state_dict(best)
+    except CheckpointError:
+        raise CheckpointError(f"{damaged}, and there is no intact best.pt beside it: start a new run") from None
+    train = saved.get("train") or {}
+    epoch = best.get("epoch")
+    at = f" (epoch {epoch})" if isinstance(epoch, int) else ""
+    raise CheckpointError(
+        f"{damaged}; {best_path} is intact{at}: start a new run from its weights (yolodex train --data "
+        f"{train.get('data')} --size {train.get('size')} --imgsz {train.get('imgsz')} --weights {best_path})"
+    )
+
+
+def _first_line(error: BaseException) -> str:
+    lines = str(error).strip().splitlines()
+    return lines[0][:200] if lines else type(error).__name__
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -189,6 +248,23 @@ def load_splits(
     return train_set, val_set, notes
 
 
+def require_boxes(data: str | Path, train_set: DetectionSet) -> None:
+    """Refuses a training split without a single box (all dropped while loading, or none labelled): training on it
+    would end at mAP 0 and look like a success. The error gives the loading report's counts."""
+    if sum(len(record.boxes) for record in train_set.records):
+        return
+    report = train_set.report
+    dropped = sum(report.boxes_dropped.values())
+    if dropped:
+        reasons = ", ".join(f"{count} {reason}" for reason, count in sorted(report.boxes_dropped.items()))
+        raise DatasetError(
+            f"{data}: all {dropped} boxes of the training split were dropped while loading ({reasons}; "
+            f"{report.images} images kept): there is nothing to learn from. Fix the boxes (a degenerate box has no "
+            "width or height) and train again"
+        )
+    raise DatasetError(f"{data}: the training split's {report.images} images have no boxes: label some first")
+
+
 def _holdout(dataset: DetectionSet, seed: int) -> tuple[DetectionSet, DetectionSet]:
     if len(dataset) < 2:
         raise DatasetError(f"{dataset.source}: at least 2 images are needed to hold one out for validation")
@@ -198,7 +274,12 @@ def _holdout(dataset: DetectionSet, seed: int) -> tuple[DetectionSet, DetectionS
 
     def subset(keep: bool) -> DetectionSet:
         records = [record for index, record in enumerate(dataset.records) if (index in held) != keep]
-        return DetectionSet(records, dataset.class_names, dataset.category_ids, LoadReport(images=len(records)))
+        boxes = [len(record.boxes) for record in records]
+        counts = {"images": len(records), "boxes": sum(boxes), "background_images": boxes.count(0)}
+        # What loading fixed, dropped and skipped stays with the training part (it is the split's loading report:
+        # config.json must say what was dropped); the held-out part counts only its images and boxes.
+        report = replace(dataset.report, **counts) if keep else LoadReport(**counts)
+        return DetectionSet(records, dataset.class_names, dataset.category_ids, report, dataset.source)
 
     return subset(True), subset(False)
 
@@ -279,6 +360,16 @@ class _Session:
             epoch=epoch, step_in_epoch=step_in_epoch, progress=self.progress, train_config=self.config.to_dict(),
         )  # fmt: skip
 
+    def save_best(self, epoch: int, evaluation: dict[str, Any]) -> None:
+        if not self.context.world.is_main:
+            return
+        self.progress["elapsed_s"] = self.context.clock.elapsed_s
+        write_best(
+            self.run_dir / "best.pt", self.model, self.context, class_names=self.class_names,
+            imgsz=self.config.imgsz, epoch=epoch, progress=self.progress, train_config=self.config.to_dict(),
+            evaluation=evaluation,
+        )  # fmt: skip
+
 
 def _prepare(
     config: TrainConfig,
@@ -292,7 +383,10 @@ def _prepare(
     np.random.seed(config.seed)
     torch.manual_seed(config.seed)
     train_set, val_set, notes = load_splits(config.data, config.seed)
+    require_boxes(config.data, train_set)
     class_names = train_set.class_names
+    if world.is_main:
+        _ensure_checkpoint_room(run_dir, config.size, len(class_names))
     device = world.device if world.device is not None else resolve_device(config.device)
     dtype = autocast_dtype(device, config.amp)
 
@@ -335,6 +429,7 @@ def _prepare(
         scheduler.total_steps, scheduler.time_budget_s = total_steps, budget_s
         start = f"resumed from last.pt at epoch {start_epoch + 1}, step {first_step}"
     elif world.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_json(
             run_dir / "config.json",
             {"train": config.to_dict(), "class_names": class_names, "start": start, "notes": notes,
@@ -369,8 +464,6 @@ def _run(
     stop_requested: Callable[[], bool] | None,
     world: World,
 ) -> FitResult:
-    run_dir.mkdir(parents=True, exist_ok=True)
-
     def emit(name: str, **data: Any) -> None:
         if not world.is_main:
             return
@@ -458,11 +551,20 @@ def _evaluate_epoch(session: _Session, epoch: int) -> dict[str, Any]:
     score = headline_map(result)
     if score > progress["best_map"]:
         progress.update(best_map=score, best_epoch=epoch, bad_epochs=0)
-        session.save("best.pt", epoch + 1, 0)
+        session.save_best(epoch + 1, dict(result.metrics))
         result.save_json(session.run_dir / "eval.json")
     else:
         progress["bad_epochs"] += 1
     return dict(result.metrics)
+
+
+def _ensure_checkpoint_room(run_dir: Path, size: str, num_classes: int) -> None:
+    """Refuses a run whose folder's disk cannot hold its checkpoints at their largest: last.pt and best.pt, and a
+    new last.pt written beside the old one before it replaces it (`atomic_save`), less what they hold already."""
+    last, best = checkpoint_sizes(size, num_classes)
+    present = sum((run_dir / name).stat().st_size for name in ("last.pt", "best.pt") if (run_dir / name).is_file())
+    ensure_room(run_dir, 2 * last + best - present, f"this run's checkpoints (last.pt and best.pt of YOLO-NAS "
+                f"{size.upper()})")  # fmt: skip
 
 
 def _restore(
