@@ -5,25 +5,31 @@ Safe by default (issue 5, §3). Every request, and every redirect hop, goes thro
    robots.txt (fetched once per origin and cached; its Crawl-delay is honoured up to `max_crawl_delay_s`);
 2. the host name is resolved and every address it resolves to must be public (no loopback, private, link-local,
    multicast, reserved or unspecified address, IPv4-mapped IPv6 included) unless `allow_private_addresses` is set
-   or the address is in `allowed_networks`. The connection then goes to the checked address itself, never to a
-   second lookup of the name, so a DNS answer that changes between check and connect (rebinding) cannot slip in;
+   (`yolodex crawl --allow-private`) or the address is in `allowed_networks`. The connection then goes to the
+   checked address itself, never to a second lookup of the name, so a DNS answer that changes between check and
+   connect (rebinding) cannot slip in;
 3. the per-host rate limit waits until `min_interval_s` has passed since the host's previous request;
-4. the response is read in chunks, and the size cap, the read time-out (per socket read) and a total deadline are
-   enforced while reading: an oversized body is cut and rejected, never held whole in memory;
+4. the request has a hard wall-clock deadline (`total_timeout_s`) over connecting, the headers and the body, which
+   a server trickling bytes cannot stretch (`_Deadline` says how), and the body is read in chunks under the size
+   cap: an oversized body is cut and rejected, never held whole in memory;
 5. the declared content type and the first bytes (magic numbers) must both agree with what was asked for, and an
    image is fully decoded (`backend.store.images.decode_checked`: pixel cap, Pillow verify, full load) before it is
    handed to the sink.
 
-Nothing is stored here: images leave through `sink(CrawledImage)`, and every URL that was not kept appears in the
-`CrawlReport` with a reason from `REASONS`.
+Nothing is stored here: images leave through `sink(CrawledImage)` one at a time, as soon as each is downloaded and
+checked (so a caller can commit each in a short transaction: no transaction needs to stay open across a download),
+and every URL that was not kept appears in the `CrawlReport` with a reason from `REASONS`. A crawl given a
+`stop_requested` callable stops within about a second of it answering True, even in the middle of a download.
 """
 
 from __future__ import annotations
 
 import contextlib
 import html.parser
+import http.client
 import importlib.metadata
 import ipaddress
+import logging
 import socket
 import threading
 import time
@@ -36,6 +42,7 @@ from typing import Any
 from urllib.parse import quote, unquote, urljoin, urlsplit, urlunsplit
 
 import urllib3
+import urllib3.connection
 
 from backend.ingest.providers import SearchError, SearchHit, SearchProvider
 from backend.store.images import DEFAULT_MAX_PIXELS, ImageLimits, ImageRejected, decode_checked
@@ -45,10 +52,13 @@ try:
 except importlib.metadata.PackageNotFoundError:  # a checkout that was never pip-installed
     _VERSION = "0.1.0"
 
+logger = logging.getLogger(__name__)
+
 MB = 1024 * 1024
 
 # Why a URL was not kept. Skipped: never downloaded by policy. Rejected: downloaded (or tried) and refused.
-SKIP_REASONS = ("bad_url", "duplicate_url", "robots", "ssrf", "limit")
+# `cancelled`: the crawl was asked to stop before (or while) downloading it.
+SKIP_REASONS = ("bad_url", "duplicate_url", "robots", "ssrf", "limit", "cancelled")
 REJECT_REASONS = (
     "http_error",
     "connection_error",
@@ -77,6 +87,8 @@ IMAGE_LINK_SUFFIXES = tuple(suffix for suffixes in IMAGE_SUFFIXES.values() for s
 GENERIC_BINARY_TYPES = ("application/octet-stream", "binary/octet-stream", "")
 PAGE_TYPES = ("text/html", "application/xhtml+xml")
 REDIRECT_STATUSES = (301, 302, 303, 307, 308)
+# The SSRF refusal's advice where `yolodex crawl` runs (the flag sets `allow_private_addresses`; issue 19).
+PRIVATE_HINT_CLI = "to crawl your own network, run yolodex crawl with --allow-private"
 
 
 @dataclass(frozen=True)
@@ -87,8 +99,9 @@ class CrawlSettings:
         min_interval_s: minimum seconds between two requests to the same host (robots.txt included).
         max_crawl_delay_s: a robots.txt Crawl-delay is honoured up to this many seconds.
         connect_timeout_s: seconds to open a connection.
-        read_timeout_s: seconds to wait for the headers and for each chunk of the body.
-        total_timeout_s: seconds for one whole response, so that a server trickling bytes cannot hold us forever.
+        read_timeout_s: seconds to wait for any bytes at all (per socket read) before giving up on a silent server.
+        total_timeout_s: hard wall-clock limit on one request: connecting, the headers and the body together, however
+            slowly the server trickles them (each redirect hop and each robots.txt is a request of its own).
         max_image_bytes: larger images are cut off while streaming and rejected.
         max_page_bytes: same for HTML pages.
         max_image_pixels: width * height above this is rejected before decoding (decompression bombs); at most
@@ -101,6 +114,8 @@ class CrawlSettings:
         user_agent: sent with every request and matched against robots.txt.
         allow_private_addresses: allow loopback/private/link-local/... addresses (SSRF protection off).
         allowed_networks: CIDR blocks exempt from the SSRF rules, e.g. ("192.168.1.20/32",) for one NAS.
+        private_hint: what the SSRF refusal tells a person to do to crawl their own network, in the words of the
+            place that shows it (the default names the CLI flag; a page sets its own).
     """
 
     min_interval_s: float = 1.0
@@ -118,6 +133,7 @@ class CrawlSettings:
     user_agent: str = f"yolodex-crawler/{_VERSION} (+local)"
     allow_private_addresses: bool = False
     allowed_networks: tuple[str, ...] = ()
+    private_hint: str = PRIVATE_HINT_CLI
 
 
 @dataclass(frozen=True)
@@ -161,6 +177,7 @@ class CrawlReport:
         search_hits: hits the search provider returned (keyword crawls only).
         requests: HTTP requests sent, robots.txt and redirect hops included.
         elapsed_s: wall-clock seconds.
+        cancelled: the crawl stopped early because it was asked to (the URLs it did not finish are `cancelled`).
     """
 
     fetched: int = 0
@@ -172,9 +189,11 @@ class CrawlReport:
     search_hits: int = 0
     requests: int = 0
     elapsed_s: float = 0.0
+    cancelled: bool = False
 
     def add_refusal(self, url: str, reason: str, detail: str) -> None:
         entry = {"url": url, "reason": reason, "detail": detail}
+        self.cancelled = self.cancelled or reason == "cancelled"
         (self.skipped if reason in SKIP_REASONS else self.rejected).append(entry)
 
     def to_dict(self) -> dict[str, Any]:
@@ -286,8 +305,7 @@ def resolve_checked(host: str, port: int, settings: CrawlSettings) -> list[str]:
         if (problem := address_problem(address, settings)) is not None:
             raise Refused(
                 "ssrf",
-                f"{host} -> {problem}; internal addresses are refused (set allow_private_addresses or "
-                "allowed_networks to crawl your own network)",
+                f"{host} -> {problem}; internal addresses are refused ({settings.private_hint})",
             )
     return addresses
 
@@ -425,6 +443,90 @@ class _RateLimiter:
             time.sleep(start - now)
 
 
+class _Deadline:
+    """A hard wall-clock limit on one request (connect, headers and body) that a trickling server cannot stretch.
+
+    Socket time-outs bound each recv, never a whole response: a server that sends one byte a second never trips
+    them (http.client reads the status line and headers with readline, which recvs again and again, and urllib3's
+    read(n) waits until it has n bytes). So a watchdog thread shuts the connection's socket down when the deadline
+    passes, or when the crawl is asked to stop: shutdown() wakes a recv blocked in another thread at once (close()
+    does not), the read ends with an error or EOF, and the caller, seeing `reason` set, reports `timeout` (or
+    `cancelled`) whatever the read returned. Connecting is bounded by its own time-out, cut to what is left.
+    Nothing else is needed: no thread is abandoned and no connection outlives its request.
+    """
+
+    POLL_S = 0.5  # how often the watchdog asks `stop_requested` (a job reads its cancel flag at most this often)
+
+    def __init__(self, seconds: float, stop_requested: Callable[[], bool] | None) -> None:
+        self.seconds = seconds
+        self.at = time.monotonic() + seconds
+        self.stop_requested = stop_requested
+        self.reason: str | None = None  # "timeout" or "cancelled" once the watchdog fired
+        self._sock: socket.socket | None = None
+        self._lock = threading.Lock()
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._watch, name="crawl-deadline", daemon=True)
+        self._thread.start()
+
+    def remaining(self) -> float:
+        return self.at - time.monotonic()
+
+    def watch(self, sock: socket.socket | None) -> None:
+        """Shut `sock` down when the deadline passes (at once if it already has); None: stop watching a socket."""
+        with self._lock:
+            self._sock = sock
+            fired = self.reason is not None
+        if fired and sock is not None:
+            _shut_down(sock)
+
+    def close(self) -> None:
+        """Ends the watchdog; after this it touches no socket."""
+        with self._lock:
+            self._done.set()
+            self._sock = None
+
+    def refusal(self, url: str) -> Refused:
+        if self.reason == "cancelled":
+            return Refused("cancelled", f"{url}: the crawl was cancelled during this download")
+        return Refused("timeout", f"{url}: no complete answer within {self.seconds:g} s (total_timeout_s)")
+
+    def _watch(self) -> None:
+        while True:
+            left = self.remaining()
+            if left <= 0:
+                self._fire("timeout")
+                return
+            if self._done.wait(min(left, self.POLL_S) if self.stop_requested else left):
+                return
+            if self.stop_requested is not None and _asked_to_stop(self.stop_requested):
+                self._fire("cancelled")
+                return
+
+    def _fire(self, reason: str) -> None:
+        with self._lock:
+            if self._done.is_set():
+                return
+            self.reason = reason
+            sock = self._sock
+        if sock is not None:
+            _shut_down(sock)
+
+
+def _shut_down(sock: socket.socket) -> None:
+    # The plain socket's shutdown, also under TLS: SSLSocket.shutdown would tear down the SSL object that the
+    # reading thread is using. A socket already closed (fd -1) raises OSError: nothing to wake then.
+    with contextlib.suppress(OSError):
+        socket.socket.shutdown(sock, socket.SHUT_RDWR)
+
+
+def _asked_to_stop(stop_requested: Callable[[], bool]) -> bool:
+    try:
+        return bool(stop_requested())
+    except Exception:  # an unreadable flag (the database busy for a moment): go on, the next check reads it again
+        logger.warning("could not read whether the crawl should stop", exc_info=True)
+        return False
+
+
 @dataclass
 class _Response:
     url: str  # after redirects
@@ -437,14 +539,21 @@ class _Response:
 class Crawler:
     """One crawl's state: settings, rate limiter, robots.txt cache, URLs already seen, and the report."""
 
-    def __init__(self, settings: CrawlSettings, sink: Sink) -> None:
+    def __init__(self, settings: CrawlSettings, sink: Sink, stop_requested: Callable[[], bool] | None = None) -> None:
         self.settings = settings
         self.sink = sink
+        self.stop_requested = stop_requested
         self.report = CrawlReport()
         self.limiter = _RateLimiter(settings.min_interval_s)
         self.robots: dict[str, urllib.robotparser.RobotFileParser | str] = {}  # origin -> parser or refusal
         self.seen_images: set[str] = set()
         self.started = time.monotonic()
+
+    def stopping(self) -> bool:
+        """Whether the crawl was asked to stop (asked before each download; once True, it stays True)."""
+        if not self.report.cancelled and self.stop_requested is not None:
+            self.report.cancelled = _asked_to_stop(self.stop_requested)
+        return self.report.cancelled
 
     # -- fetching ----------------------------------------------------------------------------------------------
 
@@ -485,44 +594,67 @@ class Crawler:
             url = next_url
 
     def _request_once(self, url: str, addresses: list[str], kind: str, max_bytes: int) -> _Response | str:
-        """One request to one checked address; returns the response, or the Location of a redirect."""
+        """One request to one checked address, within one `_Deadline`; returns the response, or a redirect's Location.
+
+        Raises:
+            Refused: `timeout` when the deadline (`total_timeout_s`: connecting, headers and body) or the per-read
+                time-out passed, `cancelled` when the crawl was asked to stop meanwhile, and the reasons of `_read`.
+        """
         settings = self.settings
         parts = urlsplit(url)
         host = parts.hostname or ""
         port = parts.port or (443 if parts.scheme == "https" else 80)
         path = parts.path + (f"?{parts.query}" if parts.query else "")
-        host_header = parts.netloc  # normalised: default ports already dropped
-        timeout = urllib3.Timeout(connect=settings.connect_timeout_s, read=settings.read_timeout_s)
         headers = {
-            "Host": host_header,
+            "Host": parts.netloc,  # normalised: default ports already dropped
             "User-Agent": settings.user_agent,
             "Accept": "text/html,application/xhtml+xml;q=0.9" if kind == "page" else "image/*;q=0.9,*/*;q=0.1",
             "Accept-Encoding": "identity",  # the size cap counts what we hold; no compressed surprises
         }
+        deadline = _Deadline(settings.total_timeout_s, self.stop_requested)
         last_error: Exception | None = None
-        for address in addresses:
-            if parts.scheme == "https":
-                # Connect to the checked address; verify the certificate and send SNI for the host name.
-                pool: urllib3.HTTPConnectionPool = urllib3.HTTPSConnectionPool(
-                    address, port, timeout=timeout, retries=False, server_hostname=host, assert_hostname=host
-                )
-            else:
-                pool = urllib3.HTTPConnectionPool(address, port, timeout=timeout, retries=False)
-            try:
-                self.report.requests += 1
-                raw = pool.urlopen("GET", path, headers=headers, redirect=False, retries=False, preload_content=False)
+        try:
+            for address in addresses:
+                connect_s = min(settings.connect_timeout_s, deadline.remaining())
+                if connect_s <= 0 or deadline.reason is not None:
+                    raise deadline.refusal(url)
+                connection: urllib3.connection.HTTPConnection
+                if parts.scheme == "https":
+                    # Connect to the checked address; verify the certificate and send SNI for the host name.
+                    connection = urllib3.connection.HTTPSConnection(
+                        address, port, timeout=connect_s, server_hostname=host, assert_hostname=host
+                    )
+                else:
+                    connection = urllib3.connection.HTTPConnection(address, port, timeout=connect_s)
                 try:
-                    return self._read(url, raw, kind, max_bytes)
+                    self.report.requests += 1
+                    try:
+                        connection.connect()
+                    except urllib3.exceptions.NewConnectionError as error:
+                        last_error = error  # try the host's next address
+                        continue
+                    deadline.watch(connection.sock)
+                    connection.timeout = settings.read_timeout_s  # per recv; the deadline bounds the whole
+                    connection.request("GET", path, headers=headers, preload_content=False)
+                    response = self._read(url, connection.getresponse(), kind, max_bytes)
+                except Refused:
+                    if deadline.reason is not None:  # e.g. a body cut by the watchdog that no longer decodes
+                        raise deadline.refusal(url) from None
+                    raise
+                except (urllib3.exceptions.HTTPError, http.client.HTTPException, OSError) as error:
+                    if deadline.reason is not None:
+                        raise deadline.refusal(url) from error
+                    if isinstance(error, (urllib3.exceptions.TimeoutError, TimeoutError)):
+                        raise Refused("timeout", f"{url}: no answer within the time limit ({error})") from error
+                    raise Refused("connection_error", f"{url}: {type(error).__name__}: {error}") from error
                 finally:
-                    raw.release_conn()
-            except urllib3.exceptions.NewConnectionError as error:
-                last_error = error  # try the host's next address
-            except (urllib3.exceptions.ConnectTimeoutError, urllib3.exceptions.ReadTimeoutError, TimeoutError) as e:
-                raise Refused("timeout", f"{url}: no answer within the time limit ({e})") from e
-            except urllib3.exceptions.HTTPError as error:
-                raise Refused("connection_error", f"{url}: {type(error).__name__}: {error}") from error
-            finally:
-                pool.close()
+                    deadline.watch(None)
+                    connection.close()
+                if deadline.reason is not None:  # a body without Content-Length ends "normally" when cut
+                    raise deadline.refusal(url)
+                return response
+        finally:
+            deadline.close()
         raise Refused("connection_error", f"{url}: cannot connect ({last_error})")
 
     def _read(self, url: str, raw: urllib3.BaseHTTPResponse, kind: str, max_bytes: int) -> _Response | str:
@@ -550,16 +682,13 @@ class Crawler:
         declared = raw.headers.get("Content-Length")
         if declared and declared.isdigit() and int(declared) > max_bytes:
             raise Refused("too_big", f"Content-Length {int(declared)} bytes is over the cap of {max_bytes}")
-        deadline = time.monotonic() + self.settings.total_timeout_s
         chunks: list[bytes] = []
         size = 0
-        for chunk in raw.stream(64 * 1024):
+        for chunk in raw.stream(64 * 1024):  # a read that waits too long is ended by the request's _Deadline
             size += len(chunk)
             if size > max_bytes:
-                # Stop reading; the connection is closed with the pool, the rest is never received.
+                # Stop reading; the connection is closed by the caller, the rest is never received.
                 raise Refused("too_big", f"more than {max_bytes} bytes (cut while downloading)")
-            if time.monotonic() > deadline:
-                raise Refused("timeout", f"the download took longer than {self.settings.total_timeout_s} s")
             chunks.append(chunk)
         return _Response(url, raw.status, mime, charset, b"".join(chunks))
 
@@ -583,6 +712,8 @@ class Crawler:
         try:
             response = self.fetch(f"{origin}/robots.txt", "robots")
         except Refused as refusal:
+            if refusal.reason == "cancelled":
+                raise  # not a verdict on the site: not cached
             if refusal.reason == "ssrf":
                 return refusal.detail
             # Unreachable robots.txt: assume complete disallow, as RFC 9309 asks for server errors.
@@ -615,6 +746,9 @@ class Crawler:
             self.report.add_refusal(url, "duplicate_url", "already crawled in this crawl")
             return False
         self.seen_images.add(url)
+        if self.stopping():
+            self.report.add_refusal(url, "cancelled", "the crawl was cancelled before this download")
+            return False
         if self.report.kept >= self.settings.max_images:
             self.report.add_refusal(url, "limit", f"max_images={self.settings.max_images} already kept")
             return False
@@ -658,6 +792,9 @@ class Crawler:
 
     def visit_page(self, url: str) -> _PageParser | None:
         """Fetches and parses one page, records it, and crawls its images; returns the parsed page or None."""
+        if self.stopping():
+            self.report.add_refusal(url, "cancelled", "the crawl was cancelled before this page")
+            return None
         try:
             response = self.fetch(url, "page")
             if sniff_image(response.body[:32]) is not None:
@@ -691,33 +828,42 @@ class Crawler:
 # The three sources
 
 
-def crawl_urls(urls: Iterable[str], settings: CrawlSettings, sink: Sink) -> CrawlReport:
+def crawl_urls(
+    urls: Iterable[str], settings: CrawlSettings, sink: Sink, stop_requested: Callable[[], bool] | None = None
+) -> CrawlReport:
     """Downloads a list of image URLs; each kept image goes to `sink` with no page URL.
+
+    Args:
+        stop_requested: asked before each download and every half second during one; True ends the crawl (the
+            report says `cancelled`, and lists what was not done with that reason).
 
     Returns:
         The report: every URL is either kept or listed with its reason.
     """
-    crawler = Crawler(settings, sink)
+    crawler = Crawler(settings, sink, stop_requested)
     for url in urls:
         if url.strip() and not url.lstrip().startswith("#"):
             crawler.crawl_image(url)
     return crawler.finish()
 
 
-def crawl_page(url: str, depth: int, settings: CrawlSettings, sink: Sink) -> CrawlReport:
+def crawl_page(
+    url: str, depth: int, settings: CrawlSettings, sink: Sink, stop_requested: Callable[[], bool] | None = None
+) -> CrawlReport:
     """Takes a page's images (img src/srcset, og:image, links to image files) and those of linked pages.
 
     Args:
         url: the start page.
         depth: link hops to follow from the start page (0: the start page only). With `same_site_only`, only
             pages of the start page's site are followed; at most `settings.max_pages` pages are visited.
+        stop_requested: as for `crawl_urls`.
 
     Returns:
         The report; each kept image carries the URL of the page it was found on and the page's licence hint.
     """
     if depth < 0:
         raise ValueError(f"depth must be 0 or more, got {depth}")
-    crawler = Crawler(settings, sink)
+    crawler = Crawler(settings, sink, stop_requested)
     try:
         start = normalize_url(url)
     except Refused as refusal:
@@ -725,7 +871,7 @@ def crawl_page(url: str, depth: int, settings: CrawlSettings, sink: Sink) -> Cra
         return crawler.finish()
     queued = {start}
     queue = deque([(start, 0)])
-    while queue and len(crawler.report.pages_visited) < settings.max_pages:
+    while queue and len(crawler.report.pages_visited) < settings.max_pages and not crawler.report.cancelled:
         page_url, level = queue.popleft()
         page = crawler.visit_page(page_url)
         if page is None or level >= depth:
@@ -742,22 +888,33 @@ def crawl_page(url: str, depth: int, settings: CrawlSettings, sink: Sink) -> Cra
             queued.add(link_url)
             queue.append((link_url, level + 1))
     for page_url, _ in queue:
-        crawler.report.add_refusal(page_url, "limit", f"max_pages={settings.max_pages} reached")
+        if crawler.report.cancelled:
+            crawler.report.add_refusal(page_url, "cancelled", "the crawl was cancelled before this page")
+        else:
+            crawler.report.add_refusal(page_url, "limit", f"max_pages={settings.max_pages} reached")
     return crawler.finish()
 
 
-def crawl_search(query: str, limit: int, provider: SearchProvider, settings: CrawlSettings, sink: Sink) -> CrawlReport:
+def crawl_search(
+    query: str,
+    limit: int,
+    provider: SearchProvider,
+    settings: CrawlSettings,
+    sink: Sink,
+    stop_requested: Callable[[], bool] | None = None,
+) -> CrawlReport:
     """Searches `provider` for `query` and keeps up to `limit` images that pass every check.
 
     The provider is asked for twice as many hits as needed (at most 50 more), because some hits fail the
-    checks (dead links, robots.txt, non-images); downloading stops once `limit` images are kept.
+    checks (dead links, robots.txt, non-images); downloading stops once `limit` images are kept, or when
+    `stop_requested` (as for `crawl_urls`) answers True.
 
     Raises:
         SearchError: when the search itself fails (the provider's message says what to do).
     """
     if limit <= 0:
         raise ValueError(f"limit must be positive, got {limit}")
-    crawler = Crawler(settings, sink)
+    crawler = Crawler(settings, sink, stop_requested)
     hits: list[SearchHit] = provider.search(query, min(2 * limit, limit + 50))
     crawler.report.search_hits = len(hits)
     for hit in hits:

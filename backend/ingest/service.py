@@ -8,7 +8,7 @@ settings (`YOLODEX_STORAGE`, `YOLODEX_DATABASE_URL`). The class rules live in `b
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -45,7 +45,7 @@ def open_store(settings: Settings | None = None) -> tuple[Engine, Path]:
 def import_into(paths: Sequence[str | Path], project: str = DEFAULT_PROJECT, settings: Settings | None = None) -> dict:
     """Imports files, folders, zips and labeled COCO/YOLO datasets into `project` (created if missing)."""
     engine, storage = open_store(settings)
-    with session_scope(engine) as session:
+    with session_scope(engine, write=True) as session:
         target = get_or_create_project(session, project)
         report = import_paths(session, storage, target, list(paths))
         return {"project": target.name, **report.to_dict()}
@@ -62,11 +62,15 @@ def crawl_into(
     crawl_settings: CrawlSettings | None = None,
     provider: Any = None,
     settings: Settings | None = None,
+    stop_requested: Callable[[], bool] | None = None,
 ) -> dict:
     """Crawls images (a keyword search, a list of URLs or a page) into `project`; each kept image goes through the
     same checks and dedupe as an upload and keeps its source URL, page URL and licence hint.
 
-    Exactly one of `query`, `urls` and `page` must be given.
+    Each kept image is committed in a transaction of its own, opened after its download: no transaction stays open
+    across network I/O, so a slow server never blocks another writer, and a crawl killed midway keeps what it had
+    stored (issue 19). Exactly one of `query`, `urls` and `page` must be given; `stop_requested` (a job's cancel
+    flag) ends the crawl early, within about a second even during a download.
     """
     if sum(item is not None for item in (query, urls, page)) != 1:
         raise StoreError("give exactly one of a search query (--query), a URL list (--urls) or a page (--page)")
@@ -75,28 +79,30 @@ def crawl_into(
     added: dict[str, int] = {}
     with session_scope(engine) as session:
         target = get_or_create_project(session, project)
+        project_id, project_name = target.id, target.name
 
-        def keep(image: CrawledImage) -> None:
+    def keep(image: CrawledImage) -> None:
+        with session_scope(engine) as session:
             result = add_image_bytes(
-                session, storage, target, image.data, source="crawl", original_name=image.original_name,
-                source_url=image.source_url, page_url=image.page_url, licence_hint=image.licence_hint,
+                session, storage, session.get_one(Project, project_id), image.data, source="crawl",
+                original_name=image.original_name, source_url=image.source_url, page_url=image.page_url,
+                licence_hint=image.licence_hint,
             )  # fmt: skip
-            added[result.status] = added.get(result.status, 0) + 1
+        added[result.status] = added.get(result.status, 0) + 1
 
-        if query is not None:
-            provider = provider or DuckDuckGoImages()
-            try:
-                report = crawl_search(query, limit, provider, crawl_settings, keep)
-            except SearchError as error:
-                raise StoreError(
-                    f"the image search failed ({error}); check the internet connection or use --urls"
-                ) from error
-
-        elif urls is not None:
-            report = crawl_urls(urls, crawl_settings, keep)
-        else:
-            report = crawl_page(page, depth, crawl_settings, keep)
-        return {"project": target.name, "stored": added, **report.to_dict()}
+    if query is not None:
+        provider = provider or DuckDuckGoImages()
+        try:
+            report = crawl_search(query, limit, provider, crawl_settings, keep, stop_requested)
+        except SearchError as error:
+            raise StoreError(
+                f"the image search failed ({error}); check the internet connection or use --urls"
+            ) from error
+    elif urls is not None:
+        report = crawl_urls(urls, crawl_settings, keep, stop_requested)
+    else:
+        report = crawl_page(page, depth, crawl_settings, keep, stop_requested)
+    return {"project": project_name, "stored": added, **report.to_dict()}
 
 
 def import_outcome(report: dict[str, Any]) -> tuple[str, str]:
@@ -147,7 +153,7 @@ def freeze(
     """Freezes the project's labeled images into a dataset version; returns its folder (what `yolodex train --data`
     takes) and counts."""
     engine, storage = open_store(settings)
-    with session_scope(engine) as session:
+    with session_scope(engine, write=True) as session:
         version = freeze_version(session, storage, _project(session, project), name, fractions, seed)
         return {"project": project, "version": version.name, "folder": str(version_folder(storage, version)),
                 "counts": version.counts}  # fmt: skip
@@ -178,7 +184,7 @@ def stats(project: str, version: str | None = None, settings: Settings | None = 
 def starter(settings: Settings | None = None) -> dict:
     """Creates the Starter Pokédex project if it is not there yet (`make run` calls this)."""
     engine, storage = open_store(settings)
-    with session_scope(engine) as session:
+    with session_scope(engine, write=True) as session:
         project, report = create_starter_project(session, storage)
         return {"project": project.name, "created": report is not None, "import": report}
 
@@ -186,7 +192,7 @@ def starter(settings: Settings | None = None) -> dict:
 def create_project(name: str, classes: Sequence[str | dict[str, Any]], settings: Settings | None = None) -> dict:
     """Creates a project with its classes (at least one; see `classes.create_project`)."""
     engine, _ = open_store(settings)
-    with session_scope(engine) as session:
+    with session_scope(engine, write=True) as session:
         project = class_store.create_project(session, name, classes)
         rows = class_store.class_rows(session, project)
         names = ", ".join(row.name for row in rows)
@@ -214,7 +220,7 @@ def add_class(
 ) -> dict:
     """Appends a class to the project."""
     engine, _ = open_store(settings)
-    with session_scope(engine) as session:
+    with session_scope(engine, write=True) as session:
         added = class_store.add_class(session, _project(session, project), name, dex_number=dex_number,
                                       description=description, colour=colour)  # fmt: skip
         return {"project": project, "class": added.name, "index": added.index,
@@ -224,7 +230,7 @@ def add_class(
 def rename_class(project: str, old_name: str, new_name: str, settings: Settings | None = None) -> dict:
     """Renames a class; its boxes and dex entry stay with it."""
     engine, _ = open_store(settings)
-    with session_scope(engine) as session:
+    with session_scope(engine, write=True) as session:
         renamed = class_store.rename_class(session, _project(session, project), old_name, new_name)
         old = str(old_name).strip()
         return {"project": project, "class": renamed.name, "old_name": old, "index": renamed.index,
@@ -242,7 +248,7 @@ def describe_class(
 ) -> dict:
     """Sets a class's dex number, description and/or colour (fields not given stay; "" clears one)."""
     engine, _ = open_store(settings)
-    with session_scope(engine) as session:
+    with session_scope(engine, write=True) as session:
         item, changed = class_store.describe_class(session, _project(session, project), name, dex_number=dex_number,
                                                    description=description, colour=colour)  # fmt: skip
         words = {"dex_number": "dex number", "description": "description", "colour": "colour"}
@@ -269,7 +275,7 @@ def edit_class(
 
     Returns a summary of what changed, with "level" "info" when the values given are the ones the class has."""
     engine, _ = open_store(settings)
-    with session_scope(engine) as session:
+    with session_scope(engine, write=True) as session:
         target = _project(session, project)
         item = class_store.find_class(session, target, name)
         old = item.name
@@ -290,7 +296,7 @@ def edit_class(
 def remove_class(project: str, name: str, settings: Settings | None = None) -> dict:
     """Removes a class no box uses; the later classes move down one index."""
     engine, _ = open_store(settings)
-    with session_scope(engine) as session:
+    with session_scope(engine, write=True) as session:
         target = _project(session, project)
         removed = class_store.find_class(session, target, name).name
         index = class_store.remove_class(session, target, name)

@@ -554,7 +554,7 @@ def _run_crawl(params: dict[str, Any], settings: Settings, context: JobContext) 
 
     crawl_settings = CrawlSettings(**params["crawl_settings"]) if params.get("crawl_settings") else None
     context.progress(message="crawling")
-    return crawl_into(
+    result = crawl_into(
         project=params["project"],
         query=params.get("query"),
         limit=int(params.get("limit", 50)),
@@ -563,7 +563,10 @@ def _run_crawl(params: dict[str, Any], settings: Settings, context: JobContext) 
         depth=int(params.get("depth", 1)),
         crawl_settings=crawl_settings,
         settings=settings,
+        stop_requested=context.stop_requested,  # each image is committed as it comes: a cancel keeps them
     )
+    context.cancelled = bool(result.get("cancelled"))
+    return result
 
 
 def _run_labeling_sync(params: dict[str, Any], settings: Settings, context: JobContext) -> dict[str, Any]:
