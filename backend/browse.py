@@ -27,7 +27,7 @@ from sqlalchemy import exists, func, select
 from sqlalchemy.orm import Session
 from sqlalchemy.sql import Select
 
-from backend.files import atomic_write_text
+from backend.files import atomic_write_text, fit_name
 from backend.ingest.importer import ImportReport, import_paths
 from backend.processing import load_image
 from backend.store.models import (
@@ -333,7 +333,8 @@ def save_uploads(storage: Path, files: Iterable[tuple[str, bytes]]) -> list[Path
 
     Args:
         storage: the storage folder.
-        files: (file name as uploaded, content); only the name's last path part is kept.
+        files: (file name as uploaded, content); only the name's last path part is kept, cut to 255 bytes with
+            its extension (`backend.files.fit_name`: a browser sends names the file system would refuse).
 
     Returns:
         The written paths, in order. The caller removes their folder (`discard_uploads`) once imported.
@@ -341,10 +342,7 @@ def save_uploads(storage: Path, files: Iterable[tuple[str, bytes]]) -> list[Path
     batch = storage / UPLOADS_DIR / uuid.uuid4().hex
     paths = []
     for number, (name, data) in enumerate(files):
-        clean = Path(str(name).replace("\\", "/")).name.strip() or f"upload_{number}"
-        if clean in (".", ".."):
-            clean = f"upload_{number}"
-        target = batch / str(number) / clean
+        target = batch / str(number) / fit_name(str(name), f"upload_{number}")
         target.parent.mkdir(parents=True, exist_ok=True)
         target.write_bytes(data)
         paths.append(target)

@@ -70,9 +70,9 @@ def import_uploaded(settings, project: str, uploader_key: str) -> None:
         st.session_state[OUTCOME] = ("error", f"There is no project {project!r} any more: pick one above, or create "
                                               "it with its classes on the Project page.")  # fmt: skip
         return
-    paths = browse.save_uploads(settings.storage, [(file.name, file.getvalue()) for file in files])
-    total = sum(file.size for file in files)
+    total, paths = sum(file.size for file in files), []
     try:
+        paths = browse.save_uploads(settings.storage, [(file.name, file.getvalue()) for file in files])
         if total > browse.SYNC_IMPORT_BYTES:
             from backend.jobs import api as jobs_api
 

@@ -2,8 +2,15 @@
 
 Every file ends up in exactly one list of the `ImportReport`: accepted, duplicates (same bytes already in the
 project), near_duplicates (stored, marked), rejected (with the reason) or skipped (not ours to import: macOS
-resource forks, symbolic links in folders). One bad file never stops an import; a whole archive is refused only
-when its table of contents already breaks a limit (too many members, too large once unpacked).
+resource forks, symbolic links in folders, named pipes, sockets and device files). One bad file never stops an
+import; a whole archive is refused only when its table of contents already breaks a limit (too many members, too
+large once unpacked).
+
+Only regular files are ever opened: a named pipe (FIFO) would block the import forever, waiting for a writer, while
+the caller's transaction holds the database (issue 19). Each file is checked with `lstat` first and opened with
+O_NONBLOCK, then checked again with `fstat` (a file swapped for a pipe in between is still refused). File names are
+reported as people can read them: bytes of a name that are not UTF-8 (an old camera's latin-1 "café.jpg") are
+shown escaped (`caf\\xe9.jpg`); such a file is still imported, under that name, with a warning.
 
 Archives are read member by member, never extracted as a whole: each member's name is checked first (no absolute
 paths, no `..` (zip slip), no symbolic links, no encrypted members), its declared size against the limits, and its
@@ -19,6 +26,7 @@ EXIF orientation (the readers' convention, and `Annotation`'s).
 
 from __future__ import annotations
 
+import errno
 import io
 import json
 import os
@@ -35,6 +43,7 @@ from sqlalchemy.orm import Session
 
 from backend.data.folders import load_dataset
 from backend.data.records import DatasetError, DetectionSet
+from backend.files import printable_name
 from backend.ingest.dedupe import DEFAULT_NEAR_THRESHOLD
 from backend.store.images import AddResult, ImageLimits, add_image_bytes
 from backend.store.models import GROUND_TRUTH_SOURCES, Annotation, Image, Project, ensure_class
@@ -78,7 +87,8 @@ class ImportReport:
         duplicates: {name, image_id} of images whose bytes the project already had (`image_id` is that image).
         near_duplicates: {name, image_id, similar_to, distance, near_group} of images added and marked.
         rejected: {name, reason} of files or archives not imported.
-        skipped: {name, reason} of entries deliberately left out (symbolic links, OS clutter).
+        skipped: {name, reason} of entries deliberately left out (symbolic links, OS clutter, named pipes, sockets,
+            device files).
         annotations: boxes imported from labeled datasets.
         classes_added: classes appended to the project.
         warnings: anything else worth knowing (boxes a reader clipped or dropped, ...).
@@ -149,7 +159,7 @@ def import_paths(
     session: Session,
     storage: Path,
     project: Project,
-    paths: list[str | Path],
+    paths: list[str | Path | bytes],
     limits: ImportLimits | None = None,
     *,
     source: str = "import",
@@ -160,7 +170,8 @@ def import_paths(
         session: the open session; the caller commits (each image is added in its own savepoint).
         storage: the storage folder.
         project: the project to add to.
-        paths: files, folders, .zip archives, or a labeled dataset (a folder, a COCO .json, a YOLO data.yaml).
+        paths: files, folders, .zip archives, or a labeled dataset (a folder, a COCO .json, a YOLO data.yaml); str,
+            Path or the name's bytes (`os.fsencode`).
         limits: the import's limits (defaults: `ImportLimits()`).
         source: recorded on each new image: "import" (CLI, folders) or "upload" (files a user uploaded).
 
@@ -170,12 +181,13 @@ def import_paths(
     limits = limits or ImportLimits()
     context = _Import(session, storage, project, limits, source, ImportReport(), limits.max_archive_bytes)
     for raw in paths:
-        path = Path(raw)
-        name = str(raw)
+        path = Path(os.fsdecode(raw)) if isinstance(raw, bytes) else Path(raw)
+        name = printable_name(str(path))
         if path.is_dir():
-            _import_folder(context, path, path.name or name)
+            _import_folder(context, path, printable_name(path.name) or name)
         elif not path.is_file():
-            context.report.reject(name, "not found" if not path.exists() else "not a regular file")
+            reason = "not found" if not path.exists() else _special_file_reason(path.stat().st_mode)
+            context.report.reject(name, reason)
         elif path.suffix.lower() in ARCHIVE_SUFFIXES:
             _import_zip_file(context, path, path.name)
         elif path.suffix.lower() in (".json", ".yaml", ".yml"):
@@ -193,19 +205,54 @@ def import_paths(
 def _import_file(context: _Import, path: Path, name: str) -> AddResult:
     cap = context.limits.image.max_file_bytes
     try:
-        size = path.stat().st_size
-        data = path.read_bytes() if size <= cap else None
+        data, size, special = _read_regular_file(path, cap)
     except OSError as error:  # only reading is guarded: a failing store (disk full) must stop the import
         result = AddResult("rejected", name, reason=f"cannot read the file ({error.strerror or error})")
+        context.report.record(result)
+        return result
+    if special is not None:
+        context.report.skip(name, special)
+        return AddResult("skipped", name, reason=special)
+    if data is None:
+        result = AddResult(
+            "rejected", name, reason=f"the file is {_human(size)}, over the {_human(cap)} limit per image"
+        )
     else:
-        if data is None:
-            result = AddResult(
-                "rejected", name, reason=f"the file is {_human(size)}, over the {_human(cap)} limit per image"
-            )
-        else:
-            result = _add(context, data, name)
+        result = _add(context, data, name)
     context.report.record(result)
     return result
+
+
+def _read_regular_file(path: Path, cap: int) -> tuple[bytes | None, int, str | None]:
+    """(bytes or None when over `cap`, size, None) for a regular file; (None, 0, why) for anything else.
+
+    Opened without blocking (O_NONBLOCK: opening a FIFO for reading would wait for a writer) and checked with
+    `fstat` on the open file, so whatever the name points to when it is opened is what is checked.
+    """
+    mode = os.stat(path).st_mode  # follows links: a labeled dataset may link its images
+    if not stat.S_ISREG(mode):
+        return None, 0, _special_file_reason(mode)
+    descriptor = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0))
+    with os.fdopen(descriptor, "rb") as file:
+        opened = os.fstat(file.fileno())
+        if not stat.S_ISREG(opened.st_mode):
+            return None, 0, _special_file_reason(opened.st_mode)
+        if opened.st_size > cap:
+            return None, opened.st_size, None
+        return file.read(cap + 1), opened.st_size, None
+
+
+def _special_file_reason(mode: int) -> str:
+    """Why a file that is not a regular file is not imported (reading some of them never ends)."""
+    if stat.S_ISFIFO(mode):
+        return "a named pipe (FIFO), not a file: skipped (reading it would wait for a writer forever)"
+    if stat.S_ISSOCK(mode):
+        return "a socket, not a file: skipped"
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return "a device file, not a file: skipped"
+    if stat.S_ISDIR(mode):
+        return "a folder where a file was expected: skipped"
+    return "not a regular file: skipped"
 
 
 def _human(size: int) -> str:
@@ -240,7 +287,12 @@ def _import_folder(context: _Import, folder: Path, label: str) -> None:
     if target is not None:
         _import_labeled(context, target, folder, label)
         return
-    for directory, dirnames, filenames in os.walk(folder, followlinks=False):
+
+    def unreadable(error: OSError) -> None:  # os.walk skips a folder it cannot list: say so
+        where = _join(label, Path(error.filename), folder) if error.filename else label
+        context.report.reject(where, f"cannot read the folder ({error.strerror or error})")
+
+    for directory, dirnames, filenames in os.walk(folder, onerror=unreadable, followlinks=False):
         dirnames.sort()
         here = Path(directory)
         for dirname in list(dirnames):
@@ -250,18 +302,34 @@ def _import_folder(context: _Import, folder: Path, label: str) -> None:
         for filename in sorted(filenames):
             path = here / filename
             name = _join(label, path, folder)
-            if path.is_symlink():
+            try:
+                mode = os.lstat(path).st_mode
+            except OSError as error:  # gone since the listing, or a path over the system's limit
+                context.report.reject(name, f"cannot read the file ({error.strerror or error})")
+                continue
+            if stat.S_ISLNK(mode):
                 context.report.skip(name, "symbolic link: not followed (copy the file itself to import it)")
+            elif not stat.S_ISREG(mode):
+                context.report.skip(name, _special_file_reason(mode))
             elif _is_junk(name):
                 context.report.skip(name, "operating-system clutter, not an image")
             elif path.suffix.lower() in ARCHIVE_SUFFIXES:
                 _import_zip_file(context, path, name)
             else:
-                _import_file(context, path, name)
+                result = _import_file(context, path, name)
+                if result.image_id is not None and _not_utf8(path.relative_to(folder).as_posix()):
+                    context.report.warnings.append(
+                        f"{name}: the file name is not valid UTF-8; it is kept with those bytes written as \\xNN"
+                    )
+
+
+def _not_utf8(name: str) -> bool:
+    return any("\udc80" <= character <= "\udcff" for character in name)  # os.fsdecode's surrogate escapes
 
 
 def _join(label: str, path: Path, root: Path) -> str:
-    return f"{label}/{path.relative_to(root).as_posix()}"
+    """The name a report shows: `label/<path relative to root>`, with bytes that are not UTF-8 escaped."""
+    return f"{label}/{printable_name(path.relative_to(root).as_posix())}"
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -413,8 +481,13 @@ def _import_labeled_zip(context: _Import, archive: zipfile.ZipFile, safe: list[z
             data = _read_member(context, archive, info, member, context.limits.image.max_file_bytes)
             if data is None:
                 continue
-            target.parent.mkdir(parents=True, exist_ok=True)
-            target.write_bytes(data)
+            try:
+                target.parent.mkdir(parents=True, exist_ok=True)
+                target.write_bytes(data)
+            except OSError as error:
+                if error.errno not in (errno.ENAMETOOLONG, errno.EILSEQ, errno.EINVAL):
+                    raise  # a full disk stops the import (the caller rolls back)
+                context.report.reject(member, f"the member's name cannot be a file name here ({error.strerror})")
         dataset_root = _single_child_folder(root)
         target = _labeled_target(dataset_root)
         if target is None:
@@ -434,7 +507,7 @@ def _single_child_folder(root: Path) -> Path:
 
 def _import_folder_plain(context: _Import, folder: Path, label: str) -> None:
     for path in sorted(folder.rglob("*")):
-        if path.is_file() and not path.is_symlink():
+        if path.is_file() and not path.is_symlink():  # a folder this import wrote: regular files only
             _import_file(context, path, _join(label, path, folder))
 
 
@@ -450,6 +523,8 @@ def _labeled_target(folder: Path) -> Path | None:
     if (folder / "images").is_dir() and (folder / "labels").is_dir():
         return folder  # load_dataset says so if the class list is missing
     for candidate in sorted(folder.glob("*.json")):
+        if not candidate.is_file():  # a named pipe called x.json would block read_text forever
+            continue
         try:
             content = json.loads(candidate.read_text(encoding="utf-8"))
         except (OSError, ValueError):

@@ -42,6 +42,7 @@ import numpy as np
 from sqlalchemy import delete, func, select, update
 from sqlalchemy.orm import Session
 
+from backend.files import NAME_MAX_BYTES, cut_to_bytes
 from backend.labeling.client import LabelStudioClient, LabelStudioNotFound
 from backend.labeling.config import (
     DATA_KEY,
@@ -91,13 +92,18 @@ def project_folder(settings: Settings, project: Project) -> Path:
 def link_name(image: Image) -> str:
     """`<image id>_<original name>.<ext>`: our id first (how a task finds its image), the name for people.
 
-    Unicode is kept (Label Studio URL-encodes it); path separators and control characters become "_".
+    Unicode is kept (Label Studio URL-encodes it); path separators and control characters become "_". The name is
+    at most 80 characters and, within that, at most 255 bytes (NAME_MAX): 80 emoji are 320 bytes (issue 19). Names
+    that already fitted are unchanged, so the links of earlier syncs keep their names.
     """
     extension = Path(image.path).suffix.lower() or ".jpg"
     stem = Path(image.original_name or "").stem or image.sha256[:12]
     stem = unicodedata.normalize("NFC", stem)
     stem = "".join("_" if ch in '/\\:*?"<>|' or unicodedata.category(ch).startswith("C") else ch for ch in stem)
-    return f"{image.id}_{stem.strip()[:80] or image.sha256[:12]}{extension}"
+    prefix = f"{image.id}_"
+    budget = NAME_MAX_BYTES - len(prefix.encode("utf-8")) - len(extension.encode("utf-8"))
+    stem = cut_to_bytes(stem.strip()[:80], budget).strip()
+    return f"{prefix}{stem or image.sha256[:12]}{extension}"
 
 
 def _link(source: Path, target: Path) -> None:
