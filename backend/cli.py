@@ -340,6 +340,7 @@ def cmd_import(args: argparse.Namespace) -> None:
     counts = {key: len(report[key]) if isinstance(report[key], list) else report[key] for key in keys if key in report}
     lines = [f"{report['project']}: " + ", ".join(f"{value} {key.replace('_', ' ')}" for key, value in counts.items())]
     lines += [f"  rejected {item['name']}: {item['reason']}" for item in report.get("rejected", [])[:20]]
+    lines += [f"  skipped {item['name']}: {item['reason']}" for item in report.get("skipped", [])[:20]]
     _print(report, args.json, "\n".join(lines))
 
 
