@@ -22,7 +22,7 @@ from backend.labeling.server import LabelStudioError
 from backend.models.checkpoints import CheckpointError
 from backend.models.download import WeightsDownloadError
 from backend.processing import ImageLoadError
-from backend.store.db import BUSY_ADVICE, database_locked
+from backend.store.db import BUSY_ADVICE, database_locked, describe_error, disk_full
 from backend.training.config import TrainingError
 
 EXPECTED_ERRORS = (
@@ -661,9 +661,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"yolodex: error: {error}", file=sys.stderr)
         return 1
     except OperationalError as error:
-        if not database_locked(error):
+        if not database_locked(error) and not disk_full(error):
             raise
-        print(f"yolodex: error: {BUSY_ADVICE}", file=sys.stderr)
+        print(f"yolodex: error: {BUSY_ADVICE if database_locked(error) else describe_error(error)}", file=sys.stderr)
+        return 1
+    except Exception as error:  # a full disk (store.db.DiskFullError, ENOSPC) is one line; anything else a bug
+        if not disk_full(error):
+            raise
+        print(f"yolodex: error: {describe_error(error)}", file=sys.stderr)
         return 1
     return status if isinstance(status, int) else 0
 

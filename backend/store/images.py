@@ -2,7 +2,9 @@
 
 Files live at `storage/images/<sha256[:2]>/<sha256>.<ext>`, holding the bytes exactly as received (EXIF and all),
 so the sha256 of a file is its name and a file is never overwritten: an existing file already holds those bytes.
-Writes go to a temporary file in the same folder, then are renamed into place (a crash leaves no half image).
+Writes go to a temporary file in the same folder, then are renamed into place (a crash leaves no half image). A file
+is only kept once its row is committed: when the session (`session_scope`) rolls back instead, for a full disk or
+any other failure, the files it wrote that no committed row uses are removed again (issue 19).
 
 Every image is decoded fully before it is kept (`decode_checked`): a truncated JPEG, a text file named .jpg or a
 decompression bomb is rejected with the reason, never stored. Widths and heights are recorded after EXIF
@@ -27,6 +29,7 @@ from sqlalchemy.orm import Session
 
 from backend.files import atomic_write
 from backend.ingest.dedupe import DEFAULT_NEAR_THRESHOLD, hamming_to_many, hashes_to_array, phash
+from backend.store.db import on_rollback
 from backend.store.models import IMAGE_SOURCES, Image, Project
 
 logger = logging.getLogger(__name__)
@@ -190,6 +193,38 @@ def store_bytes(storage: Path, sha256: str, extension: str, data: bytes) -> Path
     return relative
 
 
+_NEW_FILES = "yolodex_new_image_files"
+
+
+def _keep_only_if_committed(session: Session, storage: Path, relative: Path) -> None:
+    """Registers a file this session just created in the store, to be removed if the session rolls back."""
+    new_files = session.info.get(_NEW_FILES)
+    if new_files is None:
+        new_files = session.info[_NEW_FILES] = {}
+        engine = session.get_bind()
+        on_rollback(session, lambda: _remove_uncommitted(engine, storage, session.info.pop(_NEW_FILES, {})))
+    new_files[relative.as_posix()] = relative
+
+
+def _remove_uncommitted(engine, storage: Path, new_files: dict[str, Path]) -> None:
+    """Deletes the files of `new_files` that no committed row uses (another process may have committed the same
+    bytes meanwhile: those stay)."""
+    if not new_files:
+        return
+    paths = list(new_files)
+    used: set[str] = set()
+    with engine.connect() as connection:
+        for start in range(0, len(paths), 500):  # bounded IN lists
+            chunk = paths[start : start + 500]
+            used.update(connection.scalars(select(Image.path).where(Image.path.in_(chunk))))
+    removed = 0
+    for path in paths:
+        if path not in used:
+            (storage / new_files[path]).unlink(missing_ok=True)
+            removed += 1
+    logger.info("removed %d image files written by a transaction that rolled back", removed)
+
+
 def image_file(storage: Path, image: Image) -> Path:
     """The absolute path of a stored image."""
     return storage / image.path
@@ -281,7 +316,11 @@ def add_image_bytes(
         return AddResult("duplicate", name, image_id=existing)
 
     similar_to, distance, matched_groups, matched_ids = _near_matches(session, project, image_hash, near_threshold)
+    target = storage / content_path(sha256, decoded.extension)
+    created = not target.is_file()
     relative = store_bytes(storage, sha256, decoded.extension, data)
+    if created:
+        _keep_only_if_committed(session, storage, relative)
     image = Image(
         project_id=project.id,
         sha256=sha256,
@@ -311,6 +350,7 @@ def add_image_bytes(
         existing = _find_by_sha(session, project, sha256)
         if existing is None:
             raise
+        session.info.get(_NEW_FILES, {}).pop(relative.as_posix(), None)  # its row uses the file: never remove it
         return AddResult("duplicate", name, image_id=existing)
     if similar_to is not None:
         return AddResult("near_duplicate", name, image.id, similar_to=similar_to, distance=distance, near_group=group)
