@@ -133,6 +133,79 @@ def test_server_env_is_clean_and_never_phones_home(labelstudio: LabelStudioServe
 
 
 @pytest.mark.slow
+def test_a_foreign_host_is_refused_and_its_own_names_answer(labelstudio: LabelStudioServer) -> None:
+    """DNS rebinding (issue 19): a page under attacker.example that resolves to 127.0.0.1 gets 400 for every path,
+    the login page and the API with a valid token included; the names yolodex uses answer as before."""
+    port = labelstudio.settings.ls_port
+    auth = labelstudio.auth_header
+
+    def answer(path: str, host: str, origin: str | None = None) -> int:
+        headers = {**auth, "Host": host} | ({"Origin": origin} if origin else {})
+        return requests.get(f"{labelstudio.url}{path}", headers=headers, timeout=10, allow_redirects=False).status_code
+
+    for path in ("/health", "/user/login/", "/api/current-user/whoami"):
+        assert answer(path, f"attacker.example:{port}", f"http://attacker.example:{port}") == 400, path
+        assert answer(path, f"127.0.0.1:{port}") == 200, path
+        assert answer(path, f"localhost:{port}") == 200, path
+    # The server still answers yolodex afterwards: nothing stored was touched.
+    assert server.status(labelstudio.settings).ok
+
+
+@pytest.mark.slow
+def test_data_folder_and_secret_files_are_private_and_tightened_at_start(labelstudio: LabelStudioServer) -> None:
+    folder = server.data_dir(labelstudio.settings)
+    database, key = folder / "label_studio.sqlite3", folder / ".env"
+
+    def mode(path: Path) -> int:
+        return stat.S_IMODE(path.stat().st_mode)
+
+    assert mode(folder) == 0o700
+    assert {path.name: mode(path) for path in (database, key, server.credentials_path(labelstudio.settings))} == {
+        "label_studio.sqlite3": 0o600,
+        ".env": 0o600,
+        "credentials.json": 0o600,
+    }
+    # Files an older yolodex left readable by everyone are tightened by the next start (here: a no-op start of
+    # the running server), which keeps the server and its data.
+    pid = _server_pid(labelstudio)
+    folder.chmod(0o755)
+    database.chmod(0o644)
+    assert server.start(labelstudio.settings).pid == pid
+    assert (mode(folder), mode(database)) == (0o700, 0o600)
+    whoami = requests.get(f"{labelstudio.url}/api/current-user/whoami", headers=labelstudio.auth_header, timeout=10)
+    assert whoami.status_code == 200
+
+
+def test_secure_data_dir_creates_0700_and_tightens_secret_files(idle_settings: Settings) -> None:
+    folder = server.data_dir(idle_settings)
+    assert server.secure_data_dir(idle_settings) == folder and stat.S_IMODE(folder.stat().st_mode) == 0o700
+    folder.chmod(0o755)
+    for name in ("label_studio.sqlite3", "label_studio.sqlite3-wal", ".env", "notes.txt"):
+        (folder / name).write_text(name)
+        (folder / name).chmod(0o644)
+    server.secure_data_dir(idle_settings)
+    modes = {path.name: stat.S_IMODE(path.stat().st_mode) for path in folder.iterdir()}
+    assert stat.S_IMODE(folder.stat().st_mode) == 0o700
+    assert modes == {
+        "label_studio.sqlite3": 0o600,
+        "label_studio.sqlite3-wal": 0o600,
+        ".env": 0o600,
+        "notes.txt": 0o644,
+    }
+    assert (folder / ".env").read_text() == ".env"  # contents untouched
+
+
+def test_label_studio_is_told_only_the_trusted_names(idle_settings: Settings) -> None:
+    settings = dataclasses.replace(idle_settings, host="0.0.0.0", allowed_hosts=("ls.example.org", "fd00::5"))
+    credentials = server.load_or_create_credentials(settings)
+    env = server._server_env(settings, credentials)
+    assert env["LABEL_STUDIO_ALLOWED_HOSTS"] == "127.0.0.1,localhost,[::1],ls.example.org,[fd00::5]"
+    origins = env["LABEL_STUDIO_CSRF_TRUSTED_ORIGINS"].split(",")
+    assert f"http://ls.example.org:{settings.ls_port}" in origins and "https://ls.example.org" in origins
+    assert not any("0.0.0.0" in origin or "*" in origin for origin in origins)
+
+
+@pytest.mark.slow
 def test_running_status_token_and_idempotent_start(labelstudio: LabelStudioServer) -> None:
     current = server.status(labelstudio.settings)
     assert current.state == "running" and current.ok and current.pid == _server_pid(labelstudio)

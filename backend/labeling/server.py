@@ -17,6 +17,12 @@ there, and `start`/`stop` do not spawn or kill anything (start waits for it to a
 `start --foreground` runs the server as this process's child and waits on it, forwarding SIGTERM/SIGINT: the
 main process of a Label Studio container.
 
+Only its own names (issue 19, DNS rebinding): Label Studio gets `ALLOWED_HOSTS` = `Settings.trusted_hosts` (127.0.0.1,
+localhost, ::1, `YOLODEX_HOST`, `YOLODEX_ALLOWED_HOSTS`), so Django answers a request for any other Host with 400,
+and the same names as CSRF trusted origins. Its data folder is 0700 and its files 0600 (the server runs with umask
+077; files an older yolodex left looser are tightened at each start): the database holds the admin's API token,
+`.env` the key that signs its sessions.
+
 Importing this module is cheap: stdlib only (urllib for HTTP), no Label Studio or SDK import.
 """
 
@@ -57,6 +63,11 @@ STATES = ("running", "starting", "stopped", "misconfigured", "crashed")
 # child gets a clean environment built from these plus ours.
 _INHERITED_ENV = ("PATH", "HOME", "LANG", "TMPDIR", "TZ")
 _LOG_TAIL_LINES = 15
+# Files in the data folder that hold secrets: the database (the API token, password hashes; SQLite's side files get
+# its mode only when they are created), the session-signing key, our login.
+_PRIVATE_FILES = ("label_studio.sqlite3", "label_studio.sqlite3-wal", "label_studio.sqlite3-shm",
+                  "label_studio.sqlite3-journal", ".env", "credentials.json")  # fmt: skip
+_PRIVATE_UMASK = 0o077  # what Label Studio creates: folders 0700, files 0600
 _PORT_MOVED = "is in use"  # Label Studio's "Port N is in use. Trying to start at N+1" warning
 
 
@@ -90,6 +101,21 @@ def ls_executable() -> Path:
 
 def data_dir(settings: Settings) -> Path:
     return settings.storage / "labelstudio"
+
+
+def secure_data_dir(settings: Settings) -> Path:
+    """Creates the data folder with mode 0700, or tightens an existing one to 0700 and its secret files
+    (`_PRIVATE_FILES`) to 0600; returns the folder."""
+    folder = data_dir(settings)
+    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+    if folder.stat().st_mode & 0o077:
+        folder.chmod(0o700)
+    for name in _PRIVATE_FILES:
+        path = folder / name
+        with contextlib.suppress(FileNotFoundError):
+            if path.stat().st_mode & 0o077:
+                path.chmod(0o600)
+    return folder
 
 
 def log_path(settings: Settings) -> Path:
@@ -145,7 +171,7 @@ def load_or_create_credentials(settings: Settings) -> Credentials:
     """
     path = credentials_path(settings)
     if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
+        secure_data_dir(settings)
         fresh = {"email": LS_EMAIL, "password": secrets.token_urlsafe(18), "token": secrets.token_hex(20)}
         handle, temporary = tempfile.mkstemp(prefix=".credentials.", suffix=".tmp", dir=path.parent)
         try:
@@ -335,6 +361,7 @@ def start(settings: Settings, *, wait: bool = True, timeout: float = 420.0) -> S
     if settings.ls_external:
         return _wait_for_external(settings, wait, timeout)
     executable = ls_executable()
+    secure_data_dir(settings)
     credentials = load_or_create_credentials(settings)
     current = _prepare_start(settings, credentials)
     if current is not None:
@@ -359,6 +386,7 @@ def start(settings: Settings, *, wait: bool = True, timeout: float = 420.0) -> S
             stdout=log_file,
             stderr=subprocess.STDOUT,
             start_new_session=True,  # own process group: Ctrl-C in the app's terminal does not hit it, stop() can
+            umask=_PRIVATE_UMASK,
         )
     _children[process.pid] = process
     _write_state(settings, process.pid, log_offset)
@@ -387,6 +415,7 @@ def run_foreground(settings: Settings, timeout: float = 420.0) -> int:
             "unset YOLODEX_LS_URL where Label Studio itself runs."
         )
     executable = ls_executable()
+    secure_data_dir(settings)
     credentials = load_or_create_credentials(settings)
     current = _prepare_start(settings, credentials)
     if current is not None:
@@ -397,6 +426,7 @@ def run_foreground(settings: Settings, timeout: float = 420.0) -> int:
         cwd=data_dir(settings),
         env=_server_env(settings, credentials),
         stdin=subprocess.DEVNULL,
+        umask=_PRIVATE_UMASK,
     )
     _children[process.pid] = process
     _write_state(settings, process.pid, log_offset=0, foreground=True)
@@ -474,6 +504,7 @@ def repair_credentials(settings: Settings, credentials: Credentials | None = Non
     if settings.ls_external:
         raise LabelStudioError(f"yolodex cannot repair a Label Studio it does not run: {EXTERNAL_REPAIR_ACTION}.")
     credentials = credentials or load_or_create_credentials(settings)
+    secure_data_dir(settings)
     if settings.ls_database_url is None and not (data_dir(settings) / "label_studio.sqlite3").is_file():
         raise LabelStudioError(f"Label Studio has no database in {data_dir(settings)} yet: {START_ACTION} first.")
     python = ls_venv() / "bin" / "python"
@@ -485,6 +516,7 @@ def repair_credentials(settings: Settings, credentials: Credentials | None = Non
             cwd=data_dir(settings),
             env=_server_env(settings, credentials),
             stdin=subprocess.DEVNULL,
+            umask=_PRIVATE_UMASK,
             capture_output=True,
             text=True,
             timeout=timeout,
@@ -620,6 +652,9 @@ def _server_env(settings: Settings, credentials: Credentials) -> dict[str, str]:
             "LABEL_STUDIO_PASSWORD": credentials.password,
             "LABEL_STUDIO_USER_TOKEN": credentials.token,
             "LABEL_STUDIO_ENABLE_LEGACY_API_TOKEN": "true",
+            # Only our own names (DNS rebinding): Django answers 400 to any other Host (base.py reads these).
+            "LABEL_STUDIO_ALLOWED_HOSTS": ",".join(_django_host(name) for name in settings.trusted_hosts),
+            "LABEL_STUDIO_CSRF_TRUSTED_ORIGINS": ",".join(_trusted_origins(settings)),
             # No phone-home: the version check, analytics and the default Sentry DSNs (set unless emptied).
             "LATEST_VERSION_CHECK": "false",
             "COLLECT_ANALYTICS": "false",
@@ -629,6 +664,21 @@ def _server_env(settings: Settings, credentials: Credentials) -> dict[str, str]:
         }
     )
     return env
+
+
+def _django_host(name: str) -> str:
+    """A host name as Django's ALLOWED_HOSTS spells it: IPv6 addresses in brackets."""
+    return f"[{name}]" if ":" in name else name
+
+
+def _trusted_origins(settings: Settings) -> list[str]:
+    """Django's CSRF_TRUSTED_ORIGINS for the trusted names: http on Label Studio's port, and http/https without a
+    port (a reverse proxy in front; same-origin forms need no entry, but a proxy that ends TLS makes the browser's
+    https Origin differ from the http request Django sees)."""
+    origins = []
+    for name in map(_django_host, settings.trusted_hosts):
+        origins += [f"http://{name}:{settings.ls_port}", f"http://{name}", f"https://{name}"]
+    return origins
 
 
 def _database_env(settings: Settings) -> dict[str, str]:
