@@ -189,9 +189,18 @@ with st.expander("Log in to Label Studio", expanded=server.state == "running"):
                 f"Log in once in this browser at [{ls_url}/user/login/]({ls_url}/user/login/); the labeling view "
                 f"below needs that session. Email: `{credentials.email}`"
             )
-            if st.toggle("Show password", key="label_show_password"):
-                st.code(credentials.password, language=None)
-            st.caption(f"Your own local login, kept readable only by you in {credentials_path(settings)}.")
+            if settings.listens_beyond_loopback:
+                # Other machines may reach this page (issue 19): the password stays in its file.
+                st.info(
+                    f"The password is not shown here because the app listens beyond this machine "
+                    f"(YOLODEX_HOST={settings.host}). Read it in {credentials_path(settings)} on the machine that "
+                    "runs yolodex: the file is readable only by the account that runs it (mode 0600).",
+                    icon=":material/lock:",
+                )
+            else:
+                if st.toggle("Show password", key="label_show_password"):
+                    st.code(credentials.password, language=None)
+                st.caption(f"Your own local login, kept readable only by you in {credentials_path(settings)}.")
     else:
         st.write("The login is created when Label Studio starts for the first time (`yolodex labelstudio start`).")
 

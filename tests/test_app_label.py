@@ -234,6 +234,31 @@ def test_labeling_view_is_embedded_only_on_the_same_hostname(storage: Path, monk
     assert not other_site.get("link_button")[0].proto.disabled
 
 
+@pytest.mark.parametrize("host", ["0.0.0.0", "192.168.1.20"])
+def test_password_is_never_shown_when_the_app_listens_beyond_loopback(
+    storage: Path, monkeypatch: pytest.MonkeyPatch, host: str
+):
+    """Issue 19: other machines may reach the page, so it says where the password is instead of showing it."""
+    monkeypatch.setenv("YOLODEX_HOST", host)
+
+    def running(settings: Settings, **_: object) -> server_module.ServerStatus:
+        url = server_module.labelstudio_url(settings)
+        return server_module.ServerStatus("running", url, 1, f"Label Studio is running at {url}.")
+
+    monkeypatch.setattr(server_module, "status", running)
+    credentials = server_module.load_or_create_credentials(get_settings())
+    path = server_module.credentials_path(get_settings())
+
+    app = run_page(url="http://192.168.1.20:8501/label")
+    everything = "\n".join(str(getattr(node, "proto", "")) for node in app._tree)  # every element, any type
+    assert credentials.password not in everything
+    assert not app.code and not [toggle for toggle in app.toggle if toggle.key == "label_show_password"]
+    assert credentials.email in page_text(app)  # the login name and where the password is are still there
+    [notice] = [element.value for element in app.info if "password is not shown" in element.value]
+    assert str(path) in notice and "0600" in notice and f"YOLODEX_HOST={host}" in notice
+    assert json.loads(path.read_text())["password"] == credentials.password  # the login itself is untouched
+
+
 def finished_run(settings: Settings, name: str, best_map: float, size: str = "s", status: str = "succeeded") -> Path:
     """A run folder of the Starter project as a finished training leaves it (config.json, metrics.jsonl with its
     end, best.pt) and its Run row; the checkpoint's bytes are not read by the page."""
