@@ -117,6 +117,9 @@ def submit_crawl(settings, project: str) -> None:
         st.session_state[OUTCOME] = ("error", "Type a search, some image URLs or a page URL first.")
         return
     params: dict[str, Any] = {"project": project, "limit": int(st.session_state["datasets_crawl_limit"])}
+    # The SSRF refusal's advice in this page's words: it has no switch for private addresses (the CLI's flag).
+    params["crawl_settings"] = {"private_hint": "the Datasets page crawls public addresses only: to add images "
+                                "from your own network, save them and drop them on the upload box above"}  # fmt: skip
     if mode == "Search":
         params["query"] = text
     elif mode == "Image URLs":

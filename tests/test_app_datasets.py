@@ -322,6 +322,7 @@ def test_a_crawl_is_a_job_whose_outcome_the_page_shows(settings, immediate_jobs)
     # A loopback address is refused by the crawler's SSRF rules: the page says so instead of storing anything.
     refusals = table_with(app, "url")
     assert list(refusals["url"]) == ["http://127.0.0.1:9/pikachu.png"]
+    assert "upload box above" in refusals["detail"].iloc[0] and "--allow-private" not in refusals["detail"].iloc[0]
     assert metrics(app)["kept"] == "0"
     assert app.button(key="datasets_job_cancel").disabled
 
