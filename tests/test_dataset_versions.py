@@ -13,7 +13,7 @@ from sqlalchemy import select
 from backend.data.folders import load_dataset
 from backend.store.db import init_db, session_scope
 from backend.store.images import add_image_bytes
-from backend.store.models import Annotation, Image, ensure_class, get_or_create_project
+from backend.store.models import Annotation, DatasetVersion, Image, Project, ensure_class, get_or_create_project
 from backend.store.versions import class_stats, export_coco, export_yolo, freeze_version
 from tests.conftest import encode_image as encode
 from tests.conftest import textured_image
@@ -140,3 +140,44 @@ def test_class_stats_for_a_project_and_a_version(project_env) -> None:
     assert version_stats["box_size_histogram"]["Bulbasaur"][bin_index] == 6
     assert set(version_stats["split_stats"]) == {"train", "val"}
     json.dumps(version_stats)
+
+
+def labeled_project(session, storage: Path, name: str, first_seed: int):
+    project = get_or_create_project(session, name)
+    (pika, _) = ensure_class(session, project, "Pika")
+    for seed in range(first_seed, first_seed + 3):
+        result = add_image_bytes(session, storage, project, encode(textured(seed)), source="upload")
+        session.get(Image, result.image_id).labeled = True
+        session.add(Annotation(image_id=result.image_id, class_id=pika.id, x1=4, y1=5, x2=44, y2=35, source="import"))
+    return project
+
+
+def test_version_names_that_would_share_a_folder_are_refused_with_the_reason(tmp_path: Path) -> None:
+    """Projects "coll/x" and "coll_x" both keep their versions in datasets/coll_x/: before, freezing "v1" in the
+    second said "version 'v1' already exists in project 'coll_x'", which it did not."""
+    engine = init_db(f"sqlite:///{tmp_path / 'yolodex.db'}")
+    storage = tmp_path / "storage"
+    with session_scope(engine) as session:
+        first = freeze_version(session, storage, labeled_project(session, storage, "coll/x", 300), "v1")
+        folder, files = storage / first.folder, sorted(path.name for path in (storage / first.folder).rglob("*"))
+    with session_scope(engine) as session:
+        second = labeled_project(session, storage, "coll_x", 400)
+        with pytest.raises(ValueError) as refused:
+            freeze_version(session, storage, second, "v1")
+        message = str(refused.value)
+        assert "already exists in project" not in message
+        assert "'v1' of project 'coll_x'" in message and "same folder (datasets/coll_x/v1)" in message
+        assert "version 'v1' of project 'coll/x'" in message and "choose another version name" in message
+        other = freeze_version(session, storage, second, "v2")  # another name is fine
+    # Nothing stored before is touched: coll/x's v1 keeps its folder and files, and is still the only v1.
+    assert sorted(path.name for path in folder.rglob("*")) == files
+    assert load_dataset(folder)["train"].class_names == ["Pika"]
+    assert (storage / other.folder).is_dir() and other.folder == "datasets/coll_x/v2"
+    with session_scope(engine) as session:
+        names = session.execute(select(DatasetVersion.name, Project.name).join(Project)).all()
+        assert sorted(names) == [("v1", "coll/x"), ("v2", "coll_x")]
+    # A folder left without a version (say, from an earlier database) is named as such.
+    (storage / "datasets" / "coll_x" / "v3").mkdir()
+    with session_scope(engine) as session, pytest.raises(ValueError, match="already exists though no version uses"):
+        freeze_version(session, storage, get_or_create_project(session, "coll_x"), "v3")
+    engine.dispose()

@@ -25,7 +25,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import exists, select
+from sqlalchemy import exists, func, select
 from sqlalchemy.orm import Session
 
 from backend.data.coco import write_coco
@@ -112,8 +112,10 @@ def freeze_version(
     )
     relative = Path("datasets") / safe_name(project.name, f"project_{project.id}") / name
     final = storage / relative
-    if taken is not None or final.exists():
+    if taken is not None:
         raise ValueError(f"version {name!r} already exists in project {project.name!r}: choose another name")
+    if final.exists():
+        raise ValueError(_folder_taken_reason(session, project, name, relative))
     classes = project_classes(session, project)
     if not classes:
         raise ValueError(f"project {project.name!r} has no classes: add classes and label some images first")
@@ -177,6 +179,31 @@ def freeze_version(
         shutil.rmtree(temporary, ignore_errors=True)
         raise
     return version
+
+
+def _folder_taken_reason(session: Session, project: Project, name: str, relative: Path) -> str:
+    """Why version `name` cannot have the folder `relative`, which exists though the project has no such version.
+
+    Two project names can map to one folder ("coll/x" and "coll_x" both to datasets/coll_x/, `safe_name`), and on a
+    case-insensitive file system two version names can too ("V1" and "v1").
+    """
+    owner = session.execute(
+        select(DatasetVersion.name, Project.name)
+        .join(Project, Project.id == DatasetVersion.project_id)
+        .where(func.lower(DatasetVersion.folder) == relative.as_posix().lower())
+    ).first()
+    if owner is None:
+        return (
+            f"version {name!r} of project {project.name!r} would be stored in {relative.as_posix()}, a folder that "
+            "already exists though no version uses it (left from an earlier database?): move that folder away, or "
+            "choose another name"
+        )
+    other_version, other_project = owner
+    return (
+        f"version {name!r} of project {project.name!r} would be stored in the same folder ({relative.as_posix()}) as "
+        f"the existing version {other_version!r} of project {other_project!r} (folder names keep only letters, "
+        "digits, '.', '-' and '_'): choose another version name"
+    )
 
 
 def _labeled_images(session: Session, project: Project) -> list[Image]:
