@@ -25,6 +25,9 @@ LS_CONTROL := $(VENV_BIN)/yolodex labelstudio
 # The same variables as backend/settings.py; environment variables override these defaults.
 YOLODEX_HOST ?= 127.0.0.1
 YOLODEX_APP_PORT ?= 8501
+# The address to open: a server bound to every interface answers on 127.0.0.1 (and only to the names in
+# backend/settings.py's trusted_hosts, never to "0.0.0.0": docs/host_names.md).
+OPEN_HOST := $(if $(filter 0.0.0.0 :: [::],$(YOLODEX_HOST)),127.0.0.1,$(YOLODEX_HOST))
 PYTEST_ARGS ?=
 CHROMIUM ?= /usr/bin/chromium
 
@@ -32,7 +35,7 @@ CHROMIUM ?= /usr/bin/chromium
 
 help:
 	@echo "make setup   create .venv and .venv-labelstudio and install their requirements (only when they changed)"
-	@echo "make run     start Label Studio and the app on http://$(YOLODEX_HOST):$(YOLODEX_APP_PORT)"
+	@echo "make run     start Label Studio and the app on http://$(OPEN_HOST):$(YOLODEX_APP_PORT)"
 	@echo "make labelstudio        start Label Studio alone (make labelstudio-stop stops it)"
 	@echo "make test    ruff check, ruff format --check, pytest (PYTEST_ARGS=... passes through)"
 	@echo "make bench   run every bench/*.py"
@@ -96,6 +99,8 @@ setup:
 
 # Label Studio starts in the background (its first start takes about two minutes; the app shows its state)
 # and is stopped when the app exits, unless it was already running before `make run`.
+# `streamlit run app/main.py` serves the st.App defined there: every request's Host/Origin is checked against the
+# app's names first (app/host_guard.py, docs/host_names.md).
 run: setup
 	@$(VENV_BIN)/yolodex dataset starter >/dev/null && echo "yolodex: the Starter Pokédex project is ready"
 	@set -uo pipefail; \
@@ -116,7 +121,7 @@ run: setup
 	mkdir -p "$$logs"; \
 	$(VENV_BIN)/huey_consumer backend.jobs.tasks.huey -k process -w 1 -m 1 >>"$$logs/worker.log" 2>&1 & worker=$$!; \
 	echo "yolodex: the worker runs the background jobs (log: $$logs/worker.log)"; \
-	echo "yolodex: open http://$(YOLODEX_HOST):$(YOLODEX_APP_PORT) (Ctrl-C stops it)"; \
+	echo "yolodex: open http://$(OPEN_HOST):$(YOLODEX_APP_PORT) (Ctrl-C stops it)"; \
 	$(VENV_BIN)/streamlit run app/main.py --server.address $(YOLODEX_HOST) --server.port $(YOLODEX_APP_PORT) \
 		--server.headless true --browser.gatherUsageStats false
 
