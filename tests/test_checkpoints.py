@@ -7,6 +7,7 @@ import math
 import os
 import pickle
 import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -23,7 +24,14 @@ from backend.models import (
     read_checkpoint,
     save_checkpoint,
 )
-from backend.models.checkpoints import atomic_save, extract_state_dict
+from backend.models.checkpoints import (
+    NotEnoughRoom,
+    atomic_save,
+    checkpoint_sizes,
+    ensure_room,
+    extract_state_dict,
+    save_inference_checkpoint,
+)
 from tests.test_models import randomise_batch_norms
 
 CLASS_PRIOR_LOGIT = math.log(0.01 / 0.99)  # -4.595: the official focal-loss prior of a fresh class predictor
@@ -444,3 +452,50 @@ def test_official_entry_that_is_not_a_state_dict_is_refused(tmp_path, net) -> No
     torch.save({"net": net}, path)
     with pytest.raises(CheckpointError, match="not a state dict of tensors"):
         load_model(path)
+
+
+# --- best.pt and the room for a run's checkpoints (issue 19) --------------------------------------------------------
+
+
+def test_inference_checkpoint_holds_the_weights_and_metadata_only(tmp_path: Path, images: torch.Tensor) -> None:
+    ema = random_model(seed=31, num_classes=3)
+    path = save_inference_checkpoint(
+        tmp_path / "best.pt", ema, class_names=["a", "b", "c"], imgsz=320, weights="ema", epoch=4,
+        metrics={"best_map": 0.5}, evaluation={"mAP50-95": 0.5, "mAP_large": None},
+    )  # fmt: skip
+    checkpoint = read_checkpoint(path)
+    assert set(checkpoint) == {"format", "config", "model", "ema", "weights", "epoch", "metrics", "evaluation"}
+    assert checkpoint["ema"] is None and checkpoint["weights"] == "ema" and checkpoint["epoch"] == 4
+    # One copy of the weights: the file is the size of the state dict (plus a little metadata).
+    weights = sum(tensor.numel() * tensor.element_size() for tensor in ema.state_dict().values())
+    assert weights < path.stat().st_size < weights * 1.02
+    loaded, report = load_model(path)
+    assert (report.layout, report.entry, report.class_names, report.imgsz) == ("yolodex", "model", ["a", "b", "c"], 320)
+    torch.testing.assert_close(outputs(loaded, images), outputs(ema.eval(), images), rtol=0, atol=0)
+
+
+def test_checkpoint_sizes_bound_what_a_training_writes(tmp_path: Path) -> None:
+    model, ema = random_model(seed=32, num_classes=3), random_model(seed=33, num_classes=3)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    for parameter in model.parameters():
+        parameter.grad = torch.randn_like(parameter)
+    optimizer.step()  # both AdamW moments of every parameter: the largest optimizer state a training saves
+    last = save_checkpoint(tmp_path / "last.pt", model, class_names=["a", "b", "c"], imgsz=64, ema=ema,
+                           optimizer=optimizer.state_dict())  # fmt: skip
+    best = save_inference_checkpoint(tmp_path / "best.pt", ema, class_names=["a", "b", "c"], imgsz=64, weights="ema")
+    last_estimate, best_estimate = checkpoint_sizes("s", 3)
+    assert last.stat().st_size * 0.98 < last_estimate < last.stat().st_size * 1.02
+    assert best.stat().st_size * 0.98 < best_estimate <= best.stat().st_size
+
+
+def test_ensure_room_names_the_folder_and_the_bytes(tmp_path: Path) -> None:
+    (tmp_path / "kept.txt").write_text("kept")
+    folder = tmp_path / "not" / "made" / "yet"  # measured on the file system it will be created on
+    ensure_room(folder, 1024, "a test")
+    free = shutil.disk_usage(tmp_path).free
+    with pytest.raises(NotEnoughRoom) as raised:
+        ensure_room(folder, free + 10**9, "this run's checkpoints")
+    message = str(raised.value)
+    assert message.startswith(f"not enough free space in {folder} for this run's checkpoints: ")
+    assert re.search(r"[\d,]+ MB \([\d,]+ bytes\) free, about [\d,]+ MB \([\d,]+ bytes\) needed", message)
+    assert not folder.parent.parent.exists() and (tmp_path / "kept.txt").read_text() == "kept"
