@@ -1,1 +1,2 @@
-"""The Streamlit app: `app/main.py` is the entry (navigation), `app/widgets.py` the widgets pages share."""
+"""The Streamlit app: `app/main.py` is the entry (the server with `app/host_guard.py` in front, and the navigation),
+`app/widgets.py` the widgets pages share."""
