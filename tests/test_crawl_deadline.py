@@ -207,10 +207,10 @@ def test_a_crawl_job_stuck_downloading_holds_no_lock_and_cancels_keeping_what_it
         assert [url for url, _ in images_of(settings, "Trickled")] == [good]  # committed: a kill keeps it
         created = create_project("Meanwhile", ["eevee"], settings=settings)  # another writer, not "locked"
         assert created["project"] == "Meanwhile"
+        assert job.is_alive()  # all of this happened while the download was trickling (total_timeout_s=120)
         (job_id,) = [view.id for view in api.list_jobs(settings, kind="crawl")]
         view = api.cancel(job_id, settings)
-        assert view.cancel_requested and view.state == "running"
-        assert job.is_alive()  # all of this happened while the download was still trickling
+        assert view.cancel_requested
     finally:
         job.join(timeout=MARGIN_S)
     assert not job.is_alive(), "the cancelled crawl did not stop during its download"
