@@ -82,7 +82,7 @@ def import_uploaded(settings, project: str, uploader_key: str) -> None:
             st.session_state[OUTCOME] = ("info", f"{len(files)} files ({total / 1024**2:.0f} MB) queued as job "
                                                  f"#{job_id}: the worker imports them.")  # fmt: skip
         else:
-            with session_scope(store_engine(settings.database_url)) as session:
+            with session_scope(store_engine(settings.database_url), write=True) as session:
                 report = browse.import_uploads(session, settings.storage, project, paths)
             browse.discard_uploads(settings.storage, paths)
             st.session_state["datasets_report"] = report

@@ -77,12 +77,12 @@ def crawl_into(
     crawl_settings = crawl_settings or CrawlSettings()
     engine, storage = open_store(settings)
     added: dict[str, int] = {}
-    with session_scope(engine) as session:
+    with session_scope(engine, write=True) as session:
         target = get_or_create_project(session, project)
         project_id, project_name = target.id, target.name
 
     def keep(image: CrawledImage) -> None:
-        with session_scope(engine) as session:
+        with session_scope(engine, write=True) as session:
             result = add_image_bytes(
                 session, storage, session.get_one(Project, project_id), image.data, source="crawl",
                 original_name=image.original_name, source_url=image.source_url, page_url=image.page_url,
