@@ -2,30 +2,52 @@
 
 predictor = Predictor.from_path("runs/x/best.pt")   # or "model_int8.onnx"
 detections = predictor.predict(["photo.jpg"])       # boxes xyxy in original-image pixels
+
+Photos are decoded under a pixel cap (`decode_photo`, the store's 50 MP per image): a 500 KB PNG can declare
+13000x13000 pixels, which cost 2.5 GB to decode (issue 19). A JPEG is decoded at 1/2, 1/4 or 1/8 scale by libjpeg
+(PIL `draft`) until it fits; any other format above the cap is refused from its header, before a pixel is decoded.
 """
 
 from __future__ import annotations
 
+import io
+import math
 import time
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 
 from backend.models.checkpoints import load_model
 from backend.models.yolo_nas import YoloNAS
 from backend.processing import (
     Detections,
+    ImageLoadError,
     ImageSource,
     PostprocessConfig,
     boxes_to_original,
+    load_image,
     postprocess_to_original,
     preprocess,
 )
+from backend.store.images import DEFAULT_MAX_PIXELS
 
 DEFAULT_IMGSZ = 640
+# The most pixels one photo is decoded to: the store's per-image limit (a 48 MP phone photo fits). A 50 MP decode
+# holds ~200 MB in Pillow (4 bytes a pixel) and ~150 MB as RGB.
+MAX_DECODE_PIXELS = DEFAULT_MAX_PIXELS
+EXIF_ORIENTATION_TAG = 0x0112
+TRANSPOSING_ORIENTATIONS = (5, 6, 7, 8)  # EXIF orientations that swap width and height
+_JPEG_REDUCTIONS = (2, 4, 8)  # what libjpeg's DCT scaling offers
+
+
+class ModelFileError(ValueError):
+    """A model file that cannot be used: damaged, truncated, not an ONNX model, or not one yolodex exported. The
+    message names the file and says why, in one line (the CLI prints it as `yolodex: error: ...`)."""
 
 
 @dataclass
@@ -75,17 +97,35 @@ class Predictor:
 
         if not path.is_file():
             raise FileNotFoundError(f"ONNX model not found: {path}")
-        metadata = read_onnx_metadata(path)
+        try:
+            metadata = read_onnx_metadata(path)
+        except Exception as error:  # protobuf's DecodeError, a truncated file, metadata that is not JSON
+            raise ModelFileError(f"{path} is not a valid ONNX model ({_first_line(error)})") from error
         if "class_names" not in metadata or "imgsz" not in metadata:
-            raise ValueError(f"{path} has no yolodex metadata (class_names, imgsz): export it with `yolodex export`")
-        names, (height, width) = metadata["class_names"], metadata["imgsz"]
+            raise ModelFileError(
+                f"{path} has no yolodex metadata (class_names, imgsz): export it with `yolodex export`"
+            )
+        try:
+            names, (height, width) = [str(name) for name in metadata["class_names"]], metadata["imgsz"]
+            height, width = int(height), int(width)
+        except (TypeError, ValueError) as error:
+            raise ModelFileError(f"{path} has unreadable yolodex metadata ({_first_line(error)})") from error
         options = ort.SessionOptions()
         if threads:
             options.intra_op_num_threads = threads
-        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        try:
+            session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        except Exception as error:  # onnxruntime's own types (InvalidProtobuf, InvalidGraph, Fail) derive Exception
+            raise ModelFileError(f"{path} is not a valid ONNX model ({_first_line(error)})") from error
+        inputs, outputs = [item.name for item in session.get_inputs()], len(session.get_outputs())
+        if inputs != ["images"] or outputs not in (2, 4):
+            raise ModelFileError(
+                f"{path} is not a yolodex detector (inputs {inputs}, {outputs} outputs; expected the input 'images' "
+                "and 2 or 4 outputs): export it with `yolodex export`"
+            )
         return cls(
-            "onnxruntime", list(names), (int(height), int(width)), postprocess, session=session,
-            onnx_has_nms=bool(metadata.get("with_nms", len(session.get_outputs()) == 4)),
+            "onnxruntime", names, (height, width), postprocess, session=session,
+            onnx_has_nms=bool(metadata.get("with_nms", outputs == 4)),
         )  # fmt: skip
 
     def warm_up(self) -> float:
@@ -98,7 +138,23 @@ class Predictor:
         return time.perf_counter() - start
 
     def predict(self, images: Sequence[ImageSource | np.ndarray]) -> list[Detections]:
-        """Detections per image, boxes (N, 4) xyxy in original-image pixels."""
+        """Detections per image, boxes (N, 4) xyxy in original-image pixels.
+
+        Paths and bytes are decoded under the pixel cap (`decode_photo`): a JPEG over it at reduced scale (its boxes
+        scaled back to the full-size photo), any other image over it refused with an ImageLoadError.
+        """
+        decoded = [
+            decode_photo(image) if isinstance(image, str | Path | bytes | bytearray) else (image, None)
+            for image in images
+        ]
+        results = self._predict([pixels for pixels, _ in decoded])
+        for result, (pixels, original_size) in zip(results, decoded):
+            if original_size is not None and pixels.shape[:2] != original_size:
+                (height, width), (original_h, original_w) = pixels.shape[:2], original_size
+                result.boxes = result.boxes * np.array([original_w / width, original_h / height] * 2, np.float32)
+        return results
+
+    def _predict(self, images: Sequence[ImageSource | np.ndarray]) -> list[Detections]:
         batch, infos = preprocess(images, self.input_size)  # (B, 3, h, w) float32 in [0, 1]
         if self.engine == "torch":
             assert self.model is not None
@@ -115,3 +171,114 @@ class Predictor:
             boxes = boxes_to_original(det_boxes[index, :count], info)
             results.append(Detections(boxes, det_scores[index, :count], det_classes[index, :count]))
         return results
+
+
+def _first_line(error: BaseException) -> str:
+    """An exception's message on one line, without onnxruntime's "[ONNXRuntimeError] : 7 : INVALID_PROTOBUF :"."""
+    text = " ".join(str(error).split()) or type(error).__name__
+    return text.split(" : ")[-1] if text.startswith("[ONNXRuntimeError]") else text
+
+
+def decode_photo(
+    source: str | Path | bytes | bytearray,
+    min_long_side: int | None = None,
+    *,
+    max_pixels: int = MAX_DECODE_PIXELS,
+    name: str | None = None,
+) -> tuple[np.ndarray, tuple[int, int]]:
+    """Decodes a photo under a pixel cap, EXIF orientation applied, as small as `min_long_side` allows for JPEGs.
+
+    A JPEG is decoded at 1/2, 1/4 or 1/8 scale by libjpeg (PIL `draft`) when that keeps the long side at least
+    `min_long_side` (speed), and at the scale that brings it under `max_pixels` (memory). Any other format is
+    decoded at full size, or refused from its header when it has more than `max_pixels` pixels. Everything else
+    (EXIF, alpha, 16-bit, errors) is `backend.processing.load_image`.
+
+    Args:
+        source: a file path or the encoded file.
+        min_long_side: pixels the decoded long side must keep (None: full size when under the cap).
+        max_pixels: the most pixels decoded (the store's per-image limit by default).
+        name: the photo's name in error messages (default: the path, or "<bytes>").
+
+    Returns:
+        (h', w', 3) uint8 RGB pixels in displayed orientation, and the (H, W) of the full-size photo after EXIF
+        orientation (original-image pixels = decoded pixels · (W / w', H / h')).
+
+    Raises:
+        FileNotFoundError: the path does not exist.
+        ImageLoadError: the data is not an image Pillow can decode, or has more pixels than the cap allows.
+    """
+    if isinstance(source, str | Path):
+        path = Path(source)
+        if not path.is_file():  # load_image's own messages for a missing path or a folder
+            return _full_decode(path, name)
+        label, data = name or str(path), path.read_bytes()
+    else:
+        label, data = name or "<bytes>", bytes(source)
+    try:
+        with warnings.catch_warnings():  # the cap below speaks first, with its own limit and words
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError as error:  # over twice Pillow's own limit (~179 MP): refused by Pillow
+        raise ImageLoadError(f"could not read '{label}': {_too_many_pixels(error)}") from error
+    except Exception:  # let load_image build the error message it gives for every other bad file
+        return _full_decode(data, label)
+    width, height = image.size  # stored orientation
+    request = _draft_request(image, min_long_side, max_pixels)
+    if request is not None:
+        image.draft("RGB", request)
+    decoded_w, decoded_h = image.size
+    if decoded_w * decoded_h > max_pixels:  # before getexif: a PNG's getexif decodes every pixel to find its eXIf
+        raise ImageLoadError(
+            f"could not read '{label}': {width}x{height} is {width * height / 1e6:.0f} megapixels, over the "
+            f"{max_pixels / 1e6:.0f} MP a photo may have here; downscale it (or save it as JPEG, which is decoded "
+            "at reduced scale) and try again"
+        )
+    try:
+        transposed = image.getexif().get(EXIF_ORIENTATION_TAG, 1) in TRANSPOSING_ORIENTATIONS
+    except Exception:  # a truncated or corrupt file: load_image says so
+        return _full_decode(data, label)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        pixels = load_image(_reduced(image, min_long_side, label), name=label)
+    return pixels, ((width, height) if transposed else (height, width))
+
+
+def _reduced(image: Image.Image, min_long_side: int | None, label: str) -> Image.Image:
+    """A large PNG/WebP/BMP box-averaged by the largest whole factor that keeps the long side at least
+    `min_long_side`, right after decoding: the orientation, RGB and resizing copies that follow are then small (a
+    49 MP PNG in the Pokédex: 655 MB more without this, 190 MB with it). JPEGs were reduced by `draft` already."""
+    factor = max(image.size) // min_long_side if min_long_side else 1
+    if factor < 2 or image.format == "JPEG" or image.mode not in ("RGB", "RGBA", "L", "LA"):
+        return image
+    try:
+        image.load()
+    except Exception:  # truncated or corrupt: load_image says so, in its words
+        return image
+    reduced = image.reduce(factor)
+    reduced.info.update(image.info)  # the EXIF orientation travels with it
+    return reduced
+
+
+def _draft_request(image: Image.Image, min_long_side: int | None, max_pixels: int) -> tuple[int, int] | None:
+    """The size to ask `draft` for (it keeps each side at least the one asked), or None to decode at full size."""
+    if image.format != "JPEG":
+        return None
+    width, height = image.size
+    reduction = 1
+    if min_long_side is not None:  # the largest reduction that keeps the long side at least min_long_side
+        reduction = max([1, *(r for r in _JPEG_REDUCTIONS if math.ceil(max(width, height) / r) >= min_long_side)])
+    if width * height > max_pixels:  # the smallest reduction that brings it under the cap
+        fitting = [r for r in _JPEG_REDUCTIONS if math.ceil(width / r) * math.ceil(height / r) <= max_pixels]
+        reduction = max(reduction, fitting[0] if fitting else _JPEG_REDUCTIONS[-1])
+    if reduction == 1:
+        return None
+    return max(1, width // reduction), max(1, height // reduction)  # width // (width // r) >= r: draft picks r
+
+
+def _full_decode(source: Path | bytes, name: str | None) -> tuple[np.ndarray, tuple[int, int]]:
+    pixels = load_image(source, name=name)
+    return pixels, pixels.shape[:2]
+
+
+def _too_many_pixels(error: BaseException) -> str:
+    return f"{error} Downscale it and try again"

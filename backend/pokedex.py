@@ -3,7 +3,9 @@
 Large photos are the common case (a phone's 4000x3000 JPEG) and the page must answer in well under two seconds, so
 the full-size pixels are never needed: a JPEG is decoded at 1/2, 1/4 or 1/8 scale by libjpeg itself (PIL `draft`,
 which scales in the DCT and costs a fraction of a full decode) down to the smallest size that still feeds the model
-input and the display copy without upscaling, and boxes are drawn on the display copy only.
+input and the display copy without upscaling, and boxes are drawn on the display copy only. Other formats are
+decoded whole, under the store's pixel cap (50 MP): a small PNG that declares 13000x13000 pixels is refused from
+its header instead of costing 2.5 GB (issue 19).
 
 Box spaces: `PokedexResult.boxes` are xyxy in original-image pixels (the full-size photo after EXIF orientation,
 x2/y2 the right/bottom pixel edges, as everywhere in yolodex); `draw_detections` takes the same boxes and a
@@ -35,7 +37,8 @@ from sqlalchemy.orm import Session
 
 from backend.catalog import ModelScore
 from backend.inference import Predictor
-from backend.processing import PostprocessConfig, load_image
+from backend.inference import decode_photo as decode_capped
+from backend.processing import PostprocessConfig
 from backend.store.models import Project, project_classes
 from backend.training.engine import EVAL_POSTPROCESS
 
@@ -44,8 +47,6 @@ from backend.training.engine import EVAL_POSTPROCESS
 DEFAULT_DISPLAY_MAX_SIDE = 960
 MAX_CARD_CROPS = 24  # the page shows at most this many entry cards; crops are made for those only
 CROP_MAX_SIDE = 160
-EXIF_ORIENTATION_TAG = 0x0112
-TRANSPOSING_ORIENTATIONS = (5, 6, 7, 8)  # EXIF orientations that swap width and height
 # A validation mAP50 under this: the model is still learning (issue 18). At 0.3 a detector misses or misplaces most
 # objects of a new photo; the same model trained a few more minutes is usually past it.
 STILL_LEARNING_MAP50 = 0.3
@@ -172,41 +173,19 @@ def plain_entries(class_names: Sequence[str]) -> list[DexEntry]:
 def decode_photo(
     image_bytes: bytes, min_long_side: int, *, name: str | None = None
 ) -> tuple[np.ndarray, tuple[int, int]]:
-    """Decodes a photo at the smallest size whose long side is still at least `min_long_side`, EXIF applied.
-
-    JPEGs are decoded at 1/2, 1/4 or 1/8 scale by libjpeg (PIL `draft`) when that keeps the long side at least
-    `min_long_side`; other formats are decoded at full size. Everything else (EXIF, alpha, 16-bit, errors) is
-    `backend.processing.load_image`.
-
-    Args:
-        image_bytes: the encoded file.
-        min_long_side: pixels the decoded long side must keep; a smaller photo is decoded at full size.
-        name: the photo's name in error messages.
+    """Decodes a photo at the smallest size whose long side is still at least `min_long_side`, EXIF applied, under
+    the pixel cap (`backend.inference.decode_photo`: a JPEG over it is decoded at reduced scale, another format
+    over it refused).
 
     Returns:
         (h', w', 3) uint8 RGB pixels in displayed orientation, and the (H, W) of the full-size photo after EXIF
         orientation (original-image pixels = decoded pixels · (W / w', H / h')).
 
     Raises:
-        ImageLoadError: the bytes are not an image Pillow can decode (the message says what to upload instead).
+        ImageLoadError: the bytes are not an image Pillow can decode, or too many pixels to decode (the message
+            says what to upload instead).
     """
-    try:
-        image = Image.open(io.BytesIO(image_bytes))
-        width, height = image.size  # stored orientation
-        transposed = image.getexif().get(EXIF_ORIENTATION_TAG, 1) in TRANSPOSING_ORIENTATIONS
-    except Exception:  # let load_image build the error message it gives for every other bad upload
-        return _full_decode(image_bytes, name)
-    scale = min_long_side / max(width, height)
-    if image.format == "JPEG" and scale < 1:
-        # draft picks the largest DCT reduction that keeps each side at least the requested one.
-        image.draft("RGB", (math.ceil(width * scale), math.ceil(height * scale)))
-    pixels = load_image(image, name=name)
-    return pixels, ((width, height) if transposed else (height, width))
-
-
-def _full_decode(image_bytes: bytes, name: str | None) -> tuple[np.ndarray, tuple[int, int]]:
-    pixels = load_image(image_bytes, name=name)
-    return pixels, pixels.shape[:2]
+    return decode_capped(image_bytes, min_long_side, name=name)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -5,6 +5,11 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import json
+import struct
+import subprocess
+import sys
+import zlib
 from pathlib import Path
 
 import cv2
@@ -13,7 +18,8 @@ import pytest
 from PIL import Image
 
 from backend.export.onnx_export import export_onnx
-from backend.inference import Predictor
+from backend.inference import MAX_DECODE_PIXELS, ModelFileError, Predictor
+from backend.inference import decode_photo as decode_photo_capped
 from backend.pokedex import (
     DEFAULT_DISPLAY_MAX_SIDE,
     MAX_CARD_CROPS,
@@ -27,6 +33,7 @@ from backend.pokedex import (
 from backend.processing import ImageLoadError, PostprocessConfig, load_image
 from backend.store.db import init_db, session_scope
 from backend.store.models import ensure_class, get_or_create_project
+from tests.conftest import REPO_ROOT
 from tests.test_export import CLASS_NAMES, detector_with_spread_scores
 
 IMGSZ = 128
@@ -56,10 +63,14 @@ def with_conf(predictor: Predictor, conf: float) -> Predictor:
 
 
 @pytest.fixture(scope="module")
-def predictor(tmp_path_factory) -> Predictor:
-    path = export_onnx(detector_with_spread_scores(), tmp_path_factory.mktemp("pokedex") / "model.onnx", imgsz=IMGSZ,
+def model_path(tmp_path_factory) -> Path:
+    return export_onnx(detector_with_spread_scores(), tmp_path_factory.mktemp("pokedex") / "model.onnx", imgsz=IMGSZ,
                        class_names=CLASS_NAMES)  # fmt: skip
-    return Predictor.from_path(path)
+
+
+@pytest.fixture(scope="module")
+def predictor(model_path) -> Predictor:
+    return Predictor.from_path(model_path)
 
 
 def test_detect_gives_the_predictors_boxes_in_original_pixels(predictor):
@@ -351,3 +362,111 @@ def test_dex_entries_of_the_current_project_come_first(engine):
         entries = dex_entries(session, CLASS_NAMES, "Copy")  # the page's project, its classes as a set
     assert [entry.description for entry in entries] == [f"mine {name}" for name in CLASS_NAMES]
     assert {entry.project for entry in entries} == {"Copy"}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Hostile files (issue 19): a small PNG that declares 13000x13000 pixels, a corrupt or foreign .onnx
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def huge_png(path: Path, width: int, height: int) -> Path:
+    """A real RGB PNG of width x height written row by row (never the whole image in memory): one colour, so 13000 x
+    13000 pixels are ~500 KB of file."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    compressor, row = zlib.compressobj(9), bytes([0]) + bytes([128, 64, 32]) * width
+    body = b"".join(compressor.compress(row) for _ in range(height)) + compressor.flush()
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", body) + chunk(b"IEND", b""))
+    return path
+
+
+def run_cli(*args: str | Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "backend.cli", *map(str, args)], cwd=REPO_ROOT, capture_output=True,
+                          text=True, timeout=300)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def bomb_png(tmp_path_factory) -> Path:
+    return huge_png(tmp_path_factory.mktemp("bomb") / "small file, huge picture.png", 13000, 13000)
+
+
+def test_a_png_over_the_pixel_cap_is_refused_from_its_header_in_little_memory(bomb_png):
+    assert bomb_png.stat().st_size < 1_000_000 and MAX_DECODE_PIXELS < 13000 * 13000
+    # Peak memory of the decode, in a fresh process (ru_maxrss is a process's high-water mark). Before the cap, this
+    # decode took 2.2 GB more than the process had; refused from the header it takes almost nothing.
+    probe = (
+        "import json, resource, sys\n"
+        "from backend.pokedex import decode_photo\n"
+        "from backend.processing import ImageLoadError\n"
+        "data = open(sys.argv[1], 'rb').read()\n"
+        "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+        "try:\n"
+        "    decode_photo(data, 960, name='huge.png'); message = None\n"
+        "except ImageLoadError as error:\n"
+        "    message = str(error)\n"
+        "after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+        "print(json.dumps({'grown_mb': (after - before) / 1024, 'message': message}))\n"
+    )
+    completed = subprocess.run([sys.executable, "-c", probe, str(bomb_png)], cwd=REPO_ROOT, capture_output=True,
+                               text=True, timeout=300)  # fmt: skip
+    assert completed.returncode == 0, completed.stderr
+    outcome = json.loads(completed.stdout)
+    assert outcome["message"] is not None and "13000x13000 is 169 megapixels, over the 50 MP" in outcome["message"]
+    assert "'huge.png'" in outcome["message"] and "downscale it" in outcome["message"]
+    assert outcome["grown_mb"] < 300  # a generous bound: the whole decode would be over 2000
+
+
+def test_yolodex_predict_refuses_a_huge_png_in_one_line(model_path, bomb_png, tmp_path):
+    photo = tmp_path / "photo.png"
+    photo.write_bytes(encode(smooth_photo((160, 96)), "PNG"))
+    completed = run_cli("predict", model_path, bomb_png, "--json")
+    assert completed.returncode == 1 and "Traceback" not in completed.stderr
+    assert completed.stderr.strip().splitlines() == [completed.stderr.strip()]
+    assert completed.stderr.startswith(f"yolodex: error: could not read '{bomb_png}': 13000x13000 is 169 megapixels")
+    assert photo.read_bytes() == encode(smooth_photo((160, 96)), "PNG")  # nothing else touched
+
+
+def test_a_jpeg_over_the_pixel_cap_is_decoded_at_reduced_scale(predictor):
+    full = smooth_photo((2000, 1500), seed=7)
+    data = encode(full, "JPEG", quality=90)
+    cap = 1000 * 750  # a small cap stands in for 50 MP: the same arithmetic without a 60 MP test photo
+    pixels, original_size = decode_photo_capped(data, max_pixels=cap)
+    assert original_size == (1500, 2000) and pixels.shape == (750, 1000, 3)  # 1/2 scale: the largest that fits
+    with pytest.raises(ImageLoadError, match=r"2000x1500 is 3 megapixels, over the 1 MP"):
+        decode_photo_capped(encode(full, "PNG"), max_pixels=cap)  # a PNG cannot be decoded smaller: refused
+
+
+def test_a_corrupt_or_foreign_onnx_is_one_clear_error(model_path, tmp_path):
+    photo = tmp_path / "photo.png"
+    photo.write_bytes(encode(smooth_photo((160, 96)), "PNG"))
+    random_bytes = tmp_path / "random.onnx"
+    random_bytes.write_bytes(np.random.default_rng(0).integers(0, 256, 5000, dtype=np.uint8).tobytes())
+    truncated = tmp_path / "truncated.onnx"
+    truncated.write_bytes(model_path.read_bytes()[: model_path.stat().st_size // 3])
+    text = tmp_path / "notes.onnx"
+    text.write_text("this is not a model")
+    for path in (random_bytes, truncated, text):
+        with pytest.raises(ModelFileError, match=rf"^{path} is not a valid ONNX model \(.+\)$"):
+            Predictor.from_path(path)
+
+    foreign = tmp_path / "foreign.onnx"  # a valid ONNX graph that yolodex did not export, with made-up metadata
+    import onnx
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph([helper.make_node("Identity", ["input"], ["output"])], "other",
+                              [helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, 3])],
+                              [helper.make_tensor_value_info("output", TensorProto.FLOAT, [1, 3])])  # fmt: skip
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    helper.set_model_props(model, {"class_names": json.dumps(["a"]), "imgsz": json.dumps([64, 64])})
+    onnx.save(model, foreign)
+    with pytest.raises(ModelFileError, match="is not a yolodex detector"):
+        Predictor.from_path(foreign)
+
+    completed = run_cli("predict", random_bytes, photo)
+    assert completed.returncode == 1 and "Traceback" not in completed.stderr and completed.stdout == ""
+    assert completed.stderr.startswith(f"yolodex: error: {random_bytes} is not a valid ONNX model (")
+    assert len(completed.stderr.strip().splitlines()) == 1
+    assert Predictor.from_path(model_path).class_names == list(CLASS_NAMES)  # the good model still loads
