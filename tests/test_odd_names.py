@@ -24,6 +24,8 @@ from backend.files import NAME_MAX_BYTES, cut_to_bytes, fit_name, printable_name
 from backend.labeling.sync import link_name
 from backend.store.db import init_db, session_scope
 from backend.store.models import Image
+from backend.store.versions import safe_name
+from backend.training.presets import new_run_dir
 from tests.conftest import encode_image, textured_image
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -145,3 +147,12 @@ def test_an_upload_name_over_255_bytes_is_saved_and_imported(tmp_path: Path) -> 
         assert names == {"first.png", paths[0].name}
     finally:
         engine.dispose()
+
+
+def test_folders_named_after_projects_and_versions_fit_the_file_system(tmp_path: Path) -> None:
+    project, version = "𝐏𝐨𝐤𝐞𝐝𝐞𝐱" * 10, "ポケモン図鑑" * 10  # 60 letters each: 240 and 180 bytes
+    run_dir = new_run_dir(tmp_path, project, version)
+    run_dir.mkdir()  # the old 60-character cuts gave a 437-byte name: Errno 36
+    assert len(run_dir.name.encode()) <= NAME_MAX_BYTES and run_dir.name.startswith("𝐏𝐨𝐤𝐞𝐝𝐞𝐱")
+    (tmp_path / f"123_{safe_name(project)}.png").write_bytes(b"a frozen image")  # a dataset version's file name
+    assert safe_name("cat dog") == "cat_dog"  # names that fitted keep their folders

@@ -48,6 +48,7 @@ from typing import Any
 from sqlalchemy import Engine, func, select, update
 from sqlalchemy.exc import OperationalError
 
+from backend.files import cut_to_bytes
 from backend.settings import Settings, get_settings
 from backend.store.db import session_scope, shared_engine
 from backend.store.models import JOB_KINDS, JOB_STATES, Job, JobMetric, utc_now
@@ -666,7 +667,8 @@ def _checked_train_params(params: dict[str, Any], settings: Settings) -> dict[st
     if params.get("run_dir"):
         run_dir = _absolute(params["run_dir"], settings)
     else:
-        base = re.sub(r"[^\w.-]+", "_", str(params.get("project") or data.name)).strip("._")[:60] or "run"
+        base = cut_to_bytes(re.sub(r"[^\w.-]+", "_", str(params.get("project") or data.name)).strip("._")[:60], 180)
+        base = base or "run"  # at most 180 bytes: the folder name stays under 255 (issue 19)
         run_dir = settings.runs_dir / f"{base}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
         suffix = 2
         while run_dir.exists():

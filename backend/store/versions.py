@@ -31,7 +31,7 @@ from sqlalchemy.orm import Session
 from backend.data.coco import write_coco
 from backend.data.folders import load_dataset
 from backend.data.records import DetectionSet, ImageRecord, LoadReport
-from backend.files import atomic_write_text
+from backend.files import atomic_write_text, cut_to_bytes
 from backend.ingest.split import check_fractions, group_split
 from backend.store.models import (
     GROUND_TRUTH_SOURCES,
@@ -63,9 +63,10 @@ def _size_bin(width: float, height: float) -> int:
 
 
 def safe_name(text: str, fallback: str = "item") -> str:
-    """A file-system-safe form of `text`: letters (any script), digits, '.', '-', '_'; at most 60 characters."""
+    """A file-system-safe form of `text`: letters (any script), digits, '.', '-', '_'; at most 60 characters and 180
+    bytes of UTF-8 (a file name's limit is 255 bytes, and 60 letters of some scripts are 240: issue 19)."""
     cleaned = re.sub(r"[^\w.-]+", "_", text, flags=re.UNICODE).strip("._")
-    return cleaned[:60] or fallback
+    return cut_to_bytes(cleaned[:60], 180) or fallback
 
 
 def version_folder(storage: Path, version: DatasetVersion) -> Path:

@@ -16,6 +16,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from backend.files import cut_to_bytes
 from backend.models.download import COCO_WEIGHTS_LICENCE_NOTE, OFFICIAL_COCO_WEIGHTS
 from backend.training.config import TrainConfig
 from backend.training.engine import LOSS_TERMS
@@ -90,7 +91,8 @@ def train_config(data: str | Path, preset: str | TrainPreset = "S", **changes: A
 
 
 def _slug(text: str) -> str:
-    return re.sub(r"[^\w.-]+", "_", text, flags=re.UNICODE).strip("._")[:60] or "run"
+    # 100 bytes each: a run folder `<project>-<version>-<stamp>` stays under a name's 255 bytes (issue 19).
+    return cut_to_bytes(re.sub(r"[^\w.-]+", "_", text, flags=re.UNICODE).strip("._")[:60], 100) or "run"
 
 
 def new_run_dir(runs_dir: Path, project: str, version: str, now: datetime | None = None) -> Path:
