@@ -19,7 +19,13 @@ from sqlalchemy import select
 
 from backend.ingest.service import open_store
 from backend.labeling import loop, service, sync
-from backend.labeling.client import LabelStudioAuthError, LabelStudioClient, LabelStudioUnavailable, connect
+from backend.labeling.client import (
+    LabelStudioAuthError,
+    LabelStudioClient,
+    LabelStudioUnavailable,
+    LabelStudioValidationError,
+    connect,
+)
 from backend.labeling.convert import IMAGE_ID_KEY
 from backend.labeling.server import start, stop
 from backend.models import build_model
@@ -116,6 +122,38 @@ def test_sync_twice_creates_no_duplicates_and_serves_unicode_files(labelstudio):
     assert third["new_tasks"] == 1 and third["tasks"] == 5
     assert third["config"] == "updated" and third["added"] == ["Pikachu"]
     assert "Pikachu" in client.get_project(first["ls_project_id"])["label_config"]
+
+
+def test_a_two_character_project_with_emoji_names_syncs_and_refusals_are_in_words(labelstudio):
+    """Issue 19: an emoji name of 80 characters is 320 bytes (every sync failed with Errno 36), and Label Studio
+    refuses a title under 3 characters with a raw 400."""
+    long_emoji, not_utf8 = "🐍" * 90 + ".png", "photos/caf\\xe9.png"  # the importer's name for latin-1 bytes
+    engine, storage = open_store(labelstudio.settings)
+    with session_scope(engine) as session:
+        project = get_or_create_project(session, "ab")
+        ensure_class(session, project, "Pikachu")
+        for index, original in enumerate((long_emoji, not_utf8, "plain.png")):
+            data = encode_image(textured_image(7700 + index))
+            assert add_image_bytes(session, storage, project, data, source="upload", original_name=original).image_id
+    report = service.sync("ab", labelstudio.settings)
+    assert report["created_project"] and report["new_tasks"] == 3 and report["tasks"] == 3
+
+    client = connect(labelstudio.settings)
+    assert client.get_project(report["ls_project_id"])["title"] == "ab · yolodex"
+    tasks = task_of(client, report["ls_project_id"])
+    for image in images_of(labelstudio, "ab").values():
+        assert len(sync.link_name(image).encode()) <= 255
+        served = client._http.get(tasks[image.id]["data"]["image"], headers=labelstudio.auth_header)
+        assert served.status_code == 200 and served.content == (storage / image.path).read_bytes()
+    assert service.sync("ab", labelstudio.settings)["new_tasks"] == 0  # a second sync finds the same links
+
+    config = client.get_project(report["ls_project_id"])["label_config"]
+    with pytest.raises(LabelStudioValidationError) as refused:
+        client.create_project("ab", config)
+    assert str(refused.value) == "Label Studio needs a project title of at least 3 characters ('ab' has 2)"
+    with pytest.raises(LabelStudioValidationError, match=r"^Label Studio refused the labeling configuration: "):
+        client.create_project("broken config", "<View><bad")
+    assert [p["id"] for p in client.list_projects() if p["title"] in ("ab", "broken config")] == []
 
 
 def test_pull_matches_label_studios_coco_export_box_for_box(labelstudio):

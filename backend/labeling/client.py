@@ -9,12 +9,15 @@ short-lived access tokens, so the client can talk to a Label Studio that yolodex
 
 Every failure is a `LabelStudioError` whose message says what to do: `LabelStudioUnavailable` (nothing answers
 at the URL), `LabelStudioAuthError` (401/403: the token is wrong or legacy tokens are off), `LabelStudioNotFound`
-(404: e.g. a project deleted in Label Studio), or the base class with Label Studio's own detail.
+(404: e.g. a project deleted in Label Studio), `LabelStudioValidationError` (400 with `validation_errors`: the
+fields and what Label Studio needs of them, in words: "Label Studio needs a project title of at least 3
+characters; 'ab' has 2"), or the base class with Label Studio's own detail.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -43,6 +46,69 @@ class LabelStudioNotFound(LabelStudioError):
     """A project, task or storage Label Studio does not have (any more)."""
 
 
+class LabelStudioValidationError(LabelStudioError):
+    """Label Studio refused a value (400 with `validation_errors`); the message says which field needs what."""
+
+
+# Label Studio's field names, as a person knows them.
+FIELD_WORDS = {
+    "title": "project title",
+    "label_config": "labeling configuration",
+    "description": "project description",
+    "path": "local-files folder",
+    "regex_filter": "file filter",
+    "result": "annotation",
+}
+# Django REST framework's stock messages → what they ask for ({0}: the number in the message).
+_DJANGO_RULES = (
+    (re.compile(r"Ensure this field has at least (\d+) characters?\."), " of at least {0} characters"),
+    (re.compile(r"Ensure this field has no more than (\d+) characters?\."), " of at most {0} characters"),
+    (re.compile(r"This field is required\."), ""),
+    (re.compile(r"This field may not be (?:blank|null)\."), " that is not empty"),
+)
+
+
+def validation_message(errors: Any, body: Any = None) -> str:
+    """Label Studio's `validation_errors` (a dict of field → messages) in words, one clause per message, e.g.
+    "Label Studio needs a project title of at least 3 characters ('ab' has 2)".
+
+    Args:
+        errors: the `validation_errors` of a 400 response.
+        body: the JSON that was sent, to quote the length of a refused text.
+    """
+    if not isinstance(errors, dict):
+        return f"Label Studio refused the request: {_flatten(errors)}"
+    clauses = []
+    for field, messages in errors.items():
+        value = body.get(field) if isinstance(body, dict) else None
+        for text in messages if isinstance(messages, list) else [messages]:
+            clauses.append(_clause(field, _flatten(text), value))
+    return "; ".join(clauses) or "Label Studio refused the request (it gave no reason)"
+
+
+def _clause(field: str, text: str, value: Any) -> str:
+    if field == "non_field_errors":
+        return f"Label Studio refused the request: {text}"
+    noun = FIELD_WORDS.get(field, field.replace("_", " "))
+    for pattern, wording in _DJANGO_RULES:
+        match = pattern.fullmatch(text)
+        if match:
+            article = "an" if noun[0] in "aeiou" else "a"
+            length = ""
+            if isinstance(value, str) and "characters" in wording:
+                length = f" ({value!r} has {len(value)})" if len(value) <= 60 else f" (it has {len(value)})"
+            return f"Label Studio needs {article} {noun}{wording.format(*match.groups())}{length}"
+    return f"Label Studio refused the {noun}: {text}"
+
+
+def _flatten(value: Any) -> str:
+    if isinstance(value, list):
+        return " ".join(_flatten(item) for item in value)
+    if isinstance(value, dict):
+        return "; ".join(f"{key}: {_flatten(item)}" for key, item in value.items())
+    return " ".join(str(value).split())
+
+
 def _detail(response: httpx.Response) -> str:
     try:
         body = response.json()
@@ -54,6 +120,14 @@ def _detail(response: httpx.Response) -> str:
             parts.append(json.dumps(body["validation_errors"])[:500])
         return " ".join(part for part in parts if part) or json.dumps(body)[:300]
     return json.dumps(body)[:300]
+
+
+def _validation_errors(response: httpx.Response) -> Any:
+    try:
+        body = response.json()
+    except ValueError:
+        return None
+    return body.get("validation_errors") or None if isinstance(body, dict) else None
 
 
 class LabelStudioClient:
@@ -122,6 +196,9 @@ class LabelStudioClient:
             )
         if response.status_code == 404:
             raise LabelStudioNotFound(f"Label Studio has no {path} (404: {_detail(response)})")
+        validation = _validation_errors(response) if response.status_code == 400 else None
+        if validation is not None:
+            raise LabelStudioValidationError(validation_message(validation, json_body))
         if response.status_code >= 400:
             raise LabelStudioError(
                 f"Label Studio refused {method} {path} ({response.status_code}: {_detail(response)})"

@@ -89,6 +89,10 @@ def project_folder(settings: Settings, project: Project) -> Path:
     return settings.images_dir / LINKS_FOLDER / str(project.id)
 
 
+# Label Studio's project title length (its API refuses others with a 400: issue 19).
+LS_TITLE_MIN, LS_TITLE_MAX = 3, 50
+
+
 def link_name(image: Image) -> str:
     """`<image id>_<original name>.<ext>`: our id first (how a task finds its image), the name for people.
 
@@ -179,6 +183,14 @@ def _class_names(session: Session, project: Project) -> list[str]:
     return names
 
 
+def ls_title(name: str) -> str:
+    """The Label Studio title of a project: its name, made to fit Label Studio's 3 to 50 characters (a short name gets
+    " · yolodex" after it, a long one is cut). Only people read it: yolodex finds its project by the description's
+    marker, so a renamed title changes nothing."""
+    title = " ".join(name.split())[:LS_TITLE_MAX].strip()
+    return title if len(title) >= LS_TITLE_MIN else f"{title} · yolodex".strip()
+
+
 def _find_ls_project(client: LabelStudioClient, project: Project) -> dict[str, Any] | None:
     marker = PROJECT_MARKER.format(id=project.id)
     for candidate in client.list_projects():
@@ -202,7 +214,7 @@ def _ensure_ls_project(
     if ls_project is None:
         classes = project_classes(session, project)
         ls_project = client.create_project(
-            title=project.name[:50],
+            title=ls_title(project.name),
             label_config=labeling_config(names, [item.colour for item in classes], [item.id for item in classes]),
             description=f"{PROJECT_MARKER.format(id=project.id)}; managed by yolodex (classes change there).",
         )
