@@ -156,3 +156,20 @@ def test_folders_named_after_projects_and_versions_fit_the_file_system(tmp_path:
     assert len(run_dir.name.encode()) <= NAME_MAX_BYTES and run_dir.name.startswith("𝐏𝐨𝐤𝐞𝐝𝐞𝐱")
     (tmp_path / f"123_{safe_name(project)}.png").write_bytes(b"a frozen image")  # a dataset version's file name
     assert safe_name("cat dog") == "cat_dog"  # names that fitted keep their folders
+
+
+def test_a_path_over_the_systems_limit_is_reported_and_the_rest_imports(tmp_path: Path, monkeypatch) -> None:
+    top = tmp_path / "deep"
+    top.mkdir()
+    (top / "ok.png").write_bytes(encode_image(textured_image(8)))
+    monkeypatch.chdir(top)  # relative steps: the whole path is longer than the system takes (4096 bytes)
+    for _ in range(20):
+        os.mkdir("d" * 250)
+        os.chdir("d" * 250)
+    Path("lost.png").write_bytes(encode_image(textured_image(9)))
+    monkeypatch.chdir(REPO_ROOT)
+    report = yolodex_import(tmp_path / "storage", str(top))
+    assert [item["name"] for item in report["accepted"]] == ["deep/ok.png"]
+    (rejected,) = report["rejected"]
+    assert rejected["name"].startswith("deep/ddd") and "…" in rejected["name"] and len(rejected["name"]) < 300
+    assert rejected["reason"] == "cannot read the folder (File name too long)"

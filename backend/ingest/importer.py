@@ -296,7 +296,15 @@ def _import_folder(context: _Import, folder: Path, label: str) -> None:
         dirnames.sort()
         here = Path(directory)
         for dirname in list(dirnames):
-            if (here / dirname).is_symlink():
+            try:
+                linked = stat.S_ISLNK(os.lstat(here / dirname).st_mode)
+            except OSError as error:  # e.g. a path over the system's 4096 bytes: the folder cannot be read
+                context.report.reject(
+                    _join(label, here / dirname, folder), f"cannot read the folder ({error.strerror})"
+                )
+                dirnames.remove(dirname)
+                continue
+            if linked:
                 context.report.skip(_join(label, here / dirname, folder), "symbolic link to a folder: not followed")
                 dirnames.remove(dirname)
         for filename in sorted(filenames):
@@ -328,8 +336,10 @@ def _not_utf8(name: str) -> bool:
 
 
 def _join(label: str, path: Path, root: Path) -> str:
-    """The name a report shows: `label/<path relative to root>`, with bytes that are not UTF-8 escaped."""
-    return f"{label}/{printable_name(path.relative_to(root).as_posix())}"
+    """The name a report shows: `label/<path relative to root>`, with bytes that are not UTF-8 escaped; a path of
+    over 300 characters keeps its first and last 120 around an ellipsis."""
+    name = f"{label}/{printable_name(path.relative_to(root).as_posix())}"
+    return name if len(name) <= 300 else f"{name[:120]}…{name[-120:]}"
 
 
 # ----------------------------------------------------------------------------------------------------------------
