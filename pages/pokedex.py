@@ -18,7 +18,7 @@ import streamlit as st
 from app.navigation import app_pages
 from app.widgets import page_settings, project_picker, store_engine
 from backend import catalog
-from backend.inference import Predictor
+from backend.inference import ModelFileError, Predictor
 from backend.pokedex import (
     MAX_CARD_CROPS,
     DexEntry,
@@ -172,7 +172,11 @@ use_camera = controls[2].toggle("Use the camera", key="pokedex_use_camera")
 try:
     # Loaded now, not on the first photo, so that the answer to an upload is inference only.
     predictor = load_predictor(str(model.path), model.path.stat().st_mtime)
-except Exception as error:  # a broken or foreign file: say so, keep the page
+except ModelFileError as error:  # damaged, truncated or not exported by yolodex: another file is the way out
+    st.error(f"Could not load {model.path.name}: {error}. Pick another model above, or export the run again on the "
+             "**Quantize** page.")  # fmt: skip
+    st.stop()
+except Exception as error:  # anything else about the file: say so, keep the page
     st.error(f"Could not load {model.path.name}: {error}")
     st.stop()
 

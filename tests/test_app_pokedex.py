@@ -28,7 +28,7 @@ from backend.store.models import ensure_class, get_or_create_project
 from backend.training.engine import EVAL_POSTPROCESS
 from tests.labelstudio_fixture import free_port
 from tests.test_export import CLASS_NAMES, detector_with_spread_scores
-from tests.test_pokedex import CANCELLED_AT_EPOCH_0, smooth_photo, write_run
+from tests.test_pokedex import CANCELLED_AT_EPOCH_0, huge_png, smooth_photo, write_run
 
 ROOT = Path(__file__).resolve().parents[1]
 PAGE = ROOT / "pages" / "pokedex.py"
@@ -144,6 +144,26 @@ def test_a_file_that_is_not_an_image_is_a_clear_error(run_with_models):
     assert not app.exception
     (error,) = app.error
     assert "could not read 'broken.png'" in error.value
+
+
+def test_a_damaged_model_file_is_one_error_with_the_way_out(run_with_models):
+    for name in ("model_fp32.onnx", "model_int8.onnx"):  # cut short, as an interrupted copy leaves it
+        model = run_with_models / name
+        model.write_bytes(model.read_bytes()[:5000])
+    app = start()
+    assert not app.exception
+    (error,) = app.error
+    assert "is not a valid ONNX model (" in error.value and "Pick another model above" in error.value
+    assert "DecodeError" not in error.value
+
+
+def test_a_small_png_with_a_huge_picture_is_refused_not_decoded(run_with_models, tmp_path):
+    bomb = huge_png(tmp_path / "bomb.png", 13000, 13000)  # 519 KB; decoding it took 2.2 GB
+    app = start()
+    app.file_uploader(key="pokedex_upload").set_value(("bomb.png", bomb.read_bytes(), "image/png")).run()
+    assert not app.exception
+    (error,) = app.error
+    assert error.value.startswith("could not read 'bomb.png': 13000x13000 is 169 megapixels, over the 50 MP")
 
 
 def add_project(storage: Settings, name: str, classes: list[str]) -> None:
