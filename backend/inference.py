@@ -219,7 +219,9 @@ def decode_photo(
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             image = Image.open(io.BytesIO(data))
     except Image.DecompressionBombError as error:  # over twice Pillow's own limit (~179 MP): refused by Pillow
-        raise ImageLoadError(f"could not read '{label}': {_too_many_pixels(error)}") from error
+        raise ImageLoadError(
+            f"could not read '{label}': too many pixels to decode safely ({error}); downscale it and try again"
+        ) from error
     except Exception:  # let load_image build the error message it gives for every other bad file
         return _full_decode(data, label)
     width, height = image.size  # stored orientation
@@ -239,11 +241,11 @@ def decode_photo(
         return _full_decode(data, label)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-        pixels = load_image(_reduced(image, min_long_side, label), name=label)
+        pixels = load_image(_reduced(image, min_long_side), name=label)
     return pixels, ((width, height) if transposed else (height, width))
 
 
-def _reduced(image: Image.Image, min_long_side: int | None, label: str) -> Image.Image:
+def _reduced(image: Image.Image, min_long_side: int | None) -> Image.Image:
     """A large PNG/WebP/BMP box-averaged by the largest whole factor that keeps the long side at least
     `min_long_side`, right after decoding: the orientation, RGB and resizing copies that follow are then small (a
     49 MP PNG in the Pokédex: 655 MB more without this, 190 MB with it). JPEGs were reduced by `draft` already."""
@@ -278,7 +280,3 @@ def _draft_request(image: Image.Image, min_long_side: int | None, max_pixels: in
 def _full_decode(source: Path | bytes, name: str | None) -> tuple[np.ndarray, tuple[int, int]]:
     pixels = load_image(source, name=name)
     return pixels, pixels.shape[:2]
-
-
-def _too_many_pixels(error: BaseException) -> str:
-    return f"{error} Downscale it and try again"
