@@ -98,11 +98,15 @@ def test_a_folder_of_odd_entries_imports_its_images_and_names_each_skipped_one(t
     assert images["earlier.png"].read_bytes() == earlier.read_bytes()
 
 
-def test_a_fifo_given_by_name_is_refused_without_waiting(tmp_path: Path) -> None:
+def test_files_given_by_name_a_fifo_and_a_name_that_is_not_utf8(tmp_path: Path) -> None:
     os.mkfifo(tmp_path / "pipe.jpg")
-    report = yolodex_import(tmp_path / "storage", str(tmp_path / "pipe.jpg"))
+    latin1 = os.fsencode(tmp_path) + b"/Pok\xe9mon.png"
+    with open(latin1, "wb") as file:
+        file.write(encode_image(textured_image(10)))
+    report = yolodex_import(tmp_path / "storage", str(tmp_path / "pipe.jpg"), latin1)
     assert [item["name"] for item in report["rejected"]] == [str(tmp_path / "pipe.jpg")]
     assert "named pipe" in report["rejected"][0]["reason"]
+    assert [item["name"] for item in report["accepted"]] == ["Pok\\xe9mon.png"]
 
 
 def test_names_are_cut_by_bytes_keeping_the_extension() -> None:

@@ -189,11 +189,11 @@ def import_paths(
             reason = "not found" if not path.exists() else _special_file_reason(path.stat().st_mode)
             context.report.reject(name, reason)
         elif path.suffix.lower() in ARCHIVE_SUFFIXES:
-            _import_zip_file(context, path, path.name)
+            _import_zip_file(context, path, printable_name(path.name))
         elif path.suffix.lower() in (".json", ".yaml", ".yml"):
-            _import_labeled(context, path, path.parent, path.name)
+            _import_labeled(context, path, path.parent, printable_name(path.name))
         else:
-            _import_file(context, path, path.name)
+            _import_file(context, path, printable_name(path.name))
     return context.report
 
 
@@ -245,14 +245,14 @@ def _read_regular_file(path: Path, cap: int) -> tuple[bytes | None, int, str | N
 def _special_file_reason(mode: int) -> str:
     """Why a file that is not a regular file is not imported (reading some of them never ends)."""
     if stat.S_ISFIFO(mode):
-        return "a named pipe (FIFO), not a file: skipped (reading it would wait for a writer forever)"
+        return "a named pipe (FIFO), not a file: never read (it would wait for a writer forever)"
     if stat.S_ISSOCK(mode):
-        return "a socket, not a file: skipped"
+        return "a socket, not a file: never read"
     if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
-        return "a device file, not a file: skipped"
+        return "a device file, not a file: never read"
     if stat.S_ISDIR(mode):
-        return "a folder where a file was expected: skipped"
-    return "not a regular file: skipped"
+        return "a folder where a file was expected"
+    return "not a regular file: never read"
 
 
 def _human(size: int) -> str:
@@ -563,9 +563,9 @@ def _import_labeled(context: _Import, target: Path, root: Path, label: str) -> N
         report.warnings.extend(f"{label} ({split}): {warning}" for warning in dataset.report.warnings)
         for record in dataset.records:
             try:
-                name = f"{label}/{record.path.relative_to(root).as_posix()}"
+                name = f"{label}/{printable_name(record.path.relative_to(root).as_posix())}"
             except ValueError:
-                name = f"{label}/{record.path.name}"
+                name = f"{label}/{printable_name(record.path.name)}"
             result = _import_file(context, record.path, name)
             if result.image_id is None:
                 continue
