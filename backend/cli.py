@@ -113,7 +113,7 @@ def cmd_train(args: argparse.Namespace) -> None:
 
     from backend.settings import get_settings
     from backend.training.config import TrainConfig
-    from backend.training.trainer import fit, resume
+    from backend.training.trainer import DamagedLastCheckpoint, RunFinished, fit, resume
 
     if args.gpus and args.nproc:
         raise ValueError("--gpus N (one process per GPU) or --nproc N (processes on --device), not both")
@@ -146,7 +146,14 @@ def cmd_train(args: argparse.Namespace) -> None:
                 "device": args.device, "num_workers": args.workers, "amp": False if args.no_amp else None,
                 "checkpoint_minutes": args.checkpoint_minutes, "compile": args.compile or None,
             }  # fmt: skip
-            result = resume(args.resume, on_event=bar, **{k: v for k, v in overrides.items() if v is not None})
+            try:
+                result = resume(args.resume, on_event=bar, **{k: v for k, v in overrides.items() if v is not None})
+            except RunFinished as error:  # the flags that continue it
+                raise RunFinished(f"{error} (--resume {args.resume} with --epochs N or --time MINUTES)") from None
+            except DamagedLastCheckpoint as error:  # the command that starts from best.pt
+                train = error.train
+                raise CheckpointError(f"{error}: yolodex train --data {train.get('data')} --size {train.get('size')} "
+                                      f"--imgsz {train.get('imgsz')} --weights {error.best}") from None  # fmt: skip
         else:
             config = TrainConfig(
                 data=str(args.data), size=args.size, imgsz=args.imgsz, epochs=args.epochs or 100,

@@ -176,14 +176,18 @@ def test_cancel_a_queued_job_then_resume_it(settings: Settings) -> None:
     assert jobs.get_job(job_id, settings).state == "cancelled"
     assert f"Cancel: job {job_id} cancelled" in texts(app)
     assert app.button(key="train_cancel").disabled and not app.button(key="train_resume").disabled
-    # Resume continues the run from last.pt as a new job (its time budget is spent: one step, then it ends).
+    # Resume continues the run from last.pt as a new job; this run's time budget is spent, so the job says it is
+    # finished (issue 19: it does not report a training it did not do) and the run stays as it was.
+    before = {path.name: path.read_bytes() for path in run_dir.iterdir() if path.is_file()}
     app.button(key="train_resume").click().run()
     assert not app.exception, [exception.value for exception in app.exception]
     new_id = int(app.query_params["job"])
     resumed = jobs.get_job(new_id, settings)
-    assert new_id != job_id and resumed.resumed_from == job_id and resumed.state == "succeeded", resumed.error
+    assert new_id != job_id and resumed.resumed_from == job_id and resumed.state == "failed"
+    assert "is finished (its 0.05-minute time budget is spent" in resumed.error and "yolodex" not in resumed.error
     assert resumed.params["resume"] == str(run_dir)
-    assert f"Resume: job {new_id} succeeded: continuing job {job_id}'s run" in texts(app)
+    assert f"Resume: job {new_id} failed: continuing job {job_id}'s run" in texts(app)
+    assert {path.name: path.read_bytes() for path in run_dir.iterdir() if path.is_file()} == before
     assert app.selectbox(key=f"train_job_{new_id}").value == new_id
 
 

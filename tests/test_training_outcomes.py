@@ -183,31 +183,45 @@ def test_cli_refuses_a_budget_of_nothing_naming_the_flag(
 # --- resuming -------------------------------------------------------------------------------------------------------
 
 
-def test_resuming_a_finished_run_says_it_is_finished(run_copy: Path) -> None:
+def test_resuming_a_finished_run_says_it_is_finished(run_copy: Path, capsys: pytest.CaptureFixture) -> None:
     before = snapshot(run_copy)
-    with pytest.raises(RunFinished, match=r"is finished \(1 of 1 epochs trained, best mAP50-95 \d\.\d{3}\).*--epochs"):
+    with pytest.raises(RunFinished, match=r"is finished \(1 of 1 epochs trained, best mAP50-95 \d\.\d{3}\)") as raised:
         resume(run_copy)
+    assert "yolodex" not in str(raised.value)  # a job's error on a page: the words fit both places
     assert snapshot(run_copy) == before  # no train_start / train_end of epochs it did not run
     with pytest.raises(TrainingError, match="at least one more epoch"):
         resume(run_copy, more_epochs=0)  # 0 more is refused, not taken as a plain resume
+    # The command line names the flags that continue it.
+    assert main(["train", "--resume", str(run_copy), "--quiet"]) == 1
+    error = capsys.readouterr().err
+    assert error.startswith(f"yolodex: error: {run_copy} is finished (1 of 1 epochs trained") and error.count("\n") == 1
+    assert error.endswith(f"(--resume {run_copy} with --epochs N or --time MINUTES)\n")
     assert snapshot(run_copy) == before
 
 
-def test_a_damaged_last_pt_offers_the_intact_best_pt(run_copy: Path, small_set: Path) -> None:
-    last = run_copy / "last.pt"
+def test_a_damaged_last_pt_offers_the_intact_best_pt(
+    run_copy: Path, small_set: Path, capsys: pytest.CaptureFixture
+) -> None:
+    last, best = run_copy / "last.pt", run_copy / "best.pt"
     last.write_bytes(last.read_bytes()[: last.stat().st_size // 2])  # a copy cut short
-    best_before = (run_copy / "best.pt").read_bytes()
+    best_before = best.read_bytes()
     with pytest.raises(CheckpointError) as raised:
         resume(run_copy)
     message = str(raised.value)
-    assert message.startswith(f"{last} is damaged (") and "download" not in message
-    assert f"{run_copy / 'best.pt'} is intact (epoch 1)" in message
-    assert f"--data {small_set} --size s --imgsz 64 --weights {run_copy / 'best.pt'}" in message
-    assert (run_copy / "best.pt").read_bytes() == best_before
-    # The advice works: best.pt loads as a new run's start weights.
-    assert "best.pt" in load_start_weights(build_model("s", 3), str(run_copy / "best.pt"))
+    assert message.startswith(f"{last} is damaged (") and "download" not in message and "yolodex" not in message
+    assert (
+        f"{best} is intact (epoch 1): start a new run from its weights (the same data, size S and imgsz 64" in message
+    )
+    assert best.read_bytes() == best_before
+    # The command line gives the command, and the command's start weights load.
+    assert main(["train", "--resume", str(run_copy), "--quiet"]) == 1
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1
+    assert error.endswith(f": yolodex train --data {small_set} --size s --imgsz 64 --weights {best}\n")
+    assert "best.pt" in load_start_weights(build_model("s", 3), str(best))
+    assert best.read_bytes() == best_before
 
-    (run_copy / "best.pt").write_bytes(best_before[:1000])
+    best.write_bytes(best_before[:1000])
     with pytest.raises(
         CheckpointError, match=r"is damaged .*and there is no intact best\.pt beside it: start a new run"
     ):

@@ -172,7 +172,7 @@ def resume(
             best_text = f", best mAP50-95 {best:.3f}" if isinstance(best, float) and best >= 0 else ""
             raise RunFinished(
                 f"{run_dir} is finished ({ended}{best_text}): there is nothing left to resume. To train it longer, "
-                f"continue it with more epochs or minutes (yolodex train --resume {run_dir} --epochs N or --time M)"
+                "continue it with more epochs or minutes"
             )
     return _run(config, run_dir, checkpoint, on_event or _ignore_event, stop_requested, world)
 
@@ -211,10 +211,20 @@ def _read_last(run_dir: Path, saved: dict[str, Any]) -> dict[str, Any]:
     train = saved.get("train") or {}
     epoch = best.get("epoch")
     at = f" (epoch {epoch})" if isinstance(epoch, int) else ""
-    raise CheckpointError(
-        f"{damaged}; {best_path} is intact{at}: start a new run from its weights (yolodex train --data "
-        f"{train.get('data')} --size {train.get('size')} --imgsz {train.get('imgsz')} --weights {best_path})"
+    raise DamagedLastCheckpoint(
+        f"{damaged}; {best_path} is intact{at}: start a new run from its weights (the same data, size "
+        f"{str(train.get('size')).upper()} and imgsz {train.get('imgsz')}, with {best_path} as the start weights)",
+        best=best_path,
+        train=train,
     )
+
+
+class DamagedLastCheckpoint(CheckpointError):
+    """A run's last.pt that cannot be read, beside an intact best.pt (`best`); `train`: the run's TrainConfig dict."""
+
+    def __init__(self, message: str, *, best: Path, train: dict[str, Any]):
+        super().__init__(message)
+        self.best, self.train = best, train
 
 
 def _first_line(error: BaseException) -> str:
