@@ -335,7 +335,7 @@ def interrupt_stale_jobs(settings: Settings | None = None, *, now: datetime | No
     settings = settings or get_settings()
     limit = stale_after_s()
     engine = job_engine(settings)
-    with session_scope(engine) as session:
+    with session_scope(engine, write=True) as session:
         rows = session.execute(
             select(Job.id, Job.worker_host, Job.worker_pid, Job.heartbeat_at, Job.started_at).where(
                 Job.state == "running"
@@ -442,7 +442,7 @@ def _submit(kind: str, params: dict[str, Any], settings: Settings, resumed_from:
     params = _checked_params(kind, dict(params), settings)
     settings.ensure_dirs()
     engine = job_engine(settings)
-    with session_scope(engine) as session:
+    with session_scope(engine, write=True) as session:
         project = params.get("project") or _project_of_paths(session, params, settings)
         job = Job(
             kind=kind,
@@ -461,7 +461,7 @@ def _submit(kind: str, params: dict[str, Any], settings: Settings, resumed_from:
     try:
         tasks.enqueue_job(job_id, settings)
     except Exception as error:
-        with session_scope(engine) as session:
+        with session_scope(engine, write=True) as session:
             session.execute(
                 update(Job)
                 .where(Job.id == job_id, Job.state == "queued")
@@ -516,7 +516,7 @@ def cancel(job_id: int, settings: Settings | None = None) -> JobView:
     """
     settings = settings or get_settings()
     engine = job_engine(settings)
-    with session_scope(engine) as session:
+    with session_scope(engine, write=True) as session:
         # Writes first: in WAL mode a transaction that read before another connection's commit cannot write any
         # more ("database is locked" at once, whatever the busy timeout). Conditional UPDATEs: a worker may claim
         # the job at the same moment, and exactly one of us wins.

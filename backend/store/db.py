@@ -36,9 +36,10 @@ SQLITE_BUSY_TIMEOUT_MS = 10_000
 
 
 BUSY_ADVICE = (
-    "the database is busy: another process holds the SQLite file's write lock (an import or crawl writes in one "
-    "transaction and commits at its end). Try again when it has finished (the Jobs page shows it); for several "
-    "workers or people at once, put the metadata on a PostgreSQL server (YOLODEX_DATABASE_URL)"
+    "the database is busy: another process held the SQLite file's write lock longer than the 10 s a writer waits "
+    "(an import writes its images in one transaction and commits at its end). Try again when it has finished (the "
+    "Jobs page shows it); for several workers or people at once, put the metadata on a PostgreSQL server "
+    "(YOLODEX_DATABASE_URL)"
 )
 
 
