@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import io
 import shutil
+import sys
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +53,17 @@ def reference_dir() -> Path:
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(0)
+
+
+@pytest.fixture(autouse=True)
+def _keep_main_module() -> Iterator[None]:
+    """Puts pytest's `__main__` back after each test. AppTest runs a page as `__main__` and leaves it in
+    sys.modules; a later "spawn" process would then re-run that page on start-up (multiprocessing re-imports the
+    parent's main file), fail there and never run its target."""
+    main = sys.modules.get("__main__")
+    yield
+    if main is not None and sys.modules.get("__main__") is not main:
+        sys.modules["__main__"] = main
 
 
 def textured_image(seed: int, size: tuple[int, int] = (96, 64)) -> np.ndarray:
