@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import io
 import json
+import sqlite3
 import zipfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -466,3 +468,77 @@ def test_boxes_an_image_already_has_become_its_first_annotation(labelstudio):
     assert tasks[images[NAMES[1]].id]["annotations"] == []  # unlabeled, no boxes: nothing sent
     pulled = service.pull("existing-boxes", labelstudio.settings)
     assert pulled["labeled"] == 1 and pulled["boxes"] == 1  # pulling it back changes nothing
+
+
+class _CheckedClient:
+    """Wraps the real client: at each Label Studio request (and each page of an iterating one) records whether
+    `session` had a transaction open and whether another connection could take the SQLite write lock at once."""
+
+    def __init__(self, client: LabelStudioClient, session, database: str):
+        self._client, self._session, self._database = client, session, database
+        self.calls: list[str] = []
+        self.held: list[str] = []
+
+    def _check(self, name: str) -> None:
+        self.calls.append(name)
+        if self._session.in_transaction():
+            self.held.append(f"{name}: transaction open")
+        other = sqlite3.connect(self._database, timeout=0, isolation_level=None)
+        try:
+            other.execute("BEGIN IMMEDIATE")
+            other.execute("ROLLBACK")
+        except sqlite3.OperationalError as error:
+            self.held.append(f"{name}: {error}")
+        finally:
+            other.close()
+
+    def _pages(self, name: str, pages):
+        while True:
+            self._check(name)
+            try:
+                yield next(pages)
+            except StopIteration:
+                return
+
+    def __getattr__(self, name: str):
+        attribute = getattr(self._client, name)
+        if not callable(attribute) or name.startswith("_"):
+            return attribute
+
+        def call(*args, **kwargs):
+            self._check(name)
+            result = attribute(*args, **kwargs)
+            return self._pages(name, result) if isinstance(result, Iterator) else result
+
+        return call
+
+
+def test_no_transaction_stays_open_across_label_studio_requests(labelstudio, tmp_path):
+    make_project(labelstudio, "short-transactions", count=3)
+    images = images_of(labelstudio, "short-transactions")
+    engine, _ = open_store(labelstudio.settings)
+    with session_scope(engine) as session:  # one image with a box: the first sync sends it as an annotation
+        project = session.scalar(select(Project).where(Project.name == "short-transactions"))
+        squirtle = next(item for item in project.classes if item.name == "Squirtle")
+        session.get(Image, images[NAMES[0]].id).labeled = True
+        session.add(
+            Annotation(image_id=images[NAMES[0]].id, class_id=squirtle.id, x1=10, y1=5, x2=40, y2=25, source="import")
+        )
+    model = varied_model(tmp_path / "varied.pt", CLASSES)
+
+    with connect(labelstudio.settings) as client, session_scope(engine) as session:
+        checked = _CheckedClient(client, session, engine.url.database)
+        project = session.scalar(select(Project).where(Project.name == "short-transactions"))
+        synced = sync.sync_project(session, labelstudio.settings, project, checked)
+        pulled = sync.pull_annotations(session, project, checked)
+        prelabeled = sync.prelabel(session, labelstudio.settings, project, checked, model)
+
+    assert {"create_project", "create_local_storage", "create_annotation", "export_tasks", "create_prediction"} <= set(
+        checked.calls
+    )
+    assert checked.held == []  # before: the first sync held the write lock from its first flush to its end
+    assert (synced.new_tasks, synced.labels_sent, pulled.labeled, prelabeled.tasks) == (3, 1, 1, 2)
+    with session_scope(engine) as session:  # what the steps wrote between the requests was committed
+        row = session.get(LabelingProject, images[NAMES[0]].project_id)
+        assert row.ls_storage_id is not None and row.ls_view_id is not None
+        assert session.get(Image, images[NAMES[0]].id).labeled

@@ -199,10 +199,23 @@ def _find_ls_project(client: LabelStudioClient, project: Project) -> dict[str, A
     return None
 
 
+def end_transaction(session: Session) -> None:
+    """Commits what `session` wrote so far and ends its transaction, before a request to Label Studio.
+
+    No database transaction stays open across network I/O: on a SQLite file a writer's lock would stall every other
+    writer (an import, a job's progress) for as long as Label Studio takes, and a read transaction that saw an older
+    state could no longer write once another writer committed (docs/sqlite_locks_and_full_disk.md). Each step of a
+    sync is safe to repeat, so committing between steps loses nothing when a later one fails.
+    """
+    session.commit()
+
+
 def _ensure_ls_project(
     session: Session, client: LabelStudioClient, project: Project, names: list[str], report_flags: dict[str, Any]
 ) -> tuple[LabelingProject, dict[str, Any]]:
     row = session.get(LabelingProject, project.id)
+    classes = project_classes(session, project)
+    end_transaction(session)
     ls_project = None
     if row is not None:
         try:
@@ -212,7 +225,6 @@ def _ensure_ls_project(
     if ls_project is None:
         ls_project = _find_ls_project(client, project)
     if ls_project is None:
-        classes = project_classes(session, project)
         ls_project = client.create_project(
             title=ls_title(project.name),
             label_config=labeling_config(names, [item.colour for item in classes], [item.id for item in classes]),
@@ -239,6 +251,7 @@ def _update_config(
     except ValueError:
         current_labels = []
     classes = project_classes(session, project)
+    end_transaction(session)
     colours, class_ids = [item.colour for item in classes], [item.id for item in classes]
     if current_labels:
         # Only labels leaving the classes (removed or renamed) need to know whether annotations still use them.
@@ -325,11 +338,15 @@ def sync_project(
     for image in images.values():
         _link(settings.storage / image.path, folder / link_name(image))
 
+    end_transaction(session)
     storage_id = _ensure_storage(client, row, folder)
     before = {task.ls_task_id for task in _task_rows(session, row.ls_project_id)}
+    end_transaction(session)
     client.sync_local_storage(storage_id)
 
     known = {task.image_id: task for task in _task_rows(session, row.ls_project_id)}
+    end_transaction(session)
+    new_links: list[LabelingTask] = []
     newly_mapped: dict[int, int] = {}
     seen_tasks = set()
     for task in client.iter_tasks(row.ls_project_id, fields="all"):
@@ -344,17 +361,19 @@ def sync_project(
         seen_tasks.add(task["id"])
         mapped = known.get(image_id)
         if mapped is None:
-            session.add(LabelingTask(image_id=image_id, ls_project_id=row.ls_project_id, ls_task_id=task["id"]))
+            new_links.append(LabelingTask(image_id=image_id, ls_project_id=row.ls_project_id, ls_task_id=task["id"]))
             if not task.get("total_annotations") and not task.get("annotations"):
                 newly_mapped[image_id] = task["id"]
         elif mapped.ls_task_id != task["id"]:
             mapped.ls_task_id = task["id"]
     report.new_tasks = len(seen_tasks - before)
     report.tasks = len(seen_tasks)
+    session.add_all(new_links)
     session.flush()
 
     if send_labels and newly_mapped:
         report.labels_sent = _send_existing_labels(session, client, project, names, images, newly_mapped)
+    end_transaction(session)
     _ensure_view(client, row)
     row.last_event = report.summary()
     report.seconds = time.monotonic() - started
@@ -375,7 +394,8 @@ def _send_existing_labels(
 ) -> int:
     index_of_class = {item.id: item.index for item in project_classes(session, project)}
     ground_truth = ground_truth_boxes(session, list(task_of_image))
-    sent = 0
+    end_transaction(session)
+    annotation_of_image: dict[int, Any] = {}
     for image_id, task_id in task_of_image.items():
         image = images[image_id]
         boxes = ground_truth.get(image_id, [])
@@ -388,12 +408,12 @@ def _send_existing_labels(
             (image.width, image.height),
             names,
         )
-        annotation = client.create_annotation(task_id, converted.results)
+        annotation_of_image[image_id] = client.create_annotation(task_id, converted.results).get("id")
+    for image_id, annotation_id in annotation_of_image.items():
         mapped = session.get(LabelingTask, image_id)
         if mapped is not None:
-            mapped.annotation_id = annotation.get("id")
-        sent += 1
-    return sent
+            mapped.annotation_id = annotation_id
+    return len(annotation_of_image)
 
 
 def labeling_project(session: Session, project: Project) -> LabelingProject:
@@ -461,12 +481,14 @@ def pull_annotations(session: Session, project: Project, client: LabelStudioClie
     classes = project_classes(session, project)
     names = [item.name for item in classes]
     class_id_of_index = {item.index: item.id for item in classes}
+    end_transaction(session)
     renamed = _renamed_labels(client, row, classes)
+    exported = client.export_tasks(row.ls_project_id)
     mapped = {task.ls_task_id: task for task in _task_rows(session, row.ls_project_id)}
     images = {image.id: image for image in session.scalars(select(Image).where(Image.project_id == project.id))}
     report = PullReport()
     problems: Counter[str] = Counter()
-    for task in client.export_tasks(row.ls_project_id):
+    for task in exported:
         report.tasks += 1
         link = mapped.get(task.get("id"))
         image = images.get(link.image_id) if link is not None else None
@@ -642,6 +664,20 @@ def prelabel(
     started = time.monotonic()
     row = labeling_project(session, project)
     names = [item.name for item in project_classes(session, project)]
+    query = select(LabelingTask, Image).join(Image, Image.id == LabelingTask.image_id)
+    query = query.where(LabelingTask.ls_project_id == row.ls_project_id)
+    if only_unlabeled:
+        query = query.where(LabelingTask.annotation_id.is_(None), Image.labeled.is_(False))
+    pairs = [
+        (link.image_id, link.ls_task_id, image.path, image.width, image.height)
+        for link, image in session.execute(query.order_by(LabelingTask.image_id))
+    ]
+    ls_project_id, project_id = row.ls_project_id, row.project_id
+    # End the read transaction before the model is loaded and run and Label Studio is called (`end_transaction`):
+    # on a SQLite file (WAL) a transaction that read before another connection's commit cannot write any more, and
+    # a job's heartbeat and progress commit every few seconds. The results are written at the end, in a transaction
+    # whose first statement is a write.
+    end_transaction(session)
     path = Path(model_path)
     model_file = path if path.suffix.lower() == ".onnx" else run_checkpoint(path)
     predictor = Predictor.from_path(
@@ -656,19 +692,6 @@ def prelabel(
         )
     report = PrelabelReport(model_version=model_version_of(model_file))
 
-    query = select(LabelingTask, Image).join(Image, Image.id == LabelingTask.image_id)
-    query = query.where(LabelingTask.ls_project_id == row.ls_project_id)
-    if only_unlabeled:
-        query = query.where(LabelingTask.annotation_id.is_(None), Image.labeled.is_(False))
-    pairs = [
-        (link.image_id, link.ls_task_id, image.path, image.width, image.height)
-        for link, image in session.execute(query.order_by(LabelingTask.image_id))
-    ]
-    ls_project_id, project_id = row.ls_project_id, row.project_id
-    # End the read transaction before the long part: on a SQLite file (WAL) a transaction that read before another
-    # connection's commit cannot write any more, and a job's heartbeat and progress commit every few seconds. The
-    # results are written at the end, in a transaction whose first statement is a write.
-    session.commit()
     uncertainties: dict[int, float] = {}
     dropped: Counter[str] = Counter()
     for start in range(0, len(pairs), batch_size):
