@@ -9,12 +9,15 @@ everywhere, the store's file writer failing with ENOSPC or SQLite's own "databas
 from __future__ import annotations
 
 import errno
+import functools
 import hashlib
+import http.server
 import json
 import os
 import sqlite3
 import subprocess
 import sys
+import threading
 import uuid
 from pathlib import Path
 
@@ -256,3 +259,39 @@ def test_on_a_real_full_disk_import_fails_cleanly_and_stats_still_works(small_di
     assert done.stderr.startswith("yolodex: error: ") and "ran out of space" in done.stderr
     assert stored_files(storage) == before_files
     assert service.stats(PROJECT) == before_stats
+
+
+class QuietFiles(http.server.SimpleHTTPRequestHandler):
+    """Serves a folder without logging each request to stderr (the test reads stderr)."""
+
+    def log_message(self, format: str, *args) -> None:
+        pass
+
+
+def test_a_crawl_that_runs_out_of_space_ends_in_one_line_and_keeps_what_it_stored(
+    storage, tmp_path, monkeypatch, capsys
+):
+    """Before: every later image was downloaded and refused again ("sink_error" for each) and the crawl exited 0."""
+    served = write_images(tmp_path / "site", 700, 4)
+    handler = functools.partial(QuietFiles, directory=str(served))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        urls = tmp_path / "urls.txt"
+        urls.write_text(
+            "".join(f"http://127.0.0.1:{server.server_port}/{path.name}\n" for path in sorted(served.iterdir()))
+        )
+        before_files = stored_files(storage)
+        asked = fail_the_nth_image_write(monkeypatch, nth=2)
+
+        assert cli.main(["crawl", "--urls", str(urls), "--project", PROJECT, "--allow-private"]) == 1
+    finally:
+        server.shutdown()
+        server.server_close()
+    line = one_error_line(capsys)
+    assert "ran out of space" in line and "free some space" in line
+    assert f"the crawl stopped there and kept the 1 image it had stored in {PROJECT}" in line
+    assert len(asked) == 2  # the crawl stopped at the first full-disk refusal
+    kept = sorted(set(stored_files(storage)) - set(before_files))
+    assert len(kept) == 1 and kept == sorted(set(image_rows(storage)) - set(before_files))  # the first image stayed
+    assert all(stored_files(storage)[path] == digest for path, digest in before_files.items())

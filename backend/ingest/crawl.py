@@ -45,6 +45,7 @@ import urllib3
 import urllib3.connection
 
 from backend.ingest.providers import SearchError, SearchHit, SearchProvider
+from backend.store.db import DiskFullError
 from backend.store.images import DEFAULT_MAX_PIXELS, ImageLimits, ImageRejected, decode_checked
 
 try:
@@ -759,6 +760,8 @@ class Crawler:
             return False
         try:
             self.sink(image)
+        except DiskFullError:  # every later image would fail the same way: end the crawl (what it kept stays)
+            raise
         except Exception as error:  # one failed store must not end the crawl; the report says which and why
             self.report.add_refusal(url, "sink_error", f"{type(error).__name__}: {error}")
             return False

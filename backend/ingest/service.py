@@ -22,7 +22,7 @@ from backend.ingest.providers import DuckDuckGoImages, SearchError
 from backend.ingest.starter import create_starter_project
 from backend.settings import Settings, get_settings
 from backend.store import classes as class_store
-from backend.store.db import session_scope, shared_engine
+from backend.store.db import DiskFullError, full_disk_message, session_scope, shared_engine
 from backend.store.images import add_image_bytes
 from backend.store.models import DatasetVersion, Project, get_or_create_project
 from backend.store.versions import class_stats, export_coco, export_yolo, freeze_version, version_folder
@@ -82,12 +82,20 @@ def crawl_into(
         project_id, project_name = target.id, target.name
 
     def keep(image: CrawledImage) -> None:
-        with session_scope(engine, write=True) as session:
-            result = add_image_bytes(
-                session, storage, session.get_one(Project, project_id), image.data, source="crawl",
-                original_name=image.original_name, source_url=image.source_url, page_url=image.page_url,
-                licence_hint=image.licence_hint,
-            )  # fmt: skip
+        try:
+            with session_scope(engine, write=True) as session:
+                result = add_image_bytes(
+                    session, storage, session.get_one(Project, project_id), image.data, source="crawl",
+                    original_name=image.original_name, source_url=image.source_url, page_url=image.page_url,
+                    licence_hint=image.licence_hint,
+                )  # fmt: skip
+        except DiskFullError as error:  # ends the crawl (see crawl.py); the images committed before stay
+            error_line = full_disk_message(error, storage)
+            stored = added.get("accepted", 0)
+            raise DiskFullError(
+                f"{error_line}; the crawl stopped there and kept the {stored} image{'' if stored == 1 else 's'} "
+                f"it had stored in {project_name}"
+            ) from error
         added[result.status] = added.get(result.status, 0) + 1
 
     if query is not None:
