@@ -86,6 +86,28 @@ init_db(url).dispose()
 """
 
 
+def start_when_ready(
+    folder: Path, script: str, arguments: dict[str, list[str]], env: dict[str, str] | None = None
+) -> list[subprocess.Popen]:
+    """Starts `python -c script` once per {name: arguments} and returns when each has touched `folder/<name>.ready`
+    (or after 120 s); the scripts then wait for `folder/go`, so that they act at the same moment."""
+    processes = [
+        subprocess.Popen(
+            [sys.executable, "-c", script, *args],
+            cwd=REPO_ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for args in arguments.values()
+    ]
+    deadline = time.monotonic() + 120
+    while not all((folder / f"{name}.ready").exists() for name in arguments) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return processes
+
+
 @pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
 def test_processes_that_migrate_a_fresh_database_at_once_all_succeed(backend: str, request, tmp_path: Path) -> None:
     """Workers and the app started together (compose, or two consumers) each run `init_db` on a fresh database.
@@ -94,19 +116,7 @@ def test_processes_that_migrate_a_fresh_database_at_once_all_succeed(backend: st
     so, and skipped its recovery of dead jobs."""
     url = f"sqlite:///{tmp_path / 'yolodex.db'}" if backend == "sqlite" else request.getfixturevalue("postgres_url")
     names = [f"p{n}" for n in range(4)]
-    processes = [
-        subprocess.Popen(
-            [sys.executable, "-c", MIGRATE_WHEN_TOLD, url, str(tmp_path), name],
-            cwd=REPO_ROOT,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        for name in names
-    ]
-    deadline = time.monotonic() + 120
-    while not all((tmp_path / f"{name}.ready").exists() for name in names) and time.monotonic() < deadline:
-        time.sleep(0.01)
+    processes = start_when_ready(tmp_path, MIGRATE_WHEN_TOLD, {name: [url, str(tmp_path), name] for name in names})
     (tmp_path / "go").touch()  # all four imported and waiting: they migrate at the same moment
     outputs = [process.communicate(timeout=120)[0] for process in processes]
     assert [process.returncode for process in processes] == [0] * 4, "\n".join(outputs)[-4000:]
@@ -290,20 +300,7 @@ def test_three_imports_and_a_freeze_at_once_all_wait_for_the_lock_and_succeed(tm
             (folders[-1] / f"p{n}.png").write_bytes(encode(textured(800 + 10 * k + n)))
     jobs = [(f"import{k}", "import", str(folder)) for k, folder in enumerate(folders)] + [("freeze", "freeze", "v1")]
     env = {**os.environ, "YOLODEX_STORAGE": str(storage)}
-    processes = [
-        subprocess.Popen(
-            [sys.executable, "-c", WRITE_WHEN_TOLD, str(tmp_path), *job],
-            cwd=REPO_ROOT,
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        for job in jobs
-    ]
-    deadline = time.monotonic() + 120
-    while not all((tmp_path / f"{job[0]}.ready").exists() for job in jobs) and time.monotonic() < deadline:
-        time.sleep(0.01)
+    processes = start_when_ready(tmp_path, WRITE_WHEN_TOLD, {job[0]: [str(tmp_path), *job] for job in jobs}, env)
     # Another writer (say a crawl storing an image) holds the write lock while they start, and commits a change.
     writer = sqlite3.connect(storage / "yolodex.db", isolation_level=None)
     writer.execute("BEGIN IMMEDIATE")
