@@ -1,5 +1,5 @@
-"""Task-aligned assigner and YOLO-NAS loss (../shared/yolo_nas_facts.md §4): hand-built cases and a pinned value
-checked against a slow loop-by-loop reference written here from the fact sheet."""
+"""Task-aligned assigner and YOLO-NAS loss (docs/training_recipe.md §1): hand-built cases and a pinned value
+checked against a slow loop-by-loop reference written here from docs/training_recipe.md §1."""
 
 from __future__ import annotations
 
@@ -358,7 +358,7 @@ def test_bad_inputs_raise_clear_errors() -> None:
 
 
 def reference_loss(cls_logits, reg_distri, gt_boxes, gt_labels, gt_mask, image_size, num_classes) -> dict[str, float]:
-    """Slow reference straight from the fact sheet §4: plain Python loops over images, gts and anchors."""
+    """Slow reference straight from docs/training_recipe.md §1: plain Python loops over images, gts and anchors."""
     height, width = image_size
     anchors = []  # (x, y, stride) in pixels, levels in stride order, row-major
     for stride in STRIDES:

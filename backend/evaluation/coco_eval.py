@@ -5,7 +5,7 @@ Boxes: ground truth and predictions come in xyxy original-image pixels; they bec
 inside `_coco_ground_truth` / `_coco_predictions`, the COCO boundary. Everything in the result is xyxy again.
 
 Max detections: COCOeval's default `maxDets` is [1, 10, 100]; we evaluate at [1, 10, 100, 300] and report AP at
-300, as YOLO-NAS validation does (post-processing keeps up to 300 predictions per image, yolo_nas_facts §5.3), so
+300, as YOLO-NAS validation does (post-processing keeps up to 300 predictions per image, docs/training_recipe.md §3), so
 no prediction the model returns is thrown away before scoring. pycocotools applies the cap per image *and per
 class*, so with ≤ 300 predictions per image the cap never bites; AP at 100 is the same except in images with more
 than 100 predictions of one class. AR is reported at 1, 10, 100 and 300.

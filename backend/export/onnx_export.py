@@ -1,6 +1,6 @@
 """ONNX export of a fused YOLO-NAS with decoding (and optionally NMS) inside the graph.
 
-I/O contract (../shared/architecture.md), FP32 and INT8 alike:
+I/O contract (docs/contracts.md §3), FP32 and INT8 alike:
 - input `images`: float32 (B, 3, H, W) RGB in [0, 1], letterboxed (backend.processing); B is dynamic.
 - without NMS: `boxes` (B, A, 4) xyxy in input pixels, `scores` (B, A, C) sigmoid.
 - with NMS (ONNX NonMaxSuppression, class-aware, multi-label): `num_detections` (B, 1) int64,

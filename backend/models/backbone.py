@@ -1,4 +1,4 @@
-"""YOLO-NAS backbone: a QARepVGG stem, four CSP stages and SPP (../shared/yolo_nas_facts.md §1.3).
+"""YOLO-NAS backbone: a QARepVGG stem, four CSP stages and SPP (docs/yolo_nas.md §3).
 
 Channels are the same for S/M/L: stem 48 (/2), stages 96 (/4), 192 (/8), 384 (/16), 768 (/32), SPP 768.
 """

@@ -1,6 +1,6 @@
 """YOLO-NAS building blocks: Conv-BN-ReLU, QARepVGG, the CSP layer with its bottleneck, and SPP.
 
-Follows super-gradients' YOLO-NAS (Apache-2.0) as described in ../shared/yolo_nas_facts.md §1.2, and
+Follows super-gradients' YOLO-NAS (Apache-2.0) as described in docs/yolo_nas.md §2, and
 QARepVGG (Chu et al., "Make RepVGG Greater Again: A Quantization-aware Approach", arXiv 2212.01593).
 Module and attribute names reproduce the official state-dict keys so official checkpoints load unchanged.
 All convolutions keep the spatial size (padding = kernel // 2) unless they have stride 2, which halves it.

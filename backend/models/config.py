@@ -1,4 +1,4 @@
-"""YOLO-NAS architecture configs: S, M and L are instances of one frozen dataclass (../shared/yolo_nas_facts.md §1)."""
+"""YOLO-NAS architecture configs: S, M and L are instances of one frozen dataclass (docs/yolo_nas.md)."""
 
 from __future__ import annotations
 

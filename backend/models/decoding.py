@@ -1,4 +1,4 @@
-"""Anchor points and DFL decoding of YOLO-NAS head outputs to boxes (../shared/yolo_nas_facts.md §1.6).
+"""Anchor points and DFL decoding of YOLO-NAS head outputs to boxes (docs/yolo_nas.md §6).
 
 Shared by PyTorch evaluation, the loss (anchor points) and the ONNX export, so every path decodes alike.
 """

@@ -1,6 +1,6 @@
 """YOLO-NAS NDFL heads: per level a 1x1 stem, one 3x3 conv per branch, class and DFL-distance predictors.
 
-../shared/yolo_nas_facts.md §1.5. The heads return raw logits only; decoding lives in `decoding.py`.
+docs/yolo_nas.md §5. The heads return raw logits only; decoding lives in `decoding.py`.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""YOLO-NAS PAN neck with an extra finer skip on the up-path (../shared/yolo_nas_facts.md §1.4).
+"""YOLO-NAS PAN neck with an extra finer skip on the up-path (docs/yolo_nas.md §4).
 
 Inputs c2..c5 = (96 @ H/4, 192 @ H/8, 384 @ H/16, 768 @ H/32); outputs p3, p4, p5 = (96 @ H/8, 192 @ H/16,
 384 @ H/32) for every size.

@@ -1,6 +1,6 @@
 """YOLO-NAS S/M/L in plain PyTorch (Deci AI, 2023; super-gradients' Apache-2.0 reference).
 
-Architecture facts: ../shared/yolo_nas_facts.md. `state_dict()` keys and shapes equal the official model's, so
+Architecture facts: docs/yolo_nas.md. `state_dict()` keys and shapes equal the official model's, so
 official checkpoints load unchanged. The model returns raw head outputs; `decoding.py` turns them into boxes.
 """
 

@@ -1,8 +1,8 @@
 """From a training run to an INT8 model you can trust: calibrate, choose what stays in float, fine-tune if needed,
 and measure every candidate against FP32.
 
-Run folder in, files out (architecture.md): `model_fp32.onnx` (the partially fused export: QARepVGG branches merged,
-post-BN kept, as the fact sheet's quantization pipeline does, §6), `model_int8.onnx` (the chosen INT8 model),
+Run folder in, files out (docs/contracts.md §4): `model_fp32.onnx` (the partially fused export: QARepVGG branches
+merged, post-BN kept, as docs/quantization_policy.md §1 describes), `model_int8.onnx` (the chosen INT8 model),
 `int8_variants/*.onnx` (every other candidate) and `quant_report.json`. Every file keeps the ONNX I/O contract, so
 the Pokédex and `yolodex predict` run any of them unchanged.
 
@@ -83,7 +83,7 @@ class QuantizeOptions:
         compare_calibrations: also calibrate and measure the other methods (one report row each).
         scan_images: validation images the sensitivity scan compares outputs on.
         scan_layers: restrict the scan to these node names (default: every Conv/ConvTranspose).
-        qat_epochs: QAT epochs (default: the fact sheet's rule, a tenth of the run's, at least 1).
+        qat_epochs: QAT epochs (default: docs/quantization_policy.md §3's rule, a tenth of the run's, at least 1).
         threads: onnxruntime intra-op threads for evaluation, latency and throughput.
         latency_runs: timed batch-1 runs per model, models taking turns.
         data: the dataset, when it moved since training (default: the run's config.json).

@@ -6,7 +6,7 @@ The FP32 input is the partially fused export (backend.export.onnx_export with th
 inside changes (QuantizeLinear/DequantizeLinear pairs around the quantized nodes, which onnxruntime fuses into
 int8 kernels at ORT_ENABLE_ALL), so every consumer of the FP32 file runs it unchanged.
 
-Default precision policy (../shared/yolo_nas_facts.md §6): the heads' classification and regression branches
+Default precision policy (docs/quantization_policy.md §2): the heads' classification and regression branches
 (`cls_convs`, `reg_convs`), the prediction convolutions (`cls_pred`, `reg_pred`) and the whole decoding stay in
 float; the backbone, the neck and the head stems are quantized.
 """
@@ -130,7 +130,7 @@ def decoding_nodes(onnx_model: onnx.ModelProto | str | Path) -> list[str]:
 
 
 def default_float_nodes(onnx_model: onnx.ModelProto | str | Path) -> list[str]:
-    """Names of the nodes the default policy (../shared/yolo_nas_facts.md §6) keeps in float, in graph order:
+    """Names of the nodes the default policy (docs/quantization_policy.md §2) keeps in float, in graph order:
     every node of the heads' `cls_convs`, `reg_convs`, `cls_pred` and `reg_pred` modules, and the decoding
     (`decoding_nodes`).
 

@@ -1,6 +1,6 @@
 """Quantization-aware training (QAT) of a partially fused YOLO-NAS, simulating onnxruntime's INT8 (U8S8) arithmetic.
 
-What is simulated is what `backend.quantization.ptq.quantize_onnx` produces on CPU (../shared/yolo_nas_facts.md §6):
+What is simulated is what `backend.quantization.ptq.quantize_onnx` produces on CPU (docs/quantization_policy.md §2):
 - weights: symmetric int8 per output channel, scale = max|w| / 127 over each output channel, zero point 0, levels
   -127..127, of the *BatchNorm-folded* weights (the ONNX export folds every BatchNorm into the conv before it, so
   those are the weights onnxruntime quantizes). The scale follows the weights at every forward, as the export would.
@@ -12,7 +12,7 @@ Q/DQ pairs onnxruntime also puts on Add/Concat/MaxPool outputs, and the neck's t
 stay float here.
 
 The flow: `prepare_qat` (fold BN, swap every Conv2d for a `FakeQuantConv2d`, calibrate input ranges) →
-`qat_finetune` (the fact sheet's QAT recipe through the training engine) → `to_float_model` (a plain YoloNAS with
+`qat_finetune` (docs/quantization_policy.md §3, through the training engine) → `to_float_model` (a plain YoloNAS with
 the trained weights, for `export_onnx(..., fuse=False)` and onnxruntime PTQ) + `activation_ranges` (the calibrated
 ranges by module path; `onnx_conv_nodes` maps paths to the exported node names).
 
@@ -73,7 +73,7 @@ POOL_CAP = 1 << 17
 # for an empty range too): any range represents 0 exactly.
 EMPTY_RANGE_WIDTH = 1.0
 
-# The QAT recipe (../shared/yolo_nas_facts.md §6, super-gradients' modify_params_for_qat).
+# The QAT recipe (docs/quantization_policy.md §3, super-gradients' modify_params_for_qat).
 QAT_EPOCH_DIVISOR = 10
 QAT_LR_FACTOR = 0.01
 QAT_WEIGHT_DECAY_FACTOR = 0.01
@@ -468,7 +468,7 @@ def qat_config(train: dict[str, Any], **overrides: Any) -> QatConfig:
 
     Epochs ÷ 10 (at least 1), lr × 0.01 (of the run's effective peak lr), weight decay × 0.01, warm-up
     max(1, epochs // 10) QAT epochs, cosine to 0.01, EMA off, augmentations kept, time budget ÷ 10
-    (../shared/yolo_nas_facts.md §6). `overrides` replace any resulting field (e.g. epochs=2, device="cpu").
+    (docs/quantization_policy.md §3). `overrides` replace any resulting field (e.g. epochs=2, device="cpu").
     Note: the warm-up starts at the schedule's 1e-6 (super-gradients scales that by 0.01 too; ours is fixed).
     """
     base = TrainConfig.from_dict(train)

@@ -2,7 +2,7 @@
 
 Follows TOOD (Feng et al., "TOOD: Task-aligned One-stage Object Detection", ICCV 2021, arXiv 2108.07755) as used
 by PP-YOLOE (Xu et al., arXiv 2203.16250) and configured by YOLO-NAS: top-k 13, alpha 1, beta 6, from the first
-epoch (no ATSS warm-up). The exact rules are in ../shared/yolo_nas_facts.md §4.
+epoch (no ATSS warm-up). The exact rules are in docs/training_recipe.md §1.
 
 Everything here works in input pixels (the letterboxed network input, not the original image), with boxes xyxy.
 """
@@ -69,7 +69,7 @@ def points_inside_boxes(points: torch.Tensor, boxes: torch.Tensor, eps: float = 
 
 
 class TaskAlignedAssigner:
-    """TOOD's task-aligned assigner as YOLO-NAS configures it (../shared/yolo_nas_facts.md §4).
+    """TOOD's task-aligned assigner as YOLO-NAS configures it (docs/training_recipe.md §1).
 
     For each gt j and anchor i: t_ij = s_ij^alpha · IoU_ij^beta, with s the predicted probability of gt j's class
     and IoU against the anchor's predicted box. An anchor is a candidate for gt j only if its point lies strictly

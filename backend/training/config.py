@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
-# The fine-tuning recipe's learning rates (../shared/yolo_nas_facts.md §5.2), for runs that start from weights.
+# The fine-tuning recipe's learning rates (docs/training_recipe.md §2), for runs that start from weights.
 DEFAULT_LR = {"s": 5e-4, "m": 4e-4, "l": 4e-4}
 # From random initialisation twice that: on raccoon (bench/train.py, S at 320, 10 minutes on 2 CPU cores) 1e-3 gave
 # mAP50-95 0.231 against 0.193 with 5e-4.

@@ -19,7 +19,7 @@ What a `World` of N processes changes in training (see `trainer.py` and `engine.
   augmentations, for any N: the sampler's epoch order depends on (seed, epoch) only and each rank takes its slice
   of each global batch (`backend.data.loader.EpochSampler`). So last.pt (epoch, step in epoch, global steps) is
   independent of N, and a run resumes with another number of processes.
-* The loss (../shared/yolo_nas_facts.md §4): S, the sum of soft scores, is all-reduced over the processes, clamped
+* The loss (docs/training_recipe.md §1): S, the sum of soft scores, is all-reduced over the processes, clamped
   to 1 and divided by N; each process divides its own three sums by it. DDP averages the gradients over the N
   processes: (1/N) Σ_r ∇(sums_r) / (S/N) = ∇(Σ_r sums_r) / S, the single-process gradient of the global batch.
   The logged loss terms are the mean of the processes' values: Σ_r sums_r / S, the single-process loss.

@@ -1,5 +1,5 @@
 """Exponential moving average of the model weights, with super-gradients' "threshold" warm-up
-(../shared/yolo_nas_facts.md §5.1): decay_t = min(decay, (1 + t) / (10 + t)) after the t-th optimizer step.
+(docs/training_recipe.md §2): decay_t = min(decay, (1 + t) / (10 + t)) after the t-th optimizer step.
 
 Early on the average follows the model closely (decay 0.1, 0.18, ...), so a short run still gets a useful
 average; later it settles at `decay`.

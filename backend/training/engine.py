@@ -4,7 +4,7 @@
 validation metrics), "checkpoint", "early_stop" and "train_end"; `fit` also appends every event to the run's
 metrics.jsonl, so a background job can relay progress and a later reader can plot the run.
 
-A run folder (the contract of ../shared/architecture.md): config.json, metrics.jsonl, last.pt, best.pt, eval.json.
+A run folder (docs/contracts.md §4): config.json, metrics.jsonl, last.pt, best.pt, eval.json.
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ logger = logging.getLogger(__name__)
 
 EventCallback = Callable[..., None]
 LOSS_TERMS = ("loss", "loss_cls", "loss_iou", "loss_dfl")
-# Validation post-processing of the YOLO-NAS recipes (../shared/yolo_nas_facts.md §5.3): a low score threshold so
+# Validation post-processing of the YOLO-NAS recipes (docs/training_recipe.md §3): a low score threshold so
 # the PR curve reaches high recall, class-aware NMS at 0.7, at most 300 boxes per image.
 EVAL_POSTPROCESS = PostprocessConfig(conf_threshold=0.01, iou_threshold=0.7, top_k=1000, max_detections=300)
 EVAL_CACHE_BYTES = 1 << 30

@@ -3,7 +3,7 @@
 PP-YOLOE (Xu et al., arXiv 2203.16250): task-aligned assignment (TOOD, arXiv 2108.07755), varifocal
 classification loss (VarifocalNet, arXiv 2008.13367), GIoU (Rezatofighi et al., arXiv 1902.09630) and distribution
 focal loss (Generalized Focal Loss, arXiv 2006.04388), all normalised by the sum of soft scores. Weights, constants
-and every rule follow ../shared/yolo_nas_facts.md §4.
+and every rule follow docs/training_recipe.md §1.
 
 Box spaces: gts come in as xyxy in input pixels (the letterboxed network input); the assigner works in pixels;
 GIoU and DFL are computed in grid units (pixels / stride of each anchor's level), as the head predicts them.
@@ -93,8 +93,8 @@ class YoloNASLoss(nn.Module):
         cls_weight, iou_weight, dfl_weight: weights of the three terms.
         assigner: defaults to TaskAlignedAssigner(topk=13, alpha=1.0, beta=6.0, eps=1e-9).
         distributed: under DDP (one slice of the global batch per process): S is all-reduced over the default
-            process group, clamped to 1 and divided by the number of processes (§4). DDP's gradient average of
-            the processes' losses is then the single-process gradient of the global batch, Σ_r ∇sums_r / S.
+            process group, clamped to 1 and divided by the number of processes (docs/training_recipe.md §1). DDP's
+            gradient average of the processes' losses is then the single-process gradient of the global batch, Σ_r ∇sums_r / S.
             (super-gradients clamps after dividing, max(S/N, 1): a batch with S < N then differs.)
     """
 

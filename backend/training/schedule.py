@@ -1,4 +1,4 @@
-"""The optimizer and learning-rate schedule of the YOLO-NAS fine-tuning recipe (../shared/yolo_nas_facts.md §5.2).
+"""The optimizer and learning-rate schedule of the YOLO-NAS fine-tuning recipe (docs/training_recipe.md §2).
 
 AdamW with weight decay on weights only (none on biases and BatchNorm), a linear warm-up from 1e-6, then a cosine
 down to `final_ratio` · lr. The recipe inherits two warm-ups (3 epochs and 1000 steps); we keep one, in steps.
