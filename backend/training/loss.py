@@ -94,7 +94,8 @@ class YoloNASLoss(nn.Module):
         assigner: defaults to TaskAlignedAssigner(topk=13, alpha=1.0, beta=6.0, eps=1e-9).
         distributed: under DDP (one slice of the global batch per process): S is all-reduced over the default
             process group, clamped to 1 and divided by the number of processes (docs/training_recipe.md §1). DDP's
-            gradient average of the processes' losses is then the single-process gradient of the global batch, Σ_r ∇sums_r / S.
+            gradient average of the processes' losses is then the single-process gradient of the global batch,
+            Σ_r ∇sums_r / S.
             (super-gradients clamps after dividing, max(S/N, 1): a batch with S < N then differs.)
     """
 
