@@ -1,5 +1,5 @@
 """The app answers only its own names: an ASGI middleware that refuses HTTP requests and websocket upgrades whose
-Host, or Origin when one is sent, is not in `Settings.trusted_hosts` (issue 19: DNS rebinding).
+Host, or Origin when one is sent, is not in `Settings.trusted_hosts` (DNS rebinding: docs/host_names.md).
 
 Why: a web page under any name (say `attacker.example`) can make that name resolve to 127.0.0.1 after it has loaded
 (DNS rebinding). The browser then treats the app as same-origin with the page: the page opens the app's websocket

@@ -5,7 +5,8 @@ file in the destination's folder, are flushed to disk, then renamed over the des
 within one file system). Used for checkpoints, datasets, evaluations and run configs.
 
 Names: Linux and macOS file systems take at most 255 *bytes* per name (NAME_MAX), and an emoji is 4 bytes in UTF-8,
-so a name cut at a number of characters can still be refused (`OSError: [Errno 36] File name too long`, issue 19).
+so a name cut at a number of characters can still be refused (`OSError: [Errno 36] File name too long`;
+docs/odd_inputs.md).
 Every file name made from user input (an upload's name, an image's original name, a project or version name) goes
 through `fit_name` or `cut_to_bytes` before it is written.
 """

@@ -4,8 +4,9 @@ predictor = Predictor.from_path("runs/x/best.pt")   # or "model_int8.onnx"
 detections = predictor.predict(["photo.jpg"])       # boxes xyxy in original-image pixels
 
 Photos are decoded under a pixel cap (`decode_photo`, the store's 50 MP per image): a 500 KB PNG can declare
-13000x13000 pixels, which cost 2.5 GB to decode (issue 19). A JPEG is decoded at 1/2, 1/4 or 1/8 scale by libjpeg
-(PIL `draft`) until it fits; any other format above the cap is refused from its header, before a pixel is decoded.
+13000x13000 pixels, which cost 2.5 GB to decode (docs/odd_inputs.md). A JPEG is decoded at 1/2, 1/4 or 1/8 scale by
+libjpeg (PIL `draft`) until it fits; any other format above the cap is refused from its header, before a pixel is
+decoded.
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ the full-size pixels are never needed: a JPEG is decoded at 1/2, 1/4 or 1/8 scal
 which scales in the DCT and costs a fraction of a full decode) down to the smallest size that still feeds the model
 input and the display copy without upscaling, and boxes are drawn on the display copy only. Other formats are
 decoded whole, under the store's pixel cap (50 MP): a small PNG that declares 13000x13000 pixels is refused from
-its header instead of costing 2.5 GB (issue 19).
+its header instead of costing 2.5 GB.
 
 Box spaces: `PokedexResult.boxes` are xyxy in original-image pixels (the full-size photo after EXIF orientation,
 x2/y2 the right/bottom pixel edges, as everywhere in yolodex); `draw_detections` takes the same boxes and a
@@ -47,8 +47,8 @@ from backend.training.engine import EVAL_POSTPROCESS
 DEFAULT_DISPLAY_MAX_SIDE = 960
 MAX_CARD_CROPS = 24  # the page shows at most this many entry cards; crops are made for those only
 CROP_MAX_SIDE = 160
-# A validation mAP50 under this: the model is still learning (issue 18). At 0.3 a detector misses or misplaces most
-# objects of a new photo; the same model trained a few more minutes is usually past it.
+# A validation mAP50 under this: the model is still learning (docs/model_readiness.md). At 0.3 a detector misses or
+# misplaces most objects of a new photo; the same model trained a few more minutes is usually past it.
 STILL_LEARNING_MAP50 = 0.3
 CONTINUE_PARAM = "continue"  # /train?continue=<run folder name>: the Train page continues that run
 # Distinct on a photo and on white text: Sasha Trubetskoy's 20 distinct colours, the first twelve.

@@ -1,6 +1,6 @@
 """Pokédex speed: from the upload of a 4000x3000 photo to the rendered result, YOLO-NAS S INT8 at 640, this CPU.
 
-Issue 7 §5 asks for at most 2 s. The model is YOLO-NAS S with random weights (latency does not depend on their
+The target is at most 2 s. The model is YOLO-NAS S with random weights (latency does not depend on their
 values), with its class biases zeroed and class weights widened so that it does find boxes: drawing and the entry
 cards then cost what they cost on a real photo. It is exported to FP32 ONNX (backend/export) and quantized to INT8
 by static PTQ (backend.quantization.ptq.quantize_onnx, a few synthetic calibration images), as `yolodex quantize`
@@ -220,7 +220,7 @@ def bench_page(storage: Path, photo_seeds: list[int], runs: int) -> None:
         print(f"{name:<44}{statistics.median(samples) * 1e3:8.0f} ms   (max {worst * 1e3:.0f} ms)")
     print("the page's own figures for that photo: " + ", ".join(f"{label} {value}" for label, value in shown.items()))
     ratio = statistics.median(single) / TARGET_S
-    print(f"upload → rendered is {ratio:.2f} of the {TARGET_S:.0f} s target (issue 7 §5)")
+    print(f"upload → rendered is {ratio:.2f} of the {TARGET_S:.0f} s target")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,5 +1,5 @@
 """The app in a real browser: Pokédex upload-to-result time, and the app server's memory with 3 sessions browsing
-500 images (issue 7 §5: at most 2 s; under 1 GB).
+500 images (targets: at most 2 s; under 1 GB).
 
 One run, side by side: the Streamlit app (`streamlit run app/main.py`, as `make run` starts it; Label Studio and the
 worker are not needed for these two pages and are not started) on a free port, with a fresh storage holding a

@@ -9,7 +9,7 @@ Trains YOLO-NAS from scratch (or from `--weights`) on ../shared/data/raccoon (20
   side by side in this run, their images/s ratio and the compute achieved against this CPU's probed peak
   (`--no-step-profile` skips it);
 - the ratios to the peer (Ultralytics YOLOv8n, 25 epochs from scratch in 531 s on this kind of machine:
-  7.5 images/s, mAP50-95 0.136, mAP50 0.327 from its ONNX export under pycocotools; issue 3 §7).
+  7.5 images/s, mAP50-95 0.136, mAP50 0.327 from its ONNX export under pycocotools).
 
     .venv/bin/python bench/train.py --minutes 10 --json train_bench.json
 """

@@ -1,6 +1,6 @@
 """The web image crawler: image URLs, a page and its same-site pages, or a keyword search, with provenance.
 
-Safe by default (issue 5, §3). Every request, and every redirect hop, goes through the same path:
+Safe by default. Every request, and every redirect hop, goes through the same path:
 1. the URL is normalised (http/https only, fragment dropped, path percent-encoded) and checked against the host's
    robots.txt (fetched once per origin and cached; its Crawl-delay is honoured up to `max_crawl_delay_s`);
 2. the host name is resolved and every address it resolves to must be public (no loopback, private, link-local,
@@ -74,7 +74,7 @@ REJECT_REASONS = (
 )
 REASONS = SKIP_REASONS + REJECT_REASONS
 
-# Formats the rest of yolodex ingests (issue 5 §2: jpg, png, webp, bmp, first frame of a gif).
+# Formats the rest of yolodex ingests (jpg, png, webp, bmp, the first frame of a gif).
 IMAGE_MIME = {"jpeg": "image/jpeg", "png": "image/png", "gif": "image/gif", "webp": "image/webp", "bmp": "image/bmp"}
 IMAGE_SUFFIXES = {
     "jpeg": (".jpg", ".jpeg", ".jpe"),
@@ -88,7 +88,7 @@ IMAGE_LINK_SUFFIXES = tuple(suffix for suffixes in IMAGE_SUFFIXES.values() for s
 GENERIC_BINARY_TYPES = ("application/octet-stream", "binary/octet-stream", "")
 PAGE_TYPES = ("text/html", "application/xhtml+xml")
 REDIRECT_STATUSES = (301, 302, 303, 307, 308)
-# The SSRF refusal's advice where `yolodex crawl` runs (the flag sets `allow_private_addresses`; issue 19).
+# The SSRF refusal's advice where `yolodex crawl` runs (the flag sets `allow_private_addresses`).
 PRIVATE_HINT_CLI = "to crawl your own network, run yolodex crawl with --allow-private"
 
 

@@ -7,10 +7,10 @@ import; a whole archive is refused only when its table of contents already break
 large once unpacked).
 
 Only regular files are ever opened: a named pipe (FIFO) would block the import forever, waiting for a writer, while
-the caller's transaction holds the database (issue 19). Each file is checked with `lstat` first and opened with
-O_NONBLOCK, then checked again with `fstat` (a file swapped for a pipe in between is still refused). File names are
-reported as people can read them: bytes of a name that are not UTF-8 (an old camera's latin-1 "café.jpg") are
-shown escaped (`caf\\xe9.jpg`); such a file is still imported, under that name, with a warning.
+the caller's transaction holds the database (docs/sqlite_locks_and_full_disk.md). Each file is checked with `lstat`
+first and opened with O_NONBLOCK, then checked again with `fstat` (a file swapped for a pipe in between is still
+refused). File names are reported as people can read them: bytes of a name that are not UTF-8 (an old camera's
+latin-1 "café.jpg") are shown escaped (`caf\\xe9.jpg`); such a file is still imported, under that name, with a warning.
 
 Archives are read member by member, never extracted as a whole: each member's name is checked first (no absolute
 paths, no `..` (zip slip), no symbolic links, no encrypted members), its declared size against the limits, and its

@@ -69,7 +69,7 @@ def crawl_into(
 
     Each kept image is committed in a transaction of its own, opened after its download: no transaction stays open
     across network I/O, so a slow server never blocks another writer, and a crawl killed midway keeps what it had
-    stored (issue 19). Exactly one of `query`, `urls` and `page` must be given; `stop_requested` (a job's cancel
+    stored. Exactly one of `query`, `urls` and `page` must be given; `stop_requested` (a job's cancel
     flag) ends the crawl early, within about a second even during a download.
     """
     if sum(item is not None for item in (query, urls, page)) != 1:

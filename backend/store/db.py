@@ -153,7 +153,7 @@ def _connect_sqlite(dialect, connection_record, cargs, cparams):
     """Opens a SQLite connection; on a full disk, one that can still read.
 
     Reading a WAL database needs its shared-memory file (-shm, 32 KiB), which the first connection creates and the
-    last one deletes; with no room for it every read fails ("disk I/O error", issue 19: even `yolodex dataset stats`).
+    last one deletes; with no room for it every read fails ("disk I/O error", even for `yolodex dataset stats`).
     A connection in EXCLUSIVE locking mode keeps that index in its own memory instead (https://sqlite.org/wal.html,
     "Use of WAL Without Shared-Memory"), so it reads; it also locks the file for others while open, so it is closed
     as soon as it goes back to the pool (`_close_exclusive_connection`). Writes still fail, as `DiskFullError`.
@@ -213,7 +213,7 @@ def _begin_sqlite_transaction(connection) -> None:
     # "BEGIN IMMEDIATE" (asked for by a connection's `sqlite_begin` option) takes the write lock at once, waiting
     # the busy timeout for it. A plain BEGIN takes it at the first write; if another writer committed after this
     # transaction's first read, SQLite fails that write at once (SQLITE_BUSY_SNAPSHOT, "database is locked"),
-    # without waiting: the "busy after about 2 s" of issue 19, where the other import's commit came 2 s in.
+    # without waiting: a "database is locked" after about 2 s when the other writer's commit came 2 s in.
     options = connection.get_execution_options()
     # Set per transaction, so a pooled connection never keeps another session's shorter wait.
     connection.exec_driver_sql(

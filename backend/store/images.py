@@ -4,7 +4,7 @@ Files live at `storage/images/<sha256[:2]>/<sha256>.<ext>`, holding the bytes ex
 so the sha256 of a file is its name and a file is never overwritten: an existing file already holds those bytes.
 Writes go to a temporary file in the same folder, then are renamed into place (a crash leaves no half image). A file
 is only kept once its row is committed: when the session (`session_scope`) rolls back instead, for a full disk or
-any other failure, the files it wrote that no committed row uses are removed again (issue 19).
+any other failure, the files it wrote that no committed row uses are removed again (docs/sqlite_locks_and_full_disk.md).
 
 Every image is decoded fully before it is kept (`decode_checked`): a truncated JPEG, a text file named .jpg or a
 decompression bomb is rejected with the reason, never stored. Widths and heights are recorded after EXIF

@@ -226,7 +226,7 @@ class LabelingProject(Base):
     ls_project_id: Mapped[int] = mapped_column(Integer)
     ls_storage_id: Mapped[int | None] = mapped_column(Integer, nullable=True)
     ls_view_id: Mapped[int | None] = mapped_column(Integer, nullable=True)
-    # 0: the loop is off. Off until the user turns it on (issue 17): a loop that trains unasked surprises people.
+    # 0: the loop is off. Off until the user turns it on: a loop that trains unasked surprises people.
     retrain_every: Mapped[int] = mapped_column(Integer, default=0)
     annotations_at_retrain: Mapped[int] = mapped_column(Integer, default=0)
     loop_state: Mapped[str] = mapped_column(String(16), default="idle")

@@ -64,7 +64,7 @@ def _size_bin(width: float, height: float) -> int:
 
 def safe_name(text: str, fallback: str = "item") -> str:
     """A file-system-safe form of `text`: letters (any script), digits, '.', '-', '_'; at most 60 characters and 180
-    bytes of UTF-8 (a file name's limit is 255 bytes, and 60 letters of some scripts are 240: issue 19)."""
+    bytes of UTF-8 (a file name's limit is 255 bytes, and 60 letters of some scripts are 240; docs/odd_inputs.md)."""
     cleaned = re.sub(r"[^\w.-]+", "_", text, flags=re.UNICODE).strip("._")
     return cut_to_bytes(cleaned[:60], 180) or fallback
 

@@ -1,5 +1,5 @@
 """Continue training: a finished, stopped or early-stopped run trained for more minutes or more epochs, in its own
-run folder, from its last.pt (issue 18).
+run folder, from its last.pt (docs/checkpoints.md).
 
 `continued_config` turns "N more minutes / M more epochs" into the run's new totals, computed from the checkpoint
 alone (its position, its elapsed training seconds), so every process of a distributed resume, and a second resume of

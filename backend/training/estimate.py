@@ -1,4 +1,4 @@
-"""How long a training epoch takes on this machine, and the time budget to give a run (issue 18, "before a run").
+"""How long a training epoch takes on this machine, and the time budget to give a run (before a run).
 
 The speed is measured, never guessed. Sources, in order:
 

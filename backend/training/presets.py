@@ -91,7 +91,7 @@ def train_config(data: str | Path, preset: str | TrainPreset = "S", **changes: A
 
 
 def _slug(text: str) -> str:
-    # 100 bytes each: a run folder `<project>-<version>-<stamp>` stays under a name's 255 bytes (issue 19).
+    # 100 bytes each: a run folder `<project>-<version>-<stamp>` stays under a name's 255 bytes (docs/odd_inputs.md).
     return cut_to_bytes(re.sub(r"[^\w.-]+", "_", text, flags=re.UNICODE).strip("._")[:60], 100) or "run"
 
 
