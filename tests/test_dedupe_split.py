@@ -49,6 +49,43 @@ def test_a_resized_recompressed_copy_is_near_and_other_images_are_far() -> None:
     assert np.mean(unrelated) > 20
 
 
+def _opencv_phash(pixels: np.ndarray) -> str:
+    """The hand-written pHash that backend/ingest/dedupe.py used before imagehash (float32 cv2.dct of an INTER_AREA
+    32x32 grey), kept here only to show that both group the near-duplicate cases the same way."""
+    grey = cv2.cvtColor(pixels, cv2.COLOR_RGB2GRAY).astype(np.float32)
+    low = cv2.dct(cv2.resize(grey, (32, 32), interpolation=cv2.INTER_AREA))[:8, :8]
+    return f"{int(''.join('1' if bit else '0' for bit in (low > np.median(low)).reshape(-1)), 2):016x}"
+
+
+def test_imagehash_groups_the_near_duplicate_cases_like_the_hand_written_hash() -> None:
+    """Originals, resized/recompressed copies (mild and strong) and unrelated images: the same groups either way."""
+    decode = lambda data: np.asarray(PILImage.open(io.BytesIO(data)).convert("RGB"))  # noqa: E731
+    cases: dict[str, np.ndarray] = {}
+    for seed in range(12):
+        original = textured(seed)
+        cases[f"{seed:02d}-original"] = original
+        cases[f"{seed:02d}-copy"] = decode(resized_jpeg(original))
+        if seed % 3 == 0:
+            cases[f"{seed:02d}-strong-copy"] = decode(resized_jpeg(original, 0.4, 40))
+    ours = {name: phash(pixels) for name, pixels in cases.items()}
+    before = {name: _opencv_phash(pixels) for name, pixels in cases.items()}
+    groups = near_duplicate_groups(ours)
+    assert groups == near_duplicate_groups(before)
+    assert sorted(set(groups.values())) == [f"{seed:02d}-copy" for seed in range(12)]  # one group per original
+    # Hashes stored by the old code still find their copies: both hashes of one image are at most 2 bits apart.
+    assert max(hamming(ours[name], before[name]) for name in cases) <= 2
+
+
+def test_blank_images_of_any_colour_are_near_duplicates_of_each_other() -> None:
+    """imagehash gives a flat image 0x8000000000000000 (black 0x0000000000000000, 1 bit away); the old float32 DCT
+    hashed rounding noise instead."""
+    colours = [(0, 0, 0), (255, 255, 255), (200, 10, 10), (10, 200, 10), (128, 128, 128)]
+    blanks = {colour: np.full((50, 70, 3), colour, dtype=np.uint8) for colour in colours}
+    assert {phash(pixels) for pixels in blanks.values()} == {"8000000000000000", "0000000000000000"}
+    assert len(set(near_duplicate_groups({c: phash(p) for c, p in blanks.items()}).values())) == 1
+    assert len(set(near_duplicate_groups({c: _opencv_phash(p) for c, p in blanks.items()}).values())) > 1
+
+
 def test_grouping_is_transitive() -> None:
     hashes = {1: "0000000000000000", 2: "000000000000000f", 3: "00000000000000ff", 4: "ffffffffffffffff"}
     groups = near_duplicate_groups(hashes, threshold=4)  # 1~2 (4 bits), 2~3 (4 bits), 1 and 3 are 8 apart
