@@ -146,9 +146,13 @@ class RunInfo:
         """The run's epoch count in words, the same everywhere ("1 of 30 epochs: the 5-minute time budget ended
         the run")."""
         return epochs_text(
-            self.epochs_done, self.config.get("epochs"), self.stopped, self.time_budget_s, self.partial_steps,
+            self.epochs_done,
+            self.config.get("epochs"),
+            self.stopped,
+            self.time_budget_s,
+            self.partial_steps,
             self.steps_per_epoch,
-        )  # fmt: skip
+        )
 
     def model_map(self, kind: str) -> float | None:
         """The validation mAP50-95 (fraction) of this run's `kind` model: INT8 from its quant_report.json, FP32 from
@@ -167,8 +171,13 @@ class RunInfo:
         quant = self.quant_report or {}
         prefix = {"int8": "int8", "fp32": "fp32"}.get(kind)
         if prefix and (quant.get(f"{prefix}_map") is not None or quant.get(f"{prefix}_map50") is not None):
-            return ModelScore(quant.get(f"{prefix}_map50"), quant.get(f"{prefix}_map"), quant.get(f"{prefix}_recall"),
-                              quant.get("score_threshold"), "quant_report.json")  # fmt: skip
+            return ModelScore(
+                quant.get(f"{prefix}_map50"),
+                quant.get(f"{prefix}_map"),
+                quant.get(f"{prefix}_recall"),
+                quant.get("score_threshold"),
+                "quant_report.json",
+            )
         if kind == "int8" or not self.evaluation:
             return None
         facts = self.evaluation
@@ -203,8 +212,9 @@ def _read_events(path: Path) -> dict[str, Any]:
             continue  # a line being written right now
         event = record.get("event")
         if event == "train_start":
-            facts.update(stopped=None, time_budget_s=record.get("time_budget_s"),
-                         steps_per_epoch=record.get("steps_per_epoch"))  # fmt: skip
+            facts.update(
+                stopped=None, time_budget_s=record.get("time_budget_s"), steps_per_epoch=record.get("steps_per_epoch")
+            )
         elif event == "epoch":
             if record.get("best_epoch") is not None:
                 facts["best_map"], facts["evaluated"] = record.get("best_map"), True
@@ -250,10 +260,15 @@ def quant_facts(report: dict[str, Any] | None) -> dict[str, Any] | None:
         within = int8 >= fp32 - float(budget) / 100.0 - 1e-9
     recalls = {"fp32_recall": score("fp32", "recall"), "int8_recall": score(chosen, "recall")}
     return {
-        "fp32_map": fp32, "int8_map": int8, "fp32_map50": score("fp32", "mAP50"), "int8_map50": score(chosen, "mAP50"),
-        **recalls, "score_threshold": REPORT_SCORE_THRESHOLD if any(v is not None for v in recalls.values()) else None,
-        "budget_points": budget, "within_budget": within,
-    }  # fmt: skip
+        "fp32_map": fp32,
+        "int8_map": int8,
+        "fp32_map50": score("fp32", "mAP50"),
+        "int8_map50": score(chosen, "mAP50"),
+        **recalls,
+        "score_threshold": REPORT_SCORE_THRESHOLD if any(v is not None for v in recalls.values()) else None,
+        "budget_points": budget,
+        "within_budget": within,
+    }
 
 
 # The score threshold of the quantization's evaluations (backend.quantization.pipeline scores every model with
@@ -292,8 +307,12 @@ def _eval_facts(path: str, mtime_ns: int, size: int) -> dict[str, Any] | None:
         except (ValueError, TypeError):
             recall = None
     threshold = number(evaluation.get("score_threshold"))
-    return {"map50": number(metrics.get("mAP50")), "map50_95": number(metrics.get("mAP50-95")), "recall": recall,
-            "score_threshold": threshold if recall is not None else None}  # fmt: skip
+    return {
+        "map50": number(metrics.get("mAP50")),
+        "map50_95": number(metrics.get("mAP50-95")),
+        "recall": recall,
+        "score_threshold": threshold if recall is not None else None,
+    }
 
 
 def epochs_text(
@@ -337,9 +356,13 @@ def training_end_text(end: dict[str, Any], start: dict[str, Any] | None = None) 
     epochs = end.get("epochs") or start.get("epochs")
     budget = end.get("time_budget_s") or start.get("time_budget_s") or start.get("budget")
     text = epochs_text(
-        int(end.get("epochs_done") or 0), epochs, end.get("stopped"), budget, int(end.get("partial_steps") or 0),
+        int(end.get("epochs_done") or 0),
+        epochs,
+        end.get("stopped"),
+        budget,
+        int(end.get("partial_steps") or 0),
         end.get("steps_per_epoch") or start.get("steps_per_epoch") or start.get("steps"),
-    )  # fmt: skip
+    )
     if "best_epoch" in end and end.get("best_epoch") is None:
         return f"{text}; not evaluated"
     return f"{text}; best mAP50-95 {float(end.get('best_map') or 0.0):.3f}"

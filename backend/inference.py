@@ -125,9 +125,13 @@ class Predictor:
                 "and 2 or 4 outputs): export it with `yolodex export`"
             )
         return cls(
-            "onnxruntime", names, (height, width), postprocess, session=session,
+            "onnxruntime",
+            names,
+            (height, width),
+            postprocess,
+            session=session,
             onnx_has_nms=bool(metadata.get("with_nms", outputs == 4)),
-        )  # fmt: skip
+        )
 
     def warm_up(self) -> float:
         """Runs the model once on a blank image of its input size, so that a first timed call measures the steady

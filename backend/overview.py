@@ -57,20 +57,37 @@ def workflow_steps(session: Session, settings: Settings, project: Project) -> li
     int8 = [run for run in trained if run.model("int8")]
     images, labeled, versions = int(images or 0), int(labeled or 0), int(versions or 0)
     return [
-        Step("Ingest", "datasets", images > 0, f"{images} images, {len(names)} classes",
-             "upload photos or a zip, or crawl the web, on the Datasets page"),
-        Step("Label", "label", labeled > 0,
-             f"{labeled} of {images} labeled" + (" · in Label Studio" if synced else ""),
-             "sync the project to Label Studio and draw boxes, least confident first"),
-        Step("Dataset version", "datasets", versions > 0, f"{versions} frozen versions",
-             "freeze the labeled images into a version on the Datasets page"),
-        Step("Train", "train", bool(trained), f"{len(trained)} trained runs",
-             "train YOLO-NAS on a version on the Train page"),
-        Step("INT8", "quantize", bool(int8), f"{len(int8)} INT8 models",
-             "quantize the best run on the Quantize page"),
-        Step("Pokédex", "pokedex", bool(int8 or trained), "try the best model on a photo",
-             "train a model first"),
-    ]  # fmt: skip
+        Step(
+            "Ingest",
+            "datasets",
+            images > 0,
+            f"{images} images, {len(names)} classes",
+            "upload photos or a zip, or crawl the web, on the Datasets page",
+        ),
+        Step(
+            "Label",
+            "label",
+            labeled > 0,
+            f"{labeled} of {images} labeled" + (" · in Label Studio" if synced else ""),
+            "sync the project to Label Studio and draw boxes, least confident first",
+        ),
+        Step(
+            "Dataset version",
+            "datasets",
+            versions > 0,
+            f"{versions} frozen versions",
+            "freeze the labeled images into a version on the Datasets page",
+        ),
+        Step(
+            "Train",
+            "train",
+            bool(trained),
+            f"{len(trained)} trained runs",
+            "train YOLO-NAS on a version on the Train page",
+        ),
+        Step("INT8", "quantize", bool(int8), f"{len(int8)} INT8 models", "quantize the best run on the Quantize page"),
+        Step("Pokédex", "pokedex", bool(int8 or trained), "try the best model on a photo", "train a model first"),
+    ]
 
 
 def next_step(steps: list[Step]) -> Step | None:
@@ -91,10 +108,14 @@ def last_active_project(session: Session) -> str | None:
                 activity[name] = max(activity.get(name, when), when)
 
     note(session.execute(select(Project.name, Project.created_at)))
-    for model, column in ((Image, Image.added_at), (DatasetVersion, DatasetVersion.created_at),
-                          (Run, Run.created_at)):  # fmt: skip
-        note(session.execute(select(Project.name, func.max(column)).join(model, model.project_id == Project.id)
-                             .group_by(Project.name)))  # fmt: skip
+    for model, column in ((Image, Image.added_at), (DatasetVersion, DatasetVersion.created_at), (Run, Run.created_at)):
+        note(
+            session.execute(
+                select(Project.name, func.max(column))
+                .join(model, model.project_id == Project.id)
+                .group_by(Project.name)
+            )
+        )
     note(session.execute(select(Job.project, func.max(Job.created_at)).group_by(Job.project)))
     if not activity:
         return None

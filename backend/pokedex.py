@@ -52,8 +52,20 @@ CROP_MAX_SIDE = 160
 STILL_LEARNING_MAP50 = 0.3
 CONTINUE_PARAM = "continue"  # /train?continue=<run folder name>: the Train page continues that run
 # Distinct on a photo and on white text: Sasha Trubetskoy's 20 distinct colours, the first twelve.
-PALETTE = ((230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30, 180), (70, 240, 240),
-           (240, 50, 230), (210, 245, 60), (250, 190, 212), (0, 128, 128), (170, 110, 40), (128, 0, 0))  # fmt: skip
+PALETTE = (
+    (230, 25, 75),
+    (60, 180, 75),
+    (0, 130, 200),
+    (245, 130, 48),
+    (145, 30, 180),
+    (70, 240, 240),
+    (240, 50, 230),
+    (210, 245, 60),
+    (250, 190, 212),
+    (0, 128, 128),
+    (170, 110, 40),
+    (128, 0, 0),
+)
 
 
 @dataclass(frozen=True)
@@ -328,13 +340,16 @@ def detect(
     crops = _crops(display, boxes[:MAX_CARD_CROPS] * display_scale)
     names = [entry.name for entry in entries] if entries is not None else list(predictor.class_names)
     labels = [f"{_name(names, int(class_id))} {score:.2f}" for class_id, score in zip(class_ids, scores)]
-    colours = [entries[int(c)].colour if entries is not None and int(c) < len(entries) else palette_colour(int(c))
-               for c in class_ids]  # fmt: skip
+    colours = [
+        entries[int(c)].colour if entries is not None and int(c) < len(entries) else palette_colour(int(c))
+        for c in class_ids
+    ]
     draw_detections(display, boxes, labels, colours, display_scale)
     timings["draw_ms"] = (time.perf_counter() - draw_start) * 1e3
     timings["total_ms"] = (time.perf_counter() - start) * 1e3
-    return PokedexResult(boxes.astype(np.float32), scores, class_ids, original_size, display, display_scale, crops,
-                         timings)  # fmt: skip
+    return PokedexResult(
+        boxes.astype(np.float32), scores, class_ids, original_size, display, display_scale, crops, timings
+    )
 
 
 def page_postprocess(conf: float) -> PostprocessConfig:
@@ -367,12 +382,15 @@ def still_learning_note(score: ModelScore | None) -> str | None:
     assert score is not None and score.map50 is not None
     detail = f"validation mAP50 {score.map50:.3f}, under {STILL_LEARNING_MAP50:g}"
     if score.recall is None:
-        lead = (f"Still learning: its {detail}; how many of its validation objects it finds was not measured "
-                "(evaluate or quantize it again to measure it).")  # fmt: skip
+        lead = (
+            f"Still learning: its {detail}; how many of its validation objects it finds was not measured "
+            "(evaluate or quantize it again to measure it)."
+        )
     else:
         at = f"confidence {score.score_threshold:g} or more; " if score.score_threshold is not None else ""
-        lead = (f"Still learning: it finds {percent(score.recall)} of the objects in its validation photos "
-                f"({at}{detail}).")  # fmt: skip
+        lead = (
+            f"Still learning: it finds {percent(score.recall)} of the objects in its validation photos ({at}{detail})."
+        )
     return f"{lead} Expect missed and misplaced boxes: train it longer, or label more photos."
 
 

@@ -173,9 +173,16 @@ def bench_backend(predictor: Predictor, photos: dict[str, bytes], conf: float, r
 
         prepost = [t["predict_ms"] - t["infer_ms"] for t in ours]
         total, naive_total = statistics.median(column("total_ms")), statistics.median(naive)
-        cells = [median_ms(column("decode_ms")), median_ms(column("infer_ms")), median_ms(prepost),
-                 median_ms(column("draw_ms")), median_ms(column("encode_ms")), f"{total:8.0f}", f"{naive_total:8.0f}",
-                 f"{naive_total / total:8.2f}x"]  # fmt: skip
+        cells = [
+            median_ms(column("decode_ms")),
+            median_ms(column("infer_ms")),
+            median_ms(prepost),
+            median_ms(column("draw_ms")),
+            median_ms(column("encode_ms")),
+            f"{total:8.0f}",
+            f"{naive_total:8.0f}",
+            f"{naive_total / total:8.2f}x",
+        ]
         print(f"{name + f' ({count} boxes)':<38}" + "".join(f"{cell:>14}" for cell in cells))
 
 

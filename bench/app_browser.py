@@ -43,8 +43,15 @@ from backend.store.images import add_image_bytes  # noqa: E402
 from backend.store.models import Image, ensure_class, get_or_create_project  # noqa: E402
 
 CHROMIUM = "/usr/bin/chromium"
-ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-        "--disable-component-update", "--no-first-run", "--disable-sync"]  # fmt: skip
+ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--no-first-run",
+    "--disable-sync",
+]
 PROJECT = "Bench"
 TIMEOUT_MS = 60_000
 
@@ -84,8 +91,14 @@ def make_project(settings: Settings, count: int, bench_app) -> None:
             photo = PILImage.open(io.BytesIO(bench_app.photo_jpeg(1000 + seed))).resize((800, 600))
             buffer = io.BytesIO()
             photo.save(buffer, "JPEG", quality=85)
-            add_image_bytes(session, settings.storage, project, buffer.getvalue(), source="upload",
-                            original_name=f"photo_{seed:04d}.jpg")  # fmt: skip
+            add_image_bytes(
+                session,
+                settings.storage,
+                project,
+                buffer.getvalue(),
+                source="upload",
+                original_name=f"photo_{seed:04d}.jpg",
+            )
         print(f"project {PROJECT}: {count} images ready ({time.perf_counter() - started:.0f} s to add)", flush=True)
 
 
@@ -116,11 +129,28 @@ def main(argv: list[str] | None = None) -> None:
         env = {**os.environ, "YOLODEX_STORAGE": str(storage), "YOLODEX_APP_PORT": str(port)}
         log = (storage / "streamlit.log").open("wb")
         server = subprocess.Popen(
-            [sys.executable, "-m", "streamlit", "run", str(ROOT / "app" / "main.py"), "--server.address", "127.0.0.1",
-             "--server.port", str(port), "--server.headless", "true", "--browser.gatherUsageStats", "false",
-             "--server.fileWatcherType", "none"],
-            cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
-        )  # fmt: skip
+            [
+                sys.executable,
+                "-m",
+                "streamlit",
+                "run",
+                str(ROOT / "app" / "main.py"),
+                "--server.address",
+                "127.0.0.1",
+                "--server.port",
+                str(port),
+                "--server.headless",
+                "true",
+                "--browser.gatherUsageStats",
+                "false",
+                "--server.fileWatcherType",
+                "none",
+            ],
+            cwd=ROOT,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
         url = f"http://127.0.0.1:{port}"
         try:
             deadline = time.monotonic() + 120
@@ -137,8 +167,10 @@ def main(argv: list[str] | None = None) -> None:
             expect.set_options(timeout=TIMEOUT_MS)
             with sync_playwright() as playwright:
                 browser = playwright.chromium.launch(executable_path=CHROMIUM, headless=True, args=ARGS)
-                pages = [browser.new_context(viewport={"width": 1400, "height": 1000}).new_page()
-                         for _ in range(args.sessions)]  # fmt: skip
+                pages = [
+                    browser.new_context(viewport={"width": 1400, "height": 1000}).new_page()
+                    for _ in range(args.sessions)
+                ]
                 for page in pages:
                     page.goto(f"{url}/datasets?project={PROJECT}")
                     expect(page.get_by_text("Page 1 of", exact=False).first).to_be_visible()

@@ -42,18 +42,24 @@ def main() -> None:
     parser.add_argument("--run-synthetic", type=Path, help="a finished run on the synthetic set to reuse")
     parser.add_argument("--run-raccoon", type=Path, help="a finished run on raccoon to reuse (e.g. bench/train.py's)")
     parser.add_argument("--train-minutes", type=float, default=6.0, help="training budget when no run is given")
-    parser.add_argument("--finetune-minutes", type=float, default=5.0,
-                        help="at a size other than the run's, fine-tune it there first for this long (0: quantize "
-                             "the run as it is)")  # fmt: skip
+    parser.add_argument(
+        "--finetune-minutes",
+        type=float,
+        default=5.0,
+        help="at a size other than the run's, fine-tune it there first for this long (0: quantize the run as it is)",
+    )
     parser.add_argument("--method", default="auto", choices=["auto", "ptq", "qat"])
     parser.add_argument("--calib", type=int, default=64)
     parser.add_argument("--budget", type=float, default=0.5)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, help="keep runs and models here (default: a temporary folder)")
     parser.add_argument("--json", type=Path, help="also write the results here")
-    parser.add_argument("--report-only", action="store_true",
-                        help="with --out of an earlier run: measure the saved models' speed again, side by side, "
-                             "and print the results (nothing is trained or quantized)")  # fmt: skip
+    parser.add_argument(
+        "--report-only",
+        action="store_true",
+        help="with --out of an earlier run: measure the saved models' speed again, side by side, "
+        "and print the results (nothing is trained or quantized)",
+    )
     args = parser.parse_args()
     if args.report_only:
         if not args.out:
@@ -71,8 +77,9 @@ def main() -> None:
             for size in args.sizes:
                 sized = _finetuned(run, size, args.finetune_minutes, root / f"run_{name}_{size}")
                 started = time.perf_counter()
-                options = QuantizeOptions(method=args.method, calib_images=args.calib, budget=args.budget,
-                                          threads=args.threads, imgsz=size)  # fmt: skip
+                options = QuantizeOptions(
+                    method=args.method, calib_images=args.calib, budget=args.budget, threads=args.threads, imgsz=size
+                )
                 report = quantize_run(sized, root / f"{name}_{size}", options)
                 results.append(_summary(name, size, report, time.perf_counter() - started))
                 _print(results[-1])
@@ -80,15 +87,21 @@ def main() -> None:
 
 
 def _finish(args: argparse.Namespace, results: list[dict]) -> None:
-    payload = {"machine": platform.processor() or platform.machine(), "threads": args.threads,
-               "targets": TARGETS, "results": results}  # fmt: skip
+    payload = {
+        "machine": platform.processor() or platform.machine(),
+        "threads": args.threads,
+        "targets": TARGETS,
+        "results": results,
+    }
     if args.json:
         args.json.write_text(json.dumps(payload, indent=2))
     print("\nsummary (chosen INT8 vs FP32):")
     for item in results:
         verdict = ", ".join(f"{key} {'ok' if ok else 'MISSED'}" for key, ok in item["targets_met"].items())
-        print(f"  {item['set']:9s} {item['imgsz']:4d}: {item['chosen']:15s} drop {item['drop_points']:+.2f} pt, "
-              f"latency x{item['latency_ratio']:.2f}, size x{item['size_ratio']:.2f}  [{verdict}]")  # fmt: skip
+        print(
+            f"  {item['set']:9s} {item['imgsz']:4d}: {item['chosen']:15s} drop {item['drop_points']:+.2f} pt, "
+            f"latency x{item['latency_ratio']:.2f}, size x{item['size_ratio']:.2f}  [{verdict}]"
+        )
 
 
 def _run_for(name: str, args: argparse.Namespace, root: Path) -> Path | None:
@@ -101,8 +114,9 @@ def _run_for(name: str, args: argparse.Namespace, root: Path) -> Path | None:
             return None
         data = RACCOON
     else:
-        data = generate_synthetic_dataset(root / "shapes", num_train=300, num_val=60, image_size=(320, 256),
-                                          seed=0, overwrite=True)  # fmt: skip
+        data = generate_synthetic_dataset(
+            root / "shapes", num_train=300, num_val=60, image_size=(320, 256), seed=0, overwrite=True
+        )
     print(f"{name}: training YOLO-NAS S at 320 for {args.train_minutes} min ...", flush=True)
     config = TrainConfig(data=str(data), size="s", imgsz=320, epochs=300, time_minutes=args.train_minutes, seed=0)
     fit(config, root / f"run_{name}")
@@ -157,21 +171,34 @@ def _summary(name: str, size: int, report: dict, seconds: float) -> dict:
     latency = chosen["latency_ms_p50"] / fp32["latency_ms_p50"]
     size_ratio = chosen["bytes"] / fp32["bytes"]
     return {
-        "set": name, "imgsz": size, "chosen": report["chosen"], "seconds": round(seconds, 1),
-        "fp32_map": fp32["metrics"]["mAP50-95"], "drop_points": round(drop, 3), "latency_ratio": round(latency, 3),
+        "set": name,
+        "imgsz": size,
+        "chosen": report["chosen"],
+        "seconds": round(seconds, 1),
+        "fp32_map": fp32["metrics"]["mAP50-95"],
+        "drop_points": round(drop, 3),
+        "latency_ratio": round(latency, 3),
         "size_ratio": round(size_ratio, 3),
-        "targets_met": {"mAP": drop <= TARGETS["map_drop_points"] + 1e-9,
-                        "latency": latency <= TARGETS["latency_ratio"], "size": size_ratio <= TARGETS["size_ratio"]},
+        "targets_met": {
+            "mAP": drop <= TARGETS["map_drop_points"] + 1e-9,
+            "latency": latency <= TARGETS["latency_ratio"],
+            "size": size_ratio <= TARGETS["size_ratio"],
+        },
         "float_layers": [item["module"] for item in (report["sensitivity"] or {}).get("float_layers", [])],
         "rows": {
-            key: {"mAP50-95": row["metrics"]["mAP50-95"], "mAP50": row["metrics"]["mAP50"],
-                  "latency_ms_p50": row["latency_ms_p50"], "latency_ms_p95": row["latency_ms_p95"],
-                  "throughput_b8": row["throughput_b8_images_per_s"], "bytes": row["bytes"],
-                  "agreement": row.get("agreement", {}).get("mean_agreement"),
-                  "float_layers": len(row.get("float_layers", []))}
+            key: {
+                "mAP50-95": row["metrics"]["mAP50-95"],
+                "mAP50": row["metrics"]["mAP50"],
+                "latency_ms_p50": row["latency_ms_p50"],
+                "latency_ms_p95": row["latency_ms_p95"],
+                "throughput_b8": row["throughput_b8_images_per_s"],
+                "bytes": row["bytes"],
+                "agreement": row.get("agreement", {}).get("mean_agreement"),
+                "float_layers": len(row.get("float_layers", [])),
+            }
             for key, row in models.items()
         },
-    }  # fmt: skip
+    }
 
 
 def _print(item: dict) -> None:
@@ -183,11 +210,13 @@ def _print(item: dict) -> None:
     for key, row in rows.items():
         agreement = "-" if row["agreement"] is None else f"{row['agreement']:.2f}"
         values = [
-            f"{row['mAP50-95']:.4f}", f"{100 * (fp32['mAP50-95'] - row['mAP50-95']):.2f}",
+            f"{row['mAP50-95']:.4f}",
+            f"{100 * (fp32['mAP50-95'] - row['mAP50-95']):.2f}",
             f"{row['latency_ms_p50'] / fp32['latency_ms_p50']:.2f}",
             f"{row['throughput_b8'] / fp32['throughput_b8']:.2f}",
-            f"{row['bytes'] / fp32['bytes']:.2f}", agreement,
-        ]  # fmt: skip
+            f"{row['bytes'] / fp32['bytes']:.2f}",
+            agreement,
+        ]
         print(f"  {key:15s} " + " ".join(f"{value:>8s}" for value in values) + f" {row['float_layers']}")
 
 

@@ -71,8 +71,16 @@ def measure_rate(data: Path, imgsz: int, batch: int) -> float:
 def run_variant(data: Path, name: str, steps: int, epoch_steps: int, batch: int, seed: int, out: Path) -> dict:
     changes = VARIANTS[name]
     epochs = max(1, round(steps / epoch_steps))  # whole epochs nearest the budget
-    values = {"data": str(data), "size": "s", "imgsz": 320, "batch_size": batch, "epochs": epochs,
-              "min_samples": epoch_steps * batch, "patience": None, "seed": seed}  # fmt: skip
+    values = {
+        "data": str(data),
+        "size": "s",
+        "imgsz": 320,
+        "batch_size": batch,
+        "epochs": epochs,
+        "min_samples": epoch_steps * batch,
+        "patience": None,
+        "seed": seed,
+    }
     config = TrainConfig(**{**values, **changes})
     started = time.perf_counter()
     fit(config, out)
@@ -101,9 +109,12 @@ def main() -> None:
     data = args.data or RACCOON
     if str(data) == "synthetic":
         data = generate_synthetic_dataset(
-            Path(tempfile.mkdtemp(prefix="yolodex-recipe-")) / "synthetic", num_train=160, num_val=40,
-            image_size=((320, 240), (640, 480)), seed=7,
-        )  # fmt: skip
+            Path(tempfile.mkdtemp(prefix="yolodex-recipe-")) / "synthetic",
+            num_train=160,
+            num_val=40,
+            image_size=((320, 240), (640, 480)),
+            seed=7,
+        )
     if not (Path(data) / "train.json").is_file():
         sys.exit(f"no dataset at {data} (raccoon lives in ../shared/data/raccoon beside the checkout)")
     rates = {int(size): float(rate) for size, rate in (item.split("=") for item in args.rate)}
@@ -119,8 +130,14 @@ def main() -> None:
             for seed in (int(value) for value in args.seeds.split(",")):
                 out = work / f"{name}-{minutes:g}min-seed{seed}"
                 result = run_variant(Path(data), name, steps, args.epoch_steps, args.batch, seed, out)
-                row = {"data": Path(data).name, "variant": name, "minutes": minutes, "seed": seed,
-                       "images_per_s": rates[imgsz], **result}  # fmt: skip
+                row = {
+                    "data": Path(data).name,
+                    "variant": name,
+                    "minutes": minutes,
+                    "seed": seed,
+                    "images_per_s": rates[imgsz],
+                    **result,
+                }
                 print(json.dumps(row), flush=True)
                 table["rows"].append(row)
                 if args.json:

@@ -42,8 +42,14 @@ from train_step import measure_step  # a sibling script
 
 RACCOON = Path(__file__).resolve().parents[2] / "shared" / "data" / "raccoon"
 # Ultralytics YOLOv8n: 8.7 GFLOPs at 640 (its own count, 2·MACs), so a quarter at 320.
-PEER = {"name": "YOLOv8n (Ultralytics)", "images_per_s": 7.5, "gflops_320": 8.7 / 4, "seconds": 531,
-        "mAP50-95": 0.136, "mAP50": 0.327}  # fmt: skip
+PEER = {
+    "name": "YOLOv8n (Ultralytics)",
+    "images_per_s": 7.5,
+    "gflops_320": 8.7 / 4,
+    "seconds": 531,
+    "mAP50-95": 0.136,
+    "mAP50": 0.327,
+}
 
 
 def main() -> None:
@@ -82,11 +88,23 @@ def main() -> None:
         config = TrainConfig.from_dict(json.loads((out / "config.json").read_text())["train"])
     else:
         config = TrainConfig(
-            data=str(args.data), size=args.size, imgsz=args.imgsz, epochs=args.epochs, batch_size=args.batch,
-            time_minutes=args.minutes, weights=args.weights, lr=args.lr, ema_decay=args.ema_decay, patience=None,
-            min_samples=args.min_samples, mosaic_prob=args.mosaic, num_workers=args.workers,
-            amp=False if args.no_amp else None, compile=args.compile, close_mosaic=args.close_mosaic,
-        )  # fmt: skip
+            data=str(args.data),
+            size=args.size,
+            imgsz=args.imgsz,
+            epochs=args.epochs,
+            batch_size=args.batch,
+            time_minutes=args.minutes,
+            weights=args.weights,
+            lr=args.lr,
+            ema_decay=args.ema_decay,
+            patience=None,
+            min_samples=args.min_samples,
+            mosaic_prob=args.mosaic,
+            num_workers=args.workers,
+            amp=False if args.no_amp else None,
+            compile=args.compile,
+            close_mosaic=args.close_mosaic,
+        )
         fit(config, out, on_event=print_epoch)
     report = measure(out, config, Path(config.data))
     if step_profile is not None:
@@ -100,8 +118,11 @@ def print_epoch(name: str, **data: object) -> None:
     if name == "epoch":
         val = data.get("val") or {}
         loss = data["train"].get("loss", float("nan"))
-        print(f"epoch {data['epoch'] + 1}: loss {loss:.3f} mAP50-95 {val.get('mAP50-95')} "
-              f"mAP50 {val.get('mAP50')} ({data['elapsed_s']:.0f} s)", flush=True)  # fmt: skip
+        print(
+            f"epoch {data['epoch'] + 1}: loss {loss:.3f} mAP50-95 {val.get('mAP50-95')} "
+            f"mAP50 {val.get('mAP50')} ({data['elapsed_s']:.0f} s)",
+            flush=True,
+        )
 
 
 def measure(out: Path, config: TrainConfig, data: Path) -> dict:
@@ -122,10 +143,15 @@ def measure(out: Path, config: TrainConfig, data: Path) -> dict:
     gflops = count_gflops(build_model(config.size, 1).eval(), (config.imgsz, config.imgsz))
     peer_compute = PEER["gflops_320"] * PEER["images_per_s"]
     return {
-        "machine": {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
-                    "torch": torch.__version__},
+        "machine": {
+            "cpu": platform.processor() or platform.machine(),
+            "threads": torch.get_num_threads(),
+            "torch": torch.__version__,
+        },
         "config": config.to_dict(),
-        "stopped": end["stopped"], "epochs": end["epochs_done"], "train_seconds": round(end["elapsed_s"], 1),
+        "stopped": end["stopped"],
+        "epochs": end["epochs_done"],
+        "train_seconds": round(end["elapsed_s"], 1),
         "images_per_s_steps": round(step_rate, 2),
         "images_per_s_overall": round(len(steps) * config.batch_size / end["elapsed_s"], 2),
         "gflops_per_image": round(gflops, 2),
@@ -139,7 +165,7 @@ def measure(out: Path, config: TrainConfig, data: Path) -> dict:
             "mAP50-95_vs_peer": round((onnx_eval.get("mAP50-95") or 0.0) / PEER["mAP50-95"], 2),
             "mAP50_vs_peer": round((onnx_eval.get("mAP50") or 0.0) / PEER["mAP50"], 2),
         },
-    }  # fmt: skip
+    }
 
 
 def model_class_names(run_dir: Path) -> list[str]:

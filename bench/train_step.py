@@ -169,24 +169,44 @@ def measure_step(data: Path | None, size: str, imgsz: int, batch: int, steps: in
     for result in results.values():
         result["share_of_peak"] = round(result["train_gflops_per_s"] / peaks[peak_name], 3)
     report = {
-        "machine": {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
-                    "torch": torch.__version__, "native_bf16": dtype == torch.bfloat16, "loader_workers": workers},
-        "setup": {"size": size, "imgsz": imgsz, "batch": batch, "steps": steps,
-                  "data": str(data), "precision": str(dtype or "float32"), "forward_gflops_per_image":
-                  round(forward_gflops, 2), "train_gflops_per_image": round(train_gflops, 2)},
-        "peaks_gflops_per_s": peaks, "peak_used": peak_name,
+        "machine": {
+            "cpu": platform.processor() or platform.machine(),
+            "threads": torch.get_num_threads(),
+            "torch": torch.__version__,
+            "native_bf16": dtype == torch.bfloat16,
+            "loader_workers": workers,
+        },
+        "setup": {
+            "size": size,
+            "imgsz": imgsz,
+            "batch": batch,
+            "steps": steps,
+            "data": str(data),
+            "precision": str(dtype or "float32"),
+            "forward_gflops_per_image": round(forward_gflops, 2),
+            "train_gflops_per_image": round(train_gflops, 2),
+        },
+        "peaks_gflops_per_s": peaks,
+        "peak_used": peak_name,
         "paths": results,
         "ratio_trainer_vs_nchw": round(results["trainer"]["images_per_s"] / results["nchw"]["images_per_s"], 2),
-        "evaluation": {"val_images": len(val_set), "seconds": round(eval_s, 1), "epoch_train_s": round(epoch_s, 1),
-                       "share_of_epoch": round(eval_s / (eval_s + epoch_s), 3)},
-    }  # fmt: skip
+        "evaluation": {
+            "val_images": len(val_set),
+            "seconds": round(eval_s, 1),
+            "epoch_train_s": round(epoch_s, 1),
+            "share_of_epoch": round(eval_s / (eval_s + epoch_s), 3),
+        },
+    }
     return report
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", type=Path, help="a dataset folder (default: raccoon beside the checkout, else a "
-                        "generated synthetic set)")  # fmt: skip
+    parser.add_argument(
+        "--data",
+        type=Path,
+        help="a dataset folder (default: raccoon beside the checkout, else a generated synthetic set)",
+    )
     parser.add_argument("--size", default="s")
     parser.add_argument("--imgsz", type=int, default=320)
     parser.add_argument("--batch", type=int, default=16)

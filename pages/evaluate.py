@@ -66,9 +66,12 @@ def run_label(info: catalog.RunInfo) -> str:
 
 # Keys carry the project: another project's runs and versions are other options.
 run = st.selectbox(
-    "Run", runs, index=names.index(wanted) if wanted in names else 0, format_func=run_label,
+    "Run",
+    runs,
+    index=names.index(wanted) if wanted in names else 0,
+    format_func=run_label,
     key=f"evaluate_run_{project}",
-)  # fmt: skip
+)
 if st.query_params.get(RUN_PARAM) != run.name:
     st.query_params[RUN_PARAM] = run.name
 checkpoints = [run.path / name for name in ("best.pt", "last.pt") if (run.path / name).is_file()]
@@ -142,8 +145,12 @@ for warning in evaluation.get("warnings") or []:
     st.warning(warning)
 
 st.header("Metrics")
-st.dataframe(pd.DataFrame(report.metric_rows(evaluation)), key="evaluate_metrics", hide_index=True,
-             column_config={"value": st.column_config.NumberColumn(format="%.4f")})  # fmt: skip
+st.dataframe(
+    pd.DataFrame(report.metric_rows(evaluation)),
+    key="evaluate_metrics",
+    hide_index=True,
+    column_config={"value": st.column_config.NumberColumn(format="%.4f")},
+)
 per_class = pd.DataFrame(report.per_class_rows(evaluation))
 st.subheader("Per class")
 st.dataframe(per_class, key="evaluate_per_class", hide_index=True)
@@ -157,8 +164,14 @@ for curve in report.pr_curves(evaluation):
         go.Scatter(x=curve.recall, y=curve.precision, mode="lines", name=f"{curve.name} AP {curve.ap:.3f}")
     )
     if curve.operating_point is not None:
-        curves.add_trace(go.Scatter(x=[curve.operating_point[0]], y=[curve.operating_point[1]], mode="markers",
-                                    name=f"{curve.name} at score ≥ {evaluation['score_threshold']}"))  # fmt: skip
+        curves.add_trace(
+            go.Scatter(
+                x=[curve.operating_point[0]],
+                y=[curve.operating_point[1]],
+                mode="markers",
+                name=f"{curve.name} at score ≥ {evaluation['score_threshold']}",
+            )
+        )
 curves.update_layout(
     xaxis_title="recall", yaxis_title="precision", height=380, xaxis_range=[0, 1], yaxis_range=[0, 1.02]
 )
@@ -168,9 +181,16 @@ st.header("Confusion matrix")
 confusion = report.confusion_view(evaluation)
 shares = st.toggle("Show shares of each true class", key="evaluate_shares")
 values = confusion.shares if shares else confusion.counts
-heatmap = go.Figure(go.Heatmap(z=values, x=confusion.labels, y=confusion.labels, colorscale="Blues",
-                               text=[[f"{v:.2f}" if shares else str(v) for v in row] for row in values],
-                               texttemplate="%{text}"))  # fmt: skip
+heatmap = go.Figure(
+    go.Heatmap(
+        z=values,
+        x=confusion.labels,
+        y=confusion.labels,
+        colorscale="Blues",
+        text=[[f"{v:.2f}" if shares else str(v) for v in row] for row in values],
+        texttemplate="%{text}",
+    )
+)
 heatmap.update_layout(xaxis_title="predicted", yaxis_title="true", yaxis_autorange="reversed", height=420)
 st.plotly_chart(heatmap, key="evaluate_confusion")
 totals = confusion.totals
@@ -181,8 +201,13 @@ st.caption(
 )
 
 st.header("Errors")
-kinds = st.multiselect("Show", report.ERROR_KINDS, default=list(report.ERROR_KINDS), key="evaluate_kinds",
-                       format_func=report.ERROR_LABELS.get)  # fmt: skip
+kinds = st.multiselect(
+    "Show",
+    report.ERROR_KINDS,
+    default=list(report.ERROR_KINDS),
+    key="evaluate_kinds",
+    format_func=report.ERROR_LABELS.get,
+)
 items = report.error_items(evaluation, kinds)
 if not items:
     st.success("No error of these kinds at this score threshold.")

@@ -70,8 +70,10 @@ own_projects = [name for name in project_names(engine) if name != STARTER_NAME]
 
 if not own_projects:
     st.header("Create your project")
-    st.write("Give it a name and the classes you want to find (for example *raccoon*, or *Bulbasaur* and "
-             "*Pikachu*), then add your photos on the Datasets page.")  # fmt: skip
+    st.write(
+        "Give it a name and the classes you want to find (for example *raccoon*, or *Bulbasaur* and "
+        "*Pikachu*), then add your photos on the Datasets page."
+    )
     page_link("project", "Create your project", icon=":material/add_circle:")
     if project_names(engine):
         st.caption(f"Or look around the demo project, {STARTER_NAME} (synthetic shapes, already labeled).")

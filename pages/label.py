@@ -104,8 +104,9 @@ def model_choices(settings, engine: Engine, project: str) -> dict[str, Path]:
     with session_scope(engine) as session:
         runs = catalog.project_runs(session, settings, project, catalog.trained_runs(settings))
     run_of = {info.path: info for info in runs}
-    return {run_of[model.path.parent].model_label(model): model.path
-            for model in catalog.list_models(settings, runs=runs)}  # fmt: skip
+    return {
+        run_of[model.path.parent].model_label(model): model.path for model in catalog.list_models(settings, runs=runs)
+    }
 
 
 def run_action(project: str, title: str, action: Callable[[], dict[str, Any]]) -> None:
@@ -160,8 +161,10 @@ server = server_status(settings)
 if server.state == "running":
     st.success(f"Label Studio is running at {ls_url}.", icon=":material/check_circle:")
 elif server.state == "starting":
-    st.info(f"{server.message} Starting: the first start takes about two minutes, later ones about 15 seconds. "
-            "This page updates itself when it is up.")  # fmt: skip
+    st.info(
+        f"{server.message} Starting: the first start takes about two minutes, later ones about 15 seconds. "
+        "This page updates itself when it is up."
+    )
 
     @st.fragment(run_every=5.0)
     def wait_for_label_studio() -> None:

@@ -94,8 +94,12 @@ def latency_text(result: PokedexResult) -> str:
 
 def continue_link(run: str) -> None:
     """The Train page, in this tab, set to continue `run`."""
-    st.page_link(app_pages()["train"], label=f"Continue training {run}", icon=":material/model_training:",
-                 query_params=continue_training_params(run))  # fmt: skip
+    st.page_link(
+        app_pages()["train"],
+        label=f"Continue training {run}",
+        icon=":material/model_training:",
+        query_params=continue_training_params(run),
+    )
 
 
 def show_cards(result: PokedexResult, entries: list[DexEntry]) -> None:
@@ -124,8 +128,10 @@ runs = catalog.trained_runs(settings)
 with session_scope(engine) as session:
     candidates = catalog.project_runs(session, settings, project, runs) if project else runs
 if project and not catalog.list_models(runs=candidates) and catalog.list_models(runs=runs):
-    st.info(f"{project} has no trained model yet: train one on the [Train](/train) page. Meanwhile, the models of "
-            "other projects (they name their own classes).")  # fmt: skip
+    st.info(
+        f"{project} has no trained model yet: train one on the [Train](/train) page. Meanwhile, the models of "
+        "other projects (they name their own classes)."
+    )
     candidates = runs
 models = catalog.list_models(runs=candidates)
 if not models:
@@ -173,8 +179,10 @@ try:
     # Loaded now, not on the first photo, so that the answer to an upload is inference only.
     predictor = load_predictor(str(model.path), model.path.stat().st_mtime)
 except ModelFileError as error:  # damaged, truncated or not exported by yolodex: another file is the way out
-    st.error(f"Could not load {model.path.name}: {error}. Pick another model above, or export the run again on the "
-             "**Quantize** page.")  # fmt: skip
+    st.error(
+        f"Could not load {model.path.name}: {error}. Pick another model above, or export the run again on the "
+        "**Quantize** page."
+    )
     st.stop()
 except Exception as error:  # anything else about the file: say so, keep the page
     st.error(f"Could not load {model.path.name}: {error}")
@@ -215,8 +223,10 @@ if pair:
             left.metric(f"{KIND_TITLE[kind]} model run", f"{found.timings['infer_ms']:.0f} ms")
             right.metric(f"{KIND_TITLE[kind]} total", f"{found.timings['total_ms']:.0f} ms")
     ratio = pair["fp32"][0].timings["infer_ms"] / max(pair["int8"][0].timings["infer_ms"], 1e-6)
-    st.caption(f"INT8 runs the model {ratio:.2f}x as fast as FP32 on this machine (this photo, each model warmed up "
-               "once when it loaded).")  # fmt: skip
+    st.caption(
+        f"INT8 runs the model {ratio:.2f}x as fast as FP32 on this machine (this photo, each model warmed up "
+        "once when it loaded)."
+    )
 else:
     st.image(
         display,

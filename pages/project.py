@@ -50,8 +50,11 @@ def create(settings) -> None:
 
 def add(settings, project: str) -> None:
     state = st.session_state
-    entry = {"dex_number": state["project_add_dex"], "description": state["project_add_description"],
-             "colour": state["project_add_colour"]}  # fmt: skip
+    entry = {
+        "dex_number": state["project_add_dex"],
+        "description": state["project_add_description"],
+        "colour": state["project_add_colour"],
+    }
     result = apply(
         "Could not add the class",
         lambda: service.add_class(project, state["project_add_name"], **entry, settings=settings),
@@ -69,8 +72,9 @@ def save(settings, project: str, row: dict[str, Any], prefix: str) -> None:
         changes["dex_number"] = "" if dex is None else int(dex)
     if colour.lower() != shown_colour(row):  # the palette colour left as it is stays "default"
         changes["colour"] = colour
-    result = apply("Could not save the class",
-                   lambda: service.edit_class(project, row["name"], **changes, settings=settings))  # fmt: skip
+    result = apply(
+        "Could not save the class", lambda: service.edit_class(project, row["name"], **changes, settings=settings)
+    )
     if result:
         state["project_selected"] = result["class"]  # the class stays selected under its new name
 
@@ -85,14 +89,30 @@ def shown_colour(row: dict[str, Any]) -> str:
 
 
 def classes_table(rows: list[dict[str, Any]]) -> None:
-    table = pd.DataFrame([{"dex number": row["dex_number"], "name": row["name"], "description": row["description"],
-                           "colour": row["colour"] or f"{shown_colour(row)} (default)", "boxes": row["boxes"],
-                           "images": row["images"]} for row in rows])  # fmt: skip
-    st.dataframe(table, hide_index=True, key="project_classes_table",
-                 column_config={"dex number": st.column_config.NumberColumn(format="%d")})  # fmt: skip
-    st.caption("New and renamed classes reach Label Studio's labeling config at the next sync (Label page); boxes "
-               "already drawn under a class's old name stay with the class. A class that boxes use cannot be "
-               "removed: relabel those boxes first, or rename the class.")  # fmt: skip
+    table = pd.DataFrame(
+        [
+            {
+                "dex number": row["dex_number"],
+                "name": row["name"],
+                "description": row["description"],
+                "colour": row["colour"] or f"{shown_colour(row)} (default)",
+                "boxes": row["boxes"],
+                "images": row["images"],
+            }
+            for row in rows
+        ]
+    )
+    st.dataframe(
+        table,
+        hide_index=True,
+        key="project_classes_table",
+        column_config={"dex number": st.column_config.NumberColumn(format="%d")},
+    )
+    st.caption(
+        "New and renamed classes reach Label Studio's labeling config at the next sync (Label page); boxes "
+        "already drawn under a class's old name stay with the class. A class that boxes use cannot be "
+        "removed: relabel those boxes first, or rename the class."
+    )
 
 
 def edit_class(settings, project: str, rows: list[dict[str, Any]]) -> None:
@@ -101,8 +121,9 @@ def edit_class(settings, project: str, rows: list[dict[str, Any]]) -> None:
     names = [row["name"] for row in rows]
     revision = st.session_state.get("project_revision", 0)
     wanted = st.session_state.get("project_selected")
-    chosen = st.selectbox("Class", names, index=names.index(wanted) if wanted in names else 0,
-                          key=f"project_class_{revision}")  # fmt: skip
+    chosen = st.selectbox(
+        "Class", names, index=names.index(wanted) if wanted in names else 0, key=f"project_class_{revision}"
+    )
     st.session_state["project_selected"] = chosen
     row = rows[names.index(chosen)]
     prefix = f"project_edit_{revision}_{row['index']}_"
@@ -136,8 +157,9 @@ show_outcome(OUTCOME)
 own_projects = [name for name in project_names(engine) if name != STARTER_NAME]
 with st.expander("Create a project", expanded=not own_projects), st.form("project_create"):
     st.text_input("Project name", key="project_new_name", placeholder="e.g. Garden visitors")
-    st.text_area("Its classes, one a line (at least one)", key="project_new_classes",
-                 placeholder="Raccoon\nFox\nHedgehog")  # fmt: skip
+    st.text_area(
+        "Its classes, one a line (at least one)", key="project_new_classes", placeholder="Raccoon\nFox\nHedgehog"
+    )
     st.form_submit_button("Create the project", type="primary", on_click=create, args=(settings,))
 
 if not project_names(engine):

@@ -104,8 +104,13 @@ def run_label(info: catalog.RunInfo) -> str:
     return trained + (f" · INT8 {catalog.score_text(info.model_score('int8'))}" if info.model("int8") else "")
 
 
-run = st.selectbox("Run", runs, index=names.index(wanted_run) if wanted_run in names else 0, format_func=run_label,
-                   key=f"quantize_run_{project}")  # fmt: skip
+run = st.selectbox(
+    "Run",
+    runs,
+    index=names.index(wanted_run) if wanted_run in names else 0,
+    format_func=run_label,
+    key=f"quantize_run_{project}",
+)
 if st.query_params.get(RUN_PARAM) != run.name:
     st.query_params[RUN_PARAM] = run.name
 
@@ -115,10 +120,12 @@ busy = job is not None and job.active
 with st.form("quantize_form", border=False):
     left, middle, right = st.columns(3)
     budget = left.number_input("Budget (largest mAP50-95 drop, points)", 0.0, 100.0, 0.5, 0.1, key="quantize_budget")
-    method = middle.radio("Method", METHODS, horizontal=True, key="quantize_method",
-                          captions=[METHOD_HELP[name] for name in METHODS])  # fmt: skip
-    calib = right.number_input("Calibration images (training split)", 1, 4096, QuantizeOptions.calib_images,
-                               step=16, key="quantize_calib")  # fmt: skip
+    method = middle.radio(
+        "Method", METHODS, horizontal=True, key="quantize_method", captions=[METHOD_HELP[name] for name in METHODS]
+    )
+    calib = right.number_input(
+        "Calibration images (training split)", 1, 4096, QuantizeOptions.calib_images, step=16, key="quantize_calib"
+    )
     with st.expander("More options"):
         left, middle, right = st.columns(3)
         calibration = left.selectbox(
@@ -128,8 +135,9 @@ with st.form("quantize_form", border=False):
             index=CALIBRATIONS.index(QuantizeOptions.calibration),
         )
         compare = left.checkbox("Also measure the other calibration methods", True, key="quantize_compare")
-        scan_images = middle.number_input("Sensitivity-scan images", 1, 1024, QuantizeOptions.scan_images,
-                                          key="quantize_scan_images")  # fmt: skip
+        scan_images = middle.number_input(
+            "Sensitivity-scan images", 1, 1024, QuantizeOptions.scan_images, key="quantize_scan_images"
+        )
         imgsz = middle.number_input("Input size (0 = the run's)", 0, 2048, 0, step=32, key="quantize_imgsz")
         threads = right.number_input("onnxruntime threads", 1, 64, QuantizeOptions.threads, key="quantize_threads")
         qat_epochs = right.number_input("QAT epochs (0 = a tenth of the run's)", 0, 1000, 0, key="quantize_qat_epochs")
@@ -137,10 +145,16 @@ with st.form("quantize_form", border=False):
 
 if launch:
     fields = {
-        "method": method, "calibration": calibration, "calib_images": int(calib), "budget": float(budget),
-        "compare_calibrations": bool(compare), "scan_images": int(scan_images), "threads": int(threads),
-        "imgsz": int(imgsz) or None, "qat_epochs": int(qat_epochs) or None,
-    }  # fmt: skip
+        "method": method,
+        "calibration": calibration,
+        "calib_images": int(calib),
+        "budget": float(budget),
+        "compare_calibrations": bool(compare),
+        "scan_images": int(scan_images),
+        "threads": int(threads),
+        "imgsz": int(imgsz) or None,
+        "qat_epochs": int(qat_epochs) or None,
+    }
 
     def submit() -> dict:
         QuantizeOptions(**fields)  # bad options are an error here, before anything is queued
@@ -180,8 +194,9 @@ if job is not None:
 
 def cancel() -> None:
     if job is not None:
-        run_and_report("Cancel", lambda: outcome.cancel_requested(jobs.cancel(job.id, settings)),
-                       state_key="quantize_outcome")  # fmt: skip
+        run_and_report(
+            "Cancel", lambda: outcome.cancel_requested(jobs.cancel(job.id, settings)), state_key="quantize_outcome"
+        )
 
 
 st.button("Cancel", disabled=not busy, key="quantize_cancel", on_click=cancel)
@@ -207,14 +222,16 @@ for note in [*(report.get("not_measured") or []), *(report.get("notes") or [])]:
 rows = view.model_rows(report)
 table = pd.DataFrame(rows).drop(columns=["model"])
 st.dataframe(
-    table, hide_index=True, key="quantize_table",
+    table,
+    hide_index=True,
+    key="quantize_table",
     column_config={
         "shipped": st.column_config.CheckboxColumn("shipped", help="copied to model_int8.onnx"),
         "mAP50-95": st.column_config.NumberColumn(format="%.3f", help="on the validation images, a fraction"),
         view.DELTA_COLUMN: st.column_config.NumberColumn(format="%+.2f", help="INT8 minus FP32, in points (0.01)"),
         "agreement": st.column_config.NumberColumn(format="%.3f", help="share of FP32's detections INT8 still gives"),
     },
-)  # fmt: skip
+)
 
 # Names in the legend and on hover, not as text beside the points: close points' labels overlapped and were clipped.
 figure = go.Figure()
@@ -222,19 +239,32 @@ for row in rows:
     if row["mAP50-95"] is None or row["p50 ms"] is None:
         continue
     name = row["label"] + (" (shipped)" if row["shipped"] else "")
-    figure.add_trace(go.Scatter(
-        x=[row["p50 ms"]], y=[row["mAP50-95"]], mode="markers", name=name,
-        hovertemplate=f"{name}<br>p50 %{{x:.1f}} ms<br>mAP50-95 %{{y:.3f}}<extra></extra>",
-        marker={"size": 16 if row["shipped"] else 11, "symbol": "star" if row["shipped"] else "circle"},
-    ))  # fmt: skip
+    figure.add_trace(
+        go.Scatter(
+            x=[row["p50 ms"]],
+            y=[row["mAP50-95"]],
+            mode="markers",
+            name=name,
+            hovertemplate=f"{name}<br>p50 %{{x:.1f}} ms<br>mAP50-95 %{{y:.3f}}<extra></extra>",
+            marker={"size": 16 if row["shipped"] else 11, "symbol": "star" if row["shipped"] else "circle"},
+        )
+    )
 floor = view.budget_floor(report)
 if floor is not None:
-    figure.add_hline(y=floor, line_dash="dash", annotation_text=f"budget: FP32 − {report.get('budget_points')} points",
-                     annotation_position="bottom right")  # fmt: skip
+    figure.add_hline(
+        y=floor,
+        line_dash="dash",
+        annotation_text=f"budget: FP32 − {report.get('budget_points')} points",
+        annotation_position="bottom right",
+    )
 figure.update_layout(
-    xaxis_title="latency p50 at batch 1 (ms)", yaxis_title="mAP50-95", yaxis_tickformat=".3f", height=420,
-    margin={"t": 30, "b": 40, "l": 60, "r": 20}, legend={"orientation": "h", "y": -0.25, "yanchor": "top"},
-)  # fmt: skip
+    xaxis_title="latency p50 at batch 1 (ms)",
+    yaxis_title="mAP50-95",
+    yaxis_tickformat=".3f",
+    height=420,
+    margin={"t": 30, "b": 40, "l": 60, "r": 20},
+    legend={"orientation": "h", "y": -0.25, "yanchor": "top"},
+)
 st.plotly_chart(figure, key="quantize_scatter")
 
 st.subheader("Kept in float")
@@ -259,9 +289,13 @@ for column, name in zip(columns, view.MODEL_FILES, strict=True):
     path = run.path / name
     column.download_button(
         f"Download {name}" + (f" ({path.stat().st_size / 1e6:.1f} MB)" if path.is_file() else " (missing)"),
-        data=lambda path=path: path.read_bytes(), file_name=f"{run.name}_{name}", mime="application/octet-stream",
-        on_click="ignore", disabled=not path.is_file(), key=f"quantize_download_{name}",
-    )  # fmt: skip
+        data=lambda path=path: path.read_bytes(),
+        file_name=f"{run.name}_{name}",
+        mime="application/octet-stream",
+        on_click="ignore",
+        disabled=not path.is_file(),
+        key=f"quantize_download_{name}",
+    )
 
 st.subheader("Detections that changed most")
 items = view.gallery(report)

@@ -24,8 +24,15 @@ from tests.conftest import REPO_ROOT
 from tests.labelstudio_fixture import free_port
 
 CHROMIUM = Path(os.environ.get("YOLODEX_CHROMIUM", "/usr/bin/chromium"))
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--no-first-run", "--disable-sync"]  # fmt: skip
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--no-first-run",
+    "--disable-sync",
+]
 EXPECT_TIMEOUT_MS = 30_000  # 2 cores shared by the app, the worker, Label Studio and the browser
 
 
@@ -68,13 +75,24 @@ def wait_for(url: str, timeout: float, process: subprocess.Popen, log: Path) -> 
 def make_run(storage: Path) -> Iterator[RunningApp]:
     """`make run` with `storage` and free ports until the block ends; then Ctrl-C, and no process left behind."""
     app_port, ls_port = free_port(), free_port()
-    env = {**os.environ, "YOLODEX_STORAGE": str(storage), "YOLODEX_APP_PORT": str(app_port),
-           "YOLODEX_LS_PORT": str(ls_port), "YOLODEX_HOST": "127.0.0.1"}  # fmt: skip
+    env = {
+        **os.environ,
+        "YOLODEX_STORAGE": str(storage),
+        "YOLODEX_APP_PORT": str(app_port),
+        "YOLODEX_LS_PORT": str(ls_port),
+        "YOLODEX_HOST": "127.0.0.1",
+    }
     env.pop("YOLODEX_QUEUE_IMMEDIATE", None)
     log = storage / "make_run.log"
     with log.open("wb") as output:
-        process = subprocess.Popen(["make", "--no-print-directory", "run"], cwd=REPO_ROOT, env=env, stdout=output,
-                                   stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+        process = subprocess.Popen(
+            ["make", "--no-print-directory", "run"],
+            cwd=REPO_ROOT,
+            env=env,
+            stdout=output,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     try:
         wait_for(f"http://127.0.0.1:{app_port}/_stcore/health", 240, process, log)
         yield RunningApp(f"http://127.0.0.1:{app_port}", f"http://127.0.0.1:{ls_port}", storage, log)

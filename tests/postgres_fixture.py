@@ -148,10 +148,20 @@ def running_postgres() -> Iterator[PostgresServer]:
             for path in (root, root / "socket", password_file):
                 shutil.chown(path, "postgres", "postgres")
         _run(
-            [str(bindir / "initdb"), "-D", str(data_dir), "-U", USER, f"--pwfile={password_file}",
-             "--auth=scram-sha-256", "--encoding=UTF8", "--no-locale", "--no-sync"],
+            [
+                str(bindir / "initdb"),
+                "-D",
+                str(data_dir),
+                "-U",
+                USER,
+                f"--pwfile={password_file}",
+                "--auth=scram-sha-256",
+                "--encoding=UTF8",
+                "--no-locale",
+                "--no-sync",
+            ],
             "initdb",
-        )  # fmt: skip
+        )
         password_file.unlink()
         port = _start(bindir, root, data_dir)
         started = True

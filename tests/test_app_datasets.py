@@ -174,9 +174,11 @@ def test_uploading_a_png_and_a_zip_shows_the_report_and_the_images(settings):
     assert app.selectbox(key="datasets_project").value == "Holiday"
     assert page_line(app) == "Page 1 of 1 · 4 images"
     assert grid_captions(app) == [
-        "pikachu.png · 96×64 · unlabeled", "holiday.zip/holiday/beach.png · 96×64 · unlabeled",
-        "holiday.zip/holiday/near.jpg · 96×64 · unlabeled", f"near.png · 96×64 · unlabeled · near #{near_of(settings)}",
-    ]  # fmt: skip
+        "pikachu.png · 96×64 · unlabeled",
+        "holiday.zip/holiday/beach.png · 96×64 · unlabeled",
+        "holiday.zip/holiday/near.jpg · 96×64 · unlabeled",
+        f"near.png · 96×64 · unlabeled · near #{near_of(settings)}",
+    ]
     app.radio(key="datasets_filter").set_value("duplicates").run()
     assert grid_captions(app) == [caption for caption in grid_captions(app) if "near" in caption]
     assert len(grid_captions(app)) == 2
@@ -280,14 +282,18 @@ def test_a_labeled_set_of_images_already_there_is_reported_as_the_boxes_it_added
 
     counts = {"accepted": 0, "near_duplicates": 0, "duplicates": 9, "rejected": 0, "annotations": 9}
     assert import_outcome({"project": "Garden", "counts": counts}) == (
-        "success", "Added 9 boxes to 9 images Garden already had (no new image).")  # fmt: skip
+        "success",
+        "Added 9 boxes to 9 images Garden already had (no new image).",
+    )
     rejected = {**counts, "rejected": 1, "annotations": 1}
     assert import_outcome({"project": "Garden", "counts": rejected}) == (
         "warning",
         "Added 1 box to 9 images Garden already had (no new image); 1 rejected (the report below says why).",
     )
     assert import_outcome({"project": "Garden", "counts": {**counts, "annotations": 0}}) == (
-        "warning", "Nothing new imported into Garden: 9 already there (skipped).")  # fmt: skip
+        "warning",
+        "Nothing new imported into Garden: 9 already there (skipped).",
+    )
 
 
 @pytest.fixture

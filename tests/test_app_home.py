@@ -143,8 +143,10 @@ def test_the_train_step_counts_only_the_projects_runs_with_trained_weights(stora
     starter(storage)
     _add_project(storage, "Raccoons")
     runs = storage.storage / "runs"
-    for name, classes, stopped in (("cancelled", ["circle", "square", "triangle"], "cancelled"),
-                                   ("raccoons", ["raccoon"], "time")):  # fmt: skip
+    for name, classes, stopped in (
+        ("cancelled", ["circle", "square", "triangle"], "cancelled"),
+        ("raccoons", ["raccoon"], "time"),
+    ):
         (runs / name).mkdir(parents=True)
         (runs / name / "config.json").write_text(json.dumps({"class_names": classes, "train": {"size": "s"}}))
         (runs / name / "last.pt").write_bytes(b"")

@@ -295,8 +295,9 @@ def test_a_model_that_has_learned_carries_no_notice(storage, onnx_model, tmp_pat
 def silent_model(tmp_path_factory) -> Path:
     """A fresh (untrained) detector: every score is the class prior, about 0.01, below the slider's lowest value."""
     folder = tmp_path_factory.mktemp("silent")
-    return export_onnx(build_model("s", len(CLASS_NAMES)).eval(), folder / "model.onnx", imgsz=IMGSZ,
-                       class_names=CLASS_NAMES)  # fmt: skip
+    return export_onnx(
+        build_model("s", len(CLASS_NAMES)).eval(), folder / "model.onnx", imgsz=IMGSZ, class_names=CLASS_NAMES
+    )
 
 
 def test_an_empty_result_from_a_model_still_learning_says_so(storage, silent_model, tmp_path):

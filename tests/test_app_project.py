@@ -68,8 +68,12 @@ def test_a_new_project_with_two_classes_becomes_the_current_one(settings):
     create(app, "Ponds", "Frog")
     assert app.selectbox(key="project_project").value == "Ponds"
     create(app, "Ponds", "Newt")
-    assert messages(app) == {"error": ["Could not create the project: a project called 'Ponds' already exists: "
-                                       "choose another name, or pick it to edit it"]}  # fmt: skip
+    assert messages(app) == {
+        "error": [
+            "Could not create the project: a project called 'Ponds' already exists: "
+            "choose another name, or pick it to edit it"
+        ]
+    }
     assert classes_of(settings, "Ponds") == [(0, "Frog", None, "", None)]
     app.run()
     assert "error" not in messages(app)  # shown once
@@ -84,8 +88,9 @@ def test_the_create_form_stays_open_while_only_the_demo_project_exists(settings)
 
 def test_a_project_needs_a_class(settings):
     app = create(run_page(), "Empty", " \n")
-    assert messages(app)["error"] == ["Could not create the project: project 'Empty' needs at least one class: "
-                                      "name the things it should detect"]  # fmt: skip
+    assert messages(app)["error"] == [
+        "Could not create the project: project 'Empty' needs at least one class: name the things it should detect"
+    ]
     assert not service.project_exists("Empty", settings=settings)
 
 
@@ -113,8 +118,9 @@ def test_rename_describe_recolour_add_and_refuse_a_removal(settings):
     app.color_picker(key=keys["colour"]).set_value("#AA3300")
     app.button(key="FormSubmitter:project_edit-Save").click().run()
     assert not app.exception
-    assert messages(app) == {"success": ["Class 'Racoon': renamed 'Racoon' to 'Raccoon' and changed its dex number, "
-                                         "description and colour."]}  # fmt: skip
+    assert messages(app) == {
+        "success": ["Class 'Racoon': renamed 'Racoon' to 'Raccoon' and changed its dex number, description and colour."]
+    }
     assert classes_of(settings, "Garden")[0] == (0, "Raccoon", 12, "A masked visitor of bins.", "#aa3300")
     table = app.dataframe[0].value
     assert table.iloc[0]["name"] == "Raccoon" and table.iloc[0]["description"] == "A masked visitor of bins."
@@ -127,8 +133,11 @@ def test_rename_describe_recolour_add_and_refuse_a_removal(settings):
     app.text_input(key=keys["name"]).set_value("raccoon")
     app.text_area(key=keys["description"]).set_value("Sly.")
     app.button(key="FormSubmitter:project_edit-Save").click().run()
-    assert messages(app) == {"error": ["Could not save the class: project 'Garden' already has a class called "
-                                       "'Raccoon': choose another name"]}  # fmt: skip
+    assert messages(app) == {
+        "error": [
+            "Could not save the class: project 'Garden' already has a class called 'Raccoon': choose another name"
+        ]
+    }
     assert classes_of(settings, "Garden")[1] == (1, "Fox", None, "", None)
 
     # Saving the values a class has says so, in blue.
@@ -148,8 +157,9 @@ def test_rename_describe_recolour_add_and_refuse_a_removal(settings):
     with session_scope(engine) as session:
         project = session.scalar(select(Project).where(Project.name == "Garden"))
         image_id = add_image_bytes(session, storage, project, encode_image(textured_image(5)), source="upload").image_id
-        session.add(Annotation(image_id=image_id, class_id=project.classes[0].id, x1=0, y1=0, x2=9, y2=9,
-                               source="labelstudio"))  # fmt: skip
+        session.add(
+            Annotation(image_id=image_id, class_id=project.classes[0].id, x1=0, y1=0, x2=9, y2=9, source="labelstudio")
+        )
     app = run_page()
     assert class_box(app).value == "Raccoon"
     assert list(app.dataframe[0].value["boxes"]) == [1, 0, 0]

@@ -131,10 +131,15 @@ def test_float_layers_of_each_policy():
 
 def test_summary_line_says_what_shipped():
     report = {
-        "chosen": "ptq_selective", "within_budget": False, "budget_points": 0.5,
-        "models": {"ptq_selective": {"deltas": {"metrics": {"mAP50-95": -0.0123}, "latency_ratio_p50": 0.4,
-                                                "size_ratio": 0.26}}},
-    }  # fmt: skip
+        "chosen": "ptq_selective",
+        "within_budget": False,
+        "budget_points": 0.5,
+        "models": {
+            "ptq_selective": {
+                "deltas": {"metrics": {"mAP50-95": -0.0123}, "latency_ratio_p50": 0.4, "size_ratio": 0.26}
+            }
+        },
+    }
     assert view.summary_line(report) == (
         "Shipped: PTQ selective policy (model_int8.onnx), mAP50-95 -1.23 points vs FP32, latency x0.40, size x0.26, "
         "OUTSIDE the 0.5 point budget."

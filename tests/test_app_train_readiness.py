@@ -30,10 +30,18 @@ def write_run(runs_dir: Path, name: str, data: str, *, imgsz: int, batch: int, s
     folder.mkdir(parents=True)
     train = {"data": data, "size": "s", "imgsz": imgsz, "batch_size": batch, "epochs": 1, "device": "cpu"}
     (folder / "config.json").write_text(json.dumps({"train": train}))
-    start = {"event": "train_start", "device": "cpu", "precision": PRECISION, "batch_size": batch, "processes": 1,
-             "val_images": 8, "steps_per_epoch": 10}  # fmt: skip
-    steps = [{"event": "step", "epoch": 0, "step": i, "global_step": i, "elapsed_s": 5.0 + i * step_s}
-             for i in range(1, 11)]  # fmt: skip
+    start = {
+        "event": "train_start",
+        "device": "cpu",
+        "precision": PRECISION,
+        "batch_size": batch,
+        "processes": 1,
+        "val_images": 8,
+        "steps_per_epoch": 10,
+    }
+    steps = [
+        {"event": "step", "epoch": 0, "step": i, "global_step": i, "elapsed_s": 5.0 + i * step_s} for i in range(1, 11)
+    ]
     end_of_epoch = {
         "event": "epoch",
         "epoch": 0,
@@ -242,8 +250,11 @@ def test_continue_training_refusals_and_a_resumed_continuation_adds_nothing(sett
         jobs.continue_training(run_dir, 5, None, settings)
     jobs.cancel(queued, settings)
     # A cancelled continuation resumed goes on to the totals it set (config.json), without adding its "more" again.
-    cancelled = insert_job(settings, "cancelled", {"project": PROJECT, "resume": str(run_dir),
-                                                   "overrides": {"more_epochs": 3, "patience": 2}})  # fmt: skip
+    cancelled = insert_job(
+        settings,
+        "cancelled",
+        {"project": PROJECT, "resume": str(run_dir), "overrides": {"more_epochs": 3, "patience": 2}},
+    )
     resumed = jobs.get_job(jobs.resume(cancelled, settings), settings)
     assert resumed.params["overrides"] == {"patience": 2} and resumed.resumed_from == cancelled
 

@@ -56,8 +56,10 @@ def test_pages_cover_every_image_once_in_id_order(starter):
 
     pages = [browse.query_images(session, storage, project, page=number, page_size=24) for number in (1, 2, 3)]
     assert [(page.page, page.pages, page.total, len(page.cards)) for page in pages] == [
-        (1, 3, 64, 24), (2, 3, 64, 24), (3, 3, 64, 16)
-    ]  # fmt: skip
+        (1, 3, 64, 24),
+        (2, 3, 64, 24),
+        (3, 3, 64, 16),
+    ]
     assert [card.id for page in pages for card in page.cards] == all_ids
     assert [page.first for page in pages] == [1, 25, 49]
     # Out-of-range pages are clamped, not empty: a filter change can leave the page number past the end.

@@ -145,8 +145,10 @@ def test_float16_checkpoint_loads_as_float32(tmp_path: Path, source: YoloNAS, im
     assert {p.dtype for p in model.parameters()} == {torch.float32}
     assert loaded["backbone.stem.conv.branch_3x3.conv.weight"].dtype == torch.float32
     # The rounding is real (so the check above is not vacuous), and the outputs are those of the rounded weights.
-    assert not torch.equal(loaded["backbone.stem.conv.branch_3x3.conv.weight"], source.state_dict()[
-        "backbone.stem.conv.branch_3x3.conv.weight"])  # fmt: skip
+    assert not torch.equal(
+        loaded["backbone.stem.conv.branch_3x3.conv.weight"],
+        source.state_dict()["backbone.stem.conv.branch_3x3.conv.weight"],
+    )
     rounded = build_model("s").eval()
     rounded.load_state_dict(half)
     torch.testing.assert_close(outputs(model, images), outputs(rounded, images), rtol=0, atol=0)
@@ -176,9 +178,15 @@ def test_our_checkpoint_round_trip(tmp_path: Path, images: torch.Tensor) -> None
     model.zero_grad(set_to_none=True)
     class_names = ["cat", "dog", "traffic cone"]
     path = save_checkpoint(
-        tmp_path / "run" / "last.pt", model, class_names=class_names, imgsz=320, ema=ema,
-        optimizer=optimizer.state_dict(), epoch=7, metrics={"map50_95": 0.25},
-    )  # fmt: skip
+        tmp_path / "run" / "last.pt",
+        model,
+        class_names=class_names,
+        imgsz=320,
+        ema=ema,
+        optimizer=optimizer.state_dict(),
+        epoch=7,
+        metrics={"map50_95": 0.25},
+    )
     assert path == tmp_path / "run" / "last.pt"
     assert os.listdir(path.parent) == ["last.pt"]
 
@@ -199,8 +207,12 @@ def test_our_checkpoint_round_trip(tmp_path: Path, images: torch.Tensor) -> None
     assert checkpoint["format"] == 1
     assert checkpoint["epoch"] == 7 and checkpoint["metrics"] == {"map50_95": 0.25}
     assert checkpoint["config"] == {
-        "size": "s", "num_classes": 3, "class_names": class_names, "imgsz": 320, "fusion": "none",
-    }  # fmt: skip
+        "size": "s",
+        "num_classes": 3,
+        "class_names": class_names,
+        "imgsz": 320,
+        "fusion": "none",
+    }
     for key, value in ema.state_dict().items():
         assert torch.equal(checkpoint["ema"][key], value), key
     saved_optimizer = checkpoint["optimizer"]
@@ -460,9 +472,15 @@ def test_official_entry_that_is_not_a_state_dict_is_refused(tmp_path, net) -> No
 def test_inference_checkpoint_holds_the_weights_and_metadata_only(tmp_path: Path, images: torch.Tensor) -> None:
     ema = random_model(seed=31, num_classes=3)
     path = save_inference_checkpoint(
-        tmp_path / "best.pt", ema, class_names=["a", "b", "c"], imgsz=320, weights="ema", epoch=4,
-        metrics={"best_map": 0.5}, evaluation={"mAP50-95": 0.5, "mAP_large": None},
-    )  # fmt: skip
+        tmp_path / "best.pt",
+        ema,
+        class_names=["a", "b", "c"],
+        imgsz=320,
+        weights="ema",
+        epoch=4,
+        metrics={"best_map": 0.5},
+        evaluation={"mAP50-95": 0.5, "mAP_large": None},
+    )
     checkpoint = read_checkpoint(path)
     assert set(checkpoint) == {"format", "config", "model", "ema", "weights", "epoch", "metrics", "evaluation"}
     assert checkpoint["ema"] is None and checkpoint["weights"] == "ema" and checkpoint["epoch"] == 4
@@ -480,8 +498,9 @@ def test_checkpoint_sizes_bound_what_a_training_writes(tmp_path: Path) -> None:
     for parameter in model.parameters():
         parameter.grad = torch.randn_like(parameter)
     optimizer.step()  # both AdamW moments of every parameter: the largest optimizer state a training saves
-    last = save_checkpoint(tmp_path / "last.pt", model, class_names=["a", "b", "c"], imgsz=64, ema=ema,
-                           optimizer=optimizer.state_dict())  # fmt: skip
+    last = save_checkpoint(
+        tmp_path / "last.pt", model, class_names=["a", "b", "c"], imgsz=64, ema=ema, optimizer=optimizer.state_dict()
+    )
     best = save_inference_checkpoint(tmp_path / "best.pt", ema, class_names=["a", "b", "c"], imgsz=64, weights="ema")
     last_estimate, best_estimate = checkpoint_sizes("s", 3)
     assert last.stat().st_size * 0.98 < last_estimate < last.stat().st_size * 1.02

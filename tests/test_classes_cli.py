@@ -38,10 +38,24 @@ def run(capsys, *args: str) -> tuple[int, str, str]:
 
 def test_create_describe_rename_add_list_remove(storage, capsys):
     assert run(capsys, "project", "create", "Raccoons", "--classes", "Raccoon, Fox") == (
-        0, "created project 'Raccoons' with 2 classes: Raccoon, Fox\n", ""
-    )  # fmt: skip
-    status, out, _ = run(capsys, "classes", "describe", "Fox", "--project", "Raccoons", "--dex-number", "3",
-                         "--description", "Sly.", "--colour", "#FF8800")  # fmt: skip
+        0,
+        "created project 'Raccoons' with 2 classes: Raccoon, Fox\n",
+        "",
+    )
+    status, out, _ = run(
+        capsys,
+        "classes",
+        "describe",
+        "Fox",
+        "--project",
+        "Raccoons",
+        "--dex-number",
+        "3",
+        "--description",
+        "Sly.",
+        "--colour",
+        "#FF8800",
+    )
     assert (status, out) == (0, "class 'Fox': changed its dex number, description and colour\n")
     assert run(capsys, "classes", "rename", "Fox", "Red fox", "--project", "Raccoons")[1] == (
         "renamed class 'Fox' to 'Red fox' in Raccoons\n"

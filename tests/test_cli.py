@@ -237,8 +237,9 @@ def test_train_prints_the_estimate_and_resume_epochs_are_more(tmp_path: Path) ->
     data = generate_synthetic_dataset(tmp_path / "shapes", num_train=8, num_val=2, image_size=(96, 96), seed=1)
     storage, run_dir = tmp_path / "storage", tmp_path / "storage" / "runs" / "tiny"
     tiny = ("--size", "s", "--imgsz", "64", "--batch", "2", "--min-samples", "4", "--workers", "0", "--device", "cpu")
-    first = run_cli("train", "--data", data, *tiny, "--epochs", "1", "--measure-speed", "--out", run_dir, "--json",
-                    storage=storage)  # fmt: skip
+    first = run_cli(
+        "train", "--data", data, *tiny, "--epochs", "1", "--measure-speed", "--out", run_dir, "--json", storage=storage
+    )
     assert first.returncode == 0, first.stderr
     # No earlier run: --measure-speed timed a few steps first, and the estimate names that probe.
     assert "measuring this machine's speed" in first.stderr

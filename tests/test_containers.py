@@ -254,15 +254,21 @@ def test_postgres_init_script_creates_label_studios_database(postgres_server) ->
 
     database = postgres_server.create_database()
     ls_database = f"ls_{database}"
-    env = _clean_env(POSTGRES_USER=postgres_server.user, POSTGRES_DB=database, LS_POSTGRES_DB=ls_database,
-                     PGHOST=postgres_server.host, PGPORT=str(postgres_server.port),
-                     PGPASSWORD=postgres_server.password)  # fmt: skip
+    env = _clean_env(
+        POSTGRES_USER=postgres_server.user,
+        POSTGRES_DB=database,
+        LS_POSTGRES_DB=ls_database,
+        PGHOST=postgres_server.host,
+        PGPORT=str(postgres_server.port),
+        PGPASSWORD=postgres_server.password,
+    )
     try:
         run = subprocess.run([str(DOCKER / "postgres-init.sh")], env=env, capture_output=True, text=True, timeout=60)
         assert run.returncode == 0, run.stdout + run.stderr
         with psycopg.connect(postgres_server.url(ls_database, "postgresql")) as connection:
-            owner = connection.execute("SELECT pg_get_userbyid(datdba) FROM pg_database WHERE datname = %s",
-                                       (ls_database,)).fetchone()  # fmt: skip
+            owner = connection.execute(
+                "SELECT pg_get_userbyid(datdba) FROM pg_database WHERE datname = %s", (ls_database,)
+            ).fetchone()
         assert owner == (postgres_server.user,)
     finally:
         postgres_server.drop_database(ls_database)
@@ -297,16 +303,22 @@ def image(tmp_path_factory) -> Iterator[dict[str, str]]:
     source = root / "app"
     copy_build_context(source)
     # PYTHON: a venv's interpreter makes venvs on its base Python, as `make setup` does.
-    env = _clean_env(YOLODEX_SOURCE=str(source), YOLODEX_VENV=str(root / "venv"), TORCH_INDEX_URL="",
-                     YOLODEX_LS_VENV=str(root / "venv-labelstudio"), PYTHON=sys.executable)  # fmt: skip
+    env = _clean_env(
+        YOLODEX_SOURCE=str(source),
+        YOLODEX_VENV=str(root / "venv"),
+        TORCH_INDEX_URL="",
+        YOLODEX_LS_VENV=str(root / "venv-labelstudio"),
+        PYTHON=sys.executable,
+    )
     env.pop("PYTHONPATH", None)
     logs = {role: root / f"install-{role}.log" for role in ("app", "labelstudio")}
     installs = {}
     for role, log in logs.items():  # both at once: each spends much of its time unpacking wheels
         with log.open("wb") as output:
             command = [str(source / "docker" / "install.sh"), role]
-            installs[role] = subprocess.Popen(command, env=env, stdout=output, stderr=subprocess.STDOUT,
-                                              start_new_session=True)  # fmt: skip
+            installs[role] = subprocess.Popen(
+                command, env=env, stdout=output, stderr=subprocess.STDOUT, start_new_session=True
+            )
     try:
         for role, process in installs.items():
             code = process.wait(timeout=INSTALL_TIMEOUT_S)
@@ -323,8 +335,13 @@ def image(tmp_path_factory) -> Iterator[dict[str, str]]:
 def start(image_env: dict[str, str], role: str, log: Path, **env: str) -> subprocess.Popen:
     script = Path(image_env["YOLODEX_SOURCE"]) / "docker" / "start.sh"
     with log.open("ab") as output:
-        return subprocess.Popen([str(script), role], env={**image_env, **env}, stdout=output,
-                                stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+        return subprocess.Popen(
+            [str(script), role],
+            env={**image_env, **env},
+            stdout=output,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
 
 
 def stop(process: subprocess.Popen) -> int:
@@ -341,8 +358,9 @@ def stop(process: subprocess.Popen) -> int:
 
 def health(image_env: dict[str, str], role: str, **env: str) -> subprocess.CompletedProcess:
     script = Path(image_env["YOLODEX_SOURCE"]) / "docker" / "start.sh"
-    return subprocess.run([str(script), "health", role], env={**image_env, **env}, capture_output=True, text=True,
-                          timeout=60)  # fmt: skip
+    return subprocess.run(
+        [str(script), "health", role], env={**image_env, **env}, capture_output=True, text=True, timeout=60
+    )
 
 
 def _installed(venv: str, package: str) -> str | None:
@@ -353,8 +371,11 @@ def _installed(venv: str, package: str) -> str | None:
 
 @pytest.mark.slow
 def test_install_script_builds_both_venvs_with_the_pins(image) -> None:
-    pins = dict(line.split("==") for line in (REPO_ROOT / "requirements.txt").read_text().splitlines()
-                if "==" in line and not line.startswith("#"))  # fmt: skip
+    pins = dict(
+        line.split("==")
+        for line in (REPO_ROOT / "requirements.txt").read_text().splitlines()
+        if "==" in line and not line.startswith("#")
+    )
     venv = image["YOLODEX_VENV"]
     for package in ("torch", "streamlit", "huey", "SQLAlchemy", "psycopg", "redis", "onnxruntime"):
         assert _installed(venv, package).split("+")[0] == pins[package], package
@@ -408,11 +429,22 @@ def test_labelstudio_role_runs_the_server_module_with_label_studios_python(image
 def test_start_script_runs_the_starter_the_app_and_a_worker_that_takes_a_job(image, tmp_path) -> None:
     # As compose runs them: the starter once, then the app and a worker on the same storage.
     storage = tmp_path / "storage"
-    env = {"YOLODEX_STORAGE": str(storage), "YOLODEX_HOST": "127.0.0.1", "YOLODEX_APP_PORT": str(free_port()),
-           "YOLODEX_LS_PORT": str(free_port()), "YOLODEX_DEVICE": "cpu", "OMP_NUM_THREADS": "1"}  # fmt: skip
+    env = {
+        "YOLODEX_STORAGE": str(storage),
+        "YOLODEX_HOST": "127.0.0.1",
+        "YOLODEX_APP_PORT": str(free_port()),
+        "YOLODEX_LS_PORT": str(free_port()),
+        "YOLODEX_DEVICE": "cpu",
+        "OMP_NUM_THREADS": "1",
+    }
     settings = Settings.from_env(env)
-    starter = subprocess.run([str(Path(image["YOLODEX_SOURCE"]) / "docker" / "start.sh"), "starter"],
-                             env={**image, **env}, capture_output=True, text=True, timeout=300)  # fmt: skip
+    starter = subprocess.run(
+        [str(Path(image["YOLODEX_SOURCE"]) / "docker" / "start.sh"), "starter"],
+        env={**image, **env},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert starter.returncode == 0 and f"{STARTER_NAME}: created" in starter.stdout, starter.stdout + starter.stderr
     engine, _ = open_store(settings)
     with session_scope(engine) as session:

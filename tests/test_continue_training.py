@@ -66,12 +66,18 @@ def test_continuing_keeps_best_pt_unless_beaten(small_set: Path, tmp_path: Path)
 
 def checkpoint_at(epoch: int, steps_done: int, total_steps: int, elapsed_s: float, epochs: int) -> dict:
     return {
-        "epoch": epoch, "step_in_epoch": 0,
+        "epoch": epoch,
+        "step_in_epoch": 0,
         "metrics": {"elapsed_s": elapsed_s, "best_map": 0.2, "best_epoch": 3, "bad_epochs": 5},
-        "scheduler": {"steps_done": steps_done, "elapsed_s": elapsed_s, "warmup_end_progress": 0.2,
-                      "total_steps": total_steps, "warmup_steps": 20},
+        "scheduler": {
+            "steps_done": steps_done,
+            "elapsed_s": elapsed_s,
+            "warmup_end_progress": 0.2,
+            "total_steps": total_steps,
+            "warmup_steps": 20,
+        },
         "train_config": {"epochs": epochs},
-    }  # fmt: skip
+    }
 
 
 def test_continued_totals_schedule_and_patience() -> None:

@@ -203,9 +203,21 @@ def reasons(report) -> dict[str, str]:
 
 @pytest.mark.parametrize(
     "host",
-    ["127.0.0.1", "169.254.169.254", "10.0.0.1", "192.168.1.1", "0.0.0.0", "::1", "::ffff:127.0.0.1", "224.0.0.1",
-     "100.64.0.1", "fd00::1", "localhost", "2130706433"],
-)  # fmt: skip
+    [
+        "127.0.0.1",
+        "169.254.169.254",
+        "10.0.0.1",
+        "192.168.1.1",
+        "0.0.0.0",
+        "::1",
+        "::ffff:127.0.0.1",
+        "224.0.0.1",
+        "100.64.0.1",
+        "fd00::1",
+        "localhost",
+        "2130706433",
+    ],
+)
 def test_ssrf_refuses_internal_addresses_by_default(host):
     with pytest.raises(Refused) as refusal:
         resolve_checked(host, 80, CrawlSettings())
@@ -272,11 +284,15 @@ def test_crawl_urls_keeps_images_with_provenance(site, server):
 def test_lying_content_types_truncation_and_missing(site):
     kept: list[CrawledImage] = []
     report = crawl_urls(
-        [f"{site}/lying/html-as-jpeg.jpg", f"{site}/lying/jpeg-as-text.jpg", f"{site}/truncated.jpg",
-         f"{site}/missing.jpg"],
+        [
+            f"{site}/lying/html-as-jpeg.jpg",
+            f"{site}/lying/jpeg-as-text.jpg",
+            f"{site}/truncated.jpg",
+            f"{site}/missing.jpg",
+        ],
         LOCAL,
         kept.append,
-    )  # fmt: skip
+    )
     assert kept == []
     by_url = {entry["url"].rsplit("/", 1)[1]: entry for entry in report.rejected}
     assert by_url["html-as-jpeg.jpg"]["reason"] == "not_an_image" and "HTML" in by_url["html-as-jpeg.jpg"]["detail"]
@@ -332,11 +348,15 @@ def test_redirects_loops_and_limits(site):
 
 def test_robots_txt_is_respected_and_cached(site, server):
     report = crawl_urls(
-        [f"{site}/private/secret.jpg", f"{site}/img/not-for-yolodex.png", f"{site}/img/red.jpg",
-         f"{site}/img/green.png"],
+        [
+            f"{site}/private/secret.jpg",
+            f"{site}/img/not-for-yolodex.png",
+            f"{site}/img/red.jpg",
+            f"{site}/img/green.png",
+        ],
         LOCAL,
         lambda image: None,
-    )  # fmt: skip
+    )
     assert reasons(report) == {f"{site}/private/secret.jpg": "robots", f"{site}/img/not-for-yolodex.png": "robots"}
     assert "robots.txt" in report.skipped[0]["detail"]
     assert server.paths() == ["/robots.txt", "/img/red.jpg", "/img/green.png"]

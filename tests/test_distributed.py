@@ -50,13 +50,27 @@ def _one_thread_per_process(monkeypatch: pytest.MonkeyPatch) -> None:
 
 @pytest.fixture(scope="module")
 def shapes(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return generate_synthetic_dataset(tmp_path_factory.mktemp("data") / "shapes", num_train=8, num_val=2,
-                                      image_size=(96, 96), seed=3)  # fmt: skip
+    return generate_synthetic_dataset(
+        tmp_path_factory.mktemp("data") / "shapes", num_train=8, num_val=2, image_size=(96, 96), seed=3
+    )
 
 
 def tiny_config(data: Path, **changes) -> TrainConfig:
-    values = dict(data=str(data), size="s", imgsz=64, epochs=2, batch_size=4, min_samples=8, num_workers=0,
-                  patience=None, warmup_epochs=0, augment=False, device="cpu", amp=False, lr=1e-4)  # fmt: skip
+    values = dict(
+        data=str(data),
+        size="s",
+        imgsz=64,
+        epochs=2,
+        batch_size=4,
+        min_samples=8,
+        num_workers=0,
+        patience=None,
+        warmup_epochs=0,
+        augment=False,
+        device="cpu",
+        amp=False,
+        lr=1e-4,
+    )
     return TrainConfig(**{**values, **changes})
 
 
@@ -87,8 +101,9 @@ def reference(shapes: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[tu
 def test_two_processes_follow_one_and_resume_in_one(shapes: Path, reference: dict, tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     relayed = []
-    result = distributed.fit(tiny_config(shapes, epochs=1), run_dir, processes=2,
-                             on_event=lambda name, **data: relayed.append(name))  # fmt: skip
+    result = distributed.fit(
+        tiny_config(shapes, epochs=1), run_dir, processes=2, on_event=lambda name, **data: relayed.append(name)
+    )
     assert (result.stopped, result.epochs_done) == ("epochs", 1)
 
     # Rank 0 alone wrote: one train_start (for 2 processes), each step once, relayed as written; its evaluation.
@@ -178,8 +193,7 @@ def first_batch_gradient(data: Path, world: distributed.World) -> tuple[dict[str
     torch.manual_seed(0)
     model = build_model("s", 3).double()
     dataset = TrainDataset(load_dataset(data)["train"].records, 64, None, seed=0)
-    loader = make_train_loader(dataset, 4, min_samples=8, num_workers=0, seed=0, rank=world.rank,
-                               world_size=world.size)  # fmt: skip
+    loader = make_train_loader(dataset, 4, min_samples=8, num_workers=0, seed=0, rank=world.rank, world_size=world.size)
     set_loader_epoch(loader, 0)
     batch = next(iter(loader))
     trained = distributed.wrap_model(model, world, sync_bn=True)
@@ -196,8 +210,17 @@ def first_batch_gradient(data: Path, world: distributed.World) -> tuple[dict[str
 def test_two_process_gradient_is_the_single_process_gradient(shapes: Path, tmp_path: Path) -> None:
     worker = tmp_path / "worker.py"
     worker.write_text(GRADIENT_WORKER)
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-               str(worker), str(shapes), str(tmp_path / "ddp.pt")]  # fmt: skip
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        "2",
+        str(worker),
+        str(shapes),
+        str(tmp_path / "ddp.pt"),
+    ]
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
     completed = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert completed.returncode == 0, completed.stderr[-3000:]
@@ -233,8 +256,10 @@ def test_sampler_ranks_split_each_global_batch() -> None:
     single = list(EpochSampler(10, min_samples=22, seed=5))
     for world_size in (2, 4):
         per_rank = 8 // world_size
-        shards = [list(EpochSampler(10, min_samples=22, seed=5, rank=rank, world_size=world_size, global_batch=8))
-                  for rank in range(world_size)]  # fmt: skip
+        shards = [
+            list(EpochSampler(10, min_samples=22, seed=5, rank=rank, world_size=world_size, global_batch=8))
+            for rank in range(world_size)
+        ]
         assert all(len(shard) == 2 * per_rank for shard in shards)  # 22 samples: 2 full global batches
         for step in range(2):
             joined = [index for shard in shards for index in shard[step * per_rank : (step + 1) * per_rank]]

@@ -36,8 +36,13 @@ def _write_model_run(storage: Path) -> Path:
     run = storage / "runs" / "e2e-run"
     run.mkdir(parents=True)
     (run / "config.json").write_text(json.dumps({"train": {"size": "s", "imgsz": 64}, "class_names": CLASS_NAMES}))
-    export_onnx(detector_with_spread_scores(len(CLASS_NAMES)), run / "model_fp32.onnx", imgsz=64,
-                class_names=CLASS_NAMES, run_id="e2e-run")  # fmt: skip
+    export_onnx(
+        detector_with_spread_scores(len(CLASS_NAMES)),
+        run / "model_fp32.onnx",
+        imgsz=64,
+        class_names=CLASS_NAMES,
+        run_id="e2e-run",
+    )
     # Its real evaluation on three photos whose objects it finds a quarter of: a model still learning.
     from tests.test_app_pokedex import evaluate_model
 
@@ -99,8 +104,9 @@ def test_pokedex_upload_shows_boxes_and_dex_cards(page, app_url: str, tmp_path: 
     drop_files(page, [_photo(tmp_path / "photo.jpg")])
     expect(page.get_by_test_id("stImage").first).to_be_visible()
     # One dex card per detection: each shows a class name and a confidence.
-    expect(page.get_by_text("Bulbasaur").or_(page.get_by_text("Charmander")).or_(page.get_by_text("Squirtle")).first
-           ).to_be_visible()  # fmt: skip
+    expect(
+        page.get_by_text("Bulbasaur").or_(page.get_by_text("Charmander")).or_(page.get_by_text("Squirtle")).first
+    ).to_be_visible()
     expect(page.get_by_text("%").first).to_be_visible()
     expect(page.get_by_test_id("stException")).to_have_count(0)
     page.screenshot(path=str(screenshots / "e2e_pokedex.png"), full_page=True)

@@ -175,8 +175,9 @@ def test_page_of_clamps_and_counts_pages() -> None:
 
 def test_draw_error_draws_the_boxes_scaled_to_the_thumbnail(tmp_path: Path) -> None:
     Image.new("RGB", (640, 480), (128, 128, 128)).save(tmp_path / "11_photo.jpg")
-    wrong = report.ErrorItem("wrong_class", 11, 11, str(tmp_path / "11_photo.jpg"), tuple(BOX_A), CAT, 0.8,
-                             tuple(BOX_C), DOG)  # fmt: skip
+    wrong = report.ErrorItem(
+        "wrong_class", 11, 11, str(tmp_path / "11_photo.jpg"), tuple(BOX_A), CAT, 0.8, tuple(BOX_C), DOG
+    )
 
     picture = report.draw_error(wrong, ["cat", "dog"], max_side=320)
 

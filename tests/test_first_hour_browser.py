@@ -71,11 +71,19 @@ def labeled_zip(path: Path, seeds: list[int]) -> Path:
         for number, seed in enumerate(seeds, start=1):
             data, name, (x0, y0, x1, y1) = photo(seed)
             archive.writestr(f"garden/images/photo_{seed:02d}.jpg", data)
-            images.append({"id": number, "file_name": f"photo_{seed:02d}.jpg", "width": PHOTO_SIZE[0],
-                           "height": PHOTO_SIZE[1]})  # fmt: skip
-            annotations.append({"id": number, "image_id": number, "category_id": names.index(name) + 1,
-                                "bbox": [x0, y0, x1 - x0, y1 - y0], "area": (x1 - x0) * (y1 - y0),
-                                "iscrowd": 0})  # fmt: skip
+            images.append(
+                {"id": number, "file_name": f"photo_{seed:02d}.jpg", "width": PHOTO_SIZE[0], "height": PHOTO_SIZE[1]}
+            )
+            annotations.append(
+                {
+                    "id": number,
+                    "image_id": number,
+                    "category_id": names.index(name) + 1,
+                    "bbox": [x0, y0, x1 - x0, y1 - y0],
+                    "area": (x1 - x0) * (y1 - y0),
+                    "iscrowd": 0,
+                }
+            )
         categories = [{"id": index + 1, "name": name} for index, name in enumerate(names)]
         coco = {"images": images, "annotations": annotations, "categories": categories}
         archive.writestr("garden/annotations.json", json.dumps(coco))
@@ -94,8 +102,11 @@ def label_studio_tasks(storage: Path) -> dict[str, tuple[int, int]]:
 
     engine, _ = open_store(Settings.from_env({"YOLODEX_STORAGE": str(storage)}))
     with session_scope(engine) as session:
-        rows = session.execute(select(StoredImage.original_name, LabelingTask.ls_project_id, LabelingTask.ls_task_id)
-                               .join(LabelingTask, LabelingTask.image_id == StoredImage.id))  # fmt: skip
+        rows = session.execute(
+            select(StoredImage.original_name, LabelingTask.ls_project_id, LabelingTask.ls_task_id).join(
+                LabelingTask, LabelingTask.image_id == StoredImage.id
+            )
+        )
         return {name: (project_id, task_id) for name, project_id, task_id in rows}
 
 
@@ -111,11 +122,12 @@ def stored_boxes(storage: Path, image_name: str) -> list[tuple[str, tuple[float,
 
     engine, _ = open_store(Settings.from_env({"YOLODEX_STORAGE": str(storage)}))
     with session_scope(engine) as session:
-        rows = session.execute(select(ProjectClass.name, Annotation.x1, Annotation.y1, Annotation.x2, Annotation.y2)
-                               .join(Annotation, Annotation.class_id == ProjectClass.id)
-                               .join(StoredImage, StoredImage.id == Annotation.image_id)
-                               .where(StoredImage.original_name == image_name,
-                                      Annotation.source != "prediction"))  # fmt: skip
+        rows = session.execute(
+            select(ProjectClass.name, Annotation.x1, Annotation.y1, Annotation.x2, Annotation.y2)
+            .join(Annotation, Annotation.class_id == ProjectClass.id)
+            .join(StoredImage, StoredImage.id == Annotation.image_id)
+            .where(StoredImage.original_name == image_name, Annotation.source != "prediction")
+        )
         return [(name, (x1, y1, x2, y2)) for name, x1, y1, x2, y2 in rows]
 
 
@@ -242,8 +254,9 @@ def test_a_newcomers_first_hour_from_their_own_photos_to_a_pokedex_result(
                 expect(studio.get_by_text("Labeled regions will appear here")).to_have_count(0)
                 step += 1
                 studio.screenshot(path=str(screenshots / f"{step:02d}_labelstudio_{photos[seed].stem}.png"))
-                with studio.expect_response(lambda response: "/annotations" in response.url
-                                            and response.request.method == "POST") as posted:  # fmt: skip
+                with studio.expect_response(
+                    lambda response: "/annotations" in response.url and response.request.method == "POST"
+                ) as posted:
                     studio.get_by_test_id("bottombar-submit-button").click()
                 assert posted.value.status == 201, posted.value.text()
                 drawn[photos[seed].name] = (name, (x0, y0, x1, y1))
@@ -252,8 +265,9 @@ def test_a_newcomers_first_hour_from_their_own_photos_to_a_pokedex_result(
             # 6. Back in the app: pull what was drawn.
             page.get_by_role("button", name="Pull labels").click()
             wait_for_app(page)
-            expect(page.get_by_text(re.compile(rf"^Pull: {DRAWN_IN_LABEL_STUDIO} of {len(photos)} tasks labeled"))
-                   ).to_be_visible()  # fmt: skip
+            expect(
+                page.get_by_text(re.compile(rf"^Pull: {DRAWN_IN_LABEL_STUDIO} of {len(photos)} tasks labeled"))
+            ).to_be_visible()
             no_exception()
             shot("label_pulled")
             # What the page counted is in the store: each box as drawn, within a pixel or two of the rounding.

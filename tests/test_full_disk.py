@@ -46,8 +46,10 @@ def write_labeled_set(folder: Path) -> Path:
     """A COCO folder of 4 labeled images (class "Pika")."""
     write_images(folder / "images", 500, 4)
     images = [{"id": n + 1, "file_name": f"photo_{500 + n}.png", "width": 96, "height": 64} for n in range(4)]
-    boxes = [{"id": n + 1, "image_id": n + 1, "category_id": 1, "bbox": [8, 8, 40, 30], "area": 1200, "iscrowd": 0}
-             for n in range(4)]  # fmt: skip
+    boxes = [
+        {"id": n + 1, "image_id": n + 1, "category_id": 1, "bbox": [8, 8, 40, 30], "area": 1200, "iscrowd": 0}
+        for n in range(4)
+    ]
     coco = {"images": images, "annotations": boxes, "categories": [{"id": 1, "name": "Pika"}]}
     (folder / "train.json").write_text(json.dumps(coco))
     return folder
@@ -198,8 +200,12 @@ def small_disk(tmp_path: Path):
     mount_point = tmp_path / "disk"
     mount_point.mkdir()
     try:
-        done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m,mode=0700", "tmpfs", str(mount_point)],
-                              capture_output=True, text=True, timeout=30)  # fmt: skip
+        done = subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", "size=3m,mode=0700", "tmpfs", str(mount_point)],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
     except (OSError, subprocess.SubprocessError) as error:
         pytest.skip(f"cannot mount a size-limited tmpfs here ({error}); the injected-ENOSPC tests cover the cleanup")
     if done.returncode != 0:
@@ -248,13 +254,25 @@ def test_on_a_real_full_disk_import_fails_cleanly_and_stats_still_works(small_di
         engine.dispose()  # this process's pooled connections would keep the -shm file: a fresh start has none
     fill(small_disk)
     env = {**os.environ, "YOLODEX_STORAGE": str(storage)}
-    done = subprocess.run([sys.executable, "-m", "backend.cli", "dataset", "stats", "--project", PROJECT, "--json"],
-                          cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, "-m", "backend.cli", "dataset", "stats", "--project", PROJECT, "--json"],
+        cwd=REPO_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout) == before_stats
     # A write on the full disk is one line too, and changes nothing.
-    done = subprocess.run([sys.executable, "-m", "backend.cli", "import", str(folder), "--project", PROJECT],
-                          cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, "-m", "backend.cli", "import", str(folder), "--project", PROJECT],
+        cwd=REPO_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 1 and len(done.stderr.strip().splitlines()) == 1, done.stderr
     assert done.stderr.startswith("yolodex: error: ") and "ran out of space" in done.stderr
     assert stored_files(storage) == before_files

@@ -60,8 +60,9 @@ def websocket_upgrade(port: int, host: str, origin: str) -> int:
 
 def start_app(command: list[str], env: dict[str, str], port: int, log: Path) -> subprocess.Popen:
     with log.open("wb") as output:
-        process = subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=output, stderr=subprocess.STDOUT,
-                                   start_new_session=True)  # fmt: skip
+        process = subprocess.Popen(
+            command, cwd=REPO_ROOT, env=env, stdout=output, stderr=subprocess.STDOUT, start_new_session=True
+        )
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         if process.poll() is not None:
@@ -91,11 +92,28 @@ def running_app(request, tmp_path_factory: pytest.TempPathFactory) -> Iterator[t
     does (`docker/start.sh app`, with YOLODEX_ALLOWED_HOSTS=yolodex.test): (port, log)."""
     storage = tmp_path_factory.mktemp("host-guard-storage")
     port = free_port()
-    env = {**os.environ, "YOLODEX_STORAGE": str(storage), "YOLODEX_HOST": "127.0.0.1", "YOLODEX_APP_PORT": str(port),
-           "YOLODEX_ALLOWED_HOSTS": "yolodex.test", "YOLODEX_APP_STARTER": "0"}  # fmt: skip
+    env = {
+        **os.environ,
+        "YOLODEX_STORAGE": str(storage),
+        "YOLODEX_HOST": "127.0.0.1",
+        "YOLODEX_APP_PORT": str(port),
+        "YOLODEX_ALLOWED_HOSTS": "yolodex.test",
+        "YOLODEX_APP_STARTER": "0",
+    }
     if request.param == "streamlit run":
-        command = [sys.executable, "-m", "streamlit", "run", "app/main.py", "--server.address", "127.0.0.1",
-                   "--server.port", str(port), "--server.headless", "true"]  # fmt: skip
+        command = [
+            sys.executable,
+            "-m",
+            "streamlit",
+            "run",
+            "app/main.py",
+            "--server.address",
+            "127.0.0.1",
+            "--server.port",
+            str(port),
+            "--server.headless",
+            "true",
+        ]
     else:
         command = ["bash", "docker/start.sh", "app"]
         env["YOLODEX_VENV"] = str(Path(sys.executable).parents[1])
@@ -175,8 +193,15 @@ def test_trusted_hosts_come_from_the_settings(tmp_path: Path) -> None:
     settings = Settings.from_env(
         base | {"YOLODEX_HOST": "192.168.1.20", "YOLODEX_ALLOWED_HOSTS": " Yolodex.Example.org, ,[fd00::5],box.lan."}
     )
-    assert settings.trusted_hosts == ("127.0.0.1", "localhost", "::1", "192.168.1.20", "yolodex.example.org",
-                                      "fd00::5", "box.lan")  # fmt: skip
+    assert settings.trusted_hosts == (
+        "127.0.0.1",
+        "localhost",
+        "::1",
+        "192.168.1.20",
+        "yolodex.example.org",
+        "fd00::5",
+        "box.lan",
+    )
     assert settings.listens_beyond_loopback
     # Binding every interface adds no name: 0.0.0.0 is never a Host a browser sends.
     wildcard = Settings.from_env(base | {"YOLODEX_HOST": "0.0.0.0"})

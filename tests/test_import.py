@@ -184,8 +184,10 @@ def test_labeled_coco_folder_imports_boxes_and_adds_classes(env, tmp_path: Path)
     with session_scope(engine) as session:
         assert session.scalar(select(func.count()).select_from(Annotation)) == expected_boxes
         assert [c.name for c in session.scalars(select(ProjectClass).order_by(ProjectClass.index))] == [
-            "square", "circle", "triangle",
-        ]  # fmt: skip
+            "square",
+            "circle",
+            "triangle",
+        ]
         assert all(image.labeled for image in session.scalars(select(Image)))
     again = run_import(env, [dataset])  # importing the same dataset twice does not double the boxes
     assert len(again.duplicates) == 6 and again.annotations == 0

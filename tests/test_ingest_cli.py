@@ -34,8 +34,14 @@ def storage(tmp_path_factory) -> Path:
 def yolodex(storage: Path, *args: str | Path) -> dict:
     env = {**os.environ, "YOLODEX_STORAGE": str(storage)}
     env.pop("YOLODEX_DATABASE_URL", None)
-    completed = subprocess.run([sys.executable, "-m", "backend.cli", *map(str, args), "--json"], cwd=REPO_ROOT,
-                               env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
+    completed = subprocess.run(
+        [sys.executable, "-m", "backend.cli", *map(str, args), "--json"],
+        cwd=REPO_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert completed.returncode == 0, completed.stderr
     return json.loads(completed.stdout)
 
@@ -62,15 +68,32 @@ def test_freeze_gives_a_dataset_that_trains_and_exports(storage, tmp_path):
     splits = load_dataset(frozen["folder"])  # what `yolodex train --data` reads
     assert len(splits["train"]) + len(splits["val"]) == 64 and len(splits["val"]) > 0
     assert splits["train"].class_names == ["circle", "square", "triangle"]
-    exported = yolodex(storage, "dataset", "export", "--project", STARTER, "--name", "v1", "--format", "yolo",
-                       "--out", tmp_path / "yolo")  # fmt: skip
+    exported = yolodex(
+        storage,
+        "dataset",
+        "export",
+        "--project",
+        STARTER,
+        "--name",
+        "v1",
+        "--format",
+        "yolo",
+        "--out",
+        tmp_path / "yolo",
+    )
     assert (Path(exported["path"]) / "data.yaml").is_file() or (tmp_path / "yolo" / "data.yaml").is_file()
 
 
 def test_unknown_project_or_version_is_a_clear_error(storage):
     env = {**os.environ, "YOLODEX_STORAGE": str(storage)}
-    completed = subprocess.run([sys.executable, "-m", "backend.cli", "dataset", "stats", "--project", "Nope"],
-                               cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
+    completed = subprocess.run(
+        [sys.executable, "-m", "backend.cli", "dataset", "stats", "--project", "Nope"],
+        cwd=REPO_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert completed.returncode == 1 and "no project called 'Nope'" in completed.stderr
 
 

@@ -40,10 +40,16 @@ READY = re.compile(r"worker process \S+:(\d+) is ready and takes jobs")
 def redis_env(tmp_path, redis_server, postgres_url, monkeypatch) -> dict[str, str]:
     flush_redis(redis_server)
     env = {key: value for key, value in os.environ.items() if not key.startswith("YOLODEX_")}
-    env.update(YOLODEX_STORAGE=str(tmp_path / "storage"), YOLODEX_QUEUE_URL=redis_server, YOLODEX_DEVICE="cpu",
-               YOLODEX_DATABASE_URL=postgres_url,
-               YOLODEX_JOB_HEARTBEAT_S="0.5", YOLODEX_JOB_STALE_S="4", OMP_NUM_THREADS="1",
-               PYTHONPATH=str(REPO_ROOT))  # fmt: skip
+    env.update(
+        YOLODEX_STORAGE=str(tmp_path / "storage"),
+        YOLODEX_QUEUE_URL=redis_server,
+        YOLODEX_DEVICE="cpu",
+        YOLODEX_DATABASE_URL=postgres_url,
+        YOLODEX_JOB_HEARTBEAT_S="0.5",
+        YOLODEX_JOB_STALE_S="4",
+        OMP_NUM_THREADS="1",
+        PYTHONPATH=str(REPO_ROOT),
+    )
     # The test process reads the same heartbeat settings as the workers.
     monkeypatch.setenv("YOLODEX_JOB_HEARTBEAT_S", "0.5")
     monkeypatch.setenv("YOLODEX_JOB_STALE_S", "4")

@@ -59,8 +59,12 @@ def test_the_evaluation_records_the_share_of_objects_found():
     assert result.metrics["recall"] == pytest.approx(0.25)
     assert found_share(result.confusion_matrix) == pytest.approx(0.25)
     # The threshold decides what counts: a dog found at 0.1 is found at a threshold of 0.05.
-    assert evaluate_detections(make_dataset([([BOX_C], [DOG])]), [detections([BOX_C], [0.1], [DOG])],
-                               score_threshold=0.05).metrics["recall"] == 1.0  # fmt: skip
+    assert (
+        evaluate_detections(
+            make_dataset([([BOX_C], [DOG])]), [detections([BOX_C], [0.1], [DOG])], score_threshold=0.05
+        ).metrics["recall"]
+        == 1.0
+    )
     assert {row["metric"]: row["value"] for row in metric_rows(result.to_dict())}["recall"] == pytest.approx(0.25)
 
 
@@ -96,9 +100,14 @@ def test_each_model_shows_its_own_evaluation(tmp_path):
 
 def test_an_int8_model_shows_the_quantization_reports_figures(tmp_path):
     fp32_metrics = {"mAP50-95": 0.2, "mAP50": 0.41, "recall": 0.5}
-    report = {"chosen": "ptq_selective", "budget_points": 1.0,
-              "models": {"fp32": {"metrics": fp32_metrics},
-                         "ptq_selective": {"metrics": {"mAP50-95": 0.19, "mAP50": 0.28, "recall": 0.375}}}}  # fmt: skip
+    report = {
+        "chosen": "ptq_selective",
+        "budget_points": 1.0,
+        "models": {
+            "fp32": {"metrics": fp32_metrics},
+            "ptq_selective": {"metrics": {"mAP50-95": 0.19, "mAP50": 0.28, "recall": 0.375}},
+        },
+    }
     info = write_evaluated_run(tmp_path / "run", quarter_found().to_dict(), report)
     int8, fp32 = info.model_score("int8"), info.model_score("fp32")
     assert (int8.map50, int8.recall, int8.source) == (0.28, 0.375, "quant_report.json")

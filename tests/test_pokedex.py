@@ -64,8 +64,12 @@ def with_conf(predictor: Predictor, conf: float) -> Predictor:
 
 @pytest.fixture(scope="module")
 def model_path(tmp_path_factory) -> Path:
-    return export_onnx(detector_with_spread_scores(), tmp_path_factory.mktemp("pokedex") / "model.onnx", imgsz=IMGSZ,
-                       class_names=CLASS_NAMES)  # fmt: skip
+    return export_onnx(
+        detector_with_spread_scores(),
+        tmp_path_factory.mktemp("pokedex") / "model.onnx",
+        imgsz=IMGSZ,
+        class_names=CLASS_NAMES,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -195,28 +199,53 @@ def add_project(engine, name: str, classes: list[tuple[str, int | None, str, str
 
 def test_dex_entries_come_from_the_project_with_the_models_classes(engine):
     add_project(engine, "other", [("cat", 1, "meows", None), ("dog", 2, "barks", None)])
-    add_project(engine, "shuffled", [("squirtle", 7, "shuffled squirtle", None), ("bulbasaur", 1, "shuffled", None),
-                                     ("charmander", 4, "shuffled", None)])  # fmt: skip
-    add_project(engine, "starters", [("bulbasaur", 1, "A strange seed.", "#00ff00"), ("charmander", None, "", None),
-                                     ("squirtle", 7, "Shoots water.", "#0000ff")])  # fmt: skip
+    add_project(
+        engine,
+        "shuffled",
+        [
+            ("squirtle", 7, "shuffled squirtle", None),
+            ("bulbasaur", 1, "shuffled", None),
+            ("charmander", 4, "shuffled", None),
+        ],
+    )
+    add_project(
+        engine,
+        "starters",
+        [
+            ("bulbasaur", 1, "A strange seed.", "#00ff00"),
+            ("charmander", None, "", None),
+            ("squirtle", 7, "Shoots water.", "#0000ff"),
+        ],
+    )
     with session_scope(engine) as session:
         entries = dex_entries(session, CLASS_NAMES)
     assert [entry.project for entry in entries] == ["starters"] * 3  # same names in the same order wins
     assert [(entry.index, entry.number, entry.name) for entry in entries] == [
-        (0, 1, "bulbasaur"), (1, 2, "charmander"), (2, 7, "squirtle")  # charmander has no number: index + 1
-    ]  # fmt: skip
+        (0, 1, "bulbasaur"),
+        (1, 2, "charmander"),
+        (2, 7, "squirtle"),  # charmander has no number: index + 1
+    ]
     assert entries[0].description == "A strange seed." and entries[1].description == ""
     assert entries[0].colour == (0, 255, 0) and entries[1].colour == palette_colour(1)
 
 
 def test_dex_entries_match_by_name_in_any_order(engine):
-    add_project(engine, "shuffled", [("squirtle", 7, "Shoots water.", None), ("bulbasaur", 1, "A seed.", None),
-                                     ("charmander", 4, "Burns.", "#ff8000")])  # fmt: skip
+    add_project(
+        engine,
+        "shuffled",
+        [
+            ("squirtle", 7, "Shoots water.", None),
+            ("bulbasaur", 1, "A seed.", None),
+            ("charmander", 4, "Burns.", "#ff8000"),
+        ],
+    )
     with session_scope(engine) as session:
         entries = dex_entries(session, CLASS_NAMES)
     assert [(entry.name, entry.number, entry.description) for entry in entries] == [
-        ("bulbasaur", 1, "A seed."), ("charmander", 4, "Burns."), ("squirtle", 7, "Shoots water.")
-    ]  # fmt: skip
+        ("bulbasaur", 1, "A seed."),
+        ("charmander", 4, "Burns."),
+        ("squirtle", 7, "Shoots water."),
+    ]
     assert entries[1].colour == (255, 128, 0)
 
 
@@ -226,8 +255,10 @@ def test_dex_entries_without_a_matching_project_have_the_name_only(engine):
         entries = dex_entries(session, CLASS_NAMES)
     assert entries == plain_entries(CLASS_NAMES)
     assert [(entry.number, entry.name, entry.description, entry.project) for entry in entries] == [
-        (1, "bulbasaur", "", None), (2, "charmander", "", None), (3, "squirtle", "", None)
-    ]  # fmt: skip
+        (1, "bulbasaur", "", None),
+        (2, "charmander", "", None),
+        (3, "squirtle", "", None),
+    ]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -384,8 +415,13 @@ def huge_png(path: Path, width: int, height: int) -> Path:
 
 
 def run_cli(*args: str | Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "backend.cli", *map(str, args)], cwd=REPO_ROOT, capture_output=True,
-                          text=True, timeout=300)  # fmt: skip
+    return subprocess.run(
+        [sys.executable, "-m", "backend.cli", *map(str, args)],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -410,8 +446,9 @@ def test_a_png_over_the_pixel_cap_is_refused_from_its_header_in_little_memory(bo
         "after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
         "print(json.dumps({'grown_mb': (after - before) / 1024, 'message': message}))\n"
     )
-    completed = subprocess.run([sys.executable, "-c", probe, str(bomb_png)], cwd=REPO_ROOT, capture_output=True,
-                               text=True, timeout=300)  # fmt: skip
+    completed = subprocess.run(
+        [sys.executable, "-c", probe, str(bomb_png)], cwd=REPO_ROOT, capture_output=True, text=True, timeout=300
+    )
     assert completed.returncode == 0, completed.stderr
     outcome = json.loads(completed.stdout)
     assert outcome["message"] is not None and "13000x13000 is 169 megapixels, over the 50 MP" in outcome["message"]
@@ -456,9 +493,12 @@ def test_a_corrupt_or_foreign_onnx_is_one_clear_error(model_path, tmp_path):
     import onnx
     from onnx import TensorProto, helper
 
-    graph = helper.make_graph([helper.make_node("Identity", ["input"], ["output"])], "other",
-                              [helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, 3])],
-                              [helper.make_tensor_value_info("output", TensorProto.FLOAT, [1, 3])])  # fmt: skip
+    graph = helper.make_graph(
+        [helper.make_node("Identity", ["input"], ["output"])],
+        "other",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, 3])],
+        [helper.make_tensor_value_info("output", TensorProto.FLOAT, [1, 3])],
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     helper.set_model_props(model, {"class_names": json.dumps(["a"]), "imgsz": json.dumps([64, 64])})
     onnx.save(model, foreign)

@@ -99,9 +99,14 @@ def test_migrations_build_the_schema_on_postgresql_and_match_the_models(postgres
 def test_import_freeze_and_train_job_through_a_real_worker_on_postgresql(tmp_path, postgres_url) -> None:
     storage = tmp_path / "storage"
     env = {key: value for key, value in os.environ.items() if not key.startswith("YOLODEX_")}
-    env.update(YOLODEX_STORAGE=str(storage), YOLODEX_DATABASE_URL=postgres_url, YOLODEX_DEVICE="cpu",
-               YOLODEX_QUEUE_URL=f"sqlite:///{storage / 'queue.db'}", OMP_NUM_THREADS="2",
-               PYTHONPATH=str(REPO_ROOT))  # fmt: skip
+    env.update(
+        YOLODEX_STORAGE=str(storage),
+        YOLODEX_DATABASE_URL=postgres_url,
+        YOLODEX_DEVICE="cpu",
+        YOLODEX_QUEUE_URL=f"sqlite:///{storage / 'queue.db'}",
+        OMP_NUM_THREADS="2",
+        PYTHONPATH=str(REPO_ROOT),
+    )
     settings = Settings.from_env(env)
     data = generate_synthetic_dataset(tmp_path / "shapes", num_train=8, num_val=2, image_size=(96, 96), seed=5)
     log = tmp_path / "worker.log"
@@ -164,9 +169,14 @@ def test_label_studio_on_postgresql_in_the_foreground_syncs_and_pulls_through_it
     metadata_url = postgres_server.url(postgres_server.create_database())
     storage, port = tmp_path / "storage", free_port()
     env = {key: value for key, value in os.environ.items() if not key.startswith("YOLODEX_")}
-    env.update(YOLODEX_STORAGE=str(storage), YOLODEX_HOST="127.0.0.1", YOLODEX_LS_PORT=str(port),
-               YOLODEX_DATABASE_URL=metadata_url, PYTHONPATH=str(REPO_ROOT),
-               YOLODEX_LS_DATABASE_URL=postgres_server.url(ls_database, "postgresql"))  # fmt: skip
+    env.update(
+        YOLODEX_STORAGE=str(storage),
+        YOLODEX_HOST="127.0.0.1",
+        YOLODEX_LS_PORT=str(port),
+        YOLODEX_DATABASE_URL=metadata_url,
+        PYTHONPATH=str(REPO_ROOT),
+        YOLODEX_LS_DATABASE_URL=postgres_server.url(ls_database, "postgresql"),
+    )
     settings = Settings.from_env(env)
     # The app's side, as in compose: Label Studio is external, called at its URL (another port would be wrong).
     app = Settings.from_env({**env, "YOLODEX_LS_URL": f"http://127.0.0.1:{port}", "YOLODEX_LS_PORT": str(free_port())})
@@ -175,9 +185,14 @@ def test_label_studio_on_postgresql_in_the_foreground_syncs_and_pulls_through_it
     command = [sys.executable, "-m", "backend.labeling.server", "start", "--foreground"]
     with output.open("wb") as sink:
         process = subprocess.Popen(
-            command, cwd=REPO_ROOT, env=env, stdin=subprocess.DEVNULL, stdout=sink, stderr=subprocess.STDOUT,
+            command,
+            cwd=REPO_ROOT,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=sink,
+            stderr=subprocess.STDOUT,
             start_new_session=True,
-        )  # fmt: skip
+        )
     try:
 
         def up() -> bool:

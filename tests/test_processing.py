@@ -505,8 +505,9 @@ def test_postprocess_numpy_and_torch_agree_on_random_outputs(multi_label, seed):
     batch, anchors, classes = 2, 600, 5
     boxes = random_boxes(rng, batch * anchors, extent=320).reshape(batch, anchors, 4)
     scores = rng.random((batch, anchors, classes), dtype=np.float32) ** 3  # mostly low, like a real detector
-    config = PostprocessConfig(conf_threshold=0.3, iou_threshold=0.5, top_k=400, max_detections=150,
-                               multi_label=multi_label)  # fmt: skip
+    config = PostprocessConfig(
+        conf_threshold=0.3, iou_threshold=0.5, top_k=400, max_detections=150, multi_label=multi_label
+    )
 
     from_numpy = postprocess_numpy(boxes, scores, config)
     from_torch = postprocess_torch(torch.from_numpy(boxes), torch.from_numpy(scores), config)

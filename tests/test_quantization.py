@@ -81,9 +81,11 @@ def test_default_float_nodes_cover_head_branches_and_decoding(fp32_path):
 def test_default_float_nodes_rejects_other_graphs():
     node = onnx.helper.make_node("Relu", ["x"], ["y"], name="relu")
     graph = onnx.helper.make_graph(
-        [node], "g", [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1])],
+        [node],
+        "g",
+        [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1])],
         [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1])],
-    )  # fmt: skip
+    )
     with pytest.raises(ValueError, match="yolodex"):
         default_float_nodes(onnx.helper.make_model(graph))
 
@@ -139,8 +141,13 @@ def test_int8_outputs_agree_with_fp32(fp32_path, int8_path, train_records):
 
 
 def test_quantizing_everything_is_possible(fp32_path, train_records, tmp_path):
-    path = quantize_onnx(fp32_path, tmp_path / "all.onnx", CalibrationImages(train_records, IMGSZ, count=2),
-                         method="minmax", nodes_to_exclude=[])  # fmt: skip
+    path = quantize_onnx(
+        fp32_path,
+        tmp_path / "all.onnx",
+        CalibrationImages(train_records, IMGSZ, count=2),
+        method="minmax",
+        nodes_to_exclude=[],
+    )
     model = onnx.load(str(path))
     assert all(_weight_is_dequantized(model.graph, node) for node in model.graph.node if node.op_type == "Conv")
 

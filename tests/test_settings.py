@@ -140,9 +140,14 @@ def test_label_studio_database_url_is_parsed_and_its_password_never_shown(monkey
 
 @pytest.mark.parametrize(
     "value",
-    ["sqlite:///ls.db", "postgresql://user:hunter2@host", "postgresql://user:hunter2@/db", "mysql://u:hunter2@h/db",
-     "postgresql://user:hunter2@host:99999/db"],
-)  # fmt: skip
+    [
+        "sqlite:///ls.db",
+        "postgresql://user:hunter2@host",
+        "postgresql://user:hunter2@/db",
+        "mysql://u:hunter2@h/db",
+        "postgresql://user:hunter2@host:99999/db",
+    ],
+)
 def test_invalid_label_studio_database_url_names_the_variable_and_hides_the_password(monkeypatch, value):
     monkeypatch.setenv("YOLODEX_LS_DATABASE_URL", value)
     with pytest.raises(ValueError, match=r"YOLODEX_LS_DATABASE_URL=.*postgresql://user:password@host") as error:

@@ -219,9 +219,16 @@ def test_add_image_bytes_stores_content_addressed_and_dedupes(engine, tmp_path: 
         project = get_or_create_project(session, "dex")
         other = get_or_create_project(session, "other")
         first = add_image_bytes(
-            session, storage, project, data, source="crawl", original_name="a.png",
-            source_url="https://example.org/a.png", page_url="https://example.org/", licence_hint="CC-BY-4.0",
-        )  # fmt: skip
+            session,
+            storage,
+            project,
+            data,
+            source="crawl",
+            original_name="a.png",
+            source_url="https://example.org/a.png",
+            page_url="https://example.org/",
+            licence_hint="CC-BY-4.0",
+        )
         again = add_image_bytes(session, storage, project, data, source="upload", original_name="b.png")
         elsewhere = add_image_bytes(session, storage, other, data, source="upload", original_name="b.png")
         bad = add_image_bytes(session, storage, project, b"\x89PNG\r\n\x1a\nnot really", source="upload")
@@ -235,11 +242,18 @@ def test_add_image_bytes_stores_content_addressed_and_dedupes(engine, tmp_path: 
     with session_scope(engine) as session:
         image = session.get(Image, first.image_id)
         assert (image.sha256, image.path, image.width, image.height, image.size_bytes) == (
-            sha, f"images/{sha[:2]}/{sha}.png", 96, 64, len(data),
-        )  # fmt: skip
+            sha,
+            f"images/{sha[:2]}/{sha}.png",
+            96,
+            64,
+            len(data),
+        )
         assert (image.source, image.source_url, image.page_url, image.licence_hint) == (
-            "crawl", "https://example.org/a.png", "https://example.org/", "CC-BY-4.0",
-        )  # fmt: skip
+            "crawl",
+            "https://example.org/a.png",
+            "https://example.org/",
+            "CC-BY-4.0",
+        )
         assert len(image.phash) == 16 and image.status == "ok"
         assert session.scalar(select(Image.id).where(Image.project_id == project.id).order_by(Image.id.desc())) == (
             first.image_id
@@ -285,12 +299,25 @@ def test_three_imports_and_a_freeze_at_once_all_wait_for_the_lock_and_succeed(tm
     (labeled / "images").mkdir(parents=True)
     for n in range(4):
         (labeled / "images" / f"l{n}.png").write_bytes(encode(textured(700 + n)))
-    (labeled / "train.json").write_text(json.dumps({
-        "images": [{"id": n + 1, "file_name": f"l{n}.png", "width": 96, "height": 64} for n in range(4)],
-        "annotations": [{"id": n + 1, "image_id": n + 1, "category_id": 1, "bbox": [8, 8, 30, 20], "area": 600,
-                         "iscrowd": 0} for n in range(4)],
-        "categories": [{"id": 1, "name": "Pika"}],
-    }))  # fmt: skip
+    (labeled / "train.json").write_text(
+        json.dumps(
+            {
+                "images": [{"id": n + 1, "file_name": f"l{n}.png", "width": 96, "height": 64} for n in range(4)],
+                "annotations": [
+                    {
+                        "id": n + 1,
+                        "image_id": n + 1,
+                        "category_id": 1,
+                        "bbox": [8, 8, 30, 20],
+                        "area": 600,
+                        "iscrowd": 0,
+                    }
+                    for n in range(4)
+                ],
+                "categories": [{"id": 1, "name": "Pika"}],
+            }
+        )
+    )
     service.import_into([labeled], "Shared")
     folders = []
     for k in range(3):

@@ -22,9 +22,15 @@ def test_same_seed_gives_identical_files_and_another_seed_differs(tmp_path: Path
     first = file_bytes(generate_synthetic_dataset(tmp_path / "a", num_train=6, num_val=3, seed=3))
     second = file_bytes(generate_synthetic_dataset(tmp_path / "b", num_train=6, num_val=3, seed=3))
     other = file_bytes(generate_synthetic_dataset(tmp_path / "c", num_train=6, num_val=3, seed=4))
-    assert sorted(first) == ["images/train_0000.png", *[f"images/train_000{i}.png" for i in range(1, 6)],
-                             "images/val_0000.png", "images/val_0001.png", "images/val_0002.png",
-                             "train.json", "val.json"]  # fmt: skip
+    assert sorted(first) == [
+        "images/train_0000.png",
+        *[f"images/train_000{i}.png" for i in range(1, 6)],
+        "images/val_0000.png",
+        "images/val_0001.png",
+        "images/val_0002.png",
+        "train.json",
+        "val.json",
+    ]
     assert first == second
     assert sorted(other) == sorted(first)
     assert other["train.json"] != first["train.json"]

@@ -33,8 +33,17 @@ def read_events(run_dir: Path) -> list[dict]:
 
 
 def tiny_config(data: Path, **changes) -> TrainConfig:
-    values = dict(data=str(data), size="s", imgsz=64, epochs=2, batch_size=2, min_samples=4, num_workers=0,
-                  patience=None, warmup_epochs=0.5)  # fmt: skip
+    values = dict(
+        data=str(data),
+        size="s",
+        imgsz=64,
+        epochs=2,
+        batch_size=2,
+        min_samples=4,
+        num_workers=0,
+        patience=None,
+        warmup_epochs=0.5,
+    )
     return TrainConfig(**{**values, **changes})
 
 
@@ -52,9 +61,20 @@ def test_overfits_four_synthetic_images(tmp_path: Path) -> None:
     data = generate_synthetic_dataset(tmp_path / "four", num_train=4, num_val=0, image_size=(160, 160), seed=14)
     shutil.copy(data / "train.json", data / "val.json")
     config = TrainConfig(
-        data=str(data), size="s", imgsz=160, epochs=50, batch_size=4, min_samples=16, augment=False, lr=1e-3,
-        warmup_epochs=1, eval_every=5, patience=None, num_workers=0, ema_decay=0.0,
-    )  # fmt: skip
+        data=str(data),
+        size="s",
+        imgsz=160,
+        epochs=50,
+        batch_size=4,
+        min_samples=16,
+        augment=False,
+        lr=1e-3,
+        warmup_epochs=1,
+        eval_every=5,
+        patience=None,
+        num_workers=0,
+        ema_decay=0.0,
+    )
     result = fit(config, tmp_path / "run")
     evaluation = json.loads((tmp_path / "run" / "eval.json").read_text())
     assert evaluation["metrics"]["mAP50"] >= 0.9, evaluation["metrics"]
@@ -76,17 +96,46 @@ def cli_env(storage: Path) -> dict[str, str]:
 
 @pytest.mark.slow
 def test_killed_run_resumes_where_it_stopped_and_evaluates_alike(small_set: Path, tmp_path: Path) -> None:
-    train_args = ["train", "--data", small_set, "--size", "s", "--imgsz", 64, "--epochs", 3, "--batch", 2,
-                  "--min-samples", 8, "--workers", 0, "--checkpoint-minutes", 0, "--quiet"]  # fmt: skip
+    train_args = [
+        "train",
+        "--data",
+        small_set,
+        "--size",
+        "s",
+        "--imgsz",
+        64,
+        "--epochs",
+        3,
+        "--batch",
+        2,
+        "--min-samples",
+        8,
+        "--workers",
+        0,
+        "--checkpoint-minutes",
+        0,
+        "--quiet",
+    ]
     # The same run uninterrupted, for reference.
-    reference = subprocess.run(cli(*train_args, "--out", tmp_path / "reference", "--json"), cwd=REPO_ROOT,
-                               env=cli_env(tmp_path), capture_output=True, text=True, timeout=600)  # fmt: skip
+    reference = subprocess.run(
+        cli(*train_args, "--out", tmp_path / "reference", "--json"),
+        cwd=REPO_ROOT,
+        env=cli_env(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert reference.returncode == 0, reference.stderr
 
     # Kill -9 in the middle of epoch 2, right after a mid-epoch checkpoint.
     run_dir = tmp_path / "run"
-    process = subprocess.Popen(cli(*train_args, "--out", run_dir), cwd=REPO_ROOT, env=cli_env(tmp_path),
-                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)  # fmt: skip
+    process = subprocess.Popen(
+        cli(*train_args, "--out", run_dir),
+        cwd=REPO_ROOT,
+        env=cli_env(tmp_path),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
     deadline = time.monotonic() + 300
     try:
         while time.monotonic() < deadline:
@@ -104,8 +153,14 @@ def test_killed_run_resumes_where_it_stopped_and_evaluates_alike(small_set: Path
     assert (killed_at["epoch"], killed_at["step_in_epoch"]) >= (1, 2)  # a later checkpoint may have landed
     assert not (run_dir / "eval.json").exists() or read_events(run_dir)[-1]["event"] != "train_end"
 
-    resumed = subprocess.run(cli("train", "--resume", run_dir, "--json", "--quiet"), cwd=REPO_ROOT,
-                             env=cli_env(tmp_path), capture_output=True, text=True, timeout=600)  # fmt: skip
+    resumed = subprocess.run(
+        cli("train", "--resume", run_dir, "--json", "--quiet"),
+        cwd=REPO_ROOT,
+        env=cli_env(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert resumed.returncode == 0, resumed.stderr
     result = json.loads(resumed.stdout)
     assert (result["stopped"], result["epochs_done"]) == ("epochs", 3)
@@ -118,16 +173,23 @@ def test_killed_run_resumes_where_it_stopped_and_evaluates_alike(small_set: Path
     resumed_steps = {
         (e["epoch"], e["step"]): e["loss"] for e in events[events.index(starts[1]) :] if e["event"] == "step"
     }
-    reference_steps = {(e["epoch"], e["step"]): e["loss"] for e in read_events(tmp_path / "reference")
-                       if e["event"] == "step"}  # fmt: skip
+    reference_steps = {
+        (e["epoch"], e["step"]): e["loss"] for e in read_events(tmp_path / "reference") if e["event"] == "step"
+    }
     assert min(resumed_steps) == (position[0], position[1] + 1)
     assert set(resumed_steps) == {key for key in reference_steps if key > position}
     for key, loss in resumed_steps.items():
         assert loss == pytest.approx(reference_steps[key], rel=1e-3), key
 
     # best.pt evaluated again through `yolodex eval` gives the eval.json that training wrote.
-    evaluated = subprocess.run(cli("eval", run_dir, "--data", small_set, "--json"), cwd=REPO_ROOT,
-                               env=cli_env(tmp_path), capture_output=True, text=True, timeout=600)  # fmt: skip
+    evaluated = subprocess.run(
+        cli("eval", run_dir, "--data", small_set, "--json"),
+        cwd=REPO_ROOT,
+        env=cli_env(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert evaluated.returncode == 0, evaluated.stderr
     saved = json.loads((run_dir / "eval.json").read_text())
     assert json.loads(evaluated.stdout)["metrics"] == pytest.approx(saved["metrics"], abs=1e-4)
@@ -313,8 +375,28 @@ def test_epoch_counts_in_words() -> None:
 
 @pytest.mark.slow
 def test_cli_train_ends_with_the_one_epoch_count_and_the_budget_that_ended_it(small_set: Path, tmp_path: Path) -> None:
-    args = cli("train", "--data", small_set, "--size", "s", "--imgsz", 64, "--epochs", 30, "--time", 0.05,
-               "--batch", 2, "--min-samples", 8, "--workers", 0, "--quiet", "--out", tmp_path / "run")  # fmt: skip
+    args = cli(
+        "train",
+        "--data",
+        small_set,
+        "--size",
+        "s",
+        "--imgsz",
+        64,
+        "--epochs",
+        30,
+        "--time",
+        0.05,
+        "--batch",
+        2,
+        "--min-samples",
+        8,
+        "--workers",
+        0,
+        "--quiet",
+        "--out",
+        tmp_path / "run",
+    )
     finished = subprocess.run(args, cwd=REPO_ROOT, env=cli_env(tmp_path), capture_output=True, text=True, timeout=600)
     assert finished.returncode == 0, finished.stderr
     done = next(e for e in read_events(tmp_path / "run") if e["event"] == "train_end")["epochs_done"]

@@ -30,8 +30,17 @@ SMALL_DISK = "64m"  # a tmpfs this size holds neither a run's checkpoints (~700 
 
 
 def tiny_config(data: Path, **changes) -> TrainConfig:
-    values = dict(data=str(data), size="s", imgsz=64, epochs=1, batch_size=2, min_samples=4, num_workers=0,
-                  patience=None, warmup_epochs=0.5)  # fmt: skip
+    values = dict(
+        data=str(data),
+        size="s",
+        imgsz=64,
+        epochs=1,
+        batch_size=2,
+        min_samples=4,
+        num_workers=0,
+        patience=None,
+        warmup_epochs=0.5,
+    )
     return TrainConfig(**{**values, **changes})
 
 
@@ -100,8 +109,25 @@ def on_small_disk(small: Path, *args: str | Path) -> subprocess.CompletedProcess
 @pytest.mark.usefixtures("private_mounts")
 def test_training_refuses_a_folder_without_room_for_its_checkpoints(small_set: Path, tmp_path: Path) -> None:
     small = tmp_path / "small"
-    completed = on_small_disk(small, "train", "--data", small_set, "--imgsz", 64, "--epochs", 1, "--batch", 2,
-                              "--min-samples", 4, "--workers", 0, "--quiet", "--out", small / "run")  # fmt: skip
+    completed = on_small_disk(
+        small,
+        "train",
+        "--data",
+        small_set,
+        "--imgsz",
+        64,
+        "--epochs",
+        1,
+        "--batch",
+        2,
+        "--min-samples",
+        4,
+        "--workers",
+        0,
+        "--quiet",
+        "--out",
+        small / "run",
+    )
     assert completed.returncode == 1, completed.stderr
     error = completed.stderr.strip().splitlines()
     assert len(error) == 1 and "Traceback" not in completed.stderr

@@ -51,9 +51,14 @@ class _NonMaxSuppression(torch.autograd.Function):
     def symbolic(g, boxes, scores, max_output_per_class, iou_threshold, score_threshold):
         # center_point_box=0: corners; ONNX reads them as (y1, x1, y2, x2) but IoU is symmetric in x and y.
         return g.op(
-            "NonMaxSuppression", boxes, scores, max_output_per_class, iou_threshold, score_threshold,
+            "NonMaxSuppression",
+            boxes,
+            scores,
+            max_output_per_class,
+            iou_threshold,
+            score_threshold,
             center_point_box_i=0,
-        )  # fmt: skip
+        )
 
 
 class ExportableDetector(nn.Module):
@@ -181,9 +186,13 @@ def _declare_static_output_sizes(
     num_classes = model.num_classes
     max_detections = min(config.max_detections, num_classes * min(config.top_k, num_anchors))
     sizes = {
-        "boxes": [num_anchors, 4], "scores": [num_anchors, num_classes], "num_detections": [1],
-        "det_boxes": [max_detections, 4], "det_scores": [max_detections], "det_classes": [max_detections],
-    }  # fmt: skip
+        "boxes": [num_anchors, 4],
+        "scores": [num_anchors, num_classes],
+        "num_detections": [1],
+        "det_boxes": [max_detections, 4],
+        "det_scores": [max_detections],
+        "det_classes": [max_detections],
+    }
     for output in onnx_model.graph.output:
         if output.name in sizes and (with_nms or output.name in ("boxes", "scores")):
             for dim, value in zip(output.type.tensor_type.shape.dim[1:], sizes[output.name], strict=True):

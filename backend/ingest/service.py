@@ -85,10 +85,16 @@ def crawl_into(
         try:
             with session_scope(engine, write=True) as session:
                 result = add_image_bytes(
-                    session, storage, session.get_one(Project, project_id), image.data, source="crawl",
-                    original_name=image.original_name, source_url=image.source_url, page_url=image.page_url,
+                    session,
+                    storage,
+                    session.get_one(Project, project_id),
+                    image.data,
+                    source="crawl",
+                    original_name=image.original_name,
+                    source_url=image.source_url,
+                    page_url=image.page_url,
                     licence_hint=image.licence_hint,
-                )  # fmt: skip
+                )
         except DiskFullError as error:  # ends the crawl (see crawl.py); the images committed before stay
             error_line = full_disk_message(error, storage)
             stored = added.get("accepted", 0)
@@ -163,8 +169,12 @@ def freeze(
     engine, storage = open_store(settings)
     with session_scope(engine, write=True) as session:
         version = freeze_version(session, storage, _project(session, project), name, fractions, seed)
-        return {"project": project, "version": version.name, "folder": str(version_folder(storage, version)),
-                "counts": version.counts}  # fmt: skip
+        return {
+            "project": project,
+            "version": version.name,
+            "folder": str(version_folder(storage, version)),
+            "counts": version.counts,
+        }
 
 
 def export(project: str, version: str, fmt: str, out: str | Path, settings: Settings | None = None) -> dict:
@@ -204,9 +214,12 @@ def create_project(name: str, classes: Sequence[str | dict[str, Any]], settings:
         project = class_store.create_project(session, name, classes)
         rows = class_store.class_rows(session, project)
         names = ", ".join(row.name for row in rows)
-        return {"project": project.name, "classes": [row.to_dict() for row in rows],
-                "summary": f"created project {project.name!r} with {len(rows)} class{'' if len(rows) == 1 else 'es'}: "
-                f"{names}"}  # fmt: skip
+        return {
+            "project": project.name,
+            "classes": [row.to_dict() for row in rows],
+            "summary": f"created project {project.name!r} with {len(rows)} class{'' if len(rows) == 1 else 'es'}: "
+            f"{names}",
+        }
 
 
 def list_classes(project: str, settings: Settings | None = None) -> dict:
@@ -229,10 +242,15 @@ def add_class(
     """Appends a class to the project."""
     engine, _ = open_store(settings)
     with session_scope(engine, write=True) as session:
-        added = class_store.add_class(session, _project(session, project), name, dex_number=dex_number,
-                                      description=description, colour=colour)  # fmt: skip
-        return {"project": project, "class": added.name, "index": added.index,
-                "summary": f"added class {added.name!r} to {project} (index {added.index})"}  # fmt: skip
+        added = class_store.add_class(
+            session, _project(session, project), name, dex_number=dex_number, description=description, colour=colour
+        )
+        return {
+            "project": project,
+            "class": added.name,
+            "index": added.index,
+            "summary": f"added class {added.name!r} to {project} (index {added.index})",
+        }
 
 
 def rename_class(project: str, old_name: str, new_name: str, settings: Settings | None = None) -> dict:
@@ -241,8 +259,13 @@ def rename_class(project: str, old_name: str, new_name: str, settings: Settings 
     with session_scope(engine, write=True) as session:
         renamed = class_store.rename_class(session, _project(session, project), old_name, new_name)
         old = str(old_name).strip()
-        return {"project": project, "class": renamed.name, "old_name": old, "index": renamed.index,
-                "summary": f"renamed class {old!r} to {renamed.name!r} in {project}"}  # fmt: skip
+        return {
+            "project": project,
+            "class": renamed.name,
+            "old_name": old,
+            "index": renamed.index,
+            "summary": f"renamed class {old!r} to {renamed.name!r} in {project}",
+        }
 
 
 def describe_class(
@@ -257,16 +280,24 @@ def describe_class(
     """Sets a class's dex number, description and/or colour (fields not given stay; "" clears one)."""
     engine, _ = open_store(settings)
     with session_scope(engine, write=True) as session:
-        item, changed = class_store.describe_class(session, _project(session, project), name, dex_number=dex_number,
-                                                   description=description, colour=colour)  # fmt: skip
+        item, changed = class_store.describe_class(
+            session, _project(session, project), name, dex_number=dex_number, description=description, colour=colour
+        )
         words = {"dex_number": "dex number", "description": "description", "colour": "colour"}
         summary = (
             f"class {item.name!r}: changed its " + _listed([words[field] for field in changed])
             if changed
             else f"class {item.name!r}: nothing changed (the values given are the ones it has)"
         )
-        return {"project": project, "class": item.name, "changed": changed, "dex_number": item.dex_number,
-                "description": item.description, "colour": item.colour, "summary": summary}  # fmt: skip
+        return {
+            "project": project,
+            "class": item.name,
+            "changed": changed,
+            "dex_number": item.dex_number,
+            "description": item.description,
+            "colour": item.colour,
+            "summary": summary,
+        }
 
 
 def edit_class(
@@ -289,16 +320,27 @@ def edit_class(
         old = item.name
         if new_name is not None and new_name.strip() != old:
             class_store.rename_class(session, target, old, new_name)
-        _, changed = class_store.describe_class(session, target, item.name, dex_number=dex_number,
-                                                description=description, colour=colour)  # fmt: skip
+        _, changed = class_store.describe_class(
+            session, target, item.name, dex_number=dex_number, description=description, colour=colour
+        )
         words = {"dex_number": "dex number", "description": "description", "colour": "colour"}
         done = [f"renamed {old!r} to {item.name!r}"] if item.name != old else []
         done += [f"changed its {_listed([words[field] for field in changed])}"] if changed else []
         if not done:
-            return {"project": project, "class": old, "changed": [], "level": "info",
-                    "summary": f"class {old!r}: nothing to save (the values are the ones it has)"}  # fmt: skip
-        return {"project": project, "class": item.name, "old_name": old, "changed": changed,
-                "summary": f"class {old!r}: " + " and ".join(done)}  # fmt: skip
+            return {
+                "project": project,
+                "class": old,
+                "changed": [],
+                "level": "info",
+                "summary": f"class {old!r}: nothing to save (the values are the ones it has)",
+            }
+        return {
+            "project": project,
+            "class": item.name,
+            "old_name": old,
+            "changed": changed,
+            "summary": f"class {old!r}: " + " and ".join(done),
+        }
 
 
 def remove_class(project: str, name: str, settings: Settings | None = None) -> dict:

@@ -36,12 +36,19 @@ def create_starter_project(
     project = get_or_create_project(session, STARTER_NAME)
     for number, name in enumerate(STARTER_CLASSES, start=1):
         red, green, blue = SHAPE_COLOURS[name]
-        ensure_class(session, project, name, dex_number=number, description=DEX_ENTRIES[name],
-                     colour=f"#{red:02x}{green:02x}{blue:02x}")  # fmt: skip
+        ensure_class(
+            session,
+            project,
+            name,
+            dex_number=number,
+            description=DEX_ENTRIES[name],
+            colour=f"#{red:02x}{green:02x}{blue:02x}",
+        )
     if session.scalar(select(Image.id).where(Image.project_id == project.id).limit(1)) is not None:
         return project, None
     with tempfile.TemporaryDirectory(prefix="yolodex-starter-") as scratch:
-        folder = generate_synthetic_dataset(Path(scratch) / "shapes", num_train=train, num_val=val,
-                                            class_names=STARTER_CLASSES, seed=seed)  # fmt: skip
+        folder = generate_synthetic_dataset(
+            Path(scratch) / "shapes", num_train=train, num_val=val, class_names=STARTER_CLASSES, seed=seed
+        )
         report = import_paths(session, storage, project, [folder], source="synthetic")
     return project, report.to_dict()

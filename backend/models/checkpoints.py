@@ -34,16 +34,87 @@ FUSION_ORDER = {"none": 0, "partial": 1, "full": 2}
 CLASS_PREDICTOR_SUFFIXES = ("cls_pred.weight", "cls_pred.bias")
 
 COCO_CLASS_NAMES = (
-    "person", "bicycle", "car", "motorcycle", "airplane", "bus", "train", "truck", "boat", "traffic light",
-    "fire hydrant", "stop sign", "parking meter", "bench", "bird", "cat", "dog", "horse", "sheep", "cow",
-    "elephant", "bear", "zebra", "giraffe", "backpack", "umbrella", "handbag", "tie", "suitcase", "frisbee",
-    "skis", "snowboard", "sports ball", "kite", "baseball bat", "baseball glove", "skateboard", "surfboard",
-    "tennis racket", "bottle", "wine glass", "cup", "fork", "knife", "spoon", "bowl", "banana", "apple",
-    "sandwich", "orange", "broccoli", "carrot", "hot dog", "pizza", "donut", "cake", "chair", "couch",
-    "potted plant", "bed", "dining table", "toilet", "tv", "laptop", "mouse", "remote", "keyboard", "cell phone",
-    "microwave", "oven", "toaster", "sink", "refrigerator", "book", "clock", "vase", "scissors", "teddy bear",
-    "hair drier", "toothbrush",
-)  # fmt: skip
+    "person",
+    "bicycle",
+    "car",
+    "motorcycle",
+    "airplane",
+    "bus",
+    "train",
+    "truck",
+    "boat",
+    "traffic light",
+    "fire hydrant",
+    "stop sign",
+    "parking meter",
+    "bench",
+    "bird",
+    "cat",
+    "dog",
+    "horse",
+    "sheep",
+    "cow",
+    "elephant",
+    "bear",
+    "zebra",
+    "giraffe",
+    "backpack",
+    "umbrella",
+    "handbag",
+    "tie",
+    "suitcase",
+    "frisbee",
+    "skis",
+    "snowboard",
+    "sports ball",
+    "kite",
+    "baseball bat",
+    "baseball glove",
+    "skateboard",
+    "surfboard",
+    "tennis racket",
+    "bottle",
+    "wine glass",
+    "cup",
+    "fork",
+    "knife",
+    "spoon",
+    "bowl",
+    "banana",
+    "apple",
+    "sandwich",
+    "orange",
+    "broccoli",
+    "carrot",
+    "hot dog",
+    "pizza",
+    "donut",
+    "cake",
+    "chair",
+    "couch",
+    "potted plant",
+    "bed",
+    "dining table",
+    "toilet",
+    "tv",
+    "laptop",
+    "mouse",
+    "remote",
+    "keyboard",
+    "cell phone",
+    "microwave",
+    "oven",
+    "toaster",
+    "sink",
+    "refrigerator",
+    "book",
+    "clock",
+    "vase",
+    "scissors",
+    "teddy bear",
+    "hair drier",
+    "toothbrush",
+)
 
 
 ROOM_MARGIN_BYTES = 16 * 2**20  # beside the checkpoints: config.json, metrics.jsonl, eval.json, file system blocks
@@ -188,9 +259,10 @@ def load_weights(
         skip = {
             key
             for key in expected
-            if key.endswith(CLASS_PREDICTOR_SUFFIXES) and key in state_dict
+            if key.endswith(CLASS_PREDICTOR_SUFFIXES)
+            and key in state_dict
             and state_dict[key].shape != expected[key].shape
-        }  # fmt: skip
+        }
     problems = _mismatches(expected, state_dict, skip)
     if problems:
         shown = "; ".join(problems[:MAX_LISTED_MISMATCHES])
@@ -245,9 +317,17 @@ def load_model(
     model = build_model(size, num_classes).eval()
     skipped = load_weights(model, state_dict, allow_class_transfer=num_classes != weights_classes)
     report = LoadReport(
-        path=str(path), layout=layout, entry=entry, size=size, num_classes=num_classes, class_names=class_names,
-        fusion=model.fusion, imgsz=config.get("imgsz"), loaded=len(state_dict) - len(skipped), skipped=skipped,
-    )  # fmt: skip
+        path=str(path),
+        layout=layout,
+        entry=entry,
+        size=size,
+        num_classes=num_classes,
+        class_names=class_names,
+        fusion=model.fusion,
+        imgsz=config.get("imgsz"),
+        loaded=len(state_dict) - len(skipped),
+        skipped=skipped,
+    )
     return model, report
 
 

@@ -40,8 +40,9 @@ class NDFLHeads(nn.Module):
     stride order, row-major within a level; the last axis of reg_distri is side-major (l, t, r, b × bins).
     """
 
-    def __init__(self, in_channels: tuple[int, ...], inter_channels: tuple[int, ...], num_classes: int,
-                 reg_max: int = 16):  # fmt: skip
+    def __init__(
+        self, in_channels: tuple[int, ...], inter_channels: tuple[int, ...], num_classes: int, reg_max: int = 16
+    ):
         super().__init__()
         self.head1 = DFLHead(in_channels[0], inter_channels[0], num_classes, reg_max)
         self.head2 = DFLHead(in_channels[1], inter_channels[1], num_classes, reg_max)

@@ -20,8 +20,9 @@ class UpStage(nn.Module):
     out (B, out, 2h, 2w). Concat order [upsampled inter, reduced skip1, downsampled skip2].
     """
 
-    def __init__(self, in_channels: int, skip1_channels: int, skip2_channels: int, out_channels: int,
-                 config: NeckStageConfig):  # fmt: skip
+    def __init__(
+        self, in_channels: int, skip1_channels: int, skip2_channels: int, out_channels: int, config: NeckStageConfig
+    ):
         super().__init__()
         self.reduce_skip1 = ConvBNReLU(skip1_channels, out_channels, 1)
         self.reduce_skip2 = ConvBNReLU(skip2_channels, out_channels, 1)
@@ -29,8 +30,7 @@ class UpStage(nn.Module):
         self.upsample = nn.ConvTranspose2d(out_channels, out_channels, kernel_size=2, stride=2, bias=True)
         self.downsample = ConvBNReLU(out_channels, out_channels, 3, stride=2)
         self.reduce_after_concat = ConvBNReLU(out_channels * 3, out_channels, 1)
-        self.blocks = CSPLayer(out_channels, out_channels, config.num_blocks, config.hidden_channels,
-                               use_qarepvgg=True)  # fmt: skip
+        self.blocks = CSPLayer(out_channels, out_channels, config.num_blocks, config.hidden_channels, use_qarepvgg=True)
 
     def forward(self, x: torch.Tensor, skip1: torch.Tensor, skip2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         inter = self.conv(x)
@@ -46,8 +46,13 @@ class DownStage(nn.Module):
     def __init__(self, in_channels: int, skip_channels: int, out_channels: int, config: NeckStageConfig):
         super().__init__()
         self.conv = ConvBNReLU(in_channels, out_channels // 2, 3, stride=2)
-        self.blocks = CSPLayer(out_channels // 2 + skip_channels, out_channels, config.num_blocks,
-                               config.hidden_channels, use_qarepvgg=False)  # fmt: skip
+        self.blocks = CSPLayer(
+            out_channels // 2 + skip_channels,
+            out_channels,
+            config.num_blocks,
+            config.hidden_channels,
+            use_qarepvgg=False,
+        )
 
     def forward(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:  # (B, in, 2h, 2w) → (B, out, h, w)
         return self.blocks(torch.cat([self.conv(x), skip], dim=1))

@@ -56,8 +56,10 @@ class CalibrationImages(CalibrationDataReader):
         if len(records) < count:
             logger.warning(
                 "asked for %d calibration images but only %d are available; calibrating on %d",
-                count, len(records), len(records),
-            )  # fmt: skip
+                count,
+                len(records),
+                len(records),
+            )
         self.records = [records[index] for index in order[:count]]
         self.input_name = input_name
         self._position = 0

@@ -383,8 +383,9 @@ def uint8_entropy_tensors_data(calibrator: Any) -> TensorsData:
             signed = float(min_value) < 0.0
             folded = hist[half:] + (hist[:half][::-1] if signed else 0)
             levels = UINT8_LEVELS // 2 if signed else UINT8_LEVELS
-            _, threshold = _threshold(np.concatenate([folded[::-1], folded]), hist_edges, 2 * levels, None, None,
-                                      name=name)  # fmt: skip
+            _, threshold = _threshold(
+                np.concatenate([folded[::-1], folded]), hist_edges, 2 * levels, None, None, name=name
+            )
             lo = max(-threshold, min_value) if signed else np.asarray(min_value, dtype=hist_edges.dtype)
             hi = min(threshold, max_value)
         data[name] = (lo, hi, hist, hist_edges)

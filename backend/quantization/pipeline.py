@@ -182,8 +182,14 @@ def quantize_run(
     started = time.perf_counter()
     try:
         stage("export")
-        fp32_path = export_onnx(model, out_dir / "model_fp32.onnx", imgsz=imgsz, class_names=loaded.class_names,
-                                run_id=run_dir.name, fuse=False)  # fmt: skip
+        fp32_path = export_onnx(
+            model,
+            out_dir / "model_fp32.onnx",
+            imgsz=imgsz,
+            class_names=loaded.class_names,
+            run_id=run_dir.name,
+            fuse=False,
+        )
         prepared = preprocess_fp32(fp32_path, work / "fp32_pre.onnx")
         evaluator = _Evaluator(val_set, options.threads)
         rows: dict[str, dict[str, Any]] = {"fp32": {"kind": "fp32", "path": fp32_path}}
@@ -199,38 +205,71 @@ def quantize_run(
             reader = CalibrationImages(train_set.records, imgsz, count=options.calib_images)
             calibrations[name] = calibrate(prepared, reader, work / f"ranges_{name}.json", method=name)
             path = quantize_calibrated(calibrations[name], variants / f"ptq_{name}.onnx", metadata_from=fp32_path)
-            rows[f"ptq_{name}"] = {"kind": "ptq", "calibration": name, "policy": "default", "path": path,
-                                   "float_layers": default_layers}  # fmt: skip
+            rows[f"ptq_{name}"] = {
+                "kind": "ptq",
+                "calibration": name,
+                "policy": "default",
+                "path": path,
+                "float_layers": default_layers,
+            }
         fp32_map = evaluator.map(fp32_path) if evaluator.available else None
         # The selective policy and QAT build on the calibration that did best with the default policy (ties: the
         # one asked for): on one model percentile wins, on another minmax (measured: -2.8 vs +0.5 points at 640).
         selected = options.calibration
         if evaluator.available and len(calibrations) > 1:
-            selected = max(calibrations, key=lambda name: (evaluator.map(rows[f"ptq_{name}"]["path"]),
-                                                           name == options.calibration))  # fmt: skip
+            selected = max(
+                calibrations, key=lambda name: (evaluator.map(rows[f"ptq_{name}"]["path"]), name == options.calibration)
+            )
         calibration = calibrations[selected]
         budget = options.budget / 100.0
         sensitivity = None
         if options.method in ("auto", "ptq") and evaluator.available:
             stage("scan")
             images = _stack(CalibrationImages(val_set.records, imgsz, count=options.scan_images, seed=1))
-            scan = scan_sensitivity(calibration, images, candidates=options.scan_layers, threads=options.threads,
-                                    on_progress=emit, stop_requested=stop_requested)  # fmt: skip
+            scan = scan_sensitivity(
+                calibration,
+                images,
+                candidates=options.scan_layers,
+                threads=options.threads,
+                on_progress=emit,
+                stop_requested=stop_requested,
+            )
             stage("policy")
-            choice = choose_float_nodes(calibration, scan, evaluator.map, fp32_map, budget,
-                                        variants / "ptq_selective.onnx", metadata_from=fp32_path,
-                                        on_progress=emit)  # fmt: skip
+            choice = choose_float_nodes(
+                calibration,
+                scan,
+                evaluator.map,
+                fp32_map,
+                budget,
+                variants / "ptq_selective.onnx",
+                metadata_from=fp32_path,
+                on_progress=emit,
+            )
             rows["ptq_selective"] = {
-                "kind": "ptq", "calibration": selected, "policy": "selective", "path": choice.path,
-                "float_layers": [layer.module for layer in choice.float_layers], "within_budget": choice.within_budget,
-            }  # fmt: skip
+                "kind": "ptq",
+                "calibration": selected,
+                "policy": "selective",
+                "path": choice.path,
+                "float_layers": [layer.module for layer in choice.float_layers],
+                "within_budget": choice.within_budget,
+            }
             sensitivity = {
-                **scan.to_dict(), "budget_points": options.budget, "fp32_map": round(fp32_map, 5),
-                "tried": choice.tried, "within_budget": choice.within_budget,
-                "float_layers": [{"module": layer.module, "node": layer.node, "parameters": layer.parameters,
-                                  "cost": float(f"{layer.cost:.4g}"), "float_bytes": 3 * layer.parameters}
-                                 for layer in choice.float_layers],
-            }  # fmt: skip
+                **scan.to_dict(),
+                "budget_points": options.budget,
+                "fp32_map": round(fp32_map, 5),
+                "tried": choice.tried,
+                "within_budget": choice.within_budget,
+                "float_layers": [
+                    {
+                        "module": layer.module,
+                        "node": layer.node,
+                        "parameters": layer.parameters,
+                        "cost": float(f"{layer.cost:.4g}"),
+                        "float_bytes": 3 * layer.parameters,
+                    }
+                    for layer in choice.float_layers
+                ],
+            }
 
         qat_summary = None
         selective_ok = rows.get("ptq_selective", {}).get("within_budget")
@@ -238,18 +277,36 @@ def quantize_run(
             stage("qat")
             float_modules = rows[f"ptq_{selected}"]["float_layers"]  # the default policy: QAT trains the rest
             path, qat_summary = _quantization_aware(
-                model, loaded.class_names, run_dir.name, train_config, train_set, val_set, float_modules,
-                options, selected, fp32_path, work, variants / "qat.onnx", emit, stop_requested,
-            )  # fmt: skip
-            rows["qat"] = {"kind": "qat", "calibration": selected, "policy": "qat", "path": path,
-                           "float_layers": float_modules}  # fmt: skip
+                model,
+                loaded.class_names,
+                run_dir.name,
+                train_config,
+                train_set,
+                val_set,
+                float_modules,
+                options,
+                selected,
+                fp32_path,
+                work,
+                variants / "qat.onnx",
+                emit,
+                stop_requested,
+            )
+            rows["qat"] = {
+                "kind": "qat",
+                "calibration": selected,
+                "policy": "qat",
+                "path": path,
+                "float_layers": float_modules,
+            }
 
         stage("measure")
         for row in rows.values():
             row.update(evaluator.evaluate(row["path"]) if evaluator.available else {})
             row["bytes"] = Path(row["path"]).stat().st_size
-        speed = measure_speed({name: row["path"] for name, row in rows.items()}, imgsz, options.threads,
-                              options.latency_runs)  # fmt: skip
+        speed = measure_speed(
+            {name: row["path"] for name, row in rows.items()}, imgsz, options.threads, options.latency_runs
+        )
         for name, row in rows.items():
             row.update(speed[name])
         chosen = _choose(rows, fp32_map, budget, options.calibration)
@@ -278,20 +335,35 @@ def quantize_run(
         shutil.rmtree(work, ignore_errors=True)
 
     report = {
-        "run": str(run_dir), "checkpoint": str(checkpoint), "imgsz": imgsz, "method": options.method,
+        "run": str(run_dir),
+        "checkpoint": str(checkpoint),
+        "imgsz": imgsz,
+        "method": options.method,
         "options": json.loads(json.dumps(asdict(options))),
-        "budget_points": options.budget, "threads": options.threads, "validation_images": len(val_set),
-        "chosen": chosen, "model_int8": str(int8_path), "model_fp32": str(fp32_path),
+        "budget_points": options.budget,
+        "threads": options.threads,
+        "validation_images": len(val_set),
+        "chosen": chosen,
+        "model_int8": str(int8_path),
+        "model_fp32": str(fp32_path),
         "within_budget": _within(rows[chosen], fp32_map, budget),
-        "calibration": {"method": options.calibration, "selected": selected, "asked": options.calib_images,
-                        "split": "train",
-                        "images": calibration.images,
-                        "seconds": {name: item.seconds for name, item in calibrations.items()}},
-        "float_nodes": _float_nodes(int8_path), "sensitivity": sensitivity, "qat": qat_summary,
+        "calibration": {
+            "method": options.calibration,
+            "selected": selected,
+            "asked": options.calib_images,
+            "split": "train",
+            "images": calibration.images,
+            "seconds": {name: item.seconds for name, item in calibrations.items()},
+        },
+        "float_nodes": _float_nodes(int8_path),
+        "sensitivity": sensitivity,
+        "qat": qat_summary,
         "gallery": report_rows[chosen].get("agreement", {}).get("most_changed", []),
-        "models": report_rows, "notes": notes, "not_measured": not_measured,
+        "models": report_rows,
+        "notes": notes,
+        "not_measured": not_measured,
         "seconds": round(time.perf_counter() - started, 1),
-    }  # fmt: skip
+    }
     atomic_write_json(out_dir / "quant_report.json", report)
     emit("stage", stage="done", chosen=chosen)
     return report
@@ -358,11 +430,13 @@ def measure_speed(
     latency = timed(single, runs)
     throughput = timed(batch, throughput_runs)
     return {
-        name: {"latency_ms_p50": round(1000 * float(np.percentile(latency[name], 50)), 2),
-               "latency_ms_p95": round(1000 * float(np.percentile(latency[name], 95)), 2),
-               "throughput_b8_images_per_s": round(THROUGHPUT_BATCH / float(np.median(throughput[name])), 1)}
+        name: {
+            "latency_ms_p50": round(1000 * float(np.percentile(latency[name], 50)), 2),
+            "latency_ms_p95": round(1000 * float(np.percentile(latency[name], 95)), 2),
+            "throughput_b8_images_per_s": round(THROUGHPUT_BATCH / float(np.median(throughput[name])), 1),
+        }
         for name in sessions
-    }  # fmt: skip
+    }
 
 
 class QuantizeCancelled(Exception):
@@ -427,11 +501,16 @@ def _quantization_aware(
     result = qat.qat_finetune(qat_model, train_set, val_set, config, on_event=emit, stop_requested=stop_requested)
     ranges = qat.activation_ranges(qat_model)
     float_model = qat.to_float_model(qat_model)
-    tuned = export_onnx(float_model, work / "qat_fp32.onnx", imgsz=imgsz, class_names=class_names, run_id=run_id,
-                        fuse=False)  # fmt: skip
+    tuned = export_onnx(
+        float_model, work / "qat_fp32.onnx", imgsz=imgsz, class_names=class_names, run_id=run_id, fuse=False
+    )
     prepared = preprocess_fp32(tuned, work / "qat_fp32_pre.onnx")
-    calibration = calibrate(prepared, CalibrationImages(train_set.records, imgsz, count=options.calib_images),
-                            work / "ranges_qat.json", method=calibration_method)  # fmt: skip
+    calibration = calibrate(
+        prepared,
+        CalibrationImages(train_set.records, imgsz, count=options.calib_images),
+        work / "ranges_qat.json",
+        method=calibration_method,
+    )
     graph = onnx.load(str(prepared), load_external_data=False)
     overrides = {}
     float_nodes = list(decoding_nodes(graph))
@@ -443,12 +522,15 @@ def _quantization_aware(
             float_nodes.append(node.name)
         elif module in ranges:
             overrides[node.input[0]] = ranges[module]
-    path = quantize_calibrated(calibration, out_path, nodes_to_exclude=float_nodes, metadata_from=fp32_path,
-                               range_overrides=overrides)  # fmt: skip
+    path = quantize_calibrated(
+        calibration, out_path, nodes_to_exclude=float_nodes, metadata_from=fp32_path, range_overrides=overrides
+    )
     summary = {
         "config": {key: value for key, value in asdict(config).items()},
-        "float_layers": float_modules, "ranges_from_qat": len(overrides), **result,
-    }  # fmt: skip
+        "float_layers": float_modules,
+        "ranges_from_qat": len(overrides),
+        **result,
+    }
     return path, json.loads(json.dumps(summary, default=str))
 
 

@@ -66,9 +66,18 @@ _MODEL_SCOPE = "/model/"
 _TOKEN_SUFFIX = re.compile(r"_token_\d+$")
 _WEIGHTED_OPS = ("Conv", "ConvTranspose", "MatMul", "Gemm")
 _INT8_KERNELS = frozenset(
-    {"QLinearConv", "QLinearConvTranspose", "ConvInteger", "QLinearMatMul", "MatMulInteger", "MatMulIntegerToFloat",
-     "DynamicQuantizeMatMul", "QGemm", "NhwcQLinearConv"}
-)  # fmt: skip
+    {
+        "QLinearConv",
+        "QLinearConvTranspose",
+        "ConvInteger",
+        "QLinearMatMul",
+        "MatMulInteger",
+        "MatMulIntegerToFloat",
+        "DynamicQuantizeMatMul",
+        "QGemm",
+        "NhwcQLinearConv",
+    }
+)
 # The model's input is an 8-bit image divided by 255: quantized with exactly this range it loses nothing.
 INPUT_RANGE = {"images": (0.0, 1.0)}
 
@@ -250,9 +259,13 @@ def calibrate(
         del calibrator
     save_tensors_data(tensors, cache_path)
     return Calibration(
-        method=method, images=counting.count, model_path=model_path, cache_path=cache_path,
-        percentile=percentile if method == "percentile" else None, seconds=round(time.perf_counter() - started, 2),
-    )  # fmt: skip
+        method=method,
+        images=counting.count,
+        model_path=model_path,
+        cache_path=cache_path,
+        percentile=percentile if method == "percentile" else None,
+        seconds=round(time.perf_counter() - started, 2),
+    )
 
 
 def quantize_calibrated(
@@ -351,9 +364,13 @@ def quantize_onnx(
             prepared, calibration_reader, Path(scratch) / "ranges.json", method=method, percentile=percentile
         )
         return quantize_calibrated(
-            calibration, int8_path, nodes_to_exclude=nodes_to_exclude, per_channel=per_channel,
-            activation_type=activation_type, metadata_from=fp32_path,
-        )  # fmt: skip
+            calibration,
+            int8_path,
+            nodes_to_exclude=nodes_to_exclude,
+            per_channel=per_channel,
+            activation_type=activation_type,
+            metadata_from=fp32_path,
+        )
 
 
 class _Chunk(CalibrationDataReader):

@@ -81,7 +81,7 @@ class ScanResult:
             "base_error": float(f"{self.base_error:.4g}"),
             "images": self.images,
             "layers": [{**asdict(layer), "cost": float(f"{layer.cost:.4g}")} for layer in self.layers],
-        }  # fmt: skip
+        }
 
 
 def output_error(
@@ -120,8 +120,10 @@ def run_model(
         options.intra_op_num_threads = threads
     source = path if isinstance(path, bytes) else str(path)
     session = ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
-    parts = [session.run(["boxes", "scores"], {"images": images[i : i + SCAN_BATCH]})
-             for i in range(0, len(images), SCAN_BATCH)]  # fmt: skip
+    parts = [
+        session.run(["boxes", "scores"], {"images": images[i : i + SCAN_BATCH]})
+        for i in range(0, len(images), SCAN_BATCH)
+    ]
     return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
 
 
@@ -156,8 +158,10 @@ def scan_sensitivity(
     by_name = {node.name: node for node in graph.graph.node}
     initializers = {item.name: item for item in graph.graph.initializer}
     reference = run_model(calibration.model_path, images, threads)
-    ranges = {name: tuple(float(np.asarray(v).reshape(-1)[0]) for v in data.range_value) for name, data in
-              load_tensors_data(calibration.cache_path).data.items()}  # fmt: skip
+    ranges = {
+        name: tuple(float(np.asarray(v).reshape(-1)[0]) for v in data.range_value)
+        for name, data in load_tensors_data(calibration.cache_path).data.items()
+    }
     ranges.update(INPUT_RANGE)
     layers: list[LayerSensitivity] = []
     with tempfile.TemporaryDirectory(prefix="yolodex-scan-") as scratch:
@@ -170,11 +174,13 @@ def scan_sensitivity(
         variant = quantized_alone(graph, name, ranges)
         layers.append(
             LayerSensitivity(
-                node=name, module=module_path(name), op_type=node.op_type,
+                node=name,
+                module=module_path(name),
+                op_type=node.op_type,
                 parameters=sum(_size(initializers[i]) for i in node.input[1:] if i in initializers),
                 cost=output_error(reference, run_model(variant, images, threads)),
             )
-        )  # fmt: skip
+        )
         if on_progress is not None:
             on_progress("scan", done=index + 1, total=len(candidates), node=name)
     order = {name: index for index, name in enumerate(candidates)}
@@ -246,8 +252,12 @@ def choose_float_nodes(
 
     def measure(k: int) -> float:
         if k not in scores:
-            files[k] = quantize_calibrated(calibration, out_path.with_name(f".{out_path.stem}.k{k}.onnx"),
-                                           nodes_to_exclude=nodes_for(k), metadata_from=metadata_from)  # fmt: skip
+            files[k] = quantize_calibrated(
+                calibration,
+                out_path.with_name(f".{out_path.stem}.k{k}.onnx"),
+                nodes_to_exclude=nodes_for(k),
+                metadata_from=metadata_from,
+            )
             scores[k] = evaluate_map(files[k])
             tried.append({"float_layers": k, "map": round(scores[k], 5)})
             if on_progress is not None:
@@ -281,9 +291,14 @@ def choose_float_nodes(
     for path in files.values():
         path.unlink()
     return PolicyChoice(
-        float_layers=scan.layers[:chosen], float_nodes=nodes_for(chosen), fp32_map=fp32_map, map=scores[chosen],
-        within_budget=high is not None, tried=tried, path=out_path,
-    )  # fmt: skip
+        float_layers=scan.layers[:chosen],
+        float_nodes=nodes_for(chosen),
+        fp32_map=fp32_map,
+        map=scores[chosen],
+        within_budget=high is not None,
+        tried=tried,
+        path=out_path,
+    )
 
 
 def quantized_alone(graph: onnx.ModelProto, name: str, ranges: dict[str, tuple[float, float]]) -> bytes:
@@ -323,8 +338,9 @@ def quantized_alone(graph: onnx.ModelProto, name: str, ranges: dict[str, tuple[f
         scale_name = constant(f"{suffix}_scale", np.array(scale, dtype=np.float32))
         zero_name = constant(f"{suffix}_zero_point", np.array(zero_point, dtype=np.uint8))
         into.append(helper.make_node("QuantizeLinear", [tensor, scale_name, zero_name], [f"{name}_{suffix}_q"]))
-        into.append(helper.make_node("DequantizeLinear", [f"{name}_{suffix}_q", scale_name, zero_name],
-                                     [f"{name}_{suffix}_dq"]))  # fmt: skip
+        into.append(
+            helper.make_node("DequantizeLinear", [f"{name}_{suffix}_q", scale_name, zero_name], [f"{name}_{suffix}_dq"])
+        )
         return f"{name}_{suffix}_dq"
 
     conv.input[0] = qdq(conv.input[0], "input", before)
@@ -336,8 +352,11 @@ def quantized_alone(graph: onnx.ModelProto, name: str, ranges: dict[str, tuple[f
     shape = [1] * weights.ndim
     shape[axis] = -1
     quantized = np.clip(np.round(weights / scale.reshape(shape)), -127, 127).astype(np.int8)
-    names = [constant("w_int8", quantized), constant("w_scale", scale), constant("w_zero", np.zeros_like(quantized,
-             shape=scale.shape))]  # fmt: skip
+    names = [
+        constant("w_int8", quantized),
+        constant("w_scale", scale),
+        constant("w_zero", np.zeros_like(quantized, shape=scale.shape)),
+    ]
     before.append(helper.make_node("DequantizeLinear", names, [f"{name}_w_dq"], axis=axis))
     float_weight = conv.input[1]
     conv.input[1] = f"{name}_w_dq"

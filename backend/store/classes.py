@@ -138,10 +138,17 @@ def class_rows(session: Session, project: Project) -> list[ClassRow]:
         )
     )
     return [
-        ClassRow(index=item.index, name=item.name, dex_number=item.dex_number, description=item.description or "",
-                 colour=item.colour, boxes=usage.get(item.id, (0, 0))[0], images=usage.get(item.id, (0, 0))[1])
+        ClassRow(
+            index=item.index,
+            name=item.name,
+            dex_number=item.dex_number,
+            description=item.description or "",
+            colour=item.colour,
+            boxes=usage.get(item.id, (0, 0))[0],
+            images=usage.get(item.id, (0, 0))[1],
+        )
         for item in project_classes(session, project)
-    ]  # fmt: skip
+    ]
 
 
 def find_class(session: Session, project: Project, name: str) -> ProjectClass:
@@ -174,9 +181,13 @@ def add_class(
     checked = _checked(name)
     _check_free(project_classes(session, project), checked, project, None)
     added, _ = ensure_class(
-        session, project, checked, dex_number=parse_dex_number(dex_number), description=(description or "").strip(),
+        session,
+        project,
+        checked,
+        dex_number=parse_dex_number(dex_number),
+        description=(description or "").strip(),
         colour=parse_colour(colour),
-    )  # fmt: skip
+    )
     return added
 
 
@@ -201,8 +212,14 @@ def create_project(session: Session, name: str, classes: Sequence[str | dict[str
     session.add(project)
     session.flush()
     for spec in specs:
-        add_class(session, project, spec["name"], dex_number=spec.get("dex_number"),
-                  description=spec.get("description") or "", colour=spec.get("colour"))  # fmt: skip
+        add_class(
+            session,
+            project,
+            spec["name"],
+            dex_number=spec.get("dex_number"),
+            description=spec.get("description") or "",
+            colour=spec.get("colour"),
+        )
     return project
 
 

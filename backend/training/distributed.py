@@ -373,9 +373,19 @@ def resume(
 
 def torchrun_command(processes: int, control_dir: Path, run_dir: Path) -> list[str]:
     return [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(processes),
-        "-m", "backend.training.distributed", "--run-dir", str(run_dir), "--control", str(control_dir),
-    ]  # fmt: skip
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        str(processes),
+        "-m",
+        "backend.training.distributed",
+        "--run-dir",
+        str(run_dir),
+        "--control",
+        str(control_dir),
+    ]
 
 
 def _launch(
@@ -400,9 +410,13 @@ def _launch(
     lines = _Tail(log_path)
     relay_log = on_log or (lambda line: logger.info("%s", line))
     process = subprocess.Popen(
-        torchrun_command(processes, control_dir, run_dir), cwd=REPO_ROOT, env=env, stdout=log_file,
-        stderr=subprocess.STDOUT, start_new_session=True,  # its own process group: killed as one
-    )  # fmt: skip
+        torchrun_command(processes, control_dir, run_dir),
+        cwd=REPO_ROOT,
+        env=env,
+        stdout=log_file,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,  # its own process group: killed as one
+    )
     cancelled_at = None
     try:
         while True:
@@ -479,8 +493,13 @@ def _error_types() -> dict[str, type[Exception]]:  # built late: these imports a
     from backend.data.records import DatasetError
     from backend.models.checkpoints import CheckpointError
 
-    return {"TrainingError": TrainingError, "DatasetError": DatasetError, "CheckpointError": CheckpointError,
-            "ValueError": ValueError, "FileNotFoundError": FileNotFoundError}  # fmt: skip
+    return {
+        "TrainingError": TrainingError,
+        "DatasetError": DatasetError,
+        "CheckpointError": CheckpointError,
+        "ValueError": ValueError,
+        "FileNotFoundError": FileNotFoundError,
+    }
 
 
 def _terminate(process: subprocess.Popen, control_dir: Path) -> None:

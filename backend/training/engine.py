@@ -207,10 +207,17 @@ def train_one_epoch(
         rate = batch_size / seconds if rate is None else 0.9 * rate + 0.1 * batch_size / seconds
         lr = context.optimizer.param_groups[0]["lr"]
         context.on_event(
-            "step", epoch=epoch, step=steps, steps_per_epoch=total, global_step=context.scheduler.steps_done,
-            lr=lr, images_per_s=rate, elapsed_s=context.clock.elapsed_s, eta_s=_eta(context, rate, batch_size),
+            "step",
+            epoch=epoch,
+            step=steps,
+            steps_per_epoch=total,
+            global_step=context.scheduler.steps_done,
+            lr=lr,
+            images_per_s=rate,
+            elapsed_s=context.clock.elapsed_s,
+            eta_s=_eta(context, rate, batch_size),
             **values,
-        )  # fmt: skip
+        )
         if context.after_step is not None:
             context.after_step(steps)
         if stop is not None:
@@ -414,13 +421,21 @@ def write_checkpoint(
     steps of it already done.
     """
     return save_checkpoint(
-        path, model, class_names=class_names, imgsz=imgsz,
+        path,
+        model,
+        class_names=class_names,
+        imgsz=imgsz,
         ema=context.ema.module if context.ema is not None else None,
         ema_state=context.ema.state_dict() if context.ema is not None else None,
-        optimizer=context.optimizer.state_dict(), scheduler=context.scheduler.state_dict(),
+        optimizer=context.optimizer.state_dict(),
+        scheduler=context.scheduler.state_dict(),
         scaler=context.scaler.state_dict() if context.scaler is not None else None,
-        epoch=epoch, step_in_epoch=step_in_epoch, rng=rng_state(), metrics=progress, train_config=train_config,
-    )  # fmt: skip
+        epoch=epoch,
+        step_in_epoch=step_in_epoch,
+        rng=rng_state(),
+        metrics=progress,
+        train_config=train_config,
+    )
 
 
 def write_best(
@@ -440,9 +455,17 @@ def write_best(
     or raw model (those are last.pt's): 76 MB for S instead of 256 MB."""
     evaluated = context.ema.module if context.ema is not None else model
     return save_inference_checkpoint(
-        path, evaluated, class_names=class_names, imgsz=imgsz, weights="ema" if context.ema is not None else "model",
-        epoch=epoch, step_in_epoch=0, metrics=progress, train_config=train_config, evaluation=evaluation,
-    )  # fmt: skip
+        path,
+        evaluated,
+        class_names=class_names,
+        imgsz=imgsz,
+        weights="ema" if context.ema is not None else "model",
+        epoch=epoch,
+        step_in_epoch=0,
+        metrics=progress,
+        train_config=train_config,
+        evaluation=evaluation,
+    )
 
 
 def append_jsonl(path: Path, record: dict[str, Any]) -> None:

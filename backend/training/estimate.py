@@ -242,10 +242,15 @@ def measure_speed(storage: str | Path, key: SpeedKey, num_classes: int = 1, step
             times.append(time.perf_counter())
 
     context = StepContext(
-        loss_fn=YoloNASLoss(num_classes, strides=model.strides), optimizer=optimizer, scheduler=scheduler,
-        ema=ModelEMA(model, config.ema_decay), device=device, dtype=dtype, grad_clip_norm=config.grad_clip_norm,
+        loss_fn=YoloNASLoss(num_classes, strides=model.strides),
+        optimizer=optimizer,
+        scheduler=scheduler,
+        ema=ModelEMA(model, config.ema_decay),
+        device=device,
+        dtype=dtype,
+        grad_clip_norm=config.grad_clip_norm,
         on_event=on_event,
-    )  # fmt: skip
+    )
     batches = [_random_batch(key, num_classes, generator) for _ in range(max(2, steps))]
     started = time.perf_counter()
     train_one_epoch(model, batches, context, epoch=0)

@@ -352,8 +352,12 @@ def thin(rows: list[Any], max_points: int) -> list[Any]:
 # The list of runs
 # ----------------------------------------------------------------------------------------------------------------
 
-_STOPPED = {"epochs": "finished", "time": "finished (time budget)", "early_stop": "finished (early stop)",
-            "cancelled": "cancelled"}  # fmt: skip
+_STOPPED = {
+    "epochs": "finished",
+    "time": "finished (time budget)",
+    "early_stop": "finished (early stop)",
+    "cancelled": "cancelled",
+}
 
 
 def run_rows(runs: list[Any], job_states: dict[str, str] | None = None) -> list[dict[str, Any]]:
@@ -445,9 +449,11 @@ def frozen_versions(session: Any, storage: Path, project: str) -> list[VersionCh
     from backend.store.versions import version_folder
 
     rows = session.scalars(
-        select(DatasetVersion).join(Project, Project.id == DatasetVersion.project_id)
-        .where(Project.name == project).order_by(DatasetVersion.id.desc())
-    )  # fmt: skip
+        select(DatasetVersion)
+        .join(Project, Project.id == DatasetVersion.project_id)
+        .where(Project.name == project)
+        .order_by(DatasetVersion.id.desc())
+    )
     choices = [VersionChoice(row.name, version_folder(storage, row), dict(row.counts or {})) for row in rows]
     return [choice for choice in choices if choice.folder.is_dir()]
 
