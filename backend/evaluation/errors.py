@@ -8,7 +8,8 @@ their input order); each one claims the still-unmatched ground-truth box with th
 **whatever its class**, so a box that is found but called the wrong name shows up off the diagonal instead of
 as a false positive plus a miss. A consequence: when a wrong-class prediction outscores a right-class one on the
 same object (class-aware NMS keeps both), the wrong one takes the object and the right one becomes a false
-positive. Predictions that claim nothing are false positives; ground truth that nobody claims is missed.
+positive. Predictions that claim nothing are false positives; ground truth that nobody claims is missed. The loop
+is `evaluation.matching.greedy_match`, shared with the INT8 agreement report.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from backend.data.records import DetectionSet, ImageRecord
+from backend.evaluation.matching import greedy_match
 from backend.processing import Detections, box_iou_numpy
 
 
@@ -57,21 +59,11 @@ def match_image(
     kept = np.flatnonzero(pred_scores >= score_threshold)
     order = kept[np.argsort(-pred_scores[kept], kind="stable")]
     ious = box_iou_numpy(pred_boxes[order], gt_boxes)  # (len(order), G)
-    gt_taken = np.zeros(len(gt_boxes), dtype=bool)
-    pairs: list[tuple[int, int]] = []
-    unmatched: list[int] = []
-    for row, prediction in enumerate(order):
-        candidates = np.where(gt_taken | (ious[row] < iou_threshold), -1.0, ious[row])
-        if len(candidates) and candidates.max() >= 0:
-            gt_index = int(candidates.argmax())
-            gt_taken[gt_index] = True
-            pairs.append((int(prediction), gt_index))
-        else:
-            unmatched.append(int(prediction))
+    match = greedy_match(ious, np.arange(len(order)), iou_threshold)
     return ImageMatch(
-        pairs=np.asarray(pairs, dtype=np.int64).reshape(-1, 2),
-        unmatched_predictions=np.asarray(unmatched, dtype=np.int64),
-        unmatched_ground_truth=np.flatnonzero(~gt_taken).astype(np.int64),
+        pairs=np.stack([order[match.pairs[:, 0]], match.pairs[:, 1]], axis=1).astype(np.int64).reshape(-1, 2),
+        unmatched_predictions=order[~match.rows_taken].astype(np.int64),
+        unmatched_ground_truth=np.flatnonzero(~match.columns_taken).astype(np.int64),
     )
 
 

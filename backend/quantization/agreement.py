@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 
+from backend.evaluation.matching import greedy_match
 from backend.processing import Detections, box_iou_numpy
 
 
@@ -78,7 +79,8 @@ def match_detections(
     lower index first) each take the unpaired same-class candidate with the highest IoU >= `iou_threshold` (equal
     IoU: higher candidate score, then lower index). Then the reference detections still unpaired, in the same order,
     take the unpaired candidate of any class with the highest IoU >= `iou_threshold`: those pairs are
-    `class_changed`. A same-class match therefore always wins over a class change.
+    `class_changed`. A same-class match therefore always wins over a class change. Both passes are
+    `evaluation.matching.greedy_match`, the matcher of the error analysis.
 
     Args:
         reference: the FP32 model's detections of the image.
@@ -104,28 +106,19 @@ def match_detections(
     cand_rank = np.empty(len(cand_scores), dtype=np.int64)
     cand_rank[np.argsort(-cand_scores, kind="stable")] = np.arange(len(cand_scores))
 
-    ref_paired = np.zeros(len(ref_scores), dtype=bool)
-    cand_paired = np.zeros(len(cand_scores), dtype=bool)
-    matched_ious: list[float] = []
-    score_diffs: list[float] = []
-    class_changed = 0
-    for same_class_pass in (True, False):
-        for r in ref_order:
-            if ref_paired[r]:
-                continue
-            allowed = ~cand_paired & (ious[r] >= iou_threshold)
-            if same_class_pass:
-                allowed &= same_class[r]
-            if not allowed.any():
-                continue
-            options = np.flatnonzero(allowed)
-            best = options[np.lexsort((cand_rank[options], -ious[r, options]))[0]]
-            ref_paired[r] = cand_paired[best] = True
-            if same_class_pass:
-                matched_ious.append(float(ious[r, best]))
-                score_diffs.append(abs(float(ref_scores[r]) - float(cand_scores[best])))
-            else:
-                class_changed += 1
+    same = greedy_match(ious, ref_order, iou_threshold, allowed=same_class, column_rank=cand_rank)
+    changed = greedy_match(
+        ious,
+        ref_order,
+        iou_threshold,
+        column_rank=cand_rank,
+        rows_taken=same.rows_taken,
+        columns_taken=same.columns_taken,
+    )
+    ref_paired, cand_paired = changed.rows_taken, changed.columns_taken
+    matched_ious = [float(ious[r, c]) for r, c in same.pairs]
+    score_diffs = [abs(float(ref_scores[r]) - float(cand_scores[c])) for r, c in same.pairs]
+    class_changed = len(changed.pairs)
 
     matched = len(matched_ious)
     only_reference = int((~ref_paired).sum())
