@@ -11,6 +11,13 @@ pixels or original-image pixels.
 
 NumPy and torch variants are written separately (not one calling the other) so that the ONNX path needs no torch
 tensors and the tests can check the two against each other and against a naive reference.
+
+Why NMS is written here and not taken from a library: `torchvision.ops.batched_nms` would need torchvision, whose
+wheel must match the exact torch build (the torchvision wheels we could get are CUDA builds whose compiled ops do
+not load beside our CPU torch), and `cv2.dnn.NMSBoxes` takes (x, y, w, h) rectangles with its own IoU arithmetic,
+so the NumPy path (ONNX, INT8, the demo) could keep a box that the torch path (training-time evaluation) drops when
+an IoU lands on the threshold. Two functions built from the same operations in the same order decide alike, and
+the tests check it.
 """
 
 from __future__ import annotations

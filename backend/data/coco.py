@@ -19,6 +19,11 @@ What stops loading with a `DatasetError`: a missing or malformed JSON file, miss
 
 An annotation file whose images are all unusable gives an *empty* set (with the reasons in its report) rather
 than an error: whether that is fatal is the caller's choice (`load_dataset` refuses an empty train split).
+
+The JSON is read here rather than through `pycocotools.coco.COCO` (which the evaluation uses): COCO() indexes a file
+as it is, with no check of image files, box bounds, crowd flags or orphans, and stops on the first malformed entry
+with an assert or KeyError, where a user's export should lose one annotation and say why. The files written
+(`write_coco`) are plain COCO that COCO() loads (tested).
 """
 
 from __future__ import annotations

@@ -20,6 +20,12 @@ Nothing is stored here: images leave through `sink(CrawledImage)` one at a time,
 checked (so a caller can commit each in a short transaction: no transaction needs to stay open across a download),
 and every URL that was not kept appears in the `CrawlReport` with a reason from `REASONS`. A crawl given a
 `stop_requested` callable stops within about a second of it answering True, even in the middle of a download.
+
+Libraries: HTTP goes through urllib3 with the checked address pinned (a `requests` session would resolve the name
+again); pages and robots.txt are read with the standard library's `html.parser` and `urllib.robotparser`, enough
+for what the crawler reads (`<img>`/srcset, `<a href>`, `<base>`, licence links, robots rules), so no HTML library
+is a direct dependency. The rate limit and the deadline are ours: urllib3 has neither a per-host spacing nor a
+total deadline (`_Deadline` says why its time-outs are not one).
 """
 
 from __future__ import annotations

@@ -15,6 +15,10 @@ One difference: the old float32 DCT of a flat (one-colour) image hashed its roun
 white 0x8d50...), so blank images were not grouped; imagehash gives a flat image 0x8000000000000000 (black:
 0x0000000000000000, 1 bit away), so blank images are all near duplicates of each other, which is what we want for
 training data.
+
+The grouping is a small union-find rather than `scipy.sparse.csgraph.connected_components`: the group id must be
+the smallest key of the group (the oldest image id, as `backend.store.images` numbers its groups), which scipy's
+arbitrary component labels would need a second pass to give, and scipy is not a direct dependency.
 """
 
 from __future__ import annotations

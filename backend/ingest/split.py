@@ -3,6 +3,11 @@
 Random per-image splitting lets a resized copy of a training photo sit in validation, where the model has in
 effect already seen it, inflating the score. Groups are shuffled with the seed, then placed largest first, each
 into the split furthest below its target count: fractions are met to within about one group's size.
+
+Why not scikit-learn's `GroupShuffleSplit`: its `test_size` is a share of the *groups*, not of the images, so one
+big near-duplicate group can move the image counts far from the fractions, and it splits two ways only (a test
+split would need a second, nested split). Meeting image fractions over three splits needs this placement anyway,
+and scikit-learn is not otherwise a dependency.
 """
 
 from __future__ import annotations
