@@ -10,7 +10,7 @@ VENV_PYTHON := $(VENV_BIN)/python
 # Holds a hash of the files below: install again only when their content changes (not their mtimes,
 # which are "now" in every fresh clone).
 INSTALL_STAMP := $(VENV)/.yolodex-installed
-INSTALL_INPUTS := requirements.txt pyproject.toml
+INSTALL_INPUTS := requirements.txt requirements-dev.txt pyproject.toml
 PIP_INSTALL := $(VENV_PYTHON) -m pip install --quiet --progress-bar off
 
 # Label Studio gets its own venv (it pins many packages of its own, label-studio-sdk included), installed
@@ -37,9 +37,9 @@ help:
 	@echo "make setup   create .venv and .venv-labelstudio and install their requirements (only when they changed)"
 	@echo "make run     start Label Studio and the app on http://$(OPEN_HOST):$(YOLODEX_APP_PORT)"
 	@echo "make labelstudio        start Label Studio alone (make labelstudio-stop stops it)"
-	@echo "make test    ruff check, ruff format --check, pytest (PYTEST_ARGS=... passes through)"
+	@echo "make test    make lint's checks, then pytest (PYTEST_ARGS=... passes through)"
 	@echo "make bench   run every bench/*.py"
-	@echo "make lint    ruff check + ruff format --check"
+	@echo "make lint    ruff check + ruff format --check + deptry (requirements.txt against the imports)"
 	@echo "make format  ruff format + ruff check --fix"
 	@echo "make clean   remove .venv, .venv-labelstudio and caches (never storage/)"
 
@@ -56,8 +56,8 @@ setup:
 		echo "setup: $(VENV) is up to date with $(INSTALL_INPUTS)"; \
 		exit 0; \
 	fi; \
-	echo "setup: installing requirements.txt and yolodex into $(VENV)"; \
-	$(PIP_INSTALL) -r requirements.txt; \
+	echo "setup: installing requirements.txt, requirements-dev.txt and yolodex into $(VENV)"; \
+	$(PIP_INSTALL) -r requirements.txt -r requirements-dev.txt; \
 	$(PIP_INSTALL) --no-deps -e .; \
 	echo "$$wanted" > "$(INSTALL_STAMP)"; \
 	echo "setup: done"
@@ -131,17 +131,21 @@ labelstudio: setup
 labelstudio-stop:
 	@$(LS_CONTROL) stop
 
-# Runs all three steps even when an early one fails, so one CI log shows every problem.
+# Runs every step even when an early one fails, so one CI log shows every problem. The first three are `make lint`.
 test: setup
 	@failed=""; \
 	$(VENV_BIN)/ruff check . || failed="$$failed ruff-check"; \
 	$(VENV_BIN)/ruff format --check . || failed="$$failed ruff-format"; \
+	$(VENV_BIN)/deptry . || failed="$$failed deptry"; \
 	$(VENV_BIN)/pytest $(PYTEST_ARGS) || failed="$$failed pytest"; \
 	if [ -n "$$failed" ]; then echo "make test: failed:$$failed" >&2; exit 1; fi
 
+# deptry (configured in pyproject.toml) fails on a third-party import that requirements.txt does not pin, and on a
+# pin there that nothing imports and that is not in its "needed at run time" or "reproducibility" sections.
 lint: setup
 	$(VENV_BIN)/ruff check .
 	$(VENV_BIN)/ruff format --check .
+	$(VENV_BIN)/deptry .
 
 format: setup
 	$(VENV_BIN)/ruff format .

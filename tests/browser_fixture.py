@@ -52,7 +52,7 @@ def require_browser() -> None:
         pytest.skip(
             f"no {CHROMIUM}: install Debian's chromium (`apt-get install chromium`, `make setup` does it as root)"
         )
-    pytest.importorskip("playwright.sync_api", reason="playwright is in requirements.txt: run `make setup`")
+    pytest.importorskip("playwright.sync_api", reason="playwright is in requirements-dev.txt: run `make setup`")
 
 
 def wait_for(url: str, timeout: float, process: subprocess.Popen, log: Path) -> None:

