@@ -5,7 +5,7 @@ loop) and `backend.store.versions.class_stats`. Reading the page never needs Lab
 and the loop come from our database, so a stopped server only disables the buttons that talk to it.
 
 The labeling view is embedded only when the browser reaches the app and Label Studio on the same hostname: Label
-Studio's session cookie is SameSite=Lax, so a cross-site iframe shows its login page (labelstudio recipe §6).
+Studio's session cookie is SameSite=Lax, so a cross-site iframe shows its login page (docs/label_studio.md).
 """
 
 from __future__ import annotations

@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -425,3 +427,23 @@ def test_buttons_run_the_step_and_show_its_summary_or_its_error(storage: Path, m
     ]
     [job] = jobs_api.list_jobs(get_settings(), kind="labeling_prelabel")
     assert job.state == "failed" and job.params["model"] == str(run_folder / "best.pt")
+
+
+def test_the_page_never_imports_the_label_studio_sdk(storage: Path):
+    """The SDK costs seconds and ~100 MB to import (docs/label_studio.md): the page's reruns read only our database,
+    so a fresh process that runs the page, linked project and queue included, twice has still not imported it."""
+    link_to_label_studio(get_settings())
+    script = (
+        "import sys\n"
+        "from streamlit.testing.v1 import AppTest\n"
+        f"app = AppTest.from_file({str(PAGE)!r}, default_timeout=60)\n"
+        "app.run(); app.run()\n"
+        "assert not app.exception, [e.value for e in app.exception]\n"
+        "assert app.dataframe, 'the queue table is missing'\n"
+        "print('SDK imported' if 'label_studio_sdk' in sys.modules else 'SDK not imported')\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], cwd=PAGE.parents[1], capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip().splitlines()[-1] == "SDK not imported"

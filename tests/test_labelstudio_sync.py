@@ -14,6 +14,7 @@ import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import numpy as np
 import pytest
 import torch
@@ -108,9 +109,8 @@ def test_sync_twice_creates_no_duplicates_and_serves_unicode_files(labelstudio):
     for image in images.values():
         url = tasks[image.id]["data"]["image"]
         assert url.startswith("/data/local-files/?d=labelstudio/")
-        served = client._http.get(url, headers=labelstudio.auth_header)
-        assert served.status_code == 200
-        assert served.content == (labelstudio.settings.storage / image.path).read_bytes()  # a link, not a copy
+        served = client.fetch(url)
+        assert served == (labelstudio.settings.storage / image.path).read_bytes()  # a link, not a copy
         linked = labelstudio.settings.images_dir / "labelstudio" / str(image.project_id) / sync.link_name(image)
         assert linked.stat().st_ino == (labelstudio.settings.storage / image.path).stat().st_ino
 
@@ -145,8 +145,7 @@ def test_a_two_character_project_with_emoji_names_syncs_and_refusals_are_in_word
     tasks = task_of(client, report["ls_project_id"])
     for image in images_of(labelstudio, "ab").values():
         assert len(sync.link_name(image).encode()) <= 255
-        served = client._http.get(tasks[image.id]["data"]["image"], headers=labelstudio.auth_header)
-        assert served.status_code == 200 and served.content == (storage / image.path).read_bytes()
+        assert client.fetch(tasks[image.id]["data"]["image"]) == (storage / image.path).read_bytes()
     assert service.sync("ab", labelstudio.settings)["new_tasks"] == 0  # a second sync finds the same links
 
     config = client.get_project(report["ls_project_id"])["label_config"]
@@ -542,3 +541,71 @@ def test_no_transaction_stays_open_across_label_studio_requests(labelstudio, tmp
         row = session.get(LabelingProject, images[NAMES[0]].project_id)
         assert row.ls_storage_id is not None and row.ls_view_id is not None
         assert session.get(Image, images[NAMES[0]].id).labeled
+
+
+class _LossyTransport(httpx.BaseTransport):
+    """The real transport to the server, except for the POSTs to /api/predictions named in `plan`, in order:
+    "lose" sends the post (Label Studio stores it) and then raises as if the connection broke before the answer;
+    "refuse" raises a connection error without sending anything. `posts` records the task of every post sent."""
+
+    def __init__(self, plan: list[str]):
+        self._inner = httpx.HTTPTransport()
+        self._plan = list(plan)
+        self.posts: list[int] = []
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        if request.method != "POST" or request.url.path.rstrip("/") != "/api/predictions":
+            return self._inner.handle_request(request)
+        action = self._plan.pop(0) if self._plan else "send"
+        if action == "refuse":
+            raise httpx.ConnectError("[Errno 111] Connection refused", request=request)
+        self.posts.append(json.loads(request.content)["task"])
+        response = self._inner.handle_request(request)
+        if action == "lose":
+            response.read()
+            response.close()
+            raise httpx.RemoteProtocolError("Server disconnected without sending a response.", request=request)
+        return response
+
+    def close(self) -> None:
+        self._inner.close()
+
+
+def test_a_prediction_whose_answer_was_lost_is_stored_once(labelstudio, tmp_path):
+    """A pre-label whose first post's answer is lost after Label Studio stored it, and whose second post never
+    reaches the server: each task still holds exactly one prediction. The SDK's own retry stores the first twice."""
+    from label_studio_sdk import LabelStudio
+
+    make_project(labelstudio, "lost-answers", count=3)
+    service.sync("lost-answers", labelstudio.settings)
+    model = varied_model(tmp_path / "varied.pt", CLASSES)
+    engine, _ = open_store(labelstudio.settings)
+    lossy = _LossyTransport(["lose", "refuse"])
+    token = labelstudio.credentials.token
+    client = LabelStudioClient(labelstudio.url, token, httpx_client=httpx.Client(transport=lossy))
+    with session_scope(engine) as session:
+        project = session.scalar(select(Project).where(Project.name == "lost-answers"))
+        report = sync.prelabel(session, labelstudio.settings, project, client, model)
+    assert report.tasks == 3 and lossy._plan == []  # both failures happened
+    # One post reached the server per task: the lost one was found and not sent again, the refused one was resent.
+    assert len(lossy.posts) == 3 and len(set(lossy.posts)) == 3, lossy.posts
+    first = lossy.posts[0]
+    client = connect(labelstudio.settings)
+    for task in task_of(client, report_ls_project(labelstudio, "lost-answers")).values():
+        predictions = client.list_predictions(task["id"])
+        assert [p["model_version"] for p in predictions] == [report.model_version], predictions
+
+    # The same lost answer under the SDK's default retries: the task gets a second, identical prediction.
+    naive = LabelStudio(
+        base_url=labelstudio.url, api_key=token, httpx_client=httpx.Client(transport=_LossyTransport(["lose"]))
+    )
+    naive.predictions.create(task=first, result=[], score=0.5, model_version="sdk-default-retries")
+    stored = [p for p in client.list_predictions(first) if p["model_version"] == "sdk-default-retries"]
+    assert len(stored) == 2
+
+
+def report_ls_project(labelstudio, name: str) -> int:
+    engine, _ = open_store(labelstudio.settings)
+    with session_scope(engine) as session:
+        project_id = session.scalar(select(Project.id).where(Project.name == name))
+        return session.get(LabelingProject, project_id).ls_project_id

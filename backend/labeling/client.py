@@ -1,11 +1,23 @@
-"""A small Label Studio 1.23.2 REST client: the endpoints yolodex uses, plain dicts in and out, errors in words.
+"""yolodex's Label Studio client: `label_studio_sdk` (2.1.2, the SDK Label Studio 1.23.2 ships with) behind the few
+methods yolodex calls, plain dicts in and out, errors in words.
 
-Why not `label_studio_sdk` here: the SDK takes ~4 s and 150 MB to import (recipe §1), retries POSTs on its own
-(recipe §7: a retried `predictions.create` can store a prediction twice) and returns typed objects that our
-converters would have to turn back into the JSON they read. The endpoints below are the ones the SDK calls; the
-tests run them against a real server. `connect()` authenticates with the legacy token that
-`backend.labeling.server` gives the admin user; a Personal Access Token (a JWT) also works and is exchanged for
-short-lived access tokens, so the client can talk to a Label Studio that yolodex did not start.
+Every request goes through one `label_studio_sdk.LabelStudio` per client: projects, tasks, annotations,
+predictions, Data Manager views, local-files import storage, exports and the current user are the SDK's calls. The
+one endpoint SDK 2.1.2 has no call for (a project's label summary, `labels_in_use`) and the checks the tests make
+(`request`, `fetch`) go through the SDK's own HTTP client (`LabelStudio._client_wrapper.httpx_client`: its base
+URL, authorization and timeout), not a second client. The SDK turns a legacy token into `Authorization: Token ...`
+and a Personal Access Token (a JWT) into short-lived access tokens by itself, so the client also talks to a Label
+Studio that yolodex did not start. The facts relied on are in docs/label_studio.md.
+
+Import cost: `import label_studio_sdk` takes about 1.3 s and 120 MB (it imports pandas, jsonschema and its label
+interface; docs/label_studio.md has the measurement). This module does not import it at load time: the first
+request of the first client in a process does, so a page that only reads our database never pays for it, and
+later clients reuse the loaded module.
+
+Retries: the SDK retries POSTs as well as GETs (after a connection error, a 5xx, 408, 409 or 429), and a retried
+POST whose first answer was lost stores its object twice. The client therefore turns the SDK's retries off
+(`max_retries=0`, as yolodex's own client never retried) and retries only `create_prediction`, after looking for
+the prediction the lost answer may have stored (see there).
 
 Every failure is a `LabelStudioError` whose message says what to do: `LabelStudioUnavailable` (nothing answers
 at the URL), `LabelStudioAuthError` (401/403: the token is wrong or legacy tokens are off), `LabelStudioNotFound`
@@ -18,20 +30,26 @@ from __future__ import annotations
 
 import json
 import re
-import time
-from collections.abc import Iterator
-from typing import Any
-
-import httpx
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from backend.labeling.server import LabelStudioError, api_url, load_or_create_credentials
 from backend.settings import Settings, get_settings
 
+if TYPE_CHECKING:  # imported on first use (see the module docstring)
+    import httpx
+    from label_studio_sdk import LabelStudio
+
 DEFAULT_TIMEOUT_S = 60.0
-# Label Studio's task list pages; 1000 per page keeps a 5 000-task project at a handful of requests (recipe §4.6).
+# Label Studio's task list pages; 1000 per page keeps a 5 000-task project at a handful of requests.
 TASK_PAGE_SIZE = 1000
-# An access token from a PAT lives 300 s; refresh a little before that.
-ACCESS_TOKEN_LIFETIME_S = 240.0
+PROJECT_PAGE_SIZE = 100
+# `create_prediction`: the first post and at most one more after an answer was lost.
+PREDICTION_ATTEMPTS = 2
+# Per-request option for the SDK: never resend a request on its own (see the module docstring).
+NO_RETRY = {"max_retries": 0}
+
+T = TypeVar("T")
 
 
 class LabelStudioUnavailable(LabelStudioError):
@@ -109,47 +127,93 @@ def _flatten(value: Any) -> str:
     return " ".join(str(value).split())
 
 
-def _detail(response: httpx.Response) -> str:
-    try:
-        body = response.json()
-    except ValueError:
-        return response.text[:300].strip() or response.reason_phrase
+def _detail(body: Any) -> str:
+    """Label Studio's reason in an error body (the SDK's `ApiError.body`: decoded JSON, or text)."""
     if isinstance(body, dict):
         parts = [str(body.get("detail") or "")]
         if body.get("validation_errors"):
             parts.append(json.dumps(body["validation_errors"])[:500])
-        return " ".join(part for part in parts if part) or json.dumps(body)[:300]
-    return json.dumps(body)[:300]
+        return " ".join(part for part in parts if part) or json.dumps(body, default=str)[:300]
+    if isinstance(body, list):
+        return json.dumps(body, default=str)[:300]
+    return " ".join(str(body or "").split())[:300] or "no detail"
 
 
-def _validation_errors(response: httpx.Response) -> Any:
+def _plain(value: Any) -> Any:
+    """An SDK object (a pydantic model, maybe nested, with datetimes) as the JSON Label Studio sent: dicts, lists,
+    strings and numbers, the form `convert` and `sync` read."""
+    from label_studio_sdk.core.jsonable_encoder import jsonable_encoder
+
+    return jsonable_encoder(value)
+
+
+def _response_body(response: httpx.Response) -> Any:
     try:
-        body = response.json()
+        return response.json()
     except ValueError:
-        return None
-    return body.get("validation_errors") or None if isinstance(body, dict) else None
+        return response.text
 
 
 class LabelStudioClient:
-    """The Label Studio API of one server, authenticated as one user.
+    """The Label Studio API of one server, authenticated as one user, on `label_studio_sdk.LabelStudio`.
+
+    Creating one makes no request and does not import the SDK; the first call does both.
 
     Args:
         base_url: e.g. "http://127.0.0.1:8080" (no trailing path).
         token: the user's legacy API token (40 hex) or a Personal Access Token (a JWT refresh token).
-        timeout: seconds per request (exports of large projects take tens of seconds, recipe §4.6).
+        timeout: seconds per request (exports of large projects take tens of seconds).
+        httpx_client: an `httpx.Client` for the SDK to send through (a proxy, a custom transport); by default the
+            client makes its own and closes it in `close()`.
     """
 
-    def __init__(self, base_url: str, token: str, *, timeout: float = DEFAULT_TIMEOUT_S) -> None:
+    def __init__(
+        self,
+        base_url: str,
+        token: str,
+        *,
+        timeout: float = DEFAULT_TIMEOUT_S,
+        httpx_client: httpx.Client | None = None,
+    ) -> None:
         if not base_url.startswith(("http://", "https://")):
             raise LabelStudioError(f"Label Studio URL {base_url!r} must start with http:// or https://")
         self.base_url = base_url.rstrip("/")
         self._token = token
-        self._is_pat = token.count(".") == 2  # a JWT: header.payload.signature
-        self._access: tuple[str, float] | None = None
-        self._http = httpx.Client(base_url=self.base_url, timeout=timeout)
+        self._timeout = timeout
+        self._httpx_client = httpx_client
+        self._owns_httpx_client = httpx_client is None
+        self._sdk: LabelStudio | None = None
+
+    @property
+    def sdk(self) -> LabelStudio:
+        """The `label_studio_sdk.LabelStudio` every request goes through (made, and the SDK imported, on first use).
+
+        Raises:
+            LabelStudioAuthError: the token is a Personal Access Token that has expired (the SDK checks at once).
+        """
+        if self._sdk is None:
+            self._sdk = self._call("connect", self._make_sdk)
+        return self._sdk
+
+    def _make_sdk(self) -> LabelStudio:
+        import httpx
+        from label_studio_sdk import LabelStudio
+
+        if self._httpx_client is None:
+            self._httpx_client = httpx.Client(timeout=self._timeout, follow_redirects=True)
+        return LabelStudio(
+            base_url=self.base_url,
+            api_key=self._token,  # explicit: the SDK's default reads LABEL_STUDIO_API_KEY when it is imported
+            timeout=self._timeout,
+            max_retries=0,
+            httpx_client=self._httpx_client,
+        )
 
     def close(self) -> None:
-        self._http.close()
+        if self._owns_httpx_client and self._httpx_client is not None:
+            self._httpx_client.close()
+            self._httpx_client = None
+            self._sdk = None
 
     def __enter__(self) -> LabelStudioClient:
         return self
@@ -159,57 +223,78 @@ class LabelStudioClient:
 
     # -- plumbing ------------------------------------------------------------------------------------------------
 
-    def _authorization(self) -> str:
-        if not self._is_pat:
-            return f"Token {self._token}"
-        if self._access is None or time.monotonic() > self._access[1]:
-            response = self._send("POST", "/api/token/refresh/", {}, json_body={"refresh": self._token})
-            self._access = (response.json()["access"], time.monotonic() + ACCESS_TOKEN_LIFETIME_S)
-        return f"Bearer {self._access[0]}"
-
-    def _send(
-        self,
-        method: str,
-        path: str,
-        headers: dict[str, str],
-        *,
-        params: dict[str, Any] | None = None,
-        json_body: Any = None,
-    ) -> httpx.Response:
+    def _call(self, what: str, send: Callable[[], T], body: Any = None) -> T:
+        """Runs one SDK call; the SDK's and httpx's errors become yolodex's (`what`: e.g. "GET /api/projects/3")."""
         try:
-            response = self._http.request(method, path, params=params, json=json_body, headers=headers)
-        except (httpx.ConnectError, httpx.RemoteProtocolError) as error:
-            raise LabelStudioUnavailable(
+            return send()
+        except Exception as error:  # translated below; anything else is re-raised unchanged
+            translated = self._translate(what, error, body)
+            if translated is None:
+                raise
+            raise translated from error
+
+    def _translate(self, what: str, error: Exception, body: Any) -> LabelStudioError | None:
+        import httpx
+        from label_studio_sdk.core.api_error import ApiError
+
+        if isinstance(error, (httpx.ConnectError, httpx.RemoteProtocolError)):
+            return LabelStudioUnavailable(
                 f"Label Studio is not answering at {self.base_url} ({error}): start it with "
                 "`yolodex labelstudio start` (or `make run`); a first start takes about two minutes"
-            ) from error
-        except httpx.TimeoutException as error:
-            raise LabelStudioUnavailable(
-                f"Label Studio at {self.base_url} did not answer {method} {path} in time: it may be busy "
+            )
+        if isinstance(error, httpx.TimeoutException):
+            return LabelStudioUnavailable(
+                f"Label Studio at {self.base_url} did not answer {what} in time: it may be busy "
                 "(a large import or export) or still starting; try again in a minute"
-            ) from error
-        if response.status_code in (401, 403):
-            raise LabelStudioAuthError(
-                f"Label Studio at {self.base_url} refused yolodex's token ({response.status_code}: "
-                f"{_detail(response)}). If yolodex did not start this server, put its admin's API token in "
+            )
+        if isinstance(error, httpx.HTTPError):
+            return LabelStudioError(f"Label Studio at {self.base_url} could not be reached for {what}: {error}")
+        if not isinstance(error, ApiError):
+            return None
+        status = error.status_code
+        if status in (401, 403):
+            return LabelStudioAuthError(
+                f"Label Studio at {self.base_url} refused yolodex's token ({status}: "
+                f"{_detail(error.body)}). If yolodex did not start this server, put its admin's API token in "
                 "storage/labelstudio/credentials.json; if it did, run `yolodex labelstudio status` for the fix"
             )
-        if response.status_code == 404:
-            raise LabelStudioNotFound(f"Label Studio has no {path} (404: {_detail(response)})")
-        validation = _validation_errors(response) if response.status_code == 400 else None
-        if validation is not None:
-            raise LabelStudioValidationError(validation_message(validation, json_body))
-        if response.status_code >= 400:
-            raise LabelStudioError(
-                f"Label Studio refused {method} {path} ({response.status_code}: {_detail(response)})"
+        if status == 404:
+            return LabelStudioNotFound(f"Label Studio has no {what.split(' ', 1)[-1]} (404: {_detail(error.body)})")
+        validation = error.body.get("validation_errors") if isinstance(error.body, dict) else None
+        if status == 400 and validation:
+            return LabelStudioValidationError(validation_message(validation, body))
+        if status is None:
+            return LabelStudioError(f"Label Studio client for {self.base_url}: {_detail(error.body)}")
+        return LabelStudioError(f"Label Studio refused {what} ({status}: {_detail(error.body)})")
+
+    def _sdk_call(self, what: str, send: Callable[[LabelStudio], Any], body: Any = None) -> Any:
+        """One SDK call (`send(sdk)`), its answer as plain JSON."""
+        sdk = self.sdk
+        return _plain(self._call(what, lambda: send(sdk), body))
+
+    def _raw(self, method: str, path: str, *, params: dict[str, Any] | None = None, json_body: Any = None):
+        """One request through the SDK's own HTTP client (for what SDK 2.1.2 has no call for); raises as the SDK's
+        calls do for an error status. Returns the `httpx.Response`."""
+        from label_studio_sdk.core.api_error import ApiError
+
+        sdk = self.sdk
+
+        def send():
+            response = sdk._client_wrapper.httpx_client.request(
+                path, method=method, params=params, json=json_body, request_options=NO_RETRY
             )
-        return response
+            if response.status_code >= 400:
+                raise ApiError(
+                    status_code=response.status_code, headers=dict(response.headers), body=_response_body(response)
+                )
+            return response
+
+        return self._call(f"{method} {path}", send, json_body)
 
     def request(self, method: str, path: str, *, params: dict[str, Any] | None = None, json_body: Any = None) -> Any:
-        """One authenticated call; returns the decoded JSON body (None for an empty one)."""
-        response = self._send(
-            method, path, {"Authorization": self._authorization()}, params=params, json_body=json_body
-        )
+        """One authenticated call to any endpoint (`path` from the server root, e.g. "/api/tasks"), through the
+        SDK's HTTP client; returns the decoded JSON body (None for an empty one)."""
+        response = self._raw(method, path, params=params, json_body=json_body)
         if not response.content:
             return None
         try:
@@ -217,38 +302,44 @@ class LabelStudioClient:
         except ValueError as error:
             raise LabelStudioError(f"Label Studio answered {method} {path} with something that is not JSON") from error
 
+    def fetch(self, path: str) -> bytes:
+        """The bytes Label Studio serves at `path` with yolodex's token, e.g. a task's image URL."""
+        return self._raw("GET", path).content
+
     # -- users and projects --------------------------------------------------------------------------------------
 
     def whoami(self) -> dict[str, Any]:
-        return self.request("GET", "/api/current-user/whoami")
+        return self._sdk_call("GET /api/current-user/whoami", lambda sdk: sdk.users.whoami(request_options=NO_RETRY))
 
     def list_projects(self) -> list[dict[str, Any]]:
-        projects: list[dict[str, Any]] = []
-        page = 1
-        while True:
-            body = self.request("GET", "/api/projects", params={"page": page, "page_size": 100})
-            if isinstance(body, list):  # older servers answer without pagination
-                return body
-            projects.extend(body.get("results", []))
-            if not body.get("next"):
-                return projects
-            page += 1
+        return self._sdk_call(
+            "GET /api/projects",
+            lambda sdk: list(sdk.projects.list(page_size=PROJECT_PAGE_SIZE, request_options=NO_RETRY)),
+        )
 
     def create_project(self, title: str, label_config: str, description: str = "") -> dict[str, Any]:
-        return self.request(
-            "POST",
-            "/api/projects",
-            json_body={"title": title, "label_config": label_config, "description": description},
+        fields = {"title": title, "label_config": label_config, "description": description}
+        return self._sdk_call(
+            "POST /api/projects", lambda sdk: sdk.projects.create(**fields, request_options=NO_RETRY), fields
         )
 
     def get_project(self, project_id: int) -> dict[str, Any]:
-        return self.request("GET", f"/api/projects/{project_id}")
+        return self._sdk_call(
+            f"GET /api/projects/{project_id}", lambda sdk: sdk.projects.get(project_id, request_options=NO_RETRY)
+        )
 
     def update_project(self, project_id: int, **fields: Any) -> dict[str, Any]:
-        return self.request("PATCH", f"/api/projects/{project_id}", json_body=fields)
+        return self._sdk_call(
+            f"PATCH /api/projects/{project_id}",
+            lambda sdk: sdk.projects.update(project_id, **fields, request_options=NO_RETRY),
+            fields,
+        )
 
     def labels_in_use(self, project_id: int) -> dict[str, int]:
-        """{label value: number of annotation results using it} over the project's annotations (its summary)."""
+        """{label value: number of annotation results using it} over the project's annotations (its summary).
+
+        SDK 2.1.2 has no call for `/api/projects/{id}/summary/`: one request through its HTTP client.
+        """
         summary = self.request("GET", f"/api/projects/{project_id}/summary/") or {}
         counts: dict[str, int] = {}
         for per_control in (summary.get("created_labels") or {}).values():
@@ -259,95 +350,154 @@ class LabelStudioClient:
     # -- local-files import storage ------------------------------------------------------------------------------
 
     def list_local_storages(self, project_id: int) -> list[dict[str, Any]]:
-        return self.request("GET", "/api/storages/localfiles", params={"project": project_id})
+        return self._sdk_call(
+            "GET /api/storages/localfiles",
+            lambda sdk: sdk.import_storage.local.list(project=project_id, request_options=NO_RETRY),
+        )
 
     def create_local_storage(self, project_id: int, path: str, regex_filter: str, title: str) -> dict[str, Any]:
-        return self.request(
-            "POST",
-            "/api/storages/localfiles",
-            json_body={
-                "project": project_id,
-                "path": path,
-                "regex_filter": regex_filter,
-                "use_blob_urls": True,  # one task per file, its URL in data.image
-                "title": title,
-            },
+        fields = {
+            "project": project_id,
+            "path": path,
+            "regex_filter": regex_filter,
+            "use_blob_urls": True,  # one task per file, its URL in data.image
+            "title": title,
+        }
+        return self._sdk_call(
+            "POST /api/storages/localfiles",
+            lambda sdk: sdk.import_storage.local.create(**fields, request_options=NO_RETRY),
+            fields,
         )
 
     def sync_local_storage(self, storage_id: int) -> dict[str, Any]:
         """Scans the folder and creates a task for each new file (Label Studio skips files it already has)."""
-        return self.request("POST", f"/api/storages/localfiles/{storage_id}/sync")
+        return self._sdk_call(
+            f"POST /api/storages/localfiles/{storage_id}/sync",
+            lambda sdk: sdk.import_storage.local.sync(storage_id, request_options=NO_RETRY),
+        )
 
     # -- tasks, annotations, predictions -------------------------------------------------------------------------
 
     def iter_tasks(self, project_id: int, fields: str = "all") -> Iterator[dict[str, Any]]:
         """Every task of the project (paged), with annotations and predictions when `fields="all"`."""
-        page = 1
+        what = f"GET /api/tasks?project={project_id}"
+        sdk = self.sdk
+        pager = self._call(
+            what,
+            lambda: sdk.tasks.list(
+                project=project_id, page_size=TASK_PAGE_SIZE, fields=fields, request_options=NO_RETRY
+            ),
+        )
+        pages = iter(pager)  # the SDK's pager asks for the next page as it goes; a 404 past the end ends it
         while True:
             try:
-                body = self.request(
-                    "GET",
-                    "/api/tasks",
-                    params={"project": project_id, "page": page, "page_size": TASK_PAGE_SIZE, "fields": fields},
-                )
-            except LabelStudioNotFound:
-                return  # Label Studio answers 404 for a page past the end
-            tasks = body.get("tasks", []) if isinstance(body, dict) else body
-            yield from tasks
-            total = body.get("total") if isinstance(body, dict) else None
-            if not tasks or (total is not None and page * TASK_PAGE_SIZE >= total):
+                task = self._call(what, lambda: next(pages))
+            except StopIteration:
                 return
-            page += 1
+            yield _plain(task)
 
     def update_task_data(self, task_id: int, data: dict[str, Any]) -> dict[str, Any]:
-        return self.request("PATCH", f"/api/tasks/{task_id}", json_body={"data": data})
+        return self._sdk_call(
+            f"PATCH /api/tasks/{task_id}",
+            lambda sdk: sdk.tasks.update(str(task_id), data=data, request_options=NO_RETRY),
+            {"data": data},
+        )
+
+    def _export(self, project_id: int, export_type: str, all_tasks: bool) -> bytes:
+        def download(sdk: LabelStudio) -> bytes:
+            chunks = sdk.projects.exports.download_sync(
+                project_id,
+                export_type=export_type,
+                download_all_tasks=all_tasks,
+                download_resources=False,
+                request_options={**NO_RETRY, "timeout_in_seconds": max(self._timeout, DEFAULT_TIMEOUT_S)},
+            )
+            return b"".join(chunks)
+
+        sdk = self.sdk
+        return self._call(f"GET /api/projects/{project_id}/export", lambda: download(sdk))
 
     def export_tasks(self, project_id: int) -> list[dict[str, Any]]:
         """Every task with its full annotations (Label Studio's JSON export, the format `convert` reads)."""
-        return self.request(
-            "GET",
-            f"/api/projects/{project_id}/export",
-            params={"exportType": "JSON", "download_all_tasks": "true", "download_resources": "false"},
-        )
+        content = self._export(project_id, "JSON", all_tasks=True)
+        try:
+            return json.loads(content)
+        except ValueError as error:
+            raise LabelStudioError(
+                f"Label Studio's JSON export of project {project_id} is not JSON ({len(content)} bytes)"
+            ) from error
 
     def export_raw(self, project_id: int, export_type: str) -> bytes:
         """Label Studio's own export in `export_type` ("COCO", "YOLO", ...) of the annotated tasks: zip bytes."""
-        response = self._send(
-            "GET",
-            f"/api/projects/{project_id}/export",
-            {"Authorization": self._authorization()},
-            params={"exportType": export_type, "download_all_tasks": "false", "download_resources": "false"},
-        )
-        return response.content
+        return self._export(project_id, export_type, all_tasks=False)
 
     def create_annotation(self, task_id: int, result: list[dict[str, Any]], **fields: Any) -> dict[str, Any]:
-        return self.request("POST", f"/api/tasks/{task_id}/annotations", json_body={"result": result, **fields})
+        return self._sdk_call(
+            f"POST /api/tasks/{task_id}/annotations",
+            lambda sdk: sdk.annotations.create(task_id, result=result, **fields, request_options=NO_RETRY),
+            {"result": result, **fields},
+        )
 
     def list_predictions(self, task_id: int) -> list[dict[str, Any]]:
-        return self.request("GET", "/api/predictions", params={"task": task_id})
+        return self._sdk_call(
+            f"GET /api/predictions?task={task_id}",
+            lambda sdk: sdk.predictions.list(task=task_id, request_options=NO_RETRY),
+        )
 
     def create_prediction(
         self, task_id: int, result: list[dict[str, Any]], score: float, model_version: str
     ) -> dict[str, Any]:
-        return self.request(
-            "POST",
-            "/api/predictions",
-            json_body={"task": task_id, "result": result, "score": score, "model_version": model_version},
-        )
+        """Stores one prediction on a task, exactly once.
+
+        When a post fails without an answer (the connection broke, or no answer in time) the server may still
+        have stored it. Before posting again the client lists the task's predictions and returns the one of
+        `model_version` with this result, if the lost post stored it; so a retried request never stores a
+        prediction twice.
+        """
+        fields = {"task": task_id, "result": result, "score": score, "model_version": model_version}
+        sent = json.loads(json.dumps(result))  # what Label Studio stores: the result as JSON
+        for attempt in range(PREDICTION_ATTEMPTS):
+            if attempt:
+                for stored in self.list_predictions(task_id):
+                    if stored.get("model_version") == model_version and stored.get("result") == sent:
+                        return stored
+            try:
+                return self._sdk_call(
+                    "POST /api/predictions",
+                    lambda sdk: sdk.predictions.create(**fields, request_options=NO_RETRY),
+                    fields,
+                )
+            except LabelStudioUnavailable:
+                if attempt + 1 == PREDICTION_ATTEMPTS:
+                    raise
+        raise AssertionError("unreachable")
 
     def delete_prediction(self, prediction_id: int) -> None:
-        self.request("DELETE", f"/api/predictions/{prediction_id}")
+        self._sdk_call(
+            f"DELETE /api/predictions/{prediction_id}",
+            lambda sdk: sdk.predictions.delete(prediction_id, request_options=NO_RETRY),
+        )
 
     # -- Data Manager views (tabs) -------------------------------------------------------------------------------
 
     def list_views(self, project_id: int) -> list[dict[str, Any]]:
-        return self.request("GET", "/api/dm/views", params={"project": project_id})
+        return self._sdk_call(
+            "GET /api/dm/views", lambda sdk: sdk.views.list(project=project_id, request_options=NO_RETRY)
+        )
 
     def create_view(self, project_id: int, data: dict[str, Any]) -> dict[str, Any]:
-        return self.request("POST", "/api/dm/views", json_body={"project": project_id, "data": data})
+        return self._sdk_call(
+            "POST /api/dm/views",
+            lambda sdk: sdk.views.create(project=project_id, data=data, request_options=NO_RETRY),
+            {"project": project_id, "data": data},
+        )
 
     def update_view(self, view_id: int, project_id: int, data: dict[str, Any]) -> dict[str, Any]:
-        return self.request("PUT", f"/api/dm/views/{view_id}", json_body={"project": project_id, "data": data})
+        return self._sdk_call(
+            f"PUT /api/dm/views/{view_id}",
+            lambda sdk: sdk.views.update(str(view_id), project=project_id, data=data, request_options=NO_RETRY),
+            {"project": project_id, "data": data},
+        )
 
 
 def connect(settings: Settings | None = None, *, token: str | None = None, timeout: float = DEFAULT_TIMEOUT_S):

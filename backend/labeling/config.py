@@ -3,8 +3,9 @@
 The names used here (`image` for the object tag and `$image` for its task-data key, `label` for the control) are
 the ones every result we read or write carries as `to_name`/`from_name`; `backend.labeling.convert` uses the same
 defaults. Labels appear in class-index order so that Label Studio's sidebar numbers them as our classes
-(hotkeys 1..9 follow the order). Label Studio 1.23.2 does not check results against the config (recipe §4.3), so
-the config only shapes the labeling view; `convert` validates what comes back.
+(hotkeys 1..9 follow the order). Label Studio 1.23.2 does not check results against the config
+(docs/label_studio.md, Results and boxes), so the config only shapes the labeling view; `convert` validates what
+comes back.
 
 Each label also carries our class's database id (`yolodexClass="17"`, an attribute Label Studio keeps and ignores):
 a renamed class keeps its old label in the config while annotations use it (`config_change`), and the id says that

@@ -4,7 +4,7 @@ Two box conventions meet here, and only here (architecture: "Label Studio percen
 
 * ours: xyxy in original-image pixels after EXIF orientation, x2/y2 being the right/bottom pixel edges
   (`backend.data.records`);
-* Label Studio 1.23.2 (`"type": "rectanglelabels"` results, recipe §4.5): `value.x`, `value.y` (the top-left
+* Label Studio 1.23.2 (`"type": "rectanglelabels"` results, docs/label_studio.md): `value.x`, `value.y` (the top-left
   corner) and `value.width`, `value.height` in percent of the original image, whose size the result carries as
   `original_width`/`original_height`; `value.rotation` in degrees, clockwise, about that top-left corner. Browsers
   apply EXIF orientation before Label Studio measures the image, so its "original" size is our after-EXIF size.
@@ -17,8 +17,8 @@ Pulling (`ls_result_to_box`, `pick_annotation`, `task_boxes`): a rotated rectang
 a box reaching outside the image is clipped and reported ("clipped", kept); everything else that cannot become a
 box is a `Problem` with its reason: "unknown label", "no original size", "size mismatch", "outside image",
 "degenerate", "malformed", "not a rectangle", plus "no image id" for a task without our image id.
-Pushing (`boxes_to_ls_results`): Label Studio stores whatever it is sent (recipe §4.3: an unknown label, a box at
-x=109 % were accepted), so boxes are validated and clipped here and what was dropped is counted.
+Pushing (`boxes_to_ls_results`): Label Studio stores whatever it is sent (docs/label_studio.md: an unknown label,
+a box at x=109 % were accepted), so boxes are validated and clipped here and what was dropped is counted.
 """
 
 from __future__ import annotations
@@ -153,7 +153,7 @@ def _size(width: Any, height: Any) -> tuple[int, int] | None:
 
 
 def rotated_hull(x: float, y: float, width: float, height: float, rotation_degrees: float) -> tuple[float, ...]:
-    """The axis-aligned hull of a rectangle rotated about its top-left corner (recipe §4.5).
+    """The axis-aligned hull of a rectangle rotated about its top-left corner (docs/label_studio.md).
 
     Args:
         x, y: the top-left corner in pixels (the rotation centre).

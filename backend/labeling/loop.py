@@ -1,10 +1,11 @@
 """The active-learning loop: after N new annotations, retrain from the project's best run, then pre-label the rest.
 
 Polling, not webhooks. Label Studio 1.23.2 sends webhooks synchronously inside the annotation request with a 1 s
-timeout and never retries (recipe §5), refuses 127.0.0.1 receivers unless its SSRF protection is switched off, and
-needs a receiver that is up whenever a person labels: a webhook missed while the app or the worker was down is lost
-for good. Polling counts labeled tasks from Label Studio's own state (`pull_annotations`), so nothing is missed
-across restarts of Label Studio, the worker or the app; the cost is up to one poll interval (a minute) of delay.
+timeout and never retries (docs/label_studio.md, Webhooks), refuses 127.0.0.1 receivers unless its SSRF protection
+is switched off, and needs a receiver that is up whenever a person labels: a webhook missed while the app or the
+worker was down is lost for good. Polling counts labeled tasks from Label Studio's own state (`pull_annotations`),
+so nothing is missed across restarts of Label Studio, the worker or the app; the cost is up to one poll interval (a
+minute) of delay.
 
 The counter: `annotations_at_retrain` is the labeled-task count when the last retrain was queued; the next one is
 due at that count + `retrain_every`. A retrain is claimed with one conditional UPDATE (`loop_state` "idle" →

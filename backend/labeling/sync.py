@@ -770,7 +770,7 @@ def labeling_queue(session: Session, project: Project, limit: int | None = 50) -
 
 
 def task_url(base_url: str, ls_project_id: int, task_id: int) -> str:
-    """The labeling view of one task (recipe §6 deep link)."""
+    """The labeling view of one task (docs/label_studio.md, Embedding the labeling view)."""
     return f"{base_url.rstrip('/')}/projects/{ls_project_id}/data?task={task_id}"
 
 
