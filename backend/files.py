@@ -83,8 +83,9 @@ def fit_name(name: str, fallback: str = "file", *, max_bytes: int = NAME_MAX_BYT
     return fitted if fitted not in ("", ".", "..") else cut_to_bytes(fallback, max_bytes) or "_"
 
 
-def atomic_write(path: str | Path, write: Callable[[IO[bytes]], None]) -> Path:
-    """Calls `write(file)` on a temporary binary file beside `path`, then renames it to `path`."""
+def atomic_write(path: str | Path, write: Callable[[IO[bytes]], object]) -> Path:
+    """Calls `write(file)` on a temporary binary file beside `path`, then renames it to `path` (`write`'s result is
+    ignored)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     # The temporary name adds 14 bytes (".", ".", 8 random, ".tmp"): cut the prefix so a long name still fits.

@@ -18,6 +18,7 @@ import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -60,7 +61,7 @@ class Predictor:
     input_size: tuple[int, int]  # (h, w) letterbox target, multiples of 32
     postprocess: PostprocessConfig = field(default_factory=PostprocessConfig)
     model: YoloNAS | None = None
-    session: object | None = None  # onnxruntime.InferenceSession
+    session: Any = None  # an onnxruntime.InferenceSession, or None for the torch engine
     onnx_has_nms: bool = False
     device: str = "cpu"
 
@@ -154,8 +155,10 @@ class Predictor:
         ]
         results = self._predict([pixels for pixels, _ in decoded])
         for result, (pixels, original_size) in zip(results, decoded):
-            if original_size is not None and pixels.shape[:2] != original_size:
-                (height, width), (original_h, original_w) = pixels.shape[:2], original_size
+            if original_size is None:  # given as pixels: already in original-image pixels
+                continue
+            (height, width), (original_h, original_w) = np.asarray(pixels).shape[:2], original_size
+            if (height, width) != original_size:
                 result.boxes = result.boxes * np.array([original_w / width, original_h / height] * 2, np.float32)
         return results
 

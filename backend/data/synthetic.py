@@ -21,6 +21,7 @@ import math
 from collections.abc import Sequence
 from numbers import Integral
 from pathlib import Path
+from typing import cast
 
 import cv2
 import numpy as np
@@ -115,13 +116,17 @@ def generate_synthetic_dataset(
 
 
 def _size_range(image_size: ImageSize) -> tuple[tuple[int, int], tuple[int, int]]:
+    low: tuple[int, int]
+    high: tuple[int, int]
     if len(image_size) == 2 and all(isinstance(value, Integral) for value in image_size):
-        low = high = (int(image_size[0]), int(image_size[1]))
+        width, height = cast(tuple[int, int], image_size)
+        low = high = (int(width), int(height))
     else:
-        low, high = (tuple(int(v) for v in pair) for pair in image_size)  # type: ignore[union-attr]
+        (low_w, low_h), (high_w, high_h) = cast(tuple[tuple[int, int], tuple[int, int]], image_size)
+        low, high = (int(low_w), int(low_h)), (int(high_w), int(high_h))
     if min(low) < 2 * MIN_OBJECT_SIZE or high[0] < low[0] or high[1] < low[1]:
         raise ValueError(f"image_size must be (width, height) ≥ {2 * MIN_OBJECT_SIZE} px, or a (min, max) pair of them")
-    return low, high  # type: ignore[return-value]
+    return low, high
 
 
 def _clear_previous(out_dir: Path, overwrite: bool) -> None:

@@ -25,6 +25,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from backend.data.coco import IMAGE_SUFFIXES, clean_box, finish_report, probe_image
 from backend.data.records import DatasetError, DetectionSet, ImageRecord, LoadReport
 
@@ -107,7 +109,7 @@ def load_yolo_folders(images_dir: str | Path, labels_dir: str | Path, class_name
             if kept is not None:
                 boxes.append(kept)
                 labels.append(label)
-        records.append(ImageRecord(image_path, image_id, width, height, boxes, labels))
+        records.append(ImageRecord(image_path, image_id, width, height, np.asarray(boxes), np.asarray(labels)))
 
     if labels_dir.is_dir():
         unused = [path for path in labels_dir.rglob("*.txt") if path not in used_labels]

@@ -248,7 +248,7 @@ def _coco_from_annotations(base: dict[str, list], annotations: list[dict]) -> CO
 
 
 def _coco_ground_truth(dataset: DetectionSet, base: dict[str, list]) -> COCO:
-    annotations = []
+    annotations: list[dict[str, Any]] = []
     for record in dataset.records:
         for box, label in zip(_xyxy_to_xywh(record.boxes).tolist(), record.labels.tolist(), strict=True):
             annotations.append(
@@ -267,7 +267,7 @@ def _coco_ground_truth(dataset: DetectionSet, base: dict[str, list]) -> COCO:
 
 def _coco_predictions(dataset: DetectionSet, predictions: Sequence[Detections], base: dict[str, list]) -> COCO:
     # Built directly rather than through COCO.loadRes, which asserts on an empty result list.
-    annotations = []
+    annotations: list[dict[str, Any]] = []
     category_ids = np.asarray(dataset.category_ids, dtype=np.int64)
     for record, detections in zip(dataset.records, predictions, strict=True):
         boxes = _xyxy_to_xywh(detections.boxes).tolist()

@@ -133,7 +133,7 @@ def _curve(
     if scores is not None and threshold is not None:
         # Recall grows as the score threshold falls: the last point still at or above the threshold is where the
         # confusion matrix's detector works.
-        above = [index for index in kept if scores[index] is not None and scores[index] >= threshold]
+        above = [index for index in kept if (score := scores[index]) is not None and score >= threshold]
         if above:
             operating = (float(recall[above[-1]]), float(precision[above[-1]]))
     return PRCurve(

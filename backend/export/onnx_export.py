@@ -72,7 +72,9 @@ class ExportableDetector(nn.Module):
 
     def forward(self, images: torch.Tensor):
         cls_logits, reg_distri = self.model(images)
-        boxes, scores = decode_predictions(cls_logits, reg_distri, tuple(images.shape[-2:]), self.model.strides)
+        boxes, scores = decode_predictions(
+            cls_logits, reg_distri, (images.shape[-2], images.shape[-1]), self.model.strides
+        )
         if not self.with_nms:
             return boxes, scores
         return self._nms(boxes, scores)

@@ -208,6 +208,7 @@ class CrawlReport:
 
 
 Sink = Callable[[CrawledImage], None]
+Progress = Callable[[int, int], None]  # (done, total): a crawl's progress, for a bar or a job
 
 
 class Refused(Exception):
@@ -730,7 +731,7 @@ class Crawler:
         if response.status == 200:
             rules.parse(response.body.decode("utf-8", errors="replace").splitlines())
         else:  # 404 and other client errors: no rules
-            rules.allow_all = True
+            rules.allow_all = True  # type: ignore[attr-defined]  # read by can_fetch(); the stubs omit it
         rules.modified()  # can_fetch() answers False until a parser says it has read the file
         delay = rules.crawl_delay(self.settings.user_agent)
         if delay is not None:
@@ -838,26 +839,43 @@ class Crawler:
 
 
 def crawl_urls(
-    urls: Iterable[str], settings: CrawlSettings, sink: Sink, stop_requested: Callable[[], bool] | None = None
+    urls: Iterable[str],
+    settings: CrawlSettings,
+    sink: Sink,
+    stop_requested: Callable[[], bool] | None = None,
+    on_progress: Progress | None = None,
 ) -> CrawlReport:
     """Downloads a list of image URLs; each kept image goes to `sink` with no page URL.
 
     Args:
         stop_requested: asked before each download and every half second during one; True ends the crawl (the
             report says `cancelled`, and lists what was not done with that reason).
+        on_progress: called with (URLs done, URLs) after each URL.
 
     Returns:
         The report: every URL is either kept or listed with its reason.
     """
     crawler = Crawler(settings, sink, stop_requested)
-    for url in urls:
-        if url.strip() and not url.lstrip().startswith("#"):
-            crawler.crawl_image(url)
+    wanted = [url for url in urls if url.strip() and not url.lstrip().startswith("#")]
+    _report(on_progress, 0, len(wanted))
+    for done, url in enumerate(wanted, start=1):
+        crawler.crawl_image(url)
+        _report(on_progress, done, len(wanted))
     return crawler.finish()
 
 
+def _report(on_progress: Progress | None, done: int, total: int) -> None:
+    if on_progress is not None:
+        on_progress(done, max(done, total))
+
+
 def crawl_page(
-    url: str, depth: int, settings: CrawlSettings, sink: Sink, stop_requested: Callable[[], bool] | None = None
+    url: str,
+    depth: int,
+    settings: CrawlSettings,
+    sink: Sink,
+    stop_requested: Callable[[], bool] | None = None,
+    on_progress: Progress | None = None,
 ) -> CrawlReport:
     """Takes a page's images (img src/srcset, og:image, links to image files) and those of linked pages.
 
@@ -866,6 +884,8 @@ def crawl_page(
         depth: link hops to follow from the start page (0: the start page only). With `same_site_only`, only
             pages of the start page's site are followed; at most `settings.max_pages` pages are visited.
         stop_requested: as for `crawl_urls`.
+        on_progress: called with (pages visited, pages visited + queued, at most `settings.max_pages`) after each
+            page: the total grows as links are found.
 
     Returns:
         The report; each kept image carries the URL of the page it was found on and the page's licence hint.
@@ -883,7 +903,9 @@ def crawl_page(
     while queue and len(crawler.report.pages_visited) < settings.max_pages and not crawler.report.cancelled:
         page_url, level = queue.popleft()
         page = crawler.visit_page(page_url)
+        handled = len(queued) - len(queue)
         if page is None or level >= depth:
+            _report(on_progress, handled, min(len(queued), settings.max_pages))
             continue
         for link in page.links:
             try:
@@ -896,6 +918,7 @@ def crawl_page(
                 continue
             queued.add(link_url)
             queue.append((link_url, level + 1))
+        _report(on_progress, handled, min(len(queued), settings.max_pages))
     for page_url, _ in queue:
         if crawler.report.cancelled:
             crawler.report.add_refusal(page_url, "cancelled", "the crawl was cancelled before this page")
@@ -911,12 +934,15 @@ def crawl_search(
     settings: CrawlSettings,
     sink: Sink,
     stop_requested: Callable[[], bool] | None = None,
+    on_progress: Progress | None = None,
 ) -> CrawlReport:
     """Searches `provider` for `query` and keeps up to `limit` images that pass every check.
 
     The provider is asked for twice as many hits as needed (at most 50 more), because some hits fail the
     checks (dead links, robots.txt, non-images); downloading stops once `limit` images are kept, or when
     `stop_requested` (as for `crawl_urls`) answers True.
+
+    `on_progress` is called with (hits tried, hits to try) after each hit; the last call has done == total.
 
     Raises:
         SearchError: when the search itself fails (the provider's message says what to do).
@@ -926,7 +952,8 @@ def crawl_search(
     crawler = Crawler(settings, sink, stop_requested)
     hits: list[SearchHit] = provider.search(query, min(2 * limit, limit + 50))
     crawler.report.search_hits = len(hits)
-    for hit in hits:
+    _report(on_progress, 0, len(hits))
+    for tried, hit in enumerate(hits):
         if crawler.report.kept >= limit:
             break
         page_url = None
@@ -934,6 +961,8 @@ def crawl_search(
             with contextlib.suppress(Refused):
                 page_url = normalize_url(hit.page_url)
         crawler.crawl_image(hit.image_url, page_url=page_url, licence_hint=hit.licence_hint)
+        _report(on_progress, tried + 1, len(hits))
+    _report(on_progress, len(hits), len(hits))
     return crawler.finish()
 
 

@@ -35,12 +35,14 @@ import stat
 import tempfile
 import zipfile
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
+from backend.data.coco import IMAGE_SUFFIXES
 from backend.data.folders import load_dataset
 from backend.data.records import DatasetError, DetectionSet
 from backend.files import printable_name
@@ -102,6 +104,8 @@ class ImportReport:
     annotations: int = 0
     classes_added: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    # Called with the number of entries so far after each new one (`import_paths`' progress); not reported.
+    on_entry: Callable[[int], None] | None = field(default=None, repr=False, compare=False)
 
     def record(self, result: AddResult) -> None:
         if result.status == "accepted":
@@ -112,12 +116,24 @@ class ImportReport:
             self.near_duplicates.append(result.to_dict() | {"status": "near_duplicate"})
         else:
             self.reject(result.name, result.reason or "rejected")
+            return
+        self._entered()
 
     def reject(self, name: str, reason: str) -> None:
         self.rejected.append({"name": name, "reason": reason})
+        self._entered()
 
     def skip(self, name: str, reason: str) -> None:
         self.skipped.append({"name": name, "reason": reason})
+        self._entered()
+
+    def entries(self) -> int:
+        """Files (and archives, datasets) handled so far: every one ends in exactly one of the five lists."""
+        return sum(map(len, (self.accepted, self.duplicates, self.near_duplicates, self.rejected, self.skipped)))
+
+    def _entered(self) -> None:
+        if self.on_entry is not None:
+            self.on_entry(self.entries())
 
     def counts(self) -> dict[str, int]:
         return {
@@ -163,6 +179,7 @@ def import_paths(
     limits: ImportLimits | None = None,
     *,
     source: str = "import",
+    on_progress: Callable[[int, int], None] | None = None,
 ) -> ImportReport:
     """Imports image files, folders (recursively), zip archives and labeled datasets into `project`.
 
@@ -174,12 +191,19 @@ def import_paths(
             Path or the name's bytes (`os.fsencode`).
         limits: the import's limits (defaults: `ImportLimits()`).
         source: recorded on each new image: "import" (CLI, folders) or "upload" (files a user uploaded).
+        on_progress: called with (files handled, total) after each file, the total being `estimate_entries`
+            (raised when the import finds more); a last call has done == total.
 
     Returns:
         What happened to every file (see `ImportReport`).
     """
     limits = limits or ImportLimits()
-    context = _Import(session, storage, project, limits, source, ImportReport(), limits.max_archive_bytes)
+    report = ImportReport()
+    if on_progress is not None:
+        estimate = estimate_entries(paths)
+        report.on_entry = lambda done: on_progress(done, max(estimate, done))
+        on_progress(0, estimate)
+    context = _Import(session, storage, project, limits, source, report, limits.max_archive_bytes)
     for raw in paths:
         path = Path(os.fsdecode(raw)) if isinstance(raw, bytes) else Path(raw)
         name = printable_name(str(path))
@@ -194,7 +218,50 @@ def import_paths(
             _import_labeled(context, path, path.parent, printable_name(path.name))
         else:
             _import_file(context, path, printable_name(path.name))
+    if on_progress is not None:
+        on_progress(report.entries(), report.entries())
     return context.report
+
+
+def estimate_entries(paths: list[str | Path | bytes]) -> int:
+    """How many files an import of `paths` will handle, from listings only (no image is read): a file counts 1, a
+    zip its members, a folder its files (a labeled dataset's image files only). For a progress bar's total."""
+    total = 0
+    for raw in paths:
+        path = Path(os.fsdecode(raw)) if isinstance(raw, bytes) else Path(raw)
+        try:
+            if path.is_dir():
+                total += _count_folder(path)
+            elif path.suffix.lower() in ARCHIVE_SUFFIXES and path.is_file():
+                total += _count_zip(path)
+            elif path.suffix.lower() in (".json", ".yaml", ".yml") and path.is_file():
+                total += _count_folder(path.parent, images_only=True)
+            else:
+                total += 1
+        except OSError:
+            total += 1
+    return max(total, 1)
+
+
+def _count_folder(folder: Path, images_only: bool = False) -> int:
+    images_only = images_only or _labeled_target(folder) is not None
+    count = 0
+    for directory, dirnames, filenames in os.walk(folder, followlinks=False):
+        dirnames[:] = [name for name in dirnames if not os.path.islink(os.path.join(directory, name))]
+        for filename in filenames:
+            suffix = os.path.splitext(filename)[1].lower()
+            if images_only and suffix not in IMAGE_SUFFIXES:
+                continue
+            count += _count_zip(Path(directory, filename)) if suffix in ARCHIVE_SUFFIXES else 1
+    return count
+
+
+def _count_zip(path: Path) -> int:
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return max(1, sum(1 for info in archive.infolist() if not info.is_dir()))
+    except (zipfile.BadZipFile, OSError, ValueError):
+        return 1
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -499,12 +566,12 @@ def _import_labeled_zip(context: _Import, archive: zipfile.ZipFile, safe: list[z
                     raise  # a full disk stops the import (the caller rolls back)
                 context.report.reject(member, f"the member's name cannot be a file name here ({error.strerror})")
         dataset_root = _single_child_folder(root)
-        target = _labeled_target(dataset_root)
-        if target is None:
+        labeled = _labeled_target(dataset_root)
+        if labeled is None:
             context.report.warnings.append(f"{label}: no COCO or YOLO layout found; imported its images unlabeled")
             _import_folder_plain(context, dataset_root, label)
         else:
-            _import_labeled(context, target, dataset_root, label)
+            _import_labeled(context, labeled, dataset_root, label)
 
 
 def _single_child_folder(root: Path) -> Path:

@@ -42,12 +42,18 @@ def open_store(settings: Settings | None = None) -> tuple[Engine, Path]:
     return shared_engine(settings.database_url), settings.storage
 
 
-def import_into(paths: Sequence[str | Path], project: str = DEFAULT_PROJECT, settings: Settings | None = None) -> dict:
-    """Imports files, folders, zips and labeled COCO/YOLO datasets into `project` (created if missing)."""
+def import_into(
+    paths: Sequence[str | Path],
+    project: str = DEFAULT_PROJECT,
+    settings: Settings | None = None,
+    on_progress: Callable[[int, int], None] | None = None,
+) -> dict:
+    """Imports files, folders, zips and labeled COCO/YOLO datasets into `project` (created if missing);
+    `on_progress(files handled, total)` as in `importer.import_paths`."""
     engine, storage = open_store(settings)
     with session_scope(engine, write=True) as session:
         target = get_or_create_project(session, project)
-        report = import_paths(session, storage, target, list(paths))
+        report = import_paths(session, storage, target, list(paths), on_progress=on_progress)
         return {"project": target.name, **report.to_dict()}
 
 
@@ -63,6 +69,7 @@ def crawl_into(
     provider: Any = None,
     settings: Settings | None = None,
     stop_requested: Callable[[], bool] | None = None,
+    on_progress: Callable[[int, int], None] | None = None,
 ) -> dict:
     """Crawls images (a keyword search, a list of URLs or a page) into `project`; each kept image goes through the
     same checks and dedupe as an upload and keeps its source URL, page URL and licence hint.
@@ -70,7 +77,8 @@ def crawl_into(
     Each kept image is committed in a transaction of its own, opened after its download: no transaction stays open
     across network I/O, so a slow server never blocks another writer, and a crawl killed midway keeps what it had
     stored. Exactly one of `query`, `urls` and `page` must be given; `stop_requested` (a job's cancel
-    flag) ends the crawl early, within about a second even during a download.
+    flag) ends the crawl early, within about a second even during a download. `on_progress(done, total)`: as the
+    crawl function of the source says (hits, URLs or pages).
     """
     if sum(item is not None for item in (query, urls, page)) != 1:
         raise StoreError("give exactly one of a search query (--query), a URL list (--urls) or a page (--page)")
@@ -107,15 +115,16 @@ def crawl_into(
     if query is not None:
         provider = provider or DuckDuckGoImages()
         try:
-            report = crawl_search(query, limit, provider, crawl_settings, keep, stop_requested)
+            report = crawl_search(query, limit, provider, crawl_settings, keep, stop_requested, on_progress)
         except SearchError as error:
             raise StoreError(
                 f"the image search failed ({error}); check the internet connection or use --urls"
             ) from error
     elif urls is not None:
-        report = crawl_urls(urls, crawl_settings, keep, stop_requested)
+        report = crawl_urls(urls, crawl_settings, keep, stop_requested, on_progress)
     else:
-        report = crawl_page(page, depth, crawl_settings, keep, stop_requested)
+        assert page is not None  # exactly one of query, urls and page was checked above
+        report = crawl_page(page, depth, crawl_settings, keep, stop_requested, on_progress)
     return {"project": project_name, "stored": added, **report.to_dict()}
 
 

@@ -9,7 +9,7 @@ All convolutions keep the spatial size (padding = kernel // 2) unless they have 
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Literal
+from typing import Literal, cast
 
 import torch
 import torch.nn.functional as F
@@ -40,10 +40,13 @@ def fold_batch_norm(
     Returns:
         The weight and bias of one convolution equal to conv followed by bn (with running statistics).
     """
-    scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)  # (out,)
+    mean, var = bn.running_mean, bn.running_var
+    if mean is None or var is None:
+        raise ValueError("fold_batch_norm needs a BatchNorm with running statistics")
+    scale = bn.weight / torch.sqrt(var + bn.eps)  # (out,)
     fused_weight = weight * scale.reshape(-1, 1, 1, 1)
-    conv_bias = bias if bias is not None else torch.zeros_like(bn.running_mean)
-    fused_bias = (conv_bias - bn.running_mean) * scale + bn.bias
+    conv_bias = bias if bias is not None else torch.zeros_like(mean)
+    fused_bias = (conv_bias - mean) * scale + bn.bias
     return fused_weight, fused_bias
 
 
@@ -128,10 +131,11 @@ class QARepVGGBlock(nn.Module):
 
     def _merged_branches(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The (out, in, 3, 3) kernel and (out,) bias of one conv equal to the sum of the three branches."""
-        kernel, bias = fold_batch_norm(self.branch_3x3.conv.weight, None, self.branch_3x3.bn)
+        conv, bn = cast(nn.Conv2d, self.branch_3x3.conv), cast(nn.BatchNorm2d, self.branch_3x3.bn)
+        kernel, bias = fold_batch_norm(conv.weight, None, bn)
         # A 1x1 kernel zero-padded to 3x3 at the centre is exact, also at stride 2, because the 3x3 pads by 1.
         kernel = kernel + F.pad(self.branch_1x1.weight, [1, 1, 1, 1])
-        bias = bias + self.branch_1x1.bias
+        bias = bias + cast(torch.Tensor, self.branch_1x1.bias)
         if self.use_identity:
             identity = torch.zeros_like(kernel)
             channels = torch.arange(self.out_channels)
@@ -145,13 +149,13 @@ class QARepVGGBlock(nn.Module):
         if self.fusion == "none":
             kernel, bias = self._merged_branches()
             self.rbr_reparam.weight.copy_(kernel)
-            self.rbr_reparam.bias.copy_(bias)
+            cast(torch.Tensor, self.rbr_reparam.bias).copy_(bias)
             del self.branch_3x3, self.branch_1x1
             self.fusion = "partial"
         if full and self.fusion == "partial":
             kernel, bias = fold_batch_norm(self.rbr_reparam.weight, self.rbr_reparam.bias, self.post_bn)
             self.rbr_reparam.weight.copy_(kernel)
-            self.rbr_reparam.bias.copy_(bias)
+            cast(torch.Tensor, self.rbr_reparam.bias).copy_(bias)
             del self.post_bn
             self.rbr_reparam.requires_grad_(False)
             self.fusion = "full"

@@ -6,6 +6,7 @@ docs/yolo_nas.md §5. The heads return raw logits only; decoding lives in `decod
 from __future__ import annotations
 
 import math
+from typing import cast
 
 import torch
 from torch import nn
@@ -26,7 +27,9 @@ class DFLHead(nn.Module):
         self.cls_pred = nn.Conv2d(inter_channels, num_classes, 1)
         self.reg_pred = nn.Conv2d(inter_channels, 4 * (reg_max + 1), 1)
         # Every anchor starts predicting "object" with probability 0.01, as in the official init (focal-loss prior).
-        nn.init.constant_(self.cls_pred.bias, -math.log((1 - CLASS_PRIOR_PROBABILITY) / CLASS_PRIOR_PROBABILITY))
+        nn.init.constant_(
+            cast(torch.Tensor, self.cls_pred.bias), -math.log((1 - CLASS_PRIOR_PROBABILITY) / CLASS_PRIOR_PROBABILITY)
+        )
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         x = self.stem(x)

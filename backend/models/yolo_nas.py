@@ -50,7 +50,7 @@ class YoloNAS(nn.Module):
     def predict_boxes(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, 3, H, W) → boxes (B, A, 4) xyxy in input pixels, scores (B, A, C) sigmoid."""
         cls_logits, reg_distri = self(images)
-        return decode_predictions(cls_logits, reg_distri, tuple(images.shape[-2:]), self.strides)
+        return decode_predictions(cls_logits, reg_distri, (images.shape[-2], images.shape[-1]), self.strides)
 
     @property
     def fusion(self) -> FusionState:

@@ -50,7 +50,7 @@ class CalibrationImages(CalibrationDataReader):
                 "no calibration images: the training split is empty; add labelled training images "
                 "(or pass other records) before quantizing"
             )
-        self.input_size = check_input_size((imgsz, imgsz) if isinstance(imgsz, int) else tuple(imgsz))
+        self.input_size = check_input_size((imgsz, imgsz) if isinstance(imgsz, int) else (imgsz[0], imgsz[1]))
         order = list(range(len(records)))
         random.Random(seed).shuffle(order)
         if len(records) < count:

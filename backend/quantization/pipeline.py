@@ -223,7 +223,7 @@ def quantize_run(
         calibration = calibrations[selected]
         budget = options.budget / 100.0
         sensitivity = None
-        if options.method in ("auto", "ptq") and evaluator.available:
+        if options.method in ("auto", "ptq") and fp32_map is not None:  # None: no evaluator
             stage("scan")
             images = _stack(CalibrationImages(val_set.records, imgsz, count=options.scan_images, seed=1))
             scan = scan_sensitivity(
@@ -314,7 +314,7 @@ def quantize_run(
         staged = out_dir / ".model_int8.onnx.tmp"
         shutil.copyfile(rows[chosen]["path"], staged)
         staged.replace(int8_path)
-        report_rows = {}
+        report_rows: dict[str, dict[str, Any]] = {}
         for name, row in rows.items():
             entry = {key: value for key, value in row.items() if key != "predictions"}
             entry["path"] = str(row["path"])
@@ -496,8 +496,8 @@ def _quantization_aware(
     images = [torch.from_numpy(item["images"]) for item in iter(reader.get_next, None)]
     convs = {name for name, module in model.named_modules() if isinstance(module, torch.nn.Conv2d)}
     qat_model = qat.prepare_qat(model, images, float_modules=set(float_modules) & convs)
-    overrides = {"imgsz": imgsz} | ({} if options.qat_epochs is None else {"epochs": options.qat_epochs})
-    config = qat.qat_config(train_config, **overrides)
+    changes = {"imgsz": imgsz} | ({} if options.qat_epochs is None else {"epochs": options.qat_epochs})
+    config = qat.qat_config(train_config, **changes)
     result = qat.qat_finetune(qat_model, train_set, val_set, config, on_event=emit, stop_requested=stop_requested)
     ranges = qat.activation_ranges(qat_model)
     float_model = qat.to_float_model(qat_model)
@@ -512,7 +512,7 @@ def _quantization_aware(
         method=calibration_method,
     )
     graph = onnx.load(str(prepared), load_external_data=False)
-    overrides = {}
+    overrides: dict[str, tuple[float, float]] = {}
     float_nodes = list(decoding_nodes(graph))
     for node in graph.graph.node:
         if node.op_type not in ("Conv", "ConvTranspose"):

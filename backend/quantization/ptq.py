@@ -107,7 +107,7 @@ class QuantizationSettings:
     preprocessed: bool
 
 
-def decoding_nodes(onnx_model: onnx.ModelProto | str | Path) -> list[str]:
+def decoding_nodes(onnx_model: onnx.ModelProto | str | Path | list[onnx.NodeProto]) -> list[str]:
     """Names of the decoding nodes, in graph order: every policy keeps them in float.
 
     They are every node downstream of a prediction convolution (`cls_pred`/`reg_pred`: the reshapes, concats, DFL
@@ -116,7 +116,7 @@ def decoding_nodes(onnx_model: onnx.ModelProto | str | Path) -> list[str]:
     prediction convolutions themselves are not included.
 
     Args:
-        onnx_model: a yolodex FP32 export without NMS (a model or a path), pre-processed or not.
+        onnx_model: a yolodex FP32 export without NMS (a model, a path or its graph's nodes), pre-processed or not.
 
     Raises:
         ValueError: the graph does not look like a yolodex export (no `cls_pred`/`reg_pred` convolutions).

@@ -106,7 +106,7 @@ def summary_line(report: dict[str, Any]) -> str:
     chosen = report.get("chosen")
     row = report["models"].get(chosen) or {}
     deltas = row.get("deltas") or {}
-    parts = [f"Shipped: {row_label(chosen)} (model_int8.onnx)"]
+    parts = [f"Shipped: {row_label(str(chosen))} (model_int8.onnx)"]
     delta = _points((deltas.get("metrics") or {}).get("mAP50-95"))
     if delta is not None:
         parts.append(f"mAP50-95 {delta:+.2f} points vs FP32")

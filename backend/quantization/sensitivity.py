@@ -99,12 +99,12 @@ def output_error(
     """
     ref_boxes, ref_scores = reference
     boxes, scores = outputs
-    errors = []
+    errors: list[float] = []
     for image in range(ref_scores.shape[0]):
         confidence = ref_scores[image].max(axis=1)
         anchors = np.argsort(-confidence)[: min(top, confidence.size)]
         score_error = float(np.abs(scores[image, anchors] - ref_scores[image, anchors]).mean())
-        ious = np.diag(box_iou_numpy(ref_boxes[image, anchors], boxes[image, anchors])) if anchors.size else []
+        ious = np.diag(box_iou_numpy(ref_boxes[image, anchors], boxes[image, anchors])) if anchors.size else np.zeros(0)
         weights = confidence[anchors]
         box_error = float(np.sum(weights * (1.0 - np.asarray(ious))) / max(float(weights.sum()), 1e-9))
         errors.append(score_error + box_error)
@@ -158,8 +158,8 @@ def scan_sensitivity(
     by_name = {node.name: node for node in graph.graph.node}
     initializers = {item.name: item for item in graph.graph.initializer}
     reference = run_model(calibration.model_path, images, threads)
-    ranges = {
-        name: tuple(float(np.asarray(v).reshape(-1)[0]) for v in data.range_value)
+    ranges: dict[str, tuple[float, float]] = {
+        name: (_scalar(data.range_value[0]), _scalar(data.range_value[1]))  # (lowest, highest) of the calibration
         for name, data in load_tensors_data(calibration.cache_path).data.items()
     }
     ranges.update(INPUT_RANGE)
@@ -299,6 +299,10 @@ def choose_float_nodes(
         tried=tried,
         path=out_path,
     )
+
+
+def _scalar(value: Any) -> float:
+    return float(np.asarray(value).reshape(-1)[0])
 
 
 def quantized_alone(graph: onnx.ModelProto, name: str, ranges: dict[str, tuple[float, float]]) -> bytes:

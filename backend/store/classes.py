@@ -25,7 +25,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from sqlalchemy import func, select, update
+from sqlalchemy import and_, func, select, update
 from sqlalchemy.orm import Session
 
 from backend.store.models import (
@@ -289,8 +289,8 @@ def remove_class(session: Session, project: Project, name: str) -> int:
     session.flush()
     # Two steps, so no moment has two classes on one index (the unique constraint is checked row by row): first
     # every later class moves above all indices in use, then down to its final place.
-    later = (ProjectClass.project_id == project.id) & (ProjectClass.index > removed)
-    session.execute(update(ProjectClass).where(later).values(index=ProjectClass.index + count))
+    after_removed = and_(ProjectClass.project_id == project.id, ProjectClass.index > removed)
+    session.execute(update(ProjectClass).where(after_removed).values(index=ProjectClass.index + count))
     session.execute(
         update(ProjectClass)
         .where(ProjectClass.project_id == project.id, ProjectClass.index >= count)

@@ -290,7 +290,9 @@ def shared_engine(url: str) -> Engine:
 
 def _sqlite_file_gone(engine: Engine) -> bool:
     database = engine.url.database
-    return engine.dialect.name == "sqlite" and bool(database) and database != ":memory:" and not Path(database).exists()
+    if engine.dialect.name != "sqlite" or database is None or database in ("", ":memory:"):
+        return False
+    return not Path(database).exists()
 
 
 @contextmanager

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from PIL import Image as PILImage
 from PIL import ImageOps, UnidentifiedImageError
-from sqlalchemy import select, update
+from sqlalchemy import ColumnElement, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -386,7 +386,7 @@ def _join_near_group(
     A group's id is the smallest image id in it, so merging two groups keeps the older one's id.
     """
     group = min([*matched_groups, *matched_ids])
-    members = Image.id.in_([*matched_ids, image.id])
+    members: ColumnElement[bool] = Image.id.in_([*matched_ids, image.id])
     if matched_groups:
         members = members | Image.near_group.in_(matched_groups)
     session.execute(

@@ -25,6 +25,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from sqlalchemy import exists, func, select
 from sqlalchemy.orm import Session
 
@@ -150,8 +151,8 @@ def freeze_version(
                     image.id,
                     image.width,
                     image.height,
-                    [box for box, _ in image_boxes],
-                    [label_of_class[class_id] for _, class_id in image_boxes],
+                    np.asarray([box for box, _ in image_boxes]),
+                    np.asarray([label_of_class[class_id] for _, class_id in image_boxes]),
                 )
             )
         class_names = [project_class.name for project_class in classes]
@@ -261,7 +262,9 @@ def _stats(class_names: list[str], images: Iterable[tuple[list[int], list[tuple[
         images: per image, (its boxes' class indices, their (width, height) in original-image pixels).
     """
     num_bins = len(BOX_SIZE_EDGES)
-    per_class = [{"index": index, "name": name, "images": 0, "boxes": 0} for index, name in enumerate(class_names)]
+    per_class: list[dict[str, Any]] = [
+        {"index": index, "name": name, "images": 0, "boxes": 0} for index, name in enumerate(class_names)
+    ]
     histogram = [[0] * num_bins for _ in class_names]
     total_images = without_boxes = total_boxes = 0
     for labels, sizes in images:

@@ -212,7 +212,7 @@ class CpuSyncBatchNorm(nn.BatchNorm2d):
             return super().forward(x)
         from torch.distributed.nn.functional import all_reduce as differentiable_all_reduce
 
-        def all_reduce(tensor: torch.Tensor, op: dist.ReduceOp) -> torch.Tensor:
+        def all_reduce(tensor: torch.Tensor, op: Any) -> torch.Tensor:  # op: a dist.ReduceOp member
             # Its backward all-reduces the gradients. Deprecated in favour of functional collectives made for
             # torch.compile, which have no backward: keep it, without a warning per layer and step.
             with warnings.catch_warnings():
@@ -229,12 +229,13 @@ class CpuSyncBatchNorm(nn.BatchNorm2d):
         mean = total[:channels] / count  # (C,)
         centred = x - mean.view(1, -1, 1, 1)
         var = all_reduce(centred.pow(2).sum(dim=(0, 2, 3)), op=dist.ReduceOp.SUM) / count  # (C,) biased
-        if self.track_running_stats:
+        tracked, running_mean, running_var = self.num_batches_tracked, self.running_mean, self.running_var
+        if self.track_running_stats and tracked is not None and running_mean is not None and running_var is not None:
             with torch.no_grad():
-                self.num_batches_tracked.add_(1)
-                factor = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
-                self.running_mean.lerp_(mean.detach(), factor)
-                self.running_var.lerp_(var.detach() * count / max(float(count) - 1.0, 1.0), factor)
+                tracked.add_(1)
+                factor = self.momentum if self.momentum is not None else 1.0 / float(tracked)
+                running_mean.lerp_(mean.detach(), factor)
+                running_var.lerp_(var.detach() * count / max(float(count) - 1.0, 1.0), factor)
         scale = torch.rsqrt(var + self.eps)
         if self.affine:
             output = centred * (self.weight * scale).view(1, -1, 1, 1) + self.bias.view(1, -1, 1, 1)
@@ -277,6 +278,8 @@ def wrap_model(model: nn.Module, world: World, sync_bn: bool) -> nn.Module:
     if not world.distributed:
         return model
     if sync_bn:
+        if world.device is None:
+            raise RuntimeError("a distributed World names its process's device")
         convert_sync_batchnorm(model, world.device)
     # Unused parameters would leave DDP waiting for their gradients; ignoring them keeps them out of its buckets
     # (their grad stays None, as in a single process), cheaper than find_unused_parameters=True every step.

@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -97,7 +97,7 @@ def compile_model(model: nn.Module, cache_dir: Path, backend: str | Callable | N
     cache_dir.mkdir(parents=True, exist_ok=True)
     torch._dynamo.config.suppress_errors = True
     try:
-        return torch.compile(model, backend=backend or COMPILE_BACKEND)
+        return cast(nn.Module, torch.compile(model, backend=backend or COMPILE_BACKEND))
     except Exception as error:  # an unusable backend: train eagerly, as the docstring says
         logger.warning("torch.compile is not usable here (%s): training eagerly", error)
         return model
@@ -321,8 +321,10 @@ def predict_images(
     batch_size: int = 16,
     postprocess: PostprocessConfig = EVAL_POSTPROCESS,
     dtype: torch.dtype | None = None,
+    on_progress: Callable[[int, int], None] | None = None,
 ) -> list[Detections]:
-    """Detections for every image, boxes (N, 4) xyxy in original-image pixels, through the shared post-processing."""
+    """Detections for every image, boxes (N, 4) xyxy in original-image pixels, through the shared post-processing;
+    `on_progress(images done, images)` after each batch."""
     was_training = model.training
     model.eval()
     predictions: list[Detections] = []
@@ -334,6 +336,8 @@ def predict_images(
             boxes, scores = model.predict_boxes(inputs)  # (B, A, 4) xyxy input px, (B, A, C)
         for found, (_, info) in zip(postprocess_torch(boxes.float(), scores.float(), postprocess), items, strict=True):
             predictions.append(Detections(boxes_to_original(found.boxes, info), found.scores, found.class_ids))
+        if on_progress is not None:
+            on_progress(len(predictions), len(images))
     model.train(was_training)
     return predictions
 
@@ -346,14 +350,18 @@ def evaluate(
     batch_size: int = 16,
     score_threshold: float = 0.25,
     dtype: torch.dtype | None = None,
+    on_progress: Callable[[int, int], None] | None = None,
 ) -> EvaluationResult:
     """COCO mAP (pycocotools) of `model` on `images.dataset`, evaluated on a fused copy (same outputs, faster).
 
     `score_threshold` applies to the confusion matrix and the per-image errors only; mAP uses every detection above
-    the recipe's 0.01.
+    the recipe's 0.01. `on_progress(images predicted, images)` after each batch (the scoring after the last one is
+    short).
     """
     fused = copy.deepcopy(model).eval().fuse() if model.fusion == "none" else model
-    predictions = predict_images(fused, images, device=device, batch_size=batch_size, dtype=dtype)
+    predictions = predict_images(
+        fused, images, device=device, batch_size=batch_size, dtype=dtype, on_progress=on_progress
+    )
     return evaluate_detections(images.dataset, predictions, score_threshold=score_threshold)
 
 
@@ -453,7 +461,7 @@ def write_best(
     """best.pt: the evaluated weights (the EMA's when there is one) and what inference and a report need: the model
     config, class names, imgsz, the epoch, the run's progress and this evaluation's headline metrics. No optimizer
     or raw model (those are last.pt's): 76 MB for S instead of 256 MB."""
-    evaluated = context.ema.module if context.ema is not None else model
+    evaluated = cast(YoloNAS, context.ema.module if context.ema is not None else model)
     return save_inference_checkpoint(
         path,
         evaluated,

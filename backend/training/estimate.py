@@ -232,7 +232,7 @@ def measure_speed(storage: str | Path, key: SpeedKey, num_classes: int = 1, step
     generator = torch.Generator().manual_seed(0)
     model = build_model(key.size, num_classes).to(device)
     if use_channels_last(device, dtype):
-        model.to(memory_format=torch.channels_last)
+        model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]  # Module.to takes it; the stubs omit it
     optimizer = build_optimizer(model, config.peak_lr, config.weight_decay)
     scheduler = WarmupCosineSchedule(optimizer, config.peak_lr, 0, 1000, config.final_lr_ratio)
     times: list[float] = []
