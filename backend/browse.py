@@ -494,7 +494,7 @@ class PreviewOptions:
 def augmentation_preview(
     session: Session, storage: Path, project: Project, image_id: int, options: PreviewOptions | None = None
 ) -> list[np.ndarray]:
-    """Training samples made from one image by the training augmentation (mosaic → affine → HSV → flip), boxes
+    """Training samples made from one image by the default training augmentation (`backend.data.augment`), boxes
     and class names drawn, through `backend.data.loader.render_augmented_samples` (the dataset's own code path).
 
     The preview has one image, so a mosaic's four tiles are all this image (in training they are four images).
@@ -502,7 +502,7 @@ def augmentation_preview(
     Returns:
         `options.count` (imgsz, imgsz, 3) uint8 RGB images; boxes drawn in training-input pixels.
     """
-    from backend.data.augment import AugmentConfig  # deferred: the loader imports torch
+    from backend.data.augment import default_pipeline  # deferred: the loader imports torch
     from backend.data.loader import render_augmented_samples
     from backend.data.records import ImageRecord
 
@@ -517,5 +517,35 @@ def augmentation_preview(
         np.asarray([box for box, _ in card.boxes], dtype=np.float32).reshape(-1, 4),
         np.asarray([label for _, label in card.boxes], dtype=np.int64),
     )
-    config = AugmentConfig(mosaic_prob=1.0 if options.mosaic else 0.0)
-    return render_augmented_samples([record], names, options.imgsz, options.count, config, options.seed)
+    pipeline = default_pipeline(options.imgsz, mosaic_prob=1.0 if options.mosaic else 0.0)
+    return render_augmented_samples([record], names, options.imgsz, options.count, pipeline, options.seed)
+
+
+def version_augmentation_preview(
+    folder: str | Path, pipeline: dict[str, Any] | None, imgsz: int, count: int = 8, seed: int = 0
+) -> list[np.ndarray]:
+    """Training samples of a dataset version's train split through an augmentation pipeline, boxes and class names
+    drawn (`backend.data.loader.render_augmented_samples`, the training dataset's own code path).
+
+    Args:
+        folder: the version's dataset folder.
+        pipeline: the pipeline in `A.to_dict` form (checked: `backend.data.augment.pipeline_from_dict`); None the
+            default one.
+        imgsz: the training input size.
+        count: how many samples.
+        seed: a different seed shows different samples.
+
+    Returns:
+        `count` (imgsz, imgsz, 3) uint8 RGB images; boxes drawn in training-input pixels.
+
+    Raises:
+        AugmentationError: the pipeline cannot augment imgsz x imgsz training samples.
+        DatasetError: the folder holds no readable train split.
+    """
+    from backend.data.augment import training_pipeline  # deferred: the loader imports torch
+    from backend.data.folders import load_dataset
+    from backend.data.loader import render_augmented_samples
+
+    train_set = load_dataset(folder)["train"]
+    augment = training_pipeline(pipeline, imgsz)
+    return render_augmented_samples(train_set.records, train_set.class_names, imgsz, count, augment, seed)

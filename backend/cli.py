@@ -137,6 +137,9 @@ def cmd_train(args: argparse.Namespace) -> None:
         # Advice only: training itself says what is wrong with these settings or data.
         with contextlib.suppress(OSError, ValueError, KeyError, TrainingError):
             _print_estimate(args, processes)
+    if args.resume and args.augment:
+        raise ValueError("--augment cannot change a run's augmentation on --resume (it trains with the recorded "
+                         "one): start a new run with --augment instead")  # fmt: skip
     try:
         if args.resume:
             # On --resume, --time and --epochs are MORE minutes / epochs from where the run stopped (a run that
@@ -155,12 +158,17 @@ def cmd_train(args: argparse.Namespace) -> None:
                 raise CheckpointError(f"{error}: yolodex train --data {train.get('data')} --size {train.get('size')} "
                                       f"--imgsz {train.get('imgsz')} --weights {error.best}") from None  # fmt: skip
         else:
+            augment_pipeline = None
+            if args.augment is not None:  # checked before anything is written
+                from backend.data.augment import load_pipeline_file
+
+                augment_pipeline = load_pipeline_file(args.augment, args.imgsz)
             config = TrainConfig(
                 data=str(args.data), size=args.size, imgsz=args.imgsz, epochs=args.epochs or 100,
                 batch_size=args.batch, time_minutes=args.time, weights=args.weights, lr=args.lr,
                 patience=args.patience if args.patience is not None else 30, device=args.device or "auto",
                 amp=False if args.no_amp else None, num_workers=args.workers, seed=args.seed,
-                min_samples=args.min_samples, compile=args.compile,
+                min_samples=args.min_samples, compile=args.compile, augment_pipeline=augment_pipeline,
                 **({} if args.close_mosaic is None else {"close_mosaic": args.close_mosaic}),
                 checkpoint_minutes=args.checkpoint_minutes if args.checkpoint_minutes is not None else 5.0,
             )  # fmt: skip
@@ -531,6 +539,10 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--compile", action="store_true", help="torch.compile the model (kernels cached in storage/)")
     train.add_argument("--close-mosaic", type=float, help="the last fraction of the run trains without mosaic")
+    train.add_argument(
+        "--augment", type=Path, metavar="FILE",
+        help="augmentation pipeline, JSON or YAML in albumentations' A.to_dict form (default: the recipe's)",
+    )  # fmt: skip
     train.add_argument("--gpus", type=int, help="train on N GPUs (DDP, one process each; torchrun)")
     train.add_argument("--nproc", type=int, help="N processes on --device (DDP; gloo on a CPU, for testing)")
     train.add_argument("--checkpoint-minutes", type=float, help="also save last.pt mid-epoch this often (5)")

@@ -50,7 +50,7 @@ def measure_rate(data: Path, imgsz: int, batch: int) -> float:
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from train_step import StepPath  # a sibling script, imported only here
 
-    from backend.data.augment import AugmentConfig
+    from backend.data.augment import default_pipeline
     from backend.data.folders import load_dataset
     from backend.data.loader import TrainDataset, make_train_loader
     from backend.training.engine import autocast_dtype, use_channels_last
@@ -59,7 +59,7 @@ def measure_rate(data: Path, imgsz: int, batch: int) -> float:
     device = torch.device("cpu")
     dtype = autocast_dtype(device, None)
     path = StepPath("trainer", len(train_set.class_names), "s", use_channels_last(device, dtype), dtype)
-    dataset = TrainDataset(train_set.records, imgsz, AugmentConfig(), seed=0)
+    dataset = TrainDataset(train_set.records, imgsz, default_pipeline(imgsz), seed=0)
     dataset.preload()
     for count, batch_data in enumerate(make_train_loader(dataset, batch, min_samples=6 * batch, num_workers=0)):
         path.step(batch_data, 0.0)

@@ -34,7 +34,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from backend.data.augment import AugmentConfig
+from backend.data.augment import default_pipeline
 from backend.data.folders import load_dataset
 from backend.data.loader import TrainDataset, make_train_loader, set_loader_epoch
 from backend.data.synthetic import generate_synthetic_dataset
@@ -141,7 +141,7 @@ def measure_step(data: Path | None, size: str, imgsz: int, batch: int, steps: in
         StepPath("nchw", len(train_set.class_names), size, False, dtype),
         StepPath("trainer", len(train_set.class_names), size, use_channels_last(device, dtype), dtype),
     ]
-    dataset = TrainDataset(train_set.records, imgsz, AugmentConfig(), seed=0)
+    dataset = TrainDataset(train_set.records, imgsz, default_pipeline(imgsz), seed=0)
     dataset.preload()
     workers = usable_num_workers(None)
     loader = make_train_loader(dataset, batch, min_samples=batch * steps, num_workers=workers)

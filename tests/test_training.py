@@ -413,15 +413,15 @@ def test_closing_mosaic_turns_it_off_for_the_last_part_of_the_run(small_set: Pat
 
 
 def test_a_closed_mosaic_draws_single_images_and_keeps_the_other_random_streams(small_set: Path) -> None:
-    from backend.data.augment import AugmentConfig
+    from backend.data.augment import default_pipeline
     from backend.data.loader import TrainDataset
 
     train_set = load_splits(small_set, 0)[0]
-    dataset = TrainDataset(train_set.records, 64, AugmentConfig(mosaic_prob=1.0), seed=1)
+    dataset = TrainDataset(train_set.records, 64, default_pipeline(64, mosaic_prob=1.0), seed=1)
     with_mosaic = [dataset[index] for index in range(4)]
     dataset.set_mosaic(False)
     without = [dataset[index] for index in range(4)]
-    plain = TrainDataset(train_set.records, 64, AugmentConfig(mosaic_prob=0.0), seed=1)
+    plain = TrainDataset(train_set.records, 64, default_pipeline(64, mosaic_prob=0.0), seed=1)
     for (image, boxes, labels), (plain_image, plain_boxes, plain_labels) in zip(
         without, [plain[index] for index in range(4)], strict=True
     ):

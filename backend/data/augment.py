@@ -1,265 +1,459 @@
-"""Training augmentations for detection: YOLOX-style mosaic, scale/translate affine, additive HSV, horizontal flip.
+"""Training augmentations for detection, as an albumentations pipeline that is data (`A.to_dict` / `A.from_dict`).
 
-Follows the YOLO-NAS fine-tuning recipe (super-gradients `roboflow_yolo_nas_s`, /work/shared/yolo_nas_facts.md §5.2):
-Mosaic p 1.0 (2x canvas, random centre in [0.5, 1.5]·imgsz, pad 114) → random affine (translate 0.1, scale 0.5-1.5,
-no rotation or shear, imgsz x imgsz output, border 114) → HSV (additive: hue ±5 on OpenCV's 0-180 scale, saturation
-±30, value ±30) → horizontal flip p 0.5 → letterbox to imgsz with pad 114 (the identity here: the affine already
-outputs imgsz x imgsz). The recipe's border 128 is replaced by 114, the padding grey of `backend.processing`.
-Unlike the recipe (no box filtering), boxes that end up smaller than `min_box_size` or less than `min_visibility`
-visible are dropped: a target on a 1-px sliver or on a fifth of an object teaches the model to fire on fragments.
+The default pipeline is the YOLO-NAS fine-tuning recipe (docs/augmentation.md):
 
-Written with NumPy/OpenCV, not albumentations: an `A.Compose` of Affine + CenterCrop + HueSaturationValue +
-HorizontalFlip with pascal_voc box processing measured 6.8 ms per 320 px sample against 1.3 ms for the same steps
-here (2-core CPU, where data must cost < 5% of a ~1 s training step), and `A.Mosaic` resizes every image into a
-fixed grid cell instead of the YOLOX layout (images at their own size, meeting at a random centre) the recipe uses.
-The HSV step is the same additive lookup-table arithmetic as `A.HueSaturationValue`.
+    YoloxMosaic (p 1.0: 4 images at their own size meeting at a random centre in [0.5, 1.5]·imgsz on a
+    2·imgsz canvas, pad 114) → RandomScaleTranslate (zoom 0.5-1.5, shift ±0.1·imgsz, no rotation or shear,
+    imgsz x imgsz output, pad 114) → A.HueSaturationValue (additive: hue ±5 on OpenCV's 0-180 scale,
+    saturation ±30, value ±30) → A.HorizontalFlip (p 0.5) → Letterbox (imgsz, pad 114)
 
-Box convention: xyxy in pixels, x2/y2 the right/bottom pixel edges; each function says which image's pixels.
+Boxes go through albumentations (`A.BboxParams`, pascal_voc: xyxy pixels, x2/y2 the right/bottom pixel edges,
+labels in the `labels` field). After every step albumentations clips them to the image and drops those narrower
+or lower than 2 px or with less than a fifth of their area left (`min_visibility`): a target on a 1-px sliver or
+on a fifth of an object teaches the model to fire on fragments. The recipe filters nothing.
+
+Three steps are our own albumentations transforms (subclasses of `A.DualTransform`, so `A.to_dict` / `A.from_dict`
+serialise them once this module is imported):
+- `YoloxMosaic`: `A.Mosaic` fits every image into a fixed grid cell and its random centre only moves the crop
+  window over that grid; the recipe's YOLOX layout keeps each image at its own size and moves the point where
+  the four meet. It reads the three other images from the `mosaic_metadata` key, as `A.Mosaic` does.
+- `RandomScaleTranslate`: `A.Affine` keeps the input size, so on the 2·imgsz mosaic canvas it needs a following
+  `A.CenterCrop` and warps four times the pixels it keeps (6.8 against 1.3 ms a 320 px sample on a 2-core CPU);
+  this one warps straight into the imgsz x imgsz output with one `cv2.warpAffine`.
+- `Letterbox`: `backend.processing.letterbox` itself, so training inputs and inference inputs are made alike. It is
+  the identity after `RandomScaleTranslate` and makes any other pipeline end at imgsz x imgsz.
+
+The HSV step is the stock `A.HueSaturationValue` (lookup tables on uint8, as fast as hand-written code).
 """
 
 from __future__ import annotations
 
+import json
+import math
+import random
 from collections.abc import Sequence
-from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
+import albumentations as A
 import cv2
 import numpy as np
+import yaml
+from albumentations.augmentations.mixing import functional as mixing
+from albumentations.core.bbox_utils import filter_bboxes
 
-from backend.processing import PAD_VALUE
+from backend.processing import PAD_VALUE, letterbox
 
 # (image (h, w, 3) uint8 RGB, boxes (N, 4) float32 xyxy in that image's pixels, labels (N,) int64)
 Sample = tuple[np.ndarray, np.ndarray, np.ndarray]
 
 MOSAIC_TILES = 4
+MOSAIC_KEY = "mosaic_metadata"
+MIN_BOX_SIZE = 2.0  # output pixels, width and height
+MIN_VISIBILITY = 0.2
 
 
-@dataclass(frozen=True)
-class AugmentConfig:
-    """Strengths of the training augmentations; the defaults are the YOLO-NAS fine-tuning recipe.
-
-    Attributes:
-        enabled: False trains on plain letterboxed images (the validation pre-processing).
-        mosaic_prob: probability that a sample is a mosaic of 4 images (else one image goes through the affine).
-        scale: range of the random zoom of the affine (uniform).
-        translate: largest shift of the affine, as a fraction of imgsz, in x and y independently.
-        hsv: largest additive shifts of hue (OpenCV 0-180 scale), saturation and value (0-255).
-        flip_prob: probability of a horizontal flip.
-        min_box_size: boxes narrower or lower than this many output pixels after clipping are dropped.
-        min_visibility: boxes with less than this fraction of their area inside the output (and inside their
-            own mosaic tile) are dropped.
-        pad_value: grey level of everything outside the images.
-    """
-
-    enabled: bool = True
-    mosaic_prob: float = 1.0
-    scale: tuple[float, float] = (0.5, 1.5)
-    translate: float = 0.1
-    hsv: tuple[float, float, float] = (5, 30, 30)
-    flip_prob: float = 0.5
-    min_box_size: float = 2.0
-    min_visibility: float = 0.2
-    pad_value: int = PAD_VALUE
-
-    def __post_init__(self) -> None:
-        for name in ("mosaic_prob", "flip_prob", "min_visibility"):
-            if not 0.0 <= getattr(self, name) <= 1.0:
-                raise ValueError(f"AugmentConfig.{name} must be in [0, 1], got {getattr(self, name)}")
-        if len(self.scale) != 2 or not 0.0 < self.scale[0] <= self.scale[1]:
-            raise ValueError(f"AugmentConfig.scale must be (low, high) with 0 < low <= high, got {self.scale}")
-        if not 0.0 <= self.translate <= 0.5:
-            raise ValueError(f"AugmentConfig.translate must be in [0, 0.5] (a fraction of imgsz), got {self.translate}")
-        if len(self.hsv) != 3 or min(self.hsv) < 0 or self.hsv[0] > 90 or max(self.hsv[1:]) > 255:
-            raise ValueError(f"AugmentConfig.hsv must be (hue 0..90, saturation 0..255, value 0..255), got {self.hsv}")
-        if self.min_box_size < 0:
-            raise ValueError(f"AugmentConfig.min_box_size must be >= 0, got {self.min_box_size}")
-        if not 0 <= self.pad_value <= 255:
-            raise ValueError(f"AugmentConfig.pad_value must be a grey level 0..255, got {self.pad_value}")
+class AugmentationError(ValueError):
+    """An augmentation pipeline that cannot be used for training; the message says what is wrong."""
 
 
-def mosaic(
-    tiles: Sequence[Sample], imgsz: int, centre: tuple[float, float], pad_value: int = PAD_VALUE
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Places four images around a centre point on a (2·imgsz, 2·imgsz) canvas, YOLOX layout.
+def _xyxy_pixels_to_normalised(boxes: np.ndarray, width: int, height: int) -> np.ndarray:
+    scaled = boxes.copy()
+    scaled[:, [0, 2]] /= width
+    scaled[:, [1, 3]] /= height
+    return scaled
 
-    Each image keeps its size; they touch at `centre`, parts beyond the canvas are cut.
+
+def _boxes_to_albumentations(item: dict[str, Any], processor: Any) -> np.ndarray | None:
+    """A mosaic image's boxes in the pipeline's internal form (normalised xyxy + label columns), as Compose's own
+    pre-processing makes them; pascal_voc directly (its validity checks cost more than the whole conversion)."""
+    if processor is None or item.get("bboxes") is None:
+        return None
+    params = processor.params
+    if params.format != "pascal_voc":
+        return mixing.preprocess_selected_mosaic_items([item], processor, None)[0]["bboxes"]
+    height, width = item["image"].shape[:2]
+    boxes = np.array(item["bboxes"], dtype=np.float32).reshape(-1, 4)
+    boxes[:, [0, 2]] /= width
+    boxes[:, [1, 3]] /= height
+    if params.clip:
+        np.clip(boxes, 0.0, 1.0, out=boxes)
+    columns = [boxes]
+    for field in params.label_fields or []:
+        if len(item[field]) != len(boxes):
+            raise ValueError(f"a mosaic image has {len(boxes)} boxes and {len(item[field])} {field}")
+        columns.append(np.asarray(processor.label_manager.process_field("bboxes", field, item[field])).reshape(-1, 1))
+    return np.hstack(columns).astype(np.float32) if len(columns) > 1 else boxes
+
+
+class YoloxMosaic(A.DualTransform):
+    """Four images at their own size around a random centre on a (2·imgsz, 2·imgsz) canvas (YOLOX layout).
+
+    The primary image goes top-left of the centre; the three in `data[metadata_key]` (dicts with "image",
+    "bboxes" in the pipeline's box format and its label fields, each image at most imgsz on each side) go
+    top-right, bottom-left and bottom-right. Parts beyond the canvas are cut. Without metadata (mosaic closed
+    for the end of a run) the image passes unchanged.
 
     Args:
-        tiles: four (image, boxes xyxy in that image's pixels, labels), in the order top-left, top-right,
-            bottom-left, bottom-right of the centre. Images at most imgsz on each side.
         imgsz: the training input size; the canvas is twice that.
-        centre: (x, y) canvas pixels where the four images meet (rounded down to whole pixels).
-        pad_value: grey level of the canvas where no image lands.
-
-    Returns:
-        canvas (2·imgsz, 2·imgsz, 3) uint8; boxes (M, 4) float32 xyxy in canvas pixels, moved but not clipped;
-        labels (M,) int64; regions (M, 4) float32 xyxy in canvas pixels, the visible part of each box's image
-        (boxes are clipped to it later, and their visibility is measured against it).
+        centre_range: the centre's x and y are drawn uniformly from this range, in multiples of imgsz.
+        fill: grey level of the canvas where no image lands.
+        metadata_key: the data key holding the three other images.
+        p: probability of a mosaic.
     """
-    if len(tiles) != MOSAIC_TILES:
-        raise ValueError(f"a mosaic takes {MOSAIC_TILES} images, got {len(tiles)}")
-    size = 2 * imgsz
-    canvas = np.full((size, size, 3), pad_value, dtype=np.uint8)
-    centre_x, centre_y = int(centre[0]), int(centre[1])
-    all_boxes, all_labels, all_regions = [], [], []
-    for position, (image, boxes, labels) in enumerate(tiles):
-        height, width = image.shape[:2]
-        if height > imgsz or width > imgsz:
-            raise ValueError(f"mosaic images must fit in {imgsz}x{imgsz}, got {width}x{height}")
-        left = centre_x - width if position in (0, 2) else centre_x  # top-left corner of the image on the canvas
-        top = centre_y - height if position in (0, 1) else centre_y
-        x1, y1, x2, y2 = max(left, 0), max(top, 0), min(left + width, size), min(top + height, size)
-        canvas[y1:y2, x1:x2] = image[y1 - top : y2 - top, x1 - left : x2 - left]
-        all_boxes.append(np.asarray(boxes, dtype=np.float32).reshape(-1, 4) + np.float32([left, top, left, top]))
-        all_labels.append(np.asarray(labels, dtype=np.int64).reshape(-1))
-        all_regions.append(np.tile(np.float32([x1, y1, x2, y2]), (len(all_labels[-1]), 1)))
-    return canvas, np.concatenate(all_boxes), np.concatenate(all_labels), np.concatenate(all_regions)
+
+    _targets = (A.core.type_definitions.Targets.IMAGE, A.core.type_definitions.Targets.BBOXES)
+
+    def __init__(
+        self,
+        imgsz: int = 640,
+        centre_range: Sequence[float] = (0.5, 1.5),
+        fill: int = PAD_VALUE,
+        metadata_key: str = MOSAIC_KEY,
+        p: float = 1.0,
+    ) -> None:
+        super().__init__(p=p)
+        if int(imgsz) < 1:
+            raise ValueError(f"YoloxMosaic imgsz must be positive, got {imgsz}")
+        if len(centre_range) != 2 or not 0.0 <= centre_range[0] <= centre_range[1] <= 2.0:
+            raise ValueError(f"YoloxMosaic centre_range must be (low, high) within [0, 2], got {centre_range}")
+        self.imgsz = int(imgsz)
+        self.centre_range = (float(centre_range[0]), float(centre_range[1]))
+        self.fill = int(fill)
+        self.metadata_key = metadata_key
+
+    @property
+    def targets_as_params(self) -> list[str]:
+        return [self.metadata_key]
+
+    def get_params_dependent_on_data(self, params: dict[str, Any], data: dict[str, Any]) -> dict[str, Any]:
+        others = data.get(self.metadata_key) or []
+        if not others:
+            return {"canvas": None, "mosaic_bboxes": None}
+        if len(others) != MOSAIC_TILES - 1:
+            raise ValueError(f"YoloxMosaic takes {MOSAIC_TILES - 1} other images, got {len(others)}")
+        size = 2 * self.imgsz
+        centre_x = int(self.py_random.uniform(*self.centre_range) * self.imgsz)
+        centre_y = int(self.py_random.uniform(*self.centre_range) * self.imgsz)
+        canvas = np.full((size, size, 3), self.fill, dtype=np.uint8)
+        processor = self.get_processor("bboxes")
+        items = [{"image": data["image"], "bboxes": data.get("bboxes")}]
+        items += [{"image": other["image"], "bboxes": _boxes_to_albumentations(other, processor)} for other in others]
+        all_boxes = []
+        for position, item in enumerate(items):
+            image = item["image"]
+            height, width = image.shape[:2]
+            if height > self.imgsz or width > self.imgsz:
+                raise ValueError(f"mosaic images must fit in {self.imgsz}x{self.imgsz}, got {width}x{height}")
+            left = centre_x - width if position in (0, 2) else centre_x  # the image's top-left corner on the canvas
+            top = centre_y - height if position in (0, 1) else centre_y
+            x1, y1, x2, y2 = max(left, 0), max(top, 0), min(left + width, size), min(top + height, size)
+            canvas[y1:y2, x1:x2] = image[y1 - top : y2 - top, x1 - left : x2 - left]
+            boxes = item["bboxes"]
+            if boxes is not None and len(boxes):
+                # normalised to the image → normalised to the canvas, not clipped (visibility needs the full box)
+                moved = np.array(boxes, dtype=np.float32, copy=True)
+                moved[:, [0, 2]] = (moved[:, [0, 2]] * width + left) / size
+                moved[:, [1, 3]] = (moved[:, [1, 3]] * height + top) / size
+                all_boxes.append(moved)
+        columns = data["bboxes"].shape[1] if data.get("bboxes") is not None else 4
+        merged = np.concatenate(all_boxes) if all_boxes else np.zeros((0, columns), np.float32)
+        if processor is not None and len(merged):  # clipped to the canvas and filtered here, as A.Mosaic does
+            box_filter = processor.params
+            merged = filter_bboxes(
+                merged, {"height": size, "width": size}, min_area=box_filter.min_area,
+                min_visibility=box_filter.min_visibility, min_width=box_filter.min_width,
+                min_height=box_filter.min_height, max_accept_ratio=box_filter.max_accept_ratio,
+            )  # fmt: skip
+        return {"canvas": canvas, "mosaic_bboxes": merged}
+
+    def apply(self, img: np.ndarray, canvas: np.ndarray | None = None, **params: Any) -> np.ndarray:
+        return img if canvas is None else canvas
+
+    def apply_to_bboxes(self, bboxes: np.ndarray, mosaic_bboxes: np.ndarray | None = None, **params: Any) -> np.ndarray:
+        return bboxes if mosaic_bboxes is None else mosaic_bboxes
 
 
-def scale_translate(
-    image: np.ndarray,
-    boxes: np.ndarray,
-    regions: np.ndarray,
-    *,
-    scale: float,
-    offset: tuple[float, float],
-    out_size: int,
-    pad_value: int = PAD_VALUE,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Affine warp without rotation or shear: output position = scale · input position + offset.
+class RandomScaleTranslate(A.DualTransform):
+    """Affine warp without rotation or shear into a size x size output: random zoom and shift around the centre.
+
+    The input's centre lands at the output's centre moved by the shift; output position = scale · input
+    position + offset, for pixels and boxes alike.
 
     Args:
-        image: (H, W, 3) uint8.
-        boxes: (N, 4) xyxy in `image` pixels.
-        regions: (N, 4) xyxy in `image` pixels, the part of the image each box may occupy (see `mosaic`).
-        scale: zoom, the same for x and y.
-        offset: (x, y) output pixels where the image's top-left corner lands.
-        out_size: the output is out_size x out_size.
-        pad_value: grey level where no input pixel lands.
-
-    Returns:
-        (out_size, out_size, 3) uint8, and boxes and regions (N, 4) float32 xyxy in output pixels, not clipped.
+        size: the output is size x size.
+        scale: range of the zoom (uniform).
+        translate: largest shift, as a fraction of `size`, in x and y independently.
+        fill: grey level where no input pixel lands.
+        p: probability of the warp; otherwise the image is letterboxed (fitted and centred) to size x size.
     """
-    # Positions are pixel edges (box convention) but OpenCV's matrix maps pixel centres (pixel i at i, not i + 0.5):
-    # edge = centre + 0.5 on both sides gives the centre-to-centre offset below, so pixels and boxes stay aligned.
-    matrix = np.array(
-        [[scale, 0.0, offset[0] + 0.5 * (scale - 1.0)], [0.0, scale, offset[1] + 0.5 * (scale - 1.0)]],
-        dtype=np.float64,
+
+    _targets = (A.core.type_definitions.Targets.IMAGE, A.core.type_definitions.Targets.BBOXES)
+
+    def __init__(
+        self,
+        size: int = 640,
+        scale: Sequence[float] = (0.5, 1.5),
+        translate: float = 0.1,
+        fill: int = PAD_VALUE,
+        p: float = 1.0,
+    ) -> None:
+        super().__init__(p=p)
+        if len(scale) != 2 or not 0.0 < scale[0] <= scale[1]:
+            raise ValueError(f"RandomScaleTranslate scale must be (low, high) with 0 < low <= high, got {scale}")
+        if not 0.0 <= translate <= 0.5:
+            raise ValueError(
+                f"RandomScaleTranslate translate must be in [0, 0.5] (a fraction of size), got {translate}"
+            )
+        self.size = int(size)
+        self.scale = (float(scale[0]), float(scale[1]))
+        self.translate = float(translate)
+        self.fill = int(fill)
+
+    def get_params_dependent_on_data(self, params: dict[str, Any], data: dict[str, Any]) -> dict[str, Any]:
+        height, width = params["shape"][:2]
+        zoom = self.py_random.uniform(*self.scale)
+        shift_x = self.py_random.uniform(-self.translate, self.translate) * self.size
+        shift_y = self.py_random.uniform(-self.translate, self.translate) * self.size
+        offset_x = self.size / 2 + shift_x - zoom * width / 2
+        offset_y = self.size / 2 + shift_y - zoom * height / 2
+        # Only the input pixels that land in the output are resized: whole pixels [x0, x1) x [y0, y1), placed at
+        # whole output pixels, so the offset is moved by less than half a pixel to the nearest placement.
+        x0, y0 = max(0, math.floor(-offset_x / zoom)), max(0, math.floor(-offset_y / zoom))
+        x1 = min(width, math.ceil((self.size - offset_x) / zoom))
+        y1 = min(height, math.ceil((self.size - offset_y) / zoom))
+        place_x, place_y = round(zoom * x0 + offset_x), round(zoom * y0 + offset_y)
+        return {
+            "zoom": zoom, "crop": (x0, y0, x1, y1), "place": (place_x, place_y),
+            "offset": (place_x - zoom * x0, place_y - zoom * y0),
+        }  # fmt: skip
+
+    def apply(self, img: np.ndarray, zoom: float, crop: tuple, place: tuple, **params: Any) -> np.ndarray:
+        out = np.full((self.size, self.size, *img.shape[2:]), self.fill, dtype=img.dtype)
+        x0, y0, x1, y1 = crop
+        if x1 <= x0 or y1 <= y0:
+            return out
+        # cv2.resize with fx/fy maps crop edge x to zoom·x exactly (pixel centres as in the box convention) and is
+        # about twice as fast as cv2.warpAffine with the same mapping.
+        resized = cv2.resize(img[y0:y1, x0:x1], (0, 0), fx=zoom, fy=zoom, interpolation=cv2.INTER_LINEAR)
+        left, top = place
+        out_x0, out_y0 = max(left, 0), max(top, 0)
+        out_x1, out_y1 = min(left + resized.shape[1], self.size), min(top + resized.shape[0], self.size)
+        if out_x1 > out_x0 and out_y1 > out_y0:
+            out[out_y0:out_y1, out_x0:out_x1] = resized[out_y0 - top : out_y1 - top, out_x0 - left : out_x1 - left]
+        return out
+
+    def apply_to_bboxes(self, bboxes: np.ndarray, zoom: float, offset: tuple, **params: Any) -> np.ndarray:
+        height, width = params["shape"][:2]
+        moved = np.array(bboxes, dtype=np.float32, copy=True)
+        moved[:, [0, 2]] = (moved[:, [0, 2]] * width * zoom + offset[0]) / self.size
+        moved[:, [1, 3]] = (moved[:, [1, 3]] * height * zoom + offset[1]) / self.size
+        return moved
+
+
+class Letterbox(A.DualTransform):
+    """`backend.processing.letterbox`: fit into size x size keeping the aspect ratio, centred, padded.
+
+    Args:
+        size: the output is size x size, a multiple of 32.
+        fill: grey level of the padding.
+        p: keep 1.0: a pipeline's last step must always give the training input size.
+    """
+
+    _targets = (A.core.type_definitions.Targets.IMAGE, A.core.type_definitions.Targets.BBOXES)
+
+    def __init__(self, size: int = 640, fill: int = PAD_VALUE, p: float = 1.0) -> None:
+        super().__init__(p=p)
+        self.size = int(size)
+        self.fill = int(fill)
+
+    def get_params_dependent_on_data(self, params: dict[str, Any], data: dict[str, Any]) -> dict[str, Any]:
+        if data["image"].shape[:2] == (self.size, self.size):  # letterbox would copy it unchanged
+            return {"padded": data["image"], "scale": 1.0, "pad": (0.0, 0.0)}
+        padded, info = letterbox(data["image"], (self.size, self.size), self.fill)
+        return {"padded": padded, "scale": info.scale, "pad": (info.pad_x, info.pad_y)}
+
+    def apply(self, img: np.ndarray, padded: np.ndarray | None = None, **params: Any) -> np.ndarray:
+        return padded
+
+    def apply_to_bboxes(
+        self, bboxes: np.ndarray, scale: float = 1.0, pad: tuple[float, float] = (0, 0), **params: Any
+    ) -> np.ndarray:
+        height, width = params["shape"][:2]
+        moved = np.array(bboxes, dtype=np.float32, copy=True)
+        moved[:, [0, 2]] = (moved[:, [0, 2]] * width * scale + pad[0]) / self.size
+        moved[:, [1, 3]] = (moved[:, [1, 3]] * height * scale + pad[1]) / self.size
+        return moved
+
+
+class FastHueSaturationValue(A.HueSaturationValue):
+    """`A.HueSaturationValue` on uint8 RGB with one lookup table for the three channels, 4x faster.
+
+    The same parameters and draws; each shift is rounded to whole levels, then hue wraps around OpenCV's 0-180
+    scale and saturation and value are clipped to 0..255; grey pixels (saturation 0) stay grey, as in the stock
+    transform. Other images (float, grey) go to the stock transform.
+    """
+
+    def apply(self, img: np.ndarray, hue_shift: float, sat_shift: float, val_shift: float, **params: Any):
+        if img.dtype != np.uint8 or img.ndim != 3 or img.shape[2] != 3:
+            return super().apply(img, hue_shift, sat_shift, val_shift, **params)
+        hue, saturation, value = round(hue_shift), round(sat_shift), round(val_shift)
+        if not (hue or saturation or value):
+            return img
+        levels = np.arange(256, dtype=np.int16)
+        saturation_table = np.clip(levels + saturation, 0, 255)
+        saturation_table[0] = 0  # grey stays grey
+        table = np.stack([(levels + hue) % 180, saturation_table, np.clip(levels + value, 0, 255)], axis=-1)
+        hsv = cv2.cvtColor(img, cv2.COLOR_RGB2HSV)  # uint8 hue is 0..179
+        cv2.LUT(hsv, table.astype(np.uint8).reshape(1, 256, 3), dst=hsv)  # one table per channel
+        return cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB)
+
+
+def box_params() -> A.BboxParams:
+    """pascal_voc boxes with a `labels` field, clipped and filtered after every step (module docstring)."""
+    return A.BboxParams(
+        format="pascal_voc", label_fields=["labels"], clip=True, min_visibility=MIN_VISIBILITY,
+        min_width=MIN_BOX_SIZE, min_height=MIN_BOX_SIZE, check_each_transform=False,
+    )  # fmt: skip
+
+
+def default_pipeline(imgsz: int, mosaic_prob: float = 1.0) -> A.Compose:
+    """The YOLO-NAS fine-tuning recipe's training augmentation for imgsz x imgsz inputs (module docstring)."""
+    return A.Compose(
+        [
+            YoloxMosaic(imgsz, p=mosaic_prob),
+            RandomScaleTranslate(imgsz, scale=(0.5, 1.5), translate=0.1),
+            FastHueSaturationValue(hue_shift_limit=5, sat_shift_limit=30, val_shift_limit=30, p=1.0),
+            A.HorizontalFlip(p=0.5),
+            Letterbox(imgsz),
+        ],
+        bbox_params=box_params(),
     )
-    warped = cv2.warpAffine(
-        image,
-        matrix,
-        (out_size, out_size),
-        flags=cv2.INTER_LINEAR,
-        borderMode=cv2.BORDER_CONSTANT,
-        borderValue=(pad_value, pad_value, pad_value),
-    )
-    shift = np.float32([offset[0], offset[1], offset[0], offset[1]])
-    return warped, boxes * np.float32(scale) + shift, regions * np.float32(scale) + shift
 
 
-def clip_and_filter_boxes(
-    boxes: np.ndarray,
-    labels: np.ndarray,
-    regions: np.ndarray,
-    out_size: int,
-    *,
-    min_box_size: float,
-    min_visibility: float,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Clips boxes to their regions and the output, and drops slivers and mostly hidden boxes.
+def pipeline_to_dict(pipeline: A.Compose) -> dict[str, Any]:
+    """The JSON-serialisable `A.to_dict` form, as recorded in a run's config.json."""
+    return json.loads(json.dumps(A.to_dict(pipeline)))  # tuples → lists, as after a JSON round trip
 
-    Args:
-        boxes: (N, 4) xyxy in output pixels, unclipped (their full extent, for the visibility ratio).
-        labels: (N,).
-        regions: (N, 4) xyxy in output pixels, the part of the output each box may occupy.
-        out_size: the output is out_size x out_size.
-        min_box_size: clipped boxes narrower or lower than this are dropped.
-        min_visibility: boxes whose clipped area is below this fraction of their full area are dropped.
+
+def pipeline_from_dict(spec: dict[str, Any], imgsz: int) -> A.Compose:
+    """Builds a pipeline from its `A.to_dict` form and checks it can augment imgsz x imgsz training samples.
+
+    Raises:
+        AugmentationError: not an albumentations pipeline, unknown transforms, boxes not in pascal_voc with a
+            `labels` field, or samples that do not come out imgsz x imgsz RGB.
+    """
+    if not isinstance(spec, dict) or "transform" not in spec:
+        raise AugmentationError("an augmentation pipeline is the A.to_dict form of an A.Compose: a mapping with a "
+                                "'transform' key")  # fmt: skip
+    try:
+        pipeline = A.from_dict(spec)
+    except Exception as error:  # albumentations raises KeyError, TypeError, ValueError or pydantic errors
+        raise AugmentationError(f"not a valid albumentations pipeline: {type(error).__name__}: {error}") from error
+    if not isinstance(pipeline, A.Compose):
+        raise AugmentationError(f"the pipeline must be an A.Compose, got {type(pipeline).__name__}")
+    params = pipeline.processors.get("bboxes")
+    if params is None or params.params.format != "pascal_voc" or "labels" not in (params.params.label_fields or []):
+        raise AugmentationError("the pipeline must handle boxes: bbox_params with format 'pascal_voc' and "
+                                "label_fields ['labels']")  # fmt: skip
+    _check_output(pipeline, imgsz)
+    return pipeline
+
+
+def _check_output(pipeline: A.Compose, imgsz: int) -> None:
+    for step in _flatten(pipeline):
+        size = getattr(step, "imgsz", None) if isinstance(step, YoloxMosaic) else getattr(step, "size", None)
+        if isinstance(step, (YoloxMosaic, RandomScaleTranslate, Letterbox)) and size != imgsz:
+            raise AugmentationError(f"{type(step).__name__} is set for {size} px, the training size is "
+                                    f"{imgsz}x{imgsz}")  # fmt: skip
+    rng = np.random.default_rng(0)
+    tiles = [(rng.integers(0, 256, (imgsz, imgsz * 3 // 4, 3), dtype=np.uint8),
+              np.float32([[4, 4, imgsz // 2, imgsz // 2]]), np.int64([0])) for _ in range(MOSAIC_TILES)]  # fmt: skip
+    try:
+        image, _, _ = augment_sample(pipeline, tiles, rng)
+    except Exception as error:
+        raise AugmentationError(f"the pipeline fails on a training sample: {type(error).__name__}: {error}") from error
+    if image.shape != (imgsz, imgsz, 3) or image.dtype != np.uint8:
+        raise AugmentationError(
+            f"the pipeline must give {imgsz}x{imgsz} RGB uint8 images (the training size), got {image.shape} "
+            f"{image.dtype}: end it with Letterbox(size={imgsz})"
+        )
+
+
+def load_pipeline_file(path: str | Path, imgsz: int) -> dict[str, Any]:
+    """Reads a JSON or YAML pipeline file (`A.to_dict` form) and checks it (see `pipeline_from_dict`).
 
     Returns:
-        boxes (K, 4) float32 xyxy in output pixels inside [0, out_size], and labels (K,) int64.
+        the pipeline's dict, JSON-serialisable, to record in TrainConfig.augment_pipeline.
+
+    Raises:
+        AugmentationError: the file is missing, not JSON/YAML, or not a usable pipeline.
     """
-    bounds = np.clip(regions, 0, out_size)
-    clipped = np.concatenate(
-        [np.maximum(boxes[:, :2], bounds[:, :2]), np.minimum(boxes[:, 2:], bounds[:, 2:])], axis=1
-    ).astype(np.float32)
-    widths, heights = clipped[:, 2] - clipped[:, 0], clipped[:, 3] - clipped[:, 1]
-    full_area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
-    keep = (widths >= min_box_size) & (heights >= min_box_size) & (widths * heights >= min_visibility * full_area)
-    keep &= (widths > 0) & (heights > 0)
-    return clipped[keep], np.asarray(labels, dtype=np.int64)[keep]
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as error:
+        raise AugmentationError(f"cannot read the augmentation file {path}: {error.strerror or error}") from error
+    return parse_pipeline_text(text, imgsz, source=str(path))
 
 
-def shift_hsv(image: np.ndarray, hue: int, saturation: int, value: int) -> np.ndarray:
-    """Adds to hue (OpenCV 0-180 scale, wrapping around), saturation and value (clipped to 0..255).
-
-    Args:
-        image: (H, W, 3) uint8 RGB.
-        hue, saturation, value: whole-number shifts, may be negative.
-
-    Returns:
-        (H, W, 3) uint8 RGB, a new array.
-    """
-    levels = np.arange(256, dtype=np.int16)
-    table = np.stack(
-        [(levels + hue) % 180, np.clip(levels + saturation, 0, 255), np.clip(levels + value, 0, 255)], axis=-1
-    ).astype(np.uint8)
-    hsv = cv2.cvtColor(image, cv2.COLOR_RGB2HSV)  # uint8 hue is 0..179
-    cv2.LUT(hsv, table.reshape(1, 256, 3), dst=hsv)  # one table per channel
-    return cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB)
+def parse_pipeline_text(text: str, imgsz: int, source: str = "the augmentation file") -> dict[str, Any]:
+    """`load_pipeline_file` for text already read (an upload): JSON or YAML → the checked pipeline dict."""
+    try:
+        spec = yaml.safe_load(text)  # YAML is a superset of JSON
+    except yaml.YAMLError as error:
+        raise AugmentationError(f"{source} is neither JSON nor YAML: {error}") from error
+    try:
+        pipeline = pipeline_from_dict(spec, imgsz)
+    except AugmentationError as error:
+        raise AugmentationError(f"{source}: {error}") from error
+    return pipeline_to_dict(pipeline)
 
 
-def flip_horizontal(image: np.ndarray, boxes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Mirrors left-right: (H, W, 3) image and (N, 4) xyxy boxes in its pixels → new image and boxes."""
-    width = image.shape[1]
-    flipped = boxes.copy()
-    flipped[:, 0], flipped[:, 2] = width - boxes[:, 2], width - boxes[:, 0]
-    return cv2.flip(image, 1), flipped  # 20x faster than copying NumPy's reversed view of a 3-channel image
+def training_pipeline(spec: dict[str, Any] | None, imgsz: int, mosaic_prob: float = 1.0) -> A.Compose:
+    """The pipeline a run trains with: its recorded one, or the default for runs that recorded none."""
+    return default_pipeline(imgsz, mosaic_prob) if spec is None else pipeline_from_dict(spec, imgsz)
+
+
+def uses_mosaic(pipeline: A.Compose) -> bool:
+    """Whether a sample may need the three other mosaic images (a `YoloxMosaic` that can fire)."""
+    return any(isinstance(step, YoloxMosaic) and step.p > 0 for step in _flatten(pipeline))
+
+
+def _flatten(pipeline: A.BaseCompose):
+    for step in pipeline.transforms:
+        if isinstance(step, A.BaseCompose):
+            yield from _flatten(step)
+        else:
+            yield step
 
 
 def augment_sample(
-    tiles: Sequence[Sample], imgsz: int, config: AugmentConfig, rng: np.random.Generator
+    pipeline: A.Compose, tiles: Sequence[Sample], rng: np.random.Generator
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The training augmentation of one sample: [mosaic] → affine → HSV → flip, all randomness from `rng`.
+    """One training sample through `pipeline`, all randomness from `rng` (same state, same output).
 
     Args:
-        tiles: one sample, or four for a mosaic (see `mosaic`), each image at most imgsz on each side (the
-            dataset stores them resized so the longer side is imgsz); boxes xyxy in that image's pixels.
-        imgsz: output size, a multiple of 32.
-        config: strengths.
-        rng: the sample's random generator; the same generator state gives the same output.
+        pipeline: built by `default_pipeline` or `pipeline_from_dict`.
+        tiles: one sample, or four for a mosaic (the first is the sample, then the three others), each image at
+            most imgsz on each side; boxes xyxy in that image's pixels.
+        rng: the sample's random generator.
 
     Returns:
-        image (imgsz, imgsz, 3) uint8 RGB; boxes (K, 4) float32 xyxy in input pixels within [0, imgsz], none
-        smaller than config.min_box_size; labels (K,) int64.
+        image (imgsz, imgsz, 3) uint8 RGB; boxes (K, 4) float32 xyxy in input pixels within [0, imgsz]; labels
+        (K,) int64.
     """
-    if len(tiles) == MOSAIC_TILES:
-        centre = rng.uniform(0.5 * imgsz, 1.5 * imgsz, size=2)
-        image, boxes, labels, regions = mosaic(tiles, imgsz, (centre[0], centre[1]), config.pad_value)
-    elif len(tiles) == 1:
-        image, boxes, labels = tiles[0]
-        boxes = np.asarray(boxes, dtype=np.float32).reshape(-1, 4)
-        labels = np.asarray(labels, dtype=np.int64).reshape(-1)
-        regions = np.tile(np.float32([0, 0, image.shape[1], image.shape[0]]), (len(boxes), 1))
-    else:
+    if len(tiles) not in (1, MOSAIC_TILES):
         raise ValueError(f"augment_sample takes 1 image or {MOSAIC_TILES} for a mosaic, got {len(tiles)}")
-
-    # The centre of the canvas (or of the single image) lands at the output centre, moved by the random shift.
-    scale = float(rng.uniform(*config.scale))
-    shift = rng.uniform(-config.translate, config.translate, size=2) * imgsz
-    offset_x = imgsz / 2 + shift[0] - scale * image.shape[1] / 2
-    offset_y = imgsz / 2 + shift[1] - scale * image.shape[0] / 2
-    image, boxes, regions = scale_translate(
-        image, boxes, regions, scale=scale, offset=(offset_x, offset_y), out_size=imgsz, pad_value=config.pad_value
-    )
-    boxes, labels = clip_and_filter_boxes(
-        boxes, labels, regions, imgsz, min_box_size=config.min_box_size, min_visibility=config.min_visibility
-    )
-
-    hue, saturation, value = np.rint(rng.uniform(-1.0, 1.0, size=3) * np.asarray(config.hsv)).astype(int)
-    if hue or saturation or value:
-        image = shift_hsv(image, int(hue), int(saturation), int(value))
-    if rng.random() < config.flip_prob:
-        image, boxes = flip_horizontal(image, boxes)
-    # The recipe's final letterbox to imgsz (pad 114) is the identity: the affine already produced imgsz x imgsz.
-    return image, boxes, labels
+    pipeline.set_random_state(rng, random.Random(int(rng.integers(2**63))))
+    image, boxes, labels = tiles[0]
+    data = {"image": image, "bboxes": np.asarray(boxes, np.float32).reshape(-1, 4),
+            "labels": np.asarray(labels, np.int64).reshape(-1)}  # fmt: skip
+    data[MOSAIC_KEY] = []  # a YoloxMosaic without other images passes the sample through
+    if len(tiles) == MOSAIC_TILES:
+        data[MOSAIC_KEY] = [{"image": other, "bboxes": np.asarray(other_boxes, np.float32).reshape(-1, 4),
+                             "labels": np.asarray(other_labels, np.int64).reshape(-1)}
+                            for other, other_boxes, other_labels in tiles[1:]]  # fmt: skip
+    out = pipeline(**data)
+    out_boxes = np.asarray(out["bboxes"], dtype=np.float32).reshape(-1, 4)
+    return out["image"], out_boxes, np.asarray(out["labels"], dtype=np.int64).reshape(-1)

@@ -1,12 +1,13 @@
 """The training data path: a decoded-image cache, the augmented dataset, the epoch sampler, collate and the preview.
 
     records ──decode once (EXIF, RGB), longer side → imgsz──▶ cache (uint8, in memory, capped by bytes)
-    EpochSampler ──virtual indices──▶ TrainDataset[i] ──augment (mosaic/affine/HSV/flip) or letterbox──▶
+    EpochSampler ──virtual indices──▶ TrainDataset[i] ──augmentation pipeline (data/augment.py) or letterbox──▶
     collate_detections ──▶ {"images" uint8 (B, 3, H, W), "gt_boxes" (B, M, 4), "gt_labels", "gt_mask"}
 
 Speed matters: training runs on 2-core CPUs where a model step costs ~1 s per batch of 16 at 320, so the data path
 must stay well under 5% of that. Images are decoded once by `TrainDataset.preload()` in the main process, before
-DataLoader workers fork and share the cache copy-on-write; each sample is then a few OpenCV calls on small arrays.
+DataLoader workers fork and share the cache copy-on-write; each sample is then a few OpenCV calls on small arrays
+(bench/loader.py measures the samples/s).
 
 Reproducibility: the random stream of a sample is derived from (dataset seed, epoch, sample index) only, never from
 global state or from the worker that runs it, so the same seed gives the same batches with any number of workers.
@@ -25,12 +26,13 @@ import os
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 
+import albumentations as A
 import cv2
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from backend.data.augment import MOSAIC_TILES, AugmentConfig, augment_sample
+from backend.data.augment import MOSAIC_TILES, augment_sample, default_pipeline, uses_mosaic
 from backend.data.records import DatasetError, ImageRecord
 from backend.processing import PAD_VALUE, ImageLoadError, check_input_size, letterbox, load_image
 
@@ -50,7 +52,8 @@ class TrainDataset(Dataset):
     Args:
         records: the training images and their boxes (xyxy, original-image pixels).
         imgsz: the square training input size, a multiple of 32.
-        augment: the augmentation strengths; None (or `enabled=False`) for plain letterboxing.
+        augment: the augmentation pipeline (`backend.data.augment`, its output imgsz x imgsz); None for plain
+            letterboxing.
         seed: seeds every sample's augmentation together with the epoch and the sample index.
         cache_bytes: most bytes of decoded images kept in memory; images beyond it are decoded each time.
 
@@ -62,7 +65,7 @@ class TrainDataset(Dataset):
         self,
         records: list[ImageRecord],
         imgsz: int,
-        augment: AugmentConfig | None,
+        augment: A.Compose | None,
         *,
         seed: int = 0,
         cache_bytes: int = DEFAULT_CACHE_BYTES,
@@ -75,7 +78,8 @@ class TrainDataset(Dataset):
             raise DatasetError(f"training image size: {error}") from error
         self.records = list(records)
         self.imgsz = int(imgsz)
-        self.augment = augment if augment is not None and augment.enabled else None
+        self.augment = augment
+        self._uses_mosaic = augment is not None and uses_mosaic(augment)
         self.seed = int(seed)
         self.cache_bytes = int(cache_bytes)
         # Shared memory, so persistent DataLoader workers (which hold their own copy of the dataset) see set_epoch.
@@ -154,8 +158,8 @@ class TrainDataset(Dataset):
             entry = self._decode(index)
             if entry is None:  # unreadable: an empty grey image keeps training going; _decode logged why
                 height, width = _fitted_size(self.records[index].height, self.records[index].width, self.imgsz)
-                pad = self.augment.pad_value if self.augment else PAD_VALUE
-                return np.full((height, width, 3), pad, np.uint8), np.zeros((0, 4), np.float32), np.zeros(0, np.int64)
+                empty = np.full((height, width, 3), PAD_VALUE, np.uint8)
+                return empty, np.zeros((0, 4), np.float32), np.zeros(0, np.int64)
             if self._cacheable[index]:
                 self._cache[index] = entry  # in a worker this fills the worker's own copy, still within the cap
         image, boxes = entry
@@ -177,10 +181,16 @@ class TrainDataset(Dataset):
             return padded, boxes + np.float32([info.pad_x, info.pad_y, info.pad_x, info.pad_y]), labels.copy()
         rng = np.random.default_rng([self.seed, self.epoch, index])
         tiles = [self.fitted(index)]
-        # The draw is taken either way: closing mosaic leaves every other random stream as it was.
-        if rng.random() < self.augment.mosaic_prob and self.mosaic_enabled:
-            tiles += [self.fitted(other) for other in rng.integers(0, len(self.records), MOSAIC_TILES - 1)]
-        return augment_sample(tiles, self.imgsz, self.augment, rng)
+        # The other images are drawn either way: closing mosaic leaves every other random stream as it was.
+        # Whether a mosaic is made is the pipeline's YoloxMosaic's own draw (its p).
+        others = rng.integers(0, len(self.records), MOSAIC_TILES - 1)
+        if self._uses_mosaic and self.mosaic_enabled:
+            tiles += [self.fitted(other) for other in others]
+        image, boxes, labels = augment_sample(self.augment, tiles, rng)
+        if image.shape != (self.imgsz, self.imgsz, 3):
+            raise DatasetError(f"the augmentation pipeline gave a {image.shape} image, not ({self.imgsz}, "
+                               f"{self.imgsz}, 3): end it with Letterbox(size={self.imgsz})")  # fmt: skip
+        return image, boxes, labels
 
     def _decode(self, index: int) -> tuple[np.ndarray, np.ndarray] | None:
         record = self.records[index]
@@ -391,7 +401,7 @@ def render_augmented_samples(
     class_names: Sequence[str],
     imgsz: int = 320,
     count: int = 8,
-    augment: AugmentConfig | None = AugmentConfig(),  # noqa: B008 (frozen, so a shared default is safe)
+    augment: A.Compose | str | None = "default",
     seed: int = 0,
 ) -> list[np.ndarray]:
     """Augmented training samples with their boxes and class names drawn, for the augmentation preview.
@@ -401,12 +411,17 @@ def render_augmented_samples(
         class_names: one name per class index.
         imgsz: the training input size, a multiple of 32.
         count: how many samples.
-        augment: the augmentation to show; None shows the plain letterboxed inputs.
+        augment: the augmentation pipeline to show (its output imgsz x imgsz); "default" the recipe's
+            (`backend.data.augment.default_pipeline`); None the plain letterboxed inputs.
         seed: a different seed shows different samples.
 
     Returns:
         `count` (imgsz, imgsz, 3) uint8 RGB images with the boxes (in input pixels) outlined and labelled.
     """
+    if isinstance(augment, str):
+        if augment != "default":
+            raise ValueError(f"augment is a pipeline, None or 'default', got {augment!r}")
+        augment = default_pipeline(imgsz)
     dataset = TrainDataset(records, imgsz, augment, seed=seed, cache_bytes=0)
     order = np.random.default_rng(seed).permutation(max(count, len(records)))[:count]
     rendered = []

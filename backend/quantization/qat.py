@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from backend.data.augment import AugmentConfig
+from backend.data.augment import training_pipeline
 from backend.data.loader import TrainDataset, make_train_loader, set_loader_epoch
 from backend.data.records import DetectionSet
 from backend.models.blocks import ConvBNReLU, HeadConvBNReLU, QARepVGGBlock, batch_norm, fold_batch_norm
@@ -430,7 +430,8 @@ class QatConfig:
         warmup_epochs: linear warm-up in epochs, max(1, epochs // 10), capped like the trainer's (1000 steps, a
             fifth of the run).
         final_lr_ratio: the cosine ends at this fraction of `lr`.
-        batch_size, imgsz, min_samples, seed, num_workers, grad_clip_norm, augment, mosaic_prob: as in the float run.
+        batch_size, imgsz, min_samples, seed, num_workers, grad_clip_norm, augment, mosaic_prob, augment_pipeline:
+            as in the float run (its recorded augmentation pipeline; None: the default one).
         device: "auto", "cpu", "cuda"... Training runs in float32 (no mixed precision: the fake-quant ops want it).
         time_minutes: wall-clock budget counted from the first step (a tenth of the float run's, if it had one).
     """
@@ -450,6 +451,7 @@ class QatConfig:
     augment: bool
     mosaic_prob: float
     time_minutes: float | None = None
+    augment_pipeline: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         if self.epochs < 1 or self.batch_size < 1:
@@ -488,6 +490,7 @@ def qat_config(train: dict[str, Any], **overrides: Any) -> QatConfig:
         grad_clip_norm=base.grad_clip_norm,
         augment=base.augment,
         mosaic_prob=base.mosaic_prob,
+        augment_pipeline=base.augment_pipeline,
         time_minutes=base.time_minutes / QAT_EPOCH_DIVISOR if base.time_minutes else None,
     )
     return replace(config, **overrides) if overrides else config
@@ -529,7 +532,7 @@ def qat_finetune(
     torch.manual_seed(config.seed)
     device = resolve_device(config.device)
     qat_model.to(device).float()
-    augment = AugmentConfig(mosaic_prob=config.mosaic_prob) if config.augment else None
+    augment = training_pipeline(config.augment_pipeline, config.imgsz, config.mosaic_prob) if config.augment else None
     dataset = TrainDataset(train_set.records, config.imgsz, augment, seed=config.seed)
     dataset.preload()
     workers = usable_num_workers(config.num_workers)

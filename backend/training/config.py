@@ -37,8 +37,12 @@ class TrainConfig:
         ema_decay: the EMA decay reached after its threshold warm-up.
         grad_clip_norm: clip the global gradient norm to this; None disables clipping.
         min_samples: an epoch holds at least this many samples (small datasets are resampled).
-        augment: mosaic/affine/HSV/flip on; off trains on letterboxed images only.
-        mosaic_prob: probability of a mosaic sample (the recipe: 1.0).
+        augment: the augmentation pipeline on; off trains on letterboxed images only.
+        augment_pipeline: the albumentations pipeline in `A.to_dict` form (backend/data/augment.py); None takes
+            the recipe's (`default_pipeline(imgsz, mosaic_prob)`). A run records the one it trains with, so a
+            resume uses it; config.json files written before there was one resume with the default.
+        mosaic_prob: probability of a mosaic sample in the default pipeline (the recipe: 1.0); a given
+            `augment_pipeline` carries its own.
         close_mosaic: the last fraction of the run trains without mosaic (decided at each epoch's start from the
             schedule's progress, by steps or by the time budget: an epoch starting in that fraction has none); 0
             keeps mosaic to the end. A run of n epochs closes at least one only when the fraction exceeds 1/n.
@@ -71,6 +75,7 @@ class TrainConfig:
     grad_clip_norm: float | None = 10.0
     min_samples: int = 512
     augment: bool = True
+    augment_pipeline: dict[str, Any] | None = None
     mosaic_prob: float = 1.0
     close_mosaic: float = 0.0
     patience: int | None = 30

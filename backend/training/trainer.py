@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from backend.data.augment import AugmentConfig
+from backend.data.augment import AugmentationError, pipeline_to_dict, training_pipeline
 from backend.data.folders import load_dataset
 from backend.data.loader import TrainDataset, make_train_loader, set_loader_epoch
 from backend.data.records import DatasetError, DetectionSet, LoadReport
@@ -414,7 +414,14 @@ def _prepare(
     if config.compile:  # the forward (and its backward) compiled; `model` stays the plain module that is saved
         train_model = compile_model(train_model, get_settings().storage / "cache" / "inductor")
 
-    augment = AugmentConfig(mosaic_prob=config.mosaic_prob) if config.augment else None
+    augment = None
+    if config.augment:
+        try:
+            augment = training_pipeline(config.augment_pipeline, config.imgsz, config.mosaic_prob)
+        except AugmentationError as error:
+            raise TrainingError(f"augmentation pipeline: {error}") from error
+        if checkpoint is None:  # config.json records the pipeline itself, so a resume trains with the same one
+            config = config.with_changes(augment_pipeline=pipeline_to_dict(augment))
     dataset = TrainDataset(train_set.records, config.imgsz, augment, seed=config.seed)
     dataset.preload()
     workers = usable_num_workers(config.num_workers, world.size)

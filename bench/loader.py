@@ -1,0 +1,128 @@
+"""Training-loader throughput: the albumentations pipeline against the hand-written one it replaced, side by side.
+
+The reference is the loader and augmentation code of an earlier commit (`--reference-rev`; by default the last
+commit whose backend/data/augment.py still has the hand-written `AugmentConfig`), read with `git show` into a
+temporary module, so the comparison keeps working after that code left the tree. Both run the same recipe
+(mosaic p 1, scale 0.5-1.5, translate 0.1, HSV 5/30/30, flip 0.5) on the same records, batches of 16 through
+`make_train_loader` with 0 workers (the per-sample cost, in this process) and 1 worker (as training runs on a
+2-core machine), alternating old and new `--rounds` times; the figure is each side's best round (the least
+disturbed by whatever else runs on the machine). The issue's bar: the new one loses at most 10% images/s.
+
+    .venv/bin/python bench/loader.py                    # synthetic set, and raccoon if ../shared/data/raccoon exists
+    .venv/bin/python bench/loader.py --data DIR --imgsz 640 --batches 20
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from types import ModuleType
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from backend.data.augment import default_pipeline
+from backend.data.folders import load_dataset
+from backend.data.loader import TrainDataset, make_train_loader, set_loader_epoch
+from backend.data.synthetic import generate_synthetic_dataset
+
+ROOT = Path(__file__).resolve().parents[1]
+RACCOON = ROOT.parent / "shared" / "data" / "raccoon"
+
+
+def _git(*args: str) -> str:
+    return subprocess.run(["git", "-C", str(ROOT), *args], check=True, capture_output=True, text=True).stdout
+
+
+def default_reference_rev() -> str:
+    """The last commit whose backend/data/augment.py is the hand-written pipeline (has `class AugmentConfig`)."""
+    for rev in _git("log", "--format=%H", "--", "backend/data/augment.py").split():
+        if "class AugmentConfig" in _git("show", f"{rev}:backend/data/augment.py"):
+            return rev
+    raise SystemExit("no commit holds the hand-written backend/data/augment.py: give --reference-rev")
+
+
+def reference_loader(rev: str, folder: Path) -> ModuleType:
+    """backend/data/loader.py of `rev`, importing backend/data/augment.py of `rev`, as a module."""
+    augment_source = _git("show", f"{rev}:backend/data/augment.py")
+    loader_source = _git("show", f"{rev}:backend/data/loader.py")
+    (folder / "reference_augment.py").write_text(augment_source)
+    (folder / "reference_loader.py").write_text(
+        loader_source.replace("from backend.data.augment import", "from reference_augment import")
+    )
+    sys.path.insert(0, str(folder))
+    spec = importlib.util.spec_from_file_location("reference_loader", folder / "reference_loader.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def images_per_s(dataset, batch: int, batches: int, workers: int) -> float:
+    loader = make_train_loader(dataset, batch, min_samples=batch * batches, num_workers=workers, seed=0)
+    set_loader_epoch(loader, 0)
+    iterator = iter(loader)
+    next(iterator)  # worker start-up and the first batch are not the steady state
+    start = time.perf_counter()
+    count = sum(len(item["images"]) for item in iterator)
+    elapsed = time.perf_counter() - start
+    del iterator, loader
+    return count / elapsed
+
+
+def compare(name: str, records, reference: ModuleType, imgsz: int, batch: int, batches: int, rounds: int) -> list:
+    old = reference.TrainDataset(records, imgsz, reference.AugmentConfig(), seed=0)
+    new = TrainDataset(records, imgsz, default_pipeline(imgsz), seed=0)
+    old.preload()
+    new.preload()
+    rows = []
+    for workers in (0, 1):
+        best = {"old": 0.0, "new": 0.0}
+        for _ in range(rounds):
+            best["old"] = max(best["old"], images_per_s(old, batch, batches, workers))
+            best["new"] = max(best["new"], images_per_s(new, batch, batches, workers))
+        rows.append((name, len(records), imgsz, workers, best["old"], best["new"], best["new"] / best["old"]))
+        print(f"{name:10s} {len(records):6d} {imgsz:5d} {workers:7d} {best['old']:11.1f} {best['new']:11.1f} "
+              f"{best['new'] / best['old']:8.2f}", flush=True)  # fmt: skip
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--reference-rev", default=None, help="commit of the hand-written pipeline (default: last)")
+    parser.add_argument("--data", type=Path, default=None, help="a dataset folder instead of synthetic + raccoon")
+    parser.add_argument("--imgsz", type=int, default=320)
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--batches", type=int, default=12, help="batches timed per round")
+    parser.add_argument("--rounds", type=int, default=3, help="old/new alternations; the best round counts")
+    args = parser.parse_args()
+
+    rev = args.reference_rev or default_reference_rev()
+    with tempfile.TemporaryDirectory(prefix="yolodex-loader-bench-") as scratch:
+        scratch = Path(scratch)
+        reference = reference_loader(rev, scratch)
+        print(f"reference: {rev[:12]} (hand-written); new: the albumentations pipeline of the working tree")
+        sets = []
+        if args.data is not None:
+            sets.append((args.data.name, args.data))
+        else:
+            synthetic = generate_synthetic_dataset(
+                scratch / "synthetic", num_train=64, num_val=1, image_size=((240, 180), (640, 480)), seed=0
+            )
+            sets.append(("synthetic", synthetic))
+            if RACCOON.is_dir():
+                sets.append(("raccoon", RACCOON))
+            else:
+                print(f"raccoon: skipped, {RACCOON} does not exist")
+        print(f"{'data':10s} {'images':>6s} {'imgsz':>5s} {'workers':>7s} {'old img/s':>11s} {'new img/s':>11s} "
+              f"{'new/old':>8s}")  # fmt: skip
+        for name, path in sets:
+            records = load_dataset(path)["train"].records
+            compare(name, records, reference, args.imgsz, args.batch, args.batches, args.rounds)
+
+
+if __name__ == "__main__":
+    main()
