@@ -1,12 +1,15 @@
 """Train page: a preset (S/M/L) with its image size, epochs, batch, time budget, start weights and device, on a frozen
 dataset version → a "train" job; before it, the time an epoch takes on this machine and the recommended budget (from
 a measured speed: `backend.training.estimate`), and start weights that cannot work refused before anything is queued;
-the job's live progress, ETA and the run's loss/lr/mAP curves; cancel and resume; Continue training of a run that
-ended (`?continue=<run folder name>` opens on it); the list of runs.
+the training augmentation (the default pipeline or an uploaded albumentations JSON/YAML file) with a preview of 8
+samples of the version through it; the job's live progress, ETA and the run's loss/lr/mAP curves; cancel and resume;
+Continue training of a run that ended (`?continue=<run folder name>` opens on it); the list of runs.
 
 Thin on purpose: presets, run folders and curves come from `backend.training.presets`, jobs from
 `backend.jobs.api`, runs from `backend.catalog`. The chosen job stays in `?job=` so a reload keeps it.
 """
+
+import json
 
 import pandas as pd
 import plotly.graph_objects as go
@@ -14,7 +17,8 @@ import streamlit as st
 from plotly.subplots import make_subplots
 
 from app.widgets import page_settings, project_picker, run_and_report, show_outcome, store_engine
-from backend import catalog
+from backend import browse, catalog
+from backend.data.augment import AugmentationError, parse_pipeline_text
 from backend.jobs import api as jobs
 from backend.jobs import outcome
 from backend.store.db import session_scope
@@ -127,13 +131,49 @@ gpus, gpu_count = 1, visible_gpus()
 if gpu_count > 1:  # several GPUs: DDP, one process each; the batch size above is the global batch
     gpus = left.number_input("GPUs", 1, gpu_count, 1, key="train_gpus", disabled=device == "cpu")
 
+# -- augmentation: the default pipeline or an uploaded one, and 8 samples of the version through it -------------
+st.subheader("Augmentation")
+pipeline, augment_problem = None, None
+source = st.radio("Pipeline", ["Default (the recipe)", "Upload a file"], horizontal=True, key="train_aug_source")
+if source == "Upload a file":
+    upload = st.file_uploader(
+        "Pipeline file: JSON or YAML in albumentations' A.to_dict form", type=["json", "yaml", "yml"],
+        key="train_aug_file",
+    )  # fmt: skip
+    if upload is None:
+        augment_problem = "upload a pipeline file, or choose the default"
+    else:
+        try:
+            pipeline = parse_pipeline_text(upload.getvalue().decode("utf-8", "replace"), int(imgsz), upload.name)
+        except AugmentationError as error:
+            augment_problem = str(error)
+            st.error(f"Augmentation: {error}", icon=":material/error:")
+
+
+@st.cache_data(max_entries=8, show_spinner="Augmenting 8 samples...")
+def augmentation_samples(folder: str, pipeline_json: str, size: int, seed: int) -> list:
+    return browse.version_augmentation_preview(folder, json.loads(pipeline_json), size, 8, seed)
+
+
+if version is not None and augment_problem is None and st.toggle("Show the augmentation preview", key="train_aug_show"):
+    seed = st.session_state.setdefault("train_aug_seed", 0)
+    if st.button("Reseed", key="train_aug_reseed", help="8 other samples through the same pipeline"):
+        seed = st.session_state["train_aug_seed"] = seed + 1
+    with st.container(key="train_aug_preview"):
+        try:
+            samples = augmentation_samples(str(version.folder), json.dumps(pipeline), int(imgsz), seed)
+        except (AugmentationError, ValueError) as error:
+            st.error(f"Augmentation preview: {error}", icon=":material/error:")
+        else:
+            st.image(samples, width=160, caption=[f"sample {k + 1}" for k in range(len(samples))])
+
 
 def launch() -> dict:
     problem = st.session_state.get("train_coco_problems", {}).get(preset.size)
     presets.check_start_weights(start_weights, preset.size, settings.weights_dir, problem)  # before queueing
     config = presets.train_config(
         version.folder, preset, imgsz=int(imgsz), epochs=int(epochs), batch_size=int(batch),
-        time_minutes=float(budget) or None, weights=start_weights, device=device,
+        time_minutes=float(budget) or None, weights=start_weights, device=device, augment_pipeline=pipeline,
     )  # fmt: skip
     run_dir = presets.new_run_dir(settings.runs_dir, project, version.name)
     params = {"project": project, "config": config.to_dict(), "run_dir": str(run_dir)}
@@ -143,7 +183,8 @@ def launch() -> dict:
     return outcome.submitted(job_id, f"training {name} at {int(imgsz)} px on {version.name}", settings)
 
 
-if st.button("Start training", type="primary", disabled=version is None or bool(weights_problem), key="train_start"):
+blocked = version is None or bool(weights_problem) or bool(augment_problem)
+if st.button("Start training", type="primary", disabled=blocked, key="train_start"):
     queued = run_and_report("Training job", launch, state_key="train_outcome")
     if queued is not None:
         st.query_params[JOB_PARAM] = str(queued["job_id"])
