@@ -1,7 +1,8 @@
 """The `yolodex` command: one sub-command per step, each a thin call into the backend modules.
 
 Exit status 0 on success, 1 on a failure with one clear line on stderr (`yolodex: error: ...`), 2 on bad usage.
-`--json` prints machine-readable output on stdout.
+`--json` prints machine-readable output on stdout. `import`, `crawl`, `eval`, `predict` (and `train`) draw a
+progress bar on stderr when stderr is a terminal, and never with `--json`.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import argparse
 import contextlib
 import json
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -33,6 +35,41 @@ EXPECTED_ERRORS = (
 
 def _print(payload: dict | list, as_json: bool, text: str) -> None:
     print(json.dumps(payload, indent=2) if as_json else text)
+
+
+class _ProgressBar:
+    """A tqdm bar on stderr fed as an `on_progress(done, total)` callback; nothing at all with `--json` or when
+    stderr is not a terminal (a pipe, a log file, a script), so the output there is the report alone."""
+
+    def __init__(self, description: str, unit: str, as_json: bool) -> None:
+        self.description, self.unit = description, unit
+        self.enabled = not as_json and sys.stderr.isatty()
+        self.bar: Any = None
+
+    def __call__(self, done: int, total: int) -> None:
+        if not self.enabled:
+            return
+        if self.bar is None:
+            from tqdm import tqdm
+
+            try:  # a terminal that reports no size (0 x 0, e.g. under `script`) gets no bar from tqdm's defaults
+                size = os.get_terminal_size(sys.stderr.fileno())
+                columns, lines = size.columns or 80, size.lines or 24
+            except OSError:
+                columns, lines = 80, 24
+            self.bar = tqdm(total=total, desc=self.description, unit=self.unit, file=sys.stderr, leave=False,
+                            ncols=columns, nrows=lines)  # fmt: skip
+        if total != self.bar.total:
+            self.bar.total = total
+        self.bar.update(done - self.bar.n)
+
+    def __enter__(self) -> _ProgressBar:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
 
 
 def cmd_info(args: argparse.Namespace) -> None:
@@ -87,13 +124,15 @@ def cmd_predict(args: argparse.Namespace) -> None:
     predictor = Predictor.from_path(args.model, imgsz=args.imgsz, postprocess=postprocess)
     results = []
     lines = []
-    for image in args.images:  # one at a time: images of different sizes, and one bad file names itself
-        detections = predictor.predict([image])[0]
-        results.append({"image": str(image), "detections": detections.to_dict(predictor.class_names)})
-        lines.append(f"{image}: {len(detections)} detections")
-        for found in results[-1]["detections"]:
-            box = ", ".join(f"{value:.1f}" for value in found["box"])
-            lines.append(f"  {found['class_name']} {found['score']:.3f} [{box}]")
+    with _ProgressBar("predict", "img", args.json) as bar:
+        for image in args.images:  # one at a time: images of different sizes, and one bad file names itself
+            detections = predictor.predict([image])[0]
+            results.append({"image": str(image), "detections": detections.to_dict(predictor.class_names)})
+            lines.append(f"{image}: {len(detections)} detections")
+            for found in results[-1]["detections"]:
+                box = ", ".join(f"{value:.1f}" for value in found["box"])
+                lines.append(f"  {found['class_name']} {found['score']:.3f} [{box}]")
+            bar(len(results), len(args.images))
     _print(results, args.json, "\n".join(lines))
 
 
@@ -287,8 +326,9 @@ def cmd_eval(args: argparse.Namespace) -> None:
             "evaluate on the dataset it was trained for"
         )
     device = resolve_device(args.device)
-    result = evaluate(model.to(device), EvalImages(dataset, imgsz), device=device, batch_size=args.batch,
-                      score_threshold=args.conf)  # fmt: skip
+    with _ProgressBar("eval", "img", args.json) as bar:
+        result = evaluate(model.to(device), EvalImages(dataset, imgsz), device=device, batch_size=args.batch,
+                          score_threshold=args.conf, on_progress=bar)  # fmt: skip
     if args.output:
         result.save_json(args.output)
     payload = result.to_dict()
@@ -350,7 +390,8 @@ def cmd_quantize(args: argparse.Namespace) -> None:
 def cmd_import(args: argparse.Namespace) -> None:
     from backend.ingest.service import import_into
 
-    report = import_into(args.paths, args.project)
+    with _ProgressBar("import", "file", args.json) as bar:
+        report = import_into(args.paths, args.project, on_progress=bar)
     keys = ("accepted", "duplicates", "near_duplicates", "rejected", "skipped", "annotations")
     counts = {key: len(report[key]) if isinstance(report[key], list) else report[key] for key in keys if key in report}
     lines = [f"{report['project']}: " + ", ".join(f"{value} {key.replace('_', ' ')}" for key, value in counts.items())]
@@ -369,8 +410,10 @@ def cmd_crawl(args: argparse.Namespace) -> None:
             line.strip() for line in args.urls.read_text().splitlines() if line.strip() and not line.startswith("#")
         ]
     settings = CrawlSettings(allow_private_addresses=args.allow_private)
-    report = crawl_into(project=args.project, query=args.query, limit=args.limit, urls=urls, page=args.page,
-                        depth=args.depth, crawl_settings=settings)  # fmt: skip
+    unit = "hit" if args.query is not None else "url" if urls is not None else "page"
+    with _ProgressBar("crawl", unit, args.json) as bar:
+        report = crawl_into(project=args.project, query=args.query, limit=args.limit, urls=urls, page=args.page,
+                            depth=args.depth, crawl_settings=settings, on_progress=bar)  # fmt: skip
     text = (
         f"{report['project']}: kept {report['kept']} of {report['fetched']} fetched, stored {report['stored']}, "
         f"{len(report['skipped'])} skipped, {len(report['rejected'])} rejected, {report['pages_visited']} pages"

@@ -35,12 +35,13 @@ Every function takes `settings` (default: the environment's).
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
 import re
 import socket
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -101,7 +102,8 @@ class JobView:
     """A job as the app shows it (a snapshot of its row; read it again for fresh values).
 
     Attributes:
-        progress: 0..1, None while unknown (e.g. an import reports only its end).
+        progress: 0..1, None while unknown. A running job's latest progress and message may come from its pending
+            file (`pending_progress_path`) while its row cannot be written.
         message: one line, what it is doing now ("epoch 3/10, step 40/120").
         eta_s: seconds left, when the job can tell.
         result: the JSON result of the backend function (paths, metrics) once it succeeded (or stopped).
@@ -222,6 +224,25 @@ def _view(job: Job, resumed_by: int | None = None) -> JobView:
     )
 
 
+def pending_progress_path(settings: Settings, job_id: int) -> Path:
+    """Where a running job puts its latest progress and message while its row cannot be written: on a SQLite file
+    a long write holds the one write lock (an import is one transaction, so an import job's own rows wait for its
+    end), and the app would otherwise see no movement until then. Removed at the job's next written report."""
+    return settings.logs_dir / "jobs" / f"{job_id}.progress.json"
+
+
+def _with_pending(view: JobView, settings: Settings) -> JobView:
+    if view.state != "running":
+        return view
+    try:
+        pending = json.loads(pending_progress_path(settings, view.id).read_text(encoding="utf-8"))
+        progress = pending.get("progress")
+        progress = max(float(progress), view.progress or 0.0) if progress is not None else view.progress
+        return replace(view, progress=progress, message=str(pending.get("message") or view.message))
+    except (OSError, ValueError, TypeError, AttributeError):  # none (the usual case), or half gone: the row's
+        return view
+
+
 def _resumers(session, ids: list[int]) -> dict[int, int]:
     if not ids:
         return {}
@@ -247,7 +268,8 @@ def get_job(job_id: int, settings: Settings | None = None) -> JobView:
         job = session.get(Job, int(job_id))
         if job is None:
             raise JobNotFound(f"there is no job {job_id}")
-        return _view(job, _resumers(session, [job.id]).get(job.id))
+        view = _view(job, _resumers(session, [job.id]).get(job.id))
+    return _with_pending(view, settings or get_settings())
 
 
 def _filtered(query, kind: str | None, project: str | None, states: tuple[str, ...] | None = None):
@@ -278,7 +300,8 @@ def list_jobs(
         query = _filtered(select(Job), kind, project, states).order_by(Job.id.desc()).limit(limit).offset(offset)
         jobs = list(session.scalars(query))
         resumers = _resumers(session, [job.id for job in jobs])
-        return [_view(job, resumers.get(job.id)) for job in jobs]
+        views = [_view(job, resumers.get(job.id)) for job in jobs]
+    return [_with_pending(view, settings or get_settings()) for view in views]
 
 
 def count_jobs(
@@ -335,7 +358,9 @@ def interrupt_stale_jobs(settings: Settings | None = None, *, now: datetime | No
     settings = settings or get_settings()
     limit = stale_after_s()
     engine = job_engine(settings)
-    with session_scope(engine, write=True) as session:
+    # A plain read: no write lock, so a reader never waits behind a long import on a SQLite file (BEGIN IMMEDIATE
+    # would). `mark_interrupted` writes only if the heartbeat is still the one read here.
+    with session_scope(engine) as session:
         rows = session.execute(
             select(Job.id, Job.worker_host, Job.worker_pid, Job.heartbeat_at, Job.started_at).where(
                 Job.state == "running"

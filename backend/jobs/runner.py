@@ -18,6 +18,9 @@ What a job reports goes through a `JobContext`: progress, ETA, message, metric e
 and written in one short transaction at most every `FLUSH_INTERVAL_S` (the app reads while the worker writes; a
 fast training loop must not hammer SQLite). The cancel flag is read at most as often. Everything the job's thread
 logs (the `backend` loggers at INFO and above) lands in its log tail, beside explicit lines ("epoch 3/10: ...").
+Import, crawl and evaluate report done/total as they go (files; hits, URLs or pages; images). While a SQLite file's
+write lock is held by a long write (an import is one transaction, the job's own included), the latest progress and
+message go to the job's pending file (`api.pending_progress_path`) instead, which the app reads.
 
 While a job runs, a daemon thread (`Heartbeat`) refreshes its row's `heartbeat_at` every
 `api.heartbeat_interval_s()` seconds, whatever the job's own thread is doing (a long step, a subprocess): the sign
@@ -47,7 +50,15 @@ from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
 from backend.catalog import training_end_text
-from backend.jobs.api import LOG_TAIL_LINES, heartbeat_clock, heartbeat_interval_s, job_engine, pid_alive
+from backend.files import atomic_write_text
+from backend.jobs.api import (
+    LOG_TAIL_LINES,
+    heartbeat_clock,
+    heartbeat_interval_s,
+    job_engine,
+    pending_progress_path,
+    pid_alive,
+)
 from backend.models.download import WeightsDownloadError
 from backend.settings import Settings
 from backend.store.db import database_locked, session_scope
@@ -94,12 +105,23 @@ class JobContext:
         engine: the metadata database.
         job_id: the running job's row.
         flush_interval_s: the least time between two writes of progress, metrics and log lines.
+        pending_path: where progress and message go while the row cannot be written (`api.pending_progress_path`);
+            None: nowhere.
     """
 
-    def __init__(self, engine: Engine, job_id: int, flush_interval_s: float = FLUSH_INTERVAL_S):
+    def __init__(
+        self,
+        engine: Engine,
+        job_id: int,
+        flush_interval_s: float = FLUSH_INTERVAL_S,
+        pending_path: Path | None = None,
+    ):
         self.engine = engine
         self.job_id = job_id
         self.flush_interval_s = flush_interval_s
+        self.pending_path = pending_path
+        self.pending_at = 0.0  # monotonic time of the last pending-file write; 0: there is none
+        self.message_value = ""
         self.tail: deque[str] = deque(maxlen=LOG_TAIL_LINES)
         self.fields: dict[str, Any] = {}  # progress / eta_s / message waiting to be written
         self.metrics: list[tuple[str, dict[str, Any]]] = []
@@ -129,9 +151,14 @@ class JobContext:
         if eta_s is not None and math.isfinite(eta_s):
             self.fields["eta_s"] = max(0.0, float(eta_s))
         if message is not None:
-            self.fields["message"] = message[:500]
+            self.fields["message"] = self.message_value = message[:500]
         self.dirty = True
         self.flush()
+
+    def progress_of(self, done: int, total: int, what: str) -> None:
+        """An `on_progress(done, total)` callback: progress done/total (at most 0.99 until the job ends) and the
+        message "<what> done/total"."""
+        self.progress(min(done / total, 0.99) if total else None, message=f"{what} {done}/{total}")
 
     def log(self, line: str) -> None:
         """Appends a line to the job's log tail (and to the worker's log)."""
@@ -148,6 +175,8 @@ class JobContext:
     def flush(self, force: bool = False) -> None:
         """Writes what is buffered in one transaction, unless the last write was under `flush_interval_s` ago."""
         now = time.monotonic()
+        if not force and self.dirty and now < self.locked_until:
+            self._write_pending(now)
         if not force and (not self.dirty or now - self.flushed_at < self.flush_interval_s or now < self.locked_until):
             return
         with self.lock:
@@ -187,12 +216,29 @@ class JobContext:
                 self.fields = {**fields, **self.fields}
                 self.dirty = True
             self.locked_until = time.monotonic() + LOCKED_FLUSH_BACKOFF_S
+            self._write_pending(time.monotonic())
             if not self.lock_waits:
                 logger.warning("job %s: progress not written, the database is locked by another process", self.job_id)
             self.lock_waits += 1
             return
         self.seq += len(rows)
         self.flushed_at = self.cancel_read_at = time.monotonic()
+        if self.pending_at and self.pending_path is not None:  # the row is current again
+            self.pending_path.unlink(missing_ok=True)
+            self.pending_at = 0.0
+
+    def _write_pending(self, now: float) -> None:
+        """Progress and message to the pending file, at most every `flush_interval_s`; a failure only loses it."""
+        if self.pending_path is None or now - self.pending_at < self.flush_interval_s:
+            return
+        self.pending_at = now
+        try:
+            self.pending_path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(
+                self.pending_path, json.dumps({"progress": self.progress_value, "message": self.message_value})
+            )
+        except OSError as error:
+            logger.warning("job %s: progress not written to %s (%s)", self.job_id, self.pending_path, error)
 
     def lose(self) -> None:
         """The row is no longer this job's (marked interrupted elsewhere): the job stops at its next check."""
@@ -344,7 +390,7 @@ def execute_job(job_id: int, settings: Settings) -> str:
         logger.info("job %s is %s: not running it", job_id, job.state)
         return job.state
     kind, params = job.kind, dict(job.params or {})
-    context = JobContext(engine, job_id)
+    context = JobContext(engine, job_id, pending_path=pending_progress_path(settings, job_id))
     heartbeat = Heartbeat(engine, job_id, on_lost=context.lose)
     heartbeat.start()
     handler = _TailHandler(context, threading.get_ident())
@@ -543,9 +589,15 @@ def recover_dead_jobs(settings: Settings) -> list[int]:
 def _run_import(params: dict[str, Any], settings: Settings, context: JobContext) -> dict[str, Any]:
     from backend.ingest.service import import_into
 
-    # import_into is one transaction over every path: a cancel lets it finish (half an import is worse).
+    # import_into is one transaction over every path: a cancel lets it finish (half an import is worse). On SQLite
+    # that transaction holds the write lock, so its progress reaches the app through the pending file.
     context.progress(message=f"importing {len(params['paths'])} path(s)")
-    return import_into(list(params["paths"]), params["project"], settings)
+    return import_into(
+        list(params["paths"]),
+        params["project"],
+        settings,
+        on_progress=lambda done, total: context.progress_of(done, total, "imported files"),
+    )
 
 
 def _run_crawl(params: dict[str, Any], settings: Settings, context: JobContext) -> dict[str, Any]:
@@ -564,6 +616,7 @@ def _run_crawl(params: dict[str, Any], settings: Settings, context: JobContext) 
         crawl_settings=crawl_settings,
         settings=settings,
         stop_requested=context.stop_requested,  # each image is committed as it comes: a cancel keeps them
+        on_progress=lambda done, total: context.progress_of(done, total, "crawled"),
     )
     context.cancelled = bool(result.get("cancelled"))
     return result
@@ -781,6 +834,7 @@ def _run_evaluate(params: dict[str, Any], settings: Settings, context: JobContex
         device=device,
         batch_size=int(params.get("batch", 16)),
         score_threshold=float(params.get("conf", 0.25)),
+        on_progress=lambda done, total: context.progress_of(done, total, "evaluated images"),
     )
     out = params.get("out")
     if out:
