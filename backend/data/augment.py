@@ -40,7 +40,6 @@ import cv2
 import numpy as np
 import yaml
 from albumentations.augmentations.mixing import functional as mixing
-from albumentations.core.bbox_utils import filter_bboxes
 
 from backend.processing import PAD_VALUE, letterbox
 
@@ -84,6 +83,25 @@ def _boxes_to_albumentations(item: dict[str, Any], processor: Any) -> np.ndarray
             raise ValueError(f"a mosaic image has {len(boxes)} boxes and {len(item[field])} {field}")
         columns.append(np.asarray(processor.label_manager.process_field("bboxes", field, item[field])).reshape(-1, 1))
     return np.hstack(columns).astype(np.float32) if len(columns) > 1 else boxes
+
+
+def _clip_and_filter(boxes: np.ndarray, size: int, params: A.BboxParams) -> np.ndarray:
+    """(N, 4+) xyxy canvas pixels → clipped to the size x size canvas, those failing the BboxParams filter
+    (min_visibility against the unclipped area, min_width/min_height/min_area in pixels) dropped: what
+    albumentations' own filter does after a step, in a few array operations."""
+    clipped = boxes.copy()
+    np.clip(clipped[:, :4], 0.0, size, out=clipped[:, :4])
+    widths, heights = clipped[:, 2] - clipped[:, 0], clipped[:, 3] - clipped[:, 1]
+    full = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+    area = widths * heights
+    keep = (full > 0) & (area >= params.min_area) & (area >= params.min_visibility * full)
+    keep &= (widths >= params.min_width) & (heights >= params.min_height) & (widths > 0) & (heights > 0)
+    if params.max_accept_ratio is not None:
+        keep &= (
+            np.maximum(widths / np.maximum(heights, 1e-7), heights / np.maximum(widths, 1e-7))
+            <= params.max_accept_ratio
+        )
+    return clipped[keep]
 
 
 class YoloxMosaic(A.DualTransform):
@@ -150,21 +168,16 @@ class YoloxMosaic(A.DualTransform):
             x1, y1, x2, y2 = max(left, 0), max(top, 0), min(left + width, size), min(top + height, size)
             canvas[y1:y2, x1:x2] = image[y1 - top : y2 - top, x1 - left : x2 - left]
             boxes = item["bboxes"]
-            if boxes is not None and len(boxes):
-                # normalised to the image → normalised to the canvas, not clipped (visibility needs the full box)
+            if boxes is not None and len(boxes):  # normalised to the image → pixels on the canvas, not clipped
                 moved = np.array(boxes, dtype=np.float32, copy=True)
-                moved[:, [0, 2]] = (moved[:, [0, 2]] * width + left) / size
-                moved[:, [1, 3]] = (moved[:, [1, 3]] * height + top) / size
+                moved[:, [0, 2]] = moved[:, [0, 2]] * width + left
+                moved[:, [1, 3]] = moved[:, [1, 3]] * height + top
                 all_boxes.append(moved)
         columns = data["bboxes"].shape[1] if data.get("bboxes") is not None else 4
         merged = np.concatenate(all_boxes) if all_boxes else np.zeros((0, columns), np.float32)
-        if processor is not None and len(merged):  # clipped to the canvas and filtered here, as A.Mosaic does
-            box_filter = processor.params
-            merged = filter_bboxes(
-                merged, {"height": size, "width": size}, min_area=box_filter.min_area,
-                min_visibility=box_filter.min_visibility, min_width=box_filter.min_width,
-                min_height=box_filter.min_height, max_accept_ratio=box_filter.max_accept_ratio,
-            )  # fmt: skip
+        if processor is not None and len(merged):
+            merged = _clip_and_filter(merged, size, processor.params)
+        merged[:, :4] /= size
         return {"canvas": canvas, "mosaic_bboxes": merged}
 
     def apply(self, img: np.ndarray, canvas: np.ndarray | None = None, **params: Any) -> np.ndarray:
