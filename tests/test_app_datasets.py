@@ -257,8 +257,10 @@ def test_freeze_lists_the_version_and_export_offers_a_zip(settings):
     assert_clean(app)
     archive = Path(app.session_state["datasets_export"])
     with zipfile.ZipFile(archive) as zipped:
-        content = json.loads(zipped.read(f"{archive.stem}/annotations.json"))
-    assert len(content["images"]) == 64
+        names = sorted(name for name in zipped.namelist() if name.endswith(".json"))
+        splits = {name: json.loads(zipped.read(name)) for name in names}
+    assert names == [f"{archive.stem}/train.json", f"{archive.stem}/val.json"]  # per split, no merged file
+    assert sum(len(content["images"]) for content in splits.values()) == 64
     assert app.get("download_button")[0].proto.label == f"Download {archive.name}"
 
     # The form suggests the next free name after each freeze (after v2, v3).

@@ -8,6 +8,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+from pycocotools.coco import COCO
 from sqlalchemy import select
 
 from backend.data.folders import load_dataset
@@ -117,10 +118,33 @@ def test_exports_read_back_with_unique_names(project_env, tmp_path: Path) -> Non
         frozen_boxes = np.concatenate([r.boxes for r in frozen[split].records] + [np.zeros((0, 4), np.float32)])
         np.testing.assert_allclose(yolo_boxes, frozen_boxes, atol=1e-3)
     assert len({path.name for path in (tmp_path / "yolo" / "labels").rglob("*.txt")}) == 12
-    merged = load_dataset(export_coco(storage, version, tmp_path / "coco" / "dataset.json"))
-    assert len(merged["train"]) == 12 and merged["train"].report.boxes == 9
-    content = json.loads((tmp_path / "coco" / "dataset.json").read_text())
-    assert {entry["split"] for entry in content["images"]} == {"train", "val"}
+    coco = load_dataset(export_coco(storage, version, tmp_path / "coco"))
+    assert {split: len(dataset) for split, dataset in coco.items()} == {split: len(frozen[split]) for split in frozen}
+    assert sum(dataset.report.boxes for dataset in coco.values()) == 9
+    assert sorted(path.name for path in (tmp_path / "coco").glob("*.json")) == ["train.json", "val.json"]
+
+
+@pytest.mark.parametrize("fractions", [(0.5, 0.25, 0.25), (0.75, 0.25)])
+def test_coco_export_writes_standard_per_split_files_that_pycocotools_loads(project_env, tmp_path, fractions) -> None:
+    engine, storage, *_ = project_env
+    with session_scope(engine) as session:
+        project = get_or_create_project(session, "Starter Pokédex")
+        version = freeze_version(session, storage, project, "v1", fractions, seed=0)
+        counts = version.counts["splits"]
+    out = export_coco(storage, version, tmp_path / "coco")
+    expected = ["train", "val", "test"][: len(fractions)]
+    assert sorted(path.stem for path in out.glob("*.json")) == sorted(expected)
+    image_ids: set[int] = set()
+    for split in expected:
+        coco = COCO(str(out / f"{split}.json"))
+        assert len(coco.getImgIds()) == counts[split]["images"] and len(coco.getAnnIds()) == counts[split]["boxes"]
+        assert [category["name"] for category in coco.loadCats(coco.getCatIds())] == ["Bulbasaur", "Charmander"]
+        for image in coco.loadImgs(coco.getImgIds()):
+            assert (out / "images" / image["file_name"]).is_file()
+            assert "split" not in image  # no key of our own
+        image_ids |= set(coco.getImgIds())
+    assert len(image_ids) == 12  # every labeled image once, in one split
+    assert len(list((out / "images").iterdir())) == 12
 
 
 def test_class_stats_for_a_project_and_a_version(project_env) -> None:

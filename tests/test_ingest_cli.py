@@ -82,6 +82,24 @@ def test_freeze_gives_a_dataset_that_trains_and_exports(storage, tmp_path):
         tmp_path / "yolo",
     )
     assert (Path(exported["path"]) / "data.yaml").is_file() or (tmp_path / "yolo" / "data.yaml").is_file()
+    # COCO: the standard per-split files, which the importer reads back (every split) into another project.
+    coco = yolodex(
+        storage,
+        "dataset",
+        "export",
+        "--project",
+        STARTER,
+        "--name",
+        "v1",
+        "--format",
+        "coco",
+        "--out",
+        tmp_path / "coco",
+    )
+    assert sorted(path.name for path in Path(coco["path"]).glob("*.json")) == ["train.json", "val.json"]
+    again = yolodex(storage, "import", tmp_path / "coco", "--project", "Reimported")
+    boxes = sum(sum(len(record.boxes) for record in split.records) for split in splits.values())
+    assert again["counts"]["accepted"] == 64 and again["annotations"] == boxes
 
 
 def test_unknown_project_or_version_is_a_clear_error(storage):

@@ -187,12 +187,13 @@ def freeze(
 
 
 def export(project: str, version: str, fmt: str, out: str | Path, settings: Settings | None = None) -> dict:
-    """Exports a version as COCO (one json + images/) or YOLO (images/, labels/, data.yaml) under `out`."""
+    """Exports a version as COCO (train.json, val.json, test.json if the version has a test split, images/) or YOLO
+    (images/, labels/, data.yaml) under `out`; "path" in the result is the folder."""
     engine, storage = open_store(settings)
     with session_scope(engine) as session:
         frozen = _version(session, _project(session, project), version)
         if fmt == "coco":
-            path = export_coco(storage, frozen, Path(out) / "annotations.json")
+            path = export_coco(storage, frozen, Path(out))
         elif fmt == "yolo":
             path = export_yolo(storage, frozen, Path(out))
         else:

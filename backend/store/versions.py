@@ -348,34 +348,34 @@ def _version_splits(storage: Path, version: DatasetVersion) -> dict[str, Detecti
     return load_dataset(version_folder(storage, version))
 
 
-def export_coco(storage: Path, version: DatasetVersion, out_path: Path) -> Path:
-    """Writes the whole version as one COCO JSON, with the images copied to `images/` beside it.
+def export_coco(storage: Path, version: DatasetVersion, out_dir: Path) -> Path:
+    """Writes the version in the standard per-split COCO layout: `train.json`, `val.json` and, when the version has
+    a test split, `test.json`, with the images copied (or hard-linked) to `images/` beside them.
 
-    Each image entry keeps its split in an extra "split" key (COCO tools ignore unknown keys); boxes are
-    `[x, y, w, h]` original-image pixels; category ids = class index + 1. `load_dataset(out_path)` reads it back.
+    Each file is plain COCO detection JSON (images, annotations, categories, info, licenses), as pycocotools'
+    COCO() and the usual tools load one split: `file_name` is relative to `images/`, boxes are `[x, y, w, h]`
+    original-image pixels, category ids = class index + 1, image ids are the store's (unique across the splits),
+    annotation ids count from 1 in each file. `load_dataset(out_dir)` reads the splits back, and importing the
+    folder (or its zip) imports every split.
 
     Returns:
-        The JSON path.
+        The output folder.
     """
-    out_path = Path(out_path)
+    out_dir = Path(out_dir)
     source_folder = version_folder(storage, version)
-    images_dir = out_path.parent / "images"
+    images_dir = out_dir / "images"
     images_dir.mkdir(parents=True, exist_ok=True)
-    merged: dict[str, Any] = {"info": {"description": f"yolodex dataset version {version.name}"}, "licenses": []}
-    merged |= {"images": [], "annotations": [], "categories": []}
     for split in ("train", "val", "test"):
         split_file = source_folder / f"{split}.json"
         if not split_file.is_file():
             continue
         content = json.loads(split_file.read_text(encoding="utf-8"))
-        merged["categories"] = content["categories"]
+        content["info"] = {"description": f"yolodex dataset version {version.name}, {split} split"}
+        content.setdefault("licenses", [])
         for entry in content["images"]:
-            merged["images"].append(entry | {"split": split})
             _link_or_copy_if_missing(source_folder / "images" / entry["file_name"], images_dir / entry["file_name"])
-        for annotation in content["annotations"]:
-            merged["annotations"].append(annotation | {"id": len(merged["annotations"]) + 1})
-    atomic_write_text(out_path, _json(merged))
-    return out_path
+        atomic_write_text(out_dir / f"{split}.json", _json(content))
+    return out_dir
 
 
 def export_yolo(storage: Path, version: DatasetVersion, out_dir: Path) -> Path:
