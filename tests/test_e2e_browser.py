@@ -25,6 +25,9 @@ pytestmark = pytest.mark.slow
 
 CLASS_NAMES = ["Bulbasaur", "Charmander", "Squirtle"]
 MODEL_PROJECT = "Kanto"  # the newest project, so the pages open on it
+# The cancelled training job: far more than it can train before the click.
+CANCEL_EPOCHS = 1000
+CANCEL_BUDGET_MINUTES = 60
 
 
 def _write_model_run(storage: Path) -> Path:
@@ -52,10 +55,15 @@ def _write_model_run(storage: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def app_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def storage(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The app's storage folder (its runs are read back by the training test)."""
+    return tmp_path_factory.mktemp("e2e-storage")
+
+
+@pytest.fixture(scope="module")
+def app_url(storage: Path) -> Iterator[str]:
     """`make run` with a fresh storage and free ports; stopped (Ctrl-C, as a user would) after the module."""
     require_browser()
-    storage = tmp_path_factory.mktemp("e2e-storage")
     _write_model_run(storage)
     from backend.ingest.service import create_project, freeze, starter
     from backend.settings import Settings
@@ -89,6 +97,10 @@ def page(browser, screenshots: Path, request: pytest.FixtureRequest):
     # The page as the test left it (on failure too): the first thing to look at when a browser test fails.
     opened.screenshot(path=str(screenshots / f"{request.node.name}_end.png"), full_page=True)
     context.close()
+
+
+def _events(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
 
 
 def _photo(path: Path, size: tuple[int, int] = (640, 480)) -> Path:
@@ -144,12 +156,16 @@ def test_datasets_zip_upload_shows_the_import_report(page, app_url: str, tmp_pat
     page.screenshot(path=str(screenshots / "e2e_datasets_zip.png"), full_page=True)
 
 
-def test_train_page_runs_a_job_with_live_charts_and_cancel(page, app_url: str, screenshots: Path):
+def test_train_page_runs_a_job_with_live_charts_and_cancel(page, app_url: str, storage: Path, screenshots: Path):
+    """A job far too long to end by itself (1000 epochs, a 60-minute budget) is cancelled from the page: the job ends
+    `cancelled` and its run stopped early (its last.pt and metrics.jsonl say so), so the click really stopped it."""
     from playwright.sync_api import expect
+
+    from backend.models.checkpoints import read_checkpoint
 
     page.goto(f"{app_url}/train?project=Starter%20Pok%C3%A9dex")  # a link to the page on that project
     wait_for_app(page)
-    fill_short_training(page, minutes=1)
+    fill_short_training(page, minutes=CANCEL_BUDGET_MINUTES, epochs=CANCEL_EPOCHS)
     page.get_by_role("button", name="Start training").click()
 
     # The worker trains; the page follows it live: progress text, then the loss/lr/mAP chart.
@@ -161,6 +177,16 @@ def test_train_page_runs_a_job_with_live_charts_and_cancel(page, app_url: str, s
     page.screenshot(path=str(screenshots / "e2e_train_live.png"), full_page=True)
 
     page.get_by_role("button", name="Cancel").click()
-    expect(progress).to_contain_text(re.compile("cancelled|succeeded"), timeout=120_000)
+    expect(progress).to_contain_text("cancelled", timeout=120_000)
+    expect(progress).not_to_contain_text("succeeded")
     expect(page.get_by_test_id("stException")).to_have_count(0)
     page.screenshot(path=str(screenshots / "e2e_train_end.png"), full_page=True)
+
+    # The run the job trained stopped early: it ended on the cancel, far before its epochs or its time budget.
+    (run,) = [folder for folder in (storage / "runs").iterdir() if folder.name != "e2e-run"]
+    assert json.loads((run / "config.json").read_text())["train"]["epochs"] == CANCEL_EPOCHS
+    (end,) = [event for event in _events(run / "metrics.jsonl") if event["event"] == "train_end"]
+    assert end["stopped"] == "cancelled" and end["epochs_done"] < CANCEL_EPOCHS, end
+    assert end["elapsed_s"] < CANCEL_BUDGET_MINUTES * 60
+    position = read_checkpoint(run / "last.pt")
+    assert (position["epoch"], position["step_in_epoch"]) < (CANCEL_EPOCHS, 0), position
