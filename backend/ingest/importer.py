@@ -234,8 +234,10 @@ def estimate_entries(paths: list[str | Path | bytes]) -> int:
                 total += _count_folder(path)
             elif path.suffix.lower() in ARCHIVE_SUFFIXES and path.is_file():
                 total += _count_zip(path)
-            elif path.suffix.lower() in (".json", ".yaml", ".yml") and path.is_file():
-                total += _count_folder(path.parent, images_only=True)
+            elif path.suffix.lower() == ".json" and path.is_file():
+                total += _count_coco_images(path)
+            elif path.suffix.lower() in (".yaml", ".yml") and path.is_file():
+                total += _count_folder(path.parent, images_only=True)  # a data.yaml sits at its dataset's root
             else:
                 total += 1
         except OSError:
@@ -254,6 +256,13 @@ def _count_folder(folder: Path, images_only: bool = False) -> int:
                 continue
             count += _count_zip(Path(directory, filename)) if suffix in ARCHIVE_SUFFIXES else 1
     return count
+
+
+def _count_coco_images(path: Path) -> int:
+    try:
+        return max(1, len(json.loads(path.read_text(encoding="utf-8")).get("images") or []))
+    except (OSError, ValueError, AttributeError, TypeError):
+        return 1
 
 
 def _count_zip(path: Path) -> int:
