@@ -11,11 +11,18 @@ Each run is scored by its best.pt's evaluation on the validation split (pycocoto
 as in training.
 
     .venv/bin/python bench/recipe.py --data ../shared/data/raccoon --variants baseline,close_mosaic --minutes 2,5
+
+`augment_old` trains the baseline with the hand-written augmentation that the albumentations pipeline replaced
+(its loader and augment modules read from git, as bench/loader.py does); `augment_new` is the baseline under
+another name. The issue's comparison, two seeds of 10 minutes each:
+
+    .venv/bin/python bench/recipe.py --variants augment_new,augment_old --minutes 10 --seeds 0,1
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -42,7 +49,35 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "lr_2x": {"lr": 2e-3},
     "ema_0.99": {"ema_decay": 0.99},
     "mosaic_half": {"mosaic_prob": 0.5},
+    "augment_new": {},
+    "augment_old": {},  # the baseline trained through the hand-written pipeline of git history (old_augmentation)
 }
+
+
+@contextlib.contextmanager
+def old_augmentation():
+    """The trainer builds its training dataset with the loader and augmentation of the last commit that had the
+    hand-written pipeline (bench/loader.py's reference), with the mosaic probability of the pipeline it was given."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from loader import default_reference_rev, reference_loader  # a sibling script, imported only here
+
+    import backend.training.trainer as trainer
+
+    reference = reference_loader(default_reference_rev(), Path(tempfile.mkdtemp(prefix="yolodex-old-augment-")))
+
+    def dataset(records, imgsz, augment, **kwargs):
+        if augment is None:
+            return reference.TrainDataset(records, imgsz, None, **kwargs)
+        mosaic_prob = next((step.p for step in augment.transforms if type(step).__name__ == "YoloxMosaic"), 0.0)
+        config = reference.AugmentConfig(mosaic_prob=mosaic_prob)
+        return reference.TrainDataset(records, imgsz, config, **kwargs)
+
+    original = trainer.TrainDataset
+    trainer.TrainDataset = dataset
+    try:
+        yield
+    finally:
+        trainer.TrainDataset = original
 
 
 def measure_rate(data: Path, imgsz: int, batch: int) -> float:
@@ -83,7 +118,8 @@ def run_variant(data: Path, name: str, steps: int, epoch_steps: int, batch: int,
     }
     config = TrainConfig(**{**values, **changes})
     started = time.perf_counter()
-    fit(config, out)
+    with old_augmentation() if name == "augment_old" else contextlib.nullcontext():
+        fit(config, out)
     metrics = json.loads((out / "eval.json").read_text())["metrics"]
     return {
         "mAP50-95": round(metrics.get("mAP50-95") or 0.0, 4),

@@ -1,29 +1,33 @@
 """Training augmentations for detection, as an albumentations pipeline that is data (`A.to_dict` / `A.from_dict`).
 
-The default pipeline is the YOLO-NAS fine-tuning recipe (docs/augmentation.md):
+The default pipeline is the YOLO-NAS fine-tuning recipe (docs/augmentation.md says where each step comes from):
 
     YoloxMosaic (p 1.0: 4 images at their own size meeting at a random centre in [0.5, 1.5]·imgsz on a
     2·imgsz canvas, pad 114) → RandomScaleTranslate (zoom 0.5-1.5, shift ±0.1·imgsz, no rotation or shear,
-    imgsz x imgsz output, pad 114) → A.HueSaturationValue (additive: hue ±5 on OpenCV's 0-180 scale,
+    imgsz x imgsz output, pad 114) → FastHueSaturationValue (additive: hue ±5 on OpenCV's 0-180 scale,
     saturation ±30, value ±30) → A.HorizontalFlip (p 0.5) → Letterbox (imgsz, pad 114)
 
 Boxes go through albumentations (`A.BboxParams`, pascal_voc: xyxy pixels, x2/y2 the right/bottom pixel edges,
-labels in the `labels` field). After every step albumentations clips them to the image and drops those narrower
-or lower than 2 px or with less than a fifth of their area left (`min_visibility`): a target on a 1-px sliver or
-on a fifth of an object teaches the model to fire on fragments. The recipe filters nothing.
+labels in the `labels` field). They are clipped, and those narrower or lower than 2 px or with less than a fifth of
+their area left (`min_visibility`) dropped, on the mosaic canvas and at the end: a target on a 1-px sliver or on a
+fifth of an object teaches the model to fire on fragments. The recipe filters nothing.
 
-Three steps are our own albumentations transforms (subclasses of `A.DualTransform`, so `A.to_dict` / `A.from_dict`
-serialise them once this module is imported):
+The steps that are ours are subclasses of albumentations' base classes, so `A.to_dict` / `A.from_dict` serialise
+them (by their import path) like the stock ones once this module is imported:
 - `YoloxMosaic`: `A.Mosaic` fits every image into a fixed grid cell and its random centre only moves the crop
   window over that grid; the recipe's YOLOX layout keeps each image at its own size and moves the point where
   the four meet. It reads the three other images from the `mosaic_metadata` key, as `A.Mosaic` does.
-- `RandomScaleTranslate`: `A.Affine` keeps the input size, so on the 2·imgsz mosaic canvas it needs a following
-  `A.CenterCrop` and warps four times the pixels it keeps (6.8 against 1.3 ms a 320 px sample on a 2-core CPU);
-  this one warps straight into the imgsz x imgsz output with one `cv2.warpAffine`.
+- `RandomScaleTranslate`: `A.Affine` keeps the input size, so on the 2·imgsz mosaic canvas it would need an
+  `A.CenterCrop` after it and warp four times the pixels it keeps; this one resizes only the input that lands in
+  the imgsz x imgsz output.
+- `FastHueSaturationValue`: `A.HueSaturationValue` with one lookup table for the three channels (the stock one adds
+  each constant through a float image, which cost as much as the rest of the pipeline); the same pixels for
+  whole-number shifts.
 - `Letterbox`: `backend.processing.letterbox` itself, so training inputs and inference inputs are made alike. It is
   the identity after `RandomScaleTranslate` and makes any other pipeline end at imgsz x imgsz.
 
-The HSV step is the stock `A.HueSaturationValue` (lookup tables on uint8, as fast as hand-written code).
+Speed: bench/loader.py measures the loader with this pipeline against the hand-written NumPy/OpenCV one it replaced
+(bench/loader_results.md); what remains of the difference is albumentations' box bookkeeping around each call.
 """
 
 from __future__ import annotations
