@@ -40,10 +40,13 @@ def _git(*args: str) -> str:
 
 
 def default_reference_rev() -> str:
-    """The last commit whose backend/data/augment.py is the hand-written pipeline (has `class AugmentConfig`)."""
+    """The last commit with the hand-written pipeline: the parent of the commit that replaced backend/data/augment.py's
+    `class AugmentConfig` (so its loader.py is the one that went with it), or HEAD while it is still there."""
+    newer = None
     for rev in _git("log", "--format=%H", "--", "backend/data/augment.py").split():
         if "class AugmentConfig" in _git("show", f"{rev}:backend/data/augment.py"):
-            return rev
+            return _git("rev-parse", f"{newer}^").strip() if newer else rev
+        newer = rev
     raise SystemExit("no commit holds the hand-written backend/data/augment.py: give --reference-rev")
 
 
