@@ -60,13 +60,6 @@ class AugmentationError(ValueError):
     """An augmentation pipeline that cannot be used for training; the message says what is wrong."""
 
 
-def _xyxy_pixels_to_normalised(boxes: np.ndarray, width: int, height: int) -> np.ndarray:
-    scaled = boxes.copy()
-    scaled[:, [0, 2]] /= width
-    scaled[:, [1, 3]] /= height
-    return scaled
-
-
 def _boxes_to_albumentations(item: dict[str, Any], processor: Any) -> np.ndarray | None:
     """A mosaic image's boxes in the pipeline's internal form (normalised xyxy + label columns), as Compose's own
     pre-processing makes them; pascal_voc directly (its validity checks cost more than the whole conversion)."""
@@ -121,7 +114,7 @@ class YoloxMosaic(A.DualTransform):
         centre_range: the centre's x and y are drawn uniformly from this range, in multiples of imgsz.
         fill: grey level of the canvas where no image lands.
         metadata_key: the data key holding the three other images.
-        p: probability of a mosaic.
+        p: probability of a mosaic (the training dataset passes the three other images to every sample).
     """
 
     _targets = (A.core.type_definitions.Targets.IMAGE, A.core.type_definitions.Targets.BBOXES)
@@ -202,7 +195,7 @@ class RandomScaleTranslate(A.DualTransform):
         scale: range of the zoom (uniform).
         translate: largest shift, as a fraction of `size`, in x and y independently.
         fill: grey level where no input pixel lands.
-        p: probability of the warp; otherwise the image is letterboxed (fitted and centred) to size x size.
+        p: probability of the warp; otherwise the image passes unchanged (a later Letterbox fits it).
     """
 
     _targets = (A.core.type_definitions.Targets.IMAGE, A.core.type_definitions.Targets.BBOXES)
