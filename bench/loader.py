@@ -92,8 +92,11 @@ def compare(name: str, records, reference: ModuleType, imgsz: int, batch: int, b
                 wall, cpu = images_per_s(dataset, batch, batches, workers)
                 best[side] = max(best[side], cpu if clock == "cpu" else wall)
         rows.append((name, len(records), imgsz, workers, clock, best["old"], best["new"], best["new"] / best["old"]))
-        print(f"{name:10s} {len(records):6d} {imgsz:5d} {workers:7d} {clock:>5s} {best['old']:11.1f} "
-              f"{best['new']:11.1f} {best['new'] / best['old']:8.2f}", flush=True)  # fmt: skip
+        print(
+            f"{name:10s} {len(records):6d} {imgsz:5d} {workers:7d} {clock:>5s} {best['old']:11.1f} "
+            f"{best['new']:11.1f} {best['new'] / best['old']:8.2f}",
+            flush=True,
+        )
     return rows
 
 
@@ -124,8 +127,10 @@ def main() -> None:
                 sets.append(("raccoon", RACCOON))
             else:
                 print(f"raccoon: skipped, {RACCOON} does not exist")
-        print(f"{'data':10s} {'images':>6s} {'imgsz':>5s} {'workers':>7s} {'clock':>5s} {'old img/s':>11s} "
-              f"{'new img/s':>11s} {'new/old':>8s}")  # fmt: skip
+        print(
+            f"{'data':10s} {'images':>6s} {'imgsz':>5s} {'workers':>7s} {'clock':>5s} {'old img/s':>11s} "
+            f"{'new img/s':>11s} {'new/old':>8s}"
+        )
         for name, path in sets:
             records = load_dataset(path)["train"].records
             compare(name, records, reference, args.imgsz, args.batch, args.batches, args.rounds)

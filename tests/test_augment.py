@@ -340,8 +340,11 @@ def test_collate_pads_boxes_and_masks() -> None:
     assert batch["gt_boxes"].shape == (3, 0, 4) and batch["gt_labels"].shape == (3, 0)
     assert batch["gt_mask"].shape == (3, 0) and batch["gt_mask"].dtype == torch.bool
 
-    boxes = [np.zeros((0, 4), np.float32), np.float32([[1, 2, 3, 4], [5, 6, 7, 8], [9, 10, 11, 12]]),
-             np.float32([[20, 21, 22, 23]])]  # fmt: skip
+    boxes = [
+        np.zeros((0, 4), np.float32),
+        np.float32([[1, 2, 3, 4], [5, 6, 7, 8], [9, 10, 11, 12]]),
+        np.float32([[20, 21, 22, 23]]),
+    ]
     labels = [np.zeros(0, np.int64), np.int64([2, 0, 1]), np.int64([4])]
     batch = collate_detections(list(zip(images, boxes, labels)))
     assert batch["gt_boxes"].shape == (3, 3, 4) and batch["gt_boxes"].dtype == torch.float32
@@ -418,14 +421,24 @@ def test_the_final_letterbox_is_pixel_identical_to_the_inference_letterbox(size)
 
 
 def test_pipelines_round_trip_through_to_dict_json_and_yaml(tmp_path) -> None:
-    tiles = [(np.random.default_rng(k).integers(0, 256, (320, 240, 3), dtype=np.uint8),
-              np.float32([[10, 10, 100, 120], [150, 200, 230, 300]]), np.int64([k, 3])) for k in range(4)]  # fmt: skip
+    tiles = [
+        (
+            np.random.default_rng(k).integers(0, 256, (320, 240, 3), dtype=np.uint8),
+            np.float32([[10, 10, 100, 120], [150, 200, 230, 300]]),
+            np.int64([k, 3]),
+        )
+        for k in range(4)
+    ]
     pipeline = default_pipeline(320, mosaic_prob=0.7)
     spec = pipeline_to_dict(pipeline)
     names = [step["__class_fullname__"] for step in spec["transform"]["transforms"]]
-    assert names == ["backend.data.augment.YoloxMosaic", "backend.data.augment.RandomScaleTranslate",
-                     "backend.data.augment.FastHueSaturationValue", "HorizontalFlip",
-                     "backend.data.augment.Letterbox"]  # fmt: skip
+    assert names == [
+        "backend.data.augment.YoloxMosaic",
+        "backend.data.augment.RandomScaleTranslate",
+        "backend.data.augment.FastHueSaturationValue",
+        "HorizontalFlip",
+        "backend.data.augment.Letterbox",
+    ]
     assert spec["transform"]["transforms"][0]["p"] == 0.7
     json_file, yaml_file = tmp_path / "pipeline.json", tmp_path / "pipeline.yaml"
     json_file.write_text(json.dumps(spec))
@@ -454,9 +467,13 @@ def test_bad_pipeline_files_are_refused_with_the_reason(tmp_path) -> None:
         "wrong_size.yaml": yaml.safe_dump(pipeline_to_dict(default_pipeline(256))),
     }
     reasons = {
-        "missing.json": "cannot read", "broken.json": "neither JSON nor YAML", "list.json": "'transform' key",
-        "unknown.json": "NoSuchTransform", "no_boxes.json": "bbox_params", "wrong_size.yaml": "320x320",
-    }  # fmt: skip
+        "missing.json": "cannot read",
+        "broken.json": "neither JSON nor YAML",
+        "list.json": "'transform' key",
+        "unknown.json": "NoSuchTransform",
+        "no_boxes.json": "bbox_params",
+        "wrong_size.yaml": "320x320",
+    }
     for name, text in cases.items():
         if text is not None:
             (tmp_path / name).write_text(text)

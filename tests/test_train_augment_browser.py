@@ -37,14 +37,31 @@ def app_url(tmp_path_factory: pytest.TempPathFactory):
     freeze("Starter Pokédex", "v1", settings=settings)
     port = free_port()
     log = storage / "streamlit.log"
-    command = [sys.executable, "-m", "streamlit", "run", str(REPO_ROOT / "app" / "main.py"), "--server.address",
-               "127.0.0.1", "--server.port", str(port), "--server.headless", "true", "--browser.gatherUsageStats",
-               "false", "--server.fileWatcherType", "none"]  # fmt: skip
+    command = [
+        sys.executable,
+        "-m",
+        "streamlit",
+        "run",
+        str(REPO_ROOT / "app" / "main.py"),
+        "--server.address",
+        "127.0.0.1",
+        "--server.port",
+        str(port),
+        "--server.headless",
+        "true",
+        "--browser.gatherUsageStats",
+        "false",
+        "--server.fileWatcherType",
+        "none",
+    ]
     with log.open("wb") as output:
         server = subprocess.Popen(
-            command, cwd=REPO_ROOT, env={**os.environ, "YOLODEX_STORAGE": str(storage)}, stdout=output,
+            command,
+            cwd=REPO_ROOT,
+            env={**os.environ, "YOLODEX_STORAGE": str(storage)},
+            stdout=output,
             stderr=subprocess.STDOUT,
-        )  # fmt: skip
+        )
     try:
         wait_for(f"http://127.0.0.1:{port}/_stcore/health", 120, server, log)
         yield f"http://127.0.0.1:{port}"

@@ -234,9 +234,11 @@ class RandomScaleTranslate(A.DualTransform):
         y1 = min(height, math.ceil((self.size - offset_y) / zoom))
         place_x, place_y = round(zoom * x0 + offset_x), round(zoom * y0 + offset_y)
         return {
-            "zoom": zoom, "crop": (x0, y0, x1, y1), "place": (place_x, place_y),
+            "zoom": zoom,
+            "crop": (x0, y0, x1, y1),
+            "place": (place_x, place_y),
             "offset": (place_x - zoom * x0, place_y - zoom * y0),
-        }  # fmt: skip
+        }
 
     def apply(self, img: np.ndarray, zoom: float, crop: tuple, place: tuple, **params: Any) -> np.ndarray:
         out = np.full((self.size, self.size, *img.shape[2:]), self.fill, dtype=img.dtype)
@@ -322,9 +324,14 @@ class FastHueSaturationValue(A.HueSaturationValue):
 def box_params() -> A.BboxParams:
     """pascal_voc boxes with a `labels` field, clipped and filtered after every step (module docstring)."""
     return A.BboxParams(
-        format="pascal_voc", label_fields=["labels"], clip=True, min_visibility=MIN_VISIBILITY,
-        min_width=MIN_BOX_SIZE, min_height=MIN_BOX_SIZE, check_each_transform=False,
-    )  # fmt: skip
+        format="pascal_voc",
+        label_fields=["labels"],
+        clip=True,
+        min_visibility=MIN_VISIBILITY,
+        min_width=MIN_BOX_SIZE,
+        min_height=MIN_BOX_SIZE,
+        check_each_transform=False,
+    )
 
 
 def default_pipeline(imgsz: int, mosaic_prob: float = 1.0) -> A.Compose:
@@ -354,8 +361,9 @@ def pipeline_from_dict(spec: dict[str, Any], imgsz: int) -> A.Compose:
             `labels` field, or samples that do not come out imgsz x imgsz RGB.
     """
     if not isinstance(spec, dict) or "transform" not in spec:
-        raise AugmentationError("an augmentation pipeline is the A.to_dict form of an A.Compose: a mapping with a "
-                                "'transform' key")  # fmt: skip
+        raise AugmentationError(
+            "an augmentation pipeline is the A.to_dict form of an A.Compose: a mapping with a 'transform' key"
+        )
     try:
         pipeline = A.from_dict(spec)
     except Exception as error:  # albumentations raises KeyError, TypeError, ValueError or pydantic errors
@@ -364,8 +372,9 @@ def pipeline_from_dict(spec: dict[str, Any], imgsz: int) -> A.Compose:
         raise AugmentationError(f"the pipeline must be an A.Compose, got {type(pipeline).__name__}")
     params = pipeline.processors.get("bboxes")
     if params is None or params.params.format != "pascal_voc" or "labels" not in (params.params.label_fields or []):
-        raise AugmentationError("the pipeline must handle boxes: bbox_params with format 'pascal_voc' and "
-                                "label_fields ['labels']")  # fmt: skip
+        raise AugmentationError(
+            "the pipeline must handle boxes: bbox_params with format 'pascal_voc' and label_fields ['labels']"
+        )
     _check_output(pipeline, imgsz)
     return pipeline
 
@@ -374,11 +383,16 @@ def _check_output(pipeline: A.Compose, imgsz: int) -> None:
     for step in _flatten(pipeline):
         size = getattr(step, "imgsz", None) if isinstance(step, YoloxMosaic) else getattr(step, "size", None)
         if isinstance(step, (YoloxMosaic, RandomScaleTranslate, Letterbox)) and size != imgsz:
-            raise AugmentationError(f"{type(step).__name__} is set for {size} px, the training size is "
-                                    f"{imgsz}x{imgsz}")  # fmt: skip
+            raise AugmentationError(f"{type(step).__name__} is set for {size} px, the training size is {imgsz}x{imgsz}")
     rng = np.random.default_rng(0)
-    tiles = [(rng.integers(0, 256, (imgsz, imgsz * 3 // 4, 3), dtype=np.uint8),
-              np.float32([[4, 4, imgsz // 2, imgsz // 2]]), np.int64([0])) for _ in range(MOSAIC_TILES)]  # fmt: skip
+    tiles = [
+        (
+            rng.integers(0, 256, (imgsz, imgsz * 3 // 4, 3), dtype=np.uint8),
+            np.float32([[4, 4, imgsz // 2, imgsz // 2]]),
+            np.int64([0]),
+        )
+        for _ in range(MOSAIC_TILES)
+    ]
     try:
         image, _, _ = augment_sample(pipeline, tiles, rng)
     except Exception as error:
@@ -457,13 +471,21 @@ def augment_sample(
         raise ValueError(f"augment_sample takes 1 image or {MOSAIC_TILES} for a mosaic, got {len(tiles)}")
     pipeline.set_random_state(rng, random.Random(int(rng.integers(2**63))))
     image, boxes, labels = tiles[0]
-    data = {"image": image, "bboxes": np.asarray(boxes, np.float32).reshape(-1, 4),
-            "labels": np.asarray(labels, np.int64).reshape(-1)}  # fmt: skip
+    data = {
+        "image": image,
+        "bboxes": np.asarray(boxes, np.float32).reshape(-1, 4),
+        "labels": np.asarray(labels, np.int64).reshape(-1),
+    }
     data[MOSAIC_KEY] = []  # a YoloxMosaic without other images passes the sample through
     if len(tiles) == MOSAIC_TILES:
-        data[MOSAIC_KEY] = [{"image": other, "bboxes": np.asarray(other_boxes, np.float32).reshape(-1, 4),
-                             "labels": np.asarray(other_labels, np.int64).reshape(-1)}
-                            for other, other_boxes, other_labels in tiles[1:]]  # fmt: skip
+        data[MOSAIC_KEY] = [
+            {
+                "image": other,
+                "bboxes": np.asarray(other_boxes, np.float32).reshape(-1, 4),
+                "labels": np.asarray(other_labels, np.int64).reshape(-1),
+            }
+            for other, other_boxes, other_labels in tiles[1:]
+        ]
     out = pipeline(**data)
     out_boxes = np.asarray(out["bboxes"], dtype=np.float32).reshape(-1, 4)
     return out["image"], out_boxes, np.asarray(out["labels"], dtype=np.int64).reshape(-1)

@@ -188,8 +188,10 @@ class TrainDataset(Dataset):
             tiles += [self.fitted(other) for other in others]
         image, boxes, labels = augment_sample(self.augment, tiles, rng)
         if image.shape != (self.imgsz, self.imgsz, 3):
-            raise DatasetError(f"the augmentation pipeline gave a {image.shape} image, not ({self.imgsz}, "
-                               f"{self.imgsz}, 3): end it with Letterbox(size={self.imgsz})")  # fmt: skip
+            raise DatasetError(
+                f"the augmentation pipeline gave a {image.shape} image, not ({self.imgsz}, "
+                f"{self.imgsz}, 3): end it with Letterbox(size={self.imgsz})"
+            )
         return image, boxes, labels
 
     def _decode(self, index: int) -> tuple[np.ndarray, np.ndarray] | None:
@@ -392,8 +394,20 @@ def set_loader_epoch(loader: DataLoader, epoch: int) -> None:
     loader.dataset.set_epoch(epoch)
 
 
-_PALETTE = [(230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48), (145, 30, 180),
-            (70, 240, 240), (240, 50, 230), (210, 245, 60), (250, 190, 212), (0, 128, 128), (170, 110, 40)]  # fmt: skip
+_PALETTE = [
+    (230, 25, 75),
+    (60, 180, 75),
+    (255, 225, 25),
+    (0, 130, 200),
+    (245, 130, 48),
+    (145, 30, 180),
+    (70, 240, 240),
+    (240, 50, 230),
+    (210, 245, 60),
+    (250, 190, 212),
+    (0, 128, 128),
+    (170, 110, 40),
+]
 
 
 def render_augmented_samples(
