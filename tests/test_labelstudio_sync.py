@@ -25,6 +25,7 @@ from backend.labeling import loop, service, sync
 from backend.labeling.client import (
     LabelStudioAuthError,
     LabelStudioClient,
+    LabelStudioNotFound,
     LabelStudioUnavailable,
     LabelStudioValidationError,
     connect,
@@ -609,3 +610,15 @@ def report_ls_project(labelstudio, name: str) -> int:
     with session_scope(engine) as session:
         project_id = session.scalar(select(Project.id).where(Project.name == name))
         return session.get(LabelingProject, project_id).ls_project_id
+
+
+def test_a_project_deleted_in_label_studio_is_not_found_and_the_next_sync_makes_it_again(labelstudio):
+    make_project(labelstudio, "deleted-there", count=2)
+    first = service.sync("deleted-there", labelstudio.settings)
+    client = connect(labelstudio.settings)
+    client.sdk.projects.delete(first["ls_project_id"])  # as a person would in Label Studio
+    with pytest.raises(LabelStudioNotFound, match=rf"^Label Studio has no /api/projects/{first['ls_project_id']} "):
+        client.get_project(first["ls_project_id"])
+    again = service.sync("deleted-there", labelstudio.settings)
+    assert again["created_project"] and again["ls_project_id"] != first["ls_project_id"]
+    assert again["new_tasks"] == 2 and again["tasks"] == 2

@@ -23,7 +23,10 @@ and the same names as CSRF trusted origins. Its data folder is 0700 and its file
 077; files an older yolodex left looser are tightened at each start): the database holds the admin's API token,
 `.env` the key that signs its sessions.
 
-Importing this module is cheap: stdlib only (urllib for HTTP), no Label Studio or SDK import.
+Importing this module is cheap: stdlib only (urllib for HTTP), no Label Studio or SDK import. Its two probes
+(`/health`, and `whoami` with the token) run on every rerun of the Label page, so they stay on urllib rather than
+pay the SDK's import (docs/label_studio.md, Server status checks); everything that reads or writes Label Studio's
+data goes through `backend.labeling.client`, on the SDK.
 """
 
 from __future__ import annotations
