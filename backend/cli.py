@@ -121,14 +121,24 @@ def cmd_predict(args: argparse.Namespace) -> None:
     from backend.processing import PostprocessConfig
 
     postprocess = PostprocessConfig(conf_threshold=args.conf, iou_threshold=args.iou, max_detections=args.max_det)
-    predictor = Predictor.from_path(args.model, imgsz=args.imgsz, postprocess=postprocess)
+    predictor = Predictor.from_path(args.model, imgsz=args.imgsz, postprocess=postprocess, runtime=args.runtime)
+    predictor.warm_up()  # the first run sets the runtime up; the times below are the steady state
     results = []
-    lines = []
+    lines = [f"{args.model.name} in {predictor.runtime_label}"]
     with _ProgressBar("predict", "img", args.json) as bar:
         for image in args.images:  # one at a time: images of different sizes, and one bad file names itself
+            start = time.perf_counter()
             detections = predictor.predict([image])[0]
-            results.append({"image": str(image), "detections": detections.to_dict(predictor.class_names)})
-            lines.append(f"{image}: {len(detections)} detections")
+            milliseconds = round(1000 * (time.perf_counter() - start), 1)
+            results.append(
+                {
+                    "image": str(image),
+                    "detections": detections.to_dict(predictor.class_names),
+                    "runtime": predictor.runtime_label,
+                    "ms": milliseconds,  # decode + pre-processing + model + post-processing
+                }
+            )
+            lines.append(f"{image}: {len(detections)} detections in {milliseconds:.0f} ms")
             for found in results[-1]["detections"]:
                 box = ", ".join(f"{value:.1f}" for value in found["box"])
                 lines.append(f"  {found['class_name']} {found['score']:.3f} [{box}]")
@@ -555,6 +565,12 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--conf", type=float, default=0.25)
     predict.add_argument("--iou", type=float, default=0.7)
     predict.add_argument("--max-det", type=int, default=300)
+    predict.add_argument(
+        "--runtime",
+        choices=("auto", "onnxruntime", "openvino"),
+        default="auto",
+        help="for ONNX files: auto = OpenVINO where it runs, else onnxruntime (docs/runtimes.md)",
+    )
     predict.add_argument("--json", action="store_true")
     predict.set_defaults(handler=cmd_predict)
 

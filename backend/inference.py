@@ -36,6 +36,7 @@ from backend.processing import (
     postprocess_to_original,
     preprocess,
 )
+from backend.runtimes import RuntimeUnavailable, open_onnx, runtime_label
 from backend.store.images import DEFAULT_MAX_PIXELS
 
 DEFAULT_IMGSZ = 640
@@ -54,14 +55,14 @@ class ModelFileError(ValueError):
 
 @dataclass
 class Predictor:
-    """Runs a model on images. Use `from_path`; `engine` is "torch" or "onnxruntime"."""
+    """Runs a model on images. Use `from_path`; `engine` is "torch", "onnxruntime" or "openvino" (docs/runtimes.md)."""
 
     engine: str
     class_names: list[str]
     input_size: tuple[int, int]  # (h, w) letterbox target, multiples of 32
     postprocess: PostprocessConfig = field(default_factory=PostprocessConfig)
     model: YoloNAS | None = None
-    session: Any = None  # an onnxruntime.InferenceSession, or None for the torch engine
+    session: Any = None  # a backend.runtimes.OnnxSession (onnxruntime's run() shape), or None for torch
     onnx_has_nms: bool = False
     device: str = "cpu"
 
@@ -74,27 +75,32 @@ class Predictor:
         postprocess: PostprocessConfig | None = None,
         device: str = "cpu",
         threads: int | None = None,
+        runtime: str = "auto",
+        compute: str = "f32",
     ) -> Predictor:
         """A checkpoint (.pt/.pth, ours or official) or an ONNX file exported by yolodex.
 
         Args:
             imgsz: square input side for checkpoints (default: the checkpoint's, else 640); ONNX files have theirs.
             postprocess: thresholds; for ONNX files with NMS inside, the graph's own thresholds apply.
-            threads: onnxruntime intra-op threads (default: onnxruntime's choice).
+            threads: intra-op threads of the ONNX runtime (default: the runtime's choice).
+            runtime: for ONNX files, "auto" (OpenVINO where it runs, else onnxruntime), "onnxruntime" or "openvino".
+            compute: for ONNX files in OpenVINO, "f32" or "bf16" (an FP32 model with bfloat16 arithmetic, on CPUs
+                with native bf16 only).
         """
         path = Path(path)
         postprocess = postprocess or PostprocessConfig()
         if path.suffix.lower() == ".onnx":
-            return cls._from_onnx(path, postprocess, threads)
+            return cls._from_onnx(path, postprocess, threads, runtime, compute)
         model, report = load_model(path)
         model = model.to(device).eval().fuse(full=True)
         side = imgsz or report.imgsz or DEFAULT_IMGSZ
         return cls("torch", report.class_names, (side, side), postprocess, model=model, device=device)
 
     @classmethod
-    def _from_onnx(cls, path: Path, postprocess: PostprocessConfig, threads: int | None) -> Predictor:
-        import onnxruntime as ort
-
+    def _from_onnx(
+        cls, path: Path, postprocess: PostprocessConfig, threads: int | None, runtime: str, compute: str
+    ) -> Predictor:
         from backend.export.onnx_export import read_onnx_metadata
 
         if not path.is_file():
@@ -112,27 +118,33 @@ class Predictor:
             height, width = int(height), int(width)
         except (TypeError, ValueError) as error:
             raise ModelFileError(f"{path} has unreadable yolodex metadata ({_first_line(error)})") from error
-        options = ort.SessionOptions()
-        if threads:
-            options.intra_op_num_threads = threads
         try:
-            session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-        except Exception as error:  # onnxruntime's own types (InvalidProtobuf, InvalidGraph, Fail) derive Exception
+            session = open_onnx(path, runtime=runtime, compute=compute, threads=threads)
+        except (RuntimeUnavailable, ValueError):
+            raise
+        except Exception as error:  # the runtimes' own types (InvalidProtobuf, InvalidGraph, Fail...) derive Exception
             raise ModelFileError(f"{path} is not a valid ONNX model ({_first_line(error)})") from error
-        inputs, outputs = [item.name for item in session.get_inputs()], len(session.get_outputs())
+        inputs, outputs = session.input_names, session.output_count
         if inputs != ["images"] or outputs not in (2, 4):
             raise ModelFileError(
                 f"{path} is not a yolodex detector (inputs {inputs}, {outputs} outputs; expected the input 'images' "
                 "and 2 or 4 outputs): export it with `yolodex export`"
             )
         return cls(
-            "onnxruntime",
+            session.runtime,
             names,
             (height, width),
             postprocess,
             session=session,
             onnx_has_nms=bool(metadata.get("with_nms", outputs == 4)),
         )
+
+    @property
+    def runtime_label(self) -> str:
+        """The runtime as pages and reports name it: "PyTorch", "onnxruntime", "OpenVINO" or "OpenVINO bf16"."""
+        if self.session is None:
+            return runtime_label("torch")
+        return self.session.label
 
     def warm_up(self) -> float:
         """Runs the model once on a blank image of its input size, so that a first timed call measures the steady

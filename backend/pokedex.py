@@ -101,9 +101,10 @@ class PokedexResult:
         display: the photo downscaled to at most `display_max_side` with the boxes drawn, RGB.
         display_scale: display pixels per original pixel.
         crops: up to MAX_CARD_CROPS small RGB crops of the detections (from the display copy, before drawing).
-        timings: milliseconds: decode_ms (bytes → pixels), infer_ms (the model run only: onnxruntime's
-            session.run or the PyTorch forward), predict_ms (letterbox + model + post-processing), draw_ms
+        timings: milliseconds: decode_ms (bytes → pixels), infer_ms (the model run only: the ONNX
+            runtime's run or the PyTorch forward), predict_ms (letterbox + model + post-processing), draw_ms
             (display copy + crops + drawing) and total_ms (all of it).
+        runtime: what ran the model ("OpenVINO", "onnxruntime", "PyTorch"; docs/runtimes.md).
     """
 
     boxes: np.ndarray
@@ -114,6 +115,7 @@ class PokedexResult:
     display_scale: float
     crops: list[Image.Image] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
+    runtime: str = ""
 
     def __len__(self) -> int:
         return len(self.scores)
@@ -318,7 +320,7 @@ def detect(
     pixels, original_size = decode_photo(image_bytes, max(*predictor.input_size, display_max_side), name=name)
     timings["decode_ms"] = (time.perf_counter() - start) * 1e3
 
-    attribute, method = ("session", "run") if predictor.engine == "onnxruntime" else ("model", "predict_boxes")
+    attribute, method = ("model", "predict_boxes") if predictor.engine == "torch" else ("session", "run")
     timed = _TimedMethod(getattr(predictor, attribute), method)
     thresholds = page_postprocess(conf)
     # A shallow copy with the timed stand-in and the page's threshold: the shared (cached) predictor stays as is.
@@ -348,7 +350,15 @@ def detect(
     timings["draw_ms"] = (time.perf_counter() - draw_start) * 1e3
     timings["total_ms"] = (time.perf_counter() - start) * 1e3
     return PokedexResult(
-        boxes.astype(np.float32), scores, class_ids, original_size, display, display_scale, crops, timings
+        boxes.astype(np.float32),
+        scores,
+        class_ids,
+        original_size,
+        display,
+        display_scale,
+        crops,
+        timings,
+        predictor.runtime_label,
     )
 
 

@@ -86,7 +86,7 @@ def detect_with(
 def latency_text(result: PokedexResult) -> str:
     timings = result.timings
     return (
-        f"model run {timings['infer_ms']:.0f} ms · total {timings['total_ms']:.0f} ms "
+        f"model run {timings['infer_ms']:.0f} ms in {result.runtime} · total {timings['total_ms']:.0f} ms "
         f"(decode {timings['decode_ms']:.0f}, pre/post-processing {timings['predict_ms'] - timings['infer_ms']:.0f}, "
         f"drawing {timings['draw_ms']:.0f})"
     )
@@ -220,7 +220,7 @@ if pair:
             st.subheader(KIND_TITLE[kind])
             st.image(image, caption=f"{KIND_TITLE[kind]}: {len(found)} detections above {conf:.2f}", width="stretch")
             left, right = st.columns(2)
-            left.metric(f"{KIND_TITLE[kind]} model run", f"{found.timings['infer_ms']:.0f} ms")
+            left.metric(f"{KIND_TITLE[kind]} model run ({found.runtime})", f"{found.timings['infer_ms']:.0f} ms")
             right.metric(f"{KIND_TITLE[kind]} total", f"{found.timings['total_ms']:.0f} ms")
     ratio = pair["fp32"][0].timings["infer_ms"] / max(pair["int8"][0].timings["infer_ms"], 1e-6)
     st.caption(

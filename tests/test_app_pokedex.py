@@ -22,6 +22,7 @@ from backend.export.onnx_export import export_onnx
 from backend.inference import Predictor
 from backend.models.yolo_nas import build_model
 from backend.pokedex import MAX_CARD_CROPS, STILL_LEARNING_MAP50, detect, percent
+from backend.runtimes import resolve_runtime, runtime_label
 from backend.settings import Settings
 from backend.store.db import init_db, session_scope
 from backend.store.models import ensure_class, get_or_create_project
@@ -34,6 +35,10 @@ ROOT = Path(__file__).resolve().parents[1]
 PAGE = ROOT / "pages" / "pokedex.py"
 IMGSZ = 128
 DESCRIPTIONS = {"bulbasaur": "A strange seed.", "charmander": "Its tail burns.", "squirtle": "Shoots water."}
+
+# The runtime that runs ONNX models here (docs/runtimes.md): the page names it beside every latency.
+RUNTIME = runtime_label(resolve_runtime("auto"))
+COMPARE_METRICS = {f"FP32 model run ({RUNTIME})", "FP32 total", f"INT8 model run ({RUNTIME})", "INT8 total"}
 
 
 @pytest.fixture(scope="module")
@@ -111,7 +116,7 @@ def test_upload_shows_boxes_and_one_card_per_detection(run_with_models):
     assert titles == [f"**No. {numbers[name]:03d} · {name}**" for name in names]
     assert confidences == [f"Confidence: **{score:.1%}**" for score in expected.scores]
     assert set(names) <= {name for name in DESCRIPTIONS if DESCRIPTIONS[name] in shown}
-    assert any(text.startswith("model run ") and " ms · total " in text for text in shown)
+    assert any(text.startswith("model run ") and f" ms in {RUNTIME} · total " in text for text in shown)
 
 
 def test_compare_shows_fp32_and_int8_latencies(run_with_models):
@@ -120,7 +125,7 @@ def test_compare_shows_fp32_and_int8_latencies(run_with_models):
     app.toggle(key="pokedex_compare").set_value(True).run()
     assert not app.exception, [exception.value for exception in app.exception]
     metrics = {metric.label: metric.value for metric in app.metric}
-    assert set(metrics) == {"FP32 model run", "FP32 total", "INT8 model run", "INT8 total"}
+    assert set(metrics) == COMPARE_METRICS
     for value in metrics.values():
         assert value.endswith(" ms") and float(value.removesuffix(" ms")) >= 0
     fp32, int8 = (image.captions[0] for image in app.image[:2])
@@ -360,5 +365,5 @@ def test_each_loaded_model_is_warmed_up_once_before_any_timing(run_with_models, 
     app.slider(key="pokedex_conf").set_value(0.6).run()
     assert not app.exception, [exception.value for exception in app.exception]
     assert len(warmed) == len(set(warmed)) == 2  # two predictors, each warmed once
-    assert {metric.label for metric in app.metric} == {"FP32 model run", "FP32 total", "INT8 model run", "INT8 total"}
+    assert {metric.label for metric in app.metric} == COMPARE_METRICS
     assert any("each model warmed up once when it loaded" in caption.value for caption in app.caption)

@@ -175,6 +175,16 @@ def test_export_then_predict(checkpoint: Path, photo: Path, tmp_path: Path) -> N
         assert found["class_name"] == CLASS_NAMES[found["class_id"]]
     scores = [found["score"] for found in detections]
     assert scores == sorted(scores, reverse=True)
+    assert all(entry["ms"] > 0 for entry in results)
+
+    # The runtime in use is named; the reference runtime finds the same objects.
+    reference = run_cli("predict", onnx_path, photo, "--json", "--runtime", "onnxruntime", storage=tmp_path)
+    assert reference.returncode == 0, reference.stderr
+    (referenced,) = json.loads(reference.stdout)
+    assert referenced["runtime"] == "onnxruntime"
+    assert results[0]["runtime"] in ("OpenVINO", "onnxruntime")
+    # (one detection may sit right at the 0.25 threshold in one runtime and not the other)
+    assert abs(len(referenced["detections"]) - len(detections)) <= 1
 
 
 @pytest.mark.slow
