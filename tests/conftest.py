@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import shutil
 import sys
 import tempfile
@@ -87,3 +88,57 @@ def small_set(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
     return generate_synthetic_dataset(tmp_path_factory.mktemp("data") / "shapes", num_train=8, num_val=4,
                                       image_size=(128, 128), seed=3)  # fmt: skip
+
+
+# The session's detector (`detecting_run`): YOLO-NAS S trained from scratch until it finds the shapes of a few
+# synthetic images, so that the quantization tests see what a quantization costs in mAP.
+DETECTOR_IMGSZ = 96
+# Training stops at the first epoch whose validation mAP50 reaches this: a quantization that destroys accuracy must
+# have accuracy to destroy.
+DETECTOR_MIN_MAP50 = 0.5
+DETECTOR_MAX_EPOCHS = 40  # of 10 steps: the cap, far above what it needs
+
+
+@pytest.fixture(scope="session")
+def detecting_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A training run folder (best.pt, config.json naming its dataset, eval.json) of YOLO-NAS S at 96 px that really
+    detects: mAP50 ≥ `DETECTOR_MIN_MAP50` on its validation images (checked here).
+
+    Eight 96×96 synthetic images, trained on without augmentation and validated on themselves (val.json is a copy of
+    train.json): what the quantization tests measure is the accuracy a quantization loses, not how well the model
+    generalises, and a model that has learned its own images is the cheapest one with accuracy to lose. Training
+    is stopped (as a cancel would) once an epoch's evaluation reaches the mark. Read the folder, do not write into
+    it (other tests share it): quantize with an `out_dir`.
+    """
+    from backend.data.synthetic import generate_synthetic_dataset
+    from backend.training.config import TrainConfig
+    from backend.training.trainer import fit
+
+    root = tmp_path_factory.mktemp("detector")
+    data = generate_synthetic_dataset(root / "shapes", num_train=8, num_val=0, image_size=(96, 96), seed=14)
+    shutil.copy(data / "train.json", data / "val.json")
+    config = TrainConfig(
+        data=str(data),
+        size="s",
+        imgsz=DETECTOR_IMGSZ,
+        epochs=DETECTOR_MAX_EPOCHS,
+        batch_size=4,
+        min_samples=40,
+        augment=False,
+        lr=2e-3,
+        warmup_epochs=1,
+        patience=None,
+        num_workers=0,
+        ema_decay=0.0,
+        checkpoint_minutes=60,
+    )
+    reached: list[float] = []
+
+    def on_event(name: str, **data: Any) -> None:
+        if name == "epoch" and data["val"] and data["val"]["mAP50"] >= DETECTOR_MIN_MAP50:
+            reached.append(data["val"]["mAP50"])
+
+    fit(config, root / "run", on_event=on_event, stop_requested=lambda: bool(reached))
+    metrics = json.loads((root / "run" / "eval.json").read_text())["metrics"]
+    assert metrics["mAP50"] >= DETECTOR_MIN_MAP50, f"the session's detector did not learn its images: {metrics}"
+    return root / "run"
