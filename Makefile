@@ -39,7 +39,7 @@ help:
 	@echo "make labelstudio        start Label Studio alone (make labelstudio-stop stops it)"
 	@echo "make test    make lint's checks, then pytest (PYTEST_ARGS=... passes through)"
 	@echo "make bench   run every bench/*.py"
-	@echo "make lint    ruff check + ruff format --check + deptry (requirements.txt against the imports)"
+	@echo "make lint    ruff check + ruff format --check + deptry (requirements.txt against the imports) + mypy on backend/"
 	@echo "make format  ruff format + ruff check --fix"
 	@echo "make clean   remove .venv, .venv-labelstudio and caches (never storage/)"
 
@@ -137,6 +137,7 @@ test: setup
 	$(VENV_BIN)/ruff check . || failed="$$failed ruff-check"; \
 	$(VENV_BIN)/ruff format --check . || failed="$$failed ruff-format"; \
 	$(VENV_BIN)/deptry . || failed="$$failed deptry"; \
+	$(VENV_BIN)/mypy || failed="$$failed mypy"; \
 	$(VENV_BIN)/pytest $(PYTEST_ARGS) || failed="$$failed pytest"; \
 	if [ -n "$$failed" ]; then echo "make test: failed:$$failed" >&2; exit 1; fi
 
@@ -146,6 +147,7 @@ lint: setup
 	$(VENV_BIN)/ruff check .
 	$(VENV_BIN)/ruff format --check .
 	$(VENV_BIN)/deptry .
+	$(VENV_BIN)/mypy
 
 format: setup
 	$(VENV_BIN)/ruff format .

@@ -35,6 +35,7 @@ from numbers import Real
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from backend.data.records import DatasetError, DetectionSet, ImageRecord, LoadReport
@@ -188,7 +189,9 @@ def load_coco(
             if kept is not None:
                 boxes.append(kept)
                 labels.append(label)
-        records.append(ImageRecord(images_dir / file_name, image_id, width, height, boxes, labels))
+        records.append(
+            ImageRecord(images_dir / file_name, image_id, width, height, np.asarray(boxes), np.asarray(labels))
+        )
 
     finish_report(records, report, annotation_path)
     return DetectionSet(records, names, category_ids, report, source=annotation_path)
@@ -361,7 +364,8 @@ def write_coco(dataset: DetectionSet, path: str | Path, *, images_root: str | Pa
         ValueError: an image is not inside `images_root`.
     """
     path = Path(path)
-    images, annotations = [], []
+    images: list[dict[str, Any]] = []
+    annotations: list[dict[str, Any]] = []
     for record in dataset.records:
         if images_root is None:
             file_name = record.path.name

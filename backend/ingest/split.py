@@ -13,6 +13,7 @@ and scikit-learn is not otherwise a dependency.
 from __future__ import annotations
 
 from collections.abc import Hashable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -32,7 +33,7 @@ def check_fractions(fractions: Sequence[float]) -> tuple[float, ...]:
 
 
 def group_split(
-    image_ids: Sequence[Hashable],
+    image_ids: Sequence[Any],  # sortable and hashable
     groups: Mapping[Hashable, Hashable | None] | None = None,
     fractions: Sequence[float] = (0.8, 0.2),
     seed: int = 0,
@@ -50,7 +51,7 @@ def group_split(
     """
     values = check_fractions(fractions)
     groups = groups or {}
-    members: dict[Hashable, list[Hashable]] = {}
+    members: dict[Hashable, list[Any]] = {}  # ids are sortable (see Args)
     for image_id in sorted(set(image_ids)):  # sorted: independent of the caller's order
         key = groups.get(image_id)
         members.setdefault(("group", key) if key is not None else ("image", image_id), []).append(image_id)

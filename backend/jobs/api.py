@@ -44,9 +44,9 @@ import socket
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import Engine, func, select, update
+from sqlalchemy import CursorResult, Engine, func, select, update
 from sqlalchemy.exc import OperationalError
 
 from backend.files import cut_to_bytes
@@ -545,12 +545,18 @@ def cancel(job_id: int, settings: Settings | None = None) -> JobView:
         # Writes first: in WAL mode a transaction that read before another connection's commit cannot write any
         # more ("database is locked" at once, whatever the busy timeout). Conditional UPDATEs: a worker may claim
         # the job at the same moment, and exactly one of us wins.
-        revoked = session.execute(
-            update(Job)
-            .where(Job.id == int(job_id), Job.state == "queued")
-            .values(
-                state="cancelled", cancel_requested=True, finished_at=utc_now(), message="cancelled before it started"
-            )
+        revoked = cast(
+            CursorResult,
+            session.execute(
+                update(Job)
+                .where(Job.id == int(job_id), Job.state == "queued")
+                .values(
+                    state="cancelled",
+                    cancel_requested=True,
+                    finished_at=utc_now(),
+                    message="cancelled before it started",
+                )
+            ),
         ).rowcount
         if not revoked:
             session.execute(

@@ -25,6 +25,7 @@ then it is "interrupted" and `api.resume` queues its continuation for whichever 
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import socket
@@ -163,7 +164,7 @@ def poll_labeling() -> list[dict[str, Any]]:
     for name in names:
         try:
             with labeling_session(name) as (session, _settings, project, client):
-                check = check_loop(session, project, client, enqueue=lambda name=name: labeling_retrain(name))
+                check = check_loop(session, project, client, enqueue=functools.partial(labeling_retrain, name))
                 checks.append({"project": name, **asdict(check)})
         except LabelStudioError as error:
             logger.warning("labeling poll of %r skipped: %s", name, error)
