@@ -214,7 +214,7 @@ if job_id is not None:
 if job is None:
     st.caption("No training job yet.")
 
-# Buttons outside the live fragment and always drawn (recipe §1): a click inside a timed fragment can be lost.
+# Buttons outside the live fragment and always drawn: a click inside a fragment that reruns on a timer can be lost.
 cancel_column, resume_column = st.columns(2)
 if cancel_column.button("Cancel", disabled=job is None or not job.active, key="train_cancel"):
     run_and_report("Cancel", lambda: outcome.cancel_requested(jobs.cancel(job.id, settings)), state_key="train_outcome")
