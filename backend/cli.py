@@ -62,6 +62,8 @@ class _ProgressBar:
         if total != self.bar.total:
             self.bar.total = total
         self.bar.update(done - self.bar.n)
+        if done >= total:  # tqdm skips draws within 0.1 s of the last one: show the end before close() clears it
+            self.bar.refresh()
 
     def __enter__(self) -> _ProgressBar:
         return self

@@ -487,3 +487,20 @@ def test_runs_that_recorded_no_pipeline_train_with_the_default() -> None:
     )
     custom = pipeline_to_dict(recipe(hsv=False))
     assert pipeline_to_dict(training_pipeline(custom, 320)) == custom
+
+
+def test_a_first_sample_without_boxes_does_not_break_the_labels_of_later_ones() -> None:
+    """albumentations fixes a label field's type at its first sample; an empty one used to make it fit a label
+    encoder on nothing, and the mosaic's other images' class indices then failed to decode (KeyError: 2)."""
+    pipeline = default_pipeline(128)
+    image = np.full((128, 128, 3), 100, np.uint8)
+    empty = (image, np.zeros((0, 4), np.float32), np.zeros(0, np.int64))
+    shapes = (image, np.float32([[4, 4, 60, 60], [64, 64, 120, 120], [10, 70, 50, 120]]), np.int64([0, 2, 2]))
+    rng = np.random.default_rng(0)
+    found: set[int] = set()
+    for tiles in ([empty, empty, shapes, empty], [shapes, empty, shapes, shapes]):
+        for _ in range(5):
+            _, boxes, labels = augment_sample(pipeline, tiles, rng)
+            assert len(boxes) == len(labels)
+            found |= {int(label) for label in labels}
+    assert found == {0, 2}

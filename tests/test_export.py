@@ -19,6 +19,7 @@ from backend.export.onnx_export import export_onnx, read_onnx_metadata
 from backend.inference import Predictor
 from backend.models import YoloNAS, build_model, load_model, save_checkpoint
 from backend.processing import PostprocessConfig, postprocess_numpy, preprocess
+from backend.runtimes import resolve_runtime
 from tests.test_models import randomise_batch_norms
 
 IMGSZ = 128
@@ -295,7 +296,8 @@ def test_predictor_engines_agree_in_original_pixels(detector, fp32_export, nms_e
         "onnx": Predictor.from_path(fp32_export["path"], postprocess=config),
         "onnx+nms": Predictor.from_path(nms_exports["uncapped"]),
     }
-    assert [p.engine for p in predictors.values()] == ["torch", "onnxruntime", "onnxruntime"]
+    onnx_runtime = resolve_runtime("auto")  # OpenVINO where it runs, else onnxruntime (docs/runtimes.md)
+    assert [p.engine for p in predictors.values()] == ["torch", onnx_runtime, onnx_runtime]
     assert predictors["onnx+nms"].onnx_has_nms and not predictors["onnx"].onnx_has_nms
     results = {}
     for name, predictor in predictors.items():

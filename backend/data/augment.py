@@ -452,6 +452,19 @@ def _flatten(pipeline: A.BaseCompose):
             yield step
 
 
+def _numeric_label_fields(pipeline: A.Compose) -> None:
+    """Marks the box label fields numerical before the pipeline's first call. albumentations decides it from the first
+    sample it sees and keeps the decision: an empty label array counts as non-numerical, and the label encoder it
+    then fits on nothing fails to decode the mosaic's other images' labels (KeyError on a class index)."""
+    processor = pipeline.processors.get("bboxes")
+    if processor is None:
+        return
+    seen = processor.label_manager.metadata.get("bboxes", {})
+    for field in processor.params.label_fields or []:
+        if field not in seen:
+            processor.label_manager.process_field("bboxes", field, np.zeros(1, np.int64))
+
+
 def augment_sample(
     pipeline: A.Compose, tiles: Sequence[Sample], rng: np.random.Generator
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -470,6 +483,7 @@ def augment_sample(
     if len(tiles) not in (1, MOSAIC_TILES):
         raise ValueError(f"augment_sample takes 1 image or {MOSAIC_TILES} for a mosaic, got {len(tiles)}")
     pipeline.set_random_state(rng, random.Random(int(rng.integers(2**63))))
+    _numeric_label_fields(pipeline)
     image, boxes, labels = tiles[0]
     data = {
         "image": image,
