@@ -317,8 +317,8 @@ class FastHueSaturationValue(A.HueSaturationValue):
         saturation_table[0] = 0  # grey stays grey
         table = np.stack([(levels + hue) % 180, saturation_table, np.clip(levels + value, 0, 255)], axis=-1)
         hsv = cv2.cvtColor(img, cv2.COLOR_RGB2HSV)  # uint8 hue is 0..179
-        cv2.LUT(hsv, table.astype(np.uint8).reshape(1, 256, 3), dst=hsv)  # one table per channel
-        return cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB)
+        shifted = cv2.LUT(hsv, table.astype(np.uint8).reshape(1, 256, 3))  # one table per channel; in place is slower
+        return cv2.cvtColor(shifted, cv2.COLOR_HSV2RGB)
 
 
 def box_params() -> A.BboxParams:
