@@ -39,7 +39,7 @@ help:
 	@echo "make labelstudio        start Label Studio alone (make labelstudio-stop stops it)"
 	@echo "make test    make lint's checks, then pytest (PYTEST_ARGS=... passes through)"
 	@echo "make bench   run every bench/*.py"
-	@echo "make lint    ruff check + ruff format --check + deptry (requirements.txt against the imports) + mypy on backend/"
+	@echo "make lint    ruff check + ruff format --check + deptry (requirements.txt against the imports) + mypy on backend/ + import-linter (layers, no cycles)"
 	@echo "make format  ruff format + ruff check --fix"
 	@echo "make clean   remove .venv, .venv-labelstudio and caches (never storage/)"
 
@@ -131,13 +131,14 @@ labelstudio: setup
 labelstudio-stop:
 	@$(LS_CONTROL) stop
 
-# Runs every step even when an early one fails, so one CI log shows every problem. The first three are `make lint`.
+# Runs every step even when an early one fails, so one CI log shows every problem. All but pytest are `make lint`.
 test: setup
 	@failed=""; \
 	$(VENV_BIN)/ruff check . || failed="$$failed ruff-check"; \
 	$(VENV_BIN)/ruff format --check . || failed="$$failed ruff-format"; \
 	$(VENV_BIN)/deptry . || failed="$$failed deptry"; \
 	$(VENV_BIN)/mypy || failed="$$failed mypy"; \
+	$(VENV_BIN)/lint-imports || failed="$$failed import-linter"; \
 	$(VENV_BIN)/pytest $(PYTEST_ARGS) || failed="$$failed pytest"; \
 	if [ -n "$$failed" ]; then echo "make test: failed:$$failed" >&2; exit 1; fi
 
@@ -148,6 +149,7 @@ lint: setup
 	$(VENV_BIN)/ruff format --check .
 	$(VENV_BIN)/deptry .
 	$(VENV_BIN)/mypy
+	$(VENV_BIN)/lint-imports
 
 format: setup
 	$(VENV_BIN)/ruff format .
@@ -164,5 +166,5 @@ bench: setup
 
 # storage/ holds the user's images, labels and models: clean never touches it.
 clean:
-	rm -rf $(VENV) $(LS_VENV) .pytest_cache .ruff_cache .mypy_cache build dist *.egg-info
+	rm -rf $(VENV) $(LS_VENV) .pytest_cache .ruff_cache .mypy_cache .import_linter_cache build dist *.egg-info
 	find . -path ./storage -prune -o -name __pycache__ -type d -prune -exec rm -rf {} +
