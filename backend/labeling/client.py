@@ -142,7 +142,7 @@ def _detail(body: Any) -> str:
 def _plain(value: Any) -> Any:
     """An SDK object (a pydantic model, maybe nested, with datetimes) as the JSON Label Studio sent: dicts, lists,
     strings and numbers, the form `convert` and `sync` read."""
-    from label_studio_sdk.core.jsonable_encoder import jsonable_encoder
+    from label_studio_sdk.core.jsonable_encoder import jsonable_encoder  # the SDK: 1-2 s to import, see _make_sdk
 
     return jsonable_encoder(value)
 
@@ -196,6 +196,8 @@ class LabelStudioClient:
         return self._sdk
 
     def _make_sdk(self) -> LabelStudio:
+        # The SDK (and httpx with it) costs 1-2 s to import: loaded at a client's first request, never by a page
+        # rerun that makes no request (docs/label_studio.md).
         import httpx
         from label_studio_sdk import LabelStudio
 
@@ -234,7 +236,7 @@ class LabelStudioClient:
             raise translated from error
 
     def _translate(self, what: str, error: Exception, body: Any) -> LabelStudioError | None:
-        import httpx
+        import httpx  # loaded with the SDK at the first request (_make_sdk)
         from label_studio_sdk.core.api_error import ApiError
 
         if isinstance(error, (httpx.ConnectError, httpx.RemoteProtocolError)):
@@ -275,7 +277,7 @@ class LabelStudioClient:
     def _raw(self, method: str, path: str, *, params: dict[str, Any] | None = None, json_body: Any = None):
         """One request through the SDK's own HTTP client (for what SDK 2.1.2 has no call for); raises as the SDK's
         calls do for an error status. Returns the `httpx.Response`."""
-        from label_studio_sdk.core.api_error import ApiError
+        from label_studio_sdk.core.api_error import ApiError  # loaded with the SDK at the first request (_make_sdk)
 
         sdk = self.sdk
 

@@ -348,6 +348,7 @@ def run_retrain(
         ValueError: nothing labeled, or the project was never synced.
         TrainingError / LabelStudioError: training or Label Studio failed; the loop goes back to idle either way.
     """
+    # torch (2-3 s to import) only when the loop trains: the Label page imports this module on every rerun.
     from backend.training.config import TrainConfig
     from backend.training.trainer import fit
 
