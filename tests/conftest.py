@@ -86,8 +86,9 @@ def small_set(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """8 train / 4 val synthetic images of 128×128, three classes (the tiny training runs' data)."""
     from backend.data.synthetic import generate_synthetic_dataset
 
-    return generate_synthetic_dataset(tmp_path_factory.mktemp("data") / "shapes", num_train=8, num_val=4,
-                                      image_size=(128, 128), seed=3)  # fmt: skip
+    return generate_synthetic_dataset(
+        tmp_path_factory.mktemp("data") / "shapes", num_train=8, num_val=4, image_size=(128, 128), seed=3
+    )
 
 
 # The session's detector (`detecting_run`): YOLO-NAS S trained from scratch until it finds the shapes of a few

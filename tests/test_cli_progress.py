@@ -1,5 +1,5 @@
-"""`yolodex import`, `crawl` and `predict` draw a tqdm bar on stderr when stderr is a terminal (a real pty here),
-and nothing with --json or when stderr is a pipe. Each run is a fresh interpreter (~3 s of imports): slow."""
+"""`yolodex import`, `crawl`, `predict` and `eval` draw a tqdm bar on stderr when stderr is a terminal (a real pty
+here), and nothing with --json or when stderr is a pipe. Each run is a fresh interpreter (~3 s of imports): slow."""
 
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from backend.data.synthetic import generate_synthetic_dataset
 from backend.models import save_checkpoint
 from tests.conftest import REPO_ROOT, encode_image, textured_image
 from tests.test_export import CLASS_NAMES, detector_with_spread_scores
@@ -36,8 +37,11 @@ def run_on_a_terminal(*args: str | Path, storage: Path) -> tuple[int, str, str]:
     fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))
     with subprocess.Popen(
         [sys.executable, "-m", "backend.cli", *map(str, args)],
-        cwd=REPO_ROOT, env=_env(storage), stdout=subprocess.PIPE, stderr=slave,
-    ) as process:  # fmt: skip
+        cwd=REPO_ROOT,
+        env=_env(storage),
+        stdout=subprocess.PIPE,
+        stderr=slave,
+    ) as process:
         os.close(slave)
         stdout = bytearray()
         reader = threading.Thread(target=lambda: stdout.extend(process.stdout.read()))  # type: ignore[union-attr]
@@ -58,8 +62,14 @@ def run_on_a_terminal(*args: str | Path, storage: Path) -> tuple[int, str, str]:
 
 
 def run_piped(*args: str | Path, storage: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "backend.cli", *map(str, args)], cwd=REPO_ROOT, env=_env(storage),
-                          capture_output=True, text=True, timeout=600)  # fmt: skip
+    return subprocess.run(
+        [sys.executable, "-m", "backend.cli", *map(str, args)],
+        cwd=REPO_ROOT,
+        env=_env(storage),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
 
 
 @pytest.fixture
@@ -126,3 +136,22 @@ def test_predict_draws_a_bar_on_a_terminal(folder: Path, tmp_path: Path) -> None
     assert code == 0, terminal
     assert all(f"{image}: " in stdout for image in images)
     assert "predict: " in terminal and "3/3 [" in terminal
+
+
+def test_eval_draws_a_bar_on_a_terminal_and_nothing_with_json(tmp_path: Path) -> None:
+    shapes = ["circle", "square", "triangle"]
+    data = generate_synthetic_dataset(
+        tmp_path / "shapes", num_train=1, num_val=5, image_size=(96, 96), class_names=shapes
+    )
+    model = save_checkpoint(
+        tmp_path / "best.pt", detector_with_spread_scores(len(shapes)), class_names=shapes, imgsz=96
+    )
+    arguments = ("eval", model, "--data", data, "--batch", "2")
+    code, stdout, terminal = run_on_a_terminal(*arguments, storage=tmp_path / "s")
+    assert code == 0, terminal
+    assert "5 images" in stdout and "mAP" in stdout
+    assert "eval: " in terminal and "5/5 [" in terminal and "img/s" in terminal
+    code, stdout, terminal = run_on_a_terminal(*arguments, "--json", storage=tmp_path / "s")
+    assert code == 0, terminal
+    assert set(json.loads(stdout)["metrics"]) >= {"mAP50", "mAP50-95"}
+    assert terminal.strip() == ""

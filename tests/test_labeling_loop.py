@@ -42,8 +42,16 @@ def synced_project(settings: Settings, name: str = "Raccoons") -> None:
         session.add(LabelingProject(project_id=project.id, ls_project_id=1))
 
 
-def finished_run(settings: Settings, name: str, best_map: float | None, *, size: str = "s", status: str = "succeeded",
-                 best: bool = True, project: str = "Raccoons") -> Path:  # fmt: skip
+def finished_run(
+    settings: Settings,
+    name: str,
+    best_map: float | None,
+    *,
+    size: str = "s",
+    status: str = "succeeded",
+    best: bool = True,
+    project: str = "Raccoons",
+) -> Path:
     """A run folder as a training leaves it (config.json, metrics.jsonl, best.pt when an epoch was evaluated) and
     its Run row."""
     folder = settings.runs_dir / name
@@ -125,8 +133,9 @@ def test_turning_the_loop_on_counts_from_the_labels_there_are_then(settings):
         project = session.scalar(select(Project).where(Project.name == "Raccoons"))
         for index in range(3):  # three tasks labeled at the last pull, as a sync of labeled images leaves them
             image = add_image_bytes(session, storage, project, encode_image(textured_image(index)), source="upload")
-            session.add(LabelingTask(image_id=image.image_id, ls_project_id=1, ls_task_id=10 + index,
-                                     annotation_id=100 + index))  # fmt: skip
+            session.add(
+                LabelingTask(image_id=image.image_id, ls_project_id=1, ls_task_id=10 + index, annotation_id=100 + index)
+            )
     status = service.loop("Raccoons", retrain_every=4, settings=settings)
     assert status["labeled"] == 3 and status["annotations_at_retrain"] == 3  # the next retrain at 7, not at 4
     assert status["plan"].startswith("Every 4 new labels: freeze a version, train YOLO-NAS S from random")

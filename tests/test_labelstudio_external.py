@@ -51,14 +51,22 @@ def test_the_cli_reports_an_external_label_studio(external: Settings) -> None:
     env = {key: value for key, value in os.environ.items() if not key.startswith("YOLODEX_")}
     env.update(YOLODEX_STORAGE=str(external.storage), YOLODEX_LS_URL=external.ls_url)
     stop = subprocess.run(
-        [sys.executable, "-m", "backend.cli", "labelstudio", "stop"], cwd=REPO_ROOT, env=env, capture_output=True,
-        text=True, timeout=120,
-    )  # fmt: skip
+        [sys.executable, "-m", "backend.cli", "labelstudio", "stop"],
+        cwd=REPO_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert stop.returncode == 0 and "runs outside yolodex" in stop.stdout + stop.stderr, stop
     status = subprocess.run(
-        [sys.executable, "-m", "backend.cli", "labelstudio", "status"], cwd=REPO_ROOT, env=env, capture_output=True,
-        text=True, timeout=120,
-    )  # fmt: skip
+        [sys.executable, "-m", "backend.cli", "labelstudio", "status"],
+        cwd=REPO_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert status.returncode == 1 and f"does not answer at {external.ls_url}" in status.stdout, status
 
 
@@ -69,8 +77,11 @@ def test_label_studio_gets_postgresql_settings_only_through_its_environment(tmp_
     credentials = server.load_or_create_credentials(settings)
     env = server._server_env(settings, credentials)
     assert (env["DJANGO_DB"], env["POSTGRE_NAME"], env["POSTGRE_USER"], env["POSTGRE_PASSWORD"]) == (
-        "default", "label", "ls", "pa/ss",
-    )  # fmt: skip
+        "default",
+        "label",
+        "ls",
+        "pa/ss",
+    )
     assert (env["POSTGRE_HOST"], env["POSTGRE_PORT"]) == ("db", "5433")
     assert "pa/ss" not in " ".join(server._start_command(settings, Path("label-studio")))
     line = server._start_line(settings)

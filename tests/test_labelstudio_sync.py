@@ -312,14 +312,26 @@ def test_prelabel_sends_scored_predictions_and_both_orders_agree(labelstudio, tm
 def test_loop_retrains_once_after_n_annotations_and_survives_a_restart(labelstudio, monkeypatch):
     from backend.jobs import tasks as jobs
 
-    for key, value in (("YOLODEX_STORAGE", str(labelstudio.settings.storage)), ("YOLODEX_HOST", "127.0.0.1"),
-                       ("YOLODEX_LS_PORT", str(labelstudio.settings.ls_port))):  # fmt: skip
+    for key, value in (
+        ("YOLODEX_STORAGE", str(labelstudio.settings.storage)),
+        ("YOLODEX_HOST", "127.0.0.1"),
+        ("YOLODEX_LS_PORT", str(labelstudio.settings.ls_port)),
+    ):
         monkeypatch.setenv(key, value)
     monkeypatch.setattr(jobs.huey, "immediate", True)
     make_project(labelstudio, "loop")
     service.sync("loop", labelstudio.settings)
-    service.loop("loop", retrain_every=2, settings=labelstudio.settings, epochs=1, imgsz=64, batch_size=2,
-                 min_samples=4, start_weights=None, time_minutes=None)  # fmt: skip
+    service.loop(
+        "loop",
+        retrain_every=2,
+        settings=labelstudio.settings,
+        epochs=1,
+        imgsz=64,
+        batch_size=2,
+        min_samples=4,
+        start_weights=None,
+        time_minutes=None,
+    )
     images = images_of(labelstudio, "loop")
     client = connect(labelstudio.settings)
     status = service.loop("loop", settings=labelstudio.settings)
@@ -373,8 +385,11 @@ def loop_env(labelstudio, monkeypatch) -> None:
     """The poll opens the store and Label Studio from the environment, as the worker does; the queue runs inline."""
     from backend.jobs import tasks as jobs
 
-    for key, value in (("YOLODEX_STORAGE", str(labelstudio.settings.storage)), ("YOLODEX_HOST", "127.0.0.1"),
-                       ("YOLODEX_LS_PORT", str(labelstudio.settings.ls_port))):  # fmt: skip
+    for key, value in (
+        ("YOLODEX_STORAGE", str(labelstudio.settings.storage)),
+        ("YOLODEX_HOST", "127.0.0.1"),
+        ("YOLODEX_LS_PORT", str(labelstudio.settings.ls_port)),
+    ):
         monkeypatch.setenv(key, value)
     monkeypatch.setattr(jobs.huey, "immediate", True)
 
@@ -413,8 +428,9 @@ def test_a_failed_loop_retrain_leaves_no_run_behind(labelstudio, monkeypatch):
     with session_scope(engine) as session:
         project_id = session.scalar(select(Project.id).where(Project.name == "loop-fails"))
         session.add(Run(project_id=project_id, folder="runs/loop-fails-broken", status="succeeded"))
-    status = service.loop("loop-fails", retrain_every=2, settings=labelstudio.settings, epochs=1, imgsz=64,
-                          batch_size=2, min_samples=4)  # fmt: skip
+    status = service.loop(
+        "loop-fails", retrain_every=2, settings=labelstudio.settings, epochs=1, imgsz=64, batch_size=2, min_samples=4
+    )
     assert "from the project's best run loop-fails-broken" in status["plan"]
     client = connect(labelstudio.settings)
     for task in list(task_of(client, status["ls_project_id"]).values())[:2]:

@@ -419,8 +419,12 @@ def run_retrain(
             imgsz=options.imgsz,
         )
         session.commit()
-        _set_state(session, project_id, "idle", f"retrained on {version_name} ({result.best_map:.3f} mAP50-95); "
-                   f"pre-labeled {report.tasks} tasks")  # fmt: skip
+        _set_state(
+            session,
+            project_id,
+            "idle",
+            f"retrained on {version_name} ({result.best_map:.3f} mAP50-95); pre-labeled {report.tasks} tasks",
+        )
         return RetrainResult(
             version_name, run_dir, result.stopped, result.best_map, report.tasks, time.monotonic() - started
         )

@@ -68,8 +68,14 @@ _INHERITED_ENV = ("PATH", "HOME", "LANG", "TMPDIR", "TZ")
 _LOG_TAIL_LINES = 15
 # Files in the data folder that hold secrets: the database (the API token, password hashes; SQLite's side files get
 # its mode only when they are created), the session-signing key, our login.
-_PRIVATE_FILES = ("label_studio.sqlite3", "label_studio.sqlite3-wal", "label_studio.sqlite3-shm",
-                  "label_studio.sqlite3-journal", ".env", "credentials.json")  # fmt: skip
+_PRIVATE_FILES = (
+    "label_studio.sqlite3",
+    "label_studio.sqlite3-wal",
+    "label_studio.sqlite3-shm",
+    "label_studio.sqlite3-journal",
+    ".env",
+    "credentials.json",
+)
 _PRIVATE_UMASK = 0o077  # what Label Studio creates: folders 0700, files 0600
 _PORT_MOVED = "is in use"  # Label Studio's "Port N is in use. Trying to start at N+1" warning
 
