@@ -164,20 +164,13 @@ def cmd_train(args: argparse.Namespace) -> None:
 
     from backend.settings import get_settings
     from backend.training.config import TrainConfig
-    from backend.training.trainer import DamagedLastCheckpoint, RunFinished, fit, resume
+    from backend.training.launch import resume, train
+    from backend.training.trainer import DamagedLastCheckpoint, RunFinished
 
     if args.gpus and args.nproc:
         raise ValueError("--gpus N (one process per GPU) or --nproc N (processes on --device), not both")
-    processes = args.gpus or args.nproc or 1
-    if processes > 1:  # torchrun processes (backend/training/distributed.py); --batch stays the global batch
-        import functools
-
-        from backend.training import distributed
-
-        on_log = None if args.quiet else (lambda line: print(line, file=sys.stderr))
-        launch = {"processes": processes, "gpus": bool(args.gpus), "on_log": on_log}
-        fit = functools.partial(distributed.fit, **launch)
-        resume = functools.partial(distributed.resume, **launch)
+    processes = args.gpus or args.nproc or 1  # more than 1: torchrun processes; --batch stays the global batch
+    on_log = None if args.quiet else (lambda line: print(line, file=sys.stderr))
     bar = _TrainProgress(tqdm, quiet=args.quiet)
     if not args.resume and not args.data:
         raise ValueError("--data is required (a dataset folder or COCO json), or --resume RUN_DIR")
@@ -201,7 +194,9 @@ def cmd_train(args: argparse.Namespace) -> None:
                 "checkpoint_minutes": args.checkpoint_minutes, "compile": args.compile or None,
             }  # fmt: skip
             try:
-                result = resume(args.resume, on_event=bar, **{k: v for k, v in overrides.items() if v is not None})
+                result = resume(
+                    args.resume, processes=processes, gpus=bool(args.gpus), on_event=bar, on_log=on_log, **overrides
+                )
             except RunFinished as error:  # the flags that continue it
                 raise RunFinished(f"{error} (--resume {args.resume} with --epochs N or --time MINUTES)") from None
             except DamagedLastCheckpoint as error:  # the command that starts from best.pt
@@ -224,7 +219,7 @@ def cmd_train(args: argparse.Namespace) -> None:
                 checkpoint_minutes=args.checkpoint_minutes if args.checkpoint_minutes is not None else 5.0,
             )  # fmt: skip
             out = args.out or get_settings().runs_dir / time.strftime(f"{args.size}-%Y%m%d-%H%M%S")
-            result = fit(config, out, on_event=bar)
+            result = train(config, out, processes=processes, gpus=bool(args.gpus), on_event=bar, on_log=on_log)
     finally:
         bar.close()
     payload = result.to_dict()
@@ -355,11 +350,13 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
 def cmd_quantize(args: argparse.Namespace) -> None:
     from backend.quantization.pipeline import QuantizeOptions, quantize_run
+    from backend.runtimes import runtime_label
 
     options = QuantizeOptions(
         method=args.method, calibration=args.calibration, calib_images=args.calib, budget=args.budget,
         compare_calibrations=not args.no_compare, scan_images=args.scan_images, qat_epochs=args.qat_epochs,
         threads=args.threads, data=str(args.data) if args.data else None, imgsz=args.imgsz,
+        openvino_ir=args.format == "openvino",
     )  # fmt: skip
 
     def progress(name: str, **data: Any) -> None:
@@ -379,7 +376,8 @@ def cmd_quantize(args: argparse.Namespace) -> None:
     lines = [
         f"{report['run']}: method {report['method']}, chosen {report['chosen']} "
         f"({'within' if report['within_budget'] else 'NOT within' if report['within_budget'] is False else 'no'} "
-        f"budget of {report['budget_points']} point), {report['threads']} threads",
+        f"budget of {report['budget_points']} point), {report['threads']} threads, "
+        f"shipped for {report['runtime_label']}",
         f"  {'model':15s} {'mAP50-95':>8s} {'delta':>8s} {'p50 ms':>8s} {'p95 ms':>8s} {'b8 img/s':>9s} {'MB':>6s} "
         f"{'agree':>6s}  float layers",
     ]
@@ -392,10 +390,17 @@ def cmd_quantize(args: argparse.Namespace) -> None:
             f"{row['latency_ms_p95']:8.1f} {row['throughput_b8_images_per_s']:9.1f} {row['bytes'] / 1e6:6.1f} "
             f"{_fmt(agreement, 2):>6s}  {len(row.get('float_layers', [])) if name != 'fp32' else '-'}"
         )
+    for runtime in report["runtimes"]:
+        on = {name: row["runtimes"][runtime] for name, row in report["models"].items()}
+        lines.append(f"  {runtime_label(runtime)}: " + ", ".join(
+            f"{name} mAP50-95 {_fmt(item.get('mAP50-95'))} p50 {item['latency_ms_p50']:.1f} ms"
+            for name, item in on.items()))  # fmt: skip
     for fallback in report["models"][report["chosen"]].get("float_fallbacks", []):
         lines.append(f"  ran in float (no int8 kernel here): {fallback['node']} ({fallback['kernel']})")
     lines += [f"  not measured: {item}" for item in report["not_measured"]]
     lines.append(f"  INT8 model: {report['model_int8']}")
+    if report.get("model_int8_openvino"):
+        lines.append(f"  OpenVINO IR: {report['model_int8_openvino']}")
     _print(report, args.json, "\n".join(lines))
 
 
@@ -647,8 +652,10 @@ def build_parser() -> argparse.ArgumentParser:
     quantize.add_argument("--qat-epochs", type=int, help="QAT epochs (default: a tenth of the run's)")
     quantize.add_argument("--data", type=Path, help="the run's dataset, if it moved")
     quantize.add_argument("--imgsz", type=int, help="input size to quantize and measure at (default: the run's)")
-    quantize.add_argument("--threads", type=int, default=2, help="onnxruntime threads for evaluation and latency")
+    quantize.add_argument("--threads", type=int, default=2, help="runtime threads for evaluation and latency")
     quantize.add_argument("--out", type=Path, help="output folder (default: the run folder)")
+    quantize.add_argument("--format", choices=["onnx", "openvino"], default="onnx",
+                          help="openvino: also write the INT8 model as OpenVINO IR (model_int8.xml/.bin)")  # fmt: skip
     quantize.add_argument("--quiet", action="store_true")
     quantize.add_argument("--json", action="store_true")
     quantize.set_defaults(handler=cmd_quantize)

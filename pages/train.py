@@ -24,7 +24,7 @@ from backend.jobs import outcome
 from backend.store.db import session_scope
 from backend.training import estimate, presets
 from backend.training.config import TrainingError
-from backend.training.distributed import visible_gpus
+from backend.training.world import visible_gpus
 
 JOB_PARAM = "job"
 CONTINUE_PARAM = "continue"  # ?continue=<run folder name>: the Continue training section opens on that run

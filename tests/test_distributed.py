@@ -1,9 +1,9 @@
 """Distributed (DDP) training for real: 2 gloo processes on the CPU, started by torchrun, against 1 process.
 
-What must hold (backend/training/distributed.py): with the same global batch and seed, 2 processes compute the
-single-process loss and gradient (the sampler gives each rank its slice of each global batch, BatchNorm statistics
-span both ranks, S is all-reduced in the loss); only rank 0 writes the run folder; a cancel reaches every rank; a
-run resumes with another number of processes at the step after its checkpoint.
+What must hold (backend/training/world.py, backend/training/launch.py): with the same global batch and seed, 2
+processes compute the single-process loss and gradient (the sampler gives each rank its slice of each global batch,
+BatchNorm statistics span both ranks, S is all-reduced in the loss); only rank 0 writes the run folder; a cancel
+reaches every rank; a run resumes with another number of processes at the step after its checkpoint.
 
 Tolerances, measured on these tiny runs (YOLO-NAS S at 64 px, global batch 4, float32, augmentation off):
 * the first step's loss: 2 processes vs 1 differ by 3e-6 (relative); asserted < 5e-5. The only difference is float
@@ -33,9 +33,10 @@ from backend.data.loader import EpochSampler, TrainDataset, make_train_loader, s
 from backend.data.synthetic import generate_synthetic_dataset
 from backend.models import build_model
 from backend.models.checkpoints import read_checkpoint
-from backend.training import distributed, trainer
+from backend.training import launch, trainer
 from backend.training.config import TrainConfig, TrainingError
 from backend.training.loss import YoloNASLoss
+from backend.training.world import World, check_processes, visible_gpus, world_from_env, wrap_model
 from tests.conftest import REPO_ROOT
 
 FIRST_STEP_RTOL = 5e-5
@@ -90,10 +91,10 @@ def relative(value: float, reference: float) -> float:
 
 @pytest.fixture(scope="module")
 def reference(shapes: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[tuple[int, int], float]:
-    """The single-process run: 2 epochs of 2 steps."""
+    """The single-process run: 2 epochs of 2 steps (`launch.train` with 1 process trains in this process)."""
     run_dir = tmp_path_factory.mktemp("reference") / "run"
     torch.manual_seed(0)
-    trainer.fit(tiny_config(shapes), run_dir)
+    launch.train(tiny_config(shapes), run_dir)
     return step_losses(read_events(run_dir))
 
 
@@ -101,7 +102,7 @@ def reference(shapes: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[tu
 def test_two_processes_follow_one_and_resume_in_one(shapes: Path, reference: dict, tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     relayed = []
-    result = distributed.fit(
+    result = launch.train(
         tiny_config(shapes, epochs=1), run_dir, processes=2, on_event=lambda name, **data: relayed.append(name)
     )
     assert (result.stopped, result.epochs_done) == ("epochs", 1)
@@ -155,7 +156,7 @@ def test_one_process_resumes_in_two_and_a_cancel_reaches_every_rank(
     trainer.fit(tiny_config(shapes, epochs=1), run_dir)
     shutil.copy(run_dir / "last.pt", tmp_path / "after_epoch_1.pt")
     # Cancel asked before the processes start: rank 0 sees it at its first step, rank 1 through the shared flag.
-    result = distributed.resume(run_dir, processes=2, epochs=2, stop_requested=lambda: True)
+    result = launch.resume(run_dir, processes=2, epochs=2, stop_requested=lambda: True)
     assert result.stopped == "cancelled"
     checkpoint = read_checkpoint(run_dir / "last.pt")
     assert (checkpoint["epoch"], checkpoint["step_in_epoch"]) == (1, 1)
@@ -178,7 +179,7 @@ import sys
 from pathlib import Path
 import torch
 from tests.test_distributed import first_batch_gradient
-from backend.training.distributed import world_from_env
+from backend.training.world import world_from_env
 
 world = world_from_env("cpu")
 gradient, loss = first_batch_gradient(Path(sys.argv[1]), world)
@@ -187,7 +188,7 @@ if world.is_main:
 """
 
 
-def first_batch_gradient(data: Path, world: distributed.World) -> tuple[dict[str, torch.Tensor], float]:
+def first_batch_gradient(data: Path, world: World) -> tuple[dict[str, torch.Tensor], float]:
     """The float64 gradient of the loss of the first global batch of 4 (this rank's slice of it under DDP, with
     SyncBN and the all-reduced S), and the loss of the global batch (the mean over ranks)."""
     torch.manual_seed(0)
@@ -196,7 +197,7 @@ def first_batch_gradient(data: Path, world: distributed.World) -> tuple[dict[str
     loader = make_train_loader(dataset, 4, min_samples=8, num_workers=0, seed=0, rank=world.rank, world_size=world.size)
     set_loader_epoch(loader, 0)
     batch = next(iter(loader))
-    trained = distributed.wrap_model(model, world, sync_bn=True)
+    trained = wrap_model(model, world, sync_bn=True)
     trained.train()
     cls_logits, reg_distri = trained(batch["images"].double() / 255)
     loss_fn = YoloNASLoss(3, strides=model.strides, distributed=world.distributed)
@@ -225,7 +226,7 @@ def test_two_process_gradient_is_the_single_process_gradient(shapes: Path, tmp_p
     completed = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert completed.returncode == 0, completed.stderr[-3000:]
     ddp = torch.load(tmp_path / "ddp.pt")
-    single, single_loss = first_batch_gradient(shapes, distributed.World())
+    single, single_loss = first_batch_gradient(shapes, World())
     assert ddp["loss"] == pytest.approx(single_loss, rel=1e-6)  # the loss itself is computed in float32
     assert set(ddp["gradient"]) == set(single)  # the unused rbr_reparam parameters: no gradient in either
     flat = torch.cat([single[name].flatten() for name in single])
@@ -238,17 +239,25 @@ def test_two_process_gradient_is_the_single_process_gradient(shapes: Path, tmp_p
 
 def test_global_batch_and_process_count_are_checked(shapes: Path, tmp_path: Path) -> None:
     with pytest.raises(TrainingError, match=r"global batch.*multiple of 3"):
-        distributed.check_processes(3, 16)
+        check_processes(3, 16)
     with pytest.raises(TrainingError, match="multiple of 3"):
-        distributed.fit(tiny_config(shapes, batch_size=4), tmp_path / "run", processes=3)
+        launch.train(tiny_config(shapes, batch_size=4), tmp_path / "run", processes=3)
     assert not (tmp_path / "run").exists()  # refused before anything started
-    if distributed.visible_gpus() < 2:
+    if visible_gpus() < 2:
         with pytest.raises(TrainingError, match="2 GPUs asked for, torch sees"):
-            distributed.fit(tiny_config(shapes), tmp_path / "run", processes=2, gpus=True)
+            launch.train(tiny_config(shapes), tmp_path / "run", processes=2, gpus=True)
     with pytest.raises(ValueError, match="smaller than the global batch"):
         EpochSampler(4, min_samples=4, rank=0, world_size=2, global_batch=8)
     with pytest.raises(TrainingError, match="torchrun"):
-        distributed.world_from_env("cpu")  # RANK, WORLD_SIZE, ... unset here
+        world_from_env("cpu")  # RANK, WORLD_SIZE, ... unset here
+
+
+def test_a_request_crosses_the_process_boundary_as_json(shapes: Path) -> None:
+    config = tiny_config(shapes, augment=True, time_minutes=1.5, augment_pipeline={"transform": {"a": [1, 2]}})
+    request = launch.Request("fit", "cpu", config=config)
+    assert launch.Request.from_json(request.to_json()) == request
+    resume = launch.Request("resume", "cpu", overrides={"epochs": 3, "more_minutes": None})
+    assert launch.Request.from_json(resume.to_json()) == resume
 
 
 def test_sampler_ranks_split_each_global_batch() -> None:

@@ -683,17 +683,11 @@ def _run_labeling_retrain(params: dict[str, Any], settings: Settings, context: J
 
 def _run_train(params: dict[str, Any], settings: Settings, context: JobContext) -> dict[str, Any]:
     from backend.training.config import TrainConfig
-    from backend.training.trainer import fit, resume
+    from backend.training.launch import resume, train
 
+    # gpus N (one process per GPU) or nproc N (on the config's device, gloo on a CPU); 1 trains in this process
     processes = int(params.get("gpus") or params.get("nproc") or 1)
-    if processes > 1:  # torchrun processes: gpus N (one per GPU) or nproc N (on the config's device, gloo on a CPU)
-        import functools
-
-        from backend.training import distributed
-
-        launch = {"processes": processes, "gpus": bool(params.get("gpus"))}
-        fit = functools.partial(distributed.fit, **launch)
-        resume = functools.partial(distributed.resume, **launch)
+    gpus = bool(params.get("gpus"))
     resuming = bool(params.get("resume"))
     run_dir = Path(params["resume"] if resuming else params["run_dir"])
     if resuming:
@@ -714,14 +708,18 @@ def _run_train(params: dict[str, Any], settings: Settings, context: JobContext) 
             context.log(f"resuming {run_dir} from its last.pt")
             result = resume(
                 run_dir,
+                processes=processes,
+                gpus=gpus,
                 on_event=context.on_training_event,
                 stop_requested=context.stop_requested,
                 **(params.get("overrides") or {}),
             )
         else:
-            result = fit(
+            result = train(
                 TrainConfig.from_dict(config),
                 run_dir,
+                processes=processes,
+                gpus=gpus,
                 on_event=context.on_training_event,
                 stop_requested=context.stop_requested,
             )

@@ -40,10 +40,10 @@ from backend.processing import (
     postprocess_torch,
 )
 from backend.training.config import TrainingError
-from backend.training.distributed import World
 from backend.training.ema import ModelEMA
 from backend.training.loss import YoloNASLoss
 from backend.training.schedule import WarmupCosineSchedule
+from backend.training.world import World
 
 logger = logging.getLogger(__name__)
 

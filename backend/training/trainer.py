@@ -6,8 +6,8 @@ object per line), last.pt (every epoch and every `checkpoint_minutes` mid-epoch:
 evaluation of best.pt on the validation split). Before anything is written the run checks that its dataset has boxes
 to learn from and that the run folder's disk has room for the checkpoints (`checkpoint_sizes`).
 
-With a `World` of several processes (DDP, started by `backend.training.distributed`) every process trains on its
-slice of each global batch; rank 0 alone writes the run folder, evaluates and reports events.
+With a `World` of several processes (DDP, started by `backend.training.launch`) every process trains on its slice
+of each global batch; rank 0 alone writes the run folder, evaluates and reports events (`backend.training.world`).
 """
 
 from __future__ import annotations
@@ -46,7 +46,6 @@ from backend.models.yolo_nas import YoloNAS, build_model
 from backend.settings import get_settings
 from backend.training.config import TrainConfig
 from backend.training.continuation import continued_config, prepare_checkpoint
-from backend.training.distributed import World, wrap_model
 from backend.training.ema import ModelEMA
 from backend.training.engine import (
     Clock,
@@ -69,6 +68,7 @@ from backend.training.engine import (
 )
 from backend.training.loss import YoloNASLoss
 from backend.training.schedule import WarmupCosineSchedule, build_optimizer
+from backend.training.world import World, wrap_model
 
 logger = logging.getLogger(__name__)
 
@@ -110,7 +110,7 @@ def fit(
 ) -> FitResult:
     """Trains a new run in `run_dir` (created; refused if it already holds a run: resume that one instead).
 
-    `world`: this process among distributed training processes (see `backend.training.distributed`); None is one
+    `world`: this process among distributed training processes (see `backend.training.world`); None is one
     process. Only rank 0's `on_event` is called.
     """
     run_dir = Path(run_dir)
@@ -144,11 +144,8 @@ def resume(
     """
     run_dir = Path(run_dir)
     world = world or World()
-    config_path, last_path = run_dir / "config.json", run_dir / "last.pt"
-    if not config_path.is_file() or not last_path.is_file():
-        raise TrainingError(f"{run_dir} holds no run to resume (config.json and last.pt are needed)")
-    saved = json.loads(config_path.read_text())
-    config = TrainConfig.from_dict(saved["train"])
+    config_path = run_dir / "config.json"
+    saved, config = read_run_config(run_dir)
     allowed = {"epochs", "time_minutes", "patience", "device", "amp", "num_workers", "checkpoint_minutes", "eval_every",
                "sync_bn", "compile"}  # fmt: skip
     unknown = set(overrides) - allowed
@@ -175,6 +172,15 @@ def resume(
                 "continue it with more epochs or minutes"
             )
     return _run(config, run_dir, checkpoint, on_event or _ignore_event, stop_requested, world)
+
+
+def read_run_config(run_dir: Path) -> tuple[dict[str, Any], TrainConfig]:
+    """A resumable run's config.json (as saved) and its TrainConfig; refused unless last.pt is there too."""
+    config_path = run_dir / "config.json"
+    if not config_path.is_file() or not (run_dir / "last.pt").is_file():
+        raise TrainingError(f"{run_dir} holds no run to resume (config.json and last.pt are needed)")
+    saved = json.loads(config_path.read_text())
+    return saved, TrainConfig.from_dict(saved["train"])
 
 
 class RunFinished(TrainingError):

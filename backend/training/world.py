@@ -1,16 +1,7 @@
-"""Multi-process (DistributedDataParallel) training: one process per GPU, or several gloo processes on a CPU.
+"""This process among the training processes (`World`), and the model as DistributedDataParallel trains it.
 
-Two halves, both here so that `trainer.py` only learns about a `World`:
-
-* **The launcher** (`fit`, `resume`): starts `python -m torch.distributed.run --standalone --nproc-per-node N
-  -m backend.training.distributed` as a child process group and waits for it. It relays the run's events from
-  metrics.jsonl (rank 0 writes them) to `on_event`, the processes' output lines to `on_log`, turns
-  `stop_requested()` into a stop file that rank 0 reads (the run then stops after the current step, saves last.pt
-  and ends "cancelled", as a single-process run does), and kills the process group if that takes longer than
-  `CANCEL_GRACE_S` or when the caller is interrupted.
-* **The worker** (`main`, one per rank under torchrun): reads torchrun's RANK / WORLD_SIZE / LOCAL_RANK /
-  MASTER_ADDR / MASTER_PORT, initialises the process group (nccl on CUDA, gloo on CPU) and calls
-  `trainer.fit` / `trainer.resume` with its `World`.
+A `World()` is one process, and every method is then a no-op; `backend.training.launch` starts several under torchrun
+and each builds its `World` from torchrun's environment (`world_from_env`).
 
 What a `World` of N processes changes in training (see `trainer.py` and `engine.py`):
 
@@ -38,44 +29,24 @@ What a `World` of N processes changes in training (see `trainer.py` and `engine.
 
 from __future__ import annotations
 
-import argparse
-import contextlib
 import datetime
-import json
 import logging
 import os
-import shutil
-import signal
-import subprocess
-import sys
-import tempfile
-import time
 import warnings
-from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
+from backend.models.blocks import QARepVGGBlock
 from backend.training.config import TrainingError
-
-if TYPE_CHECKING:
-    from backend.training.config import TrainConfig
-    from backend.training.trainer import FitResult
 
 logger = logging.getLogger(__name__)
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-POLL_INTERVAL_S = 0.2
-CANCEL_GRACE_S = 120.0  # a cancel stops after the current step; evaluation of a large val split may come first
-TERMINATE_GRACE_S = 15.0  # SIGTERM → SIGKILL
 # Collectives wait this long: the other ranks wait while rank 0 evaluates (a large validation split on one GPU).
 PROCESS_GROUP_TIMEOUT = datetime.timedelta(minutes=60)
-LOG_NAME = "distributed.log"  # in the run folder: torchrun's and every rank's output
-
 
 # ----------------------------------------------------------------------------------------------------------------
 # The process group, as the trainer sees it
@@ -155,7 +126,7 @@ def world_from_env(device_name: str = "auto") -> World:
     if missing:
         raise TrainingError(
             f"{', '.join(missing)} not set: start distributed training through torchrun (yolodex train --gpus N, "
-            "or python -m torch.distributed.run --nproc-per-node N -m backend.training.distributed ...)"
+            "or python -m torch.distributed.run --nproc-per-node N -m backend.training.launch ...)"
         )
     rank, size, local_rank = (int(os.environ[name]) for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
     local_size = int(os.environ.get("LOCAL_WORLD_SIZE", size))
@@ -258,8 +229,6 @@ def convert_sync_batchnorm(model: nn.Module, device: torch.device) -> nn.Module:
 def unused_parameter_names(model: nn.Module) -> list[str]:
     """Parameters the training forward pass never uses: `rbr_reparam` of unfused QARepVGG blocks (they exist from
     construction so checkpoints match the official layout; fusion fills them)."""
-    from backend.models.blocks import QARepVGGBlock
-
     return [
         f"{name}.rbr_reparam.{parameter}"
         for name, module in model.named_modules()
@@ -290,13 +259,6 @@ def wrap_model(model: nn.Module, world: World, sync_bn: bool) -> nn.Module:
     return nn.parallel.DistributedDataParallel(model, device_ids=device_ids, forward_sync_buffers=False)
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# The launcher
-# ----------------------------------------------------------------------------------------------------------------
-
-EventCallback = Callable[..., None]
-
-
 def visible_gpus() -> int:
     return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
@@ -309,261 +271,3 @@ def check_gpus(processes: int) -> None:
             f"{processes} GPUs asked for, torch sees {visible}: ask for at most {max(visible, 1)} "
             "(on a CPU, --nproc N --device cpu runs N gloo processes, for testing)"
         )
-
-
-def fit(
-    config: TrainConfig,
-    run_dir: str | Path,
-    *,
-    processes: int,
-    gpus: bool = False,
-    on_event: EventCallback | None = None,
-    stop_requested: Callable[[], bool] | None = None,
-    on_log: Callable[[str], None] | None = None,
-) -> FitResult:
-    """`trainer.fit` in `processes` torchrun processes; returns rank 0's result.
-
-    Args:
-        config: the run's configuration; `batch_size` is the global batch (a multiple of `processes`).
-        processes: processes to start: one per GPU on CUDA, gloo processes on the CPU (`config.device="cpu"`).
-        gpus: the processes must each have a GPU (refused if torch sees fewer); the device becomes "cuda".
-        on_event: receives the run's events as `trainer.fit` gives them (relayed from metrics.jsonl).
-        stop_requested: polled while the run goes; True stops it after the current step (last.pt saved).
-        on_log: receives the processes' output lines (default: this module's logger at INFO).
-
-    Raises:
-        TrainingError (or the DatasetError / CheckpointError / ValueError a rank raised), with its message.
-    """
-    if gpus:
-        check_gpus(processes)
-        if config.device == "cpu":
-            raise TrainingError("--gpus trains on GPUs: drop --device cpu (or use --nproc for CPU processes)")
-        config = config.with_changes(device="cuda")
-    check_processes(processes, config.batch_size)
-    request = {"mode": "fit", "config": config.to_dict(), "device": config.device}
-    return _launch(request, Path(run_dir), processes, on_event, stop_requested, on_log)
-
-
-def resume(
-    run_dir: str | Path,
-    *,
-    processes: int,
-    gpus: bool = False,
-    on_event: EventCallback | None = None,
-    stop_requested: Callable[[], bool] | None = None,
-    on_log: Callable[[str], None] | None = None,
-    **overrides: Any,
-) -> FitResult:
-    """`trainer.resume` in `processes` torchrun processes (any number: the checkpoint does not depend on it)."""
-    from backend.training.config import TrainConfig
-
-    run_dir = Path(run_dir)
-    config_path = run_dir / "config.json"
-    if not config_path.is_file() or not (run_dir / "last.pt").is_file():
-        raise TrainingError(f"{run_dir} holds no run to resume (config.json and last.pt are needed)")
-    config = TrainConfig.from_dict(json.loads(config_path.read_text())["train"])
-    overrides = {key: value for key, value in overrides.items() if value is not None}
-    device = overrides.get("device") or config.device
-    if gpus:
-        check_gpus(processes)
-        if device == "cpu":
-            raise TrainingError("--gpus trains on GPUs: drop --device cpu (or use --nproc for CPU processes)")
-        device = overrides["device"] = "cuda"
-    check_processes(processes, config.batch_size)
-    request = {"mode": "resume", "overrides": overrides, "device": device}
-    return _launch(request, run_dir, processes, on_event, stop_requested, on_log)
-
-
-def torchrun_command(processes: int, control_dir: Path, run_dir: Path) -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc-per-node",
-        str(processes),
-        "-m",
-        "backend.training.distributed",
-        "--run-dir",
-        str(run_dir),
-        "--control",
-        str(control_dir),
-    ]
-
-
-def _launch(
-    request: dict[str, Any],
-    run_dir: Path,
-    processes: int,
-    on_event: EventCallback | None,
-    stop_requested: Callable[[], bool] | None,
-    on_log: Callable[[str], None] | None,
-) -> FitResult:
-    from backend.training.trainer import FitResult
-
-    run_dir.mkdir(parents=True, exist_ok=True)
-    control_dir = Path(tempfile.mkdtemp(prefix="yolodex-ddp-"))
-    (control_dir / "request.json").write_text(json.dumps(request))
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))}
-    # torchrun would set 1 thread per process; on a CPU the processes share the cores instead.
-    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // processes)))
-    events = _Tail(run_dir / "metrics.jsonl")
-    log_path = run_dir / LOG_NAME
-    log_file = log_path.open("ab")
-    lines = _Tail(log_path)
-    relay_log = on_log or (lambda line: logger.info("%s", line))
-    process = subprocess.Popen(
-        torchrun_command(processes, control_dir, run_dir),
-        cwd=REPO_ROOT,
-        env=env,
-        stdout=log_file,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,  # its own process group: killed as one
-    )
-    cancelled_at = None
-    try:
-        while True:
-            returncode = process.poll()
-            _relay(events, lines, on_event, relay_log)
-            if returncode is not None:
-                break
-            if cancelled_at is None and stop_requested is not None and stop_requested():
-                (control_dir / "stop").touch()
-                cancelled_at = time.monotonic()
-                relay_log("cancel requested: the processes stop after the current step")
-            if cancelled_at is not None and time.monotonic() - cancelled_at > CANCEL_GRACE_S:
-                _terminate(process, control_dir)
-                raise TrainingError(
-                    f"cancelled: the training processes did not stop within {CANCEL_GRACE_S:.0f} s and were killed; "
-                    "resume from the run's last.pt"
-                )
-            time.sleep(POLL_INTERVAL_S)
-        return FitResult(**_outcome(control_dir, returncode, log_path))
-    finally:
-        _terminate(process, control_dir)  # nothing left running, whatever happened here (KeyboardInterrupt too)
-        _relay(events, lines, on_event, relay_log)
-        log_file.close()
-        shutil.rmtree(control_dir, ignore_errors=True)
-
-
-class _Tail:
-    """New complete lines of a growing file (from its size when created)."""
-
-    def __init__(self, path: Path):
-        self.path = path
-        self.offset = path.stat().st_size if path.exists() else 0
-        self.partial = b""
-
-    def read(self) -> list[str]:
-        if not self.path.exists():
-            return []
-        with self.path.open("rb") as file:
-            file.seek(self.offset)
-            data = file.read()
-        self.offset += len(data)
-        *complete, self.partial = (self.partial + data).split(b"\n")
-        return [line.decode("utf-8", "replace") for line in complete]
-
-
-def _relay(events: _Tail, lines: _Tail, on_event: EventCallback | None, on_log: Callable[[str], None]) -> None:
-    for line in lines.read():
-        if line.strip():
-            on_log(line)
-    for line in events.read():
-        if on_event is not None and line.strip():
-            record = json.loads(line)
-            record.pop("time", None)
-            on_event(record.pop("event"), **record)
-
-
-def _outcome(control_dir: Path, returncode: int, log_path: Path) -> dict[str, Any]:
-    """Rank 0's FitResult fields, or the error a rank raised (as its own type when the CLI knows it)."""
-    result_path = control_dir / "result.json"
-    if returncode == 0 and result_path.is_file():
-        result = json.loads(result_path.read_text())
-        return {**result, "run_dir": Path(result["run_dir"])}
-    errors = sorted(control_dir.glob("error-rank*.json"), key=lambda path: path.stat().st_mtime_ns)
-    if errors:  # the first to fail; the others then fail on their lost peers
-        error = json.loads(errors[0].read_text())
-        raise _error_types().get(error["type"], TrainingError)(error["message"])
-    tail = log_path.read_text(errors="replace").splitlines()[-15:] if log_path.exists() else []
-    raise TrainingError(
-        f"distributed training failed (torchrun exit status {returncode}); the end of {log_path}:\n" + "\n".join(tail)
-    )
-
-
-def _error_types() -> dict[str, type[Exception]]:  # built late: these imports are heavy
-    from backend.data.records import DatasetError
-    from backend.models.checkpoints import CheckpointError
-
-    return {
-        "TrainingError": TrainingError,
-        "DatasetError": DatasetError,
-        "CheckpointError": CheckpointError,
-        "ValueError": ValueError,
-        "FileNotFoundError": FileNotFoundError,
-    }
-
-
-def _terminate(process: subprocess.Popen, control_dir: Path) -> None:
-    """Stops torchrun and every worker: SIGTERM to torchrun (it passes it on to the workers, each in a session of
-    its own), then SIGKILL to each process group that is still there."""
-    if process.poll() is None:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGTERM)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            process.wait(TERMINATE_GRACE_S)
-    groups = [process.pid] if process.poll() is None else []
-    for pid_file in control_dir.glob("pid-rank*"):
-        pid = int(pid_file.read_text())
-        with contextlib.suppress(OSError):  # gone, or another process by now: only our workers are killed
-            if b"backend.training.distributed" in Path(f"/proc/{pid}/cmdline").read_bytes():
-                groups.append(pid)
-    for group in groups:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(group, signal.SIGKILL)
-    if process.poll() is None:
-        process.wait()
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# The worker (one per rank, started by torchrun)
-# ----------------------------------------------------------------------------------------------------------------
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="one rank of a distributed training run (started by torchrun)")
-    parser.add_argument("--run-dir", type=Path, required=True)
-    parser.add_argument("--control", type=Path, required=True, help="holds request.json; result and stop files")
-    args = parser.parse_args(argv)
-    request = json.loads((args.control / "request.json").read_text())
-    rank = int(os.environ.get("RANK", 0))
-    (args.control / f"pid-rank{rank}").write_text(str(os.getpid()))
-    logging.basicConfig(level=logging.INFO, format=f"[rank {rank}] %(levelname)s %(name)s: %(message)s")
-    try:
-        from backend.training import trainer
-        from backend.training.config import TrainConfig
-
-        world = world_from_env(request["device"])
-        stop_file = args.control / "stop"
-        stop_requested = stop_file.exists if world.is_main else None
-        if request["mode"] == "fit":
-            config = TrainConfig.from_dict(request["config"])
-            result = trainer.fit(config, args.run_dir, stop_requested=stop_requested, world=world)
-        else:
-            overrides = request["overrides"]
-            result = trainer.resume(args.run_dir, stop_requested=stop_requested, world=world, **overrides)
-        world.barrier()
-        if world.is_main:
-            (args.control / "result.json").write_text(json.dumps(result.to_dict()))
-    except BaseException as error:
-        # torchrun stops the other ranks when one fails; the launcher reports this message.
-        error_path = args.control / f"error-rank{rank}.json"
-        error_path.write_text(json.dumps({"type": type(error).__name__, "message": str(error) or repr(error)}))
-        raise
-    dist.destroy_process_group()
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
