@@ -11,8 +11,8 @@ import pytest
 from PIL import Image as PILImage
 from sqlalchemy import select
 
-from backend.ingest.dedupe import DEFAULT_NEAR_THRESHOLD, hamming, near_duplicate_groups, phash
-from backend.ingest.split import group_split
+from backend.data.dedupe import DEFAULT_NEAR_THRESHOLD, hamming, near_duplicate_groups, phash
+from backend.data.split import group_split
 from backend.store.db import init_db, session_scope
 from backend.store.images import add_image_bytes
 from backend.store.models import Image, get_or_create_project
@@ -50,7 +50,7 @@ def test_a_resized_recompressed_copy_is_near_and_other_images_are_far() -> None:
 
 
 def _opencv_phash(pixels: np.ndarray) -> str:
-    """The hand-written pHash that backend/ingest/dedupe.py used before imagehash (float32 cv2.dct of an INTER_AREA
+    """The hand-written pHash that backend/data/dedupe.py used before imagehash (float32 cv2.dct of an INTER_AREA
     32x32 grey), kept here only to show that both group the near-duplicate cases the same way."""
     grey = cv2.cvtColor(pixels, cv2.COLOR_RGB2GRAY).astype(np.float32)
     low = cv2.dct(cv2.resize(grey, (32, 32), interpolation=cv2.INTER_AREA))[:8, :8]

@@ -43,10 +43,10 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from backend.data.coco import IMAGE_SUFFIXES
+from backend.data.dedupe import DEFAULT_NEAR_THRESHOLD
 from backend.data.folders import load_dataset
 from backend.data.records import DatasetError, DetectionSet
 from backend.files import printable_name
-from backend.ingest.dedupe import DEFAULT_NEAR_THRESHOLD
 from backend.store.images import AddResult, ImageLimits, add_image_bytes
 from backend.store.models import GROUND_TRUTH_SOURCES, Annotation, Image, Project, ensure_class
 
@@ -69,7 +69,7 @@ class ImportLimits:
         max_nested_archive_bytes: the largest zip inside a zip (it is read into memory).
         max_nesting: how many levels of zip-inside-zip are read (1: a zip in the uploaded zip is read, a zip in
             that one is refused).
-        near_threshold: pHash bits for a near duplicate (see `backend.ingest.dedupe`).
+        near_threshold: pHash bits for a near duplicate (see `backend.data.dedupe`).
     """
 
     image: ImageLimits = field(default_factory=ImageLimits)

@@ -27,8 +27,8 @@ from sqlalchemy import ColumnElement, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from backend.data.dedupe import DEFAULT_NEAR_THRESHOLD, hamming_to_many, hashes_to_array, phash
 from backend.files import atomic_write
-from backend.ingest.dedupe import DEFAULT_NEAR_THRESHOLD, hamming_to_many, hashes_to_array, phash
 from backend.store.db import on_rollback
 from backend.store.models import IMAGE_SOURCES, Image, Project
 

@@ -32,8 +32,8 @@ from sqlalchemy.orm import Session
 from backend.data.coco import write_coco
 from backend.data.folders import load_dataset
 from backend.data.records import DetectionSet, ImageRecord, LoadReport
+from backend.data.split import check_fractions, group_split
 from backend.files import atomic_write_text, cut_to_bytes
-from backend.ingest.split import check_fractions, group_split
 from backend.store.models import (
     GROUND_TRUTH_SOURCES,
     Annotation,
@@ -90,7 +90,7 @@ def freeze_version(
 ) -> DatasetVersion:
     """Freezes the project's labeled images, their boxes and a seeded group-aware split into a new version.
 
-    Near-duplicate groups (`Image.near_group`) stay inside one split (`backend.ingest.split.group_split`).
+    Near-duplicate groups (`Image.near_group`) stay inside one split (`backend.data.split.group_split`).
 
     Args:
         session: the open session (the caller commits; the folder is in place once this returns).
