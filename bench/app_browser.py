@@ -22,14 +22,10 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import io
-import os
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -41,17 +37,8 @@ from backend.settings import Settings  # noqa: E402
 from backend.store.db import init_db, session_scope  # noqa: E402
 from backend.store.images import add_image_bytes  # noqa: E402
 from backend.store.models import Image, ensure_class, get_or_create_project  # noqa: E402
+from tests.browser_fixture import CHROMIUM, CHROMIUM_ARGS, streamlit_app  # noqa: E402
 
-CHROMIUM = "/usr/bin/chromium"
-ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--no-first-run",
-    "--disable-sync",
-]
 PROJECT = "Bench"
 TIMEOUT_MS = 60_000
 
@@ -62,12 +49,6 @@ def _bench_app_module():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def rss_mb(pid: int) -> float:
@@ -108,7 +89,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--sessions", type=int, default=3)
     parser.add_argument("--keep", type=Path, help="storage folder to keep (and reuse)")
     args = parser.parse_args(argv)
-    if not Path(CHROMIUM).is_file():
+    if not CHROMIUM.is_file():
         sys.exit(f"{CHROMIUM} is missing: `make setup` (as root) or `apt-get install chromium`")
     from playwright.sync_api import expect, sync_playwright
 
@@ -125,48 +106,13 @@ def main(argv: list[str] | None = None) -> None:
         for index, path in enumerate(photos):
             path.write_bytes(bench_app.photo_jpeg(50 + index))
 
-        port = free_port()
-        env = {**os.environ, "YOLODEX_STORAGE": str(storage), "YOLODEX_APP_PORT": str(port)}
-        log = (storage / "streamlit.log").open("wb")
-        server = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "streamlit",
-                "run",
-                str(ROOT / "app" / "main.py"),
-                "--server.address",
-                "127.0.0.1",
-                "--server.port",
-                str(port),
-                "--server.headless",
-                "true",
-                "--browser.gatherUsageStats",
-                "false",
-                "--server.fileWatcherType",
-                "none",
-            ],
-            cwd=ROOT,
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-        url = f"http://127.0.0.1:{port}"
-        try:
-            deadline = time.monotonic() + 120
-            while True:
-                try:
-                    if urllib.request.urlopen(f"{url}/_stcore/health", timeout=2).read() == b"ok":
-                        break
-                except OSError:
-                    if time.monotonic() > deadline:
-                        raise
-                    time.sleep(0.5)
+        with streamlit_app(storage) as server:
+            url = server.url
             samples = {"started": rss_mb(server.pid)}
             peak = samples["started"]
             expect.set_options(timeout=TIMEOUT_MS)
             with sync_playwright() as playwright:
-                browser = playwright.chromium.launch(executable_path=CHROMIUM, headless=True, args=ARGS)
+                browser = playwright.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS)
                 pages = [
                     browser.new_context(viewport={"width": 1400, "height": 1000}).new_page()
                     for _ in range(args.sessions)
@@ -198,10 +144,6 @@ def main(argv: list[str] | None = None) -> None:
                     peak = max(peak, rss_mb(server.pid))
                 samples["after 3 Pokédex uploads"] = rss_mb(server.pid)
                 browser.close()
-        finally:
-            server.terminate()
-            server.wait(30)
-            log.close()
 
     print(
         f"\nPokédex, 4000x3000 JPEG upload → rendered result in Chromium, YOLO-NAS S INT8 at 640, one upload in "

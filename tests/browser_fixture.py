@@ -1,9 +1,11 @@
-"""The app started the way `make run` starts it, and a headless Chromium to drive it (Playwright): shared by the
-browser tests (`tests/test_e2e_browser.py`, `tests/test_first_hour_browser.py`).
+"""The app started the way `make run` starts it, or its Streamlit server alone, and a headless Chromium to drive it
+(Playwright): shared by the browser tests and `bench/app_browser.py`.
 
-`make run` gets a fresh storage and free ports, so it starts its own Label Studio, huey worker and Streamlit app; it
-is stopped with Ctrl-C (SIGINT), as a user would, and no process may outlive it. Assertions in the tests are
-Playwright's retrying `expect`s, never fixed sleeps.
+`make_run` gets a fresh storage and free ports, so it starts its own Label Studio, huey worker and Streamlit app; it
+is stopped with Ctrl-C (SIGINT), as a user would, and no process may outlive it. `streamlit_app` starts only the
+Streamlit app (`streamlit run app/main.py`, or another command that serves it) on a storage the caller prepared, for
+pages that need no worker or that talk to a Label Studio the caller started. Assertions in the tests are Playwright's
+retrying `expect`s, never fixed sleeps.
 """
 
 from __future__ import annotations
@@ -11,17 +13,19 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import sys
 import time
 import urllib.request
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO_ROOT
 from tests.labelstudio_fixture import free_port
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
 
 CHROMIUM = Path(os.environ.get("YOLODEX_CHROMIUM", "/usr/bin/chromium"))
 CHROMIUM_ARGS = [
@@ -55,12 +59,22 @@ def require_browser() -> None:
     pytest.importorskip("playwright.sync_api", reason="playwright is in requirements-dev.txt: run `make setup`")
 
 
-def wait_for(url: str, timeout: float, process: subprocess.Popen, log: Path) -> None:
-    """Waits until `url` answers 200; fails with make's log when it does not in time or `make run` exits."""
+@dataclass(frozen=True)
+class RunningStreamlit:
+    """A Streamlit app started by `streamlit_app`: its base URL, port, server process id and log."""
+
+    url: str
+    port: int
+    pid: int
+    log: Path
+
+
+def wait_for(url: str, timeout: float, process: subprocess.Popen, log: Path, name: str = "`make run`") -> None:
+    """Waits until `url` answers 200; fails with the log when it does not in time or the process (`name`) exits."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            raise AssertionError(f"`make run` exited with {process.returncode}:\n{log.read_text()[-3000:]}")
+            raise AssertionError(f"{name} exited with {process.returncode}:\n{log.read_text()[-3000:]}")
         try:
             with urllib.request.urlopen(url, timeout=2) as response:
                 if response.status == 200:
@@ -107,6 +121,77 @@ def make_run(storage: Path) -> Iterator[RunningApp]:
         for pid in leftovers:  # never leave a server behind, even when make's trap failed
             os.kill(int(pid), signal.SIGKILL)
         assert not leftovers, f"`make run` left processes running after Ctrl-C: {leftovers}\n{log.read_text()[-2000:]}"
+
+
+def streamlit_command(port: int) -> list[str]:
+    """`streamlit run app/main.py` on 127.0.0.1:`port`, headless, without usage stats or a file watcher."""
+    return [
+        sys.executable,
+        "-m",
+        "streamlit",
+        "run",
+        str(REPO_ROOT / "app" / "main.py"),
+        "--server.address",
+        "127.0.0.1",
+        "--server.port",
+        str(port),
+        "--server.headless",
+        "true",
+        "--browser.gatherUsageStats",
+        "false",
+        "--server.fileWatcherType",
+        "none",
+    ]
+
+
+@contextmanager
+def streamlit_app(
+    storage: Path,
+    *,
+    env: dict[str, str] | None = None,
+    command: list[str] | None = None,
+    port: int | None = None,
+    timeout: float = 120,
+) -> Iterator[RunningStreamlit]:
+    """The Streamlit app on `storage` until the block ends, then stopped (SIGTERM to its process group, SIGKILL if
+    it outlives 30 s).
+
+    Args:
+        env: variables added to this process's environment (YOLODEX_STORAGE, YOLODEX_APP_PORT and YOLODEX_HOST are
+            set here, and may be overridden).
+        command: what serves the app on `port` (default `streamlit_command(port)`), run from the repository root.
+        port: default a free one.
+    """
+    port = port or free_port()
+    environment = {
+        **os.environ,
+        "YOLODEX_STORAGE": str(storage),
+        "YOLODEX_APP_PORT": str(port),
+        "YOLODEX_HOST": "127.0.0.1",
+        **(env or {}),
+    }
+    log = storage / f"streamlit-{port}.log"
+    with log.open("wb") as output:
+        process = subprocess.Popen(
+            command or streamlit_command(port),
+            cwd=REPO_ROOT,
+            env=environment,
+            stdout=output,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    try:
+        url = f"http://127.0.0.1:{port}"
+        wait_for(f"{url}/_stcore/health", timeout, process, log, name="the app")
+        yield RunningStreamlit(url, port, process.pid, log)
+    finally:
+        with suppress(ProcessLookupError):  # the app may have exited already (a failed start)
+            os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait(10)
 
 
 @contextmanager

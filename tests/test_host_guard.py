@@ -10,11 +10,8 @@ from __future__ import annotations
 import base64
 import dataclasses
 import os
-import signal
 import socket
-import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -22,8 +19,7 @@ import pytest
 
 from app.host_guard import HostGuard, host_name
 from backend.settings import Settings
-from tests.conftest import REPO_ROOT
-from tests.labelstudio_fixture import free_port
+from tests.browser_fixture import streamlit_app
 
 FOREIGN = "attacker.example"
 
@@ -58,71 +54,18 @@ def websocket_upgrade(port: int, host: str, origin: str) -> int:
     return int(first_line(port, request).split()[1])
 
 
-def start_app(command: list[str], env: dict[str, str], port: int, log: Path) -> subprocess.Popen:
-    with log.open("wb") as output:
-        process = subprocess.Popen(
-            command, cwd=REPO_ROOT, env=env, stdout=output, stderr=subprocess.STDOUT, start_new_session=True
-        )
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise AssertionError(f"the app exited with {process.returncode}:\n{log.read_text()[-3000:]}")
-        try:
-            if http_get(port, "/_stcore/health", f"127.0.0.1:{port}") == 200:
-                return process
-        except (OSError, IndexError, ValueError):
-            pass
-        time.sleep(0.3)
-    stop_app(process)
-    raise AssertionError(f"the app did not answer in 120 s:\n{log.read_text()[-3000:]}")
-
-
-def stop_app(process: subprocess.Popen) -> None:
-    os.killpg(process.pid, signal.SIGTERM)
-    try:
-        process.wait(30)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        process.wait(10)
-
-
 @pytest.fixture(scope="module", params=["streamlit run", "docker/start.sh app"])
 def running_app(request, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[int, Path]]:
     """The app as `make run` starts it (`streamlit run app/main.py` from the repository root) and as its container
     does (`docker/start.sh app`, with YOLODEX_ALLOWED_HOSTS=yolodex.test): (port, log)."""
     storage = tmp_path_factory.mktemp("host-guard-storage")
-    port = free_port()
-    env = {
-        **os.environ,
-        "YOLODEX_STORAGE": str(storage),
-        "YOLODEX_HOST": "127.0.0.1",
-        "YOLODEX_APP_PORT": str(port),
-        "YOLODEX_ALLOWED_HOSTS": "yolodex.test",
-        "YOLODEX_APP_STARTER": "0",
-    }
-    if request.param == "streamlit run":
-        command = [
-            sys.executable,
-            "-m",
-            "streamlit",
-            "run",
-            "app/main.py",
-            "--server.address",
-            "127.0.0.1",
-            "--server.port",
-            str(port),
-            "--server.headless",
-            "true",
-        ]
-    else:
+    env = {"YOLODEX_ALLOWED_HOSTS": "yolodex.test", "YOLODEX_APP_STARTER": "0"}
+    command = None  # streamlit run app/main.py
+    if request.param == "docker/start.sh app":
         command = ["bash", "docker/start.sh", "app"]
         env["YOLODEX_VENV"] = str(Path(sys.executable).parents[1])
-    log = storage / "app.log"
-    process = start_app(command, env, port, log)
-    try:
-        yield port, log
-    finally:
-        stop_app(process)
+    with streamlit_app(storage, env=env, command=command) as app:
+        yield app.port, app.log
 
 
 # ---------------------------------------------------------------------------------------------- the real app

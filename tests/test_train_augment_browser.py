@@ -10,15 +10,11 @@ build/screenshots/e2e/).
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from tests.browser_fixture import chromium, require_browser, wait_for, wait_for_app
-from tests.conftest import REPO_ROOT
-from tests.labelstudio_fixture import free_port
+from tests.browser_fixture import REPO_ROOT, chromium, require_browser, streamlit_app, wait_for_app
 
 pytestmark = pytest.mark.slow
 
@@ -35,43 +31,8 @@ def app_url(tmp_path_factory: pytest.TempPathFactory):
     settings = Settings.from_env({"YOLODEX_STORAGE": str(storage)})
     starter(settings)
     freeze("Starter Pokédex", "v1", settings=settings)
-    port = free_port()
-    log = storage / "streamlit.log"
-    command = [
-        sys.executable,
-        "-m",
-        "streamlit",
-        "run",
-        str(REPO_ROOT / "app" / "main.py"),
-        "--server.address",
-        "127.0.0.1",
-        "--server.port",
-        str(port),
-        "--server.headless",
-        "true",
-        "--browser.gatherUsageStats",
-        "false",
-        "--server.fileWatcherType",
-        "none",
-    ]
-    with log.open("wb") as output:
-        server = subprocess.Popen(
-            command,
-            cwd=REPO_ROOT,
-            env={**os.environ, "YOLODEX_STORAGE": str(storage)},
-            stdout=output,
-            stderr=subprocess.STDOUT,
-        )
-    try:
-        wait_for(f"http://127.0.0.1:{port}/_stcore/health", 120, server, log)
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.terminate()
-        try:
-            server.wait(30)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait(10)
+    with streamlit_app(storage) as app:
+        yield app.url
 
 
 @pytest.fixture
