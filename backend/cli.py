@@ -24,12 +24,13 @@ from backend.labeling.server import LabelStudioError
 from backend.models.checkpoints import CheckpointError
 from backend.models.download import WeightsDownloadError
 from backend.processing import ImageLoadError
+from backend.runs import RunFolder, RunFolderError
 from backend.store.db import BUSY_ADVICE, database_locked, describe_error, disk_full
 from backend.training.config import TrainingError
 
 EXPECTED_ERRORS = (
     CheckpointError, WeightsDownloadError, ImageLoadError, TrainingError, FileNotFoundError, ValueError,
-    LabelStudioError,
+    LabelStudioError, RunFolderError,
 )  # fmt: skip
 
 
@@ -236,7 +237,6 @@ def _print_estimate(args: argparse.Namespace, processes: int) -> None:
     """The expected time per epoch and the recommended budget (`training.estimate`), on stderr, from an earlier run's
     or a cached probe's speed; `--measure-speed` probes when neither exists. Nothing when there is no measured speed
     (or several processes: their speed is not measured)."""
-    import json
 
     from backend.settings import get_settings
     from backend.training import estimate
@@ -245,7 +245,7 @@ def _print_estimate(args: argparse.Namespace, processes: int) -> None:
     if processes > 1:
         return
     if args.resume:
-        train = json.loads((Path(args.resume) / "config.json").read_text())["train"]
+        train = RunFolder(args.resume).train()
         size, imgsz, batch, data = train["size"], train["imgsz"], train["batch_size"], train["data"]
         min_samples, device = train.get("min_samples", args.min_samples), args.device or train["device"]
         amp = False if args.no_amp or train.get("amp") is False else None
@@ -315,37 +315,21 @@ class _TrainProgress:
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
-    from backend.data.folders import load_dataset
-    from backend.models import load_model
-    from backend.training.engine import EvalImages, evaluate, resolve_device
-    from backend.training.trainer import run_checkpoint
+    from backend.run_evaluation import evaluate_run
 
-    path = run_checkpoint(args.model)
-    model, report = load_model(path)
-    imgsz = args.imgsz or report.imgsz or 640
-    splits = load_dataset(args.data)
-    if args.split not in splits:
-        raise ValueError(f"{args.data} has no {args.split!r} split (it has: {', '.join(splits)})")
-    dataset = splits[args.split]
-    if dataset.class_names != report.class_names:
-        raise ValueError(
-            f"the model's classes {report.class_names} differ from the dataset's {dataset.class_names}: "
-            "evaluate on the dataset it was trained for"
-        )
-    device = resolve_device(args.device)
     with _ProgressBar("eval", "img", args.json) as bar:
-        result = evaluate(model.to(device), EvalImages(dataset, imgsz), device=device, batch_size=args.batch,
-                          score_threshold=args.conf, on_progress=bar)  # fmt: skip
-    if args.output:
-        result.save_json(args.output)
-    payload = result.to_dict()
-    lines = [f"{path} on {args.data} [{args.split}], {len(dataset)} images, imgsz {imgsz}"]
-    lines += [f"  {key}: {'-' if value is None else f'{value:.4f}'}" for key, value in result.metrics.items()]
-    lines += [
-        f"  {item['class_name']}: AP50-95 {_fmt(item['AP50-95'])}, AP50 {_fmt(item['AP50'])} ({item['gt_count']} boxes)"
-        for item in payload["per_class"]
-    ]
-    _print(payload, args.json, "\n".join(lines))
+        evaluation = evaluate_run(
+            args.model,
+            args.data,
+            args.split,
+            imgsz=args.imgsz,
+            batch=args.batch,
+            conf=args.conf,
+            device=args.device,
+            out=args.output,
+            on_progress=bar,
+        )
+    _print(evaluation.result.to_dict(), args.json, evaluation.text())
 
 
 def cmd_quantize(args: argparse.Namespace) -> None:

@@ -13,7 +13,6 @@ errors to unrelated Label Studio tasks would send the user to fix the wrong imag
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -23,6 +22,7 @@ from typing import Any
 from PIL import Image, ImageDraw
 
 from backend.processing import load_image
+from backend.runs import RunFolder
 
 ERROR_KINDS = ("false_positive", "miss", "wrong_class")
 ERROR_LABELS = {"false_positive": "false positive", "miss": "miss", "wrong_class": "wrong class"}
@@ -357,28 +357,7 @@ def draw_error(item: ErrorItem, class_names: Sequence[str], max_side: int = 480)
 
 
 def evaluation_file(run_dir: str | Path, model: str | Path, data: str | Path, split: str) -> Path:
-    """The JSON file an evaluation of `model` on `data`'s `split` is written to and read from.
-
-    The run's own `eval.json` is its best.pt on the validation split of the data it trained on (training writes it);
-    any other combination goes to `<run>/evals/<model file>-<dataset folder>-<split>.json`.
-    """
-    run_dir, model, data = Path(run_dir), Path(model), Path(data)
-    config_data = _run_data(run_dir)
-    if model == run_dir / "best.pt" and split == "val" and config_data is not None and _same(config_data, data):
-        return run_dir / "eval.json"
-    label = "_".join(re.sub(r"[^\w.-]+", "_", part) for part in (data.parent.name, data.name) if part)
-    return run_dir / "evals" / f"{model.name.replace('.', '_')}-{label}-{split}.json"
-
-
-def _run_data(run_dir: Path) -> Path | None:
-    try:
-        return Path(json.loads((run_dir / "config.json").read_text())["train"]["data"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-
-
-def _same(first: Path, second: Path) -> bool:
-    try:
-        return first.resolve() == second.resolve()
-    except OSError:
-        return first == second
+    """The JSON file an evaluation of `model` on `data`'s `split` is written to and read from
+    (`RunFolder.eval_file`: the run's eval.json for its best.pt on the validation split it trained on, else a file
+    in its evals/ folder)."""
+    return RunFolder(run_dir).eval_file(model, data, split)

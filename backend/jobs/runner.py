@@ -60,6 +60,7 @@ from backend.jobs.api import (
     pid_alive,
 )
 from backend.models.download import WeightsDownloadError
+from backend.runs import RunFolder
 from backend.settings import Settings
 from backend.store.db import database_locked, session_scope
 from backend.store.models import DatasetVersion, Job, JobMetric, Project, Run, utc_now
@@ -691,7 +692,7 @@ def _run_train(params: dict[str, Any], settings: Settings, context: JobContext) 
     resuming = bool(params.get("resume"))
     run_dir = Path(params["resume"] if resuming else params["run_dir"])
     if resuming:
-        config = json.loads((run_dir / "config.json").read_text())["train"]
+        config = RunFolder(run_dir).train()
     else:
         config = TrainConfig.from_dict(params["config"]).to_dict()
     engine = job_engine(settings)
@@ -726,7 +727,7 @@ def _run_train(params: dict[str, Any], settings: Settings, context: JobContext) 
         status = "cancelled" if result.stopped == "cancelled" else "succeeded"
         context.cancelled = result.stopped == "cancelled"
         if resuming:  # a continuation wrote its new totals there: the end is counted against them
-            config = json.loads((run_dir / "config.json").read_text())["train"]
+            config = RunFolder(run_dir).train()
         end = {**result.to_dict(), "epochs": config.get("epochs"), "time_budget_s": _budget_s(config)}
         return {**end, "run_id": run_id, "summary": training_end_text(end)}
     except WeightsDownloadError as error:
@@ -806,52 +807,22 @@ def _set_run_status(session, settings: Settings, run_dir: Path, status: str) -> 
 
 
 def _run_evaluate(params: dict[str, Any], settings: Settings, context: JobContext) -> dict[str, Any]:
-    from backend.data.folders import load_dataset
-    from backend.models import load_model
-    from backend.training.engine import EvalImages, evaluate, resolve_device
-    from backend.training.trainer import run_checkpoint
+    from backend.run_evaluation import evaluate_run
 
-    path = run_checkpoint(params["model"])
-    model, report = load_model(path)
-    imgsz = params.get("imgsz") or report.imgsz or 640
-    split = params.get("split") or "val"
-    splits = load_dataset(params["data"])
-    if split not in splits:
-        raise ValueError(f"{params['data']} has no {split!r} split (it has: {', '.join(splits)})")
-    dataset = splits[split]
-    if dataset.class_names != report.class_names:
-        raise ValueError(
-            f"the model's classes {report.class_names} differ from the dataset's {dataset.class_names}: "
-            "evaluate on the dataset it was trained for"
-        )
-    device = resolve_device(params.get("device") or settings.device)
-    context.progress(0.0, message=f"evaluating {path.name} on {len(dataset)} {split} images at {imgsz}px")
-    result = evaluate(
-        model.to(device),
-        EvalImages(dataset, imgsz),
-        device=device,
-        batch_size=int(params.get("batch", 16)),
-        score_threshold=float(params.get("conf", 0.25)),
+    evaluation = evaluate_run(
+        params["model"],
+        params["data"],
+        params.get("split") or "val",
+        imgsz=params.get("imgsz"),
+        batch=int(params.get("batch", 16)),
+        conf=float(params.get("conf", 0.25)),
+        device=params.get("device") or settings.device,
+        out=params.get("out"),
+        on_start=lambda text: context.progress(0.0, message=text),
         on_progress=lambda done, total: context.progress_of(done, total, "evaluated images"),
     )
-    out = params.get("out")
-    if out:
-        Path(out).parent.mkdir(parents=True, exist_ok=True)
-        result.save_json(out)
-    metrics = dict(result.metrics)
-    headline = metrics.get("mAP50-95")
-    summary = f"mAP50-95 {headline:.4f}" if isinstance(headline, float) else "no ground-truth boxes to score"
-    context.log(f"{path} on {params['data']} [{split}]: {summary}")
-    return {
-        "model": str(path),
-        "data": str(params["data"]),
-        "split": split,
-        "images": len(dataset),
-        "imgsz": imgsz,
-        "out": str(out) if out else None,
-        "metrics": metrics,
-        "summary": summary,
-    }
+    context.log(f"{evaluation.model} on {params['data']} [{evaluation.split}]: {evaluation.summary}")
+    return evaluation.to_dict()
 
 
 QUANTIZE_STAGES = {

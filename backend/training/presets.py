@@ -18,6 +18,7 @@ from typing import Any
 
 from backend.files import cut_to_bytes
 from backend.models.download import COCO_WEIGHTS_LICENCE_NOTE, OFFICIAL_COCO_WEIGHTS
+from backend.runs import RunFolder
 from backend.training.config import TrainConfig
 from backend.training.engine import LOSS_TERMS
 
@@ -252,10 +253,10 @@ def inherits_coco_licence(weights: str | Path | None) -> bool:
         if folder in seen:
             return False
         seen.add(folder)
-        try:
-            weights = json.loads((folder / "config.json").read_text())["train"].get("weights")
-        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        train = RunFolder(folder).train_or_none()
+        if train is None:
             return False  # not one of our runs: nothing says where it came from
+        weights = train.get("weights")
     return False
 
 
@@ -409,9 +410,7 @@ def continuable_runs(
     return [
         run
         for run in chosen
-        if (run.path / "last.pt").is_file()
-        and (run.path / "config.json").is_file()
-        and job_states.get(str(run.path)) not in ("queued", "running")
+        if RunFolder(run.path).resumable() and job_states.get(str(run.path)) not in ("queued", "running")
     ]
 
 
