@@ -29,6 +29,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from backend.runs import RunFolder
+
 # About 7,500 training images: what the raccoon bench (bench/train.py, S at 320 from random initialisation) sees in
 # its 10 minutes at 12.5 images/s, the run length the targets are set at (mAP50 0.5 after 5 minutes, 0.65
 # after 10). Small sets need that many images (resampled) to learn; larger ones at least MIN_PASSES passes.
@@ -118,9 +120,8 @@ def speed_from_runs(runs_dir: str | Path, key: SpeedKey) -> Speed | None:
         return None
     folders = [folder for folder in runs_dir.iterdir() if (folder / "metrics.jsonl").is_file()]
     for folder in sorted(folders, key=lambda folder: (folder / "metrics.jsonl").stat().st_mtime, reverse=True):
-        try:
-            train = json.loads((folder / "config.json").read_text())["train"]
-        except (OSError, ValueError, KeyError, TypeError):
+        train = RunFolder(folder).train_or_none()
+        if train is None:
             continue
         if (train.get("size"), train.get("imgsz"), train.get("batch_size")) != (key.size, key.imgsz, key.batch):
             continue
