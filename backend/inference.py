@@ -30,10 +30,12 @@ from backend.processing import (
     Detections,
     ImageLoadError,
     ImageSource,
+    LetterboxInfo,
     PostprocessConfig,
     boxes_to_original,
     load_image,
-    postprocess_to_original,
+    postprocess_numpy,
+    postprocess_torch,
     preprocess,
 )
 from backend.runtimes import RuntimeUnavailable, open_onnx, runtime_label
@@ -155,42 +157,120 @@ class Predictor:
         self.predict([np.full((height, width, 3), 114, dtype=np.uint8)])
         return time.perf_counter() - start
 
-    def predict(self, images: Sequence[ImageSource | np.ndarray]) -> list[Detections]:
-        """Detections per image, boxes (N, 4) xyxy in original-image pixels.
+    def predict(
+        self, images: Sequence[ImageSource | np.ndarray], *, postprocess: PostprocessConfig | None = None
+    ) -> list[Detections]:
+        """Detections per image, boxes (N, 4) xyxy in original-image pixels (`predict_timed` without its timings)."""
+        return self.predict_timed(images, postprocess=postprocess).detections
+
+    def predict_timed(
+        self,
+        images: Sequence[ImageSource | np.ndarray],
+        *,
+        postprocess: PostprocessConfig | None = None,
+        original_sizes: Sequence[tuple[int, int] | None] | None = None,
+    ) -> Prediction:
+        """Detections per image, boxes (N, 4) xyxy in original-image pixels, and the time each stage took.
 
         Paths and bytes are decoded under the pixel cap (`decode_photo`): a JPEG over it at reduced scale (its boxes
         scaled back to the full-size photo), any other image over it refused with an ImageLoadError.
+
+        Args:
+            images: paths, encoded bytes, PIL images or (h, w, 3) uint8 RGB arrays.
+            postprocess: thresholds for this call instead of the predictor's own (the predictor is not changed, so
+                one cached predictor serves callers with different thresholds). For an ONNX graph with NMS inside,
+                its score threshold is applied after the graph's own (which may be lower).
+            original_sizes: for arrays decoded at reduced scale (`decode_photo` with `min_long_side`), the (H, W)
+                of each full-size photo: their boxes come back in its pixels. None: an array's own pixels.
         """
-        decoded = [
+        start = time.perf_counter()
+        decoded: list[tuple[Any, tuple[int, int] | None]] = [
             decode_photo(image) if isinstance(image, str | Path | bytes | bytearray) else (image, None)
             for image in images
         ]
-        results = self._predict([pixels for pixels, _ in decoded])
-        for result, (pixels, original_size) in zip(results, decoded):
-            if original_size is None:  # given as pixels: already in original-image pixels
-                continue
-            (height, width), (original_h, original_w) = np.asarray(pixels).shape[:2], original_size
-            if (height, width) != original_size:
-                result.boxes = result.boxes * np.array([original_w / width, original_h / height] * 2, np.float32)
-        return results
+        if original_sizes is not None:
+            if len(original_sizes) != len(images):
+                raise ValueError(f"got {len(original_sizes)} original sizes for {len(images)} images")
+            decoded = [(pixels, size or own) for (pixels, own), size in zip(decoded, original_sizes)]
+        batch, infos = preprocess([pixels for pixels, _ in decoded], self.input_size)  # (B, 3, h, w) in [0, 1]
+        model_start = time.perf_counter()
+        outputs = self._run_model(batch)
+        post_start = time.perf_counter()
+        detections = self._postprocess(outputs, infos, [size for _, size in decoded], postprocess)
+        end = time.perf_counter()
+        timings = {
+            "preprocess_ms": (model_start - start) * 1e3,
+            "model_ms": (post_start - model_start) * 1e3,
+            "postprocess_ms": (end - post_start) * 1e3,
+        }
+        return Prediction(detections, timings)
 
-    def _predict(self, images: Sequence[ImageSource | np.ndarray]) -> list[Detections]:
-        batch, infos = preprocess(images, self.input_size)  # (B, 3, h, w) float32 in [0, 1]
+    def _run_model(self, batch: np.ndarray) -> list[Any]:
+        """The raw outputs of the model on a (B, 3, h, w) batch: [boxes, scores], or the NMS graph's four."""
         if self.engine == "torch":
             assert self.model is not None
             with torch.inference_mode():
                 boxes, scores = self.model.predict_boxes(torch.from_numpy(batch).to(self.device))
-            return postprocess_to_original(boxes, scores, infos, self.postprocess)
-        outputs = self.session.run(None, {"images": batch})  # type: ignore[union-attr]
-        if not self.onnx_has_nms:
-            return postprocess_to_original(outputs[0], outputs[1], infos, self.postprocess)
-        num_detections, det_boxes, det_scores, det_classes = outputs
-        results = []
-        for index, info in enumerate(infos):
-            count = int(num_detections[index, 0])
-            boxes = boxes_to_original(det_boxes[index, :count], info)
-            results.append(Detections(boxes, det_scores[index, :count], det_classes[index, :count]))
-        return results
+            if boxes.is_cuda:  # the model's time, not the launch's: wait for the kernels
+                torch.cuda.synchronize(boxes.device)
+            return [boxes, scores]
+        return list(self.session.run(None, {"images": batch}))  # type: ignore[union-attr]
+
+    def _postprocess(
+        self,
+        outputs: list[Any],
+        infos: Sequence[LetterboxInfo],
+        original_sizes: Sequence[tuple[int, int] | None],
+        postprocess: PostprocessConfig | None,
+    ) -> list[Detections]:
+        """NMS (or the graph's), the score threshold once, and each image's boxes mapped once to its original pixels."""
+        config = postprocess or self.postprocess
+        if self.engine == "torch":
+            found = postprocess_torch(outputs[0], outputs[1], config)
+        elif not self.onnx_has_nms:
+            found = postprocess_numpy(outputs[0], outputs[1], config)
+        else:
+            num_detections, det_boxes, det_scores, det_classes = outputs
+            found = []
+            for index in range(len(infos)):
+                count = int(num_detections[index, 0])
+                # The graph applied its own score threshold; a caller's threshold, which may be higher, comes on top.
+                keep = det_scores[index, :count] > (postprocess.conf_threshold if postprocess else -1.0)
+                found.append(
+                    Detections(
+                        det_boxes[index, :count][keep],
+                        det_scores[index, :count][keep],
+                        det_classes[index, :count][keep],
+                    )
+                )
+        return [
+            Detections(_to_original(item.boxes, info, size), item.scores, item.class_ids)
+            for item, info, size in zip(found, infos, original_sizes, strict=True)
+        ]
+
+
+@dataclass
+class Prediction:
+    """What `Predictor.predict_timed` returns.
+
+    Attributes:
+        detections: one Detections per image, boxes (N, 4) xyxy in original-image pixels.
+        timings: milliseconds of the batch's stages: "preprocess_ms" (decoding, letterbox, batching), "model_ms"
+            (the model or ONNX graph alone) and "postprocess_ms" (NMS and mapping the boxes back).
+    """
+
+    detections: list[Detections]
+    timings: dict[str, float]
+
+
+def _to_original(boxes: np.ndarray, info: LetterboxInfo, original_size: tuple[int, int] | None) -> np.ndarray:
+    """(N, 4) xyxy in input pixels → xyxy in original-image pixels: the letterbox's inverse, then, for an image
+    decoded at reduced scale, its per-axis ratio to the full-size photo (`original_size`, (H, W))."""
+    boxes = boxes_to_original(np.asarray(boxes, dtype=np.float32), info)
+    if original_size is None or tuple(original_size) == tuple(info.original_size):
+        return boxes
+    (height, width), (original_h, original_w) = info.original_size, original_size
+    return boxes * np.array([original_w / width, original_h / height] * 2, dtype=np.float32)
 
 
 def _first_line(error: BaseException) -> str:

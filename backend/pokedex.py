@@ -38,6 +38,7 @@ from sqlalchemy.orm import Session
 from backend.catalog import ModelScore
 from backend.inference import Predictor
 from backend.inference import decode_photo as decode_capped
+from backend.palette import palette_rgb as palette_colour
 from backend.processing import PostprocessConfig
 from backend.store.models import Project, project_classes
 from backend.training.engine import EVAL_POSTPROCESS
@@ -51,21 +52,6 @@ CROP_MAX_SIDE = 160
 # misplaces most objects of a new photo; the same model trained a few more minutes is usually past it.
 STILL_LEARNING_MAP50 = 0.3
 CONTINUE_PARAM = "continue"  # /train?continue=<run folder name>: the Train page continues that run
-# Distinct on a photo and on white text: Sasha Trubetskoy's 20 distinct colours, the first twelve.
-PALETTE = (
-    (230, 25, 75),
-    (60, 180, 75),
-    (0, 130, 200),
-    (245, 130, 48),
-    (145, 30, 180),
-    (70, 240, 240),
-    (240, 50, 230),
-    (210, 245, 60),
-    (250, 190, 212),
-    (0, 128, 128),
-    (170, 110, 40),
-    (128, 0, 0),
-)
 
 
 @dataclass(frozen=True)
@@ -124,10 +110,6 @@ class PokedexResult:
 # ----------------------------------------------------------------------------------------------------------------
 # Dex entries
 # ----------------------------------------------------------------------------------------------------------------
-
-
-def palette_colour(index: int) -> tuple[int, int, int]:
-    return PALETTE[index % len(PALETTE)]
 
 
 def _hex_colour(value: str | None) -> tuple[int, int, int] | None:
@@ -264,28 +246,6 @@ def encode_display(image: Image.Image, image_format: str = "JPEG", quality: int 
 # ----------------------------------------------------------------------------------------------------------------
 
 
-class _TimedMethod:
-    """Stands in for an object and times its calls of one method, so the model run is timed apart from the pre-
-    and post-processing that `Predictor.predict` does around it (which stays the one implementation of both)."""
-
-    def __init__(self, target: Any, method: str):
-        self._target, self._method, self.seconds = target, method, 0.0
-
-    def __getattr__(self, name: str) -> Any:
-        attribute = getattr(self._target, name)
-        if name != self._method:
-            return attribute
-
-        def timed(*args: Any, **kwargs: Any) -> Any:
-            start = time.perf_counter()
-            try:
-                return attribute(*args, **kwargs)
-            finally:
-                self.seconds += time.perf_counter() - start
-
-        return timed
-
-
 def detect(
     predictor: Predictor,
     image_bytes: bytes,
@@ -320,22 +280,13 @@ def detect(
     pixels, original_size = decode_photo(image_bytes, max(*predictor.input_size, display_max_side), name=name)
     timings["decode_ms"] = (time.perf_counter() - start) * 1e3
 
-    attribute, method = ("model", "predict_boxes") if predictor.engine == "torch" else ("session", "run")
-    timed = _TimedMethod(getattr(predictor, attribute), method)
-    thresholds = page_postprocess(conf)
-    # A shallow copy with the timed stand-in and the page's threshold: the shared (cached) predictor stays as is.
-    run = dataclasses.replace(predictor, postprocess=thresholds, **{attribute: timed})
-    predict_start = time.perf_counter()
-    (found,) = run.predict([pixels])  # boxes in decoded pixels
-    timings["predict_ms"] = (time.perf_counter() - predict_start) * 1e3
-    timings["infer_ms"] = timed.seconds * 1e3
-
-    keep = found.scores > conf  # an NMS graph applied its own threshold, which may be lower
-    decoded_h, decoded_w = pixels.shape[:2]
-    original_h, original_w = original_size
-    to_original = np.array([original_w / decoded_w, original_h / decoded_h] * 2, dtype=np.float32)
-    boxes = found.boxes[keep] * to_original
-    scores, class_ids = found.scores[keep], found.class_ids[keep]
+    # The page's threshold for this call only: the shared (cached) predictor stays as it is. Its boxes come back
+    # in original-image pixels, mapped once from the model input, and above `conf` (also from an NMS graph).
+    prediction = predictor.predict_timed([pixels], postprocess=page_postprocess(conf), original_sizes=[original_size])
+    timings["infer_ms"] = prediction.timings["model_ms"]
+    timings["predict_ms"] = sum(prediction.timings.values())
+    (found,) = prediction.detections
+    boxes, scores, class_ids = found.boxes, found.scores, found.class_ids
 
     draw_start = time.perf_counter()
     display, display_scale = _display_copy(pixels, original_size, display_max_side)

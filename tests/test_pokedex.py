@@ -510,3 +510,47 @@ def test_a_corrupt_or_foreign_onnx_is_one_clear_error(model_path, tmp_path):
     assert completed.stderr.startswith(f"yolodex: error: {random_bytes} is not a valid ONNX model (")
     assert len(completed.stderr.strip().splitlines()) == 1
     assert Predictor.from_path(model_path).class_names == list(CLASS_NAMES)  # the good model still loads
+
+
+def test_predictor_reports_its_stage_timings_and_takes_a_per_call_threshold(predictor):
+    pixels = smooth_photo((200, 120), seed=7)
+    prediction = predictor.predict_timed([pixels], postprocess=PostprocessConfig(conf_threshold=CONF))
+    assert set(prediction.timings) == {"preprocess_ms", "model_ms", "postprocess_ms"}
+    assert all(value > 0 for value in prediction.timings.values())
+    (expected,) = with_conf(predictor, CONF).predict([pixels])
+    (found,) = prediction.detections
+    assert len(found) == len(expected) > 0
+    np.testing.assert_array_equal(found.boxes, expected.boxes)
+    assert predictor.postprocess.conf_threshold != CONF  # the call's threshold did not change the predictor
+
+
+def test_predictor_maps_a_reduced_decode_to_the_full_size_photo_per_axis(predictor):
+    pixels = smooth_photo((101, 61), seed=8)  # e.g. a 403x243 photo decoded at about 1/4: the ratios differ per axis
+    (on_pixels,) = with_conf(predictor, CONF).predict([pixels])
+    (on_full,) = predictor.predict_timed(
+        [pixels], postprocess=PostprocessConfig(conf_threshold=CONF), original_sizes=[(243, 403)]
+    ).detections
+    assert len(on_full) == len(on_pixels) > 0
+    np.testing.assert_allclose(on_full.boxes, on_pixels.boxes * np.array([403 / 101, 243 / 61] * 2), rtol=1e-6)
+    with pytest.raises(ValueError, match="original sizes"):
+        predictor.predict_timed([pixels], original_sizes=[(243, 403), (1, 1)])
+
+
+def test_detect_applies_the_threshold_to_a_graph_with_nms_inside(tmp_path):
+    graph_conf = 0.2
+    path = export_onnx(
+        detector_with_spread_scores(),
+        tmp_path / "nms.onnx",
+        imgsz=IMGSZ,
+        class_names=CLASS_NAMES,
+        with_nms=True,
+        postprocess=PostprocessConfig(conf_threshold=graph_conf),
+    )
+    nms_predictor = Predictor.from_path(path)
+    assert nms_predictor.onnx_has_nms
+    data = encode(smooth_photo((200, 120)), "PNG")
+    everything = detect(nms_predictor, data, graph_conf)
+    strict = detect(nms_predictor, data, 0.6)
+    assert (everything.scores <= 0.6).any()  # the graph's own threshold lets lower scores through
+    assert len(strict) > 0 and (strict.scores > 0.6).all()
+    np.testing.assert_array_equal(strict.boxes, everything.boxes[everything.scores > 0.6])

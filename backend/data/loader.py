@@ -34,6 +34,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from backend.data.augment import MOSAIC_TILES, augment_sample, default_pipeline, uses_mosaic
 from backend.data.records import DatasetError, ImageRecord
+from backend.palette import palette_rgb
 from backend.processing import PAD_VALUE, ImageLoadError, check_input_size, letterbox, load_image
 
 logger = logging.getLogger(__name__)
@@ -394,22 +395,6 @@ def set_loader_epoch(loader: DataLoader, epoch: int) -> None:
     loader.dataset.set_epoch(epoch)
 
 
-_PALETTE = [
-    (230, 25, 75),
-    (60, 180, 75),
-    (255, 225, 25),
-    (0, 130, 200),
-    (245, 130, 48),
-    (145, 30, 180),
-    (70, 240, 240),
-    (240, 50, 230),
-    (210, 245, 60),
-    (250, 190, 212),
-    (0, 128, 128),
-    (170, 110, 40),
-]
-
-
 def render_augmented_samples(
     records: list[ImageRecord],
     class_names: Sequence[str],
@@ -443,7 +428,7 @@ def render_augmented_samples(
         image, boxes, labels = dataset[index]
         image = image.copy()
         for box, label in zip(boxes, labels):
-            colour = _PALETTE[int(label) % len(_PALETTE)]
+            colour = palette_rgb(int(label))
             x1, y1, x2, y2 = (round(float(value)) for value in box)
             cv2.rectangle(image, (x1, y1), (x2 - 1, y2 - 1), colour, 1, cv2.LINE_AA)
             name = class_names[int(label)] if 0 <= int(label) < len(class_names) else str(int(label))

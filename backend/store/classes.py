@@ -28,6 +28,7 @@ from typing import Any
 from sqlalchemy import and_, func, select, update
 from sqlalchemy.orm import Session
 
+from backend.palette import PALETTE, palette_hex
 from backend.store.models import (
     Annotation,
     Image,
@@ -40,31 +41,14 @@ from backend.store.models import (
 
 COLOUR_PATTERN = re.compile(r"^#[0-9a-fA-F]{6}$")
 
-# Distinct, readable on photos; used in class-index order (cycling) for a class without a colour of its own (Label
-# Studio's labeling config, the Project page).
-DEFAULT_COLOURS = (
-    "#e6194b",
-    "#3cb44b",
-    "#4363d8",
-    "#f58231",
-    "#911eb4",
-    "#42d4f4",
-    "#f032e6",
-    "#bfef45",
-    "#fabed4",
-    "#469990",
-    "#dcbeff",
-    "#9a6324",
-    "#800000",
-    "#aaffc3",
-    "#808000",
-    "#000075",
-)
+# Used in class-index order (cycling) for a class without a colour of its own (Label Studio's labeling config,
+# the Project page): the app's one palette.
+DEFAULT_COLOURS = PALETTE
 
 
 def palette_colour(index: int) -> str:
     """The colour a class without one of its own shows at label `index`."""
-    return DEFAULT_COLOURS[index % len(DEFAULT_COLOURS)]
+    return palette_hex(index)
 
 
 class ClassError(ValueError):
