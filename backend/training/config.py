@@ -10,6 +10,8 @@ DEFAULT_LR = {"s": 5e-4, "m": 4e-4, "l": 4e-4}
 # From random initialisation twice that: on raccoon (bench/train.py, S at 320, 10 minutes on 2 CPU cores) 1e-3 gave
 # mAP50-95 0.231 against 0.193 with 5e-4.
 FROM_SCRATCH_LR_FACTOR = 2.0
+# The loss's named terms, as every "step" event and metrics.jsonl line carries them (torch-free: the pages read it).
+LOSS_TERMS = ("loss", "loss_cls", "loss_iou", "loss_dfl")
 
 
 class TrainingError(RuntimeError):

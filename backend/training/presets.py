@@ -19,8 +19,7 @@ from typing import Any
 from backend.files import cut_to_bytes
 from backend.models.download import COCO_WEIGHTS_LICENCE_NOTE, OFFICIAL_COCO_WEIGHTS
 from backend.runs import RunFolder
-from backend.training.config import TrainConfig
-from backend.training.engine import LOSS_TERMS
+from backend.training.config import LOSS_TERMS, TrainConfig
 
 DEVICES = ("auto", "cpu", "cuda")
 COCO_WEIGHTS = "coco"
