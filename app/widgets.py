@@ -15,6 +15,7 @@ from sqlalchemy import select
 from sqlalchemy.engine import Engine
 
 from app.navigation import app_pages
+from backend.jobs import api as jobs_api
 from backend.overview import last_active_project
 from backend.settings import Settings, get_settings
 from backend.store.db import describe_error, session_scope, shared_engine
@@ -113,3 +114,68 @@ def show_outcome(state_key: str) -> None:
     if outcome:
         level, text = outcome
         {"success": st.success, "info": st.info, "warning": st.warning}.get(level, st.error)(text)
+
+
+def metrics_row(figures: dict[str, Any]) -> None:
+    """One `st.metric` per (label, value), side by side."""
+    for column, (label, value) in zip(st.columns(len(figures)), figures.items()):
+        column.metric(label, value)
+
+
+def outcome_of(title: str, action: Callable[[], dict[str, Any]], *, state_key: str) -> dict[str, Any] | None:
+    """Runs an action that returns {"outcome": (level, text), ...}; keeps that outcome (or the error, in the words of
+    `run_and_report`) for the page to show after its rerun. Returns the result, or None on error."""
+    try:
+        result = action()
+    except Exception as error:  # shown on the page; the page keeps working
+        logger.exception("%s failed", title)
+        st.session_state[state_key] = ("error", f"{title} failed: {describe_error(error)}")
+        return None
+    st.session_state[state_key] = result["outcome"]
+    return result
+
+
+def live_job(job_id: int, settings: Settings, *, render: Callable[[Any], None], cancel_key: str) -> Any:
+    """A job's banner, progress and result (`render(job)`), refreshed every 2 s while it runs, with a Cancel button
+    outside the timed fragment (a click inside one can be lost). Returns the job as it is now; None when it is gone."""
+    try:
+        active = jobs_api.get_job(job_id, settings).active
+    except ValueError:
+        return None
+
+    @st.fragment(run_every=2.0 if active else None)
+    def live() -> None:
+        job = jobs_api.get_job(job_id, settings)
+        st.markdown(f"**{job.kind.capitalize()} job #{job.id}: {job.state}**. {job.message} (all jobs: [Jobs](/jobs))")
+        st.progress(min(max(job.progress or 0.0, 0.0), 1.0))
+        if job.error:
+            st.error(job.error)
+        render(job)
+        if active and not job.active:
+            st.rerun()
+
+    live()
+    st.button("Cancel job", key=cancel_key, disabled=not active, on_click=lambda: jobs_api.cancel(job_id, settings))
+    return jobs_api.get_job(job_id, settings)
+
+
+def pager(page: int, pages: int, total: int, *, key: str, noun: str = "image") -> None:
+    """Previous / page number / Next and "Page 2 of 5 · 97 images"; the page number lives in `st.session_state[key]`
+    (the caller clamps it to 1..pages before drawing)."""
+
+    def step(delta: int) -> None:
+        st.session_state[key] = st.session_state.get(key, 1) + delta
+
+    previous, number, following, summary = st.columns([1, 1, 1, 4])
+    prefix = key.removesuffix("_page")
+    previous.button("Previous", key=f"{prefix}_previous", on_click=step, args=(-1,), disabled=page <= 1)
+    number.number_input("Page", 1, pages, key=key, label_visibility="collapsed")
+    following.button("Next", key=f"{prefix}_next", on_click=step, args=(1,), disabled=page >= pages)
+    summary.markdown(f"Page {page} of {pages} · {total} {noun}{'' if total == 1 else 's'}")
+
+
+def image_grid(pictures: list[tuple[Any, str]], columns: int) -> None:
+    """Images (anything `st.image` takes) with their captions, `columns` a row."""
+    for start in range(0, len(pictures), columns):
+        for column, (picture, caption) in zip(st.columns(columns), pictures[start : start + columns]):
+            column.image(picture, caption=caption)
