@@ -16,7 +16,8 @@ from backend.jobs import api as jobs
 from backend.jobs import outcome
 from backend.settings import Settings
 from backend.store.db import session_scope, shared_engine
-from backend.training import estimate, presets
+from backend.training import estimate as estimates
+from backend.training import presets
 from backend.training.config import TrainingError
 from backend.training.world import visible_gpus
 
@@ -46,8 +47,8 @@ class TimeEstimate:
     """What the page says about an epoch's time: `estimate` (None when unknown), `speed_key` (None when the
     settings cannot train here) and the reason there is none."""
 
-    estimate: estimate.Estimate | None
-    speed_key: estimate.SpeedKey | None
+    estimate: estimates.Estimate | None
+    speed_key: estimates.SpeedKey | None
     problem: str | None = None
 
 
@@ -55,15 +56,15 @@ def time_estimate(
     settings: Settings, preset: presets.TrainPreset, imgsz: int, batch: int, device: str, version: Any
 ) -> TimeEstimate:
     try:
-        key = estimate.speed_key(preset.size, int(imgsz), int(batch), device)
+        key = estimates.speed_key(preset.size, int(imgsz), int(batch), device)
     except TrainingError as error:  # e.g. cuda chosen on a machine without a GPU: the job would say the same
         return TimeEstimate(None, None, f"No time estimate: {error}")
     min_samples = presets.train_config("", preset).min_samples
     folder = version.folder if version is not None else ""
-    return TimeEstimate(estimate.estimate_for(settings.storage, settings.runs_dir, folder, key, min_samples), key)
+    return TimeEstimate(estimates.estimate_for(settings.storage, settings.runs_dir, folder, key, min_samples), key)
 
 
-def no_estimate_text(preset: presets.TrainPreset, imgsz: int, batch: int, key: estimate.SpeedKey) -> str:
+def no_estimate_text(preset: presets.TrainPreset, imgsz: int, batch: int, key: estimates.SpeedKey) -> str:
     return (
         f"No time estimate yet: no earlier run here trained YOLO-NAS {preset.name} at {int(imgsz)} px, batch "
         f"{int(batch)} on {key.device} ({key.precision}), and this machine's speed was not measured."
@@ -72,7 +73,7 @@ def no_estimate_text(preset: presets.TrainPreset, imgsz: int, batch: int, key: e
 
 def measure_help() -> str:
     return (
-        f"Times {estimate.PROBE_STEPS} training steps of the model on random images (the first one warms up): "
+        f"Times {estimates.PROBE_STEPS} training steps of the model on random images (the first one warms up): "
         "about 20 s for S at 320 px, batch 16, on a 2-core CPU; more on a busy machine or for a larger model."
     )
 
