@@ -27,7 +27,8 @@ from sqlalchemy import event, select
 
 from backend.data.synthetic import generate_synthetic_dataset
 from backend.ingest.service import freeze
-from backend.jobs import api, runner, tasks
+from backend.jobs import api, dispatch, kinds, runner, tasks
+from backend.jobs import context as job_context
 from backend.settings import Settings
 from backend.store import db
 from backend.store.db import session_scope
@@ -124,11 +125,11 @@ def test_train_job_succeeds_with_metrics_progress_run_row_then_evaluates_and_qua
     assert evaluation.project == "shapes"  # from the run its model is in: the params name no project
 
     # Quantize, cancelled once the export stage began: the pipeline stops before its next stage.
-    def stop_after_export(context: runner.JobContext) -> bool:
-        context.stop_seen = context.progress_value >= runner.QUANTIZE_STAGES["export"]
+    def stop_after_export(context: job_context.JobContext) -> bool:
+        context.stop_seen = context.progress_value >= kinds.QUANTIZE_STAGES["export"]
         return context.stop_seen
 
-    monkeypatch.setattr(runner.JobContext, "stop_requested", stop_after_export)
+    monkeypatch.setattr(job_context.JobContext, "stop_requested", stop_after_export)
     params = {"run_dir": str(run_dir), "options": {"method": "ptq", "calib_images": 2}, "out": str(tmp_out(run_dir))}
     quantize = api.get_job(api.submit("quantize", params, settings=settings), settings)
     assert quantize.state == "cancelled", (quantize.error, quantize.traceback)
@@ -164,7 +165,7 @@ def test_log_lines_of_the_jobs_thread_only_land_in_its_tail(tmp_path, immediate,
         other.join()
         raise ValueError("the model file is broken")
 
-    monkeypatch.setitem(runner.RUNNERS, "evaluate", noisy)
+    monkeypatch.setitem(kinds.HANDLERS, "evaluate", noisy)
     job = api.get_job(api.submit("evaluate", {"model": "m.pt", "data": "d"}, settings=settings), settings)
     assert job.state == "failed" and job.error == "ValueError: the model file is broken"
     assert "in noisy" in job.traceback
@@ -188,7 +189,7 @@ def test_progress_writes_are_throttled(tmp_path):
 
     event.listen(engine, "before_cursor_execute", count)
     try:
-        context = runner.JobContext(engine, job_id)
+        context = job_context.JobContext(engine, job_id)
         context.on_training_event("train_start", epochs=1, steps_per_epoch=500, total_steps=500, time_budget_s=None)
         started = time.monotonic()
         for step in range(1, 501):
@@ -199,11 +200,11 @@ def test_progress_writes_are_throttled(tmp_path):
     finally:
         event.remove(engine, "before_cursor_execute", count)
     # At most one write per flush interval (plus the first and the forced last), never one per step.
-    assert len(writes) <= 2 * (elapsed / runner.FLUSH_INTERVAL_S + 3), (len(writes), elapsed)
+    assert len(writes) <= 2 * (elapsed / job_context.FLUSH_INTERVAL_S + 3), (len(writes), elapsed)
     view = api.get_job(job_id, settings)
     assert view.progress == 0.99 and view.message.startswith("epoch 1/1, step 500/500")
     steps = [record for record in api.job_metrics(job_id, settings) if record["event"] == "step"]
-    assert 1 <= len(steps) <= elapsed / runner.STEP_METRIC_INTERVAL_S + 2 and steps[-1]["step"] == 500
+    assert 1 <= len(steps) <= elapsed / job_context.STEP_METRIC_INTERVAL_S + 2 and steps[-1]["step"] == 500
 
 
 def test_a_locked_database_puts_progress_off_and_the_jobs_end_waits_for_the_lock(tmp_path):
@@ -217,7 +218,7 @@ def test_a_locked_database_puts_progress_off_and_the_jobs_end_waits_for_the_lock
         session.add(job)
         session.flush()
         job_id = job.id
-    context = runner.JobContext(engine, job_id, flush_interval_s=0.0)
+    context = job_context.JobContext(engine, job_id, flush_interval_s=0.0)
     writer = sqlite3.connect(settings.database_url.removeprefix("sqlite:///"), isolation_level=None,
                              check_same_thread=False)  # fmt: skip
     writer.execute("BEGIN IMMEDIATE")
@@ -229,7 +230,7 @@ def test_a_locked_database_puts_progress_off_and_the_jobs_end_waits_for_the_lock
         released.set()
 
     # Released by a timer, so a progress write that waited for the lock (the usual 10 s) would land and not be put off.
-    timer = threading.Timer(runner.LOCKED_FLUSH_WAIT_MS / 1000 * 15, release)
+    timer = threading.Timer(job_context.LOCKED_FLUSH_WAIT_MS / 1000 * 15, release)
     timer.start()
     try:
         context.metric("stage", n=1)
@@ -256,12 +257,12 @@ def test_a_locked_database_puts_progress_off_and_the_jobs_end_waits_for_the_lock
 def test_cancel_of_a_queued_job_revokes_it_and_it_never_runs(tmp_path, monkeypatch):
     monkeypatch.delenv("YOLODEX_QUEUE_IMMEDIATE", raising=False)
     settings = make_settings(tmp_path)
-    assert settings.queue_url != tasks._QUEUE_URL and not tasks.huey.immediate
+    assert settings.queue_url != dispatch.QUEUE_URL and not tasks.huey.immediate
     ran = []
-    monkeypatch.setitem(runner.RUNNERS, "labeling_sync", lambda *args: ran.append(args) or {})
+    monkeypatch.setitem(kinds.HANDLERS, "labeling_sync", lambda *args: ran.append(args) or {})
     first = api.submit("labeling_sync", {"project": "p"}, settings=settings)
     second = api.submit("labeling_sync", {"project": "p"}, settings=settings)
-    queue, _ = tasks._queue_for(settings)
+    queue, _ = dispatch.queue_for(settings)
     assert queue.pending_count() == 2 and api.get_job(first, settings).state == "queued"
 
     job = api.cancel(first, settings)

@@ -25,7 +25,8 @@ from sqlalchemy import select, update
 from sqlalchemy.exc import OperationalError
 
 from backend.data.synthetic import generate_synthetic_dataset
-from backend.jobs import api, runner
+from backend.jobs import api, lifecycle, runner
+from backend.jobs import context as job_context
 from backend.settings import Settings
 from backend.store import db
 from backend.store.db import session_scope
@@ -169,7 +170,7 @@ def test_a_silent_job_is_interrupted_and_a_beating_one_is_not(tmp_path, monkeypa
     racing = running_row(settings, started_at=now - timedelta(minutes=5), heartbeat_at=stale_beat)
     with session_scope(api.job_engine(settings)) as session:
         session.execute(update(Job).where(Job.id == racing).values(heartbeat_at=now))
-    assert not runner.mark_interrupted(racing, settings, "dead?", heartbeat_at=stale_beat)
+    assert not lifecycle.mark_interrupted(racing, settings, "dead?", heartbeat_at=stale_beat)
     assert api.get_job(racing, settings).state == "running"
 
 
@@ -212,14 +213,14 @@ def test_the_heartbeat_thread_beats_while_the_job_runs_and_stops_after(tmp_path,
     job_id = running_row(settings, started_at=datetime.now(UTC))
     with session_scope(api.job_engine(settings)) as session:
         session.execute(update(Job).where(Job.id == job_id).values(worker_pid=os.getpid()))
-    heartbeat = runner.Heartbeat(api.job_engine(settings), job_id, interval_s=0.05)
+    heartbeat = lifecycle.Heartbeat(api.job_engine(settings), job_id, interval_s=0.05)
     heartbeat.start()
     first = wait_for(lambda: api.get_job(job_id, settings).heartbeat_at, 10, "a first beat", interval=0.02)
     wait_for(lambda: api.get_job(job_id, settings).heartbeat_at > first, 10, "a second beat", interval=0.02)
     heartbeat.stop()
     assert not heartbeat._thread.is_alive()
     # A row that is no longer this process's running job ends the thread by itself.
-    assert runner.mark_interrupted(job_id, settings, "stopped")
+    assert lifecycle.mark_interrupted(job_id, settings, "stopped")
     assert not heartbeat.beat()
 
 
@@ -229,13 +230,13 @@ def test_a_live_worker_whose_job_was_marked_interrupted_stops_it_and_leaves_the_
     job_id = running_row(settings, started_at=datetime.now(UTC))
     with session_scope(engine) as session:
         session.execute(update(Job).where(Job.id == job_id).values(worker_pid=os.getpid()))
-    context = runner.JobContext(engine, job_id, flush_interval_s=0.0)
-    heartbeat = runner.Heartbeat(engine, job_id, interval_s=0.05, on_lost=context.lose)
+    context = job_context.JobContext(engine, job_id, flush_interval_s=0.0)
+    heartbeat = lifecycle.Heartbeat(engine, job_id, interval_s=0.05, on_lost=context.lose)
     heartbeat.start()
     try:
         assert not context.stop_requested()
         # Another machine judged it dead (say this one's database link was down longer than the timeout).
-        assert runner.mark_interrupted(job_id, settings, "interrupted: silent")
+        assert lifecycle.mark_interrupted(job_id, settings, "interrupted: silent")
         wait_for(context.stop_requested, 10, "the job told to stop", interval=0.02)
         context.progress(0.5, message="still training")  # what the job's thread writes before it sees the stop
         context.flush(force=True)
@@ -247,8 +248,8 @@ def test_a_live_worker_whose_job_was_marked_interrupted_stops_it_and_leaves_the_
     ended = running_row(settings, started_at=datetime.now(UTC))
     with session_scope(engine) as session:
         session.execute(update(Job).where(Job.id == ended).values(worker_pid=os.getpid()))
-    context = runner.JobContext(engine, ended)
-    heartbeat = runner.Heartbeat(engine, ended, interval_s=0.05, on_lost=context.lose)
+    context = job_context.JobContext(engine, ended)
+    heartbeat = lifecycle.Heartbeat(engine, ended, interval_s=0.05, on_lost=context.lose)
     heartbeat.start()
     runner._finish(context, "succeeded", message="done")
     wait_for(lambda: not heartbeat._thread.is_alive(), 10, "the heartbeat thread to end", interval=0.02)
@@ -266,7 +267,7 @@ def test_heartbeats_follow_the_database_clock_not_a_skewed_machine_clock(tmp_pat
     behind = datetime.now(UTC) - timedelta(hours=2)
     monkeypatch.setattr(api, "utc_now", lambda: behind)
     monkeypatch.setattr(runner, "utc_now", lambda: behind)
-    assert runner.Heartbeat(engine, job_id).beat()
+    assert lifecycle.Heartbeat(engine, job_id).beat()
     beat = api.get_job(job_id, settings).heartbeat_at
     assert abs((beat - datetime.now(UTC)).total_seconds()) < 60, beat  # the server's clock
     assert api.interrupt_stale_jobs(settings) == [] and api.get_job(job_id, settings).state == "running"
@@ -277,4 +278,4 @@ def test_bad_heartbeat_settings_say_what_to_do(monkeypatch):
     with pytest.raises(ValueError, match="YOLODEX_JOB_STALE_S='soon' is not a number of seconds"):
         api.stale_after_s()
     monkeypatch.setenv("YOLODEX_JOB_HEARTBEAT_S", "")
-    assert api.heartbeat_interval_s() == api.DEFAULT_HEARTBEAT_S
+    assert api.heartbeat_interval_s() == lifecycle.DEFAULT_HEARTBEAT_S

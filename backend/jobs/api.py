@@ -1,7 +1,9 @@
 """The jobs API the app and the CLI use: submit a job, read it (state, progress, log tail, metrics), cancel, resume.
 
 A job is a row of the `jobs` table (`backend.store.models.Job`) plus a huey task `run_job(job_id)` that runs it
-(`backend.jobs.runner`). The row is the truth the app reads; the queue only carries the id. States:
+(`backend.jobs.dispatch` queues it, `backend.jobs.runner` runs it, `backend.jobs.lifecycle` moves it from state to
+state, `backend.jobs.kinds` holds what each kind does). The row is the truth the app reads; the queue only carries
+the id. States:
 
     queued ──claim──▶ running ──▶ succeeded | failed | cancelled | interrupted
       └──cancel──▶ cancelled
@@ -37,22 +39,31 @@ from __future__ import annotations
 
 import json
 import logging
-import math
-import os
 import re
-import socket
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, cast
 
-from sqlalchemy import CursorResult, Engine, func, select, update
-from sqlalchemy.exc import OperationalError
+from sqlalchemy import CursorResult, func, select, update
 
 from backend.files import cut_to_bytes
+from backend.jobs.lifecycle import (
+    aware,
+    heartbeat_clock,
+    heartbeat_interval_s,
+    interrupt_stale_jobs,
+    interrupt_stale_jobs_quietly,
+    job_engine,
+    pending_progress_path,
+    pid_alive,
+    stale_after_s,
+)
+from backend.runs import RunFolder
 from backend.settings import Settings, get_settings
-from backend.store.db import session_scope, shared_engine
-from backend.store.models import JOB_KINDS, JOB_STATES, Job, JobMetric, utc_now
+from backend.store.db import session_scope
+from backend.store.models import JOB_KINDS, JOB_STATES, DatasetVersion, Job, JobMetric, Project, Run, utc_now
+from backend.training.config import TrainConfig
 
 __all__ = [
     "ACTIVE",
@@ -86,9 +97,6 @@ TERMINAL = tuple(state for state in JOB_STATES if state not in ACTIVE)
 RESUMABLE = ("interrupted", "cancelled", "failed")
 STARTED_BY = "started_by"  # params key: what started a job the user did not (absent: the user)
 STARTED_BY_USER = "you"
-LOG_TAIL_LINES = 200
-DEFAULT_HEARTBEAT_S = 10.0
-DEFAULT_STALE_S = 60.0
 
 logger = logging.getLogger(__name__)
 
@@ -107,7 +115,7 @@ class JobView:
         message: one line, what it is doing now ("epoch 3/10, step 40/120").
         eta_s: seconds left, when the job can tell.
         result: the JSON result of the backend function (paths, metrics) once it succeeded (or stopped).
-        log_tail: its last `LOG_TAIL_LINES` log lines, oldest first.
+        log_tail: its last `context.LOG_TAIL_LINES` log lines, oldest first.
         project: `params["project"]`, else the project of the run or dataset version its params name.
         started_by: "you", or what started it by itself (`params["started_by"]`, e.g. "retrain loop").
         resumed_from: the job this one continues (a resumed training).
@@ -172,8 +180,7 @@ class JobView:
             self.state in RESUMABLE
             and self.resumed_by is None
             and run_dir is not None
-            and (run_dir / "last.pt").is_file()
-            and (run_dir / "config.json").is_file()
+            and RunFolder(run_dir).resumable()
         )
 
 
@@ -182,19 +189,8 @@ class JobView:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def job_engine(settings: Settings | None = None) -> Engine:
-    """The metadata database's engine, migrated once per process (`db.shared_engine`: pages poll jobs every second
-    or two)."""
-    return shared_engine((settings or get_settings()).database_url)
-
-
 def _seconds_between(start: datetime | None, end: datetime | None) -> float | None:
     return None if start is None or end is None else max(0.0, (end - start).total_seconds())
-
-
-def _aware(moment: datetime | None) -> datetime | None:
-    # SQLite hands back naive datetimes; every stored one is UTC (models.utc_now).
-    return moment.replace(tzinfo=UTC) if moment is not None and moment.tzinfo is None else moment
 
 
 def _view(job: Job, resumed_by: int | None = None) -> JobView:
@@ -206,29 +202,22 @@ def _view(job: Job, resumed_by: int | None = None) -> JobView:
         progress=job.progress,
         message=job.message or "",
         eta_s=job.eta_s,
-        created_at=_aware(job.created_at),
-        started_at=_aware(job.started_at),
-        finished_at=_aware(job.finished_at),
+        created_at=aware(job.created_at),
+        started_at=aware(job.started_at),
+        finished_at=aware(job.finished_at),
         result=job.result,
         error=job.error,
         traceback=job.traceback,
         log_tail=list(job.log_tail or []),
         cancel_requested=bool(job.cancel_requested),
         project=job.project,
-        updated_at=_aware(job.updated_at),
+        updated_at=aware(job.updated_at),
         worker_pid=job.worker_pid,
         worker_host=job.worker_host,
-        heartbeat_at=_aware(job.heartbeat_at),
+        heartbeat_at=aware(job.heartbeat_at),
         resumed_from=job.resumed_from_id,
         resumed_by=resumed_by,
     )
-
-
-def pending_progress_path(settings: Settings, job_id: int) -> Path:
-    """Where a running job puts its latest progress and message while its row cannot be written: on a SQLite file
-    a long write holds the one write lock (an import is one transaction, so an import job's own rows wait for its
-    end), and the app would otherwise see no movement until then. Removed at the job's next written report."""
-    return settings.logs_dir / "jobs" / f"{job_id}.progress.json"
 
 
 def _with_pending(view: JobView, settings: Settings) -> JobView:
@@ -316,119 +305,6 @@ def count_jobs(
         return int(session.scalar(_filtered(select(func.count()).select_from(Job), kind, project, states)) or 0)
 
 
-def heartbeat_interval_s() -> float:
-    """Seconds between two heartbeats of a running job (`YOLODEX_JOB_HEARTBEAT_S`, default 10)."""
-    return _seconds("YOLODEX_JOB_HEARTBEAT_S", DEFAULT_HEARTBEAT_S)
-
-
-def stale_after_s() -> float:
-    """Seconds without a heartbeat after which a running job counts as dead (`YOLODEX_JOB_STALE_S`, default 60)."""
-    return _seconds("YOLODEX_JOB_STALE_S", DEFAULT_STALE_S)
-
-
-def _seconds(name: str, default: float) -> float:
-    text = os.environ.get(name, "").strip()
-    if not text:
-        return default
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1.0
-    if not (value > 0 and math.isfinite(value)):
-        raise ValueError(f"{name}={text!r} is not a number of seconds > 0: fix it or unset it for {default:g}.")
-    return value
-
-
-def heartbeat_clock(engine: Engine) -> Any:
-    """What a heartbeat stamps: the database server's clock where the database is a server (`now()`), so workers
-    on machines whose clocks disagree are all judged by one clock; this machine's for a SQLite file (one machine)."""
-    return utc_now() if engine.dialect.name == "sqlite" else func.now()
-
-
-def interrupt_stale_jobs(settings: Settings | None = None, *, now: datetime | None = None) -> list[int]:
-    """Marks "running" jobs whose worker stopped beating as interrupted; returns their ids.
-
-    A job is stale when its last heartbeat (or, before the first one, its start) is older than `stale_after_s()`,
-    measured by the clock that stamps heartbeats (`heartbeat_clock`) unless `now` is given. This works across
-    machines: it reads only the database. The one exception is a SQLite file (one machine), where a job whose
-    worker process is alive on this host (`pid_alive`) is alive: its beats may be waiting for the file's single
-    write lock (another process's long import), and the process table is the better witness. Cheap when nothing
-    runs (one query on an indexed column), so readers call it freely.
-    """
-    settings = settings or get_settings()
-    limit = stale_after_s()
-    engine = job_engine(settings)
-    # A plain read: no write lock, so a reader never waits behind a long import on a SQLite file (BEGIN IMMEDIATE
-    # would). `mark_interrupted` writes only if the heartbeat is still the one read here.
-    with session_scope(engine) as session:
-        rows = session.execute(
-            select(Job.id, Job.worker_host, Job.worker_pid, Job.heartbeat_at, Job.started_at).where(
-                Job.state == "running"
-            )
-        ).all()
-        if rows and now is None and engine.dialect.name != "sqlite":
-            now = _aware(session.scalar(select(func.now())))
-    now = now or datetime.now(UTC)
-    # On a SQLite file, any long write (an import) holds the only write lock and a live job's beats wait for it:
-    # there (one machine) a job of this host is alive while its process is. A server database locks rows, and a
-    # job's beats wait for nobody: its heartbeat alone says.
-    host = socket.gethostname() if engine.dialect.name == "sqlite" else None
-    stale = [
-        row
-        for row in rows
-        if _silent_s(row, now) > limit
-        and not (host and row.worker_host == host and row.worker_pid and pid_alive(row.worker_pid))
-    ]
-    if not stale:
-        return []
-    from backend.jobs.runner import mark_interrupted  # deferred: only when something died
-
-    marked = []
-    for job_id, host, pid, beat, started in stale:
-        last = _aware(beat or started)
-        reason = (
-            f"interrupted: its worker (pid {pid} on {host}) stopped sending heartbeats "
-            f"{_silent_s((job_id, host, pid, beat, started), now):.0f} s ago (last at {last:%Y-%m-%d %H:%M:%S} UTC); "
-            "resume it or start it again"
-        )
-        # Only if the heartbeat is still the one read: a worker that beat meanwhile is alive after all.
-        if mark_interrupted(job_id, settings, reason, heartbeat_at=beat):
-            marked.append(job_id)
-    return marked
-
-
-def interrupt_stale_jobs_quietly(settings: Settings | None) -> None:
-    """`interrupt_stale_jobs` for readers and starting tasks: a database that cannot take the mark now (a SQLite
-    file whose write lock another process holds past the busy timeout) must not fail the read or the task; the
-    next reader or a worker's watchdog marks the job."""
-    try:
-        interrupt_stale_jobs(settings)
-    except OperationalError as error:
-        logger.warning("could not mark silent jobs interrupted now (the database is busy): %s", error.orig or error)
-
-
-def pid_alive(pid: int) -> bool:
-    """Whether process `pid` of this host runs (a zombie, killed but not yet reaped, does not)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # someone else's process: alive
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-        return stat.rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return True  # no /proc (macOS): trust kill(0)
-
-
-def _silent_s(row: tuple, now: datetime) -> float:
-    """Seconds since a running job's last heartbeat (or its start, before the first beat); 0 when unknown."""
-    _job_id, _host, _pid, beat, started = row
-    last = _aware(beat or started)
-    return (now - last).total_seconds() if last is not None else 0.0
-
-
 def job_metrics(job_id: int, settings: Settings | None = None, *, since: int = 0) -> list[dict[str, Any]]:
     """The job's metric records after sequence number `since`, in order: {"seq": n, "event": name, **data}.
 
@@ -451,7 +327,7 @@ def job_metrics(job_id: int, settings: Settings | None = None, *, since: int = 0
 
 
 def submit(kind: str, params: dict[str, Any], *, settings: Settings | None = None) -> int:
-    """Queues a job (params per kind: the module docstring of `backend.jobs.runner`) and returns its id.
+    """Queues a job (params per kind: the module docstring of `backend.jobs.kinds`) and returns its id.
 
     With an immediate queue (`YOLODEX_QUEUE_IMMEDIATE=1`, tests) the job has run when this returns.
 
@@ -481,10 +357,10 @@ def _submit(kind: str, params: dict[str, Any], settings: Settings, resumed_from:
         session.add(job)
         session.flush()
         job_id = job.id
-    from backend.jobs import tasks  # deferred: huey opens the queue's storage
+    from backend.jobs import dispatch  # huey opens the queue's storage: only when a job is submitted
 
     try:
-        tasks.enqueue_job(job_id, settings)
+        dispatch.enqueue_job(job_id, settings)
     except Exception as error:
         with session_scope(engine, write=True) as session:
             session.execute(
@@ -502,8 +378,6 @@ PROJECT_PATH_KEYS = ("run_dir", "resume", "model")  # params that name a run fol
 def _project_of_paths(session, params: dict[str, Any], settings: Settings) -> str | None:
     """The project of the run (a folder named by `run_dir`, `resume` or `model`, or one of its parents up to the
     storage folder) or of the dataset version (`data`) that a job's params name; None when none is ours."""
-    from backend.store.models import DatasetVersion, Project, Run  # the jobs table's module; cheap
-
     storage = settings.storage.resolve()
 
     def spellings(path: Path) -> list[str]:
@@ -569,9 +443,9 @@ def cancel(job_id: int, settings: Settings | None = None) -> JobView:
             raise JobNotFound(f"there is no job {job_id}")
         task_id = job.task_id
     if revoked and task_id:
-        from backend.jobs import tasks
+        from backend.jobs import dispatch  # huey opens the queue's storage: only when a job is revoked
 
-        tasks.revoke_job(task_id, settings)
+        dispatch.revoke_job(task_id, settings)
     return get_job(job_id, settings)
 
 
@@ -623,7 +497,7 @@ def continue_training(
     if not (more_minutes and more_minutes > 0) and not (more_epochs and more_epochs > 0):
         raise ValueError("say how much longer to train: more minutes and/or more epochs (above 0)")
     folder = _absolute(run_dir, settings)
-    if not (folder / "config.json").is_file() or not (folder / "last.pt").is_file():
+    if not RunFolder(folder).resumable():
         raise ValueError(f"{folder} holds no run to continue (config.json and last.pt are needed)")
     newest = None
     for job in list_jobs(settings, kind="train", limit=500):  # newest first
@@ -685,14 +559,12 @@ def _absolute(path: str | Path, settings: Settings) -> Path:
 def _checked_train_params(params: dict[str, Any], settings: Settings) -> dict[str, Any]:
     if params.get("resume"):
         run_dir = _absolute(params["resume"], settings)
-        if not (run_dir / "config.json").is_file() or not (run_dir / "last.pt").is_file():
+        if not RunFolder(run_dir).resumable():
             raise ValueError(f"{run_dir} holds no run to resume (config.json and last.pt are needed)")
         return {**params, "resume": str(run_dir)}
     config = params.get("config")
     if not isinstance(config, dict) or not config.get("data"):
         raise ValueError('a train job needs "config": a TrainConfig dict whose "data" is a dataset folder')
-    from backend.training.config import TrainConfig  # no torch: a frozen dataclass that checks its values
-
     data = _absolute(config["data"], settings)
     TrainConfig.from_dict({**config, "data": str(data)})
     if params.get("run_dir"):
@@ -705,6 +577,6 @@ def _checked_train_params(params: dict[str, Any], settings: Settings) -> dict[st
         while run_dir.exists():
             run_dir = run_dir.with_name(f"{run_dir.name.rsplit('~', 1)[0]}~{suffix}")
             suffix += 1
-    if (run_dir / "config.json").exists() or (run_dir / "last.pt").exists():
+    if RunFolder(run_dir).holds_run():
         raise ValueError(f"{run_dir} already holds a run: resume that job, or train into another folder")
     return {**params, "config": {**config, "data": str(data)}, "run_dir": str(run_dir)}

@@ -42,3 +42,7 @@ def make_huey(settings: Settings | None = None) -> Huey:
     path = settings.queue_url.removeprefix("sqlite:///")
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     return SqliteHuey(QUEUE_NAME, filename=path, immediate=immediate)
+
+
+huey = make_huey()  # the queue of this process's environment; the consumer runs `backend.jobs.tasks.huey`, this one
+QUEUE_URL = get_settings().queue_url  # the queue `huey` was made for

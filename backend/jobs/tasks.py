@@ -1,16 +1,17 @@
-"""The queue's tasks: `run_job(job_id, where)` runs one row of the jobs table (`backend.jobs.runner`), whatever its
-kind; `labeling_poll` is a periodic task (every minute) that pulls the annotations of each synced project whose
-retrain loop the user turned on, and queues a retrain job when the loop says so (`backend.labeling.loop`).
+"""The worker's module: the queue's tasks. `run_job(job_id, where)` runs one row of the jobs table, whatever its
+kind (`backend.jobs.dispatch`, re-exported here for the consumer); `labeling_poll` is a periodic task (every minute)
+that pulls the annotations of each synced project whose retrain loop the user turned on, and queues a retrain job
+when the loop says so (`backend.labeling.loop`).
 
 The worker: `huey_consumer backend.jobs.tasks.huey -k process -w 1 -m 1`. Its settings come from its environment
 (the same `YOLODEX_*` variables as the app's); a job carries its storage folder and database URL, so a job submitted
 with explicit settings (tests, an immediate queue) runs against the same database it was recorded in.
 
 Lifecycle hooks: a starting worker marks the running jobs of dead processes on its host "interrupted"
-(`runner.recover_dead_jobs`) and resets labeling loops whose retrain died; SIGNAL_INTERRUPTED (the consumer
+(`lifecycle.recover_dead_jobs`) and resets labeling loops whose retrain died; SIGNAL_INTERRUPTED (the consumer
 stopped by SIGTERM mid-task) marks that task's job interrupted. Each worker process also runs a watchdog thread that
 marks, every heartbeat interval, the running jobs whose worker stopped sending heartbeats, on any machine
-(`api.interrupt_stale_jobs`), and each task checks the same before it starts.
+(`lifecycle.interrupt_stale_jobs`), and each task checks the same before it starts.
 
 Several workers, on one or several machines: point them all at one Redis queue, one database and one storage folder
 (a shared mount at the same path on every machine), with the same environment as the app:
@@ -32,81 +33,35 @@ import socket
 import sys
 import threading
 import time
-from dataclasses import asdict, replace
-from pathlib import Path
+from dataclasses import asdict
 from typing import Any
 
-from huey import Huey, crontab, signals
+from huey import crontab, signals
 
-from backend.jobs.queue import make_huey, on_redis
+from backend.ingest.service import open_store
+from backend.jobs import lifecycle
+from backend.jobs.api import STARTED_BY, submit
+from backend.jobs.dispatch import enqueue_job, revoke_job, run_job, settings_from
+from backend.jobs.queue import huey, on_redis
+from backend.labeling import loop
+from backend.labeling.client import LabelStudioError
+from backend.labeling.service import labeling_session
 from backend.settings import Settings, get_settings
+from backend.store.db import session_scope
+
+__all__ = [
+    "enqueue_job",
+    "huey",
+    "labeling_poll",
+    "labeling_prelabel",
+    "labeling_retrain",
+    "labeling_sync",
+    "poll_labeling",
+    "revoke_job",
+    "run_job",
+]
 
 logger = logging.getLogger(__name__)
-
-huey = make_huey()
-_QUEUE_URL = get_settings().queue_url  # the queue `huey` was made for
-_OTHER_QUEUES: dict[str, tuple[Huey, Any]] = {}
-
-
-def _where(settings: Settings) -> dict[str, str]:
-    return {"storage": str(settings.storage), "database_url": settings.database_url}
-
-
-def _settings_from(where: dict[str, str] | None) -> Settings:
-    settings = get_settings()
-    if where:
-        settings = replace(settings, storage=Path(where["storage"]), database_url=where["database_url"])
-    return settings
-
-
-def _run_job(job_id: int, where: dict[str, str] | None = None) -> None:
-    from backend.jobs.api import interrupt_stale_jobs_quietly
-    from backend.jobs.runner import execute_job
-
-    settings = _settings_from(where)
-    interrupt_stale_jobs_quietly(settings)
-    execute_job(int(job_id), settings)
-    return None  # the state is in the jobs table; a stored result would only grow the queue's storage
-
-
-run_job = huey.task(name="run_job")(_run_job)
-
-
-def _queue_for(settings: Settings) -> tuple[Huey, Any]:
-    """The huey and its `run_job` task for `settings`' queue: this module's, or one made for another queue URL."""
-    if huey.immediate or settings.queue_url == _QUEUE_URL:
-        return huey, run_job
-    if settings.queue_url not in _OTHER_QUEUES:
-        other = make_huey(settings)
-        _OTHER_QUEUES[settings.queue_url] = (other, other.task(name="run_job")(_run_job))
-    return _OTHER_QUEUES[settings.queue_url]
-
-
-def enqueue_job(job_id: int, settings: Settings) -> str:
-    """Queues the job row `job_id` (already committed as "queued"); returns the huey task id it was given.
-
-    The task id is stored on the row before the task is queued, so an immediate queue that runs it inline, or a
-    cancel right after, both find it.
-    """
-    from sqlalchemy import update
-
-    from backend.jobs.api import job_engine
-    from backend.store.db import session_scope
-    from backend.store.models import Job
-
-    queue, task = _queue_for(settings)
-    message = task.s(job_id, _where(settings))
-    with session_scope(job_engine(settings)) as session:
-        session.execute(update(Job).where(Job.id == job_id).values(task_id=message.id))
-    queue.enqueue(message)
-    return message.id
-
-
-def revoke_job(task_id: str, settings: Settings) -> None:
-    """Revokes a queued task so a worker that pops it skips it."""
-    queue, _ = _queue_for(settings)
-    if not queue.immediate:
-        queue.revoke_by_id(task_id)
 
 
 @huey.signal(signals.SIGNAL_INTERRUPTED)
@@ -114,57 +69,37 @@ def _on_interrupted(signal: str, task: Any, *_args: Any, **_kwargs: Any) -> None
     # The runner marks the job itself when the interrupt reaches it; this covers a stop outside its try block.
     if getattr(task, "name", None) != "run_job" or not task.args:
         return
-    from backend.jobs.runner import mark_interrupted
-
     job_id, where = task.args[0], task.args[1] if len(task.args) > 1 else None
-    mark_interrupted(int(job_id), _settings_from(where), "interrupted: the worker was stopped mid-job")
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Label Studio
-# ----------------------------------------------------------------------------------------------------------------
+    lifecycle.mark_interrupted(int(job_id), settings_from(where), "interrupted: the worker was stopped mid-job")
 
 
 def labeling_sync(project_name: str) -> int:
     """Queues a sync job; returns its id."""
-    from backend.jobs.api import submit
-
     return submit("labeling_sync", {"project": project_name})
 
 
 def labeling_prelabel(project_name: str, model_path: str, only_unlabeled: bool = True) -> int:
     """Queues a pre-label job; returns its id."""
-    from backend.jobs.api import submit
-
     return submit("labeling_prelabel", {"project": project_name, "model": model_path, "only_unlabeled": only_unlabeled})
 
 
 def labeling_retrain(project_name: str) -> int:
     """Queues a retrain job (what the loop does when enough new annotations arrived); returns its id. The job says
     the loop started it (`started_by`), so the Jobs page tells it from the ones the user started."""
-    from backend.jobs.api import STARTED_BY, submit
-    from backend.labeling.loop import STARTED_BY as LOOP
-
-    return submit("labeling_retrain", {"project": project_name, STARTED_BY: LOOP})
+    return submit("labeling_retrain", {"project": project_name, STARTED_BY: loop.STARTED_BY})
 
 
 def poll_labeling() -> list[dict[str, Any]]:
     """One poll of every synced project whose loop is on (what the periodic task runs; a project whose loop is off
     is not visited: nothing is pulled or queued for it); Label Studio being down skips the poll."""
-    from backend.ingest.service import open_store
-    from backend.labeling.client import LabelStudioError
-    from backend.labeling.loop import check_loop, synced_projects
-    from backend.labeling.service import labeling_session
-    from backend.store.db import session_scope
-
     engine, _ = open_store()
     with session_scope(engine) as session:
-        names = [project.name for project in synced_projects(session, loop_on=True)]
+        names = [project.name for project in loop.synced_projects(session, loop_on=True)]
     checks = []
     for name in names:
         try:
             with labeling_session(name) as (session, _settings, project, client):
-                check = check_loop(session, project, client, enqueue=functools.partial(labeling_retrain, name))
+                check = loop.check_loop(session, project, client, enqueue=functools.partial(labeling_retrain, name))
                 checks.append({"project": name, **asdict(check)})
         except LabelStudioError as error:
             logger.warning("labeling poll of %r skipped: %s", name, error)
@@ -178,13 +113,11 @@ def labeling_poll() -> list[dict[str, Any]]:
 
 
 def _watch_heartbeats(settings: Settings) -> None:
-    from backend.jobs.api import heartbeat_interval_s, interrupt_stale_jobs
-
-    interval = heartbeat_interval_s()
+    interval = lifecycle.heartbeat_interval_s()
     while True:
         time.sleep(interval)
         try:
-            dead = interrupt_stale_jobs(settings)
+            dead = lifecycle.interrupt_stale_jobs(settings)
         except Exception as error:  # the database briefly away: try again next time
             logger.warning("the heartbeat watchdog could not check the jobs: %s", error)
             continue
@@ -213,12 +146,6 @@ def _log_backend_to_stderr() -> None:
 
 @huey.on_startup()
 def _recover() -> None:
-    from backend.ingest.service import open_store
-    from backend.jobs.api import heartbeat_interval_s, stale_after_s
-    from backend.jobs.runner import recover_dead_jobs
-    from backend.labeling.loop import recover_interrupted
-    from backend.store.db import session_scope
-
     _log_backend_to_stderr()
     settings = get_settings()
     redis = on_redis(settings)
@@ -228,20 +155,20 @@ def _recover() -> None:
             "and several workers writing it at once fail with 'database is locked'. Set YOLODEX_DATABASE_URL to a "
             "PostgreSQL server (postgresql+psycopg://user:password@host:5432/yolodex) for more than one worker."
         )
-    if 3 * heartbeat_interval_s() > stale_after_s() * (1 + 1e-9):  # 3 x 0.2 is 0.6000000000000001
+    if 3 * lifecycle.heartbeat_interval_s() > lifecycle.stale_after_s() * (1 + 1e-9):  # 3 x 0.2 is 0.6000000000000001
         logger.warning(
             "YOLODEX_JOB_HEARTBEAT_S=%g is more than a third of YOLODEX_JOB_STALE_S=%g: a slow beat may get a live "
             "job marked interrupted. Keep the interval well under the timeout (defaults 10 and 60).",
-            heartbeat_interval_s(),
-            stale_after_s(),
+            lifecycle.heartbeat_interval_s(),
+            lifecycle.stale_after_s(),
         )
     threading.Thread(target=_watch_heartbeats, args=(settings,), name="heartbeat-watchdog", daemon=True).start()
-    interrupted = recover_dead_jobs(settings)
+    interrupted = lifecycle.recover_dead_jobs(settings)
     if interrupted:
         logger.warning("jobs %s were running in a worker that stopped: marked interrupted", interrupted)
     engine, _ = open_store(settings)
     with session_scope(engine) as session:
-        reset = recover_interrupted(session)
+        reset = loop.recover_interrupted(session)
     if reset:
         logger.warning("%d labeling retrains were interrupted by a worker restart; their loops are idle again", reset)
     queue = "a Redis queue" if redis else "the SQLite queue"
