@@ -12,9 +12,10 @@ Q/DQ pairs onnxruntime also puts on Add/Concat/MaxPool outputs, and the neck's t
 stay float here.
 
 The flow: `prepare_qat` (fold BN, swap every Conv2d for a `FakeQuantConv2d`, calibrate input ranges) →
-`qat_finetune` (docs/quantization_policy.md §3, through the training engine) → `to_float_model` (a plain YoloNAS with
-the trained weights, for `export_onnx(..., fuse=False)` and onnxruntime PTQ) + `activation_ranges` (the calibrated
-ranges by module path; `onnx_conv_nodes` maps paths to the exported node names).
+`qat_finetune` (docs/quantization_policy.md §3: the trainer's loop, `trainer.fine_tune`, with a `qat_config`) →
+`to_float_model` (a plain YoloNAS with the trained weights, for `export_onnx(..., fuse=False)` and onnxruntime PTQ)
++ `activation_ranges` (the calibrated ranges by module path; `onnx_conv_nodes` maps paths to the exported node
+names).
 
 Images everywhere here: (B, 3, H, W) float32 RGB in [0, 1], letterboxed (backend.processing). Boxes do not cross
 this module's boundary except inside the training batches (xyxy, letterboxed input pixels).
@@ -24,39 +25,24 @@ from __future__ import annotations
 
 import copy
 import logging
-import random
 import re
 from collections.abc import Callable, Collection, Iterable
-from dataclasses import asdict, dataclass, replace
+from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
-import numpy as np
 import onnx
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from backend.data.augment import training_pipeline
-from backend.data.loader import TrainDataset, make_train_loader, set_loader_epoch
 from backend.data.records import DetectionSet
 from backend.models.blocks import ConvBNReLU, HeadConvBNReLU, QARepVGGBlock, batch_norm, fold_batch_norm
 from backend.models.yolo_nas import YoloNAS
 from backend.quantization.sensitivity import module_path
 from backend.training.config import TrainConfig
-from backend.training.engine import (
-    Clock,
-    EvalImages,
-    EventCallback,
-    StepContext,
-    _ignore_event,
-    evaluate,
-    resolve_device,
-    train_one_epoch,
-)
-from backend.training.loss import YoloNASLoss
-from backend.training.schedule import WarmupCosineSchedule, build_optimizer
-from backend.training.trainer import MAX_WARMUP_STEPS, usable_num_workers
+from backend.training.engine import EventCallback, ignore_event
+from backend.training.trainer import fine_tune
 
 logger = logging.getLogger(__name__)
 
@@ -109,6 +95,9 @@ class FakeQuantConv2d(nn.Module):
         had_bias: whether the original conv had a bias parameter.
     """
 
+    input_lo: torch.Tensor
+    input_hi: torch.Tensor
+
     def __init__(self, conv: nn.Conv2d, bn: nn.BatchNorm2d | None, quantized: bool = True):
         super().__init__()
         if conv.padding_mode != "zeros":
@@ -122,8 +111,12 @@ class FakeQuantConv2d(nn.Module):
         self.weight = nn.Parameter(weight.detach().clone())
         self.bias = nn.Parameter(bias.detach().clone().to(weight.dtype))
         self.in_channels, self.out_channels = conv.in_channels, conv.out_channels
-        self.kernel_size, self.stride, self.padding = conv.kernel_size, conv.stride, conv.padding
-        self.dilation, self.groups = conv.dilation, conv.groups
+        # Conv2d keeps these as 2-tuples (padding may also be "same"/"valid"); its annotations say tuple[int, ...].
+        self.kernel_size = cast(tuple[int, int], conv.kernel_size)
+        self.stride = cast(tuple[int, int], conv.stride)
+        self.padding = cast(str | tuple[int, int], conv.padding)
+        self.dilation = cast(tuple[int, int], conv.dilation)
+        self.groups = conv.groups
         self.had_bias = conv.bias is not None
         self.bn_path: str | None = None
         self.quantized = quantized
@@ -161,7 +154,7 @@ class FakeQuantConv2d(nn.Module):
         return scale, zero_point
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weight = self.weight
+        weight: torch.Tensor = self.weight
         if self.active:
             scale, zero_point = self.input_qparams()
             x = torch.fake_quantize_per_tensor_affine(x, scale, zero_point, 0, ACTIVATION_QMAX)
@@ -254,8 +247,8 @@ def prepare_qat(
             "model.named_modules(), e.g. 'heads.head1.cls_pred' (default_float_modules lists the default policy)"
         )
     for conv_path, bn_path in pairs.items():
-        conv = qat_model.get_submodule(conv_path)
-        bn = qat_model.get_submodule(bn_path) if bn_path else None
+        conv = cast(nn.Conv2d, qat_model.get_submodule(conv_path))
+        bn = cast(nn.BatchNorm2d, qat_model.get_submodule(bn_path)) if bn_path else None
         fake = FakeQuantConv2d(conv, bn, quantized=conv_path not in float_modules).to(conv.weight.device)
         fake.bn_path = bn_path
         _set_module(qat_model, conv_path, fake)
@@ -382,17 +375,25 @@ def to_float_model(qat_model: YoloNAS) -> YoloNAS:
     float_model = copy.deepcopy(qat_model)
     for path, fake in _fake_quant_convs(float_model).items():
         needs_bias = fake.had_bias or fake.bn_path is None
-        conv = nn.Conv2d(fake.in_channels, fake.out_channels, fake.kernel_size, fake.stride, fake.padding,
-                         fake.dilation, fake.groups, bias=needs_bias).to(fake.weight.device)  # fmt: skip
+        conv = nn.Conv2d(
+            fake.in_channels,
+            fake.out_channels,
+            fake.kernel_size,
+            fake.stride,
+            fake.padding,
+            fake.dilation,
+            fake.groups,
+            bias=needs_bias,
+        ).to(fake.weight.device)
         with torch.no_grad():
             conv.weight.copy_(fake.weight)
-            if needs_bias:
+            if conv.bias is not None:  # needs_bias
                 conv.bias.copy_(fake.bias)
         _set_module(float_model, path, conv)
         if fake.bn_path:
             bn = batch_norm(fake.out_channels).to(fake.weight.device)
             with torch.no_grad():
-                bn.running_var.fill_(1.0 - bn.eps)
+                cast(torch.Tensor, bn.running_var).fill_(1.0 - bn.eps)
                 bn.bias.copy_(torch.zeros_like(fake.bias) if needs_bias else fake.bias)
             _set_module(float_model, fake.bn_path, bn)
     return float_model.eval()
@@ -419,79 +420,32 @@ def onnx_conv_nodes(onnx_model: onnx.ModelProto | str | Path) -> dict[str, str]:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class QatConfig:
-    """The QAT fine-tuning run, derived from the float run's TrainConfig by `qat_config`.
-
-    Attributes:
-        epochs: QAT epochs (a tenth of the float run's, at least 1).
-        lr: peak learning rate (the float run's × 0.01).
-        weight_decay: AdamW weight decay on conv weights (the float run's × 0.01).
-        warmup_epochs: linear warm-up in epochs, max(1, epochs // 10), capped like the trainer's (1000 steps, a
-            fifth of the run).
-        final_lr_ratio: the cosine ends at this fraction of `lr`.
-        batch_size, imgsz, min_samples, seed, num_workers, grad_clip_norm, augment, mosaic_prob, augment_pipeline:
-            as in the float run (its recorded augmentation pipeline; None: the default one).
-        device: "auto", "cpu", "cuda"... Training runs in float32 (no mixed precision: the fake-quant ops want it).
-        time_minutes: wall-clock budget counted from the first step (a tenth of the float run's, if it had one).
-    """
-
-    epochs: int
-    lr: float
-    weight_decay: float
-    warmup_epochs: float
-    final_lr_ratio: float
-    batch_size: int
-    imgsz: int
-    min_samples: int
-    seed: int
-    device: str
-    num_workers: int | None
-    grad_clip_norm: float | None
-    augment: bool
-    mosaic_prob: float
-    time_minutes: float | None = None
-    augment_pipeline: dict[str, Any] | None = None
-
-    def __post_init__(self) -> None:
-        if self.epochs < 1 or self.batch_size < 1:
-            raise ValueError(f"epochs and batch size must be at least 1, got {self.epochs} and {self.batch_size}")
-        if self.lr <= 0:
-            raise ValueError(f"lr must be positive, got {self.lr}")
-        if self.time_minutes is not None and self.time_minutes <= 0:
-            raise ValueError(f"time budget must be positive minutes, got {self.time_minutes}")
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-def qat_config(train: dict[str, Any], **overrides: Any) -> QatConfig:
-    """The QAT recipe applied to a float run's config.json "train" dict (TrainConfig.to_dict()).
+def qat_config(train: dict[str, Any], **overrides: Any) -> TrainConfig:
+    """The QAT recipe applied to a float run's config.json "train" dict (TrainConfig.to_dict()): the TrainConfig the
+    fine-tuning trains with.
 
     Epochs ÷ 10 (at least 1), lr × 0.01 (of the run's effective peak lr), weight decay × 0.01, warm-up
-    max(1, epochs // 10) QAT epochs, cosine to 0.01, EMA off, augmentations kept, time budget ÷ 10
-    (docs/quantization_policy.md §3). `overrides` replace any resulting field (e.g. epochs=2, device="cpu").
+    max(1, epochs // 10) QAT epochs, cosine to 0.01, EMA off, augmentations kept (without closing mosaic), time
+    budget ÷ 10 (docs/quantization_policy.md §3); float32 (the fake-quant ops want it), not compiled, no early stop.
+    `overrides` replace any resulting field (e.g. epochs=2, device="cpu").
     Note: the warm-up starts at the schedule's 1e-6 (super-gradients scales that by 0.01 too; ours is fixed).
     """
     base = TrainConfig.from_dict(train)
     epochs = max(1, base.epochs // QAT_EPOCH_DIVISOR)
-    config = QatConfig(
+    config = replace(
+        base,
         epochs=epochs,
         lr=base.peak_lr * QAT_LR_FACTOR,
         weight_decay=base.weight_decay * QAT_WEIGHT_DECAY_FACTOR,
         warmup_epochs=float(max(1, epochs // QAT_EPOCH_DIVISOR)),
         final_lr_ratio=QAT_FINAL_LR_RATIO,
-        batch_size=base.batch_size,
-        imgsz=base.imgsz,
-        min_samples=base.min_samples,
-        seed=base.seed,
-        device=base.device,
-        num_workers=base.num_workers,
-        grad_clip_norm=base.grad_clip_norm,
-        augment=base.augment,
-        mosaic_prob=base.mosaic_prob,
-        augment_pipeline=base.augment_pipeline,
         time_minutes=base.time_minutes / QAT_EPOCH_DIVISOR if base.time_minutes else None,
+        ema_decay=0.0,
+        amp=False,
+        compile=False,
+        close_mosaic=0.0,
+        patience=None,
+        eval_every=1,
     )
     return replace(config, **overrides) if overrides else config
 
@@ -500,18 +454,18 @@ def qat_finetune(
     qat_model: YoloNAS,
     train_set: DetectionSet,
     val_set: DetectionSet,
-    config: QatConfig,
+    config: TrainConfig,
     *,
     on_event: EventCallback | None = None,
     stop_requested: Callable[[], bool] | None = None,
 ) -> dict[str, Any]:
-    """Fine-tunes a `prepare_qat` model in place with the engine's `train_one_epoch` (float32, no EMA).
+    """Fine-tunes a `prepare_qat` model in place with the trainer's loop (`trainer.fine_tune`: float32, no EMA).
 
     Every parameter trains (folded weights and biases, the bottlenecks' alpha); the input ranges stay fixed. The
     fake-quantized model is evaluated before training and after each epoch on `val_set` (skipped when it is empty:
-    the last weights are kept), and the best state by mAP50-95 (ties → later) is restored at the end, so the result
-    never scores below the PTQ starting point on `val_set`. Events as in training: "train_start", "step" (from the
-    engine), "epoch" and "train_end", through `on_event(name, **data)`.
+    the last weights are kept), and the best state by mAP50-95 (ties → later) is restored at the end, the starting
+    weights included. Events as in training: "train_start" (with mode "qat"), "step", "epoch" and "train_end" (with
+    the result below), through `on_event(name, **data)`.
 
     Args:
         qat_model: from `prepare_qat`; trained in place, left in eval mode.
@@ -526,104 +480,33 @@ def qat_finetune(
         "validation" ("evaluated" | "skipped: empty validation set"), "history" (per epoch: epoch, steps, train loss
         means, val metrics or None), "steps_per_epoch", "elapsed_s"}.
     """
-    emit = on_event or _ignore_event
-    random.seed(config.seed)
-    np.random.seed(config.seed)
-    torch.manual_seed(config.seed)
-    device = resolve_device(config.device)
-    qat_model.to(device).float()
-    augment = training_pipeline(config.augment_pipeline, config.imgsz, config.mosaic_prob) if config.augment else None
-    dataset = TrainDataset(train_set.records, config.imgsz, augment, seed=config.seed)
-    dataset.preload()
-    workers = usable_num_workers(config.num_workers)
-    loader = make_train_loader(dataset, config.batch_size, min_samples=config.min_samples, num_workers=workers,
-                               seed=config.seed)  # fmt: skip
-    total_steps = config.epochs * len(loader)
-    warmup_steps = min(round(config.warmup_epochs * len(loader)), MAX_WARMUP_STEPS, total_steps // 5)
-    budget_s = config.time_minutes * 60 if config.time_minutes else None
-    optimizer = build_optimizer(qat_model, config.lr, config.weight_decay)
-    scheduler = WarmupCosineSchedule(optimizer, config.lr, warmup_steps, total_steps, config.final_lr_ratio,
-                                     time_budget_s=budget_s)  # fmt: skip
-    context = StepContext(
-        loss_fn=YoloNASLoss(qat_model.num_classes, strides=qat_model.strides), optimizer=optimizer,
-        scheduler=scheduler, ema=None, device=device, dtype=None, scaler=None, grad_clip_norm=config.grad_clip_norm,
-        clock=Clock(0.0, budget_s), on_event=emit, stop_requested=stop_requested,
-    )  # fmt: skip
-    eval_images = EvalImages(val_set, config.imgsz) if len(val_set) else None
-    emit(
-        "train_start", mode="qat", device=str(device), precision="float32 + fake int8", train_images=len(train_set),
-        val_images=len(val_set), class_names=train_set.class_names, epochs=config.epochs,
-        steps_per_epoch=len(loader), total_steps=total_steps, warmup_steps=warmup_steps,
-        batch_size=config.batch_size, num_workers=workers, time_budget_s=budget_s, config=config.to_dict(),
-    )  # fmt: skip
-
-    def score() -> dict[str, Any] | None:
-        if eval_images is None:
-            return None
-        return dict(evaluate(qat_model, eval_images, device=device, batch_size=config.batch_size).metrics)
-
-    start_metrics = score()
-    best = {"map": _map_of(start_metrics), "epoch": None, "state": _state_copy(qat_model)}
-    history: list[dict[str, Any]] = []
-    stopped, epochs_done = "epochs", 0
-    try:
-        for epoch in range(config.epochs):
-            set_loader_epoch(loader, epoch)
-            summary = train_one_epoch(qat_model, loader, context, epoch=epoch)
-            losses = {key: value for key, value in summary.items() if key.startswith("loss")}
-            if summary["stopped"] == "cancelled":
-                history.append({"epoch": epoch, "steps": summary["steps"], "train": losses, "val": None})
-                stopped = "cancelled"
-                break
-            metrics = score()
-            epochs_done += summary["stopped"] is None
-            if eval_images is None or _map_of(metrics) >= best["map"]:
-                best = {"map": _map_of(metrics), "epoch": epoch, "state": _state_copy(qat_model)}
-            history.append({"epoch": epoch, "steps": summary["steps"], "train": losses, "val": metrics})
-            emit(
-                "epoch", epoch=epoch, train=losses, val=metrics, best_map=best["map"], best_epoch=best["epoch"],
-                lr=optimizer.param_groups[0]["lr"], elapsed_s=context.clock.elapsed_s,
-            )  # fmt: skip
-            if summary["stopped"] == "time":
-                stopped = "time"
-                break
-    finally:
-        if loader.num_workers and getattr(loader, "_iterator", None) is not None:
-            loader._iterator._shutdown_workers()  # persistent workers: stop them with the run
-    if eval_images is not None or stopped == "cancelled":
-        # Without validation, a cancelled run keeps its starting weights (the last completed epoch, if any, is best).
-        qat_model.load_state_dict(best["state"])
-    qat_model.eval()
+    emit = on_event or ignore_event
+    outcome = fine_tune(
+        qat_model,
+        train_set,
+        val_set,
+        config,
+        on_event=emit,
+        stop_requested=stop_requested,
+        start_details={"mode": "qat", "precision": "float32 + fake int8", "config": config.to_dict()},
+    )
     result = {
-        "epochs_done": epochs_done,
-        "best_map": best["map"] if eval_images is not None else None,
-        "best_epoch": best["epoch"],
-        "start_map": _map_of(start_metrics) if eval_images is not None else None,
-        "stopped": stopped,
-        "validation": "evaluated" if eval_images is not None else "skipped: empty validation set",
-        "history": history,
-        "steps_per_epoch": len(loader),
-        "elapsed_s": context.clock.elapsed_s,
+        "epochs_done": outcome.fit.epochs_done,
+        "best_map": outcome.best_map,
+        "best_epoch": outcome.best_epoch,
+        "start_map": outcome.start_map,
+        "stopped": outcome.fit.stopped,
+        "validation": "evaluated" if len(val_set) else "skipped: empty validation set",
+        "history": outcome.history,
+        "steps_per_epoch": outcome.fit.steps_per_epoch,
+        "elapsed_s": outcome.fit.elapsed_s,
     }
     emit("train_end", **result)
     return result
 
 
-def _map_of(metrics: dict[str, Any] | None) -> float:
-    """mAP50-95 of a metrics dict (0 when missing), -1 without metrics, so any evaluated epoch beats "none"."""
-    if metrics is None:
-        return -1.0
-    value = metrics.get("mAP50-95")
-    return float(value) if value is not None else 0.0
-
-
-def _state_copy(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {key: value.detach().clone() for key, value in model.state_dict().items()}
-
-
 __all__ = [
     "FakeQuantConv2d",
-    "QatConfig",
     "activation_ranges",
     "default_float_modules",
     "onnx_conv_nodes",

@@ -39,7 +39,7 @@ from backend.processing import (
     load_image,
     postprocess_torch,
 )
-from backend.training.config import TrainingError
+from backend.training.config import LOSS_TERMS, TrainingError
 from backend.training.ema import ModelEMA
 from backend.training.loss import YoloNASLoss
 from backend.training.schedule import WarmupCosineSchedule
@@ -48,14 +48,13 @@ from backend.training.world import World
 logger = logging.getLogger(__name__)
 
 EventCallback = Callable[..., None]
-LOSS_TERMS = ("loss", "loss_cls", "loss_iou", "loss_dfl")
 # Validation post-processing of the YOLO-NAS recipes (docs/training_recipe.md §3): a low score threshold so
 # the PR curve reaches high recall, class-aware NMS at 0.7, at most 300 boxes per image.
 EVAL_POSTPROCESS = PostprocessConfig(conf_threshold=0.01, iou_threshold=0.7, top_k=1000, max_detections=300)
 EVAL_CACHE_BYTES = 1 << 30
 
 
-def _ignore_event(name: str, **data: Any) -> None:
+def ignore_event(name: str, **data: Any) -> None:
     del name, data
 
 
@@ -149,7 +148,7 @@ class StepContext:
     scaler: torch.amp.GradScaler | None = None
     grad_clip_norm: float | None = 10.0
     clock: Clock = field(default_factory=Clock)
-    on_event: EventCallback = _ignore_event
+    on_event: EventCallback = ignore_event
     stop_requested: Callable[[], bool] | None = None
     # Called after every step with (step_in_epoch); `fit` uses it for time-based mid-epoch checkpoints.
     after_step: Callable[[int], None] | None = None
@@ -164,7 +163,7 @@ def images_to_input(images: torch.Tensor, device: torch.device, channels_last: b
 
 
 def train_one_epoch(
-    model: YoloNAS, batches: Sequence[dict] | Any, context: StepContext, *, epoch: int, first_step: int = 0
+    model: nn.Module, batches: Sequence[dict] | Any, context: StepContext, *, epoch: int, first_step: int = 0
 ) -> dict[str, Any]:
     """Trains on `batches` (from `backend.data.loader.collate_detections`), one optimizer step each.
 

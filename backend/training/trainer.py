@@ -1,4 +1,5 @@
-"""`fit` and `resume`: a whole training run in a run folder, built from the engine's plain functions.
+"""`fit` and `resume`: a whole training run in a run folder, built from the engine's plain functions; `fine_tune`:
+the same loop on a given model and given splits, in memory (quantization-aware training runs through it).
 
 Run folder: config.json (the resolved TrainConfig, classes and data report), metrics.jsonl (every event, one JSON
 object per line), last.pt (every epoch and every `checkpoint_minutes` mid-epoch: all that resuming needs), best.pt
@@ -12,16 +13,15 @@ of each global batch; rank 0 alone writes the run folder, evaluates and reports 
 
 from __future__ import annotations
 
-import json
 import logging
 import multiprocessing
 import os
 import random
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -30,7 +30,7 @@ from backend.data.augment import AugmentationError, pipeline_to_dict, training_p
 from backend.data.folders import load_dataset
 from backend.data.loader import TrainDataset, make_train_loader, set_loader_epoch
 from backend.data.records import DatasetError, DetectionSet, LoadReport
-from backend.files import atomic_write_json
+from backend.evaluation.coco_eval import EvaluationResult
 from backend.models.checkpoints import (
     CheckpointError,
     checkpoint_sizes,
@@ -43,6 +43,7 @@ from backend.models.checkpoints import (
 )
 from backend.models.download import OFFICIAL_COCO_WEIGHTS, fetch_weights
 from backend.models.yolo_nas import YoloNAS, build_model
+from backend.runs import RunFolder
 from backend.settings import get_settings
 from backend.training.config import TrainConfig
 from backend.training.continuation import continued_config, prepare_checkpoint
@@ -53,12 +54,12 @@ from backend.training.engine import (
     EventCallback,
     StepContext,
     TrainingError,
-    _ignore_event,
     append_jsonl,
     autocast_dtype,
     compile_model,
     evaluate,
     headline_map,
+    ignore_event,
     resolve_device,
     restore_rng_state,
     train_one_epoch,
@@ -115,12 +116,12 @@ def fit(
     """
     run_dir = Path(run_dir)
     world = world or World()
-    if (run_dir / "last.pt").exists() or (run_dir / "config.json").exists():
+    if RunFolder(run_dir).holds_run():
         raise TrainingError(
             f"{run_dir} already holds a run: resume it (yolodex train --resume {run_dir}) or pick another --out"
         )
     world.barrier()  # every process has looked before rank 0 writes config.json
-    return _run(config, run_dir, None, on_event or _ignore_event, stop_requested, world)
+    return _run(config, run_dir, None, on_event or ignore_event, stop_requested, world)
 
 
 def resume(
@@ -144,10 +145,19 @@ def resume(
     """
     run_dir = Path(run_dir)
     world = world or World()
-    config_path = run_dir / "config.json"
     saved, config = read_run_config(run_dir)
-    allowed = {"epochs", "time_minutes", "patience", "device", "amp", "num_workers", "checkpoint_minutes", "eval_every",
-               "sync_bn", "compile"}  # fmt: skip
+    allowed = {
+        "epochs",
+        "time_minutes",
+        "patience",
+        "device",
+        "amp",
+        "num_workers",
+        "checkpoint_minutes",
+        "eval_every",
+        "sync_bn",
+        "compile",
+    }
     unknown = set(overrides) - allowed
     if unknown:
         raise TrainingError(f"cannot change {', '.join(sorted(unknown))} when resuming; start a new run instead")
@@ -157,10 +167,12 @@ def resume(
         continued = continued_config(config, checkpoint, more_minutes, more_epochs)
         checkpoint = prepare_checkpoint(checkpoint, config, continued)
         if world.is_main:
-            history = [*saved.get("continued", []), {"epochs_done": int(checkpoint["epoch"]),
-                       "more_minutes": more_minutes, "more_epochs": more_epochs}]  # fmt: skip
+            history = [
+                *saved.get("continued", []),
+                {"epochs_done": int(checkpoint["epoch"]), "more_minutes": more_minutes, "more_epochs": more_epochs},
+            ]
             totals = {"epochs": continued.epochs, "time_minutes": continued.time_minutes}
-            atomic_write_json(config_path, {**saved, "train": {**saved["train"], **totals}, "continued": history})
+            RunFolder(run_dir).write_config({**saved, "train": {**saved["train"], **totals}, "continued": history})
         config = continued
     else:
         ended = _ended(config, checkpoint)
@@ -171,15 +183,15 @@ def resume(
                 f"{run_dir} is finished ({ended}{best_text}): there is nothing left to resume. To train it longer, "
                 "continue it with more epochs or minutes"
             )
-    return _run(config, run_dir, checkpoint, on_event or _ignore_event, stop_requested, world)
+    return _run(config, run_dir, checkpoint, on_event or ignore_event, stop_requested, world)
 
 
 def read_run_config(run_dir: Path) -> tuple[dict[str, Any], TrainConfig]:
     """A resumable run's config.json (as saved) and its TrainConfig; refused unless last.pt is there too."""
-    config_path = run_dir / "config.json"
-    if not config_path.is_file() or not (run_dir / "last.pt").is_file():
+    folder = RunFolder(run_dir)
+    if not folder.resumable():
         raise TrainingError(f"{run_dir} holds no run to resume (config.json and last.pt are needed)")
-    saved = json.loads(config_path.read_text())
+    saved = folder.read_config()
     return saved, TrainConfig.from_dict(saved["train"])
 
 
@@ -291,10 +303,13 @@ def _holdout(dataset: DetectionSet, seed: int) -> tuple[DetectionSet, DetectionS
     def subset(keep: bool) -> DetectionSet:
         records = [record for index, record in enumerate(dataset.records) if (index in held) != keep]
         boxes = [len(record.boxes) for record in records]
-        counts = {"images": len(records), "boxes": sum(boxes), "background_images": boxes.count(0)}
+        images, box_count, background = len(records), sum(boxes), boxes.count(0)
         # What loading fixed, dropped and skipped stays with the training part (it is the split's loading report:
         # config.json must say what was dropped); the held-out part counts only its images and boxes.
-        report = replace(dataset.report, **counts) if keep else LoadReport(**counts)
+        if keep:
+            report = replace(dataset.report, images=images, boxes=box_count, background_images=background)
+        else:
+            report = LoadReport(images=images, boxes=box_count, background_images=background)
         return DetectionSet(records, dataset.class_names, dataset.category_ids, report, dataset.source)
 
     return subset(True), subset(False)
@@ -306,7 +321,7 @@ def run_checkpoint(path: str | Path) -> Path:
     path = Path(path)
     if not path.is_dir():
         return path
-    return next((path / name for name in ("best.pt", "last.pt") if (path / name).is_file()), path / "best.pt")
+    return RunFolder(path).checkpoint()
 
 
 def load_start_weights(model: YoloNAS, weights: str) -> str:
@@ -348,43 +363,72 @@ def usable_num_workers(requested: int | None, processes: int = 1) -> int:
 
 @dataclass
 class _Session:
-    """Everything a run needs, built by `_prepare` (fresh or restored from last.pt)."""
+    """Everything a run's loop needs: built by `_prepare` for a run folder (fresh or restored from last.pt), or by
+    `fine_tune` for a given model kept in memory (`run_dir` None: nothing is written; the best state is kept in
+    `best_state`)."""
 
     config: TrainConfig
-    run_dir: Path
+    run_dir: Path | None
     model: YoloNAS  # unwrapped: saved, evaluated
     train_model: torch.nn.Module  # what trains: `model`, or `model` in DistributedDataParallel
     context: StepContext
     loader: torch.utils.data.DataLoader
-    eval_images: EvalImages
+    eval_images: EvalImages | None  # None: nothing to evaluate on (in memory only)
     class_names: list[str]
     progress: dict[str, Any]
     start_epoch: int
     first_step: int
     emit: EventCallback
+    history: list[dict[str, Any]] = field(default_factory=list)  # per epoch: epoch, steps, train, val
+    best_state: dict[str, torch.Tensor] | None = None  # in memory: the best weights so far
 
     @property
     def evaluated_model(self) -> YoloNAS:
-        return self.context.ema.module if self.context.ema is not None else self.model
+        return cast(YoloNAS, self.context.ema.module) if self.context.ema is not None else self.model
 
     def save(self, name: str, epoch: int, step_in_epoch: int) -> None:
-        if not self.context.world.is_main:
+        if self.run_dir is None or not self.context.world.is_main:
             return
         self.progress["elapsed_s"] = self.context.clock.elapsed_s
         write_checkpoint(
-            self.run_dir / name, self.model, self.context, class_names=self.class_names, imgsz=self.config.imgsz,
-            epoch=epoch, step_in_epoch=step_in_epoch, progress=self.progress, train_config=self.config.to_dict(),
-        )  # fmt: skip
+            self.run_dir / name,
+            self.model,
+            self.context,
+            class_names=self.class_names,
+            imgsz=self.config.imgsz,
+            epoch=epoch,
+            step_in_epoch=step_in_epoch,
+            progress=self.progress,
+            train_config=self.config.to_dict(),
+        )
 
-    def save_best(self, epoch: int, evaluation: dict[str, Any]) -> None:
-        if not self.context.world.is_main:
+    def keep_best(self, epoch: int | None, result: EvaluationResult | None) -> None:
+        """Records the model after `epoch` (None: before training) as the best so far: best.pt and eval.json in a
+        run folder, a copy of its weights in memory."""
+        if self.run_dir is None:
+            self.best_state = {key: value.detach().clone() for key, value in self.evaluated_model.state_dict().items()}
+            return
+        if not self.context.world.is_main or result is None or epoch is None:
             return
         self.progress["elapsed_s"] = self.context.clock.elapsed_s
         write_best(
-            self.run_dir / "best.pt", self.model, self.context, class_names=self.class_names,
-            imgsz=self.config.imgsz, epoch=epoch, progress=self.progress, train_config=self.config.to_dict(),
-            evaluation=evaluation,
-        )  # fmt: skip
+            self.run_dir / "best.pt",
+            self.model,
+            self.context,
+            class_names=self.class_names,
+            imgsz=self.config.imgsz,
+            epoch=epoch + 1,
+            progress=self.progress,
+            train_config=self.config.to_dict(),
+            evaluation=dict(result.metrics),
+        )
+        result.save_json(self.run_dir / "eval.json")
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
 
 
 def _prepare(
@@ -395,47 +439,87 @@ def _prepare(
     stop_requested: Callable[[], bool] | None,
     world: World,
 ) -> _Session:
-    random.seed(config.seed)
-    np.random.seed(config.seed)
-    torch.manual_seed(config.seed)
+    seed_everything(config.seed)
     train_set, val_set, notes = load_splits(config.data, config.seed)
     require_boxes(config.data, train_set)
     class_names = train_set.class_names
     if world.is_main:
         _ensure_checkpoint_room(run_dir, config.size, len(class_names))
-    device = world.device if world.device is not None else resolve_device(config.device)
-    dtype = autocast_dtype(device, config.amp)
-
     model = build_model(config.size, len(class_names))
     start = "random initialisation"
     if checkpoint is None and config.weights:
         start = load_start_weights(model, config.weights)
+    augment = _augmentation(config)
+    if augment is not None and checkpoint is None:  # config.json records the pipeline itself, so a resume uses it
+        config = config.with_changes(augment_pipeline=pipeline_to_dict(augment))
+    session = _assemble(config, model, augment, train_set, val_set, run_dir, emit, stop_requested, world)
+    if checkpoint is not None:
+        scheduler = session.context.scheduler
+        total_steps, budget_s = scheduler.total_steps, scheduler.time_budget_s
+        session.start_epoch, session.first_step = _restore(checkpoint, session)
+        scheduler.total_steps, scheduler.time_budget_s = total_steps, budget_s
+        session.context.clock.offset_s = session.progress["elapsed_s"]
+        start = f"resumed from last.pt at epoch {session.start_epoch + 1}, step {session.first_step}"
+    elif world.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        data = {
+            "train": train_set.report.to_dict(),
+            "val": val_set.report.to_dict(),
+            "train_images": len(train_set),
+            "val_images": len(val_set),
+        }
+        record = {"train": config.to_dict(), "class_names": class_names, "start": start, "notes": notes, "data": data}
+        RunFolder(run_dir).write_config(record)
+    _emit_start(session, len(train_set), len(val_set), start=start, run_dir=str(run_dir), notes=notes)
+    return session
+
+
+def _augmentation(config: TrainConfig) -> Any:
+    """The run's albumentations pipeline (None when augmentation is off)."""
+    if not config.augment:
+        return None
+    try:
+        return training_pipeline(config.augment_pipeline, config.imgsz, config.mosaic_prob)
+    except AugmentationError as error:
+        raise TrainingError(f"augmentation pipeline: {error}") from error
+
+
+def _assemble(
+    config: TrainConfig,
+    model: YoloNAS,
+    augment: Any,
+    train_set: DetectionSet,
+    val_set: DetectionSet,
+    run_dir: Path | None,
+    emit: EventCallback,
+    stop_requested: Callable[[], bool] | None,
+    world: World,
+) -> _Session:
+    """The model on its device (wrapped for DDP, compiled if asked), the loader, optimizer, schedule and EMA."""
+    device = world.device if world.device is not None else resolve_device(config.device)
+    dtype = autocast_dtype(device, config.amp)
     model.to(device)
     if use_channels_last(device, dtype):
-        model.to(memory_format=torch.channels_last)
+        model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]  # torch's stubs lack the keyword
     optimizer = build_optimizer(model, config.peak_lr, config.weight_decay)
     # Only rank 0 evaluates and saves: the EMA lives there (every rank's weights are the same after each step).
     ema = ModelEMA(model, config.ema_decay) if config.ema_decay > 0 and world.is_main else None
     train_model = wrap_model(model, world, config.sync_bn)  # after the EMA copy: that one keeps plain BatchNorm
     if config.compile:  # the forward (and its backward) compiled; `model` stays the plain module that is saved
         train_model = compile_model(train_model, get_settings().storage / "cache" / "inductor")
-
-    augment = None
-    if config.augment:
-        try:
-            augment = training_pipeline(config.augment_pipeline, config.imgsz, config.mosaic_prob)
-        except AugmentationError as error:
-            raise TrainingError(f"augmentation pipeline: {error}") from error
-        if checkpoint is None:  # config.json records the pipeline itself, so a resume trains with the same one
-            config = config.with_changes(augment_pipeline=pipeline_to_dict(augment))
     dataset = TrainDataset(train_set.records, config.imgsz, augment, seed=config.seed)
     dataset.preload()
     workers = usable_num_workers(config.num_workers, world.size)
     try:
         loader = make_train_loader(
-            dataset, config.batch_size, min_samples=config.min_samples, num_workers=workers, seed=config.seed,
-            rank=world.rank, world_size=world.size,
-        )  # fmt: skip
+            dataset,
+            config.batch_size,
+            min_samples=config.min_samples,
+            num_workers=workers,
+            seed=config.seed,
+            rank=world.rank,
+            world_size=world.size,
+        )
     except ValueError as error:
         raise TrainingError(str(error)) from error
     total_steps = config.epochs * len(loader)
@@ -444,39 +528,57 @@ def _prepare(
     scheduler = WarmupCosineSchedule(
         optimizer, config.peak_lr, warmup_steps, total_steps, config.final_lr_ratio, time_budget_s=budget_s
     )
-    scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
-    progress: dict[str, Any] = {"best_map": -1.0, "best_epoch": None, "bad_epochs": 0, "elapsed_s": 0.0}
-    start_epoch, first_step = 0, 0
-    if checkpoint is not None:
-        start_epoch, first_step = _restore(checkpoint, model, optimizer, scheduler, scaler, ema, progress)
-        scheduler.total_steps, scheduler.time_budget_s = total_steps, budget_s
-        start = f"resumed from last.pt at epoch {start_epoch + 1}, step {first_step}"
-    elif world.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(
-            run_dir / "config.json",
-            {"train": config.to_dict(), "class_names": class_names, "start": start, "notes": notes,
-             "data": {"train": train_set.report.to_dict(), "val": val_set.report.to_dict(),
-                      "train_images": len(train_set), "val_images": len(val_set)}},
-        )  # fmt: skip
-    loss_fn = YoloNASLoss(len(class_names), strides=model.strides, distributed=world.distributed)
     context = StepContext(
-        loss_fn=loss_fn, optimizer=optimizer, scheduler=scheduler,
-        ema=ema, device=device, dtype=dtype, scaler=scaler, grad_clip_norm=config.grad_clip_norm,
-        clock=Clock(progress["elapsed_s"], budget_s), on_event=emit, stop_requested=stop_requested, world=world,
-    )  # fmt: skip
-    emit(
-        "train_start", run_dir=str(run_dir), start=start, device=str(device), precision=str(dtype or "float32"),
-        train_images=len(train_set), val_images=len(val_set), class_names=class_names, epochs=config.epochs,
-        steps_per_epoch=len(loader), total_steps=total_steps, warmup_steps=warmup_steps,
-        batch_size=config.batch_size, num_workers=workers, time_budget_s=budget_s, notes=notes,
-        processes=world.size, sync_bn=config.sync_bn and world.distributed,
-    )  # fmt: skip
+        loss_fn=YoloNASLoss(model.num_classes, strides=model.strides, distributed=world.distributed),
+        optimizer=optimizer,
+        scheduler=scheduler,
+        ema=ema,
+        device=device,
+        dtype=dtype,
+        scaler=torch.amp.GradScaler("cuda") if dtype == torch.float16 else None,
+        grad_clip_norm=config.grad_clip_norm,
+        clock=Clock(0.0, budget_s),
+        on_event=emit,
+        stop_requested=stop_requested,
+        world=world,
+    )
     return _Session(
-        config=config, run_dir=run_dir, model=model, train_model=train_model, context=context, loader=loader,
-        eval_images=EvalImages(val_set, config.imgsz), class_names=class_names, progress=progress,
-        start_epoch=start_epoch, first_step=first_step, emit=emit,
-    )  # fmt: skip
+        config=config,
+        run_dir=run_dir,
+        model=model,
+        train_model=train_model,
+        context=context,
+        loader=loader,
+        eval_images=EvalImages(val_set, config.imgsz) if len(val_set) or run_dir is not None else None,
+        class_names=train_set.class_names,
+        progress={"best_map": -1.0, "best_epoch": None, "bad_epochs": 0, "elapsed_s": 0.0},
+        start_epoch=0,
+        first_step=0,
+        emit=emit,
+    )
+
+
+def _emit_start(session: _Session, train_images: int, val_images: int, **details: Any) -> None:
+    config, context, loader = session.config, session.context, session.loader
+    scheduler = context.scheduler
+    details.setdefault("precision", str(context.dtype or "float32"))
+    session.emit(
+        "train_start",
+        device=str(context.device),
+        train_images=train_images,
+        val_images=val_images,
+        class_names=session.class_names,
+        epochs=config.epochs,
+        steps_per_epoch=len(loader),
+        total_steps=scheduler.total_steps,
+        warmup_steps=scheduler.warmup_steps,
+        batch_size=config.batch_size,
+        num_workers=loader.num_workers,
+        time_budget_s=context.clock.budget_s,
+        processes=context.world.size,
+        sync_bn=config.sync_bn and context.world.distributed,
+        **details,
+    )
 
 
 def _run(
@@ -494,15 +596,35 @@ def _run(
         on_event(name, **data)
 
     session = _prepare(config, run_dir, checkpoint, emit, stop_requested, world)
-    context, progress, loader = session.context, session.progress, session.loader
-    position = {"epoch": session.start_epoch, "saved_at": time.perf_counter()}
+    result = _train_epochs(session)
+    # What the run was asked for, beside what it did: "1 of 30 epochs: the 5-minute time budget ended the run".
+    emit("train_end", **result.to_dict(), epochs=session.config.epochs, time_budget_s=session.context.clock.budget_s)
+    return result
+
+
+def _train_epochs(session: _Session) -> FitResult:
+    """The epoch loop: train, evaluate, checkpoint, report, until the epochs, the time budget, early stopping or a
+    cancel end it."""
+    config, context, progress, loader, emit = (
+        session.config,
+        session.context,
+        session.progress,
+        session.loader,
+        session.emit,
+    )
+    world = context.world
+    position = {"epoch": session.start_epoch}
+    saved_at = {"time": time.perf_counter()}
 
     def checkpoint_mid_epoch(step_in_epoch: int) -> None:
         # Rank 0's clock alone decides: only it writes, and no other rank needs to wait for it.
-        if world.is_main and time.perf_counter() - position["saved_at"] >= config.checkpoint_minutes * 60:
+        if session.run_dir is None or not world.is_main:
+            return
+        if time.perf_counter() - saved_at["time"] >= config.checkpoint_minutes * 60:
             session.save("last.pt", position["epoch"], step_in_epoch)
-            position["saved_at"] = time.perf_counter()
-            emit("checkpoint", path=str(run_dir / "last.pt"), epoch=position["epoch"], step_in_epoch=step_in_epoch)
+            saved_at["time"] = time.perf_counter()
+            path = str(session.run_dir / "last.pt")
+            emit("checkpoint", path=path, epoch=position["epoch"], step_in_epoch=step_in_epoch)
 
     context.after_step = checkpoint_mid_epoch
     stopped, first_step = "epochs", session.first_step
@@ -513,29 +635,40 @@ def _run(
             position["epoch"] = epoch
             set_loader_epoch(loader, epoch)
             mosaic = context.scheduler.progress() < 1.0 - config.close_mosaic
-            loader.dataset.set_mosaic(mosaic)
+            cast(TrainDataset, loader.dataset).set_mosaic(mosaic)
             summary = train_one_epoch(session.train_model, loader, context, epoch=epoch, first_step=first_step)
             first_step = 0
+            losses = {key: value for key, value in summary.items() if key.startswith("loss")}
             if summary["stopped"] == "cancelled":
                 session.save("last.pt", epoch, summary["steps"])
+                session.history.append({"epoch": epoch, "steps": summary["steps"], "train": losses, "val": None})
                 stopped, partial = "cancelled", summary["steps"]
                 break
             metrics = None
             evaluate_now = (epoch + 1) % config.eval_every == 0 or epoch + 1 == config.epochs
             if world.is_main and (evaluate_now or summary["stopped"] == "time"):
                 metrics = _evaluate_epoch(session, epoch)
+            session.history.append({"epoch": epoch, "steps": summary["steps"], "train": losses, "val": metrics})
             finished = summary["stopped"] is None
             session.save("last.pt", epoch + 1 if finished else epoch, 0 if finished else summary["steps"])
             # A time budget may end an epoch part way: that epoch is reported with its steps, and not counted.
             complete = finished or summary["steps"] >= len(loader)
             completed, partial = (epoch + 1, 0) if complete else (epoch, summary["steps"])
             emit(
-                "epoch", epoch=epoch, train={key: value for key, value in summary.items() if key.startswith("loss")},
-                val=metrics, best_map=progress["best_map"], best_epoch=progress["best_epoch"],
-                lr=context.optimizer.param_groups[0]["lr"], elapsed_s=context.clock.elapsed_s,
-                complete=complete, steps=summary["steps"], steps_per_epoch=len(loader), epochs_done=completed,
+                "epoch",
+                epoch=epoch,
+                train=losses,
+                val=metrics,
+                best_map=progress["best_map"],
+                best_epoch=progress["best_epoch"],
+                lr=context.optimizer.param_groups[0]["lr"],
+                elapsed_s=context.clock.elapsed_s,
+                complete=complete,
+                steps=summary["steps"],
+                steps_per_epoch=len(loader),
+                epochs_done=completed,
                 mosaic=mosaic and config.augment and config.mosaic_prob > 0,
-            )  # fmt: skip
+            )
             if summary["stopped"] == "time":
                 stopped = "time"
                 break
@@ -554,31 +687,109 @@ def _run(
         advice = _out_of_memory_advice(config, session.model, context.loss_fn, context.device, context.dtype)
         raise TrainingError(advice) from error
     finally:
-        if loader.num_workers and getattr(loader, "_iterator", None) is not None:
-            loader._iterator._shutdown_workers()  # persistent workers: stop them with the run
-    result = FitResult(
-        run_dir=run_dir, stopped=stopped, epochs_done=completed,
-        best_map=max(0.0, progress["best_map"]), best_epoch=progress["best_epoch"],
-        elapsed_s=context.clock.elapsed_s, partial_steps=partial, steps_per_epoch=len(loader),
-    )  # fmt: skip
-    # What the run was asked for, beside what it did: "1 of 30 epochs: the 5-minute time budget ended the run".
-    emit("train_end", **result.to_dict(), epochs=config.epochs, time_budget_s=context.clock.budget_s)
-    return result
+        stop_loader_workers(loader)
+    return FitResult(
+        run_dir=session.run_dir or Path(),
+        stopped=stopped,
+        epochs_done=completed,
+        best_map=max(0.0, progress["best_map"]),
+        best_epoch=progress["best_epoch"],
+        elapsed_s=context.clock.elapsed_s,
+        partial_steps=partial,
+        steps_per_epoch=len(loader),
+    )
 
 
-def _evaluate_epoch(session: _Session, epoch: int) -> dict[str, Any]:
-    """Evaluates the (EMA) model; a better mAP50-95 writes best.pt and eval.json. Returns the headline metrics."""
+def stop_loader_workers(loader: torch.utils.data.DataLoader) -> None:
+    """Stops a loader's persistent worker processes now, not when the loader is collected."""
+    iterator = getattr(loader, "_iterator", None)
+    if loader.num_workers and iterator is not None:
+        iterator._shutdown_workers()  # the DataLoader's own way; there is no public one for persistent workers
+
+
+def _evaluate_epoch(session: _Session, epoch: int) -> dict[str, Any] | None:
+    """Evaluates the (EMA) model and keeps it when it is the best so far (in a run folder: a higher mAP50-95 than
+    before; in memory: at least as high, so on a tie the later weights win). Returns the headline metrics, None
+    when there is nothing to evaluate on (in memory, the last weights are then kept)."""
     context, progress = session.context, session.progress
-    result = evaluate(session.evaluated_model, session.eval_images, device=context.device,
-                      batch_size=session.config.batch_size)  # fmt: skip
+    if session.eval_images is None:
+        progress["best_epoch"] = epoch
+        session.keep_best(epoch, None)
+        return None
+    result = evaluate(
+        session.evaluated_model, session.eval_images, device=context.device, batch_size=session.config.batch_size
+    )
     score = headline_map(result)
-    if score > progress["best_map"]:
+    if score > progress["best_map"] or (session.run_dir is None and score >= progress["best_map"]):
         progress.update(best_map=score, best_epoch=epoch, bad_epochs=0)
-        session.save_best(epoch + 1, dict(result.metrics))
-        result.save_json(session.run_dir / "eval.json")
+        session.keep_best(epoch, result)
     else:
         progress["bad_epochs"] += 1
     return dict(result.metrics)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Fine-tuning a given model in memory
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class FineTuneResult:
+    """How `fine_tune` ended.
+
+    Attributes:
+        fit: the loop's result (run_dir is meaningless here: nothing was written).
+        start_map: mAP50-95 of the model before training; None without validation images.
+        best_map: mAP50-95 of the weights left in the model; None without validation images.
+        best_epoch: 0-based epoch whose weights were left in the model; None when the starting weights stayed best.
+        history: per epoch trained: epoch, steps, train (loss means), val (headline metrics or None).
+    """
+
+    fit: FitResult
+    start_map: float | None
+    best_map: float | None
+    best_epoch: int | None
+    history: list[dict[str, Any]]
+
+
+def fine_tune(
+    model: YoloNAS,
+    train_set: DetectionSet,
+    val_set: DetectionSet,
+    config: TrainConfig,
+    *,
+    on_event: EventCallback | None = None,
+    stop_requested: Callable[[], bool] | None = None,
+    start_details: dict[str, Any] | None = None,
+) -> FineTuneResult:
+    """Trains a given `model` in place with the run's loop, on given splits, writing nothing (`config.data`,
+    `size`, `weights`, `patience` and `checkpoint_minutes` are not used).
+
+    The model is evaluated before training and after each epoch on `val_set` (skipped when it is empty), and the
+    best weights by mAP50-95 (the starting ones included; on a tie the later) are loaded back at the end; without
+    validation the last weights stay, except after a cancel, which brings back the last completed epoch's (or the
+    starting ones). Events as in `fit` ("train_start" with `start_details` added, "step", "epoch"), except
+    "train_end": the caller reports the end in its own terms.
+    """
+    emit = on_event or ignore_event
+    seed_everything(config.seed)
+    config = config.with_changes(patience=None, eval_every=1)
+    session = _assemble(config, model, _augmentation(config), train_set, val_set, None, emit, stop_requested, World())
+    _emit_start(session, len(train_set), len(val_set), **(start_details or {}))
+    start_map = None
+    if session.eval_images is not None:
+        start = evaluate(model, session.eval_images, device=session.context.device, batch_size=config.batch_size)
+        start_map = headline_map(start)
+        session.progress["best_map"] = start_map
+    session.keep_best(None, None)
+    result = _train_epochs(session)
+    if (session.eval_images is not None or result.stopped == "cancelled") and session.best_state is not None:
+        model.load_state_dict(session.best_state)
+    model.eval()
+    evaluated = session.eval_images is not None
+    best_map = session.progress["best_map"] if evaluated else None
+    best_epoch = session.progress["best_epoch"]
+    return FineTuneResult(result, start_map, best_map, best_epoch, session.history)
 
 
 def _ensure_checkpoint_room(run_dir: Path, size: str, num_classes: int) -> None:
@@ -586,28 +797,24 @@ def _ensure_checkpoint_room(run_dir: Path, size: str, num_classes: int) -> None:
     new last.pt written beside the old one before it replaces it (`atomic_save`), less what they hold already."""
     last, best = checkpoint_sizes(size, num_classes)
     present = sum((run_dir / name).stat().st_size for name in ("last.pt", "best.pt") if (run_dir / name).is_file())
-    ensure_room(run_dir, 2 * last + best - present, f"this run's checkpoints (last.pt and best.pt of YOLO-NAS "
-                f"{size.upper()})")  # fmt: skip
+    ensure_room(
+        run_dir, 2 * last + best - present, f"this run's checkpoints (last.pt and best.pt of YOLO-NAS {size.upper()})"
+    )
 
 
-def _restore(
-    checkpoint: dict[str, Any],
-    model: YoloNAS,
-    optimizer: torch.optim.Optimizer,
-    scheduler: WarmupCosineSchedule,
-    scaler: torch.amp.GradScaler | None,
-    ema: ModelEMA | None,
-    progress: dict[str, Any],
-) -> tuple[int, int]:
-    model.load_state_dict(checkpoint["model"])
-    optimizer.load_state_dict(checkpoint["optimizer"])
-    scheduler.load_state_dict(checkpoint["scheduler"])
-    if scaler is not None and checkpoint.get("scaler"):
-        scaler.load_state_dict(checkpoint["scaler"])
-    if ema is not None and checkpoint.get("ema") is not None:
-        ema.module.load_state_dict(checkpoint["ema"])
-        ema.load_state_dict(checkpoint["ema_state"])
-    progress.update(checkpoint.get("metrics") or {})
+def _restore(checkpoint: dict[str, Any], session: _Session) -> tuple[int, int]:
+    """Loads last.pt into the session (weights, optimizer, schedule, scaler, EMA, progress, RNG states); returns the
+    position to go on from: (epoch, steps of it already done)."""
+    context = session.context
+    session.model.load_state_dict(checkpoint["model"])
+    context.optimizer.load_state_dict(checkpoint["optimizer"])
+    context.scheduler.load_state_dict(checkpoint["scheduler"])
+    if context.scaler is not None and checkpoint.get("scaler"):
+        context.scaler.load_state_dict(checkpoint["scaler"])
+    if context.ema is not None and checkpoint.get("ema") is not None:
+        context.ema.module.load_state_dict(checkpoint["ema"])
+        context.ema.load_state_dict(checkpoint["ema_state"])
+    session.progress.update(checkpoint.get("metrics") or {})
     restore_rng_state(checkpoint["rng"])
     return int(checkpoint["epoch"]), int(checkpoint["step_in_epoch"])
 
