@@ -28,7 +28,7 @@ class TrainConfig:
         imgsz: square input side, a multiple of 32.
         epochs: upper bound on epochs; `time_minutes` and early stopping may end the run sooner.
         batch_size: images per optimizer step; in distributed training the global batch, split evenly over the
-            processes (see backend/training/distributed.py).
+            processes (see backend/training/world.py).
         time_minutes: wall-clock budget counted from the first step; the schedule anneals within it.
         weights: None (random initialisation), "coco" (official COCO weights, transferred to our classes), or a
             checkpoint / run folder of an earlier run.
