@@ -29,6 +29,7 @@ from sqlalchemy.sql import Select
 
 from backend.files import atomic_write_text, fit_name
 from backend.ingest.importer import ImportReport, import_paths
+from backend.palette import palette_rgb
 from backend.processing import load_image
 from backend.store.models import (
     GROUND_TRUTH_SOURCES,
@@ -51,7 +52,6 @@ SYNC_IMPORT_BYTES = 25 * 1024**2  # larger uploads are imported by a job in the 
 UPLOADS_DIR = "uploads"  # under storage: uploads waiting for (or being read by) an import
 EXPORTS_DIR = "exports"  # under storage: exported versions and their zips
 REPORTS_DIR = "reports"  # under uploads/: the last import report of each project
-BOX_COLOURS = ((230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30, 180), (70, 240, 240))
 
 
 class BrowseError(ValueError):
@@ -301,7 +301,7 @@ def thumbnail(
         draw = ImageDraw.Draw(picture)
         scale_x, scale_y = picture.width / max(width, 1), picture.height / max(height, 1)
         for (x1, y1, x2, y2), label in boxes:
-            outline = BOX_COLOURS[int(label) % len(BOX_COLOURS)]
+            outline = palette_rgb(int(label))
             draw.rectangle(
                 [x1 * scale_x, y1 * scale_y, max(x2 * scale_x - 1, x1 * scale_x), max(y2 * scale_y - 1, y1 * scale_y)],
                 outline=outline,

@@ -11,6 +11,7 @@ from sqlalchemy.orm import Session
 from backend.catalog import project_runs, trained_runs
 from backend.ingest.starter import STARTER_NAME
 from backend.settings import Settings
+from backend.store.db import session_scope, shared_engine
 from backend.store.models import DatasetVersion, Image, Job, LabelingProject, Project, Run, project_classes
 
 CURRENT_STATUSES = ("ok", "near_duplicate")
@@ -88,6 +89,13 @@ def workflow_steps(session: Session, settings: Settings, project: Project) -> li
         Step("INT8", "quantize", bool(int8), f"{len(int8)} INT8 models", "quantize the best run on the Quantize page"),
         Step("Pokédex", "pokedex", bool(int8 or trained), "try the best model on a photo", "train a model first"),
     ]
+
+
+def project_steps(settings: Settings, project_name: str) -> list[Step]:
+    """`workflow_steps` of the project named `project_name`, in a session of their own (the Home page's call)."""
+    with session_scope(shared_engine(settings.database_url)) as session:
+        project = session.scalars(select(Project).where(Project.name == project_name)).one()
+        return workflow_steps(session, settings, project)
 
 
 def next_step(steps: list[Step]) -> Step | None:

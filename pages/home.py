@@ -8,16 +8,13 @@ import pandas as pd
 import plotly.graph_objects as go
 import streamlit as st
 from plotly.subplots import make_subplots
-from sqlalchemy import select
 
 from app.navigation import LAYOUT
 from app.widgets import page_link, page_settings, project_names, project_picker, store_engine
 from backend.ingest.starter import STARTER_NAME
 from backend.models.download import COCO_WEIGHTS_LICENCE_NOTE
 from backend.models.summary import model_summary
-from backend.overview import next_step, workflow_steps
-from backend.store.db import session_scope
-from backend.store.models import Project
+from backend.overview import next_step, project_steps
 
 SIZES = ("s", "m", "l")
 IMGSZ = 640
@@ -81,9 +78,7 @@ if not own_projects:
 project_name = project_picker(engine, key="home_project") if project_names(engine) else None
 if project_name is not None:
     st.header(f"Continue with {project_name}")
-    with session_scope(engine) as session:
-        project = session.scalars(select(Project).where(Project.name == project_name)).one()
-        steps = workflow_steps(session, settings, project)
+    steps = project_steps(settings, project_name)
     upcoming = next_step(steps)
     if upcoming is None:
         st.success("Every step is done: try your detector on the Pokédex.")
