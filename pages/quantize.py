@@ -1,21 +1,20 @@
 """Quantize page: a run's best.pt → a "quantize" job (budget, method, calibration images) with its live progress and
-Cancel; then the run's quant_report.json: the FP32-vs-INT8 table (the shipped model marked), accuracy against
-latency with the budget line, the layers kept in float and the float fallbacks, the validation images whose
-detections changed most (FP32 and INT8 boxes drawn side by side on the server) and the ONNX downloads.
+Cancel; then the run's quant_report.json: the FP32-vs-INT8 table (the shipped model marked), each model on each
+runtime, accuracy against latency with the budget line, the layers kept in float and the float fallbacks, the
+validation images whose detections changed most (FP32 and INT8 boxes drawn side by side) and the ONNX downloads.
 
 Thin on purpose: the job goes through `backend.jobs.api`, runs come from `backend.catalog`, everything shown is
 shaped by `backend.quantization.report_view`. The run stays in `?run=` and the job in `?quantize_job=`.
 """
 
-import io
 from pathlib import Path
 
 import pandas as pd
-import plotly.graph_objects as go
 import streamlit as st
 
 from app.widgets import page_settings, project_picker, run_and_report, show_outcome, store_engine
 from backend import catalog
+from backend.inference import Predictor
 from backend.jobs import api as jobs
 from backend.jobs import outcome
 from backend.quantization import report_view as view
@@ -24,7 +23,6 @@ from backend.quantization.ptq import CALIBRATION_METHODS
 from backend.store.db import session_scope
 
 RUN_PARAM, JOB_PARAM = "run", "quantize_job"
-REFRESH_S = 2.0
 GALLERY_PER_PAGE = 4
 CALIBRATIONS = list(CALIBRATION_METHODS)
 METHOD_HELP = {
@@ -36,50 +34,22 @@ METHOD_HELP = {
 
 @st.cache_data(show_spinner=False, max_entries=4)
 def read_report(run_dir: str, mtime: float) -> dict | None:
-    del mtime  # part of the cache key: a new report of the same run is read again
-    return view.read_report(run_dir)
+    return view.read_report(run_dir)  # mtime: part of the cache key, a new report of the same run is read again
 
 
 @st.cache_resource(show_spinner=False, max_entries=4)
-def predictor(path: str, mtime: float):
-    del mtime  # a model quantized again under the same name loads again
-    from backend.inference import Predictor
-
-    return Predictor.from_path(path, threads=1)
+def predictor(path: str, mtime: float) -> Predictor:
+    return Predictor.from_path(path, threads=1)  # mtime: a model quantized again under the same name loads again
 
 
 @st.cache_data(show_spinner=False, max_entries=64)
 def comparison(image: str, image_mtime: float, fp32: str, int8: str, mtimes: tuple[float, float], threshold: float):
-    del image_mtime  # cache key
-    pictures = view.compare_pictures(
-        image, predictor(fp32, mtimes[0]), predictor(int8, mtimes[1]), threshold=threshold, max_side=360
-    )
-    encoded = []
-    for picture in pictures:
-        buffer = io.BytesIO()
-        picture.image.save(buffer, format="JPEG", quality=85)
-        encoded.append((buffer.getvalue(), picture.boxes))
-    return encoded
+    models = predictor(fp32, mtimes[0]), predictor(int8, mtimes[1])  # the mtimes: a re-quantized file loads again
+    return view.compare_jpegs(image, *models, threshold=threshold, max_side=360)
 
 
 def mtime(path: Path) -> float:
     return path.stat().st_mtime if path.exists() else 0.0
-
-
-def find_job(run_dir: Path) -> "jobs.JobView | None":
-    """The job in ?quantize_job= when it quantizes this run, else this run's newest quantize job."""
-    wanted = st.query_params.get(JOB_PARAM)
-    if wanted and wanted.isdigit():
-        try:
-            job = jobs.get_job(int(wanted), settings)
-        except ValueError:
-            job = None
-        if job is not None and job.kind == "quantize" and job.params.get("run_dir") == str(run_dir):
-            return job
-    for job in jobs.list_jobs(settings, kind="quantize", limit=20):
-        if job.params.get("run_dir") == str(run_dir):
-            return job
-    return None
 
 
 st.title("Quantize")
@@ -94,48 +64,35 @@ if project is not None:
 if not runs:
     st.info(f"No trained run of {project or 'any project'} with a best.pt yet: train one on the [Train](/train) page.")
     st.stop()
-names = [run.name for run in runs]
-wanted_run = st.query_params.get(RUN_PARAM)
-
-
-def run_label(info: catalog.RunInfo) -> str:
-    # "run · best.pt mAP50 0.412 · INT8 mAP50 0.405": each model with its own validation score.
-    trained = f"{info.name} · best.pt {catalog.score_text(info.model_score('checkpoint'))}"
-    return trained + (f" · INT8 {catalog.score_text(info.model_score('int8'))}" if info.model("int8") else "")
-
-
-run = st.selectbox(
-    "Run",
-    runs,
-    index=names.index(wanted_run) if wanted_run in names else 0,
-    format_func=run_label,
-    key=f"quantize_run_{project}",
-)
+names, wanted_run = [run.name for run in runs], st.query_params.get(RUN_PARAM)
+index = names.index(wanted_run) if wanted_run in names else 0
+run = st.selectbox("Run", runs, index=index, format_func=view.run_label, key=f"quantize_run_{project}")
 if st.query_params.get(RUN_PARAM) != run.name:
     st.query_params[RUN_PARAM] = run.name
 
+
 # ---------------------------------------------------------------------------------------------------- launch form
-job = find_job(run.path)
+wanted_job = st.query_params.get(JOB_PARAM, "")
+try:
+    asked = jobs.get_job(int(wanted_job), settings) if wanted_job.isdigit() else None
+except ValueError:  # no such job
+    asked = None
+job = view.pick_job(run.path, asked, jobs.list_jobs(settings, kind="quantize", limit=20))
 busy = job is not None and job.active
 with st.form("quantize_form", border=False):
     left, middle, right = st.columns(3)
     budget = left.number_input("Budget (largest mAP50-95 drop, points)", 0.0, 100.0, 0.5, 0.1, key="quantize_budget")
-    method = middle.radio(
-        "Method", METHODS, horizontal=True, key="quantize_method", captions=[METHOD_HELP[name] for name in METHODS]
-    )
+    captions = [METHOD_HELP[name] for name in METHODS]
+    method = middle.radio("Method", METHODS, horizontal=True, key="quantize_method", captions=captions)
     calib = right.number_input(
         "Calibration images (training split)", 1, 4096, QuantizeOptions.calib_images, step=16, key="quantize_calib"
     )
     with st.expander("More options"):
         left, middle, right = st.columns(3)
-        calibration = left.selectbox(
-            "Calibration method",
-            CALIBRATIONS,
-            key="quantize_calibration",
-            index=CALIBRATIONS.index(QuantizeOptions.calibration),
-        )
+        default = CALIBRATIONS.index(QuantizeOptions.calibration)
+        calibration = left.selectbox("Calibration method", CALIBRATIONS, key="quantize_calibration", index=default)
         compare = left.checkbox("Also measure the other calibration methods", True, key="quantize_compare")
-        scan_images = middle.number_input(
+        scans = middle.number_input(
             "Sensitivity-scan images", 1, 1024, QuantizeOptions.scan_images, key="quantize_scan_images"
         )
         imgsz = middle.number_input("Input size (0 = the run's)", 0, 2048, 0, step=32, key="quantize_imgsz")
@@ -144,17 +101,10 @@ with st.form("quantize_form", border=False):
     launch = st.form_submit_button("Quantize", type="primary", disabled=busy, key="quantize_start")
 
 if launch:
-    fields = {
-        "method": method,
-        "calibration": calibration,
-        "calib_images": int(calib),
-        "budget": float(budget),
-        "compare_calibrations": bool(compare),
-        "scan_images": int(scan_images),
-        "threads": int(threads),
-        "imgsz": int(imgsz) or None,
-        "qat_epochs": int(qat_epochs) or None,
-    }
+    fields = view.job_options(
+        method=method, calibration=calibration, calib_images=calib, budget=budget, compare_calibrations=compare,
+        scan_images=scans, threads=threads, imgsz=imgsz, qat_epochs=qat_epochs,
+    )  # fmt: skip
 
     def submit() -> dict:
         QuantizeOptions(**fields)  # bad options are an error here, before anything is queued
@@ -172,18 +122,14 @@ if job is not None:
     if st.query_params.get(JOB_PARAM) != str(job.id):
         st.query_params[JOB_PARAM] = str(job.id)
 
-    @st.fragment(run_every=REFRESH_S if busy else None)
+    @st.fragment(run_every=2.0 if busy else None)
     def progress() -> None:
         current = jobs.get_job(job.id, settings)
-        eta = f" · ETA {current.eta_s:.0f} s" if current.active and current.eta_s is not None else ""
-        message = "" if current.state == "failed" else f": {current.message or ''}"  # the error is shown below
-        text = f"quantization job {current.id} {current.state}{message}{eta}"
-        st.progress(min(1.0, max(0.0, current.progress or 0.0)), text=text)
+        st.progress(min(1.0, max(0.0, current.progress or 0.0)), text=view.progress_text(current))
         if current.state == "failed":
             st.error(outcome.error_text(current) or "the quantization failed")
             if current.traceback:
-                with st.expander("Traceback"):
-                    st.code(current.traceback, language="text")
+                st.expander("Traceback").code(current.traceback, language="text")
         elif current.state in ("cancelled", "interrupted"):
             st.warning(f"Quantization {current.state}: no new report was written.")
         if busy and not current.active:
@@ -194,9 +140,8 @@ if job is not None:
 
 def cancel() -> None:
     if job is not None:
-        run_and_report(
-            "Cancel", lambda: outcome.cancel_requested(jobs.cancel(job.id, settings)), state_key="quantize_outcome"
-        )
+        cancelled = lambda: outcome.cancel_requested(jobs.cancel(job.id, settings))  # noqa: E731
+        run_and_report("Cancel", cancelled, state_key="quantize_outcome")
 
 
 st.button("Cancel", disabled=not busy, key="quantize_cancel", on_click=cancel)
@@ -210,62 +155,23 @@ if report is None:
 
 st.header("FP32 vs INT8")
 (st.success if report.get("within_budget") is not False else st.warning)(view.summary_line(report))
-calibration_info = report.get("calibration") or {}
-st.caption(
-    f"{report.get('validation_images', '?')} validation images at {report.get('imgsz')} px; latency at batch 1 and "
-    f"throughput at batch 8 on onnxruntime with {report.get('threads')} threads, measured side by side; calibration "
-    f"{calibration_info.get('selected')} on {calibration_info.get('images')} training images; "
-    f"{report.get('seconds', '?')} s in all."
-)
+st.caption(view.speed_caption(report))
 for note in [*(report.get("not_measured") or []), *(report.get("notes") or [])]:
     st.warning(note)
 rows = view.model_rows(report)
-table = pd.DataFrame(rows).drop(columns=["model"])
-st.dataframe(
-    table,
-    hide_index=True,
-    key="quantize_table",
-    column_config={
-        "shipped": st.column_config.CheckboxColumn("shipped", help="copied to model_int8.onnx"),
-        "mAP50-95": st.column_config.NumberColumn(format="%.3f", help="on the validation images, a fraction"),
-        view.DELTA_COLUMN: st.column_config.NumberColumn(format="%+.2f", help="INT8 minus FP32, in points (0.01)"),
-        "agreement": st.column_config.NumberColumn(format="%.3f", help="share of FP32's detections INT8 still gives"),
-    },
-)
-
-# Names in the legend and on hover, not as text beside the points: close points' labels overlapped and were clipped.
-figure = go.Figure()
-for row in rows:
-    if row["mAP50-95"] is None or row["p50 ms"] is None:
-        continue
-    name = row["label"] + (" (shipped)" if row["shipped"] else "")
-    figure.add_trace(
-        go.Scatter(
-            x=[row["p50 ms"]],
-            y=[row["mAP50-95"]],
-            mode="markers",
-            name=name,
-            hovertemplate=f"{name}<br>p50 %{{x:.1f}} ms<br>mAP50-95 %{{y:.3f}}<extra></extra>",
-            marker={"size": 16 if row["shipped"] else 11, "symbol": "star" if row["shipped"] else "circle"},
-        )
-    )
-floor = view.budget_floor(report)
-if floor is not None:
-    figure.add_hline(
-        y=floor,
-        line_dash="dash",
-        annotation_text=f"budget: FP32 − {report.get('budget_points')} points",
-        annotation_position="bottom right",
-    )
-figure.update_layout(
-    xaxis_title="latency p50 at batch 1 (ms)",
-    yaxis_title="mAP50-95",
-    yaxis_tickformat=".3f",
-    height=420,
-    margin={"t": 30, "b": 40, "l": 60, "r": 20},
-    legend={"orientation": "h", "y": -0.25, "yanchor": "top"},
-)
-st.plotly_chart(figure, key="quantize_scatter")
+number = st.column_config.NumberColumn
+columns = {
+    "shipped": st.column_config.CheckboxColumn("shipped", help="copied to model_int8.onnx"),
+    "mAP50-95": number(format="%.3f", help="on the validation images, a fraction"),
+    view.DELTA_COLUMN: number(format="%+.2f", help="INT8 minus FP32, in points (0.01)"),
+    "agreement": number(format="%.3f", help="share of FP32's detections INT8 still gives"),
+}
+st.dataframe(pd.DataFrame(rows).drop(columns=["model"]), hide_index=True, key="quantize_table", column_config=columns)
+st.plotly_chart(view.scatter_figure(report, rows), key="quantize_scatter")
+by_runtime = view.runtime_rows(report)
+if by_runtime:
+    st.subheader("By runtime")
+    st.dataframe(pd.DataFrame(by_runtime), hide_index=True, key="quantize_runtimes")
 
 st.subheader("Kept in float")
 layers = view.float_layer_rows(report)
@@ -284,25 +190,22 @@ else:
     st.caption("None: every quantized node ran on an int8 kernel.")
 
 st.subheader("Downloads")
-columns = st.columns(2)
-for column, name in zip(columns, view.MODEL_FILES, strict=True):
-    path = run.path / name
+for column, (label, path) in zip(st.columns(2), view.downloads(run.path), strict=True):
     column.download_button(
-        f"Download {name}" + (f" ({path.stat().st_size / 1e6:.1f} MB)" if path.is_file() else " (missing)"),
+        label,
         data=lambda path=path: path.read_bytes(),
-        file_name=f"{run.name}_{name}",
+        file_name=f"{run.name}_{path.name}",
         mime="application/octet-stream",
         on_click="ignore",
         disabled=not path.is_file(),
-        key=f"quantize_download_{name}",
+        key=f"quantize_download_{path.name}",
     )
 
 st.subheader("Detections that changed most")
-items = view.gallery(report)
+items, paths = view.gallery(report), view.model_paths(report, run.path)
 if not items:
     st.caption("No validation image's detections changed between FP32 and the shipped INT8 model.")
     st.stop()
-paths = view.model_paths(report, run.path)
 if not (paths["fp32"].is_file() and paths["int8"].is_file()):
     st.warning("The ONNX files of this report are gone: quantize again to see the gallery.")
     st.stop()
@@ -310,13 +213,11 @@ pages = -(-len(items) // GALLERY_PER_PAGE)
 page = int(st.number_input(f"Page (of {pages}, {len(items)} images)", 1, pages, 1, key="quantize_gallery_page"))
 threshold = view.score_threshold(report)
 st.caption(f"FP32 boxes blue, INT8 boxes red; detections scoring ≥ {threshold}.")
-model_mtimes = (mtime(paths["fp32"]), mtime(paths["int8"]))
+models = str(paths["fp32"]), str(paths["int8"]), (mtime(paths["fp32"]), mtime(paths["int8"]))
 for item in items[(page - 1) * GALLERY_PER_PAGE : page * GALLERY_PER_PAGE]:
     image = Path(item["image"])
     try:
-        (fp32_jpeg, _), (int8_jpeg, _) = comparison(
-            str(image), mtime(image), str(paths["fp32"]), str(paths["int8"]), model_mtimes, threshold
-        )
+        (fp32_jpeg, _), (int8_jpeg, _) = comparison(str(image), mtime(image), *models, threshold)
     except (OSError, ValueError) as error:
         st.warning(f"{image}: cannot draw ({error})")
         continue

@@ -110,6 +110,47 @@ def test_model_rows_follow_the_report(quantized):
     assert [row["kernel"] for row in view.fallback_rows(report)] == ["ConvTranspose"] * 2 * (len(rows) - 1)
 
 
+def test_each_model_on_each_runtime_and_the_runtime_it_ships_on():
+    speed = {"latency_ms_p50": 10.0, "latency_ms_p95": 12.0, "throughput_b8_images_per_s": 90.0}
+    report = {
+        "runtime": "openvino",
+        "runtime_label": "OpenVINO",
+        "runtimes": ["onnxruntime", "openvino"],
+        "threads": 2,
+        "imgsz": 320,
+        "validation_images": 8,
+        "chosen": "ptq_minmax",
+        "models": {
+            "ptq_minmax": {
+                "runtimes": {
+                    "onnxruntime": {**speed, "mAP50-95": 0.401, "mAP50": 0.6},
+                    "openvino": {**speed, "latency_ms_p50": 5.0, "mAP50-95": 0.4, "mAP50": 0.6},
+                }
+            },
+            "fp32": {
+                "runtimes": {
+                    "onnxruntime": {**speed, "mAP50-95": 0.41, "mAP50": 0.61},
+                    "openvino": {**speed, "mAP50-95": 0.41, "mAP50": 0.61},
+                }
+            },
+        },
+    }
+    rows = view.runtime_rows(report)
+    assert [(row["model"], row["runtime"]) for row in rows] == [
+        ("FP32", "onnxruntime"),
+        ("FP32", "OpenVINO"),
+        ("PTQ min/max (default policy)", "onnxruntime"),
+        ("PTQ min/max (default policy)", "OpenVINO"),
+    ]
+    assert [row["ships on"] for row in rows] == [False, True, False, True]
+    assert rows[3]["p50 ms"] == 5.0 and rows[3]["mAP50-95"] == 0.4 and rows[2]["mAP50-95"] == 0.401
+    caption = view.speed_caption(report)
+    assert "on onnxruntime and OpenVINO with 2 threads" in caption and "OpenVINO, the runtime the shipped" in caption
+    # A report written before runtimes were compared: onnxruntime only, no runtime table.
+    old = {"threads": 2, "models": {"fp32": {"latency_ms_p50": 3.0}}}
+    assert view.runtime_rows(old) == [] and "on onnxruntime with 2 threads" in view.speed_caption(old)
+
+
 def test_float_layers_of_each_policy():
     selective = {
         "chosen": "ptq_selective",

@@ -18,6 +18,7 @@ import onnx
 import pytest
 import torch
 
+from backend import runtimes
 from backend.data.folders import load_dataset
 from backend.data.records import DatasetError
 from backend.data.synthetic import generate_synthetic_dataset
@@ -114,6 +115,27 @@ def test_report_holds_every_field(ptq_report):
         assert len(agreement["per_image"]) == VALIDATION_IMAGES and 0.0 <= agreement["mean_agreement"] <= 1.0
         assert all(item["change"] > 0 for item in agreement["most_changed"])
     assert report["gallery"] == report["models"][report["chosen"]]["agreement"]["most_changed"]
+
+
+def test_report_measures_every_runtime_side_by_side(ptq_report):
+    report = ptq_report
+    deploy = runtimes.resolve_runtime("auto")
+    assert report["runtime"] == deploy and report["runtime_label"] == runtimes.runtime_label(deploy)
+    expected = ["onnxruntime"] + (["openvino"] if runtimes.openvino_problem() is None else [])
+    assert report["runtimes"] == expected and report["model_int8_openvino"] is None  # no IR unless asked
+    for name, row in report["models"].items():
+        assert set(row["runtimes"]) == set(expected), name
+        for runtime, measured in row["runtimes"].items():
+            assert measured["latency_ms_p95"] >= measured["latency_ms_p50"] > 0, (name, runtime)
+            assert measured["throughput_b8_images_per_s"] > 0 and 0.0 <= measured["mAP50-95"] <= 1.0
+        # the top level is the runtime the model ships on: its speed and its mAP
+        shipped_on = row["runtimes"][deploy]
+        assert row["latency_ms_p50"] == shipped_on["latency_ms_p50"]
+        assert row["metrics"]["mAP50-95"] == shipped_on["mAP50-95"]
+    if "openvino" in expected:  # the two runtimes score the same files within a point or two of mAP50
+        for name, row in report["models"].items():
+            on = row["runtimes"]
+            assert abs(on["openvino"]["mAP50"] - on["onnxruntime"]["mAP50"]) <= 0.05, (name, on)
 
 
 def test_calibration_methods_give_different_ranges(ptq_report):
@@ -240,6 +262,31 @@ def test_run_without_validation_images_reports_what_it_can(run_dir, tmp_path):
     assert report["calibration"]["images"] == 1 and report["calibration"]["asked"] == 8  # fewer than asked: all there
     int8 = report["models"]["ptq_percentile"]
     assert "metrics" not in int8 and int8["latency_ms_p50"] > 0 and int8["deltas"]["size_ratio"] < 0.45
+
+
+@pytest.mark.skipif(runtimes.openvino_problem() is not None, reason=f"{runtimes.openvino_problem()}")
+def test_format_openvino_writes_the_shipped_model_as_ir(run_dir, tmp_path):
+    lonely = generate_synthetic_dataset(tmp_path / "one", num_train=2, num_val=0, image_size=(96, 96), seed=2)
+    out = tmp_path / "out"
+    command = ["quantize", run_dir, "--method", "ptq", "--calib", "2", "--no-compare", "--data", lonely]
+    command += ["--out", out, "--format", "openvino", "--json"]
+    completed = subprocess.run(
+        [sys.executable, "-m", "backend.cli", *command], cwd=REPO_ROOT, capture_output=True, text=True, timeout=600
+    )
+    assert completed.returncode == 0, completed.stderr
+    report = json.loads(completed.stdout)
+    xml = out / "model_int8.xml"
+    assert report["model_int8_openvino"] == str(xml) and xml.is_file() and xml.with_suffix(".bin").is_file()
+    # The IR computes what the ONNX file computes in OpenVINO.
+    import openvino
+
+    core = openvino.Core()
+    feed = np.random.default_rng(0).random((1, 3, IMGSZ, IMGSZ), dtype=np.float32)
+    config = {"INFERENCE_PRECISION_HINT": "f32"}
+    from_ir = core.compile_model(core.read_model(str(xml)), "CPU", config)(feed)
+    from_onnx = core.compile_model(core.read_model(str(out / "model_int8.onnx")), "CPU", config)(feed)
+    for ir_output, onnx_output in zip(from_ir.to_tuple(), from_onnx.to_tuple(), strict=True):
+        np.testing.assert_allclose(ir_output, onnx_output, atol=1e-4)
 
 
 def test_bad_options_are_refused():

@@ -3,8 +3,9 @@ and measure every candidate against FP32.
 
 Run folder in, files out (docs/contracts.md §4): `model_fp32.onnx` (the partially fused export: QARepVGG branches
 merged, post-BN kept, as docs/quantization_policy.md §1 describes), `model_int8.onnx` (the chosen INT8 model),
-`int8_variants/*.onnx` (every other candidate) and `quant_report.json`. Every file keeps the ONNX I/O contract, so
-the Pokédex and `yolodex predict` run any of them unchanged.
+`int8_variants/*.onnx` (every other candidate), `quant_report.json`, and with `openvino_ir` the shipped model as an
+OpenVINO IR (`model_int8.xml` + `.bin`). Every ONNX file keeps the ONNX I/O contract, so the Pokédex and
+`yolodex predict` run any of them unchanged.
 
 Candidates (report rows):
 - `ptq_<calibration>`: static PTQ with the default float policy (head branches and decoding), one row per
@@ -16,6 +17,11 @@ Candidates (report rows):
 For each: mAP50-95, mAP50, per-class AP and deltas to FP32; latency p50/p95 at batch 1 and throughput at batch 8
 side by side (threads stated); file size; the agreement of its detections with FP32's and the images that changed
 most; the kernels onnxruntime executed and the quantized layers that still ran in float.
+
+Runtimes (docs/runtimes.md): the report measures every candidate's speed and mAP in each runtime that loads here
+(onnxruntime always, OpenVINO when it loads), side by side, under "runtimes". Everything else (the policy search,
+the top-level metrics and speed, the agreement, the choice of the shipped model) is measured on the runtime the
+shipped model will run on: what `runtime="auto"` resolves to here (the report's "runtime").
 """
 
 from __future__ import annotations
@@ -24,14 +30,13 @@ import json
 import logging
 import shutil
 import time
-from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 
 from backend.data.records import DatasetError, DetectionSet
 from backend.evaluation.coco_eval import evaluate_detections
@@ -57,8 +62,17 @@ from backend.quantization.ptq import (
     weighted_nodes,
 )
 from backend.quantization.sensitivity import choose_float_nodes, module_path, scan_sensitivity
+from backend.runs import RunFolder
+from backend.runtimes import (
+    RuntimeUnavailable,
+    open_onnx,
+    openvino_problem,
+    resolve_runtime,
+    runtime_label,
+    save_openvino_ir,
+)
 from backend.training.engine import EVAL_POSTPROCESS
-from backend.training.trainer import load_splits, run_checkpoint
+from backend.training.trainer import load_splits
 
 logger = logging.getLogger(__name__)
 
@@ -67,6 +81,7 @@ SPEED_BLOCK = 4  # timed runs per model per turn, after one untimed run
 THROUGHPUT_BATCH = 8
 THROUGHPUT_RUNS = 4
 GALLERY_SIZE = 12
+SPEED_KEYS = ("latency_ms_p50", "latency_ms_p95", "throughput_b8_images_per_s")
 
 EventCallback = Callable[..., None]
 
@@ -84,11 +99,12 @@ class QuantizeOptions:
         scan_images: validation images the sensitivity scan compares outputs on.
         scan_layers: restrict the scan to these node names (default: every Conv/ConvTranspose).
         qat_epochs: QAT epochs (default: docs/quantization_policy.md §3's rule, a tenth of the run's, at least 1).
-        threads: onnxruntime intra-op threads for evaluation, latency and throughput.
+        threads: intra-op threads of every runtime, for evaluation, latency and throughput.
         latency_runs: timed batch-1 runs per model, models taking turns.
         data: the dataset, when it moved since training (default: the run's config.json).
         imgsz: the input size to export, calibrate and measure at (default: the run's); a multiple of 32. The
             model is fully convolutional, so a model trained at 320 can be deployed at 640 and the reverse.
+        openvino_ir: also write the shipped model as an OpenVINO IR (model_int8.xml + .bin beside the ONNX).
     """
 
     method: str = "auto"
@@ -103,6 +119,7 @@ class QuantizeOptions:
     latency_runs: int = 20
     data: str | None = None
     imgsz: int | None = None
+    openvino_ir: bool = False
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -115,6 +132,66 @@ class QuantizeOptions:
             raise ValueError(f"imgsz must be a positive multiple of 32 (got {self.imgsz})")
         if self.calib_images < 1:
             raise ValueError(f"calibration needs at least 1 image (got --calib {self.calib_images})")
+
+
+@dataclass
+class Candidate:
+    """One model of the report: the FP32 export or an INT8 candidate, and what was measured of it.
+
+    Attributes:
+        name: the report key ("fp32", "ptq_percentile", "ptq_selective", "qat", ...).
+        kind: "fp32", "ptq" or "qat".
+        path: its ONNX file.
+        calibration / policy: how an INT8 candidate was made (None for FP32).
+        float_layers: the quantizable layers (module paths) it keeps in float (None for FP32).
+        within_budget: the selective policy's own verdict (None for the others).
+        scores: mAP50-95 and the other COCO metrics, per-class AP and the detections, on the deployment runtime.
+        runtimes: per runtime, batch-1 latency p50/p95 (ms), batch-8 throughput (images/s) and mAP50-95/mAP50.
+    """
+
+    name: str
+    kind: str
+    path: Path
+    calibration: str | None = None
+    policy: str | None = None
+    float_layers: list[str] | None = None
+    within_budget: bool | None = None
+    scores: dict[str, Any] = field(default_factory=dict)
+    runtimes: dict[str, dict[str, float]] = field(default_factory=dict)
+
+    @property
+    def map(self) -> float | None:
+        return None if "metrics" not in self.scores else float(self.scores["metrics"]["mAP50-95"])
+
+    def row(self, runtime: str) -> dict[str, Any]:
+        """The report row: how it was made, its scores and file size, and its speed on `runtime` at the top level
+        (the runtime it ships on) with every measured runtime under "runtimes"."""
+        entry: dict[str, Any] = {"kind": self.kind}
+        for key in ("calibration", "policy", "float_layers", "within_budget"):
+            if getattr(self, key) is not None:
+                entry[key] = getattr(self, key)
+        entry["path"] = str(self.path)
+        entry.update({key: value for key, value in self.scores.items() if key != "predictions"})
+        entry["bytes"] = self.path.stat().st_size
+        speed = self.runtimes.get(runtime, {})
+        entry.update({key: speed[key] for key in SPEED_KEYS if key in speed})
+        entry["runtimes"] = self.runtimes
+        return entry
+
+
+@dataclass
+class _Run:
+    """The training run being quantized: its checkpoint and model, its config and its data."""
+
+    directory: Path
+    checkpoint: Path
+    train_config: dict[str, Any]
+    model: YoloNAS
+    class_names: list[str]
+    imgsz: int
+    train_set: DetectionSet
+    val_set: DetectionSet
+    notes: list[str]
 
 
 def quantize_run(
@@ -148,205 +225,100 @@ def quantize_run(
             raise QuantizeCancelled(f"quantization cancelled before the {name} stage")
         emit("stage", stage=name, **data)
 
-    run_dir = Path(run_dir)
-    out_dir = Path(out_dir) if out_dir else run_dir
-    checkpoint = run_checkpoint(run_dir)
-    if not checkpoint.is_file() or not (run_dir / "config.json").is_file():
-        raise CheckpointError(f"{run_dir} is not a training run folder (best.pt/last.pt and config.json expected)")
-    train_config = json.loads((run_dir / "config.json").read_text())["train"]
-    model, loaded = load_model(checkpoint)
-    if model.fusion == "full":
-        raise CheckpointError(f"{checkpoint} is fully fused; quantization needs unfused or partially fused weights")
-    if model.fusion == "none":
-        model.eval().fuse()  # partial fusion: the form the quantization pipeline works on
-    imgsz = int(options.imgsz or train_config["imgsz"])
-    data = options.data or train_config["data"]
-    if not options.data and not Path(data).exists():
-        raise DatasetError(f"the run's dataset {data} is not there any more: give its new location with --data")
-    train_set, val_set, notes = load_splits(data, int(train_config.get("seed", 0)), allow_empty_val=True)
+    if options.openvino_ir and openvino_problem() is not None:
+        raise RuntimeUnavailable(f"cannot write an OpenVINO IR: {openvino_problem()}")
+    run = _open_run(Path(run_dir), options)
+    out_dir = Path(out_dir) if out_dir else run.directory
     not_measured: list[str] = []
-    if len(val_set) == 0:
+    if len(run.val_set) == 0:
         not_measured.append(
             "no validation images: mAP, per-class AP, detection agreement, the sensitivity scan, the automatic "
             "policy and QAT's model selection need labelled validation images (add a val split and run again); "
             "the default float policy was used"
         )
-
-    ensure_room(out_dir, _bytes_needed(model, out_dir, options), "the quantization's ONNX files")
+    ensure_room(out_dir, _bytes_needed(run.model, out_dir, options), "the quantization's ONNX files")
     out_dir.mkdir(parents=True, exist_ok=True)
     work = out_dir / ".quantize_work"
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir()
     variants = out_dir / "int8_variants"
     variants.mkdir(exist_ok=True)
+    deploy, measured_runtimes = deployment_runtimes()
     started = time.perf_counter()
     try:
         stage("export")
         fp32_path = export_onnx(
-            model,
+            run.model,
             out_dir / "model_fp32.onnx",
-            imgsz=imgsz,
-            class_names=loaded.class_names,
-            run_id=run_dir.name,
+            imgsz=run.imgsz,
+            class_names=run.class_names,
+            run_id=run.directory.name,
             fuse=False,
         )
         prepared = preprocess_fp32(fp32_path, work / "fp32_pre.onnx")
-        evaluator = _Evaluator(val_set, options.threads)
-        rows: dict[str, dict[str, Any]] = {"fp32": {"kind": "fp32", "path": fp32_path}}
-
-        methods = [options.calibration]
-        if options.compare_calibrations:
-            methods += [name for name in CALIBRATION_METHODS if name != options.calibration]
-        calibrations: dict[str, Calibration] = {}
-        weighted = set(weighted_nodes(prepared))
-        default_layers = [module_path(name) for name in default_float_nodes(prepared) if name in weighted]
-        for name in methods:
-            stage("calibrate", calibration=name)
-            reader = CalibrationImages(train_set.records, imgsz, count=options.calib_images)
-            calibrations[name] = calibrate(prepared, reader, work / f"ranges_{name}.json", method=name)
-            path = quantize_calibrated(calibrations[name], variants / f"ptq_{name}.onnx", metadata_from=fp32_path)
-            rows[f"ptq_{name}"] = {
-                "kind": "ptq",
-                "calibration": name,
-                "policy": "default",
-                "path": path,
-                "float_layers": default_layers,
-            }
+        evaluator = _Evaluator(run.val_set, options.threads, deploy)
+        candidates = {"fp32": Candidate("fp32", "fp32", fp32_path)}
+        calibrations = _calibrate(run, options, prepared, fp32_path, work, variants, candidates, stage)
         fp32_map = evaluator.map(fp32_path) if evaluator.available else None
-        # The selective policy and QAT build on the calibration that did best with the default policy (ties: the
-        # one asked for): on one model percentile wins, on another minmax (measured: -2.8 vs +0.5 points at 640).
-        selected = options.calibration
-        if evaluator.available and len(calibrations) > 1:
-            selected = max(
-                calibrations, key=lambda name: (evaluator.map(rows[f"ptq_{name}"]["path"]), name == options.calibration)
-            )
-        calibration = calibrations[selected]
-        budget = options.budget / 100.0
+        selected = _best_calibration(calibrations, candidates, evaluator, options.calibration)
         sensitivity = None
         if options.method in ("auto", "ptq") and fp32_map is not None:  # None: no evaluator
-            stage("scan")
-            images = _stack(CalibrationImages(val_set.records, imgsz, count=options.scan_images, seed=1))
-            scan = scan_sensitivity(
-                calibration,
-                images,
-                candidates=options.scan_layers,
-                threads=options.threads,
-                on_progress=emit,
-                stop_requested=stop_requested,
-            )
-            stage("policy")
-            choice = choose_float_nodes(
-                calibration,
-                scan,
-                evaluator.map,
-                fp32_map,
-                budget,
-                variants / "ptq_selective.onnx",
-                metadata_from=fp32_path,
-                on_progress=emit,
-            )
-            rows["ptq_selective"] = {
-                "kind": "ptq",
-                "calibration": selected,
-                "policy": "selective",
-                "path": choice.path,
-                "float_layers": [layer.module for layer in choice.float_layers],
-                "within_budget": choice.within_budget,
-            }
-            sensitivity = {
-                **scan.to_dict(),
-                "budget_points": options.budget,
-                "fp32_map": round(fp32_map, 5),
-                "tried": choice.tried,
-                "within_budget": choice.within_budget,
-                "float_layers": [
-                    {
-                        "module": layer.module,
-                        "node": layer.node,
-                        "parameters": layer.parameters,
-                        "cost": float(f"{layer.cost:.4g}"),
-                        "float_bytes": 3 * layer.parameters,
-                    }
-                    for layer in choice.float_layers
-                ],
-            }
-
-        qat_summary = None
-        selective_ok = rows.get("ptq_selective", {}).get("within_budget")
-        if options.method == "qat" or (options.method == "auto" and selective_ok is False):
-            stage("qat")
-            float_modules = rows[f"ptq_{selected}"]["float_layers"]  # the default policy: QAT trains the rest
-            path, qat_summary = _quantization_aware(
-                model,
-                loaded.class_names,
-                run_dir.name,
-                train_config,
-                train_set,
-                val_set,
-                float_modules,
+            selective, sensitivity = _selective(
+                run,
                 options,
-                selected,
+                calibrations[selected],
+                evaluator,
+                fp32_map,
                 fp32_path,
-                work,
-                variants / "qat.onnx",
+                variants,
                 emit,
+                stage,
                 stop_requested,
             )
-            rows["qat"] = {
-                "kind": "qat",
-                "calibration": selected,
-                "policy": "qat",
-                "path": path,
-                "float_layers": float_modules,
-            }
+            candidates[selective.name] = selective
+        qat_summary = None
+        if options.method == "qat" or (
+            options.method == "auto" and "ptq_selective" in candidates and not candidates["ptq_selective"].within_budget
+        ):
+            stage("qat")
+            float_modules = candidates[f"ptq_{selected}"].float_layers or []  # the default policy: QAT trains the rest
+            path, qat_summary = _quantization_aware(
+                run, float_modules, options, selected, fp32_path, work, variants / "qat.onnx", emit, stop_requested
+            )
+            candidates["qat"] = Candidate("qat", "qat", path, selected, "qat", float_modules)
 
         stage("measure")
-        for row in rows.values():
-            row.update(evaluator.evaluate(row["path"]) if evaluator.available else {})
-            row["bytes"] = Path(row["path"]).stat().st_size
-        speed = measure_speed(
-            {name: row["path"] for name, row in rows.items()}, imgsz, options.threads, options.latency_runs
+        _measure(candidates, evaluator, run.imgsz, options, measured_runtimes)
+        chosen = _choose(
+            {name: item.row(deploy) for name, item in candidates.items()},
+            fp32_map,
+            options.budget / 100.0,
+            options.calibration,
         )
-        for name, row in rows.items():
-            row.update(speed[name])
-        chosen = _choose(rows, fp32_map, budget, options.calibration)
-        int8_path = out_dir / "model_int8.onnx"
-        staged = out_dir / ".model_int8.onnx.tmp"
-        shutil.copyfile(rows[chosen]["path"], staged)
-        staged.replace(int8_path)
-        report_rows: dict[str, dict[str, Any]] = {}
-        for name, row in rows.items():
-            entry = {key: value for key, value in row.items() if key != "predictions"}
-            entry["path"] = str(row["path"])
-            if name != "fp32":
-                kernels = executed_kernels(row["path"], (1, 3, imgsz, imgsz), threads=options.threads)
-                entry["executed_op_types"] = op_type_counts(kernels)
-                entry["float_fallbacks"] = float_fallbacks(row["path"], kernels)
-                entry["deltas"] = _deltas(report_rows["fp32"], entry)
-                if evaluator.available:
-                    entry["agreement"] = detection_agreement(
-                        rows["fp32"]["predictions"],
-                        row["predictions"],
-                        [str(r.path) for r in val_set.records],
-                        top_k=GALLERY_SIZE,
-                    )
-            report_rows[name] = entry
+        int8_path = _ship(candidates[chosen].path, out_dir / "model_int8.onnx")
+        openvino_path = save_openvino_ir(int8_path, out_dir / "model_int8.xml") if options.openvino_ir else None
+        models = _report_rows(candidates, deploy, evaluator, run, options)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
+    calibration = calibrations[selected]
     report = {
-        "run": str(run_dir),
-        "checkpoint": str(checkpoint),
-        "imgsz": imgsz,
+        "run": str(run.directory),
+        "checkpoint": str(run.checkpoint),
+        "imgsz": run.imgsz,
         "method": options.method,
         "options": json.loads(json.dumps(asdict(options))),
         "budget_points": options.budget,
         "threads": options.threads,
-        "validation_images": len(val_set),
+        "runtime": deploy,
+        "runtime_label": runtime_label(deploy),
+        "runtimes": measured_runtimes,
+        "validation_images": len(run.val_set),
         "chosen": chosen,
         "model_int8": str(int8_path),
         "model_fp32": str(fp32_path),
-        "within_budget": _within(rows[chosen], fp32_map, budget),
+        "model_int8_openvino": None if openvino_path is None else str(openvino_path),
+        "within_budget": _within(models[chosen], fp32_map, options.budget / 100.0),
         "calibration": {
             "method": options.calibration,
             "selected": selected,
@@ -358,15 +330,203 @@ def quantize_run(
         "float_nodes": _float_nodes(int8_path),
         "sensitivity": sensitivity,
         "qat": qat_summary,
-        "gallery": report_rows[chosen].get("agreement", {}).get("most_changed", []),
-        "models": report_rows,
-        "notes": notes,
+        "gallery": models[chosen].get("agreement", {}).get("most_changed", []),
+        "models": models,
+        "notes": run.notes,
         "not_measured": not_measured,
         "seconds": round(time.perf_counter() - started, 1),
     }
     atomic_write_json(out_dir / "quant_report.json", report)
     emit("stage", stage="done", chosen=chosen)
     return report
+
+
+def deployment_runtimes() -> tuple[str, list[str]]:
+    """The runtime the shipped model will run on (what "auto" resolves to here) and the runtimes the report
+    measures side by side: onnxruntime (the reference) always, OpenVINO when it loads."""
+    measured = ["onnxruntime"] + (["openvino"] if openvino_problem() is None else [])
+    deploy = resolve_runtime("auto")
+    return deploy, measured if deploy in measured else [*measured, deploy]
+
+
+def _open_run(run_dir: Path, options: QuantizeOptions) -> _Run:
+    """The run's checkpoint, partially fused (the form the pipeline works on), its config and its splits."""
+    folder = RunFolder(run_dir)
+    checkpoint = folder.checkpoint()
+    if not checkpoint.is_file() or not folder.has_config():
+        raise CheckpointError(f"{run_dir} is not a training run folder (best.pt/last.pt and config.json expected)")
+    train_config = folder.train()
+    model, loaded = load_model(checkpoint)
+    if model.fusion == "full":
+        raise CheckpointError(f"{checkpoint} is fully fused; quantization needs unfused or partially fused weights")
+    if model.fusion == "none":
+        model.eval().fuse()  # partial fusion
+    data = options.data or train_config["data"]
+    if not options.data and not Path(data).exists():
+        raise DatasetError(f"the run's dataset {data} is not there any more: give its new location with --data")
+    train_set, val_set, notes = load_splits(data, int(train_config.get("seed", 0)), allow_empty_val=True)
+    imgsz = int(options.imgsz or train_config["imgsz"])
+    return _Run(run_dir, checkpoint, train_config, model, list(loaded.class_names), imgsz, train_set, val_set, notes)
+
+
+def _calibrate(
+    run: _Run,
+    options: QuantizeOptions,
+    prepared: Path,
+    fp32_path: Path,
+    work: Path,
+    variants: Path,
+    candidates: dict[str, Candidate],
+    stage: Callable[..., None],
+) -> dict[str, Calibration]:
+    """Calibrates with the asked method (and the others when comparing) and adds one default-policy PTQ candidate
+    per method to `candidates`."""
+    methods = [options.calibration]
+    if options.compare_calibrations:
+        methods += [name for name in CALIBRATION_METHODS if name != options.calibration]
+    weighted = set(weighted_nodes(prepared))
+    default_layers = [module_path(name) for name in default_float_nodes(prepared) if name in weighted]
+    calibrations: dict[str, Calibration] = {}
+    for name in methods:
+        stage("calibrate", calibration=name)
+        reader = CalibrationImages(run.train_set.records, run.imgsz, count=options.calib_images)
+        calibrations[name] = calibrate(prepared, reader, work / f"ranges_{name}.json", method=name)
+        path = quantize_calibrated(calibrations[name], variants / f"ptq_{name}.onnx", metadata_from=fp32_path)
+        candidates[f"ptq_{name}"] = Candidate(f"ptq_{name}", "ptq", path, name, "default", list(default_layers))
+    return calibrations
+
+
+def _best_calibration(
+    calibrations: dict[str, Calibration], candidates: dict[str, Candidate], evaluator: _Evaluator, asked: str
+) -> str:
+    """The calibration the selective policy and QAT build on: the one that did best with the default policy (ties:
+    the one asked for). On one model percentile wins, on another minmax (measured: -2.8 vs +0.5 points at 640)."""
+    if not evaluator.available or len(calibrations) == 1:
+        return asked
+    return max(calibrations, key=lambda name: (evaluator.map(candidates[f"ptq_{name}"].path), name == asked))
+
+
+def _selective(
+    run: _Run,
+    options: QuantizeOptions,
+    calibration: Calibration,
+    evaluator: _Evaluator,
+    fp32_map: float,
+    fp32_path: Path,
+    variants: Path,
+    emit: EventCallback,
+    stage: Callable[..., None],
+    stop_requested: Callable[[], bool] | None,
+) -> tuple[Candidate, dict[str, Any]]:
+    """The sensitivity scan, then the fewest layers in float for the drop to stay within the budget: the
+    `ptq_selective` candidate and the report's "sensitivity" section."""
+    stage("scan")
+    images = _stack(CalibrationImages(run.val_set.records, run.imgsz, count=options.scan_images, seed=1))
+    scan = scan_sensitivity(
+        calibration,
+        images,
+        candidates=options.scan_layers,
+        threads=options.threads,
+        on_progress=emit,
+        stop_requested=stop_requested,
+    )
+    stage("policy")
+    choice = choose_float_nodes(
+        calibration,
+        scan,
+        evaluator.map,
+        fp32_map,
+        options.budget / 100.0,
+        variants / "ptq_selective.onnx",
+        metadata_from=fp32_path,
+        on_progress=emit,
+    )
+    candidate = Candidate(
+        "ptq_selective",
+        "ptq",
+        choice.path,
+        calibration.method,
+        "selective",
+        [layer.module for layer in choice.float_layers],
+        choice.within_budget,
+    )
+    sensitivity = {
+        **scan.to_dict(),
+        "budget_points": options.budget,
+        "fp32_map": round(fp32_map, 5),
+        "tried": choice.tried,
+        "within_budget": choice.within_budget,
+        "float_layers": [
+            {
+                "module": layer.module,
+                "node": layer.node,
+                "parameters": layer.parameters,
+                "cost": float(f"{layer.cost:.4g}"),
+                "float_bytes": 3 * layer.parameters,
+            }
+            for layer in choice.float_layers
+        ],
+    }
+    return candidate, sensitivity
+
+
+def _measure(
+    candidates: dict[str, Candidate],
+    evaluator: _Evaluator,
+    imgsz: int,
+    options: QuantizeOptions,
+    runtimes: list[str],
+) -> None:
+    """Scores every candidate on the deployment runtime, its mAP on the other runtimes, and the speed of every
+    candidate on every runtime, side by side."""
+    speed = measure_speeds(
+        {name: item.path for name, item in candidates.items()},
+        imgsz,
+        options.threads,
+        options.latency_runs,
+        runtimes=runtimes,
+    )
+    for name, item in candidates.items():
+        item.scores = evaluator.evaluate(item.path) if evaluator.available else {}
+        item.runtimes = {}
+        for runtime in runtimes:
+            item.runtimes[runtime] = dict(speed[name][runtime])
+            if evaluator.available:
+                metrics = evaluator.evaluate(item.path, runtime)["metrics"]
+                item.runtimes[runtime].update({key: metrics[key] for key in ("mAP50-95", "mAP50")})
+
+
+def _ship(source: Path, int8_path: Path) -> Path:
+    """Copies the chosen candidate to model_int8.onnx, atomically."""
+    staged = int8_path.with_name(f".{int8_path.name}.tmp")
+    shutil.copyfile(source, staged)
+    staged.replace(int8_path)
+    return int8_path
+
+
+def _report_rows(
+    candidates: dict[str, Candidate], deploy: str, evaluator: _Evaluator, run: _Run, options: QuantizeOptions
+) -> dict[str, dict[str, Any]]:
+    """The report's "models": each candidate's row, and for INT8 ones the kernels onnxruntime executed, the
+    quantized nodes it ran in float, the deltas to FP32 and the agreement of their detections with FP32's."""
+    rows: dict[str, dict[str, Any]] = {}
+    fp32 = candidates["fp32"]
+    for name, item in candidates.items():
+        entry = item.row(deploy)
+        if name != "fp32":
+            kernels = executed_kernels(item.path, (1, 3, run.imgsz, run.imgsz), threads=options.threads)
+            entry["executed_op_types"] = op_type_counts(kernels)
+            entry["float_fallbacks"] = float_fallbacks(item.path, kernels)
+            entry["deltas"] = _deltas(rows["fp32"], entry)
+            if evaluator.available:
+                entry["agreement"] = detection_agreement(
+                    fp32.scores["predictions"],
+                    item.scores["predictions"],
+                    [str(record.path) for record in run.val_set.records],
+                    top_k=GALLERY_SIZE,
+                )
+        rows[name] = entry
+    return rows
 
 
 def _bytes_needed(model: YoloNAS, out_dir: Path, options: QuantizeOptions) -> int:
@@ -384,59 +544,82 @@ def _bytes_needed(model: YoloNAS, out_dir: Path, options: QuantizeOptions) -> in
     return fp32_files * weights + int8_files * weights // 2 - present
 
 
-def evaluate_onnx(path: Path, dataset: DetectionSet, threads: int | None = None) -> dict[str, Any]:
+def evaluate_onnx(
+    path: Path, dataset: DetectionSet, threads: int | None = None, runtime: str = "auto"
+) -> dict[str, Any]:
     """COCO metrics and per-class AP50-95 of an ONNX model on `dataset`, through the shared pre/post-processing
-    (Predictor, the validation post-processing of training)."""
-    return _score(dataset, predict_onnx(path, dataset, threads))
+    (Predictor, the validation post-processing of training), in `runtime`."""
+    return _score(dataset, predict_onnx(path, dataset, threads, runtime))
 
 
-def predict_onnx(path: Path, dataset: DetectionSet, threads: int | None = None) -> list[Detections]:
+def predict_onnx(
+    path: Path, dataset: DetectionSet, threads: int | None = None, runtime: str = "auto"
+) -> list[Detections]:
     """Detections of an ONNX model for every record, boxes (N, 4) xyxy in original-image pixels."""
-    predictor = Predictor.from_path(path, postprocess=EVAL_POSTPROCESS, threads=threads)
+    predictor = Predictor.from_path(path, postprocess=EVAL_POSTPROCESS, threads=threads, runtime=runtime)
     return [predictor.predict([record.path])[0] for record in dataset.records]
 
 
 def measure_speed(
-    paths: dict[str, Path], imgsz: int, threads: int, runs: int = 20, throughput_runs: int = THROUGHPUT_RUNS
+    paths: dict[str, Path],
+    imgsz: int,
+    threads: int,
+    runs: int = 20,
+    throughput_runs: int = THROUGHPUT_RUNS,
+    runtime: str = "onnxruntime",
 ) -> dict[str, dict[str, float]]:
-    """Batch-1 latency p50/p95 (ms) and batch-8 throughput (images/s) of each model, measured side by side.
+    """Batch-1 latency p50/p95 (ms) and batch-8 throughput (images/s) of each model in one runtime, measured side
+    by side (`measure_speeds`)."""
+    speeds = measure_speeds(paths, imgsz, threads, runs, throughput_runs, runtimes=[runtime])
+    return {name: speed[runtime] for name, speed in speeds.items()}
 
-    The models take turns in blocks (a block: one untimed run that brings the model's weights back into the
-    caches, then `SPEED_BLOCK` timed runs), so machine load falls on all of them alike while each is timed warm, as
-    it runs when it serves photo after photo; ratios between them are what the numbers mean.
+
+def measure_speeds(
+    paths: dict[str, Path],
+    imgsz: int,
+    threads: int,
+    runs: int = 20,
+    throughput_runs: int = THROUGHPUT_RUNS,
+    *,
+    runtimes: Sequence[str] = ("onnxruntime",),
+) -> dict[str, dict[str, dict[str, float]]]:
+    """Batch-1 latency p50/p95 (ms) and batch-8 throughput (images/s) of each model in each runtime:
+    {model: {runtime: speed}}, measured side by side.
+
+    Every (model, runtime) pair takes turns in blocks (a block: one untimed run that brings the model's weights back
+    into the caches, then `SPEED_BLOCK` timed runs), so machine load falls on all of them alike while each is timed
+    warm, as it runs when it serves photo after photo; ratios between them are what the numbers mean.
     """
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
     sessions = {
-        name: ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        (name, runtime): open_onnx(path, runtime=runtime, threads=threads)
         for name, path in paths.items()
+        for runtime in runtimes
     }
     rng = np.random.default_rng(0)
     single = rng.random((1, 3, imgsz, imgsz), dtype=np.float32)
     batch = rng.random((THROUGHPUT_BATCH, 3, imgsz, imgsz), dtype=np.float32)
 
-    def timed(feed: np.ndarray, count: int) -> dict[str, list[float]]:
-        seconds: dict[str, list[float]] = {name: [] for name in sessions}
+    def timed(feed: np.ndarray, count: int) -> dict[tuple[str, str], list[float]]:
+        seconds: dict[tuple[str, str], list[float]] = {key: [] for key in sessions}
         for _ in range(max(1, -(-count // SPEED_BLOCK))):
-            for name, session in sessions.items():
+            for key, session in sessions.items():
                 session.run(None, {"images": feed})  # warm-up of this block
                 for _ in range(SPEED_BLOCK):
                     started = time.perf_counter()
                     session.run(None, {"images": feed})
-                    seconds[name].append(time.perf_counter() - started)
+                    seconds[key].append(time.perf_counter() - started)
         return seconds
 
     latency = timed(single, runs)
     throughput = timed(batch, throughput_runs)
-    return {
-        name: {
-            "latency_ms_p50": round(1000 * float(np.percentile(latency[name], 50)), 2),
-            "latency_ms_p95": round(1000 * float(np.percentile(latency[name], 95)), 2),
-            "throughput_b8_images_per_s": round(THROUGHPUT_BATCH / float(np.median(throughput[name])), 1),
+    speeds: dict[str, dict[str, dict[str, float]]] = {name: {} for name in paths}
+    for name, runtime in sessions:
+        speeds[name][runtime] = {
+            "latency_ms_p50": round(1000 * float(np.percentile(latency[name, runtime], 50)), 2),
+            "latency_ms_p95": round(1000 * float(np.percentile(latency[name, runtime], 95)), 2),
+            "throughput_b8_images_per_s": round(THROUGHPUT_BATCH / float(np.median(throughput[name, runtime])), 1),
         }
-        for name in sessions
-    }
+    return speeds
 
 
 class QuantizeCancelled(Exception):
@@ -444,17 +627,19 @@ class QuantizeCancelled(Exception):
 
 
 class _Evaluator:
-    """Evaluates ONNX files on the validation set once each (keyed by path and modification time)."""
+    """Evaluates ONNX files on the validation set once each per runtime (keyed by path, modification time and
+    runtime); `runtime` is the one the shipped model runs on."""
 
-    def __init__(self, dataset: DetectionSet, threads: int):
-        self.dataset, self.threads = dataset, threads
+    def __init__(self, dataset: DetectionSet, threads: int, runtime: str):
+        self.dataset, self.threads, self.runtime = dataset, threads, runtime
         self.available = len(dataset) > 0
-        self._cache: dict[tuple[str, int], dict[str, Any]] = {}
+        self._cache: dict[tuple[str, int, str], dict[str, Any]] = {}
 
-    def evaluate(self, path: Path) -> dict[str, Any]:
-        key = (str(path), Path(path).stat().st_mtime_ns)
+    def evaluate(self, path: Path, runtime: str | None = None) -> dict[str, Any]:
+        runtime = runtime or self.runtime
+        key = (str(path), Path(path).stat().st_mtime_ns, runtime)
         if key not in self._cache:
-            predictions = predict_onnx(Path(path), self.dataset, self.threads)
+            predictions = predict_onnx(Path(path), self.dataset, self.threads, runtime)
             self._cache[key] = {**_score(self.dataset, predictions), "predictions": predictions}
         return self._cache[key]
 
@@ -469,12 +654,7 @@ def _score(dataset: DetectionSet, predictions: list[Detections]) -> dict[str, An
 
 
 def _quantization_aware(
-    model: Any,
-    class_names: list[str],
-    run_id: str,
-    train_config: dict[str, Any],
-    train_set: DetectionSet,
-    val_set: DetectionSet,
+    run: _Run,
     float_modules: list[str],
     options: QuantizeOptions,
     calibration_method: str,
@@ -487,27 +667,34 @@ def _quantization_aware(
     """QAT from the partially fused model, then the same onnxruntime QDQ quantization as PTQ with the activation
     ranges QAT trained with (so the INT8 file computes what the fine-tuning simulated) and the other tensors'
     ranges calibrated on the fine-tuned model."""
-    import torch
+    import torch  # reason: QAT only; the PTQ path needs no torch beyond the export
 
-    from backend.quantization import qat
+    from backend.quantization import qat  # reason: QAT's trainer stack loads only when QAT runs
 
-    imgsz = int(options.imgsz or train_config["imgsz"])
-    reader = CalibrationImages(train_set.records, imgsz, count=options.calib_images)
+    imgsz = run.imgsz
+    reader = CalibrationImages(run.train_set.records, imgsz, count=options.calib_images)
     images = [torch.from_numpy(item["images"]) for item in iter(reader.get_next, None)]
-    convs = {name for name, module in model.named_modules() if isinstance(module, torch.nn.Conv2d)}
-    qat_model = qat.prepare_qat(model, images, float_modules=set(float_modules) & convs)
+    convs = {name for name, module in run.model.named_modules() if isinstance(module, torch.nn.Conv2d)}
+    qat_model = qat.prepare_qat(run.model, images, float_modules=set(float_modules) & convs)
     changes = {"imgsz": imgsz} | ({} if options.qat_epochs is None else {"epochs": options.qat_epochs})
-    config = qat.qat_config(train_config, **changes)
-    result = qat.qat_finetune(qat_model, train_set, val_set, config, on_event=emit, stop_requested=stop_requested)
+    config = qat.qat_config(run.train_config, **changes)
+    result = qat.qat_finetune(
+        qat_model, run.train_set, run.val_set, config, on_event=emit, stop_requested=stop_requested
+    )
     ranges = qat.activation_ranges(qat_model)
     float_model = qat.to_float_model(qat_model)
     tuned = export_onnx(
-        float_model, work / "qat_fp32.onnx", imgsz=imgsz, class_names=class_names, run_id=run_id, fuse=False
+        float_model,
+        work / "qat_fp32.onnx",
+        imgsz=imgsz,
+        class_names=run.class_names,
+        run_id=run.directory.name,
+        fuse=False,
     )
     prepared = preprocess_fp32(tuned, work / "qat_fp32_pre.onnx")
     calibration = calibrate(
         prepared,
-        CalibrationImages(train_set.records, imgsz, count=options.calib_images),
+        CalibrationImages(run.train_set.records, imgsz, count=options.calib_images),
         work / "ranges_qat.json",
         method=calibration_method,
     )

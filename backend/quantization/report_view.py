@@ -10,15 +10,19 @@ orientation applied); the pictures are the original image scaled to fit `max_sid
 
 from __future__ import annotations
 
+import io
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import plotly.graph_objects as go
 from PIL import Image, ImageDraw
 
+from backend.catalog import RunInfo, score_text
 from backend.processing import Detections, load_image
+from backend.runtimes import runtime_label
 
 REPORT_FILE = "quant_report.json"
 DELTA_COLUMN = "Δ mAP50-95 (points)"
@@ -89,6 +93,49 @@ def model_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
                 "float layers": len(row.get("float_layers") or []),
             }
         )
+    return rows
+
+
+def shipped_runtime(report: dict[str, Any]) -> str:
+    """The runtime the shipped model was chosen for, as pages name it (reports written before runtimes were
+    compared measured onnxruntime only)."""
+    return str(report.get("runtime_label") or runtime_label(str(report.get("runtime") or "onnxruntime")))
+
+
+def speed_caption(report: dict[str, Any]) -> str:
+    """How the table's numbers were measured: images, input size, runtimes and threads, calibration, time."""
+    calibration = report.get("calibration") or {}
+    measured = [runtime_label(name) for name in report.get("runtimes") or [report.get("runtime") or "onnxruntime"]]
+    return (
+        f"{report.get('validation_images', '?')} validation images at {report.get('imgsz')} px; latency at batch 1 "
+        f"and throughput at batch 8 on {' and '.join(measured)} with {report.get('threads')} threads, measured side "
+        f"by side; the table shows {shipped_runtime(report)}, the runtime the shipped model runs on; calibration "
+        f"{calibration.get('selected')} on {calibration.get('images')} training images; "
+        f"{report.get('seconds', '?')} s in all."
+    )
+
+
+def runtime_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
+    """Each model in each runtime the report measured, FP32 first: model label, runtime, "mAP50-95", "mAP50"
+    (fractions), "p50 ms", "p95 ms", "b8 img/s", and "ships on" (the runtime the shipped model was chosen for). Empty
+    for reports written before runtimes were compared."""
+    models = report["models"]
+    shipped_on = report.get("runtime")
+    rows = []
+    for name in sorted(models, key=lambda name: name != "fp32"):
+        for runtime, measured in (models[name].get("runtimes") or {}).items():
+            rows.append(
+                {
+                    "model": row_label(name),
+                    "runtime": runtime_label(runtime),
+                    "mAP50-95": _fraction(measured.get("mAP50-95")),
+                    "mAP50": _fraction(measured.get("mAP50")),
+                    "p50 ms": measured.get("latency_ms_p50"),
+                    "p95 ms": measured.get("latency_ms_p95"),
+                    "b8 img/s": measured.get("throughput_b8_images_per_s"),
+                    "ships on": runtime == shipped_on,
+                }
+            )
     return rows
 
 
@@ -260,3 +307,88 @@ def compare_pictures(
             draw_detections(image, kept, predictor.class_names, colour=colour, title=title, max_side=max_side)
         )
     return pictures[0], pictures[1]
+
+
+def compare_jpegs(image: str | Path, fp32: Any, int8: Any, *, threshold: float, max_side: int = 360) -> list:
+    """`compare_pictures` encoded for a page: [(FP32 JPEG bytes, boxes), (INT8 JPEG bytes, boxes)]."""
+    encoded = []
+    for picture in compare_pictures(image, fp32, int8, threshold=threshold, max_side=max_side):
+        buffer = io.BytesIO()
+        picture.image.save(buffer, format="JPEG", quality=85)
+        encoded.append((buffer.getvalue(), picture.boxes))
+    return encoded
+
+
+def run_label(info: RunInfo) -> str:
+    """ "run · best.pt mAP50 0.412 · INT8 mAP50 0.405": each model of a run with its own validation score."""
+    trained = f"{info.name} · best.pt {score_text(info.model_score('checkpoint'))}"
+    return trained + (f" · INT8 {score_text(info.model_score('int8'))}" if info.model("int8") else "")
+
+
+def downloads(run_dir: Path) -> list[tuple[str, Path]]:
+    """The download buttons' labels and files: each shipped ONNX file with its size, or "(missing)"."""
+    files = [run_dir / name for name in MODEL_FILES]
+    return [
+        (f"Download {path.name}" + (f" ({path.stat().st_size / 1e6:.1f} MB)" if path.is_file() else " (missing)"), path)
+        for path in files
+    ]
+
+
+def scatter_figure(report: dict[str, Any], rows: list[dict[str, Any]]) -> go.Figure:
+    """Accuracy against batch-1 latency, one point per model (the shipped one a star), the budget as a dashed
+    line. Names in the legend and on hover, not as text beside the points: close points' labels overlapped."""
+    figure = go.Figure()
+    for row in rows:
+        if row["mAP50-95"] is None or row["p50 ms"] is None:
+            continue
+        name = row["label"] + (" (shipped)" if row["shipped"] else "")
+        figure.add_trace(
+            go.Scatter(
+                x=[row["p50 ms"]],
+                y=[row["mAP50-95"]],
+                mode="markers",
+                name=name,
+                hovertemplate=f"{name}<br>p50 %{{x:.1f}} ms<br>mAP50-95 %{{y:.3f}}<extra></extra>",
+                marker={"size": 16 if row["shipped"] else 11, "symbol": "star" if row["shipped"] else "circle"},
+            )
+        )
+    floor = budget_floor(report)
+    if floor is not None:
+        figure.add_hline(
+            y=floor,
+            line_dash="dash",
+            annotation_text=f"budget: FP32 − {report.get('budget_points')} points",
+            annotation_position="bottom right",
+        )
+    figure.update_layout(
+        xaxis_title="latency p50 at batch 1 (ms)",
+        yaxis_title="mAP50-95",
+        yaxis_tickformat=".3f",
+        height=420,
+        margin={"t": 30, "b": 40, "l": 60, "r": 20},
+        legend={"orientation": "h", "y": -0.25, "yanchor": "top"},
+    )
+    return figure
+
+
+def pick_job(run_dir: Path, asked: Any, recent: Sequence[Any]) -> Any:
+    """The quantize job the page follows: `asked` (the job in the page's address) when it quantizes this run, else
+    this run's newest quantize job among `recent` (newest first), else None."""
+    if asked is not None and asked.kind == "quantize" and asked.params.get("run_dir") == str(run_dir):
+        return asked
+    return next((job for job in recent if job.params.get("run_dir") == str(run_dir)), None)
+
+
+def job_options(**fields: Any) -> dict[str, Any]:
+    """The Quantize form's values as a quantize job's options (0 for input size or QAT epochs: the run's own)."""
+    kinds = {"calib_images": int, "budget": float, "compare_calibrations": bool, "scan_images": int, "threads": int}
+    options = {name: kinds.get(name, lambda value: value)(value) for name, value in fields.items()}
+    return options | {"imgsz": int(fields["imgsz"]) or None, "qat_epochs": int(fields["qat_epochs"]) or None}
+
+
+def progress_text(job: Any) -> str:
+    """The progress bar's line: "quantization job 7 running: scan 12/100 · ETA 40 s" (a failure's error is shown
+    apart, once)."""
+    eta = f" · ETA {job.eta_s:.0f} s" if job.active and job.eta_s is not None else ""
+    message = "" if job.state == "failed" else f": {job.message or ''}"
+    return f"quantization job {job.id} {job.state}{message}{eta}"
