@@ -13,7 +13,7 @@ from backend import browse
 from backend.data.augment import AugmentationError, parse_pipeline_text
 from backend.jobs import api as jobs
 from backend.jobs import outcome
-from backend.training import estimate, presets
+from backend.training import presets
 from backend.views import train as view
 
 JOB_PARAM, CONTINUE_PARAM = "job", "continue"
@@ -71,8 +71,7 @@ elif known:
 elif timing.estimate is None:
     st.caption(view.no_estimate_text(preset, imgsz, batch, timing.speed_key))
     if st.button("Measure this machine's speed", key="train_measure", help=view.measure_help()):
-        measure = lambda: {"summary": estimate.measure_speed(settings.storage, timing.speed_key).detail}  # noqa: E731
-        run_and_report("Speed measurement", measure, state_key=OUTCOME)
+        run_and_report("Speed measurement", lambda: view.measure_speed(settings, timing.speed_key), state_key=OUTCOME)
         st.rerun()
 
 options = presets.weights_options(data.runs, preset.size, settings.weights_dir)
@@ -83,21 +82,16 @@ weights = right.selectbox(
     format_func=lambda option: option.label,
     key=f"train_weights_{name}_{project}",
 )
-start_weights, weights_problem = weights.value, None
+problems = state.setdefault("train_coco_problems", {})
+weights_problem, download_note = view.coco_weights_check(settings, preset, weights, problems)
+start_weights = weights.value
 if weights.value == presets.FILE_WEIGHTS:
     start_weights = st.text_input("Checkpoint file (.pt)", key="train_weights_file").strip() or None
     weights_problem = None if start_weights else "give the path of a checkpoint file"
-elif weights.value == presets.COCO_WEIGHTS and weights.note:  # not on this machine: can the job fetch it?
-    problems = state.setdefault("train_coco_problems", {})  # asked once a session per size
-    if preset.size not in problems:
-        problems[preset.size] = presets.coco_download_problem(preset.size)
-    try:
-        presets.check_start_weights(weights.value, preset.size, settings.weights_dir, problems[preset.size])
-    except ValueError as error:
-        weights_problem = str(error)
-        st.error(f"Start weights: {error}", icon=":material/cloud_off:")
-    else:
-        st.info(weights.note, icon=":material/download:")
+elif weights_problem:
+    st.error(f"Start weights: {weights_problem}", icon=":material/cloud_off:")
+elif download_note:
+    st.info(download_note, icon=":material/download:")
 if note := view.weights_note(start_weights):
     st.warning(note, icon=":material/gavel:")
 gpus = 1
@@ -131,17 +125,8 @@ if version is not None and augment_problem is None and st.toggle("Show the augme
         else:
             st.image(samples, width=160, caption=[f"sample {k + 1}" for k in range(len(samples))])
 
-form = {
-    "imgsz": imgsz,
-    "epochs": epochs,
-    "batch": batch,
-    "budget": budget,
-    "weights": start_weights,
-    "device": device,
-    "pipeline": pipeline,
-    "gpus": gpus,
-    "coco_problem": state.get("train_coco_problems", {}).get(preset.size),
-}
+form = {"imgsz": imgsz, "epochs": epochs, "batch": batch, "budget": budget, "device": device, "gpus": gpus}
+form |= {"weights": start_weights, "pipeline": pipeline, "coco_problem": problems.get(preset.size)}
 blocked = version is None or bool(weights_problem) or bool(augment_problem)
 if st.button("Start training", type="primary", disabled=blocked, key="train_start"):
     start_job("Training job", lambda: view.launch(settings, project, version, name, form))
@@ -161,11 +146,10 @@ if job is None:
 # Buttons outside the live fragment and always drawn: a click inside a fragment that reruns on a timer can be lost.
 cancel_column, resume_column = st.columns(2)
 if cancel_column.button("Cancel", disabled=job is None or not job.active, key="train_cancel"):
-    run_and_report("Cancel", lambda: outcome.cancel_requested(jobs.cancel(job.id, settings)), state_key=OUTCOME)
+    run_and_report("Cancel", lambda: view.cancel(settings, job.id), state_key=OUTCOME)
     st.rerun()
 if resume_column.button("Resume", disabled=job is None or not job.can_resume, key="train_resume"):
-    resume = lambda: outcome.submitted(jobs.resume(job.id, settings), f"continuing job {job.id}'s run", settings)  # noqa: E731
-    start_job("Resume", resume)
+    start_job("Resume", lambda: view.resume(settings, job.id))
 
 if job is not None:
 
@@ -195,18 +179,11 @@ if job is not None:
 states = view.run_states(settings)
 st.header("Continue training")
 wanted_run = params.get(CONTINUE_PARAM)
-candidates = {run.name: run for run in presets.continuable_runs(data.project_runs, data.runs, states, wanted_run)}
+candidates = view.continuable(data, states, wanted_run)
 names = list(candidates)
-if wanted_run and wanted_run not in names:
-    st.warning(
-        f"The run {wanted_run} cannot be continued here: it is not a run folder with a last.pt, or it is "
-        "still training."
-    )
-st.caption(
-    "A finished, stopped or early-stopped run trains longer in its own folder: its curves go on, best.pt is "
-    "replaced only by a better mAP50-95, and the learning rate follows a cosine over the new total. With more "
-    "minutes and more epochs, whichever ends first ends it."
-)
+if refusal := view.continue_refusal(wanted_run, names):
+    st.warning(refusal)
+st.caption(view.CONTINUE_CAPTION)
 continue_key = f"train_continue_{wanted_run}"
 if state.get(continue_key) not in names:  # kept from when the runs were others (e.g. one was training)
     state.pop(continue_key, None)

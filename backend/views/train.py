@@ -193,3 +193,51 @@ def runs_caption(project: str | None, data: TrainData) -> str | None:
 
 def weights_note(path: str | Path | None) -> str | None:
     return presets.licence_note(path)
+
+
+def coco_weights_check(
+    settings: Settings, preset: presets.TrainPreset, weights: presets.WeightsOption, problems: dict[str, str | None]
+) -> tuple[str | None, str | None]:
+    """For COCO weights not on this machine: (the problem that blocks the launch, or None; the note saying they will
+    be downloaded, or None). `problems` keeps the download check's answer per size (asked once a session)."""
+    if weights.value != presets.COCO_WEIGHTS or not weights.note:
+        return None, None
+    if preset.size not in problems:
+        problems[preset.size] = presets.coco_download_problem(preset.size)
+    try:
+        presets.check_start_weights(weights.value, preset.size, settings.weights_dir, problems[preset.size])
+    except ValueError as error:
+        return str(error), None
+    return None, weights.note
+
+
+CONTINUE_CAPTION = (
+    "A finished, stopped or early-stopped run trains longer in its own folder: its curves go on, best.pt is replaced "
+    "only by a better mAP50-95, and the learning rate follows a cosine over the new total. With more minutes and "
+    "more epochs, whichever ends first ends it."
+)
+
+
+def continue_refusal(wanted_run: str | None, names: list[str]) -> str | None:
+    if not wanted_run or wanted_run in names:
+        return None
+    reason = "it is not a run folder with a last.pt, or it is still training"
+    return f"The run {wanted_run} cannot be continued here: {reason}."
+
+
+def cancel(settings: Settings, job_id: int) -> dict[str, Any]:
+    return outcome.cancel_requested(jobs.cancel(job_id, settings))
+
+
+def resume(settings: Settings, job_id: int) -> dict[str, Any]:
+    return outcome.submitted(jobs.resume(job_id, settings), f"continuing job {job_id}'s run", settings)
+
+
+def continuable(data: TrainData, states: dict[str, str], wanted_run: str | None) -> dict[str, catalog.RunInfo]:
+    """The runs that can train longer, by name (the one ?continue= names among them when it can)."""
+    return {run.name: run for run in presets.continuable_runs(data.project_runs, data.runs, states, wanted_run)}
+
+
+def measure_speed(settings: Settings, key: estimates.SpeedKey) -> dict[str, Any]:
+    """Times a few training steps of the model here; the summary says what was measured."""
+    return {"summary": estimates.measure_speed(settings.storage, key).detail}
