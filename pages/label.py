@@ -55,13 +55,9 @@ scheme, browser_host = browser_location()
 ls_url = view.browser_ls_url(settings, browser_host)
 server = view.server_status(settings)
 
-if server.state == "running":
-    st.success(f"Label Studio is running at {ls_url}.", icon=":material/check_circle:")
-elif server.state == "starting":
-    st.info(
-        f"{server.message} Starting: the first start takes about two minutes, later ones about 15 seconds. "
-        "This page updates itself when it is up."
-    )
+level, text, icon = view.server_banner(server, ls_url)
+BANNERS[level](text, icon=icon)
+if server.state == "starting":
 
     @st.fragment(run_every=5.0)
     def wait_for_label_studio() -> None:
@@ -70,13 +66,9 @@ elif server.state == "starting":
 
     wait_for_label_studio()
     st.button("Refresh", key="label_refresh", icon=":material/refresh:")
-else:
-    (st.warning if server.state == "stopped" else st.error)(
-        f"{server.message} To do: {server.action}." if server.action else server.message
-    )
-    if server.details:
-        with st.expander("Label Studio log"):
-            st.code(server.details, language=None)
+elif server.state != "running" and server.details:
+    with st.expander("Label Studio log"):
+        st.code(server.details, language=None)
 
 with st.expander("Log in to Label Studio", expanded=server.state == "running"):
     login = view.login_text(settings, ls_url)

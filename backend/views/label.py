@@ -192,3 +192,14 @@ def loop_fields(loop: dict[str, Any]) -> list[tuple[str, str, dict[str, Any]]]:
         ("epochs", "Epochs per retrain (at most)", {"min_value": 1, "max_value": 300, "value": int(options["epochs"])}),
         ("imgsz", "Input size (px)", {"min_value": 64, "max_value": 1280, "step": 32, "value": int(options["imgsz"])}),
     ]
+
+
+def server_banner(status: server.ServerStatus, ls_url: str) -> tuple[str, str, str | None]:
+    """(level, text, icon) of Label Studio's state at the top of the page."""
+    if status.state == "running":
+        return "success", f"Label Studio is running at {ls_url}.", ":material/check_circle:"
+    if status.state == "starting":
+        wait = "the first start takes about two minutes, later ones about 15 seconds"
+        return "info", f"{status.message} Starting: {wait}. This page updates itself when it is up.", None
+    text = f"{status.message} To do: {status.action}." if status.action else status.message
+    return ("warning" if status.state == "stopped" else "error"), text, None
