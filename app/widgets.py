@@ -8,18 +8,18 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
+import pandas as pd
 import streamlit as st
-from sqlalchemy import select
 from sqlalchemy.engine import Engine
 
 from app.navigation import app_pages
+from backend import overview
 from backend.jobs import api as jobs_api
-from backend.overview import last_active_project
 from backend.settings import Settings, get_settings
-from backend.store.db import describe_error, session_scope, shared_engine
-from backend.store.models import Project
+from backend.store.db import describe_error, shared_engine
 
 logger = logging.getLogger(__name__)
 
@@ -43,8 +43,7 @@ def store_engine(database_url: str) -> Engine:
 
 
 def project_names(engine: Engine) -> list[str]:
-    with session_scope(engine) as session:
-        return list(session.scalars(select(Project.name).order_by(Project.id)))
+    return overview.project_names(engine)
 
 
 def current_project(engine: Engine, names: list[str] | None = None) -> str | None:
@@ -55,8 +54,7 @@ def current_project(engine: Engine, names: list[str] | None = None) -> str | Non
     for wanted in (st.query_params.get(PROJECT_PARAM), st.session_state.get(CURRENT_PROJECT)):
         if wanted in names:
             return wanted
-    with session_scope(engine) as session:
-        return last_active_project(session)
+    return overview.last_worked_on(engine)
 
 
 def set_current_project(name: str) -> None:
@@ -179,3 +177,29 @@ def image_grid(pictures: list[tuple[Any, str]], columns: int) -> None:
     for start in range(0, len(pictures), columns):
         for column, (picture, caption) in zip(st.columns(columns), pictures[start : start + columns]):
             column.image(picture, caption=caption)
+
+
+def import_report(
+    report: dict[str, Any], counts: dict[str, int], tables: dict[str, list[dict[str, Any]]], *, key: str
+) -> None:
+    """An import's report: its counts, the classes it added, a table per list (accepted, rejected...) and warnings."""
+    metrics_row(counts)
+    if report.get("classes_added"):
+        st.caption("Classes added: " + ", ".join(report["classes_added"]))
+    for table, rows in tables.items():
+        st.markdown(f"**{table.replace('_', ' ').capitalize()}** ({len(rows)})")
+        st.dataframe(pd.DataFrame(rows), hide_index=True, key=f"{key}_{table}")
+    for warning in report.get("warnings", []):
+        st.warning(warning)
+
+
+def download_zip(archive: Path, *, key: str) -> None:
+    """A "Download <name>" button for a zip on disk (read when clicked); the click does not rerun the page."""
+    st.download_button(
+        f"Download {archive.name}",
+        data=archive.read_bytes,
+        file_name=archive.name,
+        mime="application/zip",
+        key=key,
+        on_click="ignore",
+    )

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from sqlalchemy import func, select
+from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
 from backend.catalog import project_runs, trained_runs
@@ -101,6 +102,18 @@ def project_steps(settings: Settings, project_name: str) -> list[Step]:
 def next_step(steps: list[Step]) -> Step | None:
     """The first step not done yet (None when all are)."""
     return next((step for step in steps if not step.done), None)
+
+
+def project_names(engine: Engine) -> list[str]:
+    """Every project's name, oldest first."""
+    with session_scope(engine) as session:
+        return list(session.scalars(select(Project.name).order_by(Project.id)))
+
+
+def last_worked_on(engine: Engine) -> str | None:
+    """`last_active_project` in a session of its own."""
+    with session_scope(engine) as session:
+        return last_active_project(session)
 
 
 def last_active_project(session: Session) -> str | None:

@@ -38,23 +38,19 @@ def import_uploaded(uploader_key: str) -> None:
 
 
 def show_report(report: dict) -> None:
-    widgets.metrics_row(view.report_counts(report))
-    if report.get("classes_added"):
-        st.caption("Classes added: " + ", ".join(report["classes_added"]))
-    for table, rows in browse.report_tables(report).items():
-        st.markdown(f"**{table.replace('_', ' ').capitalize()}** ({len(rows)})")
-        st.dataframe(pd.DataFrame(rows), hide_index=True, key=f"datasets_report_{table}")
-    for warning in report.get("warnings", []):
-        st.warning(warning)
+    counts, tables = view.report_counts(report), browse.report_tables(report)
+    widgets.import_report(report, counts, tables, key="datasets_report")
 
 
 def submit_crawl() -> None:
     """on_click of the crawl form: one crawl job."""
     try:
-        form = (state[f"datasets_crawl_{field}"] for field in ("mode", "text", "limit", "depth"))
-        state["datasets_job"] = jobs_api.submit("crawl", view.crawl_params(name, *form), settings=settings)
+        crawl = view.crawl_params(name, *(state[f"datasets_crawl_{k}"] for k in ("mode", "text", "limit", "depth")))
     except ValueError as error:  # nothing typed
         state[OUTCOME] = ("error", str(error))
+        return
+    try:
+        state["datasets_job"] = jobs_api.submit("crawl", crawl, settings=settings)
     except Exception as error:
         state[OUTCOME] = ("error", f"Could not queue the crawl: {describe_error(error)}")
 
@@ -79,10 +75,7 @@ def image_grid(data: view.ProjectData) -> list[browse.ImageCard]:
     boxes = right.toggle("Boxes", value=True, key="datasets_boxes")
     if kind == "rejected":
         rejected, imported = view.last_rejected(settings, name)
-        st.caption(
-            "Rejected files are not stored, so they are not in the grid: this is the rejected list of the "
-            "last import into this project."
-        )
+        st.caption(view.REJECTED_CAPTION)
         if rejected:
             st.dataframe(pd.DataFrame(rejected), hide_index=True, key="datasets_rejected")
         else:
@@ -115,10 +108,7 @@ def augmentation(data: view.ProjectData, cards: list[browse.ImageCard]) -> None:
             state["datasets_aug"] = (image_id, view.augmentation_samples(settings, data.project, image_id, options))
     shown = state.get("datasets_aug")
     if shown and shown[0] == image_id:
-        st.caption(
-            "The training augmentation (mosaic → scale/translate → HSV → flip). With one image, the "
-            "mosaic's four tiles are all this image; in training they are four images."
-        )
+        st.caption(view.AUGMENT_CAPTION)
         st.image(shown[1], caption=[f"sample {number + 1}" for number in range(len(shown[1]))], width=200)
 
 
@@ -133,14 +123,7 @@ def versions(data: view.ProjectData) -> None:
         columns[1].number_input("Validation share", 0.0, 0.9, 0.2, 0.05, key="datasets_val")
         columns[2].number_input("Test share", 0.0, 0.9, 0.0, 0.05, key="datasets_test")
         columns[3].number_input("Seed", 0, 2**31 - 1, 0, key="datasets_seed")
-        form = [f"datasets_{field}" for field in ("version_name", "val", "test", "seed")]
-        freeze = lambda: view.freeze(settings, name, *(state[key] for key in form))  # noqa: E731
-        st.form_submit_button(
-            "Freeze the labeled images",
-            on_click=widgets.run_and_report,
-            args=("Freeze", freeze),
-            kwargs={"state_key": OUTCOME},
-        )
+        st.form_submit_button("Freeze the labeled images", on_click=freeze_version)
     if not rows:
         st.info("No version yet: freeze one to train on it.")
         return
@@ -151,14 +134,12 @@ def versions(data: view.ProjectData) -> None:
     right.button("Export", key="datasets_export_button", on_click=export_version)
     archive = view.archive_path(state.get("datasets_export"))
     if archive is not None:
-        st.download_button(
-            f"Download {archive.name}",
-            data=archive.read_bytes,
-            file_name=archive.name,
-            mime="application/zip",
-            key="datasets_download",
-            on_click="ignore",
-        )
+        widgets.download_zip(archive, key="datasets_download")
+
+
+def freeze_version() -> None:
+    form = [state[f"datasets_{field}"] for field in ("version_name", "val", "test", "seed")]
+    widgets.run_and_report("Freeze", lambda: view.freeze(settings, name, *form), state_key=OUTCOME)
 
 
 def export_version() -> None:
@@ -215,10 +196,7 @@ st.header("Class statistics")
 widgets.metrics_row(view.stats_figures(data.stats))
 figures = view.class_figures(data.stats)
 if figures is None:
-    st.info(
-        "No classes yet: add them on the [Project](/project) page, then label images on the Label page "
-        "(or import a labeled dataset)."
-    )
+    st.info(view.NO_CLASSES)
 else:
     left, right = st.columns(2)
     left.plotly_chart(figures[0], key="datasets_per_class")

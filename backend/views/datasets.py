@@ -193,3 +193,17 @@ def last_rejected(settings: Settings, project: str) -> tuple[list[dict[str, Any]
 def archive_path(value: str | None) -> Path | None:
     path = Path(value) if value else None
     return path if path is not None and path.is_file() else None
+
+
+REJECTED_CAPTION = (
+    "Rejected files are not stored, so they are not in the grid: this is the rejected list of the last import into "
+    "this project."
+)
+AUGMENT_CAPTION = (
+    "The training augmentation (mosaic → scale/translate → HSV → flip). With one image, the mosaic's four tiles are "
+    "all this image; in training they are four images."
+)
+NO_CLASSES = (
+    "No classes yet: add them on the [Project](/project) page, then label images on the Label page (or import a "
+    "labeled dataset)."
+)
