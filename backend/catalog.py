@@ -23,6 +23,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from backend.runs import RunFolder, RunFolderError
 from backend.settings import Settings, get_settings
 
 MODEL_KINDS = ("int8", "fp32", "checkpoint")
@@ -381,8 +382,9 @@ def budget_text(seconds: float | None) -> str:
 
 def run_info(folder: Path) -> RunInfo | None:
     """The summary of one run folder, None when it is not a run (no readable config.json)."""
-    config = _read_json(folder / "config.json")
-    if config is None:
+    try:
+        config = RunFolder(folder).read_config()
+    except RunFolderError:
         return None
     models = []
     for kind in MODEL_KINDS:
@@ -396,7 +398,7 @@ def run_info(folder: Path) -> RunInfo | None:
     best = facts["best_map"] if facts["evaluated"] else None
     if best is None:
         best = (evaluation or {}).get("map50_95")
-    times = [_mtime(folder / "config.json"), *(model.modified for model in models)]
+    times = [_mtime(RunFolder(folder).config_path), *(model.modified for model in models)]
     train = config.get("train") or {}
     budget = facts["time_budget_s"]
     if budget is None and train.get("time_minutes"):
