@@ -6,16 +6,14 @@ Thin on purpose: an evaluation is an "evaluate" job (`backend.jobs.api`) that wr
 there (a run's eval.json); everything shown is read from it by `backend.evaluation.report`.
 """
 
-import io
 from pathlib import Path
 
 import pandas as pd
-import plotly.graph_objects as go
 import streamlit as st
 
 from app.widgets import page_settings, project_picker, run_and_report, show_outcome, store_engine
 from backend import catalog
-from backend.evaluation import report
+from backend.evaluation import report, view
 from backend.evaluation.coco_eval import load_evaluation
 from backend.jobs import api as jobs
 from backend.jobs import outcome
@@ -26,7 +24,6 @@ from backend.training import presets
 
 RUN_PARAM, JOB_PARAM = "run", "eval_job"
 PER_PAGE = 8
-SPLITS = ("val", "test", "train")
 
 
 @st.cache_data(show_spinner=False, max_entries=8)
@@ -37,10 +34,7 @@ def read_evaluation(path: str, mtime: float) -> dict:
 
 @st.cache_data(show_spinner=False, max_entries=256)
 def error_picture(key: str, mtime: float, _item: report.ErrorItem, class_names: tuple[str, ...]) -> bytes:
-    del key, mtime  # the cache key: the item's repr and its image file's time
-    buffer = io.BytesIO()
-    report.draw_error(_item, class_names, max_side=480).save(buffer, format="JPEG", quality=85)
-    return buffer.getvalue()
+    return view.error_jpeg(_item, class_names, max_side=480)  # key, mtime: the item's repr and its image's time
 
 
 st.title("Evaluate")
@@ -55,52 +49,32 @@ if project is not None:
 if not runs:
     st.info(f"No trained run of {project or 'any project'} yet: train one on the [Train](/train) page.")
     st.stop()
-names = [run.name for run in runs]
-wanted = st.query_params.get(RUN_PARAM)
-
-
-def run_label(info: catalog.RunInfo) -> str:
-    score = "not evaluated" if info.best_map is None else f"best mAP50-95 {info.best_map:.3f}"
-    return f"{info.name} ({score}, {info.epochs_text})"
-
-
+names, wanted = [run.name for run in runs], st.query_params.get(RUN_PARAM)
+index = names.index(wanted) if wanted in names else 0
 # Keys carry the project: another project's runs and versions are other options.
-run = st.selectbox(
-    "Run",
-    runs,
-    index=names.index(wanted) if wanted in names else 0,
-    format_func=run_label,
-    key=f"evaluate_run_{project}",
-)
+run = st.selectbox("Run", runs, index=index, format_func=view.run_label, key=f"evaluate_run_{project}")
 if st.query_params.get(RUN_PARAM) != run.name:
     st.query_params[RUN_PARAM] = run.name
 checkpoints = [run.path / name for name in ("best.pt", "last.pt") if (run.path / name).is_file()]
 model = st.radio("Checkpoint", checkpoints, format_func=lambda path: path.name, horizontal=True, key="evaluate_model")
 with session_scope(engine) as session:
     versions = presets.frozen_versions(session, settings.storage, project) if project else []
-trained_on = Path(str(run.config.get("data", "")))
-choices = [(choice.name, choice.folder) for choice in versions]
-if trained_on.is_dir() and all(folder.resolve() != trained_on.resolve() for _, folder in choices):
-    choices.insert(0, (f"{trained_on.name} (the run's dataset)", trained_on))
+choices, default = view.dataset_choices(Path(str(run.config.get("data", ""))), [(v.name, v.folder) for v in versions])
 if not choices:
     st.info("No dataset to evaluate on: freeze a version of this project on the [Datasets](/datasets) page.")
     st.stop()
 left, right = st.columns(2)
-default = next((index for index, (_, folder) in enumerate(choices) if folder.resolve() == trained_on.resolve()), 0)
 _, data = left.selectbox(
     "Dataset version", choices, index=default, format_func=lambda c: c[0], key=f"evaluate_data_{project}"
 )
-splits = [split for split in SPLITS if (data / f"{split}.json").is_file()] or ["val"]
-split = right.radio("Split", splits, horizontal=True, key="evaluate_split")
+split = right.radio("Split", view.splits_of(data), horizontal=True, key="evaluate_split")
 out = report.evaluation_file(run.path, model, data, split)
 
-job_id = st.query_params.get(JOB_PARAM)
-job = None
-if job_id and job_id.isdigit():
-    try:
-        job = jobs.get_job(int(job_id), settings)
-    except ValueError:
-        job = None
+job_id = st.query_params.get(JOB_PARAM, "")
+try:
+    job = jobs.get_job(int(job_id), settings) if job_id.isdigit() else None
+except ValueError:  # no such job
+    job = None
 if job is not None and job.params.get("out") != str(out):
     job = None  # that job evaluated another choice
 busy = job is not None and job.active
@@ -136,78 +110,30 @@ if not out.is_file():
     st.stop()
 evaluation = read_evaluation(str(out), out.stat().st_mtime)
 class_names = tuple(evaluation["class_names"])
-counts = evaluation.get("counts") or {}
-st.caption(
-    f"{out.name}: {counts.get('images', '?')} images, {counts.get('ground_truth', '?')} ground-truth boxes, "
-    f"{counts.get('predictions', '?')} predictions."
-)
+st.caption(view.counts_caption(out.name, evaluation))
 for warning in evaluation.get("warnings") or []:
     st.warning(warning)
 
 st.header("Metrics")
-st.dataframe(
-    pd.DataFrame(report.metric_rows(evaluation)),
-    key="evaluate_metrics",
-    hide_index=True,
-    column_config={"value": st.column_config.NumberColumn(format="%.4f")},
-)
-per_class = pd.DataFrame(report.per_class_rows(evaluation))
+value = {"value": st.column_config.NumberColumn(format="%.4f")}
+st.dataframe(pd.DataFrame(report.metric_rows(evaluation)), key="evaluate_metrics", hide_index=True, column_config=value)
+per_class = report.per_class_rows(evaluation)
 st.subheader("Per class")
-st.dataframe(per_class, key="evaluate_per_class", hide_index=True)
-bars = go.Figure([go.Bar(x=per_class["class"], y=per_class[metric], name=metric) for metric in ("AP50-95", "AP50")])
-st.plotly_chart(bars.update_layout(barmode="group", height=320, margin={"t": 20}), key="evaluate_ap_bars")
+st.dataframe(pd.DataFrame(per_class), key="evaluate_per_class", hide_index=True)
+st.plotly_chart(view.ap_bars(per_class), key="evaluate_ap_bars")
 
 st.header("Precision-recall (IoU 0.5)")
-curves = go.Figure()
-for curve in report.pr_curves(evaluation):
-    curves.add_trace(
-        go.Scatter(x=curve.recall, y=curve.precision, mode="lines", name=f"{curve.name} AP {curve.ap:.3f}")
-    )
-    if curve.operating_point is not None:
-        curves.add_trace(
-            go.Scatter(
-                x=[curve.operating_point[0]],
-                y=[curve.operating_point[1]],
-                mode="markers",
-                name=f"{curve.name} at score ≥ {evaluation['score_threshold']}",
-            )
-        )
-curves.update_layout(
-    xaxis_title="recall", yaxis_title="precision", height=380, xaxis_range=[0, 1], yaxis_range=[0, 1.02]
-)
-st.plotly_chart(curves, key="evaluate_pr_curves")
+st.plotly_chart(view.pr_figure(evaluation), key="evaluate_pr_curves")
 
 st.header("Confusion matrix")
 confusion = report.confusion_view(evaluation)
 shares = st.toggle("Show shares of each true class", key="evaluate_shares")
-values = confusion.shares if shares else confusion.counts
-heatmap = go.Figure(
-    go.Heatmap(
-        z=values,
-        x=confusion.labels,
-        y=confusion.labels,
-        colorscale="Blues",
-        text=[[f"{v:.2f}" if shares else str(v) for v in row] for row in values],
-        texttemplate="%{text}",
-    )
-)
-heatmap.update_layout(xaxis_title="predicted", yaxis_title="true", yaxis_autorange="reversed", height=420)
-st.plotly_chart(heatmap, key="evaluate_confusion")
-totals = confusion.totals
-st.caption(
-    f"IoU ≥ {confusion.iou_threshold}, score ≥ {confusion.score_threshold}: {totals['correct']} correct, "
-    f"{totals['wrong_class']} wrong class, {totals['false_positives']} false positives (background row), "
-    f"{totals['misses']} misses (background column)."
-)
+st.plotly_chart(view.confusion_figure(confusion, shares), key="evaluate_confusion")
+st.caption(view.confusion_caption(confusion))
 
 st.header("Errors")
-kinds = st.multiselect(
-    "Show",
-    report.ERROR_KINDS,
-    default=list(report.ERROR_KINDS),
-    key="evaluate_kinds",
-    format_func=report.ERROR_LABELS.get,
-)
+kinds = list(report.ERROR_KINDS)
+kinds = st.multiselect("Show", kinds, default=kinds, key="evaluate_kinds", format_func=report.ERROR_LABELS.get)
 items = report.error_items(evaluation, kinds)
 if not items:
     st.success("No error of these kinds at this score threshold.")
@@ -221,10 +147,8 @@ columns = st.columns(2)
 for index, item in enumerate(shown):
     with columns[index % 2]:
         try:
-            mtime = Path(item.path).stat().st_mtime
-            st.image(
-                error_picture(repr(item), mtime, item, class_names), caption=report.describe_error(item, class_names)
-            )
+            picture = error_picture(repr(item), Path(item.path).stat().st_mtime, item, class_names)
+            st.image(picture, caption=report.describe_error(item, class_names))
         except (OSError, ValueError) as error:
             st.warning(f"{item.path}: cannot draw ({error})")
         link = links.get(item.store_image_id)
