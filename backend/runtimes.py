@@ -15,6 +15,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import tempfile
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -121,9 +122,10 @@ def _log_fallback_once(reason: str) -> None:
 
 
 def open_onnx(
-    path: str | Path, *, runtime: str = "auto", compute: str = "f32", threads: int | None = None
+    path: str | Path | bytes, *, runtime: str = "auto", compute: str = "f32", threads: int | None = None
 ) -> OnnxSession:
-    """Loads `path` in `runtime` ("auto": OpenVINO where it runs, else onnxruntime).
+    """Loads `path` (an ONNX file, or a serialized model) in `runtime` ("auto": OpenVINO where it runs, else
+    onnxruntime).
 
     Args:
         compute: "bf16" runs an FP32 model's arithmetic in bfloat16 (OpenVINO on a CPU with native bf16 only).
@@ -146,22 +148,29 @@ def open_onnx(
         problem = openvino_problem()
         if problem is not None:
             raise RuntimeUnavailable(problem)
+        name = "the serialized model" if isinstance(path, bytes) else Path(path).name
         try:
+            if isinstance(path, bytes):  # OpenVINO reads ONNX from a file
+                with tempfile.TemporaryDirectory(prefix="yolodex-onnx-") as scratch:
+                    file = Path(scratch) / "model.onnx"
+                    file.write_bytes(path)
+                    return _open_openvino(file, compute, threads)  # compiled: the file is no longer needed
             return _open_openvino(Path(path), compute, threads)
         except Exception as error:
             if asked != "auto":
                 raise
-            _log_fallback_once(f"OpenVINO could not compile {Path(path).name} ({type(error).__name__}: {error})")
-    return _open_onnxruntime(Path(path), threads)
+            _log_fallback_once(f"OpenVINO could not compile {name} ({type(error).__name__}: {error})")
+    return _open_onnxruntime(path, threads)
 
 
-def _open_onnxruntime(path: Path, threads: int | None) -> OnnxSession:
+def _open_onnxruntime(path: str | Path | bytes, threads: int | None) -> OnnxSession:
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     if threads:
         options.intra_op_num_threads = threads
-    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    source = path if isinstance(path, bytes) else str(path)
+    session = ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
     return OnnxSession(
         "onnxruntime",
         "f32",

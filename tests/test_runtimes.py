@@ -4,6 +4,7 @@ detections on a model that really detects (the session's `detecting_run`), FP32 
 from __future__ import annotations
 
 import logging
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -164,3 +165,17 @@ def test_openvino_ir_export_runs_like_the_onnx(detector_models: dict[str, Path],
     from_onnx = runtimes.open_onnx(detector_models["int8"], runtime="openvino", threads=1).run(None, {"images": batch})
     for index, output in enumerate(compiled.outputs):
         np.testing.assert_allclose(from_ir[output], from_onnx[index], atol=1e-4)
+
+
+@pytest.mark.parametrize("runtime", ["onnxruntime", pytest.param("openvino", marks=needs_openvino)])
+def test_a_serialized_model_opens_like_its_file(runtime: str, tmp_path: Path) -> None:
+    """The sensitivity scan hands its one-layer variants over as bytes: they run as the same model from a file."""
+    from backend.models import build_model
+
+    path = export_onnx(build_model("s", 3).eval(), tmp_path / "model.onnx", imgsz=64)
+    batch = {"images": np.random.default_rng(2).random((2, 3, 64, 64), dtype=np.float32)}
+    from_file = runtimes.open_onnx(path, runtime=runtime, threads=1).run(None, batch)
+    from_bytes = runtimes.open_onnx(path.read_bytes(), runtime=runtime, threads=1)
+    assert from_bytes.runtime == runtime and not list(Path(tempfile.gettempdir()).glob("yolodex-onnx-*"))
+    for expected, got in zip(from_file, from_bytes.run(None, batch), strict=True):
+        np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)

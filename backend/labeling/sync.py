@@ -680,9 +680,10 @@ def prelabel(
     end_transaction(session)
     path = Path(model_path)
     model_file = path if path.suffix.lower() == ".onnx" else run_checkpoint(path)
-    predictor = Predictor.from_path(
-        model_file, imgsz=imgsz, postprocess=PostprocessConfig(conf_threshold=UNCERTAINTY_THRESHOLD)
-    )
+    # An ONNX model runs in the faster runtime here ("auto": OpenVINO where it loads; docs/runtimes.md has the
+    # pre-labeling times in each); a checkpoint runs in PyTorch.
+    postprocess = PostprocessConfig(conf_threshold=UNCERTAINTY_THRESHOLD)
+    predictor = Predictor.from_path(model_file, imgsz=imgsz, postprocess=postprocess, runtime="auto")
     project_index = {name: index for index, name in enumerate(names)}
     to_project = np.asarray([project_index.get(name, -1) for name in predictor.class_names], dtype=np.int64)
     if (to_project < 0).all():

@@ -31,18 +31,23 @@ from typing import Any
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 from onnx import helper, numpy_helper
 from onnxruntime.quantization.calibrate import load_tensors_data
 
 from backend.processing import box_iou_numpy
 from backend.quantization.ptq import INPUT_RANGE, Calibration, decoding_nodes, quantize_calibrated, weighted_nodes
+from backend.runtimes import open_onnx
 
 logger = logging.getLogger(__name__)
 
 # Anchors per image the output error looks at: the FP32 model's most confident ones, where detections come from.
 ERROR_TOP_ANCHORS = 100
 SCAN_BATCH = 8
+# The scan opens one new model per layer and runs it on a few images, so a runtime's load-and-compile time counts
+# more than its speed per image: onnxruntime opens an S model in 0.7 s, OpenVINO compiles it in 2.7 s for a 12 %
+# faster batch (docs/runtimes.md, "Bulk work"). The scan therefore runs in onnxruntime, through the same
+# `open_onnx` as everything else.
+SCAN_RUNTIME = "onnxruntime"
 _ACTIVATIONS = ("Relu", "Clip", "LeakyRelu", "Sigmoid", "HardSigmoid", "HardSwish")
 
 ProgressCallback = Callable[..., None]
@@ -112,18 +117,13 @@ def output_error(
 
 
 def run_model(
-    path: str | Path | bytes, images: np.ndarray, threads: int | None = None
+    path: str | Path | bytes, images: np.ndarray, threads: int | None = None, runtime: str = SCAN_RUNTIME
 ) -> tuple[np.ndarray, np.ndarray]:
-    """(boxes, scores) of an ONNX file (or serialized model) on `images` (N, 3, H, W) float32, in batches."""
-    options = ort.SessionOptions()
-    if threads:
-        options.intra_op_num_threads = threads
-    source = path if isinstance(path, bytes) else str(path)
-    session = ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
-    parts = [
-        session.run(["boxes", "scores"], {"images": images[i : i + SCAN_BATCH]})
-        for i in range(0, len(images), SCAN_BATCH)
-    ]
+    """(boxes, scores) of an ONNX file (or serialized model) on `images` (N, 3, H, W) float32, in batches, in
+    `runtime` (`backend.runtimes.open_onnx`)."""
+    session = open_onnx(path, runtime=runtime, threads=threads)
+    # The export without NMS has two outputs, boxes then scores (docs/contracts.md §3).
+    parts = [session.run(None, {"images": images[i : i + SCAN_BATCH]}) for i in range(0, len(images), SCAN_BATCH)]
     return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
 
 
@@ -135,6 +135,7 @@ def scan_sensitivity(
     threads: int | None = None,
     on_progress: ProgressCallback | None = None,
     stop_requested: Callable[[], bool] | None = None,
+    runtime: str = SCAN_RUNTIME,
 ) -> ScanResult:
     """Ranks layers by the output error each causes when quantized alone (module docstring).
 
@@ -142,9 +143,10 @@ def scan_sensitivity(
         calibration: the ranges every variant shares (`ptq.calibrate` on the pre-processed FP32 graph).
         images: validation inputs (N, 3, H, W) float32 RGB in [0, 1], letterboxed like at inference.
         candidates: node names to scan (default: every Conv/ConvTranspose of the model, `ptq.weighted_nodes`).
-        threads: onnxruntime intra-op threads.
+        threads: intra-op threads.
         on_progress: called as on_progress("scan", done=i, total=n, node=name) after each layer.
         stop_requested: checked between layers; True stops the scan with what it has measured.
+        runtime: the runtime the variants run in (`SCAN_RUNTIME`'s reason).
 
     Returns:
         ScanResult with layers sorted by decreasing cost (ties in graph order).
@@ -157,7 +159,7 @@ def scan_sensitivity(
         raise ValueError(f"not Conv/ConvTranspose nodes of the model: {unknown[:5]}")
     by_name = {node.name: node for node in graph.graph.node}
     initializers = {item.name: item for item in graph.graph.initializer}
-    reference = run_model(calibration.model_path, images, threads)
+    reference = run_model(calibration.model_path, images, threads, runtime)
     ranges: dict[str, tuple[float, float]] = {
         name: (_scalar(data.range_value[0]), _scalar(data.range_value[1]))  # (lowest, highest) of the calibration
         for name, data in load_tensors_data(calibration.cache_path).data.items()
@@ -166,7 +168,7 @@ def scan_sensitivity(
     layers: list[LayerSensitivity] = []
     with tempfile.TemporaryDirectory(prefix="yolodex-scan-") as scratch:
         base = quantize_calibrated(calibration, Path(scratch) / "base.onnx", nodes_to_exclude=decoding)
-        base_error = output_error(reference, run_model(base, images, threads))
+        base_error = output_error(reference, run_model(base, images, threads, runtime))
     for index, name in enumerate(candidates):
         if stop_requested is not None and stop_requested():
             break
@@ -178,7 +180,7 @@ def scan_sensitivity(
                 module=module_path(name),
                 op_type=node.op_type,
                 parameters=sum(_size(initializers[i]) for i in node.input[1:] if i in initializers),
-                cost=output_error(reference, run_model(variant, images, threads)),
+                cost=output_error(reference, run_model(variant, images, threads, runtime)),
             )
         )
         if on_progress is not None:
