@@ -44,6 +44,9 @@ def _run_job(job_id: int, place: dict[str, str] | None = None) -> None:
     return None  # the state is in the jobs table; a stored result would only grow the queue's storage
 
 
+# huey keys a task by its function's module and name: "backend.jobs.tasks.run_job", as before the jobs were split
+# into modules, so messages an older version left in a queue still find their task.
+_run_job.__module__ = "backend.jobs.tasks"
 run_job = huey.task(name="run_job")(_run_job)
 
 
