@@ -12,10 +12,12 @@ from pathlib import Path
 from typing import Any
 
 from backend.data.folders import load_dataset
-from backend.evaluation.coco_eval import EvaluationResult
+from backend.evaluation.coco_eval import EvaluationResult, evaluate_detections
+from backend.inference import Predictor
 from backend.models import load_model
+from backend.processing import Detections
 from backend.runs import RunFolder
-from backend.training.engine import EvalImages, evaluate, resolve_device
+from backend.training.engine import EVAL_POSTPROCESS, EvalImages, evaluate, resolve_device
 
 
 @dataclass(frozen=True)
@@ -95,6 +97,8 @@ def evaluate_run(
     """
     folder = Path(model)
     path = RunFolder(folder).checkpoint() if folder.is_dir() else folder
+    if path.suffix.lower() == ".onnx":
+        return _evaluate_onnx(path, data, split, batch, conf, out, on_start, on_progress)
     network, report = load_model(path)
     size = int(imgsz or report.imgsz or 640)
     splits = load_dataset(data)
@@ -117,6 +121,44 @@ def evaluate_run(
         score_threshold=conf,
         on_progress=on_progress,
     )
+    saved = Path(out) if out else None
+    if saved is not None:
+        saved.parent.mkdir(parents=True, exist_ok=True)
+        result.save_json(saved)
+    return RunEvaluation(path, str(data), split, len(dataset), size, result, saved)
+
+
+def _evaluate_onnx(
+    path: Path,
+    data: str | Path,
+    split: str,
+    batch: int,
+    conf: float,
+    out: str | Path | None,
+    on_start: Callable[[str], None] | None,
+    on_progress: Callable[[int, int], None] | None,
+) -> RunEvaluation:
+    """`evaluate_run` of an exported ONNX model (FP32 or INT8): the Predictor in the faster runtime here ("auto",
+    docs/runtimes.md) with the validation post-processing of training, then the same COCO evaluation."""
+    predictor = Predictor.from_path(path, postprocess=EVAL_POSTPROCESS, runtime="auto")
+    splits = load_dataset(data)
+    if split not in splits:
+        raise ValueError(f"{data} has no {split!r} split (it has: {', '.join(splits)})")
+    dataset = splits[split]
+    if dataset.class_names != predictor.class_names:
+        raise ValueError(
+            f"the model's classes {predictor.class_names} differ from the dataset's {dataset.class_names}: "
+            "evaluate on the dataset it was trained for"
+        )
+    size = predictor.input_size[0]
+    if on_start is not None:
+        on_start(f"evaluating {path.name} on {len(dataset)} {split} images at {size}px in {predictor.runtime_label}")
+    predictions: list[Detections] = []
+    for start in range(0, len(dataset), batch):
+        predictions += predictor.predict([record.path for record in dataset.records[start : start + batch]])
+        if on_progress is not None:
+            on_progress(len(predictions), len(dataset))
+    result = evaluate_detections(dataset, predictions, score_threshold=conf)
     saved = Path(out) if out else None
     if saved is not None:
         saved.parent.mkdir(parents=True, exist_ok=True)

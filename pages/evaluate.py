@@ -55,7 +55,7 @@ index = names.index(wanted) if wanted in names else 0
 run = st.selectbox("Run", runs, index=index, format_func=view.run_label, key=f"evaluate_run_{project}")
 if st.query_params.get(RUN_PARAM) != run.name:
     st.query_params[RUN_PARAM] = run.name
-checkpoints = [run.path / name for name in ("best.pt", "last.pt") if (run.path / name).is_file()]
+checkpoints = [run.path / name for name in view.MODEL_FILES if (run.path / name).is_file()]
 model = st.radio("Checkpoint", checkpoints, format_func=lambda path: path.name, horizontal=True, key="evaluate_model")
 with session_scope(engine) as session:
     versions = presets.frozen_versions(session, settings.storage, project) if project else []

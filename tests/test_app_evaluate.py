@@ -173,3 +173,26 @@ def test_a_run_cancelled_in_its_first_epoch_is_not_offered(settings: Settings) -
     labels = app.selectbox(key=f"evaluate_run_{PROJECT}").options
     assert [label.split(" (")[0] for label in labels] == [RUN]
     assert "epochs" in labels[0]  # the run's epochs in the same words as everywhere
+
+
+def test_an_exported_onnx_model_is_evaluated_like_its_checkpoint(settings: Settings) -> None:
+    """The run's ONNX export is offered beside its checkpoints; its evaluation job runs it in the runtime "auto"
+    picks and scores what the checkpoint scores (same weights, same post-processing)."""
+    from backend.export.onnx_export import export_onnx
+
+    run_dir = settings.runs_dir / RUN
+    model, loaded = load_model(run_dir / "best.pt")
+    export_onnx(model, run_dir / "model_fp32.onnx", imgsz=loaded.imgsz, class_names=loaded.class_names)
+    app = open_page()
+    options = [Path(option).name for option in app.radio(key="evaluate_model").options]
+    assert options == ["best.pt", "last.pt", "model_fp32.onnx"] or options == ["best.pt", "model_fp32.onnx"]
+    app.radio(key="evaluate_model").set_value(run_dir / "model_fp32.onnx").run()
+    app.radio(key="evaluate_split").set_value("train").run()
+    app.button(key="evaluate_start").click().run()
+    assert not app.exception, [exception.value for exception in app.exception]
+    job = jobs.get_job(int(app.query_params["eval_job"]), settings)
+    assert job.state == "succeeded", job.error
+    saved = json.loads(Path(job.params["out"]).read_text())
+    expected = direct_evaluation(settings, "train")["metrics"]
+    assert saved["metrics"]["mAP50"] == pytest.approx(expected["mAP50"], abs=0.01), (saved["metrics"], expected)
+    assert saved["counts"]["predictions"] > 0

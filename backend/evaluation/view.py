@@ -14,6 +14,9 @@ import plotly.graph_objects as go
 from backend.evaluation import report
 
 SPLITS = ("val", "test", "train")
+# What a run folder offers to evaluate: its checkpoints, and the ONNX files `yolodex quantize` wrote (run in the
+# faster runtime here, docs/runtimes.md).
+MODEL_FILES = ("best.pt", "last.pt", "model_fp32.onnx", "model_int8.onnx")
 
 
 def run_label(info: Any) -> str:
