@@ -286,7 +286,7 @@ class Letterbox(A.DualTransform):
         return {"padded": padded, "scale": info.scale, "pad": (info.pad_x, info.pad_y)}
 
     def apply(self, img: np.ndarray, padded: np.ndarray | None = None, **params: Any) -> np.ndarray:
-        return padded
+        return img if padded is None else padded
 
     def apply_to_bboxes(
         self, bboxes: np.ndarray, scale: float = 1.0, pad: tuple[float, float] = (0, 0), **params: Any
@@ -388,8 +388,8 @@ def _check_output(pipeline: A.Compose, imgsz: int) -> None:
     tiles = [
         (
             rng.integers(0, 256, (imgsz, imgsz * 3 // 4, 3), dtype=np.uint8),
-            np.float32([[4, 4, imgsz // 2, imgsz // 2]]),
-            np.int64([0]),
+            np.array([[4, 4, imgsz // 2, imgsz // 2]], np.float32),
+            np.array([0], np.int64),
         )
         for _ in range(MOSAIC_TILES)
     ]
@@ -485,7 +485,7 @@ def augment_sample(
     pipeline.set_random_state(rng, random.Random(int(rng.integers(2**63))))
     _numeric_label_fields(pipeline)
     image, boxes, labels = tiles[0]
-    data = {
+    data: dict[str, Any] = {
         "image": image,
         "bboxes": np.asarray(boxes, np.float32).reshape(-1, 4),
         "labels": np.asarray(labels, np.int64).reshape(-1),

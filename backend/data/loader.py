@@ -179,7 +179,8 @@ class TrainDataset(Dataset):
             image, boxes, labels = self.fitted(index)
             padded, info = letterbox(image, (self.imgsz, self.imgsz))
             # Same float32 arithmetic as boxes_to_input(record.boxes, info) on the original image (scale 1 here).
-            return padded, boxes + np.float32([info.pad_x, info.pad_y, info.pad_x, info.pad_y]), labels.copy()
+            pad = np.array([info.pad_x, info.pad_y, info.pad_x, info.pad_y], np.float32)
+            return padded, boxes + pad, labels.copy()
         rng = np.random.default_rng([self.seed, self.epoch, index])
         tiles = [self.fitted(index)]
         # The other images are drawn either way: closing mosaic leaves every other random stream as it was.
@@ -285,7 +286,7 @@ class EpochSampler(Sampler[int]):
         self.epoch = int(epoch)
 
     def __len__(self) -> int:
-        if self.world_size == 1:
+        if self.world_size == 1 or self.global_batch is None:  # __init__ requires global_batch for world_size > 1
             return self.total
         return self.total // self.global_batch * (self.global_batch // self.world_size)
 
@@ -391,8 +392,14 @@ def make_train_loader(
 
 def set_loader_epoch(loader: DataLoader, epoch: int) -> None:
     """Selects the epoch of a `make_train_loader` loader: its sample order and its augmentations."""
-    loader.sampler.set_epoch(epoch)
-    loader.dataset.set_epoch(epoch)
+    for part in (
+        loader.sampler,
+        loader.dataset,
+    ):  # its EpochSampler and its dataset (bench/loader.py passes an older one)
+        set_epoch = getattr(part, "set_epoch", None)
+        if set_epoch is None:
+            raise TypeError(f"set_loader_epoch takes a loader made by make_train_loader, not one of {type(part)}")
+        set_epoch(epoch)
 
 
 def render_augmented_samples(
