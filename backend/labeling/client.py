@@ -39,6 +39,9 @@ from backend.settings import Settings, get_settings
 if TYPE_CHECKING:  # imported on first use (see the module docstring)
     import httpx
     from label_studio_sdk import LabelStudio
+    from label_studio_sdk.core.pagination import SyncPager
+    from label_studio_sdk.core.request_options import RequestOptions
+    from label_studio_sdk.types import PaginatedRoleBasedTaskList, RoleBasedTask
 
 DEFAULT_TIMEOUT_S = 60.0
 # Label Studio's task list pages; 1000 per page keeps a 5 000-task project at a handful of requests.
@@ -47,7 +50,7 @@ PROJECT_PAGE_SIZE = 100
 # `create_prediction`: the first post and at most one more after an answer was lost.
 PREDICTION_ATTEMPTS = 2
 # Per-request option for the SDK: never resend a request on its own (see the module docstring).
-NO_RETRY = {"max_retries": 0}
+NO_RETRY: RequestOptions = {"max_retries": 0}
 
 T = TypeVar("T")
 
@@ -322,7 +325,11 @@ class LabelStudioClient:
     def create_project(self, title: str, label_config: str, description: str = "") -> dict[str, Any]:
         fields = {"title": title, "label_config": label_config, "description": description}
         return self._sdk_call(
-            "POST /api/projects", lambda sdk: sdk.projects.create(**fields, request_options=NO_RETRY), fields
+            "POST /api/projects",
+            lambda sdk: sdk.projects.create(
+                title=title, label_config=label_config, description=description, request_options=NO_RETRY
+            ),
+            fields,
         )
 
     def get_project(self, project_id: int) -> dict[str, Any]:
@@ -384,7 +391,7 @@ class LabelStudioClient:
         """Every task of the project (paged), with annotations and predictions when `fields="all"`."""
         what = f"GET /api/tasks?project={project_id}"
         sdk = self.sdk
-        pager = self._call(
+        pager: SyncPager[RoleBasedTask, PaginatedRoleBasedTaskList] = self._call(
             what,
             lambda: sdk.tasks.list(
                 project=project_id, page_size=TASK_PAGE_SIZE, fields=fields, request_options=NO_RETRY
@@ -412,7 +419,7 @@ class LabelStudioClient:
                 export_type=export_type,
                 download_all_tasks=all_tasks,
                 download_resources=False,
-                request_options={**NO_RETRY, "timeout_in_seconds": max(self._timeout, DEFAULT_TIMEOUT_S)},
+                request_options={**NO_RETRY, "timeout": max(self._timeout, DEFAULT_TIMEOUT_S)},
             )
             return b"".join(chunks)
 

@@ -276,14 +276,15 @@ def pick_annotation(task: Mapping[str, Any]) -> dict[str, Any] | None:
     Returns:
         The annotation dict, or None when the task has none left (not labeled yet).
     """
-    candidates = [
+    candidates: list[Mapping[str, Any]] = [
         annotation
         for annotation in task.get("annotations") or []
         if isinstance(annotation, Mapping) and not annotation.get("was_cancelled") and not annotation.get("skipped")
     ]
     if not candidates:
         return None
-    return dict(max(candidates, key=lambda item: (_timestamp(item.get("updated_at")), _sortable_id(item.get("id")))))
+    latest = max(candidates, key=lambda item: (_timestamp(item.get("updated_at")), _sortable_id(item.get("id"))))
+    return dict(latest)
 
 
 def _task_image_id(task: Mapping[str, Any]) -> int | None:
@@ -304,10 +305,13 @@ def _convert_task(
     kept: list[LsBox] = []
     problems: list[Problem] = []
     size_used: tuple[int, int] | None = None
-    results = annotation.get("result") if annotation is not None else []
-    if not isinstance(results, list):
-        problems.append(Problem("malformed", f"annotation {annotation.get('id')} has no result list"))
-        results = []
+    results: list[Any] = []
+    if annotation is not None:
+        raw_results = annotation.get("result")
+        if isinstance(raw_results, list):
+            results = raw_results
+        else:
+            problems.append(Problem("malformed", f"annotation {annotation.get('id')} has no result list"))
     for result in results:
         if not isinstance(result, Mapping):
             problems.append(Problem("malformed", f"result {result!r} is not an object"))
@@ -397,7 +401,10 @@ def to_coco_like(tasks: Iterable[Mapping[str, Any]], class_names: Sequence[str])
             (item.label, [item.box[0], item.box[1], item.box[2] - item.box[0], item.box[3] - item.box[1]])
             for item in kept
         ]
-        converted[task.get("id")] = {
+        task_id = task.get("id")
+        if not isinstance(task_id, int):
+            raise ValueError(f"a Label Studio task without an integer id: {task_id!r}")
+        converted[task_id] = {
             "image_id": _task_image_id(task),
             "annotation_id": None if annotation is None else annotation.get("id"),
             "width": None if size_used is None else size_used[0],

@@ -26,9 +26,9 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import inspect, select, update
+from sqlalchemy import CursorResult, inspect, select, update
 from sqlalchemy.orm import Session
 
 from backend.catalog import run_info
@@ -155,10 +155,14 @@ def check_loop(session: Session, project: Project, client: LabelStudioClient, en
         return LoopCheck(labeled, due_at, False, row.loop_state, f"a retrain is already {row.loop_state}")
     if labeled < due_at:
         return LoopCheck(labeled, due_at, False, "idle", f"{due_at - labeled} more annotations until the next retrain")
-    claimed = session.execute(
-        update(LabelingProject)
-        .where(LabelingProject.project_id == project.id, LabelingProject.loop_state == "idle")
-        .values(loop_state="queued", annotations_at_retrain=labeled, loop_started_at=utc_now())
+    # An UPDATE's result is a CursorResult (the one that has rowcount); Session.execute is typed with its base class.
+    claimed = cast(
+        CursorResult[Any],
+        session.execute(
+            update(LabelingProject)
+            .where(LabelingProject.project_id == project.id, LabelingProject.loop_state == "idle")
+            .values(loop_state="queued", annotations_at_retrain=labeled, loop_started_at=utc_now())
+        ),
     ).rowcount
     session.commit()
     if claimed != 1:
@@ -187,10 +191,13 @@ def recover_interrupted(session: Session) -> int:
 
     Only "running" loops are reset: a "queued" retrain is still in the (persistent) queue and will run.
     """
-    reset = session.execute(
-        update(LabelingProject)
-        .where(LabelingProject.loop_state == "running")
-        .values(loop_state="idle", loop_started_at=None, last_event="the retrain was interrupted (worker restart)")
+    reset = cast(
+        CursorResult[Any],
+        session.execute(
+            update(LabelingProject)
+            .where(LabelingProject.loop_state == "running")
+            .values(loop_state="idle", loop_started_at=None, last_event="the retrain was interrupted (worker restart)")
+        ),
     ).rowcount
     session.commit()
     return int(reset or 0)
@@ -225,7 +232,7 @@ def best_finished_run(session: Session, settings: Settings, project: Project, si
     rows = session.scalars(
         select(Run).where(Run.project_id == project.id, Run.status == "succeeded").order_by(Run.id.desc())
     )
-    candidates = []
+    candidates: list[tuple[float, int, Path]] = []
     for row in rows:
         folder = _folder(settings, row.folder)
         info = run_info(folder)

@@ -246,7 +246,7 @@ def status(
     alive = isinstance(pid, int) and _is_labelstudio_process(pid)
     ours = state is not None and alive
 
-    if ours and state.get("port") != settings.ls_port:
+    if ours and state is not None and state.get("port") != settings.ls_port:
         return ServerStatus(
             "misconfigured",
             url,
@@ -256,7 +256,7 @@ def status(
         )
     healthy = _health(settings, timeout)
     if not healthy:
-        if ours:
+        if ours and state is not None:
             moved = _log_mentions(settings, state, _PORT_MOVED)
             if moved:
                 return ServerStatus(

@@ -490,9 +490,10 @@ def pull_annotations(session: Session, project: Project, client: LabelStudioClie
     problems: Counter[str] = Counter()
     for task in exported:
         report.tasks += 1
-        link = mapped.get(task.get("id"))
+        task_id = task.get("id")
+        link = mapped.get(task_id) if isinstance(task_id, int) else None
         image = images.get(link.image_id) if link is not None else None
-        if image is None:
+        if link is None or image is None:
             report.unmapped += 1
             continue
         if renamed:
@@ -531,8 +532,11 @@ def _renamed_labels(client: LabelStudioClient, row: LabelingProject, classes: li
         return {}
     name_of_id = {item.id: item.name for item in classes}
     current = set(name_of_id.values())
-    return {label: name_of_id[class_id] for label, class_id in by_label.items()
-            if label not in current and class_id in name_of_id}  # fmt: skip
+    return {
+        label: name_of_id[class_id]
+        for label, class_id in by_label.items()
+        if label not in current and class_id in name_of_id
+    }
 
 
 def _with_current_names(task: dict[str, Any], renamed: dict[str, str]) -> dict[str, Any]:
@@ -541,10 +545,13 @@ def _with_current_names(task: dict[str, Any], renamed: dict[str, str]) -> dict[s
     for annotation in task.get("annotations") or []:
         for result in (annotation.get("result") if isinstance(annotation, dict) else None) or []:
             value = result.get("value") if isinstance(result, dict) else None
-            labels = value.get("rectanglelabels") if isinstance(value, dict) else None
+            if not isinstance(value, dict):
+                continue
+            labels = value.get("rectanglelabels")
             if isinstance(labels, list):
-                value["rectanglelabels"] = [renamed.get(label, label) if isinstance(label, str) else label
-                                            for label in labels]  # fmt: skip
+                value["rectanglelabels"] = [
+                    renamed.get(label, label) if isinstance(label, str) else label for label in labels
+                ]
     return task
 
 
