@@ -39,9 +39,13 @@ from backend.data.folders import load_dataset
 from backend.data.records import DetectionSet
 from backend.data.synthetic import generate_synthetic_dataset
 from backend.export.onnx_export import export_onnx
+from backend.inference import Predictor
 from backend.models import build_model, load_model
+from backend.processing import PostprocessConfig
 from backend.quantization.calibration import CalibrationImages
+from backend.quantization.pipeline import evaluate_onnx
 from backend.quantization.ptq import calibrate, default_float_nodes, preprocess_fp32, quantize_onnx, weighted_nodes
+from backend.quantization.sensitivity import scan_sensitivity
 from backend.runtimes import RUNTIME_ENV, native_bf16, open_onnx, openvino_problem, runtime_label
 
 RACCOON = Path(__file__).resolve().parents[2] / "shared" / "data" / "raccoon"
@@ -152,11 +156,6 @@ def latency(files: dict[str, Path], imgsz: int, threads: int, runs: int) -> dict
 
 def bulk(model: torch.nn.Module, imgsz: int, threads: int, scan_layers: int, folder: Path) -> list[dict]:
     """Pre-labeling, evaluation and the sensitivity scan, timed in each runtime (YOLODEX_RUNTIME set)."""
-    from backend.inference import Predictor
-    from backend.processing import PostprocessConfig
-    from backend.quantization.pipeline import evaluate_onnx
-    from backend.quantization.sensitivity import scan_sensitivity
-
     data = generate_synthetic_dataset(folder / "bulk", num_train=8, num_val=16, image_size=(320, 320), seed=4)
     splits = load_dataset(data)
     val = splits["val"]
