@@ -234,9 +234,20 @@ def image_card(session: Session, storage: Path, project: Project, image_id: int)
     if image is None or image.project_id != project.id:
         raise BrowseError(f"project {project.name!r} has no image {image_id}")
     boxes = _boxes_by_image(session, project, [image.id]).get(image.id, [])
-    return ImageCard(image.id, storage / image.path, image.original_name, image.width, image.height,
-                     image.size_bytes, image.source, image.status, bool(image.labeled), image.near_group,
-                     image.duplicate_of_id, tuple(boxes))  # fmt: skip
+    return ImageCard(
+        image.id,
+        storage / image.path,
+        image.original_name,
+        image.width,
+        image.height,
+        image.size_bytes,
+        image.source,
+        image.status,
+        bool(image.labeled),
+        image.near_group,
+        image.duplicate_of_id,
+        tuple(boxes),
+    )
 
 
 def _boxes_by_image(

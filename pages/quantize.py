@@ -102,9 +102,16 @@ with st.form("quantize_form", border=False):
 
 if launch:
     fields = view.job_options(
-        method=method, calibration=calibration, calib_images=calib, budget=budget, compare_calibrations=compare,
-        scan_images=scans, threads=threads, imgsz=imgsz, qat_epochs=qat_epochs,
-    )  # fmt: skip
+        method=method,
+        calibration=calibration,
+        calib_images=calib,
+        budget=budget,
+        compare_calibrations=compare,
+        scan_images=scans,
+        threads=threads,
+        imgsz=imgsz,
+        qat_epochs=qat_epochs,
+    )
 
     def submit() -> dict:
         QuantizeOptions(**fields)  # bad options are an error here, before anything is queued

@@ -89,8 +89,9 @@ def test_succeeded_import_with_its_parameters_and_result(immediate, two_images):
 
 def test_failed_job_shows_its_error_and_traceback(immediate, two_images):
     good = jobs.submit("import", {"project": "Shapes", "paths": [str(two_images)]}, settings=immediate)
-    bad = jobs.submit("evaluate", {"model": str(two_images / "missing.onnx"), "data": str(two_images)},
-                      settings=immediate)  # fmt: skip
+    bad = jobs.submit(
+        "evaluate", {"model": str(two_images / "missing.onnx"), "data": str(two_images)}, settings=immediate
+    )
     failed = jobs.get_job(bad, immediate)
     assert failed.state == "failed" and failed.error and failed.traceback
 
@@ -108,8 +109,9 @@ def test_failed_job_shows_its_error_and_traceback(immediate, two_images):
 
 def test_filters_by_kind_and_state(immediate, two_images):
     jobs.submit("import", {"project": "Shapes", "paths": [str(two_images)]}, settings=immediate)
-    bad = jobs.submit("evaluate", {"model": str(two_images / "missing.onnx"), "data": str(two_images)},
-                      settings=immediate)  # fmt: skip
+    bad = jobs.submit(
+        "evaluate", {"model": str(two_images / "missing.onnx"), "data": str(two_images)}, settings=immediate
+    )
     app = open_page()
     assert list(table(app)["kind"]) == ["evaluate", "import"]  # newest first
 
@@ -125,8 +127,9 @@ def test_filters_by_kind_and_state(immediate, two_images):
 
 
 def test_paging(immediate, two_images):
-    ids = [jobs.submit("import", {"project": "Shapes", "paths": [str(two_images)]}, settings=immediate)
-           for _ in range(22)]  # fmt: skip
+    ids = [
+        jobs.submit("import", {"project": "Shapes", "paths": [str(two_images)]}, settings=immediate) for _ in range(22)
+    ]
     app = open_page()
     assert list(table(app)["id"]) == ids[::-1][:20] and "22 jobs; page 1 of 2." in texts(app)
     app.number_input(key="jobs_page").set_value(2).run()
@@ -188,8 +191,9 @@ def test_duration_project_and_who_started_each_job(immediate, two_images, monkey
     from backend.store.db import init_db, session_scope
     from backend.store.models import Run, get_or_create_project
 
-    done = jobs.get_job(jobs.submit("import", {"project": "Shapes", "paths": [str(two_images)]}, settings=immediate),
-                        immediate)  # fmt: skip
+    done = jobs.get_job(
+        jobs.submit("import", {"project": "Shapes", "paths": [str(two_images)]}, settings=immediate), immediate
+    )
     run_dir = immediate.runs_dir / "shapes-run"
     run_dir.mkdir(parents=True)
     engine = init_db(immediate.database_url)
@@ -203,8 +207,19 @@ def test_duration_project_and_who_started_each_job(immediate, two_images, monkey
     retrain = backend.jobs.tasks.labeling_retrain("Shapes")  # what the loop's poll queues
     app = open_page()
     rows = table(app).set_index("id")
-    assert list(rows.columns) == ["kind", "project", "started by", "state", "progress", "message", "duration", "ETA",
-                                  "created", "started", "finished"]  # fmt: skip
+    assert list(rows.columns) == [
+        "kind",
+        "project",
+        "started by",
+        "state",
+        "progress",
+        "message",
+        "duration",
+        "ETA",
+        "created",
+        "started",
+        "finished",
+    ]
     assert rows.loc[quantize, "project"] == "Shapes" and rows.loc[quantize, "started by"] == "you"
     assert rows.loc[retrain, "project"] == "Shapes" and rows.loc[retrain, "started by"] == "retrain loop"
     assert rows.loc[done.id, "started by"] == "you"

@@ -363,8 +363,11 @@ def trained_starter_run(folder: Path) -> Path:
 
 
 def test_a_queued_pre_label_is_not_shown_as_a_success(storage: Path, monkeypatch: pytest.MonkeyPatch):
-    monkeypatch.setattr(server_module, "status", lambda settings, **_: server_module.ServerStatus(
-        "running", server_module.labelstudio_url(settings), 1, "up"))  # fmt: skip
+    monkeypatch.setattr(
+        server_module,
+        "status",
+        lambda settings, **_: server_module.ServerStatus("running", server_module.labelstudio_url(settings), 1, "up"),
+    )
     link_to_label_studio(get_settings())
     trained_starter_run(storage / "runs" / "shapes-run")
     monkeypatch.delenv("YOLODEX_QUEUE_IMMEDIATE", raising=False)
@@ -389,8 +392,11 @@ def test_a_queued_pre_label_is_not_shown_as_a_success(storage: Path, monkeypatch
 
 
 def test_buttons_run_the_step_and_show_its_summary_or_its_error(storage: Path, monkeypatch: pytest.MonkeyPatch):
-    monkeypatch.setattr(server_module, "status", lambda settings, **_: server_module.ServerStatus(
-        "running", server_module.labelstudio_url(settings), 1, "up"))  # fmt: skip
+    monkeypatch.setattr(
+        server_module,
+        "status",
+        lambda settings, **_: server_module.ServerStatus("running", server_module.labelstudio_url(settings), 1, "up"),
+    )
     run_folder = trained_starter_run(storage / "runs" / "shapes-run")
     calls: list[tuple[str, object]] = []
 

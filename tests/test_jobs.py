@@ -193,8 +193,9 @@ def test_progress_writes_are_throttled(tmp_path):
         context.on_training_event("train_start", epochs=1, steps_per_epoch=500, total_steps=500, time_budget_s=None)
         started = time.monotonic()
         for step in range(1, 501):
-            context.on_training_event("step", epoch=0, step=step, steps_per_epoch=500, global_step=step, loss=1.0,
-                                      eta_s=10.0, elapsed_s=1.0)  # fmt: skip
+            context.on_training_event(
+                "step", epoch=0, step=step, steps_per_epoch=500, global_step=step, loss=1.0, eta_s=10.0, elapsed_s=1.0
+            )
         elapsed = time.monotonic() - started
         context.flush(force=True)
     finally:
@@ -219,8 +220,9 @@ def test_a_locked_database_puts_progress_off_and_the_jobs_end_waits_for_the_lock
         session.flush()
         job_id = job.id
     context = job_context.JobContext(engine, job_id, flush_interval_s=0.0)
-    writer = sqlite3.connect(settings.database_url.removeprefix("sqlite:///"), isolation_level=None,
-                             check_same_thread=False)  # fmt: skip
+    writer = sqlite3.connect(
+        settings.database_url.removeprefix("sqlite:///"), isolation_level=None, check_same_thread=False
+    )
     writer.execute("BEGIN IMMEDIATE")
     released = threading.Event()
 
@@ -296,8 +298,16 @@ def test_a_job_without_a_project_takes_its_runs_or_datasets_and_says_who_started
     with session_scope(api.job_engine(settings)) as session:
         owner = get_or_create_project(session, "Raccoons")
         session.add(Run(project_id=owner.id, folder="runs/raccoons-1", status="succeeded"))
-        session.add(DatasetVersion(project_id=owner.id, name="v1", seed=0, train_fraction=0.8, val_fraction=0.2,
-                                   folder="datasets/raccoons/v1"))  # fmt: skip
+        session.add(
+            DatasetVersion(
+                project_id=owner.id,
+                name="v1",
+                seed=0,
+                train_fraction=0.8,
+                val_fraction=0.2,
+                folder="datasets/raccoons/v1",
+            )
+        )
     run_dir = settings.runs_dir / "raccoons-1"
     (run_dir / "export").mkdir(parents=True)
 
@@ -376,8 +386,13 @@ def newest_job_after(settings: Settings, job_id: int) -> api.JobView | None:
 def worker_env(tmp_path) -> Iterator[dict[str, str]]:
     env = {key: value for key, value in os.environ.items() if not key.startswith("YOLODEX_")}
     storage = tmp_path / "storage"
-    env.update(YOLODEX_STORAGE=str(storage), YOLODEX_QUEUE_URL=f"sqlite:///{storage / 'queue.db'}",
-               YOLODEX_DEVICE="cpu", OMP_NUM_THREADS="2", PYTHONPATH=str(REPO_ROOT))  # fmt: skip
+    env.update(
+        YOLODEX_STORAGE=str(storage),
+        YOLODEX_QUEUE_URL=f"sqlite:///{storage / 'queue.db'}",
+        YOLODEX_DEVICE="cpu",
+        OMP_NUM_THREADS="2",
+        PYTHONPATH=str(REPO_ROOT),
+    )
     yield env
 
 
@@ -386,8 +401,12 @@ def start_worker(env: dict[str, str], log: Path) -> subprocess.Popen:
     with log.open("ab") as output:
         return subprocess.Popen(
             [str(consumer), "backend.jobs.tasks.huey", "-k", "process", "-w", "1", "-m", "1"],
-            cwd=REPO_ROOT, env=env, stdout=output, stderr=subprocess.STDOUT, start_new_session=True,
-        )  # fmt: skip
+            cwd=REPO_ROOT,
+            env=env,
+            stdout=output,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
 
 
 def stop_worker(process: subprocess.Popen, sig: int = signal.SIGKILL) -> None:

@@ -78,13 +78,15 @@ def test_import_crawl_and_evaluate_jobs_report_fractions_between_0_and_1(tmp_pat
         (photos / f"{seed:03d}.png").write_bytes(encode_image(textured_image(seed, (64, 48))))
     base_url, served = slow_image_server
     data = generate_synthetic_dataset(tmp_path / "shapes", num_train=1, num_val=40, image_size=(64, 64), seed=2)
-    model = save_checkpoint(tmp_path / "best.pt", build_model("s", 3), class_names=["circle", "square", "triangle"],
-                            imgsz=64)  # fmt: skip
+    model = save_checkpoint(
+        tmp_path / "best.pt", build_model("s", 3), class_names=["circle", "square", "triangle"], imgsz=64
+    )
     log = tmp_path / "worker.log"
     worker = start_worker(worker_env, log)
     try:
-        imported = watch(api.submit("import", {"project": "dex", "paths": [str(photos)]}, settings=settings),
-                         settings, worker, log)  # fmt: skip
+        imported = watch(
+            api.submit("import", {"project": "dex", "paths": [str(photos)]}, settings=settings), settings, worker, log
+        )
         crawl_params = {
             "project": "dex",
             "urls": [f"{base_url}/{seed}.png" for seed in range(served)],

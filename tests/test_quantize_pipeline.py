@@ -96,7 +96,10 @@ def test_report_holds_every_field(ptq_report):
     assert report["threads"] == 2 and report["validation_images"] == VALIDATION_IMAGES
     assert report["not_measured"] == []
     assert report["calibration"]["images"] == 4 and set(report["calibration"]["seconds"]) == {
-        "percentile", "minmax", "entropy"}  # fmt: skip
+        "percentile",
+        "minmax",
+        "entropy",
+    }
     fp32_bytes = report["models"]["fp32"]["bytes"]
     for name, row in report["models"].items():
         assert Path(row["path"]).is_file() and row["bytes"] == Path(row["path"]).stat().st_size
@@ -107,7 +110,8 @@ def test_report_holds_every_field(ptq_report):
         assert row["bytes"] < 0.45 * fp32_bytes
         assert row["deltas"]["size_ratio"] == round(row["bytes"] / fp32_bytes, 3)
         assert set(row["deltas"]["metrics"]) == set(row["metrics"]) and set(row["deltas"]["per_class_ap"]) == set(
-            CLASS_NAMES)  # fmt: skip
+            CLASS_NAMES
+        )
         assert row["executed_op_types"].get("QLinearConv", 0) > 50  # int8 kernels really ran
         # onnxruntime's CPU build has no int8 ConvTranspose: the report names the two upsampling layers.
         assert [item["kernel"] for item in row["float_fallbacks"]] == ["ConvTranspose", "ConvTranspose"]
@@ -141,8 +145,10 @@ def test_report_measures_every_runtime_side_by_side(ptq_report):
 def test_calibration_methods_give_different_ranges(ptq_report):
     # Entropy used to equal minmax (onnxruntime's quantize_static did not pass its bin counts): now three methods,
     # three different INT8 files.
-    files = {name: Path(ptq_report["models"][f"ptq_{name}"]["path"]).read_bytes()
-             for name in ("minmax", "percentile", "entropy")}  # fmt: skip
+    files = {
+        name: Path(ptq_report["models"][f"ptq_{name}"]["path"]).read_bytes()
+        for name in ("minmax", "percentile", "entropy")
+    }
     assert len(set(files.values())) == 3
 
 
@@ -210,8 +216,10 @@ def test_policy_search_keeps_the_shortest_prefix_within_budget(tmp_path, scan_no
     prepared = preprocess_fp32(export, tmp_path / "pre.onnx")
     records = load_dataset(generate_synthetic_dataset(tmp_path / "d", num_train=2, num_val=0))["train"].records
     calibration = calibrate(prepared, CalibrationImages(records, IMGSZ, count=2), tmp_path / "r.json", method="minmax")
-    layers = [LayerSensitivity(node=name, module=module_path(name), op_type="Conv", parameters=1,
-                               cost=1.0 - index / 10) for index, name in enumerate(scan_nodes)]  # fmt: skip
+    layers = [
+        LayerSensitivity(node=name, module=module_path(name), op_type="Conv", parameters=1, cost=1.0 - index / 10)
+        for index, name in enumerate(scan_nodes)
+    ]
     scan = ScanResult(layers=layers, base_error=1.0, images=1, decoding=[])
     important = set(scan_nodes[:3])
 
@@ -225,17 +233,38 @@ def test_policy_search_keeps_the_shortest_prefix_within_budget(tmp_path, scan_no
     assert [layer.node for layer in choice.float_layers] == scan_nodes[:3] and choice.within_budget
     assert [item["float_layers"] for item in choice.tried] == [0, 1, 2, 4, 3]  # doubling, then bisection
     assert choice.path.is_file() and not list(tmp_path.glob(".sel.k*.onnx"))
-    strict = choose_float_nodes(calibration, scan, lambda path: 0.4, fp32_map=0.5, budget=0.005,
-                                out_path=tmp_path / "none.onnx")  # fmt: skip
+    strict = choose_float_nodes(
+        calibration, scan, lambda path: 0.4, fp32_map=0.5, budget=0.005, out_path=tmp_path / "none.onnx"
+    )
     assert not strict.within_budget and strict.float_layers == []  # nothing helps: the smallest model is kept
 
 
 def test_qat_through_the_cli(run_dir, tmp_path):
     completed = subprocess.run(
-        [sys.executable, "-m", "backend.cli", "quantize", run_dir, "--method", "qat", "--calib", "4", "--no-compare",
-         "--qat-epochs", "1", "--calibration", "minmax", "--out", tmp_path, "--json"],
-        cwd=REPO_ROOT, capture_output=True, text=True, timeout=900,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "backend.cli",
+            "quantize",
+            run_dir,
+            "--method",
+            "qat",
+            "--calib",
+            "4",
+            "--no-compare",
+            "--qat-epochs",
+            "1",
+            "--calibration",
+            "minmax",
+            "--out",
+            tmp_path,
+            "--json",
+        ],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert completed.returncode == 0, completed.stderr
     report = json.loads(completed.stdout)
     assert set(report["models"]) == {"fp32", "ptq_minmax", "qat"} and report["sensitivity"] is None
@@ -253,8 +282,9 @@ def test_qat_through_the_cli(run_dir, tmp_path):
 
 def test_run_without_validation_images_reports_what_it_can(run_dir, tmp_path):
     lonely = generate_synthetic_dataset(tmp_path / "one", num_train=1, num_val=0, image_size=(96, 96), seed=2)
-    options = QuantizeOptions(method="auto", calib_images=8, compare_calibrations=False, data=str(lonely),
-                              latency_runs=2)  # fmt: skip
+    options = QuantizeOptions(
+        method="auto", calib_images=8, compare_calibrations=False, data=str(lonely), latency_runs=2
+    )
     report = quantize_run(run_dir, tmp_path / "out", options)
     assert report["validation_images"] == 0 and report["chosen"] == "ptq_percentile"
     assert report["within_budget"] is None and report["sensitivity"] is None and report["qat"] is None
@@ -300,8 +330,12 @@ def test_the_shipped_model_is_the_fastest_within_budget():
     def row(map50_95, latency, size):
         return {"metrics": {"mAP50-95": map50_95}, "latency_ms_p50": latency, "bytes": size}
 
-    rows = {"fp32": row(0.50, 40, 100), "ptq_percentile": row(0.499, 21, 36), "ptq_selective": row(0.497, 20, 27),
-            "qat": row(0.501, 25, 27)}  # fmt: skip
+    rows = {
+        "fp32": row(0.50, 40, 100),
+        "ptq_percentile": row(0.499, 21, 36),
+        "ptq_selective": row(0.497, 20, 27),
+        "qat": row(0.501, 25, 27),
+    }
     assert _choose(rows, 0.50, 0.005, "percentile") == "ptq_selective"  # fastest (ties within 5 %: smaller)
     rows["ptq_selective"] = row(0.48, 18, 27)  # faster but outside the budget
     assert _choose(rows, 0.50, 0.005, "percentile") == "ptq_percentile"

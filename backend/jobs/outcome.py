@@ -45,5 +45,9 @@ def cancel_requested(job: api.JobView) -> dict[str, Any]:
     if job.active:
         summary = f"job {job.id} {job.state}: asked to stop, it stops at its next step"
         return {"summary": summary, "level": "info", "job_id": job.id, "state": job.state}
-    return {"summary": f"job {job.id} had already ended ({job.state})", "level": "info", "job_id": job.id,
-            "state": job.state}  # fmt: skip
+    return {
+        "summary": f"job {job.id} had already ended ({job.state})",
+        "level": "info",
+        "job_id": job.id,
+        "state": job.state,
+    }
