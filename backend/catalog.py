@@ -524,6 +524,7 @@ def run_projects(session: Any, settings: Settings, runs: list[RunInfo]) -> dict[
     """{run folder: project name} for the runs whose project can be told: the project of the run's `Run` row (a
     job's run), else the project of the frozen version it trained on, else the project whose class names are the
     run's (in order). Runs matching none are left out."""
+    # Imported here: the store only for callers with a database session; the CLI lists runs without loading sqlalchemy.
     from sqlalchemy import select
 
     from backend.store.models import DatasetVersion, Project, project_classes

@@ -29,9 +29,15 @@ from backend.store.db import BUSY_ADVICE, database_locked, describe_error, disk_
 from backend.training.config import TrainingError
 
 EXPECTED_ERRORS = (
-    CheckpointError, WeightsDownloadError, ImageLoadError, TrainingError, FileNotFoundError, ValueError,
-    LabelStudioError, RunFolderError,
-)  # fmt: skip
+    CheckpointError,
+    WeightsDownloadError,
+    ImageLoadError,
+    TrainingError,
+    FileNotFoundError,
+    ValueError,
+    LabelStudioError,
+    RunFolderError,
+)
 
 
 def _print(payload: dict | list, as_json: bool, text: str) -> None:
@@ -51,6 +57,7 @@ class _ProgressBar:
         if not self.enabled:
             return
         if self.bar is None:
+            # Imported per command: `yolodex --help` and the light commands start without torch.
             from tqdm import tqdm
 
             try:  # a terminal that reports no size (0 x 0, e.g. under `script`) gets no bar from tqdm's defaults
@@ -58,8 +65,15 @@ class _ProgressBar:
                 columns, lines = size.columns or 80, size.lines or 24
             except OSError:
                 columns, lines = 80, 24
-            self.bar = tqdm(total=total, desc=self.description, unit=self.unit, file=sys.stderr, leave=False,
-                            ncols=columns, nrows=lines)  # fmt: skip
+            self.bar = tqdm(
+                total=total,
+                desc=self.description,
+                unit=self.unit,
+                file=sys.stderr,
+                leave=False,
+                ncols=columns,
+                nrows=lines,
+            )
         if total != self.bar.total:
             self.bar.total = total
         self.bar.update(done - self.bar.n)
@@ -76,6 +90,7 @@ class _ProgressBar:
 
 
 def cmd_info(args: argparse.Namespace) -> None:
+    # Imported per command: `yolodex --help` and the light commands start without torch.
     from backend.models import build_model, load_model
     from backend.models.summary import summarise_model
 
@@ -97,6 +112,7 @@ def cmd_info(args: argparse.Namespace) -> None:
 
 
 def cmd_export(args: argparse.Namespace) -> None:
+    # Imported per command: `yolodex --help` and the light commands start without torch.
     from backend.export.onnx_export import export_onnx
     from backend.models import build_model, load_model
     from backend.processing import PostprocessConfig
@@ -120,6 +136,7 @@ def cmd_export(args: argparse.Namespace) -> None:
 
 
 def cmd_predict(args: argparse.Namespace) -> None:
+    # Imported per command: `yolodex --help` and the light commands start without torch.
     from backend.inference import Predictor
     from backend.processing import PostprocessConfig
 
@@ -150,6 +167,7 @@ def cmd_predict(args: argparse.Namespace) -> None:
 
 
 def cmd_download(args: argparse.Namespace) -> None:
+    # Imported per command: `yolodex --help` and the light commands start without torch.
     from backend.models.download import OFFICIAL_COCO_WEIGHTS, WeightsSource, fetch_weights
     from backend.settings import get_settings
 
@@ -161,6 +179,7 @@ def cmd_download(args: argparse.Namespace) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> None:
+    # Imported per command: `yolodex --help` and the light commands start without torch.
     from tqdm import tqdm
 
     from backend.settings import get_settings
@@ -183,17 +202,24 @@ def cmd_train(args: argparse.Namespace) -> None:
         with contextlib.suppress(OSError, ValueError, KeyError, TrainingError):
             _print_estimate(args, processes)
     if args.resume and args.augment:
-        raise ValueError("--augment cannot change a run's augmentation on --resume (it trains with the recorded "
-                         "one): start a new run with --augment instead")  # fmt: skip
+        raise ValueError(
+            "--augment cannot change a run's augmentation on --resume (it trains with the recorded "
+            "one): start a new run with --augment instead"
+        )
     try:
         if args.resume:
             # On --resume, --time and --epochs are MORE minutes / epochs from where the run stopped (a run that
             # ended is continued: trainer.resume's more_minutes / more_epochs); without them it goes on to its totals.
             overrides = {
-                "more_minutes": args.time, "more_epochs": args.epochs, "patience": args.patience,
-                "device": args.device, "num_workers": args.workers, "amp": False if args.no_amp else None,
-                "checkpoint_minutes": args.checkpoint_minutes, "compile": args.compile or None,
-            }  # fmt: skip
+                "more_minutes": args.time,
+                "more_epochs": args.epochs,
+                "patience": args.patience,
+                "device": args.device,
+                "num_workers": args.workers,
+                "amp": False if args.no_amp else None,
+                "checkpoint_minutes": args.checkpoint_minutes,
+                "compile": args.compile or None,
+            }
             try:
                 result = resume(
                     args.resume, processes=processes, gpus=bool(args.gpus), on_event=bar, on_log=on_log, **overrides
@@ -202,23 +228,37 @@ def cmd_train(args: argparse.Namespace) -> None:
                 raise RunFinished(f"{error} (--resume {args.resume} with --epochs N or --time MINUTES)") from None
             except DamagedLastCheckpoint as error:  # the command that starts from best.pt
                 train = error.train
-                raise CheckpointError(f"{error}: yolodex train --data {train.get('data')} --size {train.get('size')} "
-                                      f"--imgsz {train.get('imgsz')} --weights {error.best}") from None  # fmt: skip
+                raise CheckpointError(
+                    f"{error}: yolodex train --data {train.get('data')} --size {train.get('size')} "
+                    f"--imgsz {train.get('imgsz')} --weights {error.best}"
+                ) from None
         else:
             augment_pipeline = None
             if args.augment is not None:  # checked before anything is written
+                # Imported per command: `yolodex --help` and the light commands start without torch.
                 from backend.data.augment import load_pipeline_file
 
                 augment_pipeline = load_pipeline_file(args.augment, args.imgsz)
             config = TrainConfig(
-                data=str(args.data), size=args.size, imgsz=args.imgsz, epochs=args.epochs or 100,
-                batch_size=args.batch, time_minutes=args.time, weights=args.weights, lr=args.lr,
-                patience=args.patience if args.patience is not None else 30, device=args.device or "auto",
-                amp=False if args.no_amp else None, num_workers=args.workers, seed=args.seed,
-                min_samples=args.min_samples, compile=args.compile, augment_pipeline=augment_pipeline,
+                data=str(args.data),
+                size=args.size,
+                imgsz=args.imgsz,
+                epochs=args.epochs or 100,
+                batch_size=args.batch,
+                time_minutes=args.time,
+                weights=args.weights,
+                lr=args.lr,
+                patience=args.patience if args.patience is not None else 30,
+                device=args.device or "auto",
+                amp=False if args.no_amp else None,
+                num_workers=args.workers,
+                seed=args.seed,
+                min_samples=args.min_samples,
+                compile=args.compile,
+                augment_pipeline=augment_pipeline,
                 **({} if args.close_mosaic is None else {"close_mosaic": args.close_mosaic}),
                 checkpoint_minutes=args.checkpoint_minutes if args.checkpoint_minutes is not None else 5.0,
-            )  # fmt: skip
+            )
             out = args.out or get_settings().runs_dir / time.strftime(f"{args.size}-%Y%m%d-%H%M%S")
             result = train(config, out, processes=processes, gpus=bool(args.gpus), on_event=bar, on_log=on_log)
     finally:
@@ -238,6 +278,7 @@ def _print_estimate(args: argparse.Namespace, processes: int) -> None:
     or a cached probe's speed; `--measure-speed` probes when neither exists. Nothing when there is no measured speed
     (or several processes: their speed is not measured)."""
 
+    # Imported per command: `yolodex --help` and the light commands start without torch.
     from backend.settings import get_settings
     from backend.training import estimate
 
@@ -257,13 +298,19 @@ def _print_estimate(args: argparse.Namespace, processes: int) -> None:
     key = estimate.speed_key(size, imgsz, batch, device, amp)
     speed = estimate.measured_speed(settings.storage, settings.runs_dir, key)
     if speed is None and args.measure_speed:
-        print(f"measuring this machine's speed: {estimate.PROBE_STEPS} training steps of YOLO-NAS {size.upper()} at "
-              f"{imgsz} px, batch {batch}...", file=sys.stderr)  # fmt: skip
+        print(
+            f"measuring this machine's speed: {estimate.PROBE_STEPS} training steps of YOLO-NAS {size.upper()} at "
+            f"{imgsz} px, batch {batch}...",
+            file=sys.stderr,
+        )
         speed = estimate.measure_speed(settings.storage, key)
     train_images, val_images = estimate.version_images(data)
     if speed is None:
-        print("no time estimate: no earlier run with these settings and no speed measured on this machine "
-              "(--measure-speed measures it first)", file=sys.stderr)  # fmt: skip
+        print(
+            "no time estimate: no earlier run with these settings and no speed measured on this machine "
+            "(--measure-speed measures it first)",
+            file=sys.stderr,
+        )
     elif train_images:
         print(estimate.recommend(speed, train_images, val_images, batch, min_samples).text(), file=sys.stderr)
 
@@ -283,28 +330,42 @@ class _TrainProgress:
         if self.quiet:
             return
         if name == "train_start":
-            print(f"training on {data['device']} ({data['precision']}), {data['train_images']} train / "
-                  f"{data['val_images']} val images; start: {data['start']}", file=sys.stderr)  # fmt: skip
+            print(
+                f"training on {data['device']} ({data['precision']}), {data['train_images']} train / "
+                f"{data['val_images']} val images; start: {data['start']}",
+                file=sys.stderr,
+            )
             for note in data.get("notes") or []:
                 print(f"note: {note}", file=sys.stderr)
         elif name == "step":
             if self.bar is None:
                 self.bar = self.tqdm_class(
-                    total=data["steps_per_epoch"], initial=data["step"] - 1, desc=f"epoch {data['epoch'] + 1}",
-                    file=sys.stderr, leave=False, dynamic_ncols=True,
-                )  # fmt: skip
+                    total=data["steps_per_epoch"],
+                    initial=data["step"] - 1,
+                    desc=f"epoch {data['epoch'] + 1}",
+                    file=sys.stderr,
+                    leave=False,
+                    dynamic_ncols=True,
+                )
             self.bar.update(1)
             self.bar.set_postfix(
-                loss=f"{data['loss']:.3f}", cls=f"{data['loss_cls']:.3f}", iou=f"{data['loss_iou']:.3f}",
-                dfl=f"{data['loss_dfl']:.3f}", lr=f"{data['lr']:.2e}", img_s=f"{data['images_per_s']:.1f}",
-            )  # fmt: skip
+                loss=f"{data['loss']:.3f}",
+                cls=f"{data['loss_cls']:.3f}",
+                iou=f"{data['loss_iou']:.3f}",
+                dfl=f"{data['loss_dfl']:.3f}",
+                lr=f"{data['lr']:.2e}",
+                img_s=f"{data['images_per_s']:.1f}",
+            )
         elif name == "epoch":
             self.close()
             val = data.get("val") or {}
             train = data.get("train") or {}
             shown = f"mAP50-95 {val.get('mAP50-95')}, mAP50 {val.get('mAP50')}" if val else "not evaluated"
-            print(f"epoch {data['epoch'] + 1}: loss {train.get('loss', float('nan')):.4f}, {shown}, "
-                  f"best {data['best_map']:.4f}, {data['elapsed_s']:.0f} s", file=sys.stderr)  # fmt: skip
+            print(
+                f"epoch {data['epoch'] + 1}: loss {train.get('loss', float('nan')):.4f}, {shown}, "
+                f"best {data['best_map']:.4f}, {data['elapsed_s']:.0f} s",
+                file=sys.stderr,
+            )
         elif name == "early_stop":
             print(f"early stop: no better mAP50-95 for {data['patience']} epochs", file=sys.stderr)
 
@@ -315,6 +376,7 @@ class _TrainProgress:
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
+    # Imported per command: `yolodex --help` and the light commands start without torch.
     from backend.run_evaluation import evaluate_run
 
     with _ProgressBar("eval", "img", args.json) as bar:
@@ -333,15 +395,23 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
 
 def cmd_quantize(args: argparse.Namespace) -> None:
+    # Imported per command: `yolodex --help` and the light commands start without torch.
     from backend.quantization.pipeline import QuantizeOptions, quantize_run
     from backend.runtimes import runtime_label
 
     options = QuantizeOptions(
-        method=args.method, calibration=args.calibration, calib_images=args.calib, budget=args.budget,
-        compare_calibrations=not args.no_compare, scan_images=args.scan_images, qat_epochs=args.qat_epochs,
-        threads=args.threads, data=str(args.data) if args.data else None, imgsz=args.imgsz,
+        method=args.method,
+        calibration=args.calibration,
+        calib_images=args.calib,
+        budget=args.budget,
+        compare_calibrations=not args.no_compare,
+        scan_images=args.scan_images,
+        qat_epochs=args.qat_epochs,
+        threads=args.threads,
+        data=str(args.data) if args.data else None,
+        imgsz=args.imgsz,
         openvino_ir=args.format == "openvino",
-    )  # fmt: skip
+    )
 
     def progress(name: str, **data: Any) -> None:
         if args.json or args.quiet:
@@ -351,8 +421,11 @@ def cmd_quantize(args: argparse.Namespace) -> None:
         elif name == "scan" and (data["done"] % 10 == 0 or data["done"] == data["total"]):
             print(f"  sensitivity scan {data['done']}/{data['total']}", file=sys.stderr, flush=True)
         elif name == "policy":
-            print(f"  {data['float_layers']} layers in float: mAP50-95 {data['map']:.4f} (FP32 {data['fp32_map']:.4f})",
-                  file=sys.stderr, flush=True)  # fmt: skip
+            print(
+                f"  {data['float_layers']} layers in float: mAP50-95 {data['map']:.4f} (FP32 {data['fp32_map']:.4f})",
+                file=sys.stderr,
+                flush=True,
+            )
         elif name == "epoch":
             print(f"  QAT epoch {data['epoch'] + 1}: {data.get('val') or ''}", file=sys.stderr, flush=True)
 
@@ -376,9 +449,13 @@ def cmd_quantize(args: argparse.Namespace) -> None:
         )
     for runtime in report["runtimes"]:
         on = {name: row["runtimes"][runtime] for name, row in report["models"].items()}
-        lines.append(f"  {runtime_label(runtime)}: " + ", ".join(
-            f"{name} mAP50-95 {_fmt(item.get('mAP50-95'))} p50 {item['latency_ms_p50']:.1f} ms"
-            for name, item in on.items()))  # fmt: skip
+        lines.append(
+            f"  {runtime_label(runtime)}: "
+            + ", ".join(
+                f"{name} mAP50-95 {_fmt(item.get('mAP50-95'))} p50 {item['latency_ms_p50']:.1f} ms"
+                for name, item in on.items()
+            )
+        )
     for fallback in report["models"][report["chosen"]].get("float_fallbacks", []):
         lines.append(f"  ran in float (no int8 kernel here): {fallback['node']} ({fallback['kernel']})")
     lines += [f"  not measured: {item}" for item in report["not_measured"]]
@@ -389,6 +466,7 @@ def cmd_quantize(args: argparse.Namespace) -> None:
 
 
 def cmd_import(args: argparse.Namespace) -> None:
+    # Imported per command: `yolodex --help` and the light commands start without torch.
     from backend.ingest.service import import_into
 
     with _ProgressBar("import", "file", args.json) as bar:
@@ -402,6 +480,7 @@ def cmd_import(args: argparse.Namespace) -> None:
 
 
 def cmd_crawl(args: argparse.Namespace) -> None:
+    # Imported per command: `yolodex --help` and the light commands start without torch.
     from backend.ingest.crawl import CrawlSettings
     from backend.ingest.service import crawl_into
 
@@ -413,8 +492,16 @@ def cmd_crawl(args: argparse.Namespace) -> None:
     settings = CrawlSettings(allow_private_addresses=args.allow_private)
     unit = "hit" if args.query is not None else "url" if urls is not None else "page"
     with _ProgressBar("crawl", unit, args.json) as bar:
-        report = crawl_into(project=args.project, query=args.query, limit=args.limit, urls=urls, page=args.page,
-                            depth=args.depth, crawl_settings=settings, on_progress=bar)  # fmt: skip
+        report = crawl_into(
+            project=args.project,
+            query=args.query,
+            limit=args.limit,
+            urls=urls,
+            page=args.page,
+            depth=args.depth,
+            crawl_settings=settings,
+            on_progress=bar,
+        )
     text = (
         f"{report['project']}: kept {report['kept']} of {report['fetched']} fetched, stored {report['stored']}, "
         f"{len(report['skipped'])} skipped, {len(report['rejected'])} rejected, {report['pages_visited']} pages"
@@ -423,6 +510,7 @@ def cmd_crawl(args: argparse.Namespace) -> None:
 
 
 def cmd_dataset(args: argparse.Namespace) -> None:
+    # Imported per command: `yolodex --help` and the light commands start without torch.
     from backend.ingest import service
 
     if args.action == "freeze":
@@ -442,6 +530,7 @@ def cmd_dataset(args: argparse.Namespace) -> None:
 
 
 def cmd_project(args: argparse.Namespace) -> None:
+    # Imported per command: `yolodex --help` and the light commands start without torch.
     from backend.ingest import service
 
     names = [name.strip() for name in (args.classes or "").split(",") if name.strip()]
@@ -450,6 +539,7 @@ def cmd_project(args: argparse.Namespace) -> None:
 
 
 def cmd_classes(args: argparse.Namespace) -> None:
+    # Imported per command: `yolodex --help` and the light commands start without torch.
     from backend.ingest import service
     from backend.store.classes import KEEP
 
@@ -459,13 +549,16 @@ def cmd_classes(args: argparse.Namespace) -> None:
         for row in report["classes"]:
             number = "-" if row["dex_number"] is None else row["dex_number"]
             described = f": {row['description']}" if row["description"] else ""
-            lines.append(f"  {row['index']}: {row['name']} (dex #{number}, colour {row['colour'] or 'default'}, "
-                         f"{row['boxes']} boxes){described}")  # fmt: skip
+            lines.append(
+                f"  {row['index']}: {row['name']} (dex #{number}, colour {row['colour'] or 'default'}, "
+                f"{row['boxes']} boxes){described}"
+            )
         _print(report, args.json, "\n".join(lines))
         return
     if args.action == "add":
-        report = service.add_class(args.project, args.name, dex_number=args.dex_number,
-                                   description=args.description or "", colour=args.colour)  # fmt: skip
+        report = service.add_class(
+            args.project, args.name, dex_number=args.dex_number, description=args.description or "", colour=args.colour
+        )
     elif args.action == "rename":
         report = service.rename_class(args.project, args.name, args.new_name)
     elif args.action == "describe":
@@ -480,6 +573,7 @@ def cmd_classes(args: argparse.Namespace) -> None:
 
 
 def cmd_labelstudio(args: argparse.Namespace) -> int:
+    # Imported per command: `yolodex --help` and the light commands start without torch.
     from backend.labeling import server
 
     flags = [
@@ -491,6 +585,7 @@ def cmd_labelstudio(args: argparse.Namespace) -> int:
 
 
 def cmd_label(args: argparse.Namespace) -> None:
+    # Imported per command: `yolodex --help` and the light commands start without torch.
     from backend.labeling import service
 
     if args.action == "sync":
@@ -590,9 +685,11 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--compile", action="store_true", help="torch.compile the model (kernels cached in storage/)")
     train.add_argument("--close-mosaic", type=float, help="the last fraction of the run trains without mosaic")
     train.add_argument(
-        "--augment", type=Path, metavar="FILE",
+        "--augment",
+        type=Path,
+        metavar="FILE",
         help="augmentation pipeline, JSON or YAML in albumentations' A.to_dict form (default: the recipe's)",
-    )  # fmt: skip
+    )
     train.add_argument("--gpus", type=int, help="train on N GPUs (DDP, one process each; torchrun)")
     train.add_argument("--nproc", type=int, help="N processes on --device (DDP; gloo on a CPU, for testing)")
     train.add_argument("--checkpoint-minutes", type=float, help="also save last.pt mid-epoch this often (5)")
@@ -626,8 +723,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     quantize = commands.add_parser("quantize", help="INT8 (onnxruntime PTQ) of a run, with a FP32-vs-INT8 report")
     quantize.add_argument("run", type=Path, help="a training run folder")
-    quantize.add_argument("--method", choices=["auto", "ptq", "qat"], default="auto",
-                          help="auto: selective PTQ, then QAT only if it misses the budget")  # fmt: skip
+    quantize.add_argument(
+        "--method",
+        choices=["auto", "ptq", "qat"],
+        default="auto",
+        help="auto: selective PTQ, then QAT only if it misses the budget",
+    )
     quantize.add_argument("--calib", type=int, default=64, help="calibration images from the training split")
     quantize.add_argument("--calibration", choices=["percentile", "minmax", "entropy"], default="percentile")
     quantize.add_argument("--budget", type=float, default=0.5, help="largest mAP50-95 drop, in points")
@@ -638,8 +739,12 @@ def build_parser() -> argparse.ArgumentParser:
     quantize.add_argument("--imgsz", type=int, help="input size to quantize and measure at (default: the run's)")
     quantize.add_argument("--threads", type=int, default=2, help="runtime threads for evaluation and latency")
     quantize.add_argument("--out", type=Path, help="output folder (default: the run folder)")
-    quantize.add_argument("--format", choices=["onnx", "openvino"], default="onnx",
-                          help="openvino: also write the INT8 model as OpenVINO IR (model_int8.xml/.bin)")  # fmt: skip
+    quantize.add_argument(
+        "--format",
+        choices=["onnx", "openvino"],
+        default="onnx",
+        help="openvino: also write the INT8 model as OpenVINO IR (model_int8.xml/.bin)",
+    )
     quantize.add_argument("--quiet", action="store_true")
     quantize.add_argument("--json", action="store_true")
     quantize.set_defaults(handler=cmd_quantize)

@@ -103,6 +103,7 @@ class Predictor:
     def _from_onnx(
         cls, path: Path, postprocess: PostprocessConfig, threads: int | None, runtime: str, compute: str
     ) -> Predictor:
+        # Imported here: onnx only when an ONNX model is opened; a checkpoint's Predictor never loads it.
         from backend.export.onnx_export import read_onnx_metadata
 
         if not path.is_file():

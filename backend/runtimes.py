@@ -164,6 +164,7 @@ def open_onnx(
 
 
 def _open_onnxruntime(path: str | Path | bytes, threads: int | None) -> OnnxSession:
+    # Imported here: each runtime loads only when a model is opened in it (about a second each).
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -218,6 +219,7 @@ def save_openvino_ir(onnx_path: str | Path, xml_path: str | Path) -> Path:
     problem = openvino_problem()
     if problem is not None:
         raise RuntimeUnavailable(problem)
+    # Imported here: OpenVINO is optional here and slow to import: loaded only when a model is opened in it.
     import openvino
 
     xml_path = Path(xml_path)

@@ -241,8 +241,13 @@ def test_qat_finetune_lowers_the_training_loss(qat_model, splits):
     empty = train.__class__([], train.class_names, train.category_ids, train.report)
     before = _mean_loss(model, train)
     events = []
-    result = qat_finetune(model, train, empty, _tiny_config(epochs=2, lr=1e-3, min_samples=8),
-                          on_event=lambda name, **data: events.append((name, data)))  # fmt: skip
+    result = qat_finetune(
+        model,
+        train,
+        empty,
+        _tiny_config(epochs=2, lr=1e-3, min_samples=8),
+        on_event=lambda name, **data: events.append((name, data)),
+    )
     after = _mean_loss(model, train)
     assert result["stopped"] == "epochs" and result["epochs_done"] == 2
     assert result["validation"].startswith("skipped") and result["best_map"] is None
@@ -294,15 +299,19 @@ def test_fake_quantization_and_qat_keep_the_detectors_accuracy(detecting_run):
     images = EvalImages(splits["val"], DETECTOR_IMGSZ)
     float_metrics = _map50(float_model.eval(), images)
     assert float_metrics["mAP50"] >= DETECTOR_MIN_MAP50
-    calibration = [torch.from_numpy(item["images"]) for item in iter(
-        CalibrationImages(splits["train"].records, DETECTOR_IMGSZ, count=8).get_next, None)]  # fmt: skip
+    calibration = [
+        torch.from_numpy(item["images"])
+        for item in iter(CalibrationImages(splits["train"].records, DETECTOR_IMGSZ, count=8).get_next, None)
+    ]
     model = prepare_qat(float_model, calibration, default_float_modules(float_model))
     fake_quant = _map50(model, images)
     result = qat_finetune(model, splits["train"], splits["val"], qat_config(train_config, epochs=2, num_workers=0))
     after = _map50(model, images)
-    print(f"mAP50 float {float_metrics['mAP50']:.3f}, fake-quant PTQ {fake_quant['mAP50']:.3f}, QAT "
-          f"{after['mAP50']:.3f}; mAP50-95 {float_metrics['mAP50-95']:.3f} / {fake_quant['mAP50-95']:.3f} / "
-          f"{after['mAP50-95']:.3f}")  # fmt: skip
+    print(
+        f"mAP50 float {float_metrics['mAP50']:.3f}, fake-quant PTQ {fake_quant['mAP50']:.3f}, QAT "
+        f"{after['mAP50']:.3f}; mAP50-95 {float_metrics['mAP50-95']:.3f} / {fake_quant['mAP50-95']:.3f} / "
+        f"{after['mAP50-95']:.3f}"
+    )
     assert fake_quant["mAP50"] >= float_metrics["mAP50"] - MAX_MAP50_DROP, (float_metrics, fake_quant)
     assert after["mAP50"] >= float_metrics["mAP50"] - MAX_MAP50_DROP, (float_metrics, after)
     assert result["stopped"] == "epochs" and result["epochs_done"] == 2 and len(result["history"]) == 2

@@ -664,6 +664,7 @@ def prelabel(
         ValueError: the project was never synced, or the model shares no class with it.
         LabelStudioError: Label Studio is down or refuses the token.
     """
+    # Imported here: torch (2-3 s) only when pre-labeling runs; the Label page imports this module.
     from backend.inference import Predictor
     from backend.processing import PostprocessConfig
     from backend.training.trainer import run_checkpoint

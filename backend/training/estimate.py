@@ -77,6 +77,7 @@ def device_type(device: str) -> str:
 
 def speed_key(size: str, imgsz: int, batch: int, device: str, amp: bool | None = None) -> SpeedKey:
     """The key of the settings a run with `device` ("auto", "cpu", "cuda", ...) and `amp` trains with here."""
+    # Imported here: torch (2-3 s to import) only when a speed is measured or keyed: the Train page imports this module.
     from backend.training.engine import autocast_dtype, resolve_device
 
     resolved = resolve_device(device)
@@ -187,6 +188,7 @@ def cpu_model() -> str:
 
 
 def _probe_id(key: SpeedKey) -> str:
+    # Imported here: torch only when a speed is measured or keyed: the Train page imports this module.
     import torch
 
     machine = cpu_model()
@@ -215,6 +217,7 @@ def measure_speed(storage: str | Path, key: SpeedKey, num_classes: int = 1, step
     """Times `steps` training steps (the first untimed) of YOLO-NAS `key.size` on random images and boxes, and an
     evaluation forward pass, on `key.device` in `key.precision`; caches and returns the speed. About 20 s for S at
     320 px, batch 16, on a 2-core CPU in float32."""
+    # Imported here: torch and the training modules only when a speed is measured: the Train page imports this module.
     import torch
 
     from backend.files import atomic_write_json
@@ -272,6 +275,7 @@ def measure_speed(storage: str | Path, key: SpeedKey, num_classes: int = 1, step
 
 def _random_batch(key: SpeedKey, num_classes: int, generator: Any) -> dict[str, Any]:
     """A batch as `collate_detections` makes it: 3 boxes an image, 1/8 to 1/2 of the side."""
+    # Imported here: torch only when a speed is measured: the Train page imports this module.
     import torch
 
     count, side = key.batch, key.imgsz
@@ -285,6 +289,7 @@ def _random_batch(key: SpeedKey, num_classes: int, generator: Any) -> dict[str, 
 
 def _time_evaluation(model: Any, batch: dict[str, Any], device: Any, dtype: Any) -> float:
     """Validation images per second of the model's forward pass (one warm-up pass, one timed)."""
+    # Imported here: torch only when a speed is measured: the Train page imports this module.
     import torch
 
     from backend.training.engine import images_to_input, use_channels_last

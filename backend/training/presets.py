@@ -167,6 +167,7 @@ def coco_download_problem(size: str, timeout: float = 3.0) -> str | None:
     """Why the official COCO weights of `size` cannot be downloaded from here, None when their host answers: a HEAD
     request (redirects followed) with a short timeout, so a page can tell before anything is queued. No DNS, a
     refused or timed-out connection, or an HTTP error status (the host has answered 403) are problems."""
+    # Imported here: requests only when a start-weights URL is checked.
     import requests
 
     url = OFFICIAL_COCO_WEIGHTS[size].url
@@ -206,6 +207,7 @@ def check_start_weights(weights: str | None, size: str, weights_dir: Path, downl
         return  # an earlier run's folder: offered only when it holds trained weights of this size
     if not path.is_file():
         raise ValueError(f"there is no checkpoint file at {path}: give the full path of a .pt file on this machine")
+    # Imported here: torch only when a start-weights file is checked; the Train page imports this module.
     from backend.models.checkpoints import (
         CheckpointError,
         extract_state_dict,
@@ -441,6 +443,7 @@ class VersionChoice:
 
 def frozen_versions(session: Any, storage: Path, project: str) -> list[VersionChoice]:
     """The project's frozen dataset versions whose folder is on disk, newest first."""
+    # Imported here: the store only for callers with a database session (the CLI's train has none).
     from sqlalchemy import select
 
     from backend.store.models import DatasetVersion, Project

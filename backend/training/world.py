@@ -181,6 +181,7 @@ class CpuSyncBatchNorm(nn.BatchNorm2d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, C, H, W) → (B, C, H, W)
         if not (self.training and dist.is_initialized() and dist.get_world_size() > 1):
             return super().forward(x)
+        # Imported here: torch.distributed.nn only in a multi-process run, where it is needed.
         from torch.distributed.nn.functional import all_reduce as differentiable_all_reduce
 
         def all_reduce(tensor: torch.Tensor, op: Any) -> torch.Tensor:  # op: a dist.ReduceOp member
