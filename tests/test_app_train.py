@@ -19,8 +19,7 @@ from backend.jobs import api as jobs
 from backend.models.download import COCO_WEIGHTS_LICENCE_NOTE
 from backend.settings import Settings
 from backend.training import presets
-from backend.training.config import TrainConfig
-from backend.training.config import LOSS_TERMS
+from backend.training.config import LOSS_TERMS, TrainConfig
 from backend.training.trainer import fit
 
 PAGE = str(Path(__file__).resolve().parents[1] / "pages" / "train.py")
