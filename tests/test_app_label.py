@@ -357,7 +357,7 @@ def test_coco_is_a_start_only_when_its_weights_are_on_disk(storage: Path):
 def trained_starter_run(folder: Path) -> Path:
     """A run of the starter's classes with trained (evaluated) weights, as the pre-label model list offers."""
     folder.mkdir(parents=True)
-    (folder / "config.json").write_text(json.dumps({"class_names": ["circle", "square", "triangle"]}))
+    (folder / "config.json").write_text(json.dumps({"class_names": ["circle", "square", "triangle"], "train": {}}))
     (folder / "best.pt").write_bytes(b"")
     return folder
 

@@ -316,7 +316,11 @@ def test_a_newcomers_first_hour_from_their_own_photos_to_a_pokedex_result(
             no_exception()
             shot("train_done")
 
-            # 9b. Continue training the finished run for one more epoch, in its own folder.
+            # 9b. Continue training the finished run for one more epoch, in its own folder. First the whole page
+            # follows the job's end (Cancel off, its rerun over): a value typed while that rerun is starting can be
+            # replaced by the one the rerun began with.
+            expect(page.get_by_role("button", name="Cancel", exact=True)).to_be_disabled(timeout=30_000)
+            wait_for_app(page)
             more_minutes = page.get_by_label("More minutes (0 = no time limit)")
             more_minutes.fill("0")
             more_minutes.press("Enter")
