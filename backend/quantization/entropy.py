@@ -28,6 +28,7 @@ operations on the same 1-D arrays): the chosen threshold is the one onnxruntime 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -189,11 +190,11 @@ def _screen(
 
     With N the total count (= the sum of smoothed p), S_q the sum of smoothed q, p~ and q~ the smoothed values:
     KL = sum_j p~_j/N log(p~_j/N) - sum_j p~_j/N log(q~_j/S_q). q~ is constant on each group and on the tail, so the
-    second sum only needs each group's p~ total; the first needs sum (p - e) log(p - e) over the window's non-zero
-    p with a per-candidate e (the smoothing shift), which is expanded in powers of e around prefix sums of
-    p log p, log p, 1/p, 1/p**2, 1/p**3 (e / p <= e << 1). The window's two end bins carry the outliers, so they
-    are taken out of the prefix sums and added exactly. Work is O(candidates x num_quantized_bins), not
-    O(candidates x num_bins).
+    second sum only needs each group's p~ total (`_cross_part`); the first needs sum (p - e) log(p - e) over the
+    window's non-zero p with a per-candidate e (the smoothing shift), which is expanded in powers of e around prefix
+    sums of p log p, log p, 1/p, 1/p**2, 1/p**3 (e / p <= e << 1; `_entropy_part`). The window's two end bins carry
+    the outliers, so they are taken out of the prefix sums and added exactly. Work is O(candidates x
+    num_quantized_bins), not O(candidates x num_bins).
 
     Args:
         counts: (B,) int64 histogram counts.
@@ -202,101 +203,168 @@ def _screen(
     Returns:
         (C,) KL (inf where onnxruntime's smoothing gives up: p or q all zero) and (C,) error bounds.
     """
-    eps = SMOOTHING_EPS
-    quantized = num_quantized_bins
     total = int(counts.sum())
     if total == 0:  # p is all zero in every window
         return np.full(starts.size, np.inf), np.zeros(starts.size)
-
-    def prefix(values: np.ndarray) -> np.ndarray:
-        return np.concatenate([np.zeros(1, dtype=values.dtype), np.cumsum(values)])
-
-    values = counts.astype(np.float64)
-    nonzero = counts != 0
-    safe = np.where(nonzero, values, 1.0)
-    count_sum = prefix(counts)  # exact int64
-    nonzero_sum = prefix(nonzero.astype(np.int64))
-    # Taylor coefficients of f(v - e) = v log v - e (log v + 1) + e^2 / (2 v) + e^3 / (6 v^2) + e^4 / (12 v^3) + ...
-    plogp_sum = prefix(np.where(nonzero, values * np.log(safe), 0.0))
-    logp_sum = prefix(np.where(nonzero, np.log(safe), 0.0))
-    inv1_sum = prefix(np.where(nonzero, 1.0 / safe, 0.0))
-    inv2_sum = prefix(np.where(nonzero, 1.0 / safe**2, 0.0))
-    inv3_sum = prefix(np.where(nonzero, 1.0 / safe**3, 0.0))
-
-    lengths = ends - starts  # (C,) >= 2 because num_quantized_bins >= 2
-    merged = lengths // quantized  # (C,) bins per group, >= 1
-    covered_end = starts + quantized * merged  # (C,) first tail bin
-    tail_length = lengths - quantized * merged  # (C,)
-    has_tail = tail_length > 0
-    left = count_sum[starts]  # outliers folded into the first bin
-    right = total - count_sum[ends]  # and into the last
-    first = counts[starts] + left  # (C,) p[0]
-    last = counts[ends - 1] + right  # (C,) p[-1]
-    first_changed = (first != 0).astype(np.int64) - nonzero[starts]
-    last_changed = (last != 0).astype(np.int64) - nonzero[ends - 1]
-
-    # Smoothing of p: e_p taken from each non-zero bin, eps given to each zero bin.
-    p_nonzeros = nonzero_sum[ends] - nonzero_sum[starts] + first_changed + last_changed
-    p_zeros = lengths - p_nonzeros
-    shift = eps * p_zeros / p_nonzeros  # p_nonzeros >= 1 since total > 0
-
-    lo, hi = starts + 1, ends - 1  # interior bins, ends excluded
-    inner_nonzeros = nonzero_sum[hi] - nonzero_sum[lo]
-    plogp = (
-        (plogp_sum[hi] - plogp_sum[lo])
-        - shift * ((logp_sum[hi] - logp_sum[lo]) + inner_nonzeros)
-        + shift**2 * (inv1_sum[hi] - inv1_sum[lo]) / 2
-        + shift**3 * (inv2_sum[hi] - inv2_sum[lo]) / 6
-        + shift**4 * (inv3_sum[hi] - inv3_sum[lo]) / 12
-    )
-    for end_value in (first, last):
-        smoothed_end = np.maximum(end_value - shift, 1e-300)
-        plogp += np.where(end_value != 0, smoothed_end * np.log(smoothed_end), 0.0)
-    # Remainder of the series: sum_{k>=5} e^k / (k (k - 1) v^(k-1)) <= e^5 / (20 (1 - e)) per bin (v >= 1).
-    series_error = inner_nonzeros * shift**5 / (20 * np.maximum(1 - shift, 1e-12))
-    entropy_part = (plogp + p_zeros * eps * np.log(eps)) / total - np.log(total)  # sum p~/N log(p~/N)
-
-    # Groups: group k of a window covers bins [start + k m, start + (k + 1) m).
-    group_starts = starts[:, None] + merged[:, None] * np.arange(quantized)  # (C, Q)
-    group_ends = group_starts + merged[:, None]
-    group_raw = count_sum[group_ends] - count_sum[group_starts]  # (C, Q) window counts without outliers
-    tail_raw = count_sum[ends] - count_sum[covered_end]  # (C,)
-    group_quantized = group_raw.copy()
-    group_quantized[:, -1] += tail_raw  # onnxruntime merges the tail into the last quantized bin...
-    group_nonzeros = nonzero_sum[group_ends] - nonzero_sum[group_starts]  # (C, Q) non-zero p per group
-    group_nonzeros[:, 0] += first_changed
-    group_nonzeros[:, -1] += np.where(has_tail, 0, last_changed)
-    group_p = group_raw.astype(np.float64)
-    group_p[:, 0] += left
-    group_p[:, -1] += np.where(has_tail, 0, right)
-    tail_p = tail_raw + np.where(has_tail, right, 0)
-    tail_nonzeros = nonzero_sum[ends] - nonzero_sum[covered_end] + np.where(has_tail, last_changed, 0)
-
-    # q per group: int64 / int64 in float64, truncated (onnxruntime writes it into an int64 array).
-    spread = np.zeros(group_quantized.shape, dtype=np.int64)
-    has_norm = group_nonzeros != 0
-    spread[has_norm] = (group_quantized[has_norm] / group_nonzeros[has_norm]).astype(np.int64)
-    # ...but leaves the tail's q at zero.
-    q_zeros = merged * np.count_nonzero(spread == 0, axis=1) + tail_length
-    q_nonzeros = lengths - q_zeros
-    q_valid = q_nonzeros > 0
-    q_shift = eps * q_zeros / np.maximum(q_nonzeros, 1)
-    q_smooth = np.where(spread != 0, spread - q_shift[:, None], eps)  # (C, Q)
-    q_total = merged * spread.sum(axis=1).astype(np.float64)  # smoothing keeps the sum
-
-    group_p_smooth = group_p - shift[:, None] * group_nonzeros + eps * (merged[:, None] - group_nonzeros)
-    tail_p_smooth = tail_p - shift * tail_nonzeros + eps * (tail_length - tail_nonzeros)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        cross_part = ((group_p_smooth * np.log(q_smooth)).sum(axis=1) + tail_p_smooth * np.log(eps)) / total - np.log(
-            q_total
-        )  # sum p~/N log(q~/S_q)
-
+    sums = _PrefixSums.of(counts)
+    windows = _Windows.of(counts, sums, starts, ends, num_quantized_bins, total)
+    entropy_part, series_error = _entropy_part(sums, windows, total)
+    cross_part, q_valid = _cross_part(sums, windows, num_quantized_bins, total)
     kl = entropy_part - cross_part
     # |sum of terms| <= H(p) + cross entropy = -(entropy_part + cross_part); both parts are <= 0.
     bounds = _SCREEN_TOLERANCE * (1.0 - entropy_part - cross_part) + series_error / total
     kl[~q_valid] = np.inf
     bounds[~q_valid] = 0.0
     return kl, bounds
+
+
+def _prefix(values: np.ndarray) -> np.ndarray:
+    """(B + 1,) sums of the first 0, 1, ..., B values: the sum over bins [a, b) is prefix[b] - prefix[a]."""
+    return np.concatenate([np.zeros(1, dtype=values.dtype), np.cumsum(values)])
+
+
+@dataclass(frozen=True)
+class _PrefixSums:
+    """Prefix sums (`_prefix`, each (B + 1,)) of a histogram's counts and of the Taylor coefficients of
+    f(v - e) = v log v - e (log v + 1) + e^2 / (2 v) + e^3 / (6 v^2) + e^4 / (12 v^3) + ... over its non-zero bins."""
+
+    count: np.ndarray  # exact int64
+    nonzero: np.ndarray  # non-zero bins
+    plogp: np.ndarray
+    logp: np.ndarray
+    inv1: np.ndarray
+    inv2: np.ndarray
+    inv3: np.ndarray
+
+    @classmethod
+    def of(cls, counts: np.ndarray) -> _PrefixSums:
+        values = counts.astype(np.float64)
+        nonzero = counts != 0
+        safe = np.where(nonzero, values, 1.0)
+        return cls(
+            count=_prefix(counts),
+            nonzero=_prefix(nonzero.astype(np.int64)),
+            plogp=_prefix(np.where(nonzero, values * np.log(safe), 0.0)),
+            logp=_prefix(np.where(nonzero, np.log(safe), 0.0)),
+            inv1=_prefix(np.where(nonzero, 1.0 / safe, 0.0)),
+            inv2=_prefix(np.where(nonzero, 1.0 / safe**2, 0.0)),
+            inv3=_prefix(np.where(nonzero, 1.0 / safe**3, 0.0)),
+        )
+
+
+@dataclass(frozen=True)
+class _Windows:
+    """Every candidate window's layout and p (each field (C,)): its groups of `merged` bins and tail, the outliers
+    folded into its end bins, and p's smoothing (e taken from each non-zero bin, eps given to each zero bin)."""
+
+    starts: np.ndarray
+    ends: np.ndarray
+    lengths: np.ndarray  # >= 2 because num_quantized_bins >= 2
+    merged: np.ndarray  # bins per group, >= 1
+    covered_end: np.ndarray  # first tail bin
+    tail_length: np.ndarray
+    has_tail: np.ndarray
+    left: np.ndarray  # outliers folded into the first bin
+    right: np.ndarray  # and into the last
+    first: np.ndarray  # p[0]
+    last: np.ndarray  # p[-1]
+    first_changed: np.ndarray  # how folding changed the count of non-zero bins at each end (-1, 0 or 1)
+    last_changed: np.ndarray
+    p_zeros: np.ndarray
+    shift: np.ndarray  # e: taken from each non-zero p
+
+    @classmethod
+    def of(
+        cls, counts: np.ndarray, sums: _PrefixSums, starts: np.ndarray, ends: np.ndarray, quantized: int, total: int
+    ) -> _Windows:
+        nonzero = counts != 0
+        lengths = ends - starts
+        merged = lengths // quantized
+        tail_length = lengths - quantized * merged
+        left = sums.count[starts]
+        right = total - sums.count[ends]
+        first = counts[starts] + left
+        last = counts[ends - 1] + right
+        first_changed = (first != 0).astype(np.int64) - nonzero[starts]
+        last_changed = (last != 0).astype(np.int64) - nonzero[ends - 1]
+        p_nonzeros = sums.nonzero[ends] - sums.nonzero[starts] + first_changed + last_changed
+        p_zeros = lengths - p_nonzeros
+        return cls(
+            starts=starts,
+            ends=ends,
+            lengths=lengths,
+            merged=merged,
+            covered_end=starts + quantized * merged,
+            tail_length=tail_length,
+            has_tail=tail_length > 0,
+            left=left,
+            right=right,
+            first=first,
+            last=last,
+            first_changed=first_changed,
+            last_changed=last_changed,
+            p_zeros=p_zeros,
+            shift=SMOOTHING_EPS * p_zeros / p_nonzeros,  # p_nonzeros >= 1 since total > 0
+        )
+
+
+def _entropy_part(sums: _PrefixSums, windows: _Windows, total: int) -> tuple[np.ndarray, np.ndarray]:
+    """(C,) sum p~/N log(p~/N) of each window, and (C,) the error bound of its truncated series (before / N)."""
+    eps, shift = SMOOTHING_EPS, windows.shift
+    lo, hi = windows.starts + 1, windows.ends - 1  # interior bins, ends excluded
+    inner_nonzeros = sums.nonzero[hi] - sums.nonzero[lo]
+    plogp = (
+        (sums.plogp[hi] - sums.plogp[lo])
+        - shift * ((sums.logp[hi] - sums.logp[lo]) + inner_nonzeros)
+        + shift**2 * (sums.inv1[hi] - sums.inv1[lo]) / 2
+        + shift**3 * (sums.inv2[hi] - sums.inv2[lo]) / 6
+        + shift**4 * (sums.inv3[hi] - sums.inv3[lo]) / 12
+    )
+    for end_value in (windows.first, windows.last):
+        smoothed_end = np.maximum(end_value - shift, 1e-300)
+        plogp += np.where(end_value != 0, smoothed_end * np.log(smoothed_end), 0.0)
+    # Remainder of the series: sum_{k>=5} e^k / (k (k - 1) v^(k-1)) <= e^5 / (20 (1 - e)) per bin (v >= 1).
+    series_error = inner_nonzeros * shift**5 / (20 * np.maximum(1 - shift, 1e-12))
+    entropy_part = (plogp + windows.p_zeros * eps * np.log(eps)) / total - np.log(total)
+    return entropy_part, series_error
+
+
+def _cross_part(sums: _PrefixSums, windows: _Windows, quantized: int, total: int) -> tuple[np.ndarray, np.ndarray]:
+    """(C,) sum p~/N log(q~/S_q) of each window, and (C,) whether its q has a non-zero bin (else KL is inf)."""
+    eps, w = SMOOTHING_EPS, windows
+    # Groups: group k of a window covers bins [start + k m, start + (k + 1) m).
+    group_starts = w.starts[:, None] + w.merged[:, None] * np.arange(quantized)  # (C, Q)
+    group_ends = group_starts + w.merged[:, None]
+    group_raw = sums.count[group_ends] - sums.count[group_starts]  # (C, Q) window counts without outliers
+    tail_raw = sums.count[w.ends] - sums.count[w.covered_end]  # (C,)
+    group_quantized = group_raw.copy()
+    group_quantized[:, -1] += tail_raw  # onnxruntime merges the tail into the last quantized bin...
+    group_nonzeros = sums.nonzero[group_ends] - sums.nonzero[group_starts]  # (C, Q) non-zero p per group
+    group_nonzeros[:, 0] += w.first_changed
+    group_nonzeros[:, -1] += np.where(w.has_tail, 0, w.last_changed)
+    group_p = group_raw.astype(np.float64)
+    group_p[:, 0] += w.left
+    group_p[:, -1] += np.where(w.has_tail, 0, w.right)
+    tail_p = tail_raw + np.where(w.has_tail, w.right, 0)
+    tail_nonzeros = sums.nonzero[w.ends] - sums.nonzero[w.covered_end] + np.where(w.has_tail, w.last_changed, 0)
+
+    # q per group: int64 / int64 in float64, truncated (onnxruntime writes it into an int64 array).
+    spread = np.zeros(group_quantized.shape, dtype=np.int64)
+    has_norm = group_nonzeros != 0
+    spread[has_norm] = (group_quantized[has_norm] / group_nonzeros[has_norm]).astype(np.int64)
+    # ...but leaves the tail's q at zero.
+    q_zeros = w.merged * np.count_nonzero(spread == 0, axis=1) + w.tail_length
+    q_nonzeros = w.lengths - q_zeros
+    q_shift = eps * q_zeros / np.maximum(q_nonzeros, 1)
+    q_smooth = np.where(spread != 0, spread - q_shift[:, None], eps)  # (C, Q)
+    q_total = w.merged * spread.sum(axis=1).astype(np.float64)  # smoothing keeps the sum
+
+    group_p_smooth = group_p - w.shift[:, None] * group_nonzeros + eps * (w.merged[:, None] - group_nonzeros)
+    tail_p_smooth = tail_p - w.shift * tail_nonzeros + eps * (w.tail_length - tail_nonzeros)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        cross = ((group_p_smooth * np.log(q_smooth)).sum(axis=1) + tail_p_smooth * np.log(eps)) / total
+        cross_part = cross - np.log(q_total)
+    return cross_part, q_nonzeros > 0
 
 
 def _exact_kl(
