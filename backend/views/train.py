@@ -51,6 +51,11 @@ class TimeEstimate:
     speed_key: estimates.SpeedKey | None
     problem: str | None = None
 
+    @property
+    def known(self) -> bool:
+        """A speed is known and the version has training images: the page shows the epoch's time and its budget."""
+        return self.estimate is not None and bool(self.estimate.train_images)
+
 
 def time_estimate(
     settings: Settings, preset: presets.TrainPreset, imgsz: int, batch: int, device: str, version: Any
@@ -62,6 +67,13 @@ def time_estimate(
     min_samples = presets.train_config("", preset).min_samples
     folder = version.folder if version is not None else ""
     return TimeEstimate(estimates.estimate_for(settings.storage, settings.runs_dir, folder, key, min_samples), key)
+
+
+def suggested_budget(timing: TimeEstimate, preset: presets.TrainPreset) -> float:
+    """The budget first put in the form: the recommended one when this machine's speed is known, else the preset's
+    (0 = none)."""
+    recommended = timing.estimate.recommended_minutes if timing.known and timing.estimate is not None else None
+    return float(recommended or preset.time_minutes or 0)
 
 
 def no_estimate_text(preset: presets.TrainPreset, imgsz: int, batch: int, key: estimates.SpeedKey) -> str:
