@@ -15,7 +15,7 @@ from backend.ingest import service
 from backend.jobs import api as jobs_api
 from backend.jobs.api import JobView
 from backend.settings import Settings
-from backend.store.db import session_scope, shared_engine
+from backend.store.db import describe_error, session_scope, shared_engine
 from backend.store.models import Project
 from backend.store.versions import class_stats
 
@@ -94,6 +94,21 @@ def crawl_params(project: str, mode: str, text: str, limit: int, depth: int) -> 
     return params | {"page": text, "depth": int(depth)}
 
 
+def queue_crawl(
+    settings: Settings, project: str, mode: str, text: str, limit: int, depth: int
+) -> tuple[int | None, str | None]:
+    """Queues one crawl job from the form. Returns (its id, None), or (None, what to do) when nothing was typed or the
+    queue refused it: the page shows that text and keeps the form."""
+    try:
+        params = crawl_params(project, mode, text, limit, depth)
+    except ValueError as error:  # nothing typed
+        return None, str(error)
+    try:
+        return jobs_api.submit("crawl", params, settings=settings), None
+    except Exception as error:  # shown on the page, which keeps working
+        return None, f"Could not queue the crawl: {describe_error(error)}"
+
+
 def crawl_figures(result: dict[str, Any]) -> tuple[dict[str, int], list[dict[str, Any]]]:
     """A crawl job's result: its figures by label, and the skipped and refused URLs as table rows."""
     stored = result.get("stored", {})
@@ -125,6 +140,12 @@ def image_page(settings: Settings, project: Project, kind: str, class_name: str 
         total = browse.count_images(session, project, image_filter)
         page = min(max(page, 1), max(1, -(-total // browse.PAGE_SIZE)))
         return browse.query_images(session, settings.storage, project, image_filter, page)
+
+
+def modification_times(cards: list[browse.ImageCard]) -> dict[int, int]:
+    """Each card's file modification time in ns (-1 when the file is gone): the thumbnail cache's key, so an image
+    changed on disk is drawn again."""
+    return {card.id: card.path.stat().st_mtime_ns if card.path.exists() else -1 for card in cards}
 
 
 def stats_figures(stats: dict[str, Any]) -> dict[str, int]:
