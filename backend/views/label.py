@@ -14,7 +14,7 @@ from sqlalchemy import func, select
 
 from backend import catalog
 from backend.jobs import api as jobs
-from backend.labeling import server
+from backend.labeling import server, service
 from backend.settings import Settings
 from backend.store.db import session_scope, shared_engine
 from backend.store.models import Image, LabelingProject, Project
@@ -154,6 +154,26 @@ def queue_rows(items: list[dict[str, Any]], settings: Settings, ls_url: str) -> 
         }
         for item in items
     ]
+
+
+def labeling_view_url(ls_url: str, loop: dict[str, Any], view_id: int | None) -> str:
+    """The project's data view in Label Studio at the address the browser uses, on the queue's own tab when it has
+    one."""
+    return f"{ls_url}/projects/{loop['ls_project_id']}/data" + (f"?tab={view_id}" if view_id else "")
+
+
+def save_loop(settings: Settings, project: str, form: dict[str, Any], start: str) -> dict[str, Any]:
+    """Saves the retrain loop form (`loop_fields`' values and the start choice); the loop as it is now. A bad value
+    raises ValueError with the reason."""
+    return service.loop(
+        project,
+        retrain_every=int(form["retrain_every"]),
+        epochs=int(form["epochs"]),
+        imgsz=int(form["imgsz"]),
+        time_minutes=float(form["minutes"]) or None,
+        start_weights=service.start_weights_of(start),
+        settings=settings,
+    )
 
 
 def loop_figures(loop: dict[str, Any]) -> dict[str, Any]:
