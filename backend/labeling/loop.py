@@ -26,7 +26,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
 from datetime import datetime
 from pathlib import Path
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 from sqlalchemy import CursorResult, inspect, select, update
 from sqlalchemy.orm import Session
@@ -37,6 +37,10 @@ from backend.labeling.sync import labeled_count, prelabel, pull_annotations
 from backend.settings import Settings
 from backend.store.models import LabelingProject, Project, Run, utc_now
 from backend.store.versions import freeze_version, safe_name, version_folder
+
+if TYPE_CHECKING:  # for annotations only: the training modules import torch, which the Label page must not load
+    from backend.training.config import TrainConfig
+    from backend.training.trainer import FitResult
 
 logger = logging.getLogger(__name__)
 
@@ -355,10 +359,6 @@ def run_retrain(
         ValueError: nothing labeled, or the project was never synced.
         TrainingError / LabelStudioError: training or Label Studio failed; the loop goes back to idle either way.
     """
-    # torch (2-3 s to import) only when the loop trains: the Label page imports this module on every rerun.
-    from backend.training.config import TrainConfig
-    from backend.training.trainer import fit
-
     started = time.monotonic()
     project_id = project.id  # kept: a commit expires `project`, and reading it again opens a read transaction
     row = session.get(LabelingProject, project_id)
@@ -372,74 +372,132 @@ def run_retrain(
         start = resolve_start(session, settings, project, options)
         if start.note:
             logger.warning("retrain of %r: %s; starting from %s", project.name, start.note, start.description)
-        pull_annotations(session, project, client)
         stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-        version = freeze_version(
-            session,
-            settings.storage,
-            project,
-            f"loop-{stamp}",
-            fractions=(1.0 - options.val_fraction, options.val_fraction),
-        )
-        version_id, version_name = version.id, version.name  # read now: later commits expire the object
-        session.commit()
-        config = TrainConfig(
-            data=str(version_folder(settings.storage, version)),
-            size=options.size,
-            imgsz=options.imgsz,
-            epochs=options.epochs,
-            time_minutes=options.time_minutes,
-            batch_size=options.batch_size,
-            min_samples=options.min_samples,
-            weights=start.weights,
-            patience=None,
-        )
-        candidate = settings.runs_dir / f"{safe_name(project.name, 'project')}-loop-{stamp}"
-        if candidate.exists():
-            raise ValueError(f"{candidate} already exists: the next poll retrains into a new folder")
-        run_dir = candidate
-        run = Run(
-            project_id=project_id,
-            dataset_version_id=version_id,
-            folder=str(run_dir.relative_to(settings.storage))
-            if run_dir.is_relative_to(settings.storage)
-            else str(run_dir),
-            status="running",
-            config={"train": config.to_dict(), "origin": "labeling loop", "start": start.description},
-        )
+        version_id, version_name, data = _freeze_labeled(session, settings, project, client, options, stamp)
+        config = _retrain_config(options, data, start)
+        run_dir = _new_run_folder(settings, project, stamp)
+        run = _run_row(settings, project_id, version_id, run_dir, config, start)
         session.add(run)
         session.commit()
-        result = fit(config, run_dir, on_event=on_event, stop_requested=stop_requested)
+        result = _train(config, run_dir, on_event, stop_requested)
         run.status = "cancelled" if result.stopped == "cancelled" else "succeeded"
         session.commit()
         if result.stopped == "cancelled":
             raise RuntimeError("the retrain was cancelled; the loop will try again after the next annotations")
-        model = run_dir / "best.pt" if (run_dir / "best.pt").is_file() else run_dir / "last.pt"
-        report = prelabel(
-            session,
-            settings,
-            project,
-            client,
-            model,
-            box_threshold=options.box_threshold,
-            uncertainty=options.uncertainty,
-            imgsz=options.imgsz,
-        )
-        session.commit()
+        tasks = _prelabel_with_run(session, settings, project, client, run_dir, options)
         _set_state(
             session,
             project_id,
             "idle",
-            f"retrained on {version_name} ({result.best_map:.3f} mAP50-95); pre-labeled {report.tasks} tasks",
+            f"retrained on {version_name} ({result.best_map:.3f} mAP50-95); pre-labeled {tasks} tasks",
         )
-        return RetrainResult(
-            version_name, run_dir, result.stopped, result.best_map, report.tasks, time.monotonic() - started
-        )
+        return RetrainResult(version_name, run_dir, result.stopped, result.best_map, tasks, time.monotonic() - started)
     except BaseException as error:
         session.rollback()
         _settle_failed_run(session, run, run_dir, "interrupted" if isinstance(error, KeyboardInterrupt) else "failed")
         _set_state(session, project_id, "idle", f"the retrain failed: {error}")
         raise
+
+
+def _freeze_labeled(
+    session: Session,
+    settings: Settings,
+    project: Project,
+    client: LabelStudioClient,
+    options: LoopSettings,
+    stamp: str,
+) -> tuple[int, str, Path]:
+    """Pulls Label Studio's annotations and freezes them as version "loop-<stamp>"; returns its id, name and
+    folder (read before the commit expires the row)."""
+    pull_annotations(session, project, client)
+    version = freeze_version(
+        session,
+        settings.storage,
+        project,
+        f"loop-{stamp}",
+        fractions=(1.0 - options.val_fraction, options.val_fraction),
+    )
+    frozen = (version.id, version.name, version_folder(settings.storage, version))
+    session.commit()
+    return frozen
+
+
+def _retrain_config(options: LoopSettings, data: Path, start: StartWeights) -> TrainConfig:
+    """The retrain's TrainConfig: the loop's settings on the frozen version, from `start`, without early stopping."""
+    # torch (2-3 s to import) only when the loop trains: the Label page imports this module on every rerun.
+    from backend.training.config import TrainConfig
+
+    return TrainConfig(
+        data=str(data),
+        size=options.size,
+        imgsz=options.imgsz,
+        epochs=options.epochs,
+        time_minutes=options.time_minutes,
+        batch_size=options.batch_size,
+        min_samples=options.min_samples,
+        weights=start.weights,
+        patience=None,
+    )
+
+
+def _new_run_folder(settings: Settings, project: Project, stamp: str) -> Path:
+    """The retrain's run folder: a new one, never an earlier run's."""
+    run_dir = settings.runs_dir / f"{safe_name(project.name, 'project')}-loop-{stamp}"
+    if run_dir.exists():
+        raise ValueError(f"{run_dir} already exists: the next poll retrains into a new folder")
+    return run_dir
+
+
+def _run_row(
+    settings: Settings, project_id: int, version_id: int, run_dir: Path, config: TrainConfig, start: StartWeights
+) -> Run:
+    """The retrain's Run row ("running"), its folder relative to the storage when it lies inside."""
+    return Run(
+        project_id=project_id,
+        dataset_version_id=version_id,
+        folder=str(run_dir.relative_to(settings.storage)) if run_dir.is_relative_to(settings.storage) else str(run_dir),
+        status="running",
+        config={"train": config.to_dict(), "origin": "labeling loop", "start": start.description},
+    )
+
+
+def _train(
+    config: TrainConfig,
+    run_dir: Path,
+    on_event: Callable[..., None] | None,
+    stop_requested: Callable[[], bool] | None,
+) -> FitResult:
+    """Trains the retrain's run through the one training entry (`training.launch.train`), in the worker's process:
+    the loop's settings name no processes."""
+    # torch (2-3 s to import) only when the loop trains: the Label page imports this module on every rerun.
+    from backend.training.launch import train
+
+    return train(config, run_dir, processes=1, on_event=on_event, stop_requested=stop_requested)
+
+
+def _prelabel_with_run(
+    session: Session,
+    settings: Settings,
+    project: Project,
+    client: LabelStudioClient,
+    run_dir: Path,
+    options: LoopSettings,
+) -> int:
+    """Pre-labels the project's tasks with the new run's best.pt (its last.pt when no epoch was evaluated);
+    returns the number of tasks pre-labeled."""
+    model = run_dir / "best.pt" if (run_dir / "best.pt").is_file() else run_dir / "last.pt"
+    report = prelabel(
+        session,
+        settings,
+        project,
+        client,
+        model,
+        box_threshold=options.box_threshold,
+        uncertainty=options.uncertainty,
+        imgsz=options.imgsz,
+    )
+    session.commit()
+    return report.tasks
 
 
 def _settle_failed_run(session: Session, run: Run | None, run_dir: Path | None, status: str) -> None:
