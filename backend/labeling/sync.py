@@ -35,7 +35,7 @@ from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 from urllib.parse import parse_qs, urlparse
 
 import numpy as np
@@ -64,6 +64,10 @@ from backend.store.models import (
     project_classes,
 )
 from backend.store.versions import ground_truth_boxes
+
+if TYPE_CHECKING:  # for annotations only: inference imports torch, which the Label page must not load
+    from backend.inference import Predictor
+    from backend.processing import Detections
 
 logger = logging.getLogger(__name__)
 
@@ -664,28 +668,72 @@ def prelabel(
         ValueError: the project was never synced, or the model shares no class with it.
         LabelStudioError: Label Studio is down or refuses the token.
     """
-    # Imported here: torch (2-3 s) only when pre-labeling runs; the Label page imports this module.
-    from backend.inference import Predictor
-    from backend.processing import PostprocessConfig
-    from backend.training.trainer import run_checkpoint
-
     started = time.monotonic()
     row = labeling_project(session, project)
     names = [item.name for item in project_classes(session, project)]
-    query = select(LabelingTask, Image).join(Image, Image.id == LabelingTask.image_id)
-    query = query.where(LabelingTask.ls_project_id == row.ls_project_id)
-    if only_unlabeled:
-        query = query.where(LabelingTask.annotation_id.is_(None), Image.labeled.is_(False))
-    pairs = [
-        (link.image_id, link.ls_task_id, image.path, image.width, image.height)
-        for link, image in session.execute(query.order_by(LabelingTask.image_id))
-    ]
+    tasks = _prelabel_tasks(session, row.ls_project_id, only_unlabeled)
     ls_project_id, project_id = row.ls_project_id, row.project_id
     # End the read transaction before the model is loaded and run and Label Studio is called (`end_transaction`):
     # on a SQLite file (WAL) a transaction that read before another connection's commit cannot write any more, and
     # a job's heartbeat and progress commit every few seconds. The results are written at the end, in a transaction
     # whose first statement is a write.
     end_transaction(session)
+    predictor, model_file, to_project = _prelabel_model(model_path, imgsz, names, project.name)
+    report = PrelabelReport(model_version=model_version_of(model_file))
+    sender = _PredictionSender(client, names, to_project, box_threshold, uncertainty, report)
+    for start in range(0, len(tasks), batch_size):
+        chunk = tasks[start : start + batch_size]
+        detections = predictor.predict([settings.storage / task.path for task in chunk])
+        for task, found in zip(chunk, detections):
+            sender.send(task, found)
+        if on_progress is not None:
+            on_progress(min(start + batch_size, len(tasks)), len(tasks))
+    if report.tasks:
+        # The labeling view pre-fills a task with the predictions of the project's model version (Label Studio
+        # refuses a version it holds no prediction of).
+        client.update_project(ls_project_id, model_version=report.model_version)
+    report.dropped = {reason: count for reason, count in sender.dropped.items() if count}
+    report.seconds = time.monotonic() - started
+    _record_prelabel(session, ls_project_id, project_id, sender.uncertainties, model_file, report)
+    return report
+
+
+class _TaskImage(NamedTuple):
+    """A task to pre-label and its image (`path` relative to the storage; width and height in pixels)."""
+
+    image_id: int
+    task_id: int
+    path: str
+    width: int
+    height: int
+
+
+def _prelabel_tasks(session: Session, ls_project_id: int, only_unlabeled: bool) -> list[_TaskImage]:
+    """The Label Studio project's tasks in image order; with `only_unlabeled`, those not annotated anywhere yet."""
+    query = select(LabelingTask, Image).join(Image, Image.id == LabelingTask.image_id)
+    query = query.where(LabelingTask.ls_project_id == ls_project_id)
+    if only_unlabeled:
+        query = query.where(LabelingTask.annotation_id.is_(None), Image.labeled.is_(False))
+    return [
+        _TaskImage(link.image_id, link.ls_task_id, image.path, image.width, image.height)
+        for link, image in session.execute(query.order_by(LabelingTask.image_id))
+    ]
+
+
+def _prelabel_model(
+    model_path: str | Path, imgsz: int | None, names: list[str], project_name: str
+) -> tuple[Predictor, Path, np.ndarray]:
+    """The predictor of `model_path`, its model file, and its class indices mapped to the project's by name
+    ((model classes,) int64, -1 for a class the project does not have).
+
+    Raises:
+        ValueError: the model shares no class with the project.
+    """
+    # Imported here: torch (2-3 s) only when pre-labeling runs; the Label page imports this module.
+    from backend.inference import Predictor
+    from backend.processing import PostprocessConfig
+    from backend.training.trainer import run_checkpoint
+
     path = Path(model_path)
     model_file = path if path.suffix.lower() == ".onnx" else run_checkpoint(path)
     # An ONNX model runs in the faster runtime here ("auto": OpenVINO where it loads; docs/runtimes.md has the
@@ -696,42 +744,58 @@ def prelabel(
     to_project = np.asarray([project_index.get(name, -1) for name in predictor.class_names], dtype=np.int64)
     if (to_project < 0).all():
         raise ValueError(
-            f"{model_file} detects {predictor.class_names}, none of which is a class of {project.name!r} ({names}): "
+            f"{model_file} detects {predictor.class_names}, none of which is a class of {project_name!r} ({names}): "
             "pick a model trained on this project"
         )
-    report = PrelabelReport(model_version=model_version_of(model_file))
+    return predictor, model_file, to_project
 
-    uncertainties: dict[int, float] = {}
-    dropped: Counter[str] = Counter()
-    for start in range(0, len(pairs), batch_size):
-        chunk = pairs[start : start + batch_size]
-        detections = predictor.predict([settings.storage / path for _, _, path, _, _ in chunk])
-        for (image_id, task_id, _path, width, height), found in zip(chunk, detections):
-            labels = to_project[found.class_ids] if len(found.class_ids) else found.class_ids
-            known = labels >= 0
-            dropped["class not in project"] += int((~known).sum())
-            value = task_uncertainty(found.scores[known], uncertainty)
-            keep = known & (found.scores >= box_threshold)
-            converted = boxes_to_ls_results(found.boxes[keep], labels[keep], found.scores[keep], (width, height), names)
-            for reason, count in converted.dropped.items():
-                dropped[reason] += count
-            for old in client.list_predictions(task_id):
-                if str(old.get("model_version", "")).startswith(MODEL_VERSION_PREFIX):
-                    client.delete_prediction(old["id"])
-                    report.replaced += 1
-            client.create_prediction(task_id, converted.results, 1.0 - value, report.model_version)
-            uncertainties[image_id] = value
-            report.tasks += 1
-            report.boxes += len(converted.results)
-            report.clipped += converted.clipped
-        if on_progress is not None:
-            on_progress(min(start + batch_size, len(pairs)), len(pairs))
-    if report.tasks:
-        # The labeling view pre-fills a task with the predictions of the project's model version (Label Studio
-        # refuses a version it holds no prediction of).
-        client.update_project(ls_project_id, model_version=report.model_version)
-    report.dropped = {reason: count for reason, count in dropped.items() if count}
-    report.seconds = time.monotonic() - started
+
+@dataclass
+class _PredictionSender:
+    """Sends one model's detections to Label Studio task by task, counting in `report` what it sent and in
+    `dropped` what it did not, and keeping each task's uncertainty (by image id)."""
+
+    client: LabelStudioClient
+    names: list[str]
+    to_project: np.ndarray  # (model classes,) the project's class index of each, -1 for none
+    box_threshold: float
+    uncertainty: str
+    report: PrelabelReport
+    dropped: Counter[str] = field(default_factory=Counter)
+    uncertainties: dict[int, float] = field(default_factory=dict)
+
+    def send(self, task: _TaskImage, found: Detections) -> None:
+        """Replaces the task's earlier yolodex predictions with one of `found` (boxes xyxy original-image pixels)."""
+        labels = self.to_project[found.class_ids] if len(found.class_ids) else found.class_ids
+        known = labels >= 0
+        self.dropped["class not in project"] += int((~known).sum())
+        value = task_uncertainty(found.scores[known], self.uncertainty)
+        keep = known & (found.scores >= self.box_threshold)
+        converted = boxes_to_ls_results(
+            found.boxes[keep], labels[keep], found.scores[keep], (task.width, task.height), self.names
+        )
+        for reason, count in converted.dropped.items():
+            self.dropped[reason] += count
+        for old in self.client.list_predictions(task.task_id):
+            if str(old.get("model_version", "")).startswith(MODEL_VERSION_PREFIX):
+                self.client.delete_prediction(old["id"])
+                self.report.replaced += 1
+        self.client.create_prediction(task.task_id, converted.results, 1.0 - value, self.report.model_version)
+        self.uncertainties[task.image_id] = value
+        self.report.tasks += 1
+        self.report.boxes += len(converted.results)
+        self.report.clipped += converted.clipped
+
+
+def _record_prelabel(
+    session: Session,
+    ls_project_id: int,
+    project_id: int,
+    uncertainties: dict[int, float],
+    model_file: Path,
+    report: PrelabelReport,
+) -> None:
+    """Stores each task's uncertainty and the model that pre-labeled it, and the project's last model and event."""
     for image_id, value in uncertainties.items():
         session.execute(
             update(LabelingTask)
@@ -744,7 +808,6 @@ def prelabel(
         .values(last_model=str(model_file), last_event="prelabel: " + report.summary())
     )
     session.flush()
-    return report
 
 
 @dataclass(frozen=True)
