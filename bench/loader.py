@@ -7,7 +7,10 @@ temporary module, so the comparison keeps working after that code left the tree.
 `make_train_loader` with 0 workers (the per-sample cost, in this process) and 1 worker (as training runs on a
 2-core machine), alternating old and new `--rounds` times; the figure is each side's best round (the least
 disturbed by whatever else runs on the machine). With 0 workers it is given twice: per wall-clock second and per
-CPU second of this process (the cost of a sample, robust to a busy machine). Results: bench/loader_results.md.
+CPU second of this process (the cost of a sample, robust to a busy machine). `--interleaved N` adds the figure
+that stays steady on a shared machine: N samples per side, old and new alternating sample by sample (so a burst of
+load hits both alike), OpenCV sequential as in a loader worker, the CPU time of this thread per sample.
+Results: bench/loader_results.md.
 
     .venv/bin/python bench/loader.py                    # synthetic set, and raccoon if ../shared/data/raccoon exists
     .venv/bin/python bench/loader.py --data DIR --imgsz 640 --batches 20
@@ -79,12 +82,44 @@ def images_per_s(dataset, batch: int, batches: int, workers: int) -> tuple[float
     return count / elapsed, count / max(elapsed_cpu, 1e-9)
 
 
-def compare(name: str, records, reference: ModuleType, imgsz: int, batch: int, batches: int, rounds: int) -> list:
+def interleaved_ms(old, new, samples: int) -> tuple[float, float]:
+    """(old, new) mean milliseconds of this thread's CPU time per sample, old and new alternating sample by sample
+    (which goes first alternates too), OpenCV sequential as in a DataLoader worker (`loader._init_worker`)."""
+    import cv2  # only this measurement changes OpenCV's thread count
+
+    threads = cv2.getNumThreads()
+    cv2.setNumThreads(0)
+    try:
+        for index in range(8):  # first calls (lazy imports, caches) are not the steady state
+            old[index], new[index]
+        spent = {"old": 0.0, "new": 0.0}
+        for index in range(samples):
+            order = (("old", old), ("new", new)) if index % 2 else (("new", new), ("old", old))
+            for side, dataset in order:
+                start = time.thread_time()
+                dataset[index]
+                spent[side] += time.thread_time() - start
+    finally:
+        cv2.setNumThreads(threads)
+    return spent["old"] / samples * 1e3, spent["new"] / samples * 1e3
+
+
+def compare(
+    name: str, records, reference: ModuleType, imgsz: int, batch: int, batches: int, rounds: int, interleaved: int
+) -> list:
     old = reference.TrainDataset(records, imgsz, reference.AugmentConfig(), seed=0)
     new = TrainDataset(records, imgsz, default_pipeline(imgsz), seed=0)
     old.preload()
     new.preload()
     rows = []
+    if interleaved:
+        old_ms, new_ms = interleaved_ms(old, new, interleaved)
+        rows.append((name, len(records), imgsz, "-", "interleaved", 1e3 / old_ms, 1e3 / new_ms, old_ms / new_ms))
+        print(
+            f"{name:10s} {len(records):6d} {imgsz:5d} {'-':>7s} {'inter':>5s} {1e3 / old_ms:11.1f} "
+            f"{1e3 / new_ms:11.1f} {old_ms / new_ms:8.2f}   ({old_ms:.3f} vs {new_ms:.3f} ms a sample)",
+            flush=True,
+        )
     for workers, clock in ((0, "cpu"), (0, "wall"), (1, "wall")):
         best = {"old": 0.0, "new": 0.0}
         for _ in range(rounds):
@@ -108,6 +143,9 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--batches", type=int, default=12, help="batches timed per round")
     parser.add_argument("--rounds", type=int, default=3, help="old/new alternations; the best round counts")
+    parser.add_argument(
+        "--interleaved", type=int, default=0, metavar="N", help="also N samples a side alternating (module docstring)"
+    )
     args = parser.parse_args()
 
     rev = args.reference_rev or default_reference_rev()
@@ -133,7 +171,7 @@ def main() -> None:
         )
         for name, path in sets:
             records = load_dataset(path)["train"].records
-            compare(name, records, reference, args.imgsz, args.batch, args.batches, args.rounds)
+            compare(name, records, reference, args.imgsz, args.batch, args.batches, args.rounds, args.interleaved)
 
 
 if __name__ == "__main__":
