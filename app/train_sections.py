@@ -36,7 +36,7 @@ def start_job(title: str, action: Callable[[], Any]) -> None:
 
 @st.cache_data(max_entries=8, show_spinner="Augmenting 8 samples...")
 def augmentation_samples(folder: str, pipeline_json: str, size: int, seed: int) -> list:
-    """8 samples of the version through the pipeline, cached: a rerun that changes nothing else draws them again."""
+    """8 samples of the version through the pipeline, cached by all four arguments: a rerun does not augment again."""
     return browse.version_augmentation_preview(folder, json.loads(pipeline_json), size, 8, seed)
 
 
