@@ -43,9 +43,9 @@ import re
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
-from sqlalchemy import CursorResult, func, select, update
+from sqlalchemy import func, select, update
 
 from backend.files import cut_to_bytes
 from backend.jobs.lifecycle import (
@@ -57,6 +57,7 @@ from backend.jobs.lifecycle import (
     job_engine,
     pending_progress_path,
     pid_alive,
+    request_cancel,
     stale_after_s,
 )
 from backend.runs import RunFolder
@@ -414,38 +415,13 @@ def cancel(job_id: int, settings: Settings | None = None) -> JobView:
         JobNotFound: no such job.
     """
     settings = settings or get_settings()
-    engine = job_engine(settings)
-    with session_scope(engine, write=True) as session:
-        # Writes first: in WAL mode a transaction that read before another connection's commit cannot write any
-        # more ("database is locked" at once, whatever the busy timeout). Conditional UPDATEs: a worker may claim
-        # the job at the same moment, and exactly one of us wins.
-        revoked = cast(
-            CursorResult,
-            session.execute(
-                update(Job)
-                .where(Job.id == int(job_id), Job.state == "queued")
-                .values(
-                    state="cancelled",
-                    cancel_requested=True,
-                    finished_at=utc_now(),
-                    message="cancelled before it started",
-                )
-            ),
-        ).rowcount
-        if not revoked:
-            session.execute(
-                update(Job)
-                .where(Job.id == int(job_id), Job.state == "running")
-                .values(cancel_requested=True, message="cancelling: stops at the next step")
-            )
-        job = session.get(Job, int(job_id))
-        if job is None:
-            raise JobNotFound(f"there is no job {job_id}")
-        task_id = job.task_id
-    if revoked and task_id:
+    revoked, job = request_cancel(job_engine(settings), int(job_id))
+    if job is None:
+        raise JobNotFound(f"there is no job {job_id}")
+    if revoked and job.task_id:
         from backend.jobs import dispatch  # huey opens the queue's storage: only when a job is revoked
 
-        dispatch.revoke_job(task_id, settings)
+        dispatch.revoke_job(job.task_id, settings)
     return get_job(job_id, settings)
 
 
@@ -566,7 +542,9 @@ def _checked_train_params(params: dict[str, Any], settings: Settings) -> dict[st
     if not isinstance(config, dict) or not config.get("data"):
         raise ValueError('a train job needs "config": a TrainConfig dict whose "data" is a dataset folder')
     data = _absolute(config["data"], settings)
-    TrainConfig.from_dict({**config, "data": str(data)})
+    # Checked here, and queued as TrainConfig's one serialised form (defaults filled in, unknown keys dropped): the
+    # job turns it into the dataclass once and records it on the run's row as it is.
+    train = TrainConfig.from_dict({**config, "data": str(data)}).to_dict()
     if params.get("run_dir"):
         run_dir = _absolute(params["run_dir"], settings)
     else:
@@ -579,4 +557,4 @@ def _checked_train_params(params: dict[str, Any], settings: Settings) -> dict[st
             suffix += 1
     if RunFolder(run_dir).holds_run():
         raise ValueError(f"{run_dir} already holds a run: resume that job, or train into another folder")
-    return {**params, "config": {**config, "data": str(data)}, "run_dir": str(run_dir)}
+    return {**params, "config": train, "run_dir": str(run_dir)}

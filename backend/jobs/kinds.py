@@ -9,10 +9,10 @@ Params per kind (JSON), and the backend function each calls:
 - `labeling_prelabel`: project, model (default: the catalog's default model), only_unlabeled, imgsz →
   `labeling.service.prelabel`
 - `labeling_retrain`: project → `labeling.loop.run_retrain`
-- `train`: project, config (a TrainConfig dict), run_dir; or resume (a run folder) and overrides (`resume`'s
-  keyword arguments; more_minutes / more_epochs continue a run that ended: `api.continue_training`); gpus / nproc
-  (training processes) → `training.launch.train` / `resume`; the run's `Run` row is created or updated
-  (`store.runs`)
+- `train`: project, config (`TrainConfig.to_dict()`, as `api.submit` queues it), run_dir; or resume (a run folder)
+  and overrides (`resume`'s keyword arguments; more_minutes / more_epochs continue a run that ended:
+  `api.continue_training`); gpus / nproc (training processes) → `training.launch.train` / `resume`; the run's `Run`
+  row is created or updated (`store.runs`)
 - `evaluate`: model, data, split ("val"), out, imgsz, batch (16), conf (0.25), device → `run_evaluation.evaluate_run`,
   what `yolodex eval` runs
 - `quantize`: run_dir, options (QuantizeOptions fields), out → `quantization.pipeline.quantize_run`
@@ -25,7 +25,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import update
 from sqlalchemy.orm import Session
@@ -40,6 +40,10 @@ from backend.settings import Settings
 from backend.store.db import session_scope
 from backend.store.models import Job, utc_now
 from backend.store.runs import set_run_status, start_run
+from backend.training.config import TrainConfig
+
+if TYPE_CHECKING:  # for annotations only: the trainer imports torch, which only a training worker loads
+    from backend.training.trainer import FitResult
 
 Handler = Callable[[dict[str, Any], Settings, JobContext], dict[str, Any]]
 
@@ -142,53 +146,31 @@ def _run_labeling_retrain(params: dict[str, Any], settings: Settings, context: J
 
 
 def _run_train(params: dict[str, Any], settings: Settings, context: JobContext) -> dict[str, Any]:
-    # torch loads only in a worker that trains
-    from backend.training.config import TrainConfig
-    from backend.training.launch import resume, train
-
     # gpus N (one process per GPU) or nproc N (on the config's device, gloo on a CPU); 1 trains in this process
     processes = int(params.get("gpus") or params.get("nproc") or 1)
     gpus = bool(params.get("gpus"))
     resuming = bool(params.get("resume"))
     run_dir = Path(params["resume"] if resuming else params["run_dir"])
-    if resuming:
-        config = RunFolder(run_dir).train()
-    else:
-        config = TrainConfig.from_dict(params["config"]).to_dict()
+    # The queued config is TrainConfig's serialised form (`api.submit` checked and resolved it): the Run row records
+    # it as it came, and it becomes the dataclass once, here.
+    recorded = RunFolder(run_dir).train() if resuming else dict(params["config"])
+    config = None if resuming else TrainConfig.from_dict(recorded)
     engine = job_engine(settings)
     run_id = write_when_free(
         engine,
-        lambda session: _start_run(session, settings, params.get("project"), run_dir, config, context.job_id),
+        lambda session: _start_run(session, settings, params.get("project"), run_dir, recorded, context.job_id),
         f"job {context.job_id}'s run row",
     )
     if run_id is None:
         context.log("no project matches this dataset: the run is not listed in the project's runs")
     status = "failed"
     try:
-        if resuming:
-            context.log(f"resuming {run_dir} from its last.pt")
-            result = resume(
-                run_dir,
-                processes=processes,
-                gpus=gpus,
-                on_event=context.on_training_event,
-                stop_requested=context.stop_requested,
-                **(params.get("overrides") or {}),
-            )
-        else:
-            result = train(
-                TrainConfig.from_dict(config),
-                run_dir,
-                processes=processes,
-                gpus=gpus,
-                on_event=context.on_training_event,
-                stop_requested=context.stop_requested,
-            )
+        result = _train_or_resume(params, run_dir, config, processes, gpus, context)
         status = "cancelled" if result.stopped == "cancelled" else "succeeded"
         context.cancelled = result.stopped == "cancelled"
         if resuming:  # a continuation wrote its new totals there: the end is counted against them
-            config = RunFolder(run_dir).train()
-        end = {**result.to_dict(), "epochs": config.get("epochs"), "time_budget_s": _budget_s(config)}
+            recorded = RunFolder(run_dir).train()
+        end = {**result.to_dict(), "epochs": recorded.get("epochs"), "time_budget_s": _budget_s(recorded)}
         return {**end, "run_id": run_id, "summary": training_end_text(end)}
     except WeightsDownloadError as error:
         status = "failed"
@@ -206,6 +188,39 @@ def _run_train(params: dict[str, Any], settings: Settings, context: JobContext) 
                 lambda session: set_run_status(session, settings, run_dir, status),
                 f"job {context.job_id}'s run status",
             )
+
+
+def _train_or_resume(
+    params: dict[str, Any],
+    run_dir: Path,
+    config: TrainConfig | None,
+    processes: int,
+    gpus: bool,
+    context: JobContext,
+) -> FitResult:
+    """A new run of `config` in `run_dir`, or (`config` None) the run there resumed with the job's overrides,
+    through the one training entry (`training.launch`)."""
+    # torch loads only in a worker that trains
+    from backend.training.launch import resume, train
+
+    if config is None:
+        context.log(f"resuming {run_dir} from its last.pt")
+        return resume(
+            run_dir,
+            processes=processes,
+            gpus=gpus,
+            on_event=context.on_training_event,
+            stop_requested=context.stop_requested,
+            **(params.get("overrides") or {}),
+        )
+    return train(
+        config,
+        run_dir,
+        processes=processes,
+        gpus=gpus,
+        on_event=context.on_training_event,
+        stop_requested=context.stop_requested,
+    )
 
 
 def _start_run(

@@ -3,6 +3,7 @@
 States (`backend.jobs.api` tells the whole story):
 
     queued ──claim──▶ running ──▶ succeeded | failed | cancelled | interrupted
+      └──cancel──▶ cancelled
 
 Every transition is one conditional UPDATE, so two processes racing for a row (a worker claiming it, the app
 cancelling it, a watchdog judging it dead) never both win. While a job runs, a daemon thread (`Heartbeat`)
@@ -121,6 +122,40 @@ def end(engine: Engine, job_id: int, values: dict[str, Any]) -> None:
         lambda session: session.execute(update(Job).where(Job.id == job_id, Job.state == "running").values(**values)),
         f"job {job_id}'s end",
     )
+
+
+def request_cancel(engine: Engine, job_id: int) -> tuple[bool, Job | None]:
+    """Cancels a queued job at once ("cancelled") or asks a running one to stop at its next step
+    (`cancel_requested`, which its runner polls); a finished one is left as is.
+
+    Returns:
+        (whether a queued job was cancelled: its queue task is then to be revoked, the row as it is now; None when
+        there is no such job).
+    """
+    with session_scope(engine, write=True) as session:
+        # Writes first: in WAL mode a transaction that read before another connection's commit cannot write any
+        # more ("database is locked" at once, whatever the busy timeout). Conditional UPDATEs: a worker may claim
+        # the job at the same moment, and exactly one of us wins.
+        revoked = cast(
+            CursorResult,
+            session.execute(
+                update(Job)
+                .where(Job.id == job_id, Job.state == "queued")
+                .values(
+                    state="cancelled",
+                    cancel_requested=True,
+                    finished_at=utc_now(),
+                    message="cancelled before it started",
+                )
+            ),
+        ).rowcount
+        if not revoked:
+            session.execute(
+                update(Job)
+                .where(Job.id == job_id, Job.state == "running")
+                .values(cancel_requested=True, message="cancelling: stops at the next step")
+            )
+        return bool(revoked), session.get(Job, job_id)
 
 
 def job_state(engine: Engine, job_id: int) -> str:
