@@ -190,43 +190,13 @@ def ls_result_to_box(
     """
     result_id = result.get("id")
     result_id = None if result_id is None else str(result_id)
-    result_type = result.get("type")
-    if result_type != RECTANGLE_TYPE:
-        return Problem("not a rectangle", f"result of type {result_type!r} is not a labeled rectangle", result_id)
-    value = result.get("value")
-    if not isinstance(value, Mapping):
-        return Problem("malformed", "rectangle result without a 'value' object", result_id)
-    labels = value.get(RECTANGLE_TYPE)
-    if not isinstance(labels, list) or not labels:
-        return Problem("malformed", "rectangle without a label: choose a label for it in Label Studio", result_id)
-    label = str(labels[0])
-    if label not in class_names:
-        return Problem(
-            "unknown label",
-            f"label {label!r} is not a class of this project ({', '.join(class_names)}): add the class or relabel "
-            "the box",
-            result_id,
-        )
-    x_pct, y_pct, w_pct, h_pct = (_number(value.get(key)) for key in ("x", "y", "width", "height"))
-    rotation = _number(value.get("rotation", 0) or 0)
-    if x_pct is None or y_pct is None or w_pct is None or h_pct is None or rotation is None:
-        return Problem("malformed", f"rectangle with missing or non-finite coordinates: {dict(value)!r}", result_id)
-
-    original_size = _size(result.get("original_width"), result.get("original_height"))
-    if original_size is not None and image_size is not None and tuple(image_size) != original_size:
-        return Problem(
-            "size mismatch",
-            f"Label Studio measured the image as {original_size[0]}x{original_size[1]} but it is "
-            f"{image_size[0]}x{image_size[1]} here (EXIF orientation, or a changed file?): check the image",
-            result_id,
-        )
-    size = original_size or (tuple(image_size) if image_size is not None else None)
-    if size is None:
-        return Problem(
-            "no original size",
-            "result has no original_width/original_height and the image size is unknown: pass the image size",
-            result_id,
-        )
+    rectangle = _labeled_rectangle(result, class_names, result_id)
+    if isinstance(rectangle, Problem):
+        return rectangle
+    size = _result_size(result, image_size, result_id)
+    if isinstance(size, Problem):
+        return size
+    label, (x_pct, y_pct, w_pct, h_pct, rotation) = rectangle
     width, height = size
 
     # Same arithmetic as Label Studio's COCO export: percent * size / 100.
@@ -249,6 +219,59 @@ def ls_result_to_box(
         return Problem("degenerate", "less than 1 px of the box lies inside the image", result_id)
     clipped = max(abs(a - b) for a, b in zip(clipped_box, (x1, y1, x2, y2))) > CLIP_TOLERANCE
     return LsBox(clipped_box, label, class_names.index(label), clipped, rotated, result_id)
+
+
+def _labeled_rectangle(
+    result: Mapping[str, Any], class_names: Sequence[str], result_id: str | None
+) -> tuple[str, tuple[float, float, float, float, float]] | Problem:
+    """A rectangle result's label (one of `class_names`) and its x, y, width, height (percent of the original
+    image) and rotation (degrees), or why it is not one."""
+    result_type = result.get("type")
+    if result_type != RECTANGLE_TYPE:
+        return Problem("not a rectangle", f"result of type {result_type!r} is not a labeled rectangle", result_id)
+    value = result.get("value")
+    if not isinstance(value, Mapping):
+        return Problem("malformed", "rectangle result without a 'value' object", result_id)
+    labels = value.get(RECTANGLE_TYPE)
+    if not isinstance(labels, list) or not labels:
+        return Problem("malformed", "rectangle without a label: choose a label for it in Label Studio", result_id)
+    label = str(labels[0])
+    if label not in class_names:
+        return Problem(
+            "unknown label",
+            f"label {label!r} is not a class of this project ({', '.join(class_names)}): add the class or relabel "
+            "the box",
+            result_id,
+        )
+    x_pct, y_pct, w_pct, h_pct = (_number(value.get(key)) for key in ("x", "y", "width", "height"))
+    rotation = _number(value.get("rotation", 0) or 0)
+    if x_pct is None or y_pct is None or w_pct is None or h_pct is None or rotation is None:
+        return Problem("malformed", f"rectangle with missing or non-finite coordinates: {dict(value)!r}", result_id)
+    return label, (x_pct, y_pct, w_pct, h_pct, rotation)
+
+
+def _result_size(
+    result: Mapping[str, Any], image_size: tuple[int, int] | None, result_id: str | None
+) -> tuple[int, int] | Problem:
+    """The (width, height) in pixels a result's percent values refer to: its original size, else our image's;
+    a Problem when they differ (see `ls_result_to_box`) or neither is known."""
+    original_size = _size(result.get("original_width"), result.get("original_height"))
+    if original_size is not None and image_size is not None and tuple(image_size) != original_size:
+        return Problem(
+            "size mismatch",
+            f"Label Studio measured the image as {original_size[0]}x{original_size[1]} but it is "
+            f"{image_size[0]}x{image_size[1]} here (EXIF orientation, or a changed file?): check the image",
+            result_id,
+        )
+    if original_size is not None:
+        return original_size
+    if image_size is None:
+        return Problem(
+            "no original size",
+            "result has no original_width/original_height and the image size is unknown: pass the image size",
+            result_id,
+        )
+    return image_size[0], image_size[1]
 
 
 def _timestamp(value: Any) -> datetime:
@@ -452,19 +475,7 @@ def boxes_to_ls_results(
     Raises:
         ValueError: arrays of different lengths or an image size that is not two positive integers.
     """
-    boxes_array = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
-    labels_array = np.asarray(labels).reshape(-1)
-    scores_array = None if scores is None else np.asarray(scores, dtype=np.float64).reshape(-1)
-    if len(labels_array) != len(boxes_array) or (scores_array is not None and len(scores_array) != len(boxes_array)):
-        raise ValueError(
-            f"{len(boxes_array)} boxes, {len(labels_array)} labels and "
-            f"{'no' if scores_array is None else len(scores_array)} scores: give one label (and score) per box"
-        )
-    size = _size(*image_size) if len(image_size) == 2 else None
-    if size is None or tuple(image_size) != size:
-        raise ValueError(f"image size {image_size!r} must be (width, height) in whole pixels, both positive")
-    width, height = size
-
+    boxes_array, labels_array, scores_array, (width, height) = _checked_detections(boxes, labels, scores, image_size)
     cleaned = LsResults(results=[])
     for index, (x1, y1, x2, y2) in enumerate(boxes_array.tolist()):
         score = None if scores_array is None else float(scores_array[index])
@@ -481,33 +492,66 @@ def boxes_to_ls_results(
         if x2 <= 0 or y2 <= 0 or x1 >= width or y1 >= height:
             cleaned.drop("outside image")
             continue
-        cx1, cy1, cx2, cy2 = max(x1, 0.0), max(y1, 0.0), min(x2, float(width)), min(y2, float(height))
-        if cx2 - cx1 < MIN_BOX_SIZE or cy2 - cy1 < MIN_BOX_SIZE:
+        box = max(x1, 0.0), max(y1, 0.0), min(x2, float(width)), min(y2, float(height))
+        if box[2] - box[0] < MIN_BOX_SIZE or box[3] - box[1] < MIN_BOX_SIZE:
             cleaned.drop("degenerate")
             continue
-        if max(abs(a - b) for a, b in zip((cx1, cy1, cx2, cy2), (x1, y1, x2, y2))) > CLIP_TOLERANCE:
+        if max(abs(a - b) for a, b in zip(box, (x1, y1, x2, y2))) > CLIP_TOLERANCE:
             cleaned.clipped += 1
-        result: dict[str, Any] = {
-            "id": f"{id_prefix}-{len(cleaned.results)}",
-            "from_name": from_name,
-            "to_name": to_name,
-            "type": RECTANGLE_TYPE,
-            "original_width": width,
-            "original_height": height,
-            "image_rotation": 0,
-            "value": {
-                "x": 100 * cx1 / width,
-                "y": 100 * cy1 / height,
-                "width": 100 * (cx2 - cx1) / width,
-                "height": 100 * (cy2 - cy1) / height,
-                "rotation": 0,
-                RECTANGLE_TYPE: [class_names[int(label)]],
-            },
-        }
+        result_id = f"{id_prefix}-{len(cleaned.results)}"
+        result = _rectangle_result(result_id, box, (width, height), class_names[int(label)], from_name, to_name)
         if score is not None:
             result["score"] = score
         cleaned.results.append(result)
     return cleaned
+
+
+def _checked_detections(
+    boxes: np.ndarray, labels: np.ndarray, scores: np.ndarray | None, image_size: tuple[int, int]
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, tuple[int, int]]:
+    """`boxes_to_ls_results`' arrays as (N, 4) float64, (N,), (N,) float64 or None, and its image size, checked."""
+    boxes_array = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
+    labels_array = np.asarray(labels).reshape(-1)
+    scores_array = None if scores is None else np.asarray(scores, dtype=np.float64).reshape(-1)
+    if len(labels_array) != len(boxes_array) or (scores_array is not None and len(scores_array) != len(boxes_array)):
+        raise ValueError(
+            f"{len(boxes_array)} boxes, {len(labels_array)} labels and "
+            f"{'no' if scores_array is None else len(scores_array)} scores: give one label (and score) per box"
+        )
+    size = _size(*image_size) if len(image_size) == 2 else None
+    if size is None or tuple(image_size) != size:
+        raise ValueError(f"image size {image_size!r} must be (width, height) in whole pixels, both positive")
+    return boxes_array, labels_array, scores_array, size
+
+
+def _rectangle_result(
+    result_id: str,
+    box: tuple[float, float, float, float],
+    size: tuple[int, int],
+    label: str,
+    from_name: str,
+    to_name: str,
+) -> dict[str, Any]:
+    """One rectanglelabels result of `box` (xyxy original-image pixels, inside the image of `size` (width,
+    height)): value in percent of the original image, rotation 0."""
+    (x1, y1, x2, y2), (width, height) = box, size
+    return {
+        "id": result_id,
+        "from_name": from_name,
+        "to_name": to_name,
+        "type": RECTANGLE_TYPE,
+        "original_width": width,
+        "original_height": height,
+        "image_rotation": 0,
+        "value": {
+            "x": 100 * x1 / width,
+            "y": 100 * y1 / height,
+            "width": 100 * (x2 - x1) / width,
+            "height": 100 * (y2 - y1) / height,
+            "rotation": 0,
+            RECTANGLE_TYPE: [label],
+        },
+    }
 
 
 def task_uncertainty(scores: Sequence[float] | np.ndarray, kind: str = "least_confident") -> float:
