@@ -331,16 +331,8 @@ def sync_project(
         )
 
     folder = project_folder(settings, project)
-    folder.mkdir(parents=True, exist_ok=True)
-    images = {
-        image.id: image
-        for image in session.scalars(
-            select(Image).where(Image.project_id == project.id, Image.status.in_(SYNCED_STATUSES))
-        )
-    }
+    images = _link_images(session, settings, project, folder)
     report.images = len(images)
-    for image in images.values():
-        _link(settings.storage / image.path, folder / link_name(image))
 
     end_transaction(session)
     storage_id = _ensure_storage(client, row, folder)
@@ -350,26 +342,7 @@ def sync_project(
 
     known = {task.image_id: task for task in _task_rows(session, row.ls_project_id)}
     end_transaction(session)
-    new_links: list[LabelingTask] = []
-    newly_mapped: dict[int, int] = {}
-    seen_tasks = set()
-    for task in client.iter_tasks(row.ls_project_id, fields="all"):
-        data = task.get("data") or {}
-        image_id = data.get(IMAGE_ID_KEY)
-        if not isinstance(image_id, int):
-            image_id = image_id_from_url(str(data.get(DATA_KEY, "")))
-        if image_id is None or image_id not in images:
-            continue  # a task someone added by hand, or an image no longer synced
-        if data.get(IMAGE_ID_KEY) != image_id:
-            client.update_task_data(task["id"], {**data, IMAGE_ID_KEY: image_id})
-        seen_tasks.add(task["id"])
-        mapped = known.get(image_id)
-        if mapped is None:
-            new_links.append(LabelingTask(image_id=image_id, ls_project_id=row.ls_project_id, ls_task_id=task["id"]))
-            if not task.get("total_annotations") and not task.get("annotations"):
-                newly_mapped[image_id] = task["id"]
-        elif mapped.ls_task_id != task["id"]:
-            mapped.ls_task_id = task["id"]
+    new_links, newly_mapped, seen_tasks = _map_tasks(client, row.ls_project_id, images, known)
     report.new_tasks = len(seen_tasks - before)
     report.tasks = len(seen_tasks)
     session.add_all(new_links)
@@ -382,6 +355,53 @@ def sync_project(
     row.last_event = report.summary()
     report.seconds = time.monotonic() - started
     return report
+
+
+def _link_images(session: Session, settings: Settings, project: Project, folder: Path) -> dict[int, Image]:
+    """The project's images to sync ({id: image}), each hard-linked into the project's Label Studio `folder`."""
+    folder.mkdir(parents=True, exist_ok=True)
+    images = {
+        image.id: image
+        for image in session.scalars(
+            select(Image).where(Image.project_id == project.id, Image.status.in_(SYNCED_STATUSES))
+        )
+    }
+    for image in images.values():
+        _link(settings.storage / image.path, folder / link_name(image))
+    return images
+
+
+def _map_tasks(
+    client: LabelStudioClient, ls_project_id: int, images: dict[int, Image], known: dict[int, LabelingTask]
+) -> tuple[list[LabelingTask], dict[int, int], set[int]]:
+    """Matches the Label Studio project's tasks to our images (by `data.yolodex_image_id`, else the file name,
+    which then gets written into the task), updating `known` rows whose task changed.
+
+    Returns:
+        the task rows of images not mapped before, {image id: task id} of those whose task has no annotation yet,
+        and the ids of every task of a synced image.
+    """
+    new_links: list[LabelingTask] = []
+    newly_mapped: dict[int, int] = {}
+    seen_tasks = set()
+    for task in client.iter_tasks(ls_project_id, fields="all"):
+        data = task.get("data") or {}
+        image_id = data.get(IMAGE_ID_KEY)
+        if not isinstance(image_id, int):
+            image_id = image_id_from_url(str(data.get(DATA_KEY, "")))
+        if image_id is None or image_id not in images:
+            continue  # a task someone added by hand, or an image no longer synced
+        if data.get(IMAGE_ID_KEY) != image_id:
+            client.update_task_data(task["id"], {**data, IMAGE_ID_KEY: image_id})
+        seen_tasks.add(task["id"])
+        mapped = known.get(image_id)
+        if mapped is None:
+            new_links.append(LabelingTask(image_id=image_id, ls_project_id=ls_project_id, ls_task_id=task["id"]))
+            if not task.get("total_annotations") and not task.get("annotations"):
+                newly_mapped[image_id] = task["id"]
+        elif mapped.ls_task_id != task["id"]:
+            mapped.ls_task_id = task["id"]
+    return new_links, newly_mapped, seen_tasks
 
 
 def _task_rows(session: Session, ls_project_id: int) -> list[LabelingTask]:
