@@ -254,54 +254,10 @@ def status(
             f"Label Studio (pid {pid}) runs on port {state.get('port')}, but YOLODEX_LS_PORT is {settings.ls_port}.",
             "run `yolodex labelstudio stop`, then `yolodex labelstudio start`",
         )
-    healthy = _health(settings, timeout)
-    if not healthy:
-        if ours and state is not None:
-            moved = _log_mentions(settings, state, _PORT_MOVED)
-            if moved:
-                return ServerStatus(
-                    "misconfigured",
-                    url,
-                    pid,
-                    f"Label Studio found port {settings.ls_port} taken by another program and moved to another port.",
-                    f"run `yolodex labelstudio stop`, then set YOLODEX_LS_PORT to a free port "
-                    f"(e.g. YOLODEX_LS_PORT={_suggest_free_port(settings)}) and start again",
-                    details=moved,
-                )
-            return ServerStatus("starting", url, pid, f"Label Studio is starting (pid {pid}).", FIRST_START_HINT)
-        if state is not None:
-            return ServerStatus(
-                "crashed",
-                url,
-                pid,
-                f"Label Studio (pid {pid}) has stopped unexpectedly.",
-                f"read {'its console output' if state.get('foreground') else log_path(settings)}, then {START_ACTION}",
-                details="" if state.get("foreground") else _log_tail(settings, state.get("log_offset", 0)),
-            )
-        if not _port_free(settings.host, settings.ls_port):
-            return ServerStatus(
-                "misconfigured",
-                url,
-                None,
-                f"Port {settings.ls_port} is in use by another program that is not Label Studio.",
-                f"{_free_port_action(settings)}, then {START_ACTION}",
-            )
-        return ServerStatus("stopped", url, None, "Label Studio is not running.", START_ACTION)
-
+    if not _health(settings, timeout):
+        return _unhealthy_status(settings, url, state, pid, ours)
     if not ours:
-        # Something answers /health without our state file: another yolodex (other storage) or a hand-started
-        # Label Studio. Usable only if it accepts our token.
-        if not check_token:
-            return ServerStatus("running", url, None, f"A Label Studio not started by this yolodex answers at {url}.")
-        if _token_works(settings, credentials or load_or_create_credentials(settings), timeout):
-            return ServerStatus("running", url, None, f"Label Studio answers at {url} (started outside this storage).")
-        return ServerStatus(
-            "misconfigured",
-            url,
-            None,
-            f"Another Label Studio answers at {url} and rejects yolodex's token.",
-            f"stop that server, or {_free_port_action(settings)}",
-        )
+        return _foreign_status(settings, url, credentials, check_token, timeout)
     if not settings.images_dir.is_dir():
         return ServerStatus(
             "misconfigured",
@@ -319,6 +275,60 @@ def status(
             REPAIR_ACTION,
         )
     return ServerStatus("running", url, pid, f"Label Studio is running at {url}.")
+
+
+def _unhealthy_status(settings: Settings, url: str, state: dict | None, pid: int | None, ours: bool) -> ServerStatus:
+    """Why nothing answers /health: our process is starting (or moved to another port), our process stopped, another
+    program holds the port, or Label Studio is simply not running."""
+    if ours and state is not None:
+        moved = _log_mentions(settings, state, _PORT_MOVED)
+        if moved:
+            return ServerStatus(
+                "misconfigured",
+                url,
+                pid,
+                f"Label Studio found port {settings.ls_port} taken by another program and moved to another port.",
+                f"run `yolodex labelstudio stop`, then set YOLODEX_LS_PORT to a free port "
+                f"(e.g. YOLODEX_LS_PORT={_suggest_free_port(settings)}) and start again",
+                details=moved,
+            )
+        return ServerStatus("starting", url, pid, f"Label Studio is starting (pid {pid}).", FIRST_START_HINT)
+    if state is not None:
+        return ServerStatus(
+            "crashed",
+            url,
+            pid,
+            f"Label Studio (pid {pid}) has stopped unexpectedly.",
+            f"read {'its console output' if state.get('foreground') else log_path(settings)}, then {START_ACTION}",
+            details="" if state.get("foreground") else _log_tail(settings, state.get("log_offset", 0)),
+        )
+    if not _port_free(settings.host, settings.ls_port):
+        return ServerStatus(
+            "misconfigured",
+            url,
+            None,
+            f"Port {settings.ls_port} is in use by another program that is not Label Studio.",
+            f"{_free_port_action(settings)}, then {START_ACTION}",
+        )
+    return ServerStatus("stopped", url, None, "Label Studio is not running.", START_ACTION)
+
+
+def _foreign_status(
+    settings: Settings, url: str, credentials: Credentials | None, check_token: bool, timeout: float
+) -> ServerStatus:
+    """Something answers /health without our state file: another yolodex (other storage) or a hand-started Label
+    Studio. Usable only if it accepts our token."""
+    if not check_token:
+        return ServerStatus("running", url, None, f"A Label Studio not started by this yolodex answers at {url}.")
+    if _token_works(settings, credentials or load_or_create_credentials(settings), timeout):
+        return ServerStatus("running", url, None, f"Label Studio answers at {url} (started outside this storage).")
+    return ServerStatus(
+        "misconfigured",
+        url,
+        None,
+        f"Another Label Studio answers at {url} and rejects yolodex's token.",
+        f"stop that server, or {_free_port_action(settings)}",
+    )
 
 
 def _external_status(
