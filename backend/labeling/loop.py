@@ -37,9 +37,9 @@ from backend.labeling.sync import labeled_count, prelabel, pull_annotations
 from backend.settings import Settings
 from backend.store.models import LabelingProject, Project, Run, utc_now
 from backend.store.versions import freeze_version, safe_name, version_folder
+from backend.training.config import TrainConfig
 
-if TYPE_CHECKING:  # for annotations only: the training modules import torch, which the Label page must not load
-    from backend.training.config import TrainConfig
+if TYPE_CHECKING:  # for annotations only: the trainer imports torch, which the Label page must not load
     from backend.training.trainer import FitResult
 
 logger = logging.getLogger(__name__)
@@ -424,9 +424,6 @@ def _freeze_labeled(
 
 def _retrain_config(options: LoopSettings, data: Path, start: StartWeights) -> TrainConfig:
     """The retrain's TrainConfig: the loop's settings on the frozen version, from `start`, without early stopping."""
-    # torch (2-3 s to import) only when the loop trains: the Label page imports this module on every rerun.
-    from backend.training.config import TrainConfig
-
     return TrainConfig(
         data=str(data),
         size=options.size,
