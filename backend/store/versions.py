@@ -21,7 +21,7 @@ import os
 import re
 import shutil
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Hashable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +40,7 @@ from backend.store.models import (
     DatasetVersion,
     Image,
     Project,
+    ProjectClass,
     project_classes,
 )
 
@@ -107,62 +108,18 @@ def freeze_version(
         ValueError: a bad name or fractions, a name already used, no class, or no labeled image.
     """
     values = check_fractions(fractions)
-    if not _VERSION_NAME.fullmatch(name):
-        raise ValueError(f"version name {name!r}: use 1-64 letters, digits, '.', '-' or '_', starting with a letter")
-    taken = session.scalar(
-        select(DatasetVersion.id).where(DatasetVersion.project_id == project.id, DatasetVersion.name == name)
-    )
-    relative = Path("datasets") / safe_name(project.name, f"project_{project.id}") / name
-    final = storage / relative
-    if taken is not None:
-        raise ValueError(f"version {name!r} already exists in project {project.name!r}: choose another name")
-    if final.exists():
-        raise ValueError(_folder_taken_reason(session, project, name, relative))
-    classes = project_classes(session, project)
-    if not classes:
-        raise ValueError(f"project {project.name!r} has no classes: add classes and label some images first")
-    images = _labeled_images(session, project)
-    if not images:
-        raise ValueError(f"project {project.name!r} has no labeled images to freeze: label some images first")
-
-    label_of_class = {project_class.id: project_class.index for project_class in classes}
+    relative = _new_version_folder(session, storage, project, name)
+    classes, images = _freezable_content(session, project)
     boxes = ground_truth_boxes(session, [image.id for image in images])
-    split_of = group_split(
-        [image.id for image in images], {image.id: image.near_group for image in images}, values, seed
-    )
-    # val.json is always written (the dataset-folder contract); test.json only when a test share was asked for.
-    split_names = ["train", "val", "test"] if len(values) == 3 and values[2] > 0 else ["train", "val"]
-    if not any(split == "train" for split in split_of.values()):
-        raise ValueError("the split left train empty: lower the val/test fractions")
+    split_of, split_names = _split_images(images, values, seed)
 
+    final = storage / relative
     final.parent.mkdir(parents=True, exist_ok=True)
     temporary = final.parent / f".{name}.tmp-{uuid.uuid4().hex[:8]}"
     try:
-        images_dir = temporary / "images"
-        images_dir.mkdir(parents=True)
-        records: dict[str, list[ImageRecord]] = {split: [] for split in split_names}
-        for image in images:
-            file_name = f"{image.id}_{safe_name(Path(image.original_name or 'image').stem, 'image')}.{image.format}"
-            _link_or_copy(storage / image.path, images_dir / file_name)
-            image_boxes = boxes.get(image.id, [])
-            records[split_of[image.id]].append(
-                ImageRecord(
-                    images_dir / file_name,
-                    image.id,
-                    image.width,
-                    image.height,
-                    np.asarray([box for box, _ in image_boxes]),
-                    np.asarray([label_of_class[class_id] for _, class_id in image_boxes]),
-                )
-            )
-        class_names = [project_class.name for project_class in classes]
-        category_ids = [project_class.index + 1 for project_class in classes]
-        for split, split_records in records.items():
-            dataset = DetectionSet(split_records, class_names, category_ids, LoadReport())
-            write_coco(dataset, temporary / f"{split}.json", images_root=images_dir)
-        counts = _version_counts(records, class_names)
+        records = _write_images_and_splits(temporary, storage, images, boxes, split_of, split_names, classes)
+        counts = _version_counts(records, [project_class.name for project_class in classes])
         atomic_write_text(temporary / "version.json", _json({"name": name, "seed": seed, "fractions": values} | counts))
-
         version = DatasetVersion(
             project_id=project.id,
             name=name,
@@ -181,6 +138,97 @@ def freeze_version(
         shutil.rmtree(temporary, ignore_errors=True)
         raise
     return version
+
+
+def _new_version_folder(session: Session, storage: Path, project: Project, name: str) -> Path:
+    """The folder, relative to `storage`, of a new version `name` of `project`.
+
+    Raises:
+        ValueError: the name is malformed, already used in the project, or its folder already exists.
+    """
+    if not _VERSION_NAME.fullmatch(name):
+        raise ValueError(f"version name {name!r}: use 1-64 letters, digits, '.', '-' or '_', starting with a letter")
+    taken = session.scalar(
+        select(DatasetVersion.id).where(DatasetVersion.project_id == project.id, DatasetVersion.name == name)
+    )
+    relative = Path("datasets") / safe_name(project.name, f"project_{project.id}") / name
+    if taken is not None:
+        raise ValueError(f"version {name!r} already exists in project {project.name!r}: choose another name")
+    if (storage / relative).exists():
+        raise ValueError(_folder_taken_reason(session, project, name, relative))
+    return relative
+
+
+def _freezable_content(session: Session, project: Project) -> tuple[list[ProjectClass], list[Image]]:
+    """The project's classes and its labeled images, the two things a version cannot be without.
+
+    Raises:
+        ValueError: the project has no class, or no labeled image.
+    """
+    classes = project_classes(session, project)
+    if not classes:
+        raise ValueError(f"project {project.name!r} has no classes: add classes and label some images first")
+    images = _labeled_images(session, project)
+    if not images:
+        raise ValueError(f"project {project.name!r} has no labeled images to freeze: label some images first")
+    return classes, images
+
+
+def _split_images(images: list[Image], values: tuple[float, ...], seed: int) -> tuple[dict[Hashable, str], list[str]]:
+    """({image id: split}, the splits to write), near-duplicate groups kept together.
+
+    val.json is always written (the dataset-folder contract); test.json only when a test share was asked for.
+
+    Raises:
+        ValueError: the split left train empty.
+    """
+    split_of = group_split(
+        [image.id for image in images], {image.id: image.near_group for image in images}, values, seed
+    )
+    split_names = ["train", "val", "test"] if len(values) == 3 and values[2] > 0 else ["train", "val"]
+    if not any(split == "train" for split in split_of.values()):
+        raise ValueError("the split left train empty: lower the val/test fractions")
+    return split_of, split_names
+
+
+def _write_images_and_splits(
+    folder: Path,
+    storage: Path,
+    images: list[Image],
+    boxes: dict[int, list[tuple[list[float], int]]],
+    split_of: dict[Hashable, str],
+    split_names: list[str],
+    classes: list[ProjectClass],
+) -> dict[str, list[ImageRecord]]:
+    """Links the images into `folder/images/` under `<image id>_<stem>.<ext>` and writes one COCO file per split.
+
+    Returns:
+        {split: its records}, the input of the version's counts.
+    """
+    label_of_class = {project_class.id: project_class.index for project_class in classes}
+    images_dir = folder / "images"
+    images_dir.mkdir(parents=True)
+    records: dict[str, list[ImageRecord]] = {split: [] for split in split_names}
+    for image in images:
+        file_name = f"{image.id}_{safe_name(Path(image.original_name or 'image').stem, 'image')}.{image.format}"
+        _link_or_copy(storage / image.path, images_dir / file_name)
+        image_boxes = boxes.get(image.id, [])
+        records[split_of[image.id]].append(
+            ImageRecord(
+                images_dir / file_name,
+                image.id,
+                image.width,
+                image.height,
+                np.asarray([box for box, _ in image_boxes]),
+                np.asarray([label_of_class[class_id] for _, class_id in image_boxes]),
+            )
+        )
+    class_names = [project_class.name for project_class in classes]
+    category_ids = [project_class.index + 1 for project_class in classes]
+    for split, split_records in records.items():
+        dataset = DetectionSet(split_records, class_names, category_ids, LoadReport())
+        write_coco(dataset, folder / f"{split}.json", images_root=images_dir)
+    return records
 
 
 def _folder_taken_reason(session: Session, project: Project, name: str, relative: Path) -> str:
