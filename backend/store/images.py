@@ -20,6 +20,7 @@ import struct
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 from PIL import Image as PILImage
 from PIL import ImageOps, UnidentifiedImageError
@@ -301,26 +302,17 @@ def add_image_bytes(
     if source not in IMAGE_SOURCES:
         raise ValueError(f"source must be one of {IMAGE_SOURCES}, got {source!r}")
     name = original_name or source_url or "<bytes>"
-    try:
-        decoded = decode_checked(data, limits)
-        image_hash = phash(decoded.image)
-    except ImageRejected as error:
-        return AddResult("rejected", name, reason=str(error))
-    except Exception as error:  # anything else a hostile file provokes in a decoder is still one bad file
-        logger.warning("rejecting %s: unexpected %s", name, type(error).__name__, exc_info=True)
-        return AddResult("rejected", name, reason=f"cannot decode the image ({type(error).__name__}: {error})")
-
+    checked = _decode_and_hash(data, limits, name)
+    if isinstance(checked, AddResult):
+        return checked
+    decoded, image_hash = checked
     sha256 = hashlib.sha256(data).hexdigest()
     existing = _find_by_sha(session, project, sha256)
     if existing is not None:
         return AddResult("duplicate", name, image_id=existing)
 
-    similar_to, distance, matched_groups, matched_ids = _near_matches(session, project, image_hash, near_threshold)
-    target = storage / content_path(sha256, decoded.extension)
-    created = not target.is_file()
-    relative = store_bytes(storage, sha256, decoded.extension, data)
-    if created:
-        _keep_only_if_committed(session, storage, relative)
+    near = _near_matches(session, project, image_hash, near_threshold)
+    relative = _store_for_session(session, storage, sha256, decoded.extension, data)
     image = Image(
         project_id=project.id,
         sha256=sha256,
@@ -335,25 +327,59 @@ def add_image_bytes(
         source_url=source_url,
         page_url=page_url,
         licence_hint=licence_hint,
-        status="near_duplicate" if similar_to is not None else "ok",
-        duplicate_of_id=similar_to,
+        status="near_duplicate" if near.closest is not None else "ok",
+        duplicate_of_id=near.closest,
     )
+    return _insert_image(session, project, image, near, name)
+
+
+def _decode_and_hash(data: bytes, limits: ImageLimits | None, name: str) -> tuple[DecodedImage, str] | AddResult:
+    """(the decoded image, its pHash), or the "rejected" result that says why the bytes cannot be kept."""
+    try:
+        decoded = decode_checked(data, limits)
+        return decoded, phash(decoded.image)
+    except ImageRejected as error:
+        return AddResult("rejected", name, reason=str(error))
+    except Exception as error:  # anything else a hostile file provokes in a decoder is still one bad file
+        logger.warning("rejecting %s: unexpected %s", name, type(error).__name__, exc_info=True)
+        return AddResult("rejected", name, reason=f"cannot decode the image ({type(error).__name__}: {error})")
+
+
+def _store_for_session(session: Session, storage: Path, sha256: str, extension: str, data: bytes) -> Path:
+    """Writes the bytes into the content store (`store_bytes`) and returns their path relative to `storage`.
+
+    A file this call creates is removed again if the session rolls back; a file that was already there is left alone.
+    """
+    created = not (storage / content_path(sha256, extension)).is_file()
+    relative = store_bytes(storage, sha256, extension, data)
+    if created:
+        _keep_only_if_committed(session, storage, relative)
+    return relative
+
+
+def _insert_image(session: Session, project: Project, image: Image, near: _NearMatches, name: str) -> AddResult:
+    """Adds and flushes the new row in a savepoint, joining the near-duplicate group of what it matched.
+
+    When the insert fails because another process added the same bytes between our lookup and our insert, only the
+    savepoint rolls back and the result is that image as a "duplicate".
+    """
     try:
         with session.begin_nested():
             session.add(image)
             session.flush()
             group = None
-            if similar_to is not None:
-                group = _join_near_group(session, project, image, matched_groups, matched_ids)
+            if near.closest is not None:
+                group = _join_near_group(session, project, image, near.groups, near.ids)
     except IntegrityError:
-        # Another process added the same bytes between our lookup and our insert.
-        existing = _find_by_sha(session, project, sha256)
+        existing = _find_by_sha(session, project, image.sha256)
         if existing is None:
             raise
-        session.info.get(_NEW_FILES, {}).pop(relative.as_posix(), None)  # its row uses the file: never remove it
+        session.info.get(_NEW_FILES, {}).pop(image.path, None)  # its row uses the file: never remove it
         return AddResult("duplicate", name, image_id=existing)
-    if similar_to is not None:
-        return AddResult("near_duplicate", name, image.id, similar_to=similar_to, distance=distance, near_group=group)
+    if near.closest is not None:
+        return AddResult(
+            "near_duplicate", name, image.id, similar_to=near.closest, distance=near.distance, near_group=group
+        )
     return AddResult("accepted", name, image.id)
 
 
@@ -361,21 +387,28 @@ def _find_by_sha(session: Session, project: Project, sha256: str) -> int | None:
     return session.scalar(select(Image.id).where(Image.project_id == project.id, Image.sha256 == sha256))
 
 
-def _near_matches(
-    session: Session, project: Project, image_hash: str, threshold: int
-) -> tuple[int | None, int | None, set[int], list[int]]:
-    """(closest image id, its distance, the groups of all matches, the ids of all matches) within `threshold`."""
+class _NearMatches(NamedTuple):
+    """The earlier images of a project whose pHash is within the near-duplicate threshold of a new image's."""
+
+    closest: int | None  # the closest one's id (ties: the oldest), None when nothing matched
+    distance: int | None  # its distance in bits
+    groups: set[int]  # the near-duplicate groups of all matches
+    ids: list[int]  # the ids of all matches
+
+
+def _near_matches(session: Session, project: Project, image_hash: str, threshold: int) -> _NearMatches:
+    """The images of `project` within `threshold` bits of `image_hash`."""
     rows = session.execute(select(Image.id, Image.phash, Image.near_group).where(Image.project_id == project.id)).all()
     if not rows:
-        return None, None, set(), []
+        return _NearMatches(None, None, set(), [])
     # One vectorised pass over every hash of the project: ~1 ms per 10k images.
     distances = hamming_to_many(image_hash, hashes_to_array([row.phash for row in rows]))
     close = [index for index in range(len(rows)) if distances[index] <= threshold]
     if not close:
-        return None, None, set(), []
+        return _NearMatches(None, None, set(), [])
     closest = min(close, key=lambda index: (distances[index], rows[index].id))
     groups = {rows[index].near_group for index in close if rows[index].near_group is not None}
-    return rows[closest].id, int(distances[closest]), groups, [rows[index].id for index in close]
+    return _NearMatches(rows[closest].id, int(distances[closest]), groups, [rows[index].id for index in close])
 
 
 def _join_near_group(
