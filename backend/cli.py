@@ -28,6 +28,8 @@ from backend.runs import RunFolder, RunFolderError
 from backend.store.db import BUSY_ADVICE, database_locked, describe_error, disk_full
 from backend.training.config import TrainingError
 
+SIZES = ["s", "m", "l"]
+
 EXPECTED_ERRORS = (
     CheckpointError,
     WeightsDownloadError,
@@ -617,13 +619,10 @@ def _fmt(value: float | None, digits: int = 4) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="yolodex", description="Build your own object detector with YOLO-NAS.")
-    commands = parser.add_subparsers(dest="command", required=True)
-    sizes = ["s", "m", "l"]
-
+def _add_model_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """`info`, `export`, `predict` and `download`: a model's size, its ONNX file, its detections and its weights."""
     info = commands.add_parser("info", help="parameters and GFLOPs of a model size, or of a weights file")
-    info.add_argument("--size", choices=sizes)
+    info.add_argument("--size", choices=SIZES)
     info.add_argument("--num-classes", type=int)
     info.add_argument("--weights", type=Path, help="load this file strictly and say what was loaded")
     info.add_argument("--imgsz", type=int, default=640)
@@ -631,7 +630,7 @@ def build_parser() -> argparse.ArgumentParser:
     info.set_defaults(handler=cmd_info)
 
     export = commands.add_parser("export", help="fused model with decoding (and optionally NMS) to ONNX")
-    export.add_argument("--size", choices=sizes)
+    export.add_argument("--size", choices=SIZES)
     export.add_argument("--num-classes", type=int, help="only without --weights")
     export.add_argument("--weights", type=Path)
     export.add_argument("--imgsz", type=int, default=640)
@@ -661,15 +660,18 @@ def build_parser() -> argparse.ArgumentParser:
     predict.set_defaults(handler=cmd_predict)
 
     download = commands.add_parser("download", help="official COCO weights into storage/weights (non-commercial)")
-    download.add_argument("--size", choices=sizes, default="s")
+    download.add_argument("--size", choices=SIZES, default="s")
     download.add_argument("--url", help="another address for the same file")
     download.add_argument("--sha256")
     download.add_argument("--json", action="store_true")
     download.set_defaults(handler=cmd_download)
 
+
+def _add_train(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """`train`: a new run, or more of an earlier one (`--resume`)."""
     train = commands.add_parser("train", help="train YOLO-NAS on a dataset folder, or resume a run")
     train.add_argument("--data", type=Path, help="COCO folder (images/, train.json, val.json), YOLO folder, or json")
-    train.add_argument("--size", choices=sizes, default="s")
+    train.add_argument("--size", choices=SIZES, default="s")
     train.add_argument("--imgsz", type=int, default=640)
     train.add_argument("--epochs", type=int, help="default 100; on --resume: this many MORE epochs")
     train.add_argument("--time", type=float, help="budget in minutes from the first step; on --resume: MORE minutes")
@@ -709,6 +711,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--json", action="store_true")
     train.set_defaults(handler=cmd_train)
 
+
+def _add_evaluate_and_quantize(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """`eval` and `quantize`: what a run's model is worth, and its INT8 copy."""
     evaluate = commands.add_parser("eval", help="COCO mAP of a run or checkpoint on a dataset split")
     evaluate.add_argument("model", type=Path, help="a run folder (its best.pt) or a checkpoint")
     evaluate.add_argument("--data", type=Path, required=True)
@@ -749,6 +754,9 @@ def build_parser() -> argparse.ArgumentParser:
     quantize.add_argument("--json", action="store_true")
     quantize.set_defaults(handler=cmd_quantize)
 
+
+def _add_data_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """`import`, `crawl` and `dataset`: images into a project, and its frozen versions."""
     ingest = commands.add_parser("import", help="import images, folders, zips or labeled COCO/YOLO sets into a project")
     ingest.add_argument("paths", nargs="+", type=Path)
     ingest.add_argument("--project", default="My Pokédex")
@@ -779,6 +787,9 @@ def build_parser() -> argparse.ArgumentParser:
     dataset.add_argument("--json", action="store_true")
     dataset.set_defaults(handler=cmd_dataset)
 
+
+def _add_project_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """`project` and `classes`: a project and the classes it detects."""
     project = commands.add_parser("project", help="create a project with its classes")
     project.add_argument("action", choices=["create"])
     project.add_argument("name", help="the new project's name")
@@ -805,6 +816,9 @@ def build_parser() -> argparse.ArgumentParser:
     class_actions.add_parser("remove", parents=[common], help="remove a class no box uses").add_argument("name")
     classes.set_defaults(handler=cmd_classes)
 
+
+def _add_labeling_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """`labelstudio` and `label`: the Label Studio server, and the labeling loop on it."""
     labelstudio = commands.add_parser("labelstudio", help="start, stop or check yolodex's Label Studio server")
     labelstudio.add_argument("action", choices=["start", "stop", "status", "repair"])
     labelstudio.add_argument("--no-wait", action="store_true", help="start: return once the server is spawned")
@@ -825,6 +839,17 @@ def build_parser() -> argparse.ArgumentParser:
     label.add_argument("--epochs", type=int, help="loop: epochs per retrain")
     label.add_argument("--json", action="store_true")
     label.set_defaults(handler=cmd_label)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="yolodex", description="Build your own object detector with YOLO-NAS.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    _add_model_commands(commands)
+    _add_train(commands)
+    _add_evaluate_and_quantize(commands)
+    _add_data_commands(commands)
+    _add_project_commands(commands)
+    _add_labeling_commands(commands)
     return parser
 
 
