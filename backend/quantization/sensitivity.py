@@ -239,25 +239,17 @@ def choose_float_nodes(
         out_path: where the chosen INT8 file goes.
     """
     out_path = Path(out_path)
-    ranking = [layer.node for layer in scan.layers]
-    scores: dict[int, float] = {}
-    tried: list[dict[str, Any]] = []
-
     graph = onnx.load(str(calibration.model_path), load_external_data=False)
-
-    def nodes_for(k: int) -> list[str]:
-        return list(
-            dict.fromkeys([*(node for name in ranking[:k] for node in layer_nodes(graph, name)), *scan.decoding])
-        )
-
+    scores: dict[int, float] = {}
     files: dict[int, Path] = {}
+    tried: list[dict[str, Any]] = []
 
     def measure(k: int) -> float:
         if k not in scores:
             files[k] = quantize_calibrated(
                 calibration,
                 out_path.with_name(f".{out_path.stem}.k{k}.onnx"),
-                nodes_to_exclude=nodes_for(k),
+                nodes_to_exclude=_float_nodes(graph, scan, k),
                 metadata_from=metadata_from,
             )
             scores[k] = evaluate_map(files[k])
@@ -266,41 +258,53 @@ def choose_float_nodes(
                 on_progress("policy", float_layers=k, map=scores[k], fp32_map=fp32_map)
         return scores[k]
 
-    def ok(k: int) -> bool:
-        return measure(k) >= fp32_map - budget
-
-    low, high = -1, None  # largest known failing length, smallest known passing length
-    k = 0
-    while True:
-        if ok(k):
-            high = k
-            break
-        low = k
-        if k >= len(ranking):
-            break
-        k = min(len(ranking), max(1, 2 * k))
-    if high is not None:
-        while high - low > 1:
-            middle = (low + high) // 2
-            if ok(middle):
-                high = middle
-            else:
-                low = middle
-        chosen = high
-    else:
-        chosen = max(scores, key=lambda length: (scores[length], -length))
+    passing = _shortest_passing_prefix(lambda k: measure(k) >= fp32_map - budget, len(scan.layers))
+    chosen = passing if passing is not None else max(scores, key=lambda length: (scores[length], -length))
     files.pop(chosen).replace(out_path)  # the chosen prefix's file is the result; the others go
     for path in files.values():
         path.unlink()
     return PolicyChoice(
         float_layers=scan.layers[:chosen],
-        float_nodes=nodes_for(chosen),
+        float_nodes=_float_nodes(graph, scan, chosen),
         fp32_map=fp32_map,
         map=scores[chosen],
-        within_budget=high is not None,
+        within_budget=passing is not None,
         tried=tried,
         path=out_path,
     )
+
+
+def _float_nodes(graph: onnx.ModelProto, scan: ScanResult, k: int) -> list[str]:
+    """The nodes kept in float with the first `k` layers of the scan's ranking: those layers' and the decoding's."""
+    return list(
+        dict.fromkeys([*(node for layer in scan.layers[:k] for node in layer_nodes(graph, layer.node)), *scan.decoding])
+    )
+
+
+def _shortest_passing_prefix(passes: Callable[[int], bool], longest: int) -> int | None:
+    """The smallest prefix length in 0..`longest` that `passes`, or None when even `longest` fails.
+
+    Lengths 0, 1, 2, 4, ... are tried until one passes, then the gap to the last failing length is bisected: about
+    2 log2(answer) calls instead of one per length. This assumes that a longer prefix never fails where a shorter one
+    passes (more float layers never cost accuracy), which holds up to evaluation noise.
+    """
+    low, high = -1, None  # largest known failing length, smallest known passing length
+    k = 0
+    while high is None:
+        if passes(k):
+            high = k
+        elif k >= longest:
+            return None
+        else:
+            low = k
+            k = min(longest, max(1, 2 * k))
+    while high - low > 1:
+        middle = (low + high) // 2
+        if passes(middle):
+            high = middle
+        else:
+            low = middle
+    return high
 
 
 def _scalar(value: Any) -> float:
