@@ -14,8 +14,9 @@ import logging
 import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy.exc import OperationalError
 
@@ -26,7 +27,11 @@ from backend.models.download import WeightsDownloadError
 from backend.processing import ImageLoadError
 from backend.runs import RunFolder, RunFolderError
 from backend.store.db import BUSY_ADVICE, database_locked, describe_error, disk_full
-from backend.training.config import TrainingError
+from backend.training.config import TrainConfig, TrainingError
+
+if TYPE_CHECKING:  # annotations only: the quantization and training modules load with their own commands
+    from backend.quantization.pipeline import QuantizeOptions
+    from backend.training.trainer import FitResult
 
 SIZES = ["s", "m", "l"]
 
@@ -145,7 +150,7 @@ def cmd_predict(args: argparse.Namespace) -> None:
     postprocess = PostprocessConfig(conf_threshold=args.conf, iou_threshold=args.iou, max_detections=args.max_det)
     predictor = Predictor.from_path(args.model, imgsz=args.imgsz, postprocess=postprocess, runtime=args.runtime)
     predictor.warm_up()  # the first run sets the runtime up; the times below are the steady state
-    results = []
+    results: list[dict[str, Any]] = []
     lines = [f"{args.model.name} in {predictor.runtime_label}"]
     with _ProgressBar("predict", "img", args.json) as bar:
         for image in args.images:  # one at a time: images of different sizes, and one bad file names itself
@@ -184,10 +189,7 @@ def cmd_train(args: argparse.Namespace) -> None:
     # Imported per command: `yolodex --help` and the light commands start without torch.
     from tqdm import tqdm
 
-    from backend.settings import get_settings
-    from backend.training.config import TrainConfig
-    from backend.training.launch import resume, train
-    from backend.training.trainer import DamagedLastCheckpoint, RunFinished
+    from backend.training.launch import train
 
     if args.gpus and args.nproc:
         raise ValueError("--gpus N (one process per GPU) or --nproc N (processes on --device), not both")
@@ -210,58 +212,10 @@ def cmd_train(args: argparse.Namespace) -> None:
         )
     try:
         if args.resume:
-            # On --resume, --time and --epochs are MORE minutes / epochs from where the run stopped (a run that
-            # ended is continued: trainer.resume's more_minutes / more_epochs); without them it goes on to its totals.
-            overrides = {
-                "more_minutes": args.time,
-                "more_epochs": args.epochs,
-                "patience": args.patience,
-                "device": args.device,
-                "num_workers": args.workers,
-                "amp": False if args.no_amp else None,
-                "checkpoint_minutes": args.checkpoint_minutes,
-                "compile": args.compile or None,
-            }
-            try:
-                result = resume(
-                    args.resume, processes=processes, gpus=bool(args.gpus), on_event=bar, on_log=on_log, **overrides
-                )
-            except RunFinished as error:  # the flags that continue it
-                raise RunFinished(f"{error} (--resume {args.resume} with --epochs N or --time MINUTES)") from None
-            except DamagedLastCheckpoint as error:  # the command that starts from best.pt
-                train = error.train
-                raise CheckpointError(
-                    f"{error}: yolodex train --data {train.get('data')} --size {train.get('size')} "
-                    f"--imgsz {train.get('imgsz')} --weights {error.best}"
-                ) from None
+            result = _resume(args, processes, bar, on_log)
         else:
-            augment_pipeline = None
-            if args.augment is not None:  # checked before anything is written
-                # Imported per command: `yolodex --help` and the light commands start without torch.
-                from backend.data.augment import load_pipeline_file
-
-                augment_pipeline = load_pipeline_file(args.augment, args.imgsz)
-            config = TrainConfig(
-                data=str(args.data),
-                size=args.size,
-                imgsz=args.imgsz,
-                epochs=args.epochs or 100,
-                batch_size=args.batch,
-                time_minutes=args.time,
-                weights=args.weights,
-                lr=args.lr,
-                patience=args.patience if args.patience is not None else 30,
-                device=args.device or "auto",
-                amp=False if args.no_amp else None,
-                num_workers=args.workers,
-                seed=args.seed,
-                min_samples=args.min_samples,
-                compile=args.compile,
-                augment_pipeline=augment_pipeline,
-                **({} if args.close_mosaic is None else {"close_mosaic": args.close_mosaic}),
-                checkpoint_minutes=args.checkpoint_minutes if args.checkpoint_minutes is not None else 5.0,
-            )
-            out = args.out or get_settings().runs_dir / time.strftime(f"{args.size}-%Y%m%d-%H%M%S")
+            config = _train_config(args)
+            out = args.out or _default_run_dir(args.size)
             result = train(config, out, processes=processes, gpus=bool(args.gpus), on_event=bar, on_log=on_log)
     finally:
         bar.close()
@@ -273,6 +227,75 @@ def cmd_train(args: argparse.Namespace) -> None:
         + f", in {result.elapsed_s:.0f} s"
     )
     _print(payload, args.json, text)
+
+
+def _resume(
+    args: argparse.Namespace, processes: int, bar: _TrainProgress, on_log: Callable[[str], None] | None
+) -> FitResult:
+    """`train --resume RUN_DIR`: continues the run; an error names the flags or the command that goes on from it."""
+    # Imported per command: `yolodex --help` and the light commands start without torch.
+    from backend.training.launch import resume
+    from backend.training.trainer import DamagedLastCheckpoint, RunFinished
+
+    # On --resume, --time and --epochs are MORE minutes / epochs from where the run stopped (a run that
+    # ended is continued: trainer.resume's more_minutes / more_epochs); without them it goes on to its totals.
+    overrides = {
+        "more_minutes": args.time,
+        "more_epochs": args.epochs,
+        "patience": args.patience,
+        "device": args.device,
+        "num_workers": args.workers,
+        "amp": False if args.no_amp else None,
+        "checkpoint_minutes": args.checkpoint_minutes,
+        "compile": args.compile or None,
+    }
+    try:
+        return resume(args.resume, processes=processes, gpus=bool(args.gpus), on_event=bar, on_log=on_log, **overrides)
+    except RunFinished as error:  # the flags that continue it
+        raise RunFinished(f"{error} (--resume {args.resume} with --epochs N or --time MINUTES)") from None
+    except DamagedLastCheckpoint as error:  # the command that starts from best.pt
+        recorded = error.train
+        raise CheckpointError(
+            f"{error}: yolodex train --data {recorded.get('data')} --size {recorded.get('size')} "
+            f"--imgsz {recorded.get('imgsz')} --weights {error.best}"
+        ) from None
+
+
+def _train_config(args: argparse.Namespace) -> TrainConfig:
+    """The new run's config from the flags (the unset ones take TrainConfig's defaults or the ones named here)."""
+    augment_pipeline = None
+    if args.augment is not None:  # checked before anything is written
+        # Imported per command: `yolodex --help` and the light commands start without torch.
+        from backend.data.augment import load_pipeline_file
+
+        augment_pipeline = load_pipeline_file(args.augment, args.imgsz)
+    return TrainConfig(
+        data=str(args.data),
+        size=args.size,
+        imgsz=args.imgsz,
+        epochs=args.epochs or 100,
+        batch_size=args.batch,
+        time_minutes=args.time,
+        weights=args.weights,
+        lr=args.lr,
+        patience=args.patience if args.patience is not None else 30,
+        device=args.device or "auto",
+        amp=False if args.no_amp else None,
+        num_workers=args.workers,
+        seed=args.seed,
+        min_samples=args.min_samples,
+        compile=args.compile,
+        augment_pipeline=augment_pipeline,
+        **({} if args.close_mosaic is None else {"close_mosaic": args.close_mosaic}),
+        checkpoint_minutes=args.checkpoint_minutes if args.checkpoint_minutes is not None else 5.0,
+    )
+
+
+def _default_run_dir(size: str) -> Path:
+    # Imported per command: `yolodex --help` and the light commands start without torch.
+    from backend.settings import get_settings
+
+    return get_settings().runs_dir / time.strftime(f"{size}-%Y%m%d-%H%M%S")
 
 
 def _print_estimate(args: argparse.Namespace, processes: int) -> None:
@@ -323,10 +346,10 @@ class _TrainProgress:
     def __init__(self, tqdm_class: type, quiet: bool = False):
         self.tqdm_class = tqdm_class
         self.quiet = quiet
-        self.bar = None
-        self.events: dict[str, dict[str, object]] = {}
+        self.bar: Any = None
+        self.events: dict[str, dict[str, Any]] = {}
 
-    def __call__(self, name: str, **data: object) -> None:
+    def __call__(self, name: str, **data: Any) -> None:
         if name in ("train_start", "train_end"):
             self.events[name] = data  # the closing line's epoch count (`catalog.training_end_text`)
         if self.quiet:
@@ -398,10 +421,17 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
 def cmd_quantize(args: argparse.Namespace) -> None:
     # Imported per command: `yolodex --help` and the light commands start without torch.
-    from backend.quantization.pipeline import QuantizeOptions, quantize_run
-    from backend.runtimes import runtime_label
+    from backend.quantization.pipeline import quantize_run
 
-    options = QuantizeOptions(
+    report = quantize_run(args.run, args.out, _quantize_options(args), on_event=_quantize_progress(args))
+    _print(report, args.json, _quantize_text(report))
+
+
+def _quantize_options(args: argparse.Namespace) -> QuantizeOptions:
+    # Imported per command: `yolodex --help` and the light commands start without torch.
+    from backend.quantization.pipeline import QuantizeOptions
+
+    return QuantizeOptions(
         method=args.method,
         calibration=args.calibration,
         calib_images=args.calib,
@@ -414,6 +444,10 @@ def cmd_quantize(args: argparse.Namespace) -> None:
         imgsz=args.imgsz,
         openvino_ir=args.format == "openvino",
     )
+
+
+def _quantize_progress(args: argparse.Namespace) -> Callable[..., None]:
+    """The stages, the scan's progress, the policy and QAT's epochs on stderr (nothing with --json or --quiet)."""
 
     def progress(name: str, **data: Any) -> None:
         if args.json or args.quiet:
@@ -431,7 +465,14 @@ def cmd_quantize(args: argparse.Namespace) -> None:
         elif name == "epoch":
             print(f"  QAT epoch {data['epoch'] + 1}: {data.get('val') or ''}", file=sys.stderr, flush=True)
 
-    report = quantize_run(args.run, args.out, options, on_event=progress)
+    return progress
+
+
+def _quantize_text(report: dict[str, Any]) -> str:
+    """The report as a table: one row per model, then each measured runtime, the fallbacks and the files."""
+    # Imported per command: `yolodex --help` and the light commands start without torch.
+    from backend.runtimes import runtime_label
+
     lines = [
         f"{report['run']}: method {report['method']}, chosen {report['chosen']} "
         f"({'within' if report['within_budget'] else 'NOT within' if report['within_budget'] is False else 'no'} "
@@ -464,7 +505,7 @@ def cmd_quantize(args: argparse.Namespace) -> None:
     lines.append(f"  INT8 model: {report['model_int8']}")
     if report.get("model_int8_openvino"):
         lines.append(f"  OpenVINO IR: {report['model_int8_openvino']}")
-    _print(report, args.json, "\n".join(lines))
+    return "\n".join(lines)
 
 
 def cmd_import(args: argparse.Namespace) -> None:
