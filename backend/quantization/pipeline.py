@@ -219,23 +219,77 @@ def quantize_run(
     """
     options = options or QuantizeOptions()
     emit = on_event or (lambda name, **data: None)
+    stage = _stage_gate(emit, stop_requested)
+    if options.openvino_ir and openvino_problem() is not None:
+        raise RuntimeUnavailable(f"cannot write an OpenVINO IR: {openvino_problem()}")
+    run = _open_run(Path(run_dir), options)
+    out_dir = Path(out_dir) if out_dir else run.directory
+    not_measured = _unmeasured(run)
+    work, variants = _make_folders(run, out_dir, options)
+    deploy, measured_runtimes = deployment_runtimes()
+    started = time.perf_counter()
+    try:
+        evaluator = _Evaluator(run.val_set, options.threads, deploy)
+        search = _ptq(run, options, out_dir, work, variants, evaluator, emit, stage, stop_requested)
+        _qat(run, options, search, work, variants, emit, stage, stop_requested)
+        stage("measure")
+        _measure(search.candidates, evaluator, run.imgsz, options, measured_runtimes)
+        shipped = _ship_best(search, out_dir, options, deploy, evaluator, run)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    report = _report(run, options, search, shipped, (deploy, measured_runtimes), not_measured, started)
+    atomic_write_json(out_dir / "quant_report.json", report)
+    emit("stage", stage="done", chosen=shipped.chosen)
+    return report
+
+
+@dataclass
+class _Search:
+    """What the export, calibration, selective-policy and QAT stages found: the candidates and how they were made."""
+
+    fp32_path: Path
+    fp32_map: float | None  # None: no labelled validation images
+    candidates: dict[str, Candidate]
+    calibrations: dict[str, Calibration]
+    selected: str  # the calibration the selective policy and QAT build on
+    sensitivity: dict[str, Any] | None = None
+    qat_summary: dict[str, Any] | None = None
+
+
+@dataclass
+class _Shipped:
+    """The chosen candidate, its shipped files and every candidate's report row."""
+
+    chosen: str
+    int8_path: Path
+    openvino_path: Path | None
+    models: dict[str, dict[str, Any]]
+
+
+def _stage_gate(emit: EventCallback, stop_requested: Callable[[], bool] | None) -> Callable[..., None]:
+    """The "stage" event, after a last look at stop_requested (a cancelled run stops between stages)."""
 
     def stage(name: str, **data: Any) -> None:
         if stop_requested is not None and stop_requested():
             raise QuantizeCancelled(f"quantization cancelled before the {name} stage")
         emit("stage", stage=name, **data)
 
-    if options.openvino_ir and openvino_problem() is not None:
-        raise RuntimeUnavailable(f"cannot write an OpenVINO IR: {openvino_problem()}")
-    run = _open_run(Path(run_dir), options)
-    out_dir = Path(out_dir) if out_dir else run.directory
-    not_measured: list[str] = []
-    if len(run.val_set) == 0:
-        not_measured.append(
-            "no validation images: mAP, per-class AP, detection agreement, the sensitivity scan, the automatic "
-            "policy and QAT's model selection need labelled validation images (add a val split and run again); "
-            "the default float policy was used"
-        )
+    return stage
+
+
+def _unmeasured(run: _Run) -> list[str]:
+    """What the report cannot measure on this run, in words."""
+    if len(run.val_set) > 0:
+        return []
+    return [
+        "no validation images: mAP, per-class AP, detection agreement, the sensitivity scan, the automatic "
+        "policy and QAT's model selection need labelled validation images (add a val split and run again); "
+        "the default float policy was used"
+    ]
+
+
+def _make_folders(run: _Run, out_dir: Path, options: QuantizeOptions) -> tuple[Path, Path]:
+    """Checks the disk has room, then makes out_dir, an empty work folder (removed at the end) and int8_variants/."""
     ensure_room(out_dir, _bytes_needed(run.model, out_dir, options), "the quantization's ONNX files")
     out_dir.mkdir(parents=True, exist_ok=True)
     work = out_dir / ".quantize_work"
@@ -243,66 +297,111 @@ def quantize_run(
     work.mkdir()
     variants = out_dir / "int8_variants"
     variants.mkdir(exist_ok=True)
-    deploy, measured_runtimes = deployment_runtimes()
-    started = time.perf_counter()
-    try:
-        stage("export")
-        fp32_path = export_onnx(
-            run.model,
-            out_dir / "model_fp32.onnx",
-            imgsz=run.imgsz,
-            class_names=run.class_names,
-            run_id=run.directory.name,
-            fuse=False,
+    return work, variants
+
+
+def _ptq(
+    run: _Run,
+    options: QuantizeOptions,
+    out_dir: Path,
+    work: Path,
+    variants: Path,
+    evaluator: _Evaluator,
+    emit: EventCallback,
+    stage: Callable[..., None],
+    stop_requested: Callable[[], bool] | None,
+) -> _Search:
+    """The FP32 export, one default-policy PTQ candidate per calibration and, when asked and measurable, the
+    selective policy on the best calibration."""
+    stage("export")
+    fp32_path = export_onnx(
+        run.model,
+        out_dir / "model_fp32.onnx",
+        imgsz=run.imgsz,
+        class_names=run.class_names,
+        run_id=run.directory.name,
+        fuse=False,
+    )
+    prepared = preprocess_fp32(fp32_path, work / "fp32_pre.onnx")
+    candidates = {"fp32": Candidate("fp32", "fp32", fp32_path)}
+    calibrations = _calibrate(run, options, prepared, fp32_path, work, variants, candidates, stage)
+    fp32_map = evaluator.map(fp32_path) if evaluator.available else None
+    selected = _best_calibration(calibrations, candidates, evaluator, options.calibration)
+    search = _Search(fp32_path, fp32_map, candidates, calibrations, selected)
+    if options.method in ("auto", "ptq") and fp32_map is not None:  # None: no evaluator
+        selective, search.sensitivity = _selective(
+            run, options, calibrations[selected], evaluator, fp32_map, fp32_path, variants, emit, stage, stop_requested
         )
-        prepared = preprocess_fp32(fp32_path, work / "fp32_pre.onnx")
-        evaluator = _Evaluator(run.val_set, options.threads, deploy)
-        candidates = {"fp32": Candidate("fp32", "fp32", fp32_path)}
-        calibrations = _calibrate(run, options, prepared, fp32_path, work, variants, candidates, stage)
-        fp32_map = evaluator.map(fp32_path) if evaluator.available else None
-        selected = _best_calibration(calibrations, candidates, evaluator, options.calibration)
-        sensitivity = None
-        if options.method in ("auto", "ptq") and fp32_map is not None:  # None: no evaluator
-            selective, sensitivity = _selective(
-                run,
-                options,
-                calibrations[selected],
-                evaluator,
-                fp32_map,
-                fp32_path,
-                variants,
-                emit,
-                stage,
-                stop_requested,
-            )
-            candidates[selective.name] = selective
-        qat_summary = None
-        if options.method == "qat" or (
+        candidates[selective.name] = selective
+    return search
+
+
+def _qat(
+    run: _Run,
+    options: QuantizeOptions,
+    search: _Search,
+    work: Path,
+    variants: Path,
+    emit: EventCallback,
+    stage: Callable[..., None],
+    stop_requested: Callable[[], bool] | None,
+) -> None:
+    """QAT when asked (--method qat), or on auto when the selective policy missed the budget: adds the "qat"
+    candidate and its summary to `search`."""
+    candidates = search.candidates
+    if not (
+        options.method == "qat"
+        or (
             options.method == "auto" and "ptq_selective" in candidates and not candidates["ptq_selective"].within_budget
-        ):
-            stage("qat")
-            float_modules = candidates[f"ptq_{selected}"].float_layers or []  # the default policy: QAT trains the rest
-            path, qat_summary = _quantization_aware(
-                run, float_modules, options, selected, fp32_path, work, variants / "qat.onnx", emit, stop_requested
-            )
-            candidates["qat"] = Candidate("qat", "qat", path, selected, "qat", float_modules)
-
-        stage("measure")
-        _measure(candidates, evaluator, run.imgsz, options, measured_runtimes)
-        chosen = _choose(
-            {name: item.row(deploy) for name, item in candidates.items()},
-            fp32_map,
-            options.budget / 100.0,
-            options.calibration,
         )
-        int8_path = _ship(candidates[chosen].path, out_dir / "model_int8.onnx")
-        openvino_path = save_openvino_ir(int8_path, out_dir / "model_int8.xml") if options.openvino_ir else None
-        models = _report_rows(candidates, deploy, evaluator, run, options)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+    ):
+        return
+    stage("qat")
+    float_modules = candidates[f"ptq_{search.selected}"].float_layers or []  # the default policy: QAT trains the rest
+    path, search.qat_summary = _quantization_aware(
+        run,
+        float_modules,
+        options,
+        search.selected,
+        search.fp32_path,
+        work,
+        variants / "qat.onnx",
+        emit,
+        stop_requested,
+    )
+    candidates["qat"] = Candidate("qat", "qat", path, search.selected, "qat", float_modules)
 
-    calibration = calibrations[selected]
-    report = {
+
+def _ship_best(
+    search: _Search, out_dir: Path, options: QuantizeOptions, deploy: str, evaluator: _Evaluator, run: _Run
+) -> _Shipped:
+    """Chooses among the measured candidates (`_choose`), copies it to model_int8.onnx (and the OpenVINO IR when
+    asked) and builds the report rows."""
+    chosen = _choose(
+        {name: item.row(deploy) for name, item in search.candidates.items()},
+        search.fp32_map,
+        options.budget / 100.0,
+        options.calibration,
+    )
+    int8_path = _ship(search.candidates[chosen].path, out_dir / "model_int8.onnx")
+    openvino_path = save_openvino_ir(int8_path, out_dir / "model_int8.xml") if options.openvino_ir else None
+    models = _report_rows(search.candidates, deploy, evaluator, run, options)
+    return _Shipped(chosen, int8_path, openvino_path, models)
+
+
+def _report(
+    run: _Run,
+    options: QuantizeOptions,
+    search: _Search,
+    shipped: _Shipped,
+    runtimes: tuple[str, list[str]],
+    not_measured: list[str],
+    started: float,
+) -> dict[str, Any]:
+    """quant_report.json (docs/contracts.md §4)."""
+    deploy, measured_runtimes = runtimes
+    chosen, models = shipped.chosen, shipped.models
+    return {
         "run": str(run.directory),
         "checkpoint": str(run.checkpoint),
         "imgsz": run.imgsz,
@@ -315,30 +414,27 @@ def quantize_run(
         "runtimes": measured_runtimes,
         "validation_images": len(run.val_set),
         "chosen": chosen,
-        "model_int8": str(int8_path),
-        "model_fp32": str(fp32_path),
-        "model_int8_openvino": None if openvino_path is None else str(openvino_path),
-        "within_budget": _within(models[chosen], fp32_map, options.budget / 100.0),
+        "model_int8": str(shipped.int8_path),
+        "model_fp32": str(search.fp32_path),
+        "model_int8_openvino": None if shipped.openvino_path is None else str(shipped.openvino_path),
+        "within_budget": _within(models[chosen], search.fp32_map, options.budget / 100.0),
         "calibration": {
             "method": options.calibration,
-            "selected": selected,
+            "selected": search.selected,
             "asked": options.calib_images,
             "split": "train",
-            "images": calibration.images,
-            "seconds": {name: item.seconds for name, item in calibrations.items()},
+            "images": search.calibrations[search.selected].images,
+            "seconds": {name: item.seconds for name, item in search.calibrations.items()},
         },
-        "float_nodes": _float_nodes(int8_path),
-        "sensitivity": sensitivity,
-        "qat": qat_summary,
+        "float_nodes": _float_nodes(shipped.int8_path),
+        "sensitivity": search.sensitivity,
+        "qat": search.qat_summary,
         "gallery": models[chosen].get("agreement", {}).get("most_changed", []),
         "models": models,
         "notes": run.notes,
         "not_measured": not_measured,
         "seconds": round(time.perf_counter() - started, 1),
     }
-    atomic_write_json(out_dir / "quant_report.json", report)
-    emit("stage", stage="done", chosen=chosen)
-    return report
 
 
 def deployment_runtimes() -> tuple[str, list[str]]:
