@@ -22,6 +22,10 @@ from tests.test_jobs import start_worker, stop_worker, worker_env  # noqa: F401 
 
 pytestmark = pytest.mark.slow
 SLOW_IMAGE_S = 0.25  # each crawled image is served this late, so the crawl lasts a few seconds
+# The import's first progress write reaches the app about 0.7 s in (a 0.5 s flush interval, then the 0.2 s wait for
+# the lock the import holds); 500 small photos take a few seconds to import, 100 took 0.6 s on a fast machine.
+IMPORTED_PHOTOS = 500
+EVALUATED_IMAGES = 120  # at 64 px: a few seconds, several 0.5 s progress writes
 
 
 @pytest.fixture
@@ -74,10 +78,12 @@ def test_import_crawl_and_evaluate_jobs_report_fractions_between_0_and_1(tmp_pat
     settings = Settings.from_env(worker_env)
     photos = tmp_path / "photos"
     photos.mkdir()
-    for seed in range(100):
+    for seed in range(IMPORTED_PHOTOS):
         (photos / f"{seed:03d}.png").write_bytes(encode_image(textured_image(seed, (64, 48))))
     base_url, served = slow_image_server
-    data = generate_synthetic_dataset(tmp_path / "shapes", num_train=1, num_val=40, image_size=(64, 64), seed=2)
+    data = generate_synthetic_dataset(
+        tmp_path / "shapes", num_train=1, num_val=EVALUATED_IMAGES, image_size=(64, 64), seed=2
+    )
     model = save_checkpoint(
         tmp_path / "best.pt", build_model("s", 3), class_names=["circle", "square", "triangle"], imgsz=64
     )
@@ -106,6 +112,6 @@ def test_import_crawl_and_evaluate_jobs_report_fractions_between_0_and_1(tmp_pat
         assert all(message.startswith(counted) for _, message in seen), seen
         fractions = [fraction for fraction, _ in seen]
         assert fractions == sorted(fractions)  # never lowered
-    assert imported[-1].result["counts"]["accepted"] == 100
+    assert imported[-1].result["counts"]["accepted"] == IMPORTED_PHOTOS
     assert crawled[-1].result["kept"] == served
     assert not api.pending_progress_path(settings, imported[-1].id).exists()  # gone once the row was written
